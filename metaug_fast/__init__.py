@@ -1,0 +1,37 @@
+"""metaug_fast: fast, exact OUCL and MetAug contrastive-learning kernels for PyTorch.
+
+>>> from metaug_fast import OUCLLoss
+>>> import metaug_fast.functional as F
+
+The mathematics is in shared SPEC.md; ``metaug_fast.reference`` is its executable form and every
+backend is tested against it.
+"""
+from . import functional, reference
+from ._backend import BackendUnavailableError, available_backends
+from .functional import (
+    info_nce,
+    info_nce_embeddings,
+    margin_injection_loss,
+    margin_statistics,
+    oucl,
+    oucl_embeddings,
+    pairwise_similarity,
+)
+from .loss import OUCLLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OUCLLoss",
+    "BackendUnavailableError",
+    "available_backends",
+    "functional",
+    "reference",
+    "oucl",
+    "oucl_embeddings",
+    "pairwise_similarity",
+    "margin_statistics",
+    "margin_injection_loss",
+    "info_nce",
+    "info_nce_embeddings",
+]

@@ -1,0 +1,90 @@
+"""Backends and dispatch.
+
+Each public op has one implementation per backend that provides it (registered by
+:mod:`metaug_fast.functional`). ``backend="auto"`` picks, per op and device: ``METAUG_BACKEND`` when set,
+else the C++ backend for CPU tensors when it is built, else ``reference``. Where the chosen backend does
+not provide the op, ``auto`` runs ``reference``; an explicit ``backend=`` never falls back, it raises.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "register", "resolve"]
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.metaug_fast.*)
+
+    _CPP_ERROR = None
+except ImportError as exc:  # the package must work without the extension
+    _CPP_ERROR = exc
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this process cannot run; the message says why and what to do."""
+
+
+def _unavailable_reason(name: str) -> str:
+    if name == "cpp":
+        return (
+            f"the C++ extension metaug_fast._C could not be imported ({_CPP_ERROR}). Build it with "
+            "`pip install -e . --no-build-isolation` (a C++17 compiler with OpenMP is needed; "
+            "METAUG_NO_EXT=1 must not be set)"
+        )
+    return (
+        f"this version of metaug_fast has no '{name}' backend; use backend='auto', 'reference'"
+        + (" or 'cpp'" if _CPP_ERROR is None else "")
+    )
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable in this process, e.g. ``['reference', 'cpp']``."""
+    names = ["reference"]
+    if _CPP_ERROR is None:
+        names.append("cpp")
+    return names
+
+
+_IMPLS: Dict[str, Dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def _check_name(name: str, argument: str) -> None:
+    if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
+        raise ValueError(f"{argument} must be 'auto' or one of {BACKENDS}, got {name!r}")
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    return backend == "reference" or (backend == "cpp" and device.type == "cpu")
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` that ``backend`` selects for tensors on ``device``."""
+    _check_name(backend, "backend")
+    impls = _IMPLS[op]
+    if backend == "auto":
+        preferred = os.environ.get("METAUG_BACKEND", "").strip()
+        if preferred and preferred != "auto":
+            _check_name(preferred, "METAUG_BACKEND")
+            if preferred not in available_backends():
+                raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {_unavailable_reason(preferred)}")
+        else:
+            preferred = "cpp" if device.type == "cpu" and "cpp" in available_backends() else "reference"
+        choice = preferred if preferred in impls and _device_ok(preferred, device) else "reference"
+        return impls[choice]
+    if backend not in available_backends():
+        raise BackendUnavailableError(f"backend={backend!r}: {_unavailable_reason(backend)}")
+    if backend not in impls:
+        raise BackendUnavailableError(
+            f"backend={backend!r} does not implement {op} in this version; backends that do: {sorted(impls)}"
+        )
+    if not _device_ok(backend, device):
+        raise ValueError(f"backend={backend!r} runs on CPU tensors only, got tensors on {device}")
+    return impls[backend]

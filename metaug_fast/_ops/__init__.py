@@ -1,0 +1,1 @@
+"""One module per op: the autograd Functions of the fused backends, beside the kernels they call."""

@@ -1,0 +1,80 @@
+"""Score-mode OUCL on the C++ backend: autograd Functions around ``torch.ops.metaug_fast.oucl_score_*``
+(csrc/oucl_score_cpu.cpp).
+
+The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
+the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not
+provided: it raises instead of returning something wrong.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+
+FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
+
+
+class _OUCLScoreBackward(torch.autograd.Function):
+    """(grad_rows, pos, neg) -> (grad_pos, grad_neg); differentiable once more via the fused HVP kernel."""
+
+    @staticmethod
+    def forward(ctx, grad_rows, pos, neg, pos_mask, neg_mask, stats, params):
+        grad_pos, grad_neg = torch.ops.metaug_fast.oucl_score_bwd(
+            grad_rows, pos, neg, pos_mask, neg_mask, stats, *params
+        )
+        ctx.save_for_backward(grad_rows, pos, neg, pos_mask, neg_mask, stats)
+        ctx.params = params
+        return grad_pos, grad_neg
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_pos, gg_neg):
+        grad_rows, pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
+        ggo, hv_pos, hv_neg = torch.ops.metaug_fast.oucl_score_bwd_bwd(
+            grad_rows, gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pos_mask, neg_mask, stats, *ctx.params
+        )
+        return ggo, hv_pos, hv_neg, None, None, None, None
+
+
+class _OUCLScore(torch.autograd.Function):
+    """(pos [B,K⁺], neg [B,K⁻]) -> per-row losses [B] in the accumulation dtype."""
+
+    @staticmethod
+    def forward(ctx, pos, neg, pos_mask, neg_mask, params):
+        rows, stats = torch.ops.metaug_fast.oucl_score_fwd(pos, neg, pos_mask, neg_mask, *params)
+        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, stats)
+        ctx.params = params
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
+        grad_pos, grad_neg = _OUCLScoreBackward.apply(
+            grad_rows.contiguous(), pos, neg, pos_mask, neg_mask, stats, ctx.params
+        )
+        return grad_pos, grad_neg, None, None, None
+
+
+def oucl_cpp(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    form: str,
+    beta: float,
+    gamma_pos: float,
+    gamma_neg: float,
+    margin: float,
+    lam: float,
+    pos_mask: Optional[Tensor],
+    neg_mask: Optional[Tensor],
+    reduction: str,
+) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl`, fused on the CPU."""
+    params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    rows = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
+    return reference.reduce_rows(rows, valid, reduction, pos.dtype)

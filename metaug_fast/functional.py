@@ -1,0 +1,314 @@
+"""Public functions of metaug_fast: validate the inputs, pick a backend, run it.
+
+Every function has the meaning given in shared SPEC.md and the contract in shared DESIGN.md; the
+pure-PyTorch versions in :mod:`metaug_fast.reference` define the results. Bad input raises a
+``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
+
+Shapes: score mode takes ``pos [B,K⁺]`` and ``neg [B,K⁻]`` (float16/bfloat16/float32/float64) with
+optional bool masks of the same shapes; label mode takes ``emb [B,D]``, integer ``labels [B]`` and an
+optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from ._ops.oucl_score import oucl_cpp
+
+__all__ = [
+    "oucl",
+    "oucl_embeddings",
+    "pairwise_similarity",
+    "margin_statistics",
+    "margin_injection_loss",
+    "info_nce",
+    "info_nce_embeddings",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _tensor(x, name: str, ndim: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _float_tensor(x, name: str, ndim: int) -> Tensor:
+    _tensor(x, name, ndim)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def _same(x: Tensor, first: Tensor, name: str, first_name: str, dtype: bool = True) -> None:
+    if x.device != first.device:
+        raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
+    if dtype and x.dtype != first.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}")
+
+
+def _mask(mask, like: Tensor, name: str, like_name: str) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    _tensor(mask, name, 2)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
+    _same(mask, like, name, like_name, dtype=False)
+    return mask
+
+
+def _scores(pos, neg, pos_mask, neg_mask, pos_name="pos", neg_name="neg"):
+    _float_tensor(pos, pos_name, 2)
+    _float_tensor(neg, neg_name, 2)
+    _same(neg, pos, neg_name, pos_name)
+    if neg.shape[0] != pos.shape[0]:
+        raise ValueError(f"{pos_name} and {neg_name} must have the same number of rows, got {pos.shape[0]} and {neg.shape[0]}")
+    return _mask(pos_mask, pos, "pos_mask", pos_name), _mask(neg_mask, neg, "neg_mask", neg_name)
+
+
+def _choice(value, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _real(value, name: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _labels(labels, name: str, n: int, n_name: str, like: Tensor) -> Tensor:
+    _tensor(labels, name, 1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} must have one label per row of {n_name} ({n}), got {labels.shape[0]}")
+    _same(labels, like, name, n_name, dtype=False)
+    return labels
+
+
+def _label_inputs(emb, labels, ref_emb, ref_labels) -> None:
+    _float_tensor(emb, "emb", 2)
+    _labels(labels, "labels", emb.shape[0], "emb", emb)
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together (or both left None)")
+    if ref_emb is not None:
+        _float_tensor(ref_emb, "ref_emb", 2)
+        _same(ref_emb, emb, "ref_emb", "emb")
+        if ref_emb.shape[1] != emb.shape[1]:
+            raise ValueError(f"ref_emb must have the feature size of emb ({emb.shape[1]}), got {ref_emb.shape[1]}")
+        _labels(ref_labels, "ref_labels", ref_emb.shape[0], "ref_emb", ref_emb)
+
+
+def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> dict:
+    return dict(
+        form=_choice(form, "form", reference.FORMS),
+        beta=_real(beta, "beta", positive=True),
+        gamma_pos=_real(gamma_pos, "gamma_pos"),
+        gamma_neg=_real(gamma_neg, "gamma_neg"),
+        margin=_real(margin, "margin"),
+        lam=_real(lam, "lam"),
+        reduction=_choice(reduction, "reduction", reference.REDUCTIONS),
+    )
+
+
+# ------------------------------------------------------------------------------------------ backends
+def _oucl_embeddings_cpp(emb, labels, ref_emb=None, ref_labels=None, *, similarity, reduction, **params):
+    # The score matrix is built by ATen (one GEMM) and the loss runs on the fused score-mode kernel.
+    scores, pm, nm = reference.label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    out = oucl_cpp(scores, scores, pos_mask=pm, neg_mask=nm, reduction=reduction, **params)
+    return out.to(emb.dtype)
+
+
+for _name in __all__:
+    _backend.register(_name, "reference", getattr(reference, _name))
+_backend.register("oucl", "cpp", oucl_cpp)
+_backend.register("oucl_embeddings", "cpp", _oucl_embeddings_cpp)
+
+
+# -------------------------------------------------------------------------------------------- public
+def oucl(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    form: str = "weighted",
+    beta: float = 16.0,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    margin: float = 0.25,
+    lam: float = 0.0,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """OUCL loss in score mode (SPEC.md section 3).
+
+    Args:
+        pos: ``[B, K⁺]`` positive scores; neg: ``[B, K⁻]`` negative scores; same float dtype and device.
+        form: ``"hinge" | "squared" | "weighted" | "circle"``.
+        beta: inverse temperature β > 0; gamma_pos, gamma_neg: γ⁺, γ⁻ of the weighted form;
+            margin: m of the circle and squared forms; lam: λ of the hinge form.
+        pos_mask, neg_mask: optional bool ``[B,K⁺]``/``[B,K⁻]``, True = the entry counts.
+        reduction: ``"mean"`` over rows with a positive and a negative, ``"sum"``, or ``"none"`` (``[B]``).
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"`` (see :func:`metaug_fast.available_backends`).
+    Returns:
+        Scalar (or ``[B]`` for ``"none"``) in ``pos.dtype``; fp16/bf16 accumulate in fp32.
+    """
+    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
+    params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+    fn = _backend.resolve("oucl", backend, pos.device)
+    return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **params)
+
+
+def oucl_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    similarity: str = "shifted_cosine",
+    form: str = "weighted",
+    beta: float = 16.0,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    margin: float = 0.25,
+    lam: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """OUCL loss in label mode (SPEC.md section 2): pairs with equal labels are positives, others negatives.
+
+    Args:
+        emb: ``[B, D]`` embeddings (normalized inside, gradients include the normalization).
+        labels: ``[B]`` integer labels.
+        ref_emb, ref_labels: optional reference set ``[M, D]``, ``[M]`` (a memory bank or the other view);
+            without it the reference is ``emb`` and the self-pair is excluded.
+        similarity: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``. Other arguments as :func:`oucl`.
+    Returns:
+        Scalar (or ``[B]``) in ``emb.dtype``.
+    """
+    _label_inputs(emb, labels, ref_emb, ref_labels)
+    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+    fn = _backend.resolve("oucl_embeddings", backend, emb.device)
+    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, **params)
+
+
+def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine", backend: str = "auto") -> Tensor:
+    """d(a_i, b_j) for ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``; rows are L2-normalized first."""
+    _float_tensor(a, "a", 2)
+    _float_tensor(b, "b", 2)
+    _same(b, a, "b", "a")
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"b must have the feature size of a ({a.shape[1]}), got {b.shape[1]}")
+    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    return _backend.resolve("pairwise_similarity", backend, a.device)(a, b, similarity=similarity)
+
+
+def margin_statistics(
+    pos: Tensor,
+    neg: Tensor,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """``(sigma_pos [B], sigma_neg [B])`` of SPEC.md section 4 from the original features' scores.
+
+    σ⁺ = min(p_min, n_max), σ⁻ = max(p_min, n_max); a row without a positive or a negative gets
+    (+inf, -inf), which constrains nothing in :func:`margin_injection_loss`.
+    """
+    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
+    return _backend.resolve("margin_statistics", backend, pos.device)(pos, neg, pos_mask, neg_mask)
+
+
+def margin_injection_loss(
+    pos_aug: Tensor,
+    neg_aug: Tensor,
+    sigma_pos: Tensor,
+    sigma_neg: Tensor,
+    *,
+    detach_margin: bool = False,
+    reduction: str = "mean",
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """R_σ of SPEC.md section 4 on augmented scores ``pos_aug [B,K̂⁺]``, ``neg_aug [B,K̂⁻]``.
+
+    ``sigma_pos``/``sigma_neg`` are ``[B]`` (from :func:`margin_statistics`); gradients flow into them
+    unless ``detach_margin``. ``reduction`` is over all B rows.
+    """
+    pos_mask, neg_mask = _scores(pos_aug, neg_aug, pos_mask, neg_mask, "pos_aug", "neg_aug")
+    for name, sigma in (("sigma_pos", sigma_pos), ("sigma_neg", sigma_neg)):
+        _float_tensor(sigma, name, 1)
+        _same(sigma, pos_aug, name, "pos_aug")
+        if sigma.shape[0] != pos_aug.shape[0]:
+            raise ValueError(f"{name} must have one value per row of pos_aug ({pos_aug.shape[0]}), got {sigma.shape[0]}")
+    if not isinstance(detach_margin, bool):
+        raise TypeError(f"detach_margin must be a bool, got {type(detach_margin).__name__}")
+    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
+    fn = _backend.resolve("margin_injection_loss", backend, pos_aug.device)
+    return fn(
+        pos_aug, neg_aug, sigma_pos, sigma_neg, detach_margin=detach_margin, reduction=reduction,
+        pos_mask=pos_mask, neg_mask=neg_mask,
+    )
+
+
+def info_nce(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    temperature: float = 0.07,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE in score mode (SPEC.md section 3): similarities ``pos [B,K⁺]``, ``neg [B,K⁻]``.
+
+    A row's loss is the mean over its positives of -log(e^{p/τ} / (e^{p/τ} + Σ_n e^{n/τ})).
+    """
+    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
+    temperature = _real(temperature, "temperature", positive=True)
+    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
+    fn = _backend.resolve("info_nce", backend, pos.device)
+    return fn(pos, neg, temperature=temperature, pos_mask=pos_mask, neg_mask=neg_mask, reduction=reduction)
+
+
+def info_nce_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 0.07,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE in label mode; for two views ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice is NT-Xent."""
+    _label_inputs(emb, labels, ref_emb, ref_labels)
+    temperature = _real(temperature, "temperature", positive=True)
+    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
+    fn = _backend.resolve("info_nce_embeddings", backend, emb.device)
+    return fn(emb, labels, ref_emb, ref_labels, temperature=temperature, similarity=similarity, reduction=reduction)

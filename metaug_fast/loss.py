@@ -1,0 +1,63 @@
+"""``OUCLLoss``: the OUCL loss as an ``nn.Module``, in the style of pytorch-metric-learning's losses."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import functional as F
+from . import reference
+
+
+class OUCLLoss(nn.Module):
+    """Optimization-driven unified contrastive loss (shared SPEC.md section 3).
+
+    Example::
+
+        loss_fn = OUCLLoss(form="circle", beta=80.0, margin=0.25, similarity="cosine")
+        loss = loss_fn(pos, neg)                      # score mode: pos [B,K⁺], neg [B,K⁻]
+        loss = loss_fn.embeddings(emb, labels)        # label mode: emb [B,D], labels [B]
+
+    Args:
+        form: ``"weighted"`` (default: ℓ = (1/β)·log(1 + ΣΣ e^{β(n−p)}) with γ = 0), ``"circle"``,
+            ``"squared"`` or ``"hinge"``.
+        beta, gamma_pos, gamma_neg, margin, lam: the form's parameters (β > 0).
+        similarity: used by :meth:`embeddings`: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``.
+        reduction: ``"mean"`` (over rows with a positive and a negative), ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+
+    Every argument is checked here, so a bad configuration fails at construction.
+    """
+
+    def __init__(
+        self,
+        form: str = "weighted",
+        beta: float = 16.0,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 0.0,
+        margin: float = 0.25,
+        lam: float = 0.0,
+        similarity: str = "shifted_cosine",
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.params = F._oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+        self.similarity = F._choice(similarity, "similarity", reference.SIMILARITIES)
+        F._backend._check_name(backend, "backend")
+        self.backend = backend
+
+    def forward(self, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None,
+                neg_mask: Optional[Tensor] = None) -> Tensor:
+        """Score mode: ``pos [B,K⁺]``, ``neg [B,K⁻]``, optional bool masks of the same shapes."""
+        return F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, backend=self.backend, **self.params)
+
+    def embeddings(self, emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None) -> Tensor:
+        """Label mode: ``emb [B,D]``, ``labels [B]``, optional ``ref_emb [M,D]``, ``ref_labels [M]``."""
+        return F.oucl_embeddings(emb, labels, ref_emb, ref_labels, similarity=self.similarity,
+                                 backend=self.backend, **self.params)
+
+    def extra_repr(self) -> str:
+        items = dict(self.params, similarity=self.similarity, backend=self.backend)
+        return ", ".join(f"{k}={v!r}" for k, v in items.items())

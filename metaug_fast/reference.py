@@ -1,0 +1,308 @@
+"""Pure-PyTorch implementation of shared SPEC.md, sections 1-4.
+
+This module is the oracle every fused backend is tested against and the portable fallback that works on
+any device. It is written for clarity and exactness, not speed, but it is not deliberately slow: it uses
+the factorization of SPEC.md section 3 (two row-wise log-sum-exps instead of the K⁺×K⁻ pair matrix), so a
+row costs O(K⁺ + K⁻). Everything here is differentiable to second order with plain autograd.
+
+Conventions shared by every function:
+
+* fp16/bf16 inputs are computed in fp32 and the result is cast back to the input dtype.
+* A mask entry ``False`` means the score does not exist: it is ignored even when it is NaN or inf, and it
+  receives an exact zero gradient. A *valid* row has at least one positive and one negative.
+* Inputs are not validated here; :mod:`metaug_fast.functional` validates before dispatching.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "FORMS",
+    "SIMILARITIES",
+    "REDUCTIONS",
+    "pairwise_similarity",
+    "label_scores",
+    "valid_rows",
+    "reduce_rows",
+    "oucl",
+    "oucl_embeddings",
+    "info_nce",
+    "info_nce_embeddings",
+    "margin_statistics",
+    "margin_injection_loss",
+]
+
+FORMS = ("hinge", "squared", "weighted", "circle")
+SIMILARITIES = ("shifted_cosine", "cosine")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _acc(x: Tensor) -> Tensor:
+    """Upcast half precision to fp32 so that every sum and exp accumulates in fp32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _apply_similarity(cos: Tensor, similarity: str) -> Tensor:
+    return (1.0 + cos) * 0.5 if similarity == "shifted_cosine" else cos
+
+
+def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine") -> Tensor:
+    """d(a_i, b_j) for every pair: ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``.
+
+    Rows are L2-normalized first (gradients include the normalization); a zero row has similarity
+    cos = 0 with everything.
+    """
+    a_n = F.normalize(_acc(a), dim=1)
+    b_n = F.normalize(_acc(b), dim=1)
+    return _apply_similarity(a_n @ b_n.T, similarity).to(a.dtype)
+
+
+def label_scores(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    similarity: str = "shifted_cosine",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Label mode as score mode: ``(scores [B,M], pos_mask [B,M], neg_mask [B,M])``.
+
+    ``scores`` stays in the accumulation dtype (fp32 for fp16/bf16). Without a reference set the
+    reference is ``emb`` itself and the diagonal (j = i) is neither positive nor negative.
+    """
+    z = F.normalize(_acc(emb), dim=1)
+    if ref_emb is None:
+        r, ref_labels = z, labels
+    else:
+        r = F.normalize(_acc(ref_emb), dim=1)
+    scores = _apply_similarity(z @ r.T, similarity)
+    same = labels[:, None] == ref_labels[None, :]
+    neg_mask = ~same
+    if ref_emb is None:
+        same = same & ~torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
+    return scores, same, neg_mask
+
+
+def valid_rows(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor]) -> Tensor:
+    """``[B]`` bool: the row has at least one positive and at least one negative."""
+    B = pos.shape[0]
+    has_pos = pos_mask.any(1) if pos_mask is not None else torch.full((B,), pos.shape[1] > 0, device=pos.device)
+    has_neg = neg_mask.any(1) if neg_mask is not None else torch.full((B,), neg.shape[1] > 0, device=neg.device)
+    return has_pos & has_neg
+
+
+def _masked(x: Tensor, mask: Optional[Tensor], fill: float) -> Tensor:
+    return x if mask is None else torch.where(mask, x, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def _row_lse(x: Tensor, mask: Optional[Tensor], valid: Tensor) -> Tensor:
+    """Row log-sum-exp over the entries the mask keeps.
+
+    Invalid rows are replaced by zeros before the reduction: their result is discarded by the caller,
+    and an all -inf row would give NaN gradients through torch.logsumexp.
+    """
+    x = _masked(x, mask, float("-inf"))
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.logsumexp(x, dim=1)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    # log(1 + e^x) without F.softplus's linear cut-off at x > 20, so fp64 results are exact.
+    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _exponents(
+    p: Tensor, n: Tensor, form: str, beta: float, gamma_pos: float, gamma_neg: float, margin: float
+) -> Tuple[Tensor, Tensor]:
+    """u(p) and v(n) of SPEC.md section 3: the pair term is exp(u(p) + v(n))."""
+    if form == "squared":
+        return beta * (p - 1.0) ** 2, beta * (n * n - 2.0 * margin * margin)
+    if form == "weighted":
+        return -beta * (p - gamma_pos), beta * (n - gamma_neg)
+    # circle: Γ⁺ and Γ⁻ are constants for autograd, at every order.
+    gp = torch.relu(1.0 + margin - p).detach()
+    gn = torch.relu(n + margin).detach()
+    return -beta * gp * (p - (1.0 - margin)), beta * gn * (n - margin)
+
+
+def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Reduce per-row losses ``[B]``: "mean" averages over valid rows (0 when there are none)."""
+    if reduction == "none":
+        return rows.to(dtype)
+    rows = _acc(rows)
+    total = rows.sum()
+    if reduction == "mean":
+        total = total / valid.sum().clamp(min=1)
+    return total.to(dtype)
+
+
+def oucl(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    form: str = "weighted",
+    beta: float = 16.0,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    margin: float = 0.25,
+    lam: float = 0.0,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """OUCL loss in score mode (SPEC.md section 3).
+
+    Args:
+        pos: ``[B, K⁺]`` positive scores, float16/bfloat16/float32/float64.
+        neg: ``[B, K⁻]`` negative scores, same dtype and device.
+        pos_mask, neg_mask: optional bool masks of the same shapes (True = the entry counts).
+    Returns:
+        A scalar for ``"mean"``/``"sum"``, ``[B]`` for ``"none"`` (0 for invalid rows), in ``pos.dtype``.
+    """
+    valid = valid_rows(pos, neg, pos_mask, neg_mask)
+    p = _masked(_acc(pos), pos_mask, 0.0)
+    n = _masked(_acc(neg), neg_mask, 0.0)
+    if form == "hinge":
+        rows = torch.relu(n.sum(1) - p.sum(1) + lam)
+    else:
+        u, v = _exponents(p, n, form, beta, gamma_pos, gamma_neg, margin)
+        rows = _softplus(_row_lse(u, pos_mask, valid) + _row_lse(v, neg_mask, valid)) / beta
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return reduce_rows(rows, valid, reduction, pos.dtype)
+
+
+def oucl_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    similarity: str = "shifted_cosine",
+    form: str = "weighted",
+    beta: float = 16.0,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    margin: float = 0.25,
+    lam: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """OUCL loss in label mode: ``emb [B,D]``, ``labels [B]``, optional ``ref_emb [M,D]``, ``ref_labels [M]``.
+
+    Materializes the ``[B,M]`` score matrix (the reason fused backends exist). Result in ``emb.dtype``.
+    """
+    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    out = oucl(
+        scores, scores, form=form, beta=beta, gamma_pos=gamma_pos, gamma_neg=gamma_neg, margin=margin,
+        lam=lam, pos_mask=pm, neg_mask=nm, reduction=reduction,
+    )
+    return out.to(emb.dtype)
+
+
+def info_nce(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    temperature: float = 0.07,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """InfoNCE in score mode: ``pos [B,K⁺]``, ``neg [B,K⁻]`` similarities.
+
+    For positive k of row i: -log(e^{p_k/τ} / (e^{p_k/τ} + Σ_j e^{n_j/τ})) = softplus(LSE_j(n_j/τ) - p_k/τ);
+    the row's loss is the mean over its positives. Rows and reductions as in :func:`oucl`.
+    """
+    valid = valid_rows(pos, neg, pos_mask, neg_mask)
+    p = _masked(_acc(pos), pos_mask, 0.0)
+    n = _masked(_acc(neg), neg_mask, 0.0)
+    lse_neg = _row_lse(n / temperature, neg_mask, valid)
+    per_pos = _masked(_softplus(lse_neg[:, None] - p / temperature), pos_mask, 0.0)
+    if pos_mask is None:
+        rows = per_pos.mean(1) if pos.shape[1] > 0 else per_pos.sum(1)
+    else:
+        rows = per_pos.sum(1) / pos_mask.sum(1).clamp(min=1)
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return reduce_rows(rows, valid, reduction, pos.dtype)
+
+
+def info_nce_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 0.07,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+) -> Tensor:
+    """InfoNCE in label mode (NT-Xent for two views: ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice)."""
+    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    out = info_nce(scores, scores, temperature=temperature, pos_mask=pm, neg_mask=nm, reduction=reduction)
+    return out.to(emb.dtype)
+
+
+def margin_statistics(
+    pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None, neg_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """σ⁺ = min(p_min, n_max) and σ⁻ = max(p_min, n_max) per row (SPEC.md section 4), ``[B]`` each.
+
+    Gradients reach the arg-min/arg-max entries (split evenly between ties, as torch.amin/amax do). A row
+    without a positive or a negative gets σ⁺ = +inf and σ⁻ = -inf: it puts no constraint on the
+    augmented scores in :func:`margin_injection_loss`.
+    """
+    valid = valid_rows(pos, neg, pos_mask, neg_mask)
+    p = _masked(_acc(pos), pos_mask, float("inf"))
+    n = _masked(_acc(neg), neg_mask, float("-inf"))
+    B = pos.shape[0]
+    inf = torch.full((B,), float("inf"), dtype=p.dtype, device=p.device)
+    p_min = p.amin(1) if pos.shape[1] > 0 else inf
+    n_max = n.amax(1) if neg.shape[1] > 0 else -inf
+    sigma_pos = torch.where(valid, torch.minimum(p_min, n_max), inf)
+    sigma_neg = torch.where(valid, torch.maximum(p_min, n_max), -inf)
+    return sigma_pos.to(pos.dtype), sigma_neg.to(pos.dtype)
+
+
+def _masked_row_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return x.mean(1) if x.shape[1] > 0 else x.sum(1)
+    return _masked(x, mask, 0.0).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def margin_injection_loss(
+    pos_aug: Tensor,
+    neg_aug: Tensor,
+    sigma_pos: Tensor,
+    sigma_neg: Tensor,
+    *,
+    detach_margin: bool = False,
+    reduction: str = "mean",
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """R_σ of SPEC.md section 4.
+
+    Args:
+        pos_aug: ``[B, K̂⁺]`` scores of augmented positives; neg_aug: ``[B, K̂⁻]`` of augmented negatives.
+        sigma_pos, sigma_neg: ``[B]`` from :func:`margin_statistics` on the original features.
+        pos_mask, neg_mask: optional bool masks over the augmented scores; a row's mean is over the
+            entries kept (a row with none contributes 0 for that term).
+    Returns:
+        ``mean_i(mean_k [P̂_ik - σ⁺_i]_+ + mean_k [σ⁻_i - N̂_ik]_+)`` over all B rows for ``"mean"``,
+        the sum for ``"sum"``, ``[B]`` for ``"none"``; in ``pos_aug.dtype``.
+    """
+    sp, sn = _acc(sigma_pos), _acc(sigma_neg)
+    if detach_margin:
+        sp, sn = sp.detach(), sn.detach()
+    p = _masked(_acc(pos_aug), pos_mask, 0.0)
+    n = _masked(_acc(neg_aug), neg_mask, 0.0)
+    rows = _masked_row_mean(torch.relu(p - sp[:, None]), pos_mask) + _masked_row_mean(
+        torch.relu(sn[:, None] - n), neg_mask
+    )
+    if reduction == "none":
+        return rows.to(pos_aug.dtype)
+    out = rows.sum() if reduction == "sum" else rows.mean() if rows.numel() else rows.sum()
+    return out.to(pos_aug.dtype)

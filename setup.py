@@ -1,0 +1,30 @@
+"""Build metaug_fast: the Python package, its Triton kernels (shipped as metaug_fast.kernels) and the
+C++ CPU extension metaug_fast._C.
+
+Install with ``pip install -e . --no-build-isolation`` so the build uses the torch already installed.
+``METAUG_NO_EXT=1`` skips the extension: the package then runs on the reference backend.
+"""
+import os
+
+from setuptools import setup
+
+packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.kernels"]
+package_dir = {"metaug_fast": "metaug_fast", "metaug_fast.kernels": "kernels"}
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("METAUG_NO_EXT", "0") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    # -fopenmp at compile and link time, or at::parallel_for runs on one thread.
+    ext_modules.append(
+        CppExtension(
+            "metaug_fast._C",
+            sources=["csrc/module.cpp", "csrc/oucl_score_cpu.cpp"],
+            depends=["csrc/oucl_score_rows.inc"],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
