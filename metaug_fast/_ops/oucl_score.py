@@ -4,6 +4,8 @@
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not
 provided: it raises instead of returning something wrong.
+
+Saved tensors stay in the caller's layout; the ops make their own contiguous copies where needed.
 """
 from __future__ import annotations
 
@@ -11,11 +13,29 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import reference
 
 FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
+
+
+class _OUCLScoreDoubleBackward(torch.autograd.Function):
+    """The fused Hessian-vector product. It is a Function of its own, connected to pos and neg, so that a
+    third derivative reaches its backward and raises (``once_differentiable`` would detach the result
+    and let a third-order term through pos go silently missing)."""
+
+    @staticmethod
+    def forward(ctx, grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, params):
+        return torch.ops.metaug_fast.oucl_score_bwd_bwd(
+            grad_rows, gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pos_mask, neg_mask, stats, *params
+        )
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "metaug_fast: the cpp backend of oucl provides first and second derivatives only; "
+            "use backend='reference' for third-order derivatives"
+        )
 
 
 class _OUCLScoreBackward(torch.autograd.Function):
@@ -31,11 +51,10 @@ class _OUCLScoreBackward(torch.autograd.Function):
         return grad_pos, grad_neg
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gg_pos, gg_neg):
         grad_rows, pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
-        ggo, hv_pos, hv_neg = torch.ops.metaug_fast.oucl_score_bwd_bwd(
-            grad_rows, gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pos_mask, neg_mask, stats, *ctx.params
+        ggo, hv_pos, hv_neg = _OUCLScoreDoubleBackward.apply(
+            grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, ctx.params
         )
         return ggo, hv_pos, hv_neg, None, None, None, None
 
