@@ -1,0 +1,56 @@
+"""Backend selection: available_backends, auto, METAUG_BACKEND, and clear errors."""
+import pytest
+import torch
+
+import metaug_fast
+import metaug_fast.functional as F
+from metaug_fast import _backend
+
+from conftest import requires_cpp
+
+P, N = torch.rand(4, 3), torch.rand(4, 5)
+
+
+def test_available_backends_lists_reference_first():
+    names = metaug_fast.available_backends()
+    assert names[0] == "reference" and set(names) <= set(_backend.BACKENDS)
+
+
+@requires_cpp
+def test_auto_picks_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv("METAUG_BACKEND", raising=False)
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.oucl_score"
+    # An op the C++ backend does not provide runs on reference.
+    assert _backend.resolve("info_nce", "auto", torch.device("cpu")) is metaug_fast.reference.info_nce
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("METAUG_BACKEND", "reference")
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")) is metaug_fast.reference.oucl
+    monkeypatch.setenv("METAUG_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="METAUG_BACKEND"):
+        F.oucl(P, N)
+    monkeypatch.setenv("METAUG_BACKEND", "triton")
+    with pytest.raises(metaug_fast.BackendUnavailableError, match="METAUG_BACKEND='triton'"):
+        F.oucl(P, N)
+
+
+def test_explicit_backend_never_falls_back(monkeypatch):
+    monkeypatch.delenv("METAUG_BACKEND", raising=False)
+    with pytest.raises(metaug_fast.BackendUnavailableError, match="no 'cuda' backend"):
+        F.oucl(P, N, backend="cuda")
+    if "cpp" in metaug_fast.available_backends():
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement info_nce"):
+            F.info_nce(P, N, backend="cpp")
+        with pytest.raises(ValueError, match="CPU tensors only"):
+            F.oucl(P.to("meta"), N.to("meta"), backend="cpp")
+
+
+def test_missing_extension_explains_how_to_build(monkeypatch):
+    monkeypatch.setattr(_backend, "_CPP_ERROR", ImportError("libfoo.so missing"))
+    assert _backend.available_backends() == ["reference"]
+    with pytest.raises(metaug_fast.BackendUnavailableError, match="pip install -e . --no-build-isolation"):
+        F.oucl(P, N, backend="cpp")
+    # auto still works, on reference
+    monkeypatch.delenv("METAUG_BACKEND", raising=False)
+    torch.testing.assert_close(F.oucl(P, N), metaug_fast.reference.oucl(P, N))
