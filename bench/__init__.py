@@ -1,0 +1,1 @@
+"""Benchmarks of metaug_fast (run as modules: ``python -m bench.<script>``)."""

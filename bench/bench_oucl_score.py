@@ -1,0 +1,83 @@
+"""Score-mode OUCL on the CPU, reference.py against the fused C++ backend, side by side in one run.
+
+    python -m bench.bench_oucl_score                  # B=4096, K⁺=6, K⁻=6144, fp32 (the issue's setting)
+    python -m bench.bench_oucl_score --B 512 --repeats 3
+
+Measures forward, forward+backward and a Hessian-vector product (double backward) per backend, the peak
+extra memory of forward+backward, and writes bench/results/oucl_score_cpu.csv; prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import metaug_fast
+import metaug_fast.functional as F
+
+from .common import median_ms, peak_extra_mb, row, write_csv
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, default=4096)
+    ap.add_argument("--kp", type=int, default=6)
+    ap.add_argument("--kn", type=int, default=6144)
+    ap.add_argument("--form", default="weighted", choices=metaug_fast.reference.FORMS)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_score_cpu.csv"))
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    pos = torch.rand(args.B, args.kp, requires_grad=True)
+    neg = torch.rand(args.B, args.kn, requires_grad=True)
+    vp, vn = torch.randn_like(pos), torch.randn_like(neg)
+    size = f"{args.B}x{args.kp}x{args.kn}"
+    input_mb = (pos.numel() + neg.numel()) * pos.element_size() / 2**20
+
+    def loss(backend):
+        return F.oucl(pos, neg, form=args.form, backend=backend)
+
+    def forward(backend):
+        with torch.no_grad():
+            loss(backend)
+
+    def forward_backward(backend):
+        pos.grad = neg.grad = None
+        loss(backend).backward()
+
+    def hvp(backend):
+        gp, gn = torch.autograd.grad(loss(backend), (pos, neg), create_graph=True)
+        torch.autograd.grad((gp * vp).sum() + (gn * vn).sum(), (pos, neg))
+
+    backends = [b for b in ("reference", "cpp") if b in metaug_fast.available_backends()]
+    rows, results = [], {}
+    for backend in backends:
+        forward_backward(backend)  # warm up outside the measurement
+        pos.grad = neg.grad = None  # so the gradients count as extra memory
+        mem = peak_extra_mb(lambda: forward_backward(backend))
+        for name, fn in (("forward", forward), ("forward+backward", forward_backward), ("hvp", hvp)):
+            ms = median_ms(lambda: fn(backend), args.repeats)
+            results[(backend, name)] = ms
+            rows.append(row(op="oucl", mode="score", backend=backend, dtype="float32", size=size, **{"pass": name},
+                            time_ms=round(ms, 3), peak_mem_mb=round(mem, 1) if name == "forward+backward" else ""))
+        results[(backend, "mem")] = mem
+    write_csv(rows, args.out)
+
+    print(f"score-mode OUCL ({args.form}), {size}, fp32, {torch.get_num_threads()} threads; "
+          f"inputs {input_mb:.1f} MiB, inputs + gradients {2 * input_mb:.1f} MiB")
+    print(f"{'pass':<18}" + "".join(f"{b + ' ms':>16}" for b in backends) + f"{'speed-up':>12}")
+    for name in ("forward", "forward+backward", "hvp"):
+        line = f"{name:<18}" + "".join(f"{results[(b, name)]:>16.1f}" for b in backends)
+        if len(backends) == 2:
+            line += f"{results[('reference', name)] / results[('cpp', name)]:>11.2f}x"
+        print(line)
+    print(f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
+          + (f"{results[('reference', 'mem')] / max(results[('cpp', 'mem')], 1e-9):>11.2f}x" if len(backends) == 2 else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Timing, peak-memory and CSV helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+FIELDS = ["op", "mode", "backend", "dtype", "size", "pass", "time_ms", "peak_mem_mb", "device", "torch",
+          "threads", "commit"]
+
+
+def median_ms(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mb(fn: Callable[[], None]) -> float:
+    """Peak resident memory above the level before ``fn`` ran, in MiB (Linux: VmHWM after a reset).
+
+    Large tensors are mmap'd by the allocator and returned on free, so the high-water mark sees every
+    buffer that was alive at the same time, including autograd's saved tensors and temporaries.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024.0
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cpus)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def row(**values) -> Dict[str, object]:
+    base = dict(device=device_name(), torch=torch.__version__, threads=torch.get_num_threads(), commit=git_commit())
+    base.update(values)
+    return {k: base.get(k, "") for k in FIELDS}
+
+
+def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
