@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 
-.PHONY: all install test train bench check-cuda clean
+.PHONY: all install test train bench clean
 
 all: test
 

@@ -1,7 +1,7 @@
 """Score-mode OUCL on the CPU, reference.py against the fused C++ backend, side by side in one run.
 
-    python -m bench.bench_oucl_score                  # B=4096, K⁺=6, K⁻=6144, fp32 (the issue's setting)
-    python -m bench.bench_oucl_score --B 512 --repeats 3
+    python -m bench.bench_oucl_score                  # B=4096, K⁺=6, K⁻=6144, fp32, all four forms
+    python -m bench.bench_oucl_score --forms weighted --B 512 --repeats 3
 
 Measures forward, forward+backward and a Hessian-vector product (double backward) per backend, the peak
 extra memory of forward+backward, and writes bench/results/oucl_score_cpu.csv; prints the ratios.
@@ -24,11 +24,25 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=int, default=4096)
     ap.add_argument("--kp", type=int, default=6)
     ap.add_argument("--kn", type=int, default=6144)
-    ap.add_argument("--form", default="weighted", choices=metaug_fast.reference.FORMS)
+    ap.add_argument("--forms", default=",".join(metaug_fast.reference.FORMS),
+                    help="comma-separated subset of " + ",".join(metaug_fast.reference.FORMS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_score_cpu.csv"))
     args = ap.parse_args(argv)
 
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    bad = [f for f in forms if f not in metaug_fast.reference.FORMS]
+    if bad or not forms:
+        ap.error(f"--forms: unknown form(s) {bad}; choose from {metaug_fast.reference.FORMS}")
+    rows = []
+    for form in forms:
+        rows += run_form(form, args)
+    write_csv(rows, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_form(form: str, args) -> list:
     torch.manual_seed(0)
     pos = torch.rand(args.B, args.kp, requires_grad=True)
     neg = torch.rand(args.B, args.kn, requires_grad=True)
@@ -37,7 +51,7 @@ def main(argv=None) -> int:
     input_mb = (pos.numel() + neg.numel()) * pos.element_size() / 2**20
 
     def loss(backend):
-        return F.oucl(pos, neg, form=args.form, backend=backend)
+        return F.oucl(pos, neg, form=form, backend=backend)
 
     def forward(backend):
         with torch.no_grad():
@@ -60,12 +74,12 @@ def main(argv=None) -> int:
         for name, fn in (("forward", forward), ("forward+backward", forward_backward), ("hvp", hvp)):
             ms = median_ms(lambda: fn(backend), args.repeats)
             results[(backend, name)] = ms
-            rows.append(row(op="oucl", mode="score", backend=backend, dtype="float32", size=size, **{"pass": name},
-                            time_ms=round(ms, 3), peak_mem_mb=round(mem, 1) if name == "forward+backward" else ""))
+            rows.append(row(op=f"oucl_{form}", mode="score", backend=backend, dtype="float32", size=size,
+                            time_ms=round(ms, 3), peak_mem_mb=round(mem, 1) if name == "forward+backward" else "",
+                            **{"pass": name}))
         results[(backend, "mem")] = mem
-    write_csv(rows, args.out)
 
-    print(f"score-mode OUCL ({args.form}), {size}, fp32, {torch.get_num_threads()} threads; "
+    print(f"\nscore-mode OUCL ({form}), {size}, fp32, {torch.get_num_threads()} threads; "
           f"inputs {input_mb:.1f} MiB, inputs + gradients {2 * input_mb:.1f} MiB")
     print(f"{'pass':<18}" + "".join(f"{b + ' ms':>16}" for b in backends) + f"{'speed-up':>12}")
     for name in ("forward", "forward+backward", "hvp"):
@@ -73,10 +87,11 @@ def main(argv=None) -> int:
         if len(backends) == 2:
             line += f"{results[('reference', name)] / results[('cpp', name)]:>11.2f}x"
         print(line)
-    print(f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
-          + (f"{results[('reference', 'mem')] / max(results[('cpp', 'mem')], 1e-9):>11.2f}x" if len(backends) == 2 else ""))
-    print(f"wrote {args.out}")
-    return 0
+    line = f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
+    if len(backends) == 2:
+        line += f"{results[('reference', 'mem')] / max(results[('cpp', 'mem')], 1e-9):>11.2f}x"
+    print(line)
+    return rows
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ from .. import reference
 FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
 
 
+def _masked_sum(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype))).sum(1)
+
+
 class _OUCLScoreDoubleBackward(torch.autograd.Function):
     """The fused Hessian-vector product. It is a Function of its own, connected to pos and neg, so that a
     third derivative reaches its backward and raises (``once_differentiable`` would detach the result
@@ -53,6 +58,13 @@ class _OUCLScoreBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg_pos, gg_neg):
         grad_rows, pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
+        if ctx.params[0] == FORM_IDS["hinge"]:
+            # The hinge's Hessian is zero: grad_rows gets ±1 sums on the active rows and pos/neg get
+            # zeros (not None, so that, as through reference.py, they count as used in the graph).
+            active = (stats[:, 0] > 0) & (stats[:, 4] > 0)
+            along = _masked_sum(gg_neg, neg_mask) - _masked_sum(gg_pos, pos_mask)
+            ggo = torch.where(active, along, torch.zeros_like(along))
+            return ggo, torch.zeros_like(pos), torch.zeros_like(neg), None, None, None, None
         ggo, hv_pos, hv_neg = _OUCLScoreDoubleBackward.apply(
             grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, ctx.params
         )
