@@ -90,15 +90,16 @@ def test_oucl_extreme_beta_is_finite_and_exact(beta):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_label_mode_matches_explicit(form, similarity, with_ref):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_mode_matches_explicit(form, similarity, with_ref, reduction):
     emb = torch.randn(7, 4, dtype=f64)
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])  # class 3 has one member
     ref_emb = torch.randn(9, 4, dtype=f64) if with_ref else None
     ref_labels = torch.tensor([0, 0, 1, 2, 2, 4, 1, 0, 5]) if with_ref else None
     S, pm, nm = explicit_label_scores(emb, labels, ref_emb, ref_labels, similarity)
     kw = dict(form=form, beta=16.0, margin=0.25, lam=0.1)
-    want = reduce_rows(explicit_rows(S, S, pm, nm, **kw), pm.any(1) & nm.any(1), "mean")
-    got = R.oucl_embeddings(emb, labels, ref_emb, ref_labels, similarity=similarity, **kw)
+    want = reduce_rows(explicit_rows(S, S, pm, nm, **kw), pm.any(1) & nm.any(1), reduction)
+    got = R.oucl_embeddings(emb, labels, ref_emb, ref_labels, similarity=similarity, reduction=reduction, **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
 
 
