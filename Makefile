@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 train: install
-	$(PY) -m metaug_fast.demo
+	$(PY) -m metaug_fast.compare --quiet
 
 bench: install
 	$(PY) -m bench.bench_oucl_score

@@ -1,0 +1,249 @@
+"""The MetAug trainer: data, models, the MetAug step, schedule, checkpoints, resume, metrics and plots.
+
+Every epoch ends with a checkpoint written atomically (a temporary file, then ``os.replace``), so an
+interrupted run (Ctrl-C included) always leaves the last complete epoch on disk, and ``resume`` continues
+exactly where it stopped: model, MAGs, memory bank, optimizers, data order and every random state.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .bank import MemoryBank
+from .data import DATASETS, TwoViews, load_split
+from .mag import MetaFeatureAugmenter
+from .models import ARCHS, TwoViewModel
+from .probe import linear_probe
+from .step import MetAugConfig, MetAugStep
+
+# Per dataset: (architecture, views, image size) unless the command line says otherwise.
+DEFAULTS = {
+    "digits": ("small_cnn", "two_crops", 8),
+    "cifar10": ("alexnet_half", "lab", 32),
+    "cifar100": ("alexnet_half", "lab", 32),
+    "stl10": ("alexnet_half", "lab", 64),
+    "tiny-imagenet": ("alexnet_half", "lab", 64),
+}
+# Fields that must match between a checkpoint and the run that resumes it.
+_RESUME_KEYS = ("dataset", "arch", "views", "image_size", "feat_dim", "mag_hidden", "batch_size", "seed")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    arch: Optional[str] = None  # None: the dataset's default
+    views: Optional[str] = None
+    image_size: Optional[int] = None
+    feat_dim: int = 128
+    mag_hidden: int = 2048
+    batch_size: int = 64
+    epochs: int = 300
+    lr_decay_epochs: Tuple[int, ...] = (120, 160, 200)
+    lr_decay_rate: float = 0.1
+    seed: int = 0
+    deterministic: bool = True
+    out_dir: str = "runs/metaug"
+    probe_epochs: int = 60
+    probe_lr: float = 0.1
+    probe_every: int = 0  # 0: only after the last epoch
+    max_steps: int = 0  # per epoch; 0: the whole training split
+    progress: bool = True
+    metaug: MetAugConfig = field(default_factory=MetAugConfig)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        arch, views, size = DEFAULTS[self.dataset]
+        self.arch = self.arch or arch
+        self.views = self.views or views
+        self.image_size = self.image_size or size
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.dataset == "digits" and (self.views != "two_crops" or self.arch != "small_cnn"):
+            raise ValueError("digits are 8×8 grayscale: use --arch small_cnn with --views two_crops")
+        for name in ("feat_dim", "mag_hidden", "batch_size", "epochs", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (BatchNorm needs two samples)")
+        self.lr_decay_epochs = tuple(int(e) for e in self.lr_decay_epochs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _set_seed(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step schedule: lr × rate for every decay epoch reached (epochs counted from 1)."""
+    return cfg.metaug.lr * cfg.lr_decay_rate ** sum(epoch >= e for e in cfg.lr_decay_epochs)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        _set_seed(cfg.seed, cfg.deterministic)
+        train_split = load_split(cfg.dataset, cfg.data_root, train=True)
+        test_split = load_split(cfg.dataset, cfg.data_root, train=False)
+        if cfg.views == "lab" and train_split.image(0).shape[0] != 3:
+            raise ValueError("views='lab' needs RGB images")
+        self.n_classes = train_split.n_classes
+        self.train_data = TwoViews(train_split, cfg.views, augment=True, image_size=cfg.image_size)
+        self.probe_train = TwoViews(train_split, cfg.views, augment=False, image_size=cfg.image_size)
+        self.probe_test = TwoViews(test_split, cfg.views, augment=False, image_size=cfg.image_size)
+        channels = (1, 2) if cfg.views == "lab" else (train_split.image(0).shape[0],) * 2
+        self.model = TwoViewModel(cfg.arch, channels, cfg.feat_dim, shared=cfg.views != "lab", image_size=cfg.image_size)
+        self.mags = nn.ModuleList([MetaFeatureAugmenter(cfg.feat_dim, cfg.mag_hidden) for _ in range(2)])
+        self.bank = MemoryBank(len(train_split), cfg.feat_dim, views=2, momentum=cfg.metaug.bank_momentum,
+                               generator=torch.Generator().manual_seed(cfg.seed))
+        self.step = MetAugStep(self.model, self.mags, self.bank, cfg.metaug)
+        self.loader_gen = torch.Generator().manual_seed(cfg.seed)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.epoch = 0
+        self.metrics: List[Dict[str, float]] = []
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+            "mags": self.mags.state_dict(), "bank": self.bank.state_dict(), "step": self.step.state_dict(),
+            "metrics": self.metrics,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "loader": self.loader_gen.get_state(), "sample": self.sample_gen.get_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["config"]
+        diff = [k for k in _RESUME_KEYS if saved[k] != getattr(self.cfg, k)]
+        if diff:
+            raise ValueError("checkpoint does not match this run's " + ", ".join(
+                f"{k} ({saved[k]!r} vs {getattr(self.cfg, k)!r})" for k in diff))
+        self.model.load_state_dict(state["model"])
+        self.mags.load_state_dict(state["mags"])
+        self.bank.load_state_dict(state["bank"])
+        self.step.load_state_dict(state["step"])
+        self.metrics = list(state["metrics"])
+        self.epoch = int(state["epoch"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.loader_gen.set_state(rng["loader"])
+        self.sample_gen.set_state(rng["sample"])
+
+    def resume(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    # -------------------------------------------------------------------------------------- training
+    def train_epoch(self) -> Dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        lr = lr_at(cfg, self.epoch + 1)
+        for group in self.step.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.mags.train()
+        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                            generator=self.loader_gen, num_workers=0)
+        total = {"loss": 0.0, "meta": 0.0}
+        steps = 0
+        t0 = time.perf_counter()
+        n = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
+        bar = tqdm(loader, total=n, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.metaug.method}]",
+                   disable=not cfg.progress, leave=False)
+        for v1, v2, _, index in bar:
+            out = self.step(v1, v2, index, self.sample_gen)
+            for k, v in out.items():
+                total[k] += v
+            steps += 1
+            bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if steps >= n:
+                break
+        bar.close()
+        return {"epoch": self.epoch + 1, "lr": lr, "loss": total["loss"] / max(steps, 1),
+                "meta": total["meta"] / max(steps, 1), "seconds": time.perf_counter() - t0}
+
+    def probe(self) -> Dict[str, float]:
+        return linear_probe(self.model, self.probe_train, self.probe_test, self.n_classes,
+                            epochs=self.cfg.probe_epochs, lr=self.cfg.probe_lr, seed=self.cfg.seed)
+
+    def fit(self) -> Dict[str, float]:
+        """Train to ``cfg.epochs`` (from wherever a resumed run stopped); returns the last metrics row."""
+        cfg = self.cfg
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        while self.epoch < cfg.epochs:
+            row = self.train_epoch()
+            self.epoch += 1
+            last = self.epoch == cfg.epochs
+            if last or (cfg.probe_every and self.epoch % cfg.probe_every == 0):
+                acc = self.probe()
+                row.update(probe_conv=acc["conv"], probe_fc=acc["fc"])
+            self.metrics.append(row)
+            _atomic_save(self.state_dict(), self.ckpt_path)
+            self.write_metrics()
+        return self.metrics[-1] if self.metrics else {}
+
+    def write_metrics(self) -> None:
+        keys = ["epoch", "lr", "loss", "meta", "seconds", "probe_conv", "probe_fc"]
+        path = os.path.join(self.cfg.out_dir, "metrics.csv")
+        with open(path + ".tmp", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in self.metrics:
+                w.writerow({k: r.get(k, "") for k in keys})
+        os.replace(path + ".tmp", path)
+        plot_metrics(self.metrics, os.path.join(self.cfg.out_dir, "metrics.png"), title=self.cfg.metaug.method)
+
+
+def plot_metrics(metrics: List[Dict[str, float]], path: str, title: str = "") -> None:
+    """Loss per epoch and, where probed, linear-probe accuracy, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [r["epoch"] for r in metrics]
+    ax1.plot(ep, [r["loss"] for r in metrics], marker=".")
+    ax1.set(xlabel="epoch", ylabel="training loss", title=f"{title} loss")
+    probed = [r for r in metrics if "probe_conv" in r]
+    for key, label in (("probe_conv", "conv"), ("probe_fc", "fc")):
+        ax2.plot([r["epoch"] for r in probed], [r[key] for r in probed], marker="o", label=label)
+    ax2.set(xlabel="epoch", ylabel="linear-probe top-1 (%)", title="linear probe")
+    if probed:
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

@@ -1,0 +1,148 @@
+"""Command line for MetAug training: ``python -m metaug_fast.train [options]``.
+
+Examples::
+
+    python -m metaug_fast.train --dataset digits --epochs 20 --mag-hidden 256 --out runs/digits
+    python -m metaug_fast.train --dataset cifar10 --data-root /data --arch alexnet_half   # the paper's setup
+    python -m metaug_fast.train --resume runs/digits/checkpoint.pt --epochs 30             # continue a run
+
+Defaults are the official configuration (SPEC.md section 5). Bad arguments print a message and exit
+with status 2; a missing dataset says where its files go. Ctrl-C stops after saving nothing partial:
+the checkpoint of the last complete epoch stays usable with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import List, Optional
+
+import torch
+
+from .metaug.data import DATASETS, DatasetNotFoundError
+from .metaug.models import ARCHS
+from .metaug.step import METHODS, MetAugConfig
+from .metaug.trainer import TrainConfig, Trainer
+from .reference import FORMS, SIMILARITIES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, m = TrainConfig(), MetAugConfig()
+    ap = argparse.ArgumentParser(prog="python -m metaug_fast.train", description="MetAug training (OUCL + MAG + meta step)")
+    g = ap.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--data-root", default=None, help="folder holding the dataset's files (never downloaded)")
+    g.add_argument("--arch", choices=ARCHS, default=None, help="default: small_cnn for digits, alexnet_half otherwise")
+    g.add_argument("--views", choices=("lab", "two_crops"), default=None)
+    g.add_argument("--image-size", type=_positive_int, default=None)
+    g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim)
+    g.add_argument("--mag-hidden", type=_positive_int, default=d.mag_hidden)
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--method", choices=METHODS, default=m.method)
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--lr", type=_positive_float, default=m.lr)
+    g.add_argument("--lr-decay-epochs", type=_positive_int, nargs="*", default=list(d.lr_decay_epochs))
+    g.add_argument("--lr-decay-rate", type=_positive_float, default=d.lr_decay_rate)
+    g.add_argument("--momentum", type=_non_negative_float, default=m.momentum)
+    g.add_argument("--weight-decay", type=_non_negative_float, default=m.weight_decay)
+    g.add_argument("--inner-lr", type=_positive_float, default=m.inner_lr)
+    g.add_argument("--mag-lr", type=_positive_float, default=m.mag_lr)
+    g.add_argument("--eta", type=_non_negative_float, default=m.eta)
+    g.add_argument("--alpha", type=_non_negative_float, default=m.alpha)
+    g.add_argument("--k-neg", type=_positive_int, default=m.k_neg)
+    g.add_argument("--bank-momentum", type=_non_negative_float, default=m.bank_momentum)
+    g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
+    g = ap.add_argument_group("loss")
+    g.add_argument("--form", choices=FORMS, default=m.form)
+    g.add_argument("--beta", type=_positive_float, default=m.beta)
+    g.add_argument("--margin", type=float, default=m.margin)
+    g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity)
+    g.add_argument("--temperature", type=_positive_float, default=m.temperature)
+    g.add_argument("--detach-margin", action="store_true")
+    g.add_argument("--backend", default=m.backend, help="auto, reference or cpp")
+    g = ap.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--no-deterministic", action="store_true")
+    g.add_argument("--out", default=d.out_dir)
+    g.add_argument("--resume", default=None, help="checkpoint.pt of an earlier run with the same settings")
+    g.add_argument("--probe-epochs", type=_positive_int, default=d.probe_epochs)
+    g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr)
+    g.add_argument("--probe-every", type=int, default=0)
+    g.add_argument("--threads", type=_positive_int, default=None)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    metaug = MetAugConfig(
+        method=args.method, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        inner_lr=args.inner_lr, mag_lr=args.mag_lr, eta=args.eta, alpha=args.alpha, k_neg=args.k_neg,
+        bank_momentum=args.bank_momentum, form=args.form, beta=args.beta, margin=args.margin,
+        similarity=args.similarity, temperature=args.temperature, detach_margin=args.detach_margin,
+        backend=args.backend,
+    )
+    return TrainConfig(
+        dataset=args.dataset, data_root=args.data_root, arch=args.arch, views=args.views,
+        image_size=args.image_size, feat_dim=args.feat_dim, mag_hidden=args.mag_hidden,
+        batch_size=args.batch_size, epochs=args.epochs, lr_decay_epochs=tuple(args.lr_decay_epochs),
+        lr_decay_rate=args.lr_decay_rate, seed=args.seed, deterministic=not args.no_deterministic,
+        out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
+        probe_every=args.probe_every, max_steps=args.max_steps, progress=not args.quiet, metaug=metaug,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.backend not in ("auto", "reference", "cpp", "triton", "cuda"):
+        ap.error(f"--backend must be auto, reference, cpp, triton or cuda, got {args.backend!r}")
+    if args.max_steps < 0 or args.probe_every < 0:
+        ap.error("--max-steps and --probe-every must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = config_from_args(args)
+        trainer = Trainer(cfg)
+        if args.resume:
+            trainer.resume(args.resume)
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as exc:
+        ap.error(str(exc))
+    print(f"MetAug [{cfg.metaug.method}] on {cfg.dataset} ({cfg.arch}, views {cfg.views}), "
+          f"epochs {trainer.epoch + 1}..{cfg.epochs}, output in {cfg.out_dir}", flush=True)
+    try:
+        last = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch {trainer.epoch} is "
+              f"{trainer.ckpt_path} (resume with --resume {trainer.ckpt_path})", file=sys.stderr)
+        return 130
+    if "probe_conv" in last:
+        print(f"epoch {last['epoch']}: loss {last['loss']:.4f}; linear probe top-1: conv {last['probe_conv']:.2f} %, "
+              f"fc {last['probe_fc']:.2f} %")
+    print(f"metrics: {cfg.out_dir}/metrics.csv, plot: {cfg.out_dir}/metrics.png, checkpoint: {trainer.ckpt_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
