@@ -302,3 +302,39 @@ def test_cli_trains_and_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch,
     assert cli.main(args + ["--resume", str(out / "checkpoint.pt")]) == 0
     text = capsys.readouterr().out
     assert "epochs 2..3" in text and "linear probe top-1" in text
+
+
+def test_tiny_imagenet_layouts(tmp_path):
+    from PIL import Image
+
+    base = tmp_path / "tiny-imagenet-200"
+    rng = np.random.default_rng(0)
+    for wnid in ("n01", "n02"):
+        d = base / "train" / wnid / "images"
+        d.mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{wnid}_{k}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(base / "val" / "images" / "val_0.JPEG")
+    (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    train, val = load_split("tiny-imagenet", str(tmp_path), True), load_split("tiny-imagenet", str(tmp_path), False)
+    assert len(train) == 4 and train.n_classes == 2 and val.labels.tolist() == [1]
+    v1, v2, _, _ = TwoViews(val, "lab", augment=False, image_size=64)[0]
+    assert v1.shape == (1, 64, 64) and v2.shape == (2, 64, 64)
+
+
+@pytest.mark.parametrize("arch, views, channels, dims", [
+    ("resnet18", "two_crops", (3, 3), (512, 512)),
+    ("alexnet_half", "lab", (1, 2), (2 * 512, 2 * 2048)),  # L and ab features concatenated: conv5, fc6
+])
+def test_models_give_normalized_features_and_probe_layers(arch, views, channels, dims):
+    from metaug_fast.metaug.models import TwoViewModel
+
+    model = TwoViewModel(arch, channels, dim=16, shared=views != "lab", image_size=32)
+    v1, v2 = torch.randn(2, channels[0], 32, 32), torch.randn(2, channels[1], 32, 32)
+    z1, z2 = model(v1, v2)
+    torch.testing.assert_close(z1.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(z2.norm(dim=1), torch.ones(2))
+    model.eval()
+    conv, fc = model.probe_features(v1, v2, "conv"), model.probe_features(v1, v2, "fc")
+    assert conv.shape == (2, dims[0]) and fc.shape == (2, dims[1])
