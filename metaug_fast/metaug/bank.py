@@ -8,6 +8,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import metaug_fast.functional as MF
+from metaug_fast.chunked import oucl_embeddings_chunked
+from metaug_fast.reference import SIMILARITIES
 
 
 class MemoryBank:
@@ -47,12 +49,25 @@ class MemoryBank:
         mixed = self.momentum * self.features[view][index] + (1.0 - self.momentum) * z.detach().to(self.features)
         self.features[view][index] = F.normalize(mixed, dim=1)
 
-    def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, **oucl_kwargs) -> Tensor:
-        """OUCL of ``z [B, dim]`` in label mode against the whole bank of ``view`` as the reference set.
+    def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, *, chunk_size: int = 4096,
+                  **oucl_kwargs) -> Tensor:
+        """OUCL of ``z [B, dim]`` in label mode against the whole bank of ``view`` (``bank_labels [n_data]``).
 
-        The B×n_data score matrix is left to the backend (fused backends never store it).
+        Runs ``chunk_size`` bank rows at a time (:func:`metaug_fast.chunked.oucl_embeddings_chunked`), so the
+        B×n_data score matrix is never stored; arguments are validated as by ``oucl_embeddings``.
         """
-        return MF.oucl_embeddings(z, labels, self.features[view], bank_labels, **oucl_kwargs)
+        ref = self.features[view]
+        MF._label_inputs(z, labels, ref, bank_labels)
+        params = MF._oucl_params(
+            oucl_kwargs.pop("form", "weighted"), oucl_kwargs.pop("beta", 16.0), oucl_kwargs.pop("gamma_pos", 0.0),
+            oucl_kwargs.pop("gamma_neg", 0.0), oucl_kwargs.pop("margin", 0.25), oucl_kwargs.pop("lam", 0.0),
+            oucl_kwargs.pop("reduction", "mean"),
+        )
+        similarity = MF._choice(oucl_kwargs.pop("similarity", "shifted_cosine"), "similarity", SIMILARITIES)
+        if oucl_kwargs:
+            raise TypeError(f"score_all got unexpected arguments {sorted(oucl_kwargs)}")
+        return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
+                                       **params)
 
     def state_dict(self) -> dict:
         return {"features": self.features.clone(), "momentum": self.momentum}

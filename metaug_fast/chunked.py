@@ -1,0 +1,101 @@
+"""Label-mode OUCL against a large reference set (a memory bank) in chunks, never storing B×M.
+
+The reference set is cut into chunks of ``chunk_size`` rows. Each chunk yields, per anchor row, the
+shifted partial sums (m, s) of its positives' and negatives' log-sum-exps (or the hinge's partial sums);
+they are combined across chunks exactly like flash-attention's online softmax. Every chunk runs under
+activation checkpointing, so the backward pass recomputes the chunk's ``[B, chunk]`` scores instead of
+keeping them: peak memory is O(B·chunk + (B + M)·D), independent of B×M.
+
+The results equal :func:`metaug_fast.reference.oucl_embeddings` with ``ref_emb`` (tested), with first
+derivatives through the normalization of ``emb`` and ``ref_emb``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import reference as R
+
+
+def _chunk_partials(z: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, similarity: str, form: str,
+                    beta: float, gamma_pos: float, gamma_neg: float, margin: float) -> Tuple[Tensor, ...]:
+    """Per row of ``z [B,D]`` against one chunk ``ref [c,D]``: (m_pos, s_pos, m_neg, s_neg, n_pos, n_neg),
+    with LSE = m + log s; for the hinge form s holds plain sums and m is zero."""
+    scores = R._apply_similarity(z @ F.normalize(R._acc(ref), dim=1).T, similarity)
+    pm = labels[:, None] == ref_labels[None, :]
+    nm = ~pm
+    counts = (pm.sum(1), nm.sum(1))
+    if form == "hinge":
+        zero = torch.zeros(z.shape[0], dtype=scores.dtype, device=z.device)
+        return zero, R._masked(scores, pm, 0.0).sum(1), zero, R._masked(scores, nm, 0.0).sum(1), *counts
+    u, v = R._exponents(scores, scores, form, beta, gamma_pos, gamma_neg, margin)
+    out = []
+    for x, mask in ((u, pm), (v, nm)):
+        x = R._masked(x, mask, float("-inf"))
+        m = _finite_or_zero(x.amax(1, keepdim=True).detach())
+        s = torch.exp(x - m).sum(1)
+        # A chunk with no entry for the row reports m = -inf so that it cannot win the max in _combine.
+        out += [torch.where(s > 0, m[:, 0], torch.full_like(s, float("-inf"))), s]
+    return (*out, *counts)
+
+
+def _finite_or_zero(m: Tensor) -> Tensor:
+    # The shift only needs to be finite: exp(-inf - 0) = 0, where exp(-inf - (-inf)) would be NaN.
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _combine(ms: Tensor, ss: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact combination of per-chunk (m_c, s_c), ``[B, n_chunks]`` each, into one (m, s)."""
+    m = _finite_or_zero(ms.amax(1, keepdim=True).detach())
+    return m[:, 0], (ss * torch.exp(ms - m)).sum(1)
+
+
+def oucl_embeddings_chunked(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor,
+    ref_labels: Tensor,
+    *,
+    chunk_size: int = 4096,
+    similarity: str = "shifted_cosine",
+    form: str = "weighted",
+    beta: float = 16.0,
+    gamma_pos: float = 0.0,
+    gamma_neg: float = 0.0,
+    margin: float = 0.25,
+    lam: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Label-mode OUCL of ``emb [B,D]`` against ``ref_emb [M,D]`` (``labels [B]``, ``ref_labels [M]``),
+    ``chunk_size`` reference rows at a time. Same contract as :func:`metaug_fast.functional.oucl_embeddings`
+    with a reference set; arguments are validated there (use ``MemoryBank.score_all``)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    z = F.normalize(R._acc(emb), dim=1)
+    args = (similarity, form, beta, gamma_pos, gamma_neg, margin)
+    parts = []
+    for start in range(0, ref_emb.shape[0], chunk_size):
+        ref, ref_lab = ref_emb[start:start + chunk_size], ref_labels[start:start + chunk_size]
+        parts.append(checkpoint(_chunk_partials, z, labels, ref, ref_lab, *args, use_reentrant=False))
+    stacked = [torch.stack(p, 1) for p in zip(*parts)] if parts else None
+    B = emb.shape[0]
+    if stacked is None:
+        return R.reduce_rows(torch.zeros(B, dtype=z.dtype, device=z.device), torch.zeros(B, dtype=torch.bool,
+                             device=z.device), reduction, emb.dtype)
+    m_pos, s_pos, m_neg, s_neg, n_pos, n_neg = stacked
+    valid = (n_pos.sum(1) > 0) & (n_neg.sum(1) > 0)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    if form == "hinge":
+        rows = torch.relu(s_neg.sum(1) - s_pos.sum(1) + lam)
+    else:
+        (mp, sp), (mn, sn) = _combine(m_pos, s_pos), _combine(m_neg, s_neg)
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        lse_pos = mp + torch.log(torch.where(valid, sp, one))  # invalid rows are dropped below
+        lse_neg = mn + torch.log(torch.where(valid, sn, one))
+        rows = R._softplus(lse_pos + lse_neg) / beta
+    rows = torch.where(valid, rows, zero)
+    return R.reduce_rows(rows, valid, reduction, emb.dtype)
