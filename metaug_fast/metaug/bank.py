@@ -50,22 +50,21 @@ class MemoryBank:
         self.features[view][index] = F.normalize(mixed, dim=1)
 
     def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, *, chunk_size: int = 4096,
-                  **oucl_kwargs) -> Tensor:
+                  similarity: str = "shifted_cosine", reduction: str = "mean", **form_params) -> Tensor:
         """OUCL of ``z [B, dim]`` in label mode against the whole bank of ``view`` (``bank_labels [n_data]``).
 
+        ``form_params``: form, beta, gamma_pos, gamma_neg, margin, lam (as :func:`~metaug_fast.functional.oucl`).
         Runs ``chunk_size`` bank rows at a time (:func:`metaug_fast.chunked.oucl_embeddings_chunked`), so the
         B×n_data score matrix is never stored; arguments are validated as by ``oucl_embeddings``.
         """
         ref = self.features[view]
         MF._label_inputs(z, labels, ref, bank_labels)
-        params = MF._oucl_params(
-            oucl_kwargs.pop("form", "weighted"), oucl_kwargs.pop("beta", 16.0), oucl_kwargs.pop("gamma_pos", 0.0),
-            oucl_kwargs.pop("gamma_neg", 0.0), oucl_kwargs.pop("margin", 0.25), oucl_kwargs.pop("lam", 0.0),
-            oucl_kwargs.pop("reduction", "mean"),
-        )
-        similarity = MF._choice(oucl_kwargs.pop("similarity", "shifted_cosine"), "similarity", SIMILARITIES)
-        if oucl_kwargs:
-            raise TypeError(f"score_all got unexpected arguments {sorted(oucl_kwargs)}")
+        unknown = set(form_params) - {"form", "beta", "gamma_pos", "gamma_neg", "margin", "lam"}
+        if unknown:
+            raise TypeError(f"score_all got unexpected arguments {sorted(unknown)}")
+        defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
+        params = MF._oucl_params(**{**defaults, **form_params}, reduction=reduction)
+        similarity = MF._choice(similarity, "similarity", SIMILARITIES)
         return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
                                        **params)
 
