@@ -22,8 +22,8 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
     ext_modules.append(
         CppExtension(
             "metaug_fast._C",
-            sources=["csrc/module.cpp", "csrc/oucl_score_cpu.cpp"],
-            depends=["csrc/oucl_score_rows.inc"],
+            sources=["csrc/module.cpp", "csrc/oucl_cpu.cpp"],
+            depends=["csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         )

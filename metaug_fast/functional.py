@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
+from ._ops.oucl_label import oucl_embeddings_cpp
 from ._ops.oucl_score import oucl_cpp
 
 __all__ = [
@@ -130,17 +131,10 @@ def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> di
 
 
 # ------------------------------------------------------------------------------------------ backends
-def _oucl_embeddings_cpp(emb, labels, ref_emb=None, ref_labels=None, *, similarity, reduction, **params):
-    # The score matrix is built by ATen (one GEMM) and the loss runs on the fused score-mode kernel.
-    scores, pm, nm = reference.label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
-    out = oucl_cpp(scores, scores, pos_mask=pm, neg_mask=nm, reduction=reduction, **params)
-    return out.to(emb.dtype)
-
-
 for _name in __all__:
     _backend.register(_name, "reference", getattr(reference, _name))
 _backend.register("oucl", "cpp", oucl_cpp)
-_backend.register("oucl_embeddings", "cpp", _oucl_embeddings_cpp)
+_backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 
 
 # -------------------------------------------------------------------------------------------- public

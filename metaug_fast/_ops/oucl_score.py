@@ -1,5 +1,5 @@
 """Score-mode OUCL on the C++ backend: autograd Functions around ``torch.ops.metaug_fast.oucl_score_*``
-(csrc/oucl_score_cpu.cpp).
+(csrc/oucl_cpu.cpp).
 
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not

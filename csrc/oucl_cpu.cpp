@@ -1,0 +1,580 @@
+// Score-mode OUCL on the CPU: fused forward, backward and double backward, one pass over each row,
+// rows spread over threads with at::parallel_for (OpenMP). Registered as torch ops in the `metaug_fast`
+// namespace; metaug_fast/_ops/oucl_score.py wraps them in autograd Functions.
+//
+//   oucl_score_fwd(pos [B,K⁺], neg [B,K⁻], pos_mask?, neg_mask?, form, β, γ⁺, γ⁻, m, λ)
+//       -> (rows [B], stats [B,5]: row log-sum-exps and validity), both in the accumulation dtype
+//   oucl_score_bwd(grad_rows [B] (accumulation dtype), pos, neg, pos_mask?, neg_mask?, stats, ...) -> (grad_pos, grad_neg)
+//   oucl_score_bwd_bwd(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask?, neg_mask?, stats, ...)
+//       -> (grad_grad_rows [B], hv_pos [B,K⁺], hv_neg [B,K⁻])
+//
+// fp16/bf16 inputs accumulate in fp32 (at::opmath_type), fp64 in fp64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace metaug_fast {
+namespace {
+
+enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3 };
+constexpr int64_t kStats = 5;  // per-row values saved by the forward, layout in oucl_rows.inc
+
+template <typename T>
+struct Cfg {
+  T beta, inv_beta, gamma_pos, gamma_neg, margin, lam;
+};
+
+// Raw pointers for the row kernels; which fields a kernel reads or writes is documented there.
+template <typename S, typename T>
+struct RowArgs {
+  Cfg<T> cfg;
+  int64_t kp = 0, kn = 0;
+  const S* pos = nullptr;
+  const S* neg = nullptr;
+  const bool* pos_mask = nullptr;
+  const bool* neg_mask = nullptr;
+  const T* grad_rows = nullptr;
+  const S* gg_pos = nullptr;
+  const S* gg_neg = nullptr;
+  T* stats = nullptr;
+  T* rows = nullptr;
+  S* out_pos = nullptr;
+  S* out_neg = nullptr;
+  T* grad_grad_rows = nullptr;
+};
+
+template <typename T>
+struct Lse {
+  T shift, log_sum;  // LSE = shift + log_sum; kept apart so exp(x - LSE) = exp((x - shift) - log_sum) keeps
+                     // the cancellation x - shift exact-ish in fp32 even when |x| is ~β
+  T value() const { return shift + log_sum; }
+};
+
+template <typename T>
+struct RowState {
+  Lse<T> pos{T(0), -std::numeric_limits<T>::infinity()};
+  Lse<T> neg{T(0), -std::numeric_limits<T>::infinity()};
+  T sum_pos = T(0), sum_neg = T(0);  // hinge
+  int64_t n_pos = 0, n_neg = 0;
+};
+
+// log(e^a + e^b) kept as (shift, log_sum); an empty side has log_sum = -inf.
+template <typename T>
+static inline Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (a.log_sum == ninf) return b;
+  if (b.log_sum == ninf) return a;
+  const T s = a.shift > b.shift ? a.shift : b.shift;
+  return {s, std::log(std::exp(a.shift - s + a.log_sum) + std::exp(b.shift - s + b.log_sum))};
+}
+
+template <typename T>
+static inline void merge_state(RowState<T>& into, const RowState<T>& part) {
+  into.pos = lse_merge(into.pos, part.pos);
+  into.neg = lse_merge(into.neg, part.neg);
+  into.sum_pos += part.sum_pos;
+  into.sum_neg += part.sum_neg;
+  into.n_pos += part.n_pos;
+  into.n_neg += part.n_neg;
+}
+
+// Label mode: the similarity map s = sim_a·cos + sim_b and the labels that split pairs.
+template <typename T>
+struct LabelArgs {
+  Cfg<T> cfg;
+  T sim_a, sim_b;
+  bool exclude_self;
+  const int64_t* labels;
+  const int64_t* ref_labels;
+};
+
+// One copy of the row kernels per instruction set. GCC attaches the target of the enclosing pragma to
+// every function declared under it, templates included, so each namespace is vectorized for its ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define METAUG_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,bmi2")
+namespace isa_avx512 {
+#include "oucl_rows.inc"
+#include "oucl_label_tiles.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+namespace isa_avx2 {
+#include "oucl_rows.inc"
+#include "oucl_label_tiles.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+namespace isa_base {
+#include "oucl_rows.inc"
+#include "oucl_label_tiles.inc"
+}  // namespace isa_base
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#ifdef METAUG_MULTI_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+Isa active_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+enum class Pass { kForward, kBackward, kDoubleBackward };
+
+// Picks the kernel for (ISA, pass, form, masks) and runs it over a range of rows.
+template <int FORM, typename T, bool PM, bool NM, typename S>
+void run_rows(Pass pass, const RowArgs<S, T>& a, int64_t b0, int64_t b1) {
+#define METAUG_RUN(NS)                                                                  \
+  switch (pass) {                                                                       \
+    case Pass::kForward: NS::forward_rows<FORM, T, PM, NM>(a, b0, b1); return;          \
+    case Pass::kBackward: NS::backward_rows<FORM, T, PM, NM>(a, b0, b1); return;        \
+    case Pass::kDoubleBackward: NS::double_backward_rows<FORM, T, PM, NM>(a, b0, b1); return; \
+  }
+#ifdef METAUG_MULTI_ISA
+  switch (active_isa()) {
+    case Isa::kAvx512: METAUG_RUN(isa_avx512) break;
+    case Isa::kAvx2: METAUG_RUN(isa_avx2) break;
+    case Isa::kBase: break;
+  }
+#endif
+  METAUG_RUN(isa_base)
+#undef METAUG_RUN
+}
+
+template <typename T, typename S>
+void launch(Pass pass, int64_t form, bool pm, bool nm, int64_t B, const RowArgs<S, T>& a) {
+  // Rows are independent: each is handled by one thread, so results do not depend on the thread count.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.kp + a.kn));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+#define METAUG_MASKS(FORM)                                                    \
+  if (pm && nm) run_rows<FORM, T, true, true>(pass, a, b0, b1);               \
+  else if (pm) run_rows<FORM, T, true, false>(pass, a, b0, b1);               \
+  else if (nm) run_rows<FORM, T, false, true>(pass, a, b0, b1);               \
+  else run_rows<FORM, T, false, false>(pass, a, b0, b1);
+    switch (form) {
+      case kHinge: METAUG_MASKS(kHinge) break;
+      case kSquared: METAUG_MASKS(kSquared) break;
+      case kWeighted: METAUG_MASKS(kWeighted) break;
+      case kCircle: METAUG_MASKS(kCircle) break;
+    }
+#undef METAUG_MASKS
+  });
+}
+
+struct Inputs {
+  at::Tensor pos, neg, pos_mask, neg_mask;  // contiguous; masks undefined when absent
+};
+
+Inputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                    const c10::optional<at::Tensor>& neg_mask, int64_t form) {
+  TORCH_CHECK(pos.device().is_cpu() && neg.device().is_cpu(), "oucl_score (cpp): pos and neg must be CPU tensors");
+  TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2, "oucl_score (cpp): pos and neg must be 2-D");
+  TORCH_CHECK(pos.size(0) == neg.size(0), "oucl_score (cpp): pos and neg must have the same number of rows");
+  TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cpp): pos and neg must have the same dtype");
+  TORCH_CHECK(form >= kHinge && form <= kCircle, "oucl_score (cpp): unknown form id ", form);
+  Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
+  if (pos_mask.has_value()) {
+    TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(),
+                "oucl_score (cpp): pos_mask must be a bool tensor shaped like pos");
+    in.pos_mask = pos_mask->contiguous();
+  }
+  if (neg_mask.has_value()) {
+    TORCH_CHECK(neg_mask->scalar_type() == at::kBool && neg_mask->sizes() == neg.sizes(),
+                "oucl_score (cpp): neg_mask must be a bool tensor shaped like neg");
+    in.neg_mask = neg_mask->contiguous();
+  }
+  return in;
+}
+
+template <typename S, typename T>
+RowArgs<S, T> make_args(const Inputs& in, double beta, double gamma_pos, double gamma_neg, double margin,
+                        double lam) {
+  RowArgs<S, T> a;
+  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  a.kp = in.pos.size(1);
+  a.kn = in.neg.size(1);
+  a.pos = in.pos.data_ptr<S>();
+  a.neg = in.neg.data_ptr<S>();
+  a.pos_mask = in.pos_mask.defined() ? in.pos_mask.data_ptr<bool>() : nullptr;
+  a.neg_mask = in.neg_mask.defined() ? in.neg_mask.data_ptr<bool>() : nullptr;
+  return a;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_stats(const at::Tensor& stats, const at::Tensor& pos) {
+  TORCH_CHECK(stats.scalar_type() == acc_type(pos.scalar_type()) && stats.dim() == 2 &&
+                  stats.size(0) == pos.size(0) && stats.size(1) == kStats && stats.is_contiguous(),
+              "oucl_score (cpp): stats must be the [B,5] tensor returned by oucl_score_fwd");
+}
+
+void check_grad_rows(const at::Tensor& g, const at::Tensor& pos) {
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == pos.size(0) && g.scalar_type() == acc_type(pos.scalar_type()),
+              "oucl_score (cpp): grad_rows must be [B] in the accumulation dtype of pos");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes() && t.device() == like.device(),
+              "oucl_score (cpp): ", name, " must match ", like.sizes(), " ", like.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> oucl_score_fwd(const at::Tensor& pos, const at::Tensor& neg,
+                                                  const c10::optional<at::Tensor>& pos_mask,
+                                                  const c10::optional<at::Tensor>& neg_mask, int64_t form,
+                                                  double beta, double gamma_pos, double gamma_neg, double margin,
+                                                  double lam) {
+  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  const int64_t B = pos.size(0);
+  at::Tensor rows = at::empty({B}, pos.options().dtype(acc_type(pos.scalar_type())));
+  at::Tensor stats = at::empty({B, kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "oucl_score_fwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, beta, gamma_pos, gamma_neg, margin, lam);
+    a.rows = rows.data_ptr<T>();
+    a.stats = stats.data_ptr<T>();
+    launch<T>(Pass::kForward, form, a.pos_mask, a.neg_mask, B, a);
+  });
+  return {rows, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> oucl_score_bwd(const at::Tensor& grad_rows, const at::Tensor& pos,
+                                                  const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                                                  const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats,
+                                                  int64_t form, double beta, double gamma_pos, double gamma_neg,
+                                                  double margin, double lam) {
+  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  check_stats(stats, pos);
+  const at::Tensor g = grad_rows.contiguous();
+  check_grad_rows(g, pos);
+  at::Tensor grad_pos = at::empty_like(in.pos);
+  at::Tensor grad_neg = at::empty_like(in.neg);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "oucl_score_bwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, beta, gamma_pos, gamma_neg, margin, lam);
+    a.grad_rows = g.data_ptr<T>();
+    a.stats = const_cast<T*>(stats.data_ptr<T>());
+    a.out_pos = grad_pos.data_ptr<scalar_t>();
+    a.out_neg = grad_neg.data_ptr<scalar_t>();
+    launch<T>(Pass::kBackward, form, a.pos_mask, a.neg_mask, pos.size(0), a);
+  });
+  return {grad_pos, grad_neg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> oucl_score_bwd_bwd(
+    const at::Tensor& grad_rows, const at::Tensor& gg_pos, const at::Tensor& gg_neg, const at::Tensor& pos,
+    const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask, const c10::optional<at::Tensor>& neg_mask,
+    const at::Tensor& stats, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin,
+    double lam) {
+  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  check_stats(stats, pos);
+  check_like(gg_pos, pos, "gg_pos");
+  check_like(gg_neg, neg, "gg_neg");
+  const at::Tensor g = grad_rows.contiguous();
+  check_grad_rows(g, pos);
+  const at::Tensor tp = gg_pos.contiguous(), tn = gg_neg.contiguous();
+  at::Tensor ggo = at::empty_like(g);
+  at::Tensor hv_pos = at::empty_like(in.pos);
+  at::Tensor hv_neg = at::empty_like(in.neg);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "oucl_score_bwd_bwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, beta, gamma_pos, gamma_neg, margin, lam);
+    a.grad_rows = g.data_ptr<T>();
+    a.gg_pos = tp.data_ptr<scalar_t>();
+    a.gg_neg = tn.data_ptr<scalar_t>();
+    a.stats = const_cast<T*>(stats.data_ptr<T>());
+    a.grad_grad_rows = ggo.data_ptr<T>();
+    a.out_pos = hv_pos.data_ptr<scalar_t>();
+    a.out_neg = hv_neg.data_ptr<scalar_t>();
+    launch<T>(Pass::kDoubleBackward, form, a.pos_mask, a.neg_mask, pos.size(0), a);
+  });
+  return {ggo, hv_pos, hv_neg};
+}
+
+
+// ------------------------------------------------------------------------------------- label mode
+// Label-mode OUCL on normalized features: zn [B,D], rn [M,D] (rn is zn itself when exclude_self), both
+// fp32 or fp64 (Python normalizes, in fp32 for half inputs, so autograd differentiates the normalization).
+// Work items are (block of kRowBlock rows) × (range of kColTile-column tiles): each takes an ATen GEMM
+// per tile into a [rows, tile] buffer and runs the fused epilogue on it, so memory is O((B + M)·D) plus
+// one tile per thread; B×M is never stored. Backward recomputes each tile and turns it into G = ∂ℓ/∂S in
+// place, twice: once by rows for G·rn and once by column tiles for Gᵀ·zn, so that every output row has
+// one owner and sums in a fixed order (no per-thread copies of the gradients, no atomics).
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kColTile = 512;
+
+#define METAUG_ISA_SWITCH(BODY)                                       \
+  switch (active_isa()) {                                             \
+    case Isa::kAvx512: { METAUG_IF_MULTI(namespace ns = isa_avx512; BODY) } break; \
+    case Isa::kAvx2: { METAUG_IF_MULTI(namespace ns = isa_avx2; BODY) } break;     \
+    case Isa::kBase: { namespace ns = isa_base; BODY } break;         \
+  }
+#ifdef METAUG_MULTI_ISA
+#define METAUG_IF_MULTI(...) __VA_ARGS__
+#else
+#define METAUG_IF_MULTI(...)
+#endif
+
+// Work is cut by shape only, never by thread count, and every sum runs in a fixed order, so the result
+// does not depend on how many threads run it. A batch with few row blocks (a small batch against a large
+// bank) also splits the columns into kColSplits ranges so that every thread has work.
+constexpr int64_t kColSplits = 8;
+
+struct LabelPlan {
+  int64_t B, M, row_blocks, tiles, splits;
+  int64_t tile_begin(int64_t split) const { return split * tiles / splits; }
+  int64_t tile_end(int64_t split) const { return (split + 1) * tiles / splits; }
+};
+
+LabelPlan make_plan(int64_t B, int64_t M) {
+  LabelPlan p{B, M, (B + kRowBlock - 1) / kRowBlock, (M + kColTile - 1) / kColTile, 1};
+  if (p.row_blocks < kColSplits) p.splits = std::min<int64_t>(p.tiles, kColSplits);
+  return p;
+}
+
+template <typename T>
+LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_self,
+                             int64_t similarity, double beta, double gamma_pos, double gamma_neg, double margin,
+                             double lam) {
+  LabelArgs<T> a;
+  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  a.sim_a = similarity == 0 ? T(0.5) : T(1);  // 0: shifted cosine (1 + cos)/2, 1: cosine
+  a.sim_b = similarity == 0 ? T(0.5) : T(0);
+  a.exclude_self = exclude_self;
+  a.labels = labels.data_ptr<int64_t>();
+  a.ref_labels = ref_labels.data_ptr<int64_t>();
+  return a;
+}
+
+template <typename T>
+void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
+                        T* tile, bool* pm, bool* nm, RowState<T>* states) {
+#define METAUG_FWD_ROWS(FORM)                                                                        \
+  for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, pm, nm, states[r]);
+#define METAUG_FWD_FORMS                           \
+  switch (form) {                                  \
+    case kHinge: METAUG_FWD_ROWS(kHinge) break;    \
+    case kSquared: METAUG_FWD_ROWS(kSquared) break; \
+    case kWeighted: METAUG_FWD_ROWS(kWeighted) break; \
+    case kCircle: METAUG_FWD_ROWS(kCircle) break;  \
+  }
+  METAUG_ISA_SWITCH(METAUG_FWD_FORMS)
+#undef METAUG_FWD_FORMS
+#undef METAUG_FWD_ROWS
+}
+
+template <typename T>
+void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
+                         T* tile, bool* pm, bool* nm, T* gp, T* gn, const T* stats, const T* grad_rows) {
+#define METAUG_BWD_ROWS(FORM)                                                                         \
+  for (int64_t r = 0; r < nr; ++r)                                                                    \
+    ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, pm, nm, gp, gn, stats + kStats * (r0 + r), \
+                                    grad_rows[r0 + r]);
+#define METAUG_BWD_FORMS                           \
+  switch (form) {                                  \
+    case kHinge: METAUG_BWD_ROWS(kHinge) break;    \
+    case kSquared: METAUG_BWD_ROWS(kSquared) break; \
+    case kWeighted: METAUG_BWD_ROWS(kWeighted) break; \
+    case kCircle: METAUG_BWD_ROWS(kCircle) break;  \
+  }
+  METAUG_ISA_SWITCH(METAUG_BWD_FORMS)
+#undef METAUG_BWD_FORMS
+#undef METAUG_BWD_ROWS
+}
+
+void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
+                        const at::Tensor& ref_labels, int64_t form, int64_t similarity) {
+  TORCH_CHECK(zn.device().is_cpu() && rn.device().is_cpu(), "oucl_label (cpp): CPU tensors only");
+  TORCH_CHECK(zn.dim() == 2 && rn.dim() == 2 && zn.size(1) == rn.size(1), "oucl_label (cpp): zn [B,D], rn [M,D]");
+  TORCH_CHECK(zn.scalar_type() == rn.scalar_type() &&
+                  (zn.scalar_type() == at::kFloat || zn.scalar_type() == at::kDouble),
+              "oucl_label (cpp): zn and rn must both be float32 or both float64");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
+                  labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
+              "oucl_label (cpp): labels [B] and ref_labels [M] must be int64");
+  TORCH_CHECK(form >= kHinge && form <= kCircle, "oucl_label (cpp): unknown form id ", form);
+  TORCH_CHECK(similarity == 0 || similarity == 1, "oucl_label (cpp): unknown similarity id ", similarity);
+}
+
+std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const at::Tensor& rn_in,
+                                                  const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
+                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+  check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
+  // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const int64_t B = zn.size(0), M = rn.size(0);
+  at::Tensor rows = at::zeros({B}, zn.options());
+  at::Tensor stats = at::zeros({B, kStats}, zn.options());
+  AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd", [&] {
+    using T = scalar_t;
+    const auto a = make_label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg,
+                                      margin, lam);
+    const LabelPlan plan = make_plan(B, M);
+    std::vector<RowState<T>> partial(plan.splits * B);
+    at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rb = item / plan.splits, split = item % plan.splits;
+        const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+        const at::Tensor zblk = zn.narrow(0, r0, nr);
+        for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+          const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+          at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
+          label_forward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), pm.get(), nm.get(),
+                                partial.data() + split * B + r0);
+        }
+      }
+    });
+    T* out = rows.data_ptr<T>();
+    T* st = stats.data_ptr<T>();
+    for (int64_t i = 0; i < B; ++i) {
+      RowState<T> s = partial[i];
+      for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(s, partial[sp * B + i]);
+      T* row_st = st + kStats * i;
+      const bool valid = s.n_pos > 0 && s.n_neg > 0;
+      row_st[4] = valid ? T(1) : T(0);
+      if (!valid) continue;
+      if (form == kHinge) {
+        const T arg = s.sum_neg - s.sum_pos + a.cfg.lam;
+        row_st[0] = arg;
+        out[i] = arg > T(0) || arg != arg ? arg : T(0);
+      } else {
+        row_st[0] = s.pos.shift;
+        row_st[1] = s.pos.log_sum;
+        row_st[2] = s.neg.shift;
+        row_st[3] = s.neg.log_sum;
+        const T x = s.pos.value() + s.neg.value();
+        out[i] = (x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) * a.cfg.inv_beta;
+      }
+    }
+  });
+  return {rows, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in, const at::Tensor& zn_in,
+                                                  const at::Tensor& rn_in, const at::Tensor& labels_in,
+                                                  const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
+                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+  check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
+  // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const at::Tensor stats = stats_in.contiguous(), grad_rows = grad_rows_in.contiguous();
+  const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({B, kStats}) && stats.scalar_type() == zn.scalar_type(),
+              "oucl_label (cpp): stats must be the [B,5] tensor returned by oucl_label_fwd");
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B && grad_rows.scalar_type() == zn.scalar_type(),
+              "oucl_label (cpp): grad_rows must be [B] in the dtype of zn");
+  at::Tensor gz_parts, gr = at::zeros({M, D}, zn.options());
+  AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd", [&] {
+    using T = scalar_t;
+    const auto a = make_label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg,
+                                      margin, lam);
+    const LabelPlan plan = make_plan(B, M);
+    gz_parts = at::zeros({plan.splits, B, D}, zn.options());
+    // G tile = ∂(Σ_i grad_i ℓ_i)/∂S for rows [r0, r0 + nr) and columns [c0, c0 + L), recomputed from zn, rn.
+    auto grad_tile = [&](int64_t r0, int64_t nr, int64_t c0, int64_t L, bool* pm, bool* nm, T* gp, T* gn) {
+      at::Tensor tile = at::mm(zn.narrow(0, r0, nr), rn.narrow(0, c0, L).t()).contiguous();
+      label_backward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), pm, nm, gp, gn, stats.data_ptr<T>(),
+                             grad_rows.data_ptr<T>());
+      return tile;
+    };
+    // Phase 1, ∂/∂zn = G·rn: items own (row block, column range), tiles of a range in order.
+    at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
+      std::vector<T> gp(kColTile), gn(kColTile);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rb = item / plan.splits, split = item % plan.splits;
+        const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+        at::Tensor out = gz_parts[split].narrow(0, r0, nr);
+        for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+          const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+          out.addmm_(grad_tile(r0, nr, c0, L, pm.get(), nm.get(), gp.data(), gn.data()), rn.narrow(0, c0, L));
+        }
+      }
+    });
+    // Phase 2, ∂/∂rn = Gᵀ·zn: items own a column tile, row blocks in order.
+    at::parallel_for(0, plan.tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
+      std::vector<T> gp(kColTile), gn(kColTile);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+        at::Tensor out = gr.narrow(0, c0, L);
+        for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
+          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+          out.addmm_(grad_tile(r0, nr, c0, L, pm.get(), nm.get(), gp.data(), gn.data()).t(), zn.narrow(0, r0, nr));
+        }
+      }
+    });
+  });
+  return {gz_parts.sum(0), gr};
+}
+
+std::string cpu_isa() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kBase: break;
+  }
+  return "baseline";
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def(
+      "oucl_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, int form, float beta, "
+      "float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "oucl_score_bwd(Tensor grad_rows, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, "
+      "Tensor stats, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "oucl_score_bwd_bwd(Tensor grad_rows, Tensor gg_pos, Tensor gg_neg, Tensor pos, Tensor neg, "
+      "Tensor? pos_mask, Tensor? neg_mask, Tensor stats, int form, float beta, float gamma_pos, "
+      "float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, bool exclude_self, int similarity, "
+      "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
+      "bool exclude_self, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
+      "float lam) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
+  m.impl("oucl_score_fwd", &oucl_score_fwd);
+  m.impl("oucl_score_bwd", &oucl_score_bwd);
+  m.impl("oucl_score_bwd_bwd", &oucl_score_bwd_bwd);
+  m.impl("oucl_label_fwd", &oucl_label_fwd);
+  m.impl("oucl_label_bwd", &oucl_label_bwd);
+}
+
+}  // namespace metaug_fast

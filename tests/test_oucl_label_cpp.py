@@ -1,0 +1,177 @@
+"""Fused label-mode OUCL on the C++ backend against reference.py: values, gradients, second order,
+shapes that cross the 64-row / 512-column tiles, dtypes, threads, and no B×M buffer."""
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import metaug_fast.functional as F
+from metaug_fast import OUCLLoss
+from metaug_fast import reference as R
+
+from conftest import requires_cpp
+from helpers import FORMS, ULP, rel_err
+
+pytestmark = requires_cpp
+PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
+
+
+def _data(B, M, D=5, dtype=torch.float64, n_classes=4):
+    emb = torch.randn(B, D, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, n_classes, (B,))
+    if M is None:
+        return emb, labels, None, None
+    ref = torch.randn(M, D, dtype=torch.float64).to(dtype)
+    ref_labels = torch.randint(0, n_classes + 1, (M,))  # class n_classes never appears among the anchors
+    return emb, labels, ref, ref_labels
+
+
+def _run(backend, emb, labels, ref, ref_labels, reduction="none", **kw):
+    e = emb.clone().requires_grad_()
+    r = None if ref is None else ref.clone().requires_grad_()
+    loss = F.oucl_embeddings(e, labels, r, ref_labels, reduction=reduction, backend=backend, **kw)
+    grads = torch.autograd.grad(loss.sum(), [x for x in (e, r) if x is not None])
+    return (loss,) + grads
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+@pytest.mark.parametrize("shape", [(1, 1), (7, None), (70, 530), (3, 1100), (130, None)])
+def test_fp64_matches_reference(form, similarity, shape):
+    emb, labels, ref, ref_labels = _data(shape[0], shape[1])
+    kw = dict(form=form, similarity=similarity, beta=16.0, **PARAMS)
+    want, got = _run("reference", emb, labels, ref, ref_labels, **kw), _run("cpp", emb, labels, ref, ref_labels, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and rel_err(g, w) <= 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
+def test_reductions_and_extreme_beta(reduction, beta):
+    emb, labels, ref, ref_labels = _data(40, 600, n_classes=6)
+    for form in FORMS:
+        kw = dict(form=form, beta=beta, **PARAMS)
+        want = _run("reference", emb, labels, ref, ref_labels, reduction, **kw)
+        got = _run("cpp", emb, labels, ref, ref_labels, reduction, **kw)
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all() and rel_err(g, w) <= 1e-10
+
+
+def test_singletons_single_reference_row_and_no_valid_row():
+    emb = torch.randn(5, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4])  # every class a singleton: no row has a positive
+    got = _run("cpp", emb, labels, None, None)
+    assert (got[0] == 0).all() and (got[1] == 0).all()
+    ref, ref_labels = torch.randn(1, 3, dtype=torch.float64), torch.tensor([2])
+    want = _run("reference", emb, labels, ref, ref_labels, "mean")
+    got = _run("cpp", emb, labels, ref, ref_labels, "mean")
+    for g, w in zip(got, want):  # one reference row: every row lacks a positive or a negative
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("beta", [1.0, 16.0, 256.0])
+def test_fp32_within_1e4_of_fp64(form, beta):
+    emb, labels, ref, ref_labels = _data(70, 700, D=16, dtype=torch.float32)
+    kw = dict(form=form, beta=beta, **PARAMS)
+    got = _run("cpp", emb, labels, ref, ref_labels, **kw)
+    want = _run("reference", emb.double(), labels, ref.double(), ref_labels, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        # DESIGN: 1e-4 where a GEMM reorders sums (here the tile GEMMs and the normalization)
+        assert rel_err(g, w) <= 1e-4 * max(1.0, beta / 16), rel_err(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_half_precision_within_twice_reference_error(dtype, form):
+    emb, labels, ref, ref_labels = _data(40, 300, D=16, dtype=dtype)
+    kw = dict(form=form, beta=16.0, **PARAMS)
+    exact = _run("reference", emb.double(), labels, ref.double(), ref_labels, **kw)
+    ref_out = _run("reference", emb, labels, ref, ref_labels, **kw)
+    got = _run("cpp", emb, labels, ref, ref_labels, **kw)
+    for g, r, w in zip(got, ref_out, exact):
+        assert g.dtype == dtype
+        assert rel_err(g, w) <= 2 * rel_err(r, w) + ULP[dtype], (rel_err(g, w), rel_err(r, w))
+
+
+def test_non_contiguous_and_int32_labels():
+    base = torch.randn(12, 10, dtype=torch.float64)
+    emb = base[:, ::2]  # strided
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1, 3, 3, 0, 2], dtype=torch.int32)
+    want = _run("reference", emb, labels, None, None)
+    got = _run("cpp", emb, labels, None, None)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-10
+
+
+@pytest.mark.parametrize("form", ["hinge", "squared", "weighted"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_gradcheck_and_gradgradcheck(form, with_ref):
+    emb, labels, ref, ref_labels = _data(6, 5 if with_ref else None, D=3, n_classes=3)
+    inputs = [emb.requires_grad_()] + ([ref.requires_grad_()] if with_ref else [])
+
+    def fn(*xs):
+        r = xs[1] if with_ref else None
+        return F.oucl_embeddings(xs[0], labels, r, ref_labels, form=form, beta=4.0, reduction="none", backend="cpp",
+                                 **PARAMS)
+
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_second_order_matches_reference_for_circle():
+    emb, labels, ref, ref_labels = _data(9, 13, D=4)
+    out = []
+    for backend in ("reference", "cpp"):
+        e = emb.clone().requires_grad_()
+        loss = F.oucl_embeddings(e, labels, ref, ref_labels, form="circle", beta=32.0, backend=backend)
+        (g,) = torch.autograd.grad(loss, e, create_graph=True)
+        (h,) = torch.autograd.grad((g * torch.arange(4.0, dtype=torch.float64)).sum(), e)
+        out.append((g, h))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_thread_count_independent():
+    # A small batch against many columns: with 2 threads the columns are split, with 1 they are not.
+    emb, labels, ref, ref_labels = _data(10, 3000, D=8, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(_run("cpp", emb, labels, ref, ref_labels, form="circle", beta=32.0))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):  # fp32 sums regrouped across threads: equal to 1e-6 of the tensor's scale
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+
+
+def test_circle_cosine_equals_pml_at_512():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    emb = torch.randn(512, 16, dtype=torch.float64)
+    labels = torch.randint(0, 40, (512,))
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    want = pml.CircleLoss(m=0.25, gamma=80.0)(e1, labels)
+    loss_fn = OUCLLoss(form="circle", similarity="cosine", beta=80.0, margin=0.25, backend="cpp")
+    got = loss_fn.embeddings(e2, labels)
+    torch.testing.assert_close(got, want / 80.0, rtol=1e-10, atol=1e-13)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(e2.grad, e1.grad / 80.0, rtol=1e-8, atol=1e-13)
+
+
+def test_fused_forward_backward_stays_far_below_b_by_m():
+    from bench.common import peak_extra_mb
+
+    B = M = 4096
+    emb = torch.randn(B, 16, requires_grad=True)
+    labels = torch.randint(0, 100, (B,))
+    bxm_mb = B * M * 4 / 2**20  # 64 MiB for one fp32 B×M matrix
+
+    def run():
+        F.oucl_embeddings(emb, labels, form="circle", beta=32.0, backend="cpp").backward()
+
+    run()
+    emb.grad = None
+    assert peak_extra_mb(run) < bxm_mb / 4
