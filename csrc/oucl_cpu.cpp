@@ -27,7 +27,8 @@
 namespace metaug_fast {
 namespace {
 
-enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3 };
+// kInfoNCE runs InfoNCE on the same machinery (β = 1/τ), see oucl_rows.inc.
+enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4 };
 constexpr int64_t kStats = 5;  // per-row values saved by the forward, layout in oucl_rows.inc
 
 template <typename T>
@@ -146,11 +147,19 @@ enum class Pass { kForward, kBackward, kDoubleBackward };
 // Picks the kernel for (ISA, pass, form, masks) and runs it over a range of rows.
 template <int FORM, typename T, bool PM, bool NM, typename S>
 void run_rows(Pass pass, const RowArgs<S, T>& a, int64_t b0, int64_t b1) {
-#define METAUG_RUN(NS)                                                                  \
-  switch (pass) {                                                                       \
-    case Pass::kForward: NS::forward_rows<FORM, T, PM, NM>(a, b0, b1); return;          \
-    case Pass::kBackward: NS::backward_rows<FORM, T, PM, NM>(a, b0, b1); return;        \
-    case Pass::kDoubleBackward: NS::double_backward_rows<FORM, T, PM, NM>(a, b0, b1); return; \
+#define METAUG_RUN(NS)                                                                            \
+  if constexpr (FORM == kInfoNCE) {                                                               \
+    switch (pass) {                                                                               \
+      case Pass::kForward: NS::infonce_forward_rows<T, PM, NM>(a, b0, b1); return;                \
+      case Pass::kBackward: NS::infonce_backward_rows<T, PM, NM>(a, b0, b1); return;              \
+      case Pass::kDoubleBackward: NS::infonce_double_backward_rows<T, PM, NM>(a, b0, b1); return; \
+    }                                                                                             \
+  } else {                                                                                        \
+    switch (pass) {                                                                               \
+      case Pass::kForward: NS::forward_rows<FORM, T, PM, NM>(a, b0, b1); return;                  \
+      case Pass::kBackward: NS::backward_rows<FORM, T, PM, NM>(a, b0, b1); return;                \
+      case Pass::kDoubleBackward: NS::double_backward_rows<FORM, T, PM, NM>(a, b0, b1); return;   \
+    }                                                                                             \
   }
 #ifdef METAUG_MULTI_ISA
   switch (active_isa()) {
@@ -178,6 +187,7 @@ void launch(Pass pass, int64_t form, bool pm, bool nm, int64_t B, const RowArgs<
       case kSquared: METAUG_MASKS(kSquared) break;
       case kWeighted: METAUG_MASKS(kWeighted) break;
       case kCircle: METAUG_MASKS(kCircle) break;
+      case kInfoNCE: METAUG_MASKS(kInfoNCE) break;
     }
 #undef METAUG_MASKS
   });
@@ -193,7 +203,7 @@ Inputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::opt
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2, "oucl_score (cpp): pos and neg must be 2-D");
   TORCH_CHECK(pos.size(0) == neg.size(0), "oucl_score (cpp): pos and neg must have the same number of rows");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cpp): pos and neg must have the same dtype");
-  TORCH_CHECK(form >= kHinge && form <= kCircle, "oucl_score (cpp): unknown form id ", form);
+  TORCH_CHECK(form >= kHinge && form <= kInfoNCE, "oucl_score (cpp): unknown form id ", form);
   Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
   if (pos_mask.has_value()) {
     TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(),
@@ -321,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> oucl_score_bwd_bwd(
 // one tile per thread; B×M is never stored. Backward recomputes each tile and turns it into G = ∂ℓ/∂S in
 // place, twice: once by rows for G·rn and once by column tiles for Gᵀ·zn, so that every output row has
 // one owner and sums in a fixed order (no per-thread copies of the gradients, no atomics).
-constexpr int64_t kRowBlock = 64;
+constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColTile = 512;
 
 #define METAUG_ISA_SWITCH(BODY)                                       \
@@ -369,9 +379,9 @@ LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_lab
 
 template <typename T>
 void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
-                        T* tile, bool* pm, bool* nm, RowState<T>* states) {
-#define METAUG_FWD_ROWS(FORM)                                                                        \
-  for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, pm, nm, states[r]);
+                        T* tile, RowState<T>* states) {
+#define METAUG_FWD_ROWS(FORM) \
+  for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);
 #define METAUG_FWD_FORMS                           \
   switch (form) {                                  \
     case kHinge: METAUG_FWD_ROWS(kHinge) break;    \
@@ -386,11 +396,10 @@ void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t
 
 template <typename T>
 void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
-                         T* tile, bool* pm, bool* nm, T* gp, T* gn, const T* stats, const T* grad_rows) {
-#define METAUG_BWD_ROWS(FORM)                                                                         \
-  for (int64_t r = 0; r < nr; ++r)                                                                    \
-    ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, pm, nm, gp, gn, stats + kStats * (r0 + r), \
-                                    grad_rows[r0 + r]);
+                         T* tile, const T* stats, const T* grad_rows) {
+#define METAUG_BWD_ROWS(FORM)        \
+  for (int64_t r = 0; r < nr; ++r)   \
+    ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]);
 #define METAUG_BWD_FORMS                           \
   switch (form) {                                  \
     case kHinge: METAUG_BWD_ROWS(kHinge) break;    \
@@ -436,7 +445,6 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
     const LabelPlan plan = make_plan(B, M);
     std::vector<RowState<T>> partial(plan.splits * B);
     at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
-      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t rb = item / plan.splits, split = item % plan.splits;
         const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
@@ -444,8 +452,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
         for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
           const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
           at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
-          label_forward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), pm.get(), nm.get(),
-                                partial.data() + split * B + r0);
+          label_forward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
         }
       }
     });
@@ -499,36 +506,31 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
     const LabelPlan plan = make_plan(B, M);
     gz_parts = at::zeros({plan.splits, B, D}, zn.options());
     // G tile = ∂(Σ_i grad_i ℓ_i)/∂S for rows [r0, r0 + nr) and columns [c0, c0 + L), recomputed from zn, rn.
-    auto grad_tile = [&](int64_t r0, int64_t nr, int64_t c0, int64_t L, bool* pm, bool* nm, T* gp, T* gn) {
+    auto grad_tile = [&](int64_t r0, int64_t nr, int64_t c0, int64_t L) {
       at::Tensor tile = at::mm(zn.narrow(0, r0, nr), rn.narrow(0, c0, L).t()).contiguous();
-      label_backward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), pm, nm, gp, gn, stats.data_ptr<T>(),
-                             grad_rows.data_ptr<T>());
+      label_backward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), stats.data_ptr<T>(), grad_rows.data_ptr<T>());
       return tile;
     };
     // Phase 1, ∂/∂zn = G·rn: items own (row block, column range), tiles of a range in order.
     at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
-      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
-      std::vector<T> gp(kColTile), gn(kColTile);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t rb = item / plan.splits, split = item % plan.splits;
         const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
         at::Tensor out = gz_parts[split].narrow(0, r0, nr);
         for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
           const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
-          out.addmm_(grad_tile(r0, nr, c0, L, pm.get(), nm.get(), gp.data(), gn.data()), rn.narrow(0, c0, L));
+          out.addmm_(grad_tile(r0, nr, c0, L), rn.narrow(0, c0, L));
         }
       }
     });
     // Phase 2, ∂/∂rn = Gᵀ·zn: items own a column tile, row blocks in order.
     at::parallel_for(0, plan.tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::unique_ptr<bool[]> pm(new bool[kColTile]), nm(new bool[kColTile]);
-      std::vector<T> gp(kColTile), gn(kColTile);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
         at::Tensor out = gr.narrow(0, c0, L);
         for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
           const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
-          out.addmm_(grad_tile(r0, nr, c0, L, pm.get(), nm.get(), gp.data(), gn.data()).t(), zn.narrow(0, r0, nr));
+          out.addmm_(grad_tile(r0, nr, c0, L).t(), zn.narrow(0, r0, nr));
         }
       }
     });

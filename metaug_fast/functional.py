@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._ops.oucl_label import oucl_embeddings_cpp
-from ._ops.oucl_score import oucl_cpp
+from ._ops.oucl_label import oucl_embeddings_cpp, pairwise_similarity_cpp
+from ._ops.oucl_score import info_nce_cpp, oucl_cpp
 
 __all__ = [
     "oucl",
@@ -134,7 +134,9 @@ def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> di
 for _name in __all__:
     _backend.register(_name, "reference", getattr(reference, _name))
 _backend.register("oucl", "cpp", oucl_cpp)
+_backend.register("info_nce", "cpp", info_nce_cpp)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
+_backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 
 
 # -------------------------------------------------------------------------------------------- public

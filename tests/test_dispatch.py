@@ -21,7 +21,7 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
     assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.oucl_score"
     # An op the C++ backend does not provide runs on reference.
-    assert _backend.resolve("info_nce", "auto", torch.device("cpu")) is metaug_fast.reference.info_nce
+    assert _backend.resolve("margin_statistics", "auto", torch.device("cpu")) is metaug_fast.reference.margin_statistics
 
 
 def test_env_overrides_auto(monkeypatch):
@@ -40,8 +40,8 @@ def test_explicit_backend_never_falls_back(monkeypatch):
     with pytest.raises(metaug_fast.BackendUnavailableError, match="no 'cuda' backend"):
         F.oucl(P, N, backend="cuda")
     if "cpp" in metaug_fast.available_backends():
-        with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement info_nce"):
-            F.info_nce(P, N, backend="cpp")
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement margin_statistics"):
+            F.margin_statistics(P, N, backend="cpp")
         with pytest.raises(ValueError, match="CPU tensors only"):
             F.oucl(P.to("meta"), N.to("meta"), backend="cpp")
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import reference
 
 FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
+INFONCE_ID = 4  # InfoNCE runs on the same kernels with β = 1/τ (csrc/oucl_rows.inc)
 
 
 def _masked_sum(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -38,7 +39,7 @@ class _OUCLScoreDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(
-            "metaug_fast: the cpp backend of oucl provides first and second derivatives only; "
+            "metaug_fast: the cpp backend of oucl and info_nce provides first and second derivatives only; "
             "use backend='reference' for third-order derivatives"
         )
 
@@ -106,6 +107,22 @@ def oucl_cpp(
 ) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.oucl`, fused on the CPU."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    rows = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
+    return reference.reduce_rows(rows, valid, reduction, pos.dtype)
+
+
+def info_nce_cpp(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    temperature: float,
+    pos_mask: Optional[Tensor],
+    neg_mask: Optional[Tensor],
+    reduction: str,
+) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.info_nce`, fused on the CPU."""
+    params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
     rows = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)

@@ -1,0 +1,143 @@
+"""Label-mode OUCL on the CPU: the fused C++ backend against reference.py and pytorch-metric-learning,
+side by side in one run.
+
+    python -m bench.bench_oucl_label            # the issue's sizes (about 3 minutes on 2 cores)
+    python -m bench.bench_oucl_label --quick    # small sizes, for a smoke run
+
+Rows written to bench/results/oucl_label_cpu.csv:
+- two views of 4096 (N = 8192), D = 128, fp32, forward+backward: reference vs cpp (time, peak extra memory);
+- N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
+- N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
+- N = 2048: the Hessian-vector product against forward+backward on cpp.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import metaug_fast.functional as F
+
+from .common import median_ms, peak_extra_mb, row, write_csv
+
+D = 128
+
+
+def _inputs(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, D, generator=gen).requires_grad_()
+    labels = torch.arange(n // 2).repeat(2)  # two views of n/2 samples
+    return emb, labels
+
+
+def _measure(fn, repeats: int):
+    """(median ms, peak extra MiB) of ``fn``, or ("OOM", "OOM") when it runs out of memory. With
+    ``repeats == 1`` (the largest sizes) one unwarmed run gives both numbers."""
+    try:
+        if repeats == 1:
+            t0 = time.perf_counter()
+            mem = peak_extra_mb(fn)
+            return 1e3 * (time.perf_counter() - t0), mem
+        fn()  # warm-up
+        mem = peak_extra_mb(fn)
+        return median_ms(fn, repeats, warmup=0), mem
+    except (RuntimeError, MemoryError) as exc:
+        if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+            raise
+        return "OOM", "OOM"
+
+
+def _fwd_bwd(backend: str, emb, labels, **kw):
+    def run():
+        emb.grad = None
+        F.oucl_embeddings(emb, labels, backend=backend, **kw).backward()
+    return run
+
+
+def _reference_limited(n: int, limit_gib: float, queue) -> None:
+    limit = int(limit_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    emb, labels = _inputs(n)
+    queue.put(_measure(_fwd_bwd("reference", emb, labels), 1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_label_cpu.csv"))
+    args = ap.parse_args(argv)
+    n_main, n_pml, n_big, n_hvp = (512, 256, 2048, 256) if args.quick else (8192, 4096, 65536, 2048)
+    rows, lines = [], []
+
+    def record(op, backend, n, name, result, note=""):
+        ms, mem = result
+        rows.append(row(op=op, mode="label", backend=backend, dtype="float32", size=f"N={n},D={D}",
+                        time_ms=ms if ms == "OOM" else round(ms, 2), peak_mem_mb=mem if mem == "OOM" else round(mem, 1),
+                        **{"pass": name}))
+        lines.append(f"{op:<22}{backend:<16}{n:>7}  {name:<17}"
+                     + (f"{ms:>11.1f} ms {mem:>10.1f} MiB" if ms != "OOM" else f"{'OOM':>14} {'OOM':>14}") + note)
+        return result
+
+    # 1. reference vs cpp, weighted (default) form, N = 8192.
+    emb, labels = _inputs(n_main)
+    ref = record("oucl_weighted", "reference", n_main, "forward+backward",
+                 _measure(_fwd_bwd("reference", emb, labels), args.repeats))
+    cpp = record("oucl_weighted", "cpp", n_main, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), args.repeats))
+    ratios = [f"N={n_main}: cpp {ref[0] / cpp[0]:.1f}x faster, {ref[1] / max(cpp[1], 0.1):.0f}x less peak memory than reference"]
+
+    # 2. pytorch-metric-learning CircleLoss vs cpp circle/cosine, N = 4096.
+    from pytorch_metric_learning.losses import CircleLoss
+
+    emb, labels = _inputs(n_pml)
+    pml_loss = CircleLoss(m=0.25, gamma=80.0)
+
+    def pml():
+        emb.grad = None
+        pml_loss(emb, labels).backward()
+
+    p = record("circle_cosine", "pml.CircleLoss", n_pml, "forward+backward", _measure(pml, args.repeats))
+    c = record("circle_cosine", "cpp", n_pml, "forward+backward",
+               _measure(_fwd_bwd("cpp", emb, labels, form="circle", similarity="cosine", beta=80.0), args.repeats))
+    ratios.append(f"N={n_pml}: cpp {p[0] / c[0]:.1f}x faster, {p[1] / max(c[1], 0.1):.0f}x less peak memory than PML CircleLoss")
+
+    # 3. N = 65536: cpp completes; reference is tried in a memory-limited subprocess.
+    emb, labels = _inputs(n_big)
+    big = record("oucl_weighted", "cpp", n_big, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), 1))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_reference_limited, args=(n_big, 20.0, queue))
+    proc.start()
+    proc.join()
+    ref_big = queue.get() if not queue.empty() else ("OOM", "OOM")
+    record("oucl_weighted", "reference", n_big, "forward+backward", ref_big, "  (subprocess limited to 20 GiB)")
+    ratios.append(f"N={n_big}: cpp {big[0] / 1e3:.1f} s, {big[1]:.0f} MiB peak; reference: "
+                  + ("OOM" if ref_big[0] == "OOM" else f"{ref_big[0] / 1e3:.1f} s"))
+
+    # 4. Hessian-vector product vs forward+backward on cpp, N = 2048.
+    emb, labels = _inputs(n_hvp)
+    vec = torch.randn_like(emb)
+
+    def hvp():
+        (g,) = torch.autograd.grad(F.oucl_embeddings(emb, labels, backend="cpp"), emb, create_graph=True)
+        torch.autograd.grad((g * vec).sum(), emb)
+
+    fb = record("oucl_weighted", "cpp", n_hvp, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), args.repeats))
+    hv = record("oucl_weighted", "cpp", n_hvp, "hvp", _measure(hvp, args.repeats))
+    ratios.append(f"N={n_hvp}: HVP costs {hv[0] / fb[0]:.1f}x forward+backward on cpp")
+
+    write_csv(rows, args.out)
+    print(f"label-mode OUCL, D={D}, fp32, {torch.get_num_threads()} threads")
+    print(f"{'op':<22}{'backend':<16}{'N':>7}  {'pass':<17}{'time':>14} {'peak extra':>14}")
+    print("\n".join(lines))
+    print("\n".join(ratios))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
