@@ -384,6 +384,9 @@ void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t
   for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);
 #define METAUG_FWD_FORMS                           \
   switch (form) {                                  \
+    case kInfoNCE:                                 \
+      for (int64_t r = 0; r < nr; ++r) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
+      break;                                       \
     case kHinge: METAUG_FWD_ROWS(kHinge) break;    \
     case kSquared: METAUG_FWD_ROWS(kSquared) break; \
     case kWeighted: METAUG_FWD_ROWS(kWeighted) break; \
@@ -402,6 +405,10 @@ void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_
     ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]);
 #define METAUG_BWD_FORMS                           \
   switch (form) {                                  \
+    case kInfoNCE:                                 \
+      for (int64_t r = 0; r < nr; ++r)             \
+        ns::infonce_label_backward_row<T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]); \
+      break;                                       \
     case kHinge: METAUG_BWD_ROWS(kHinge) break;    \
     case kSquared: METAUG_BWD_ROWS(kSquared) break; \
     case kWeighted: METAUG_BWD_ROWS(kWeighted) break; \
@@ -410,6 +417,14 @@ void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_
   METAUG_ISA_SWITCH(METAUG_BWD_FORMS)
 #undef METAUG_BWD_FORMS
 #undef METAUG_BWD_ROWS
+}
+
+// InfoNCE's second forward sweep: the positives' terms, given each row's negative log-sum-exp C.
+template <typename T>
+void infonce_positive_tile(const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L, const T* tile,
+                           const T* C, RowState<T>* states) {
+  METAUG_ISA_SWITCH(
+      for (int64_t r = 0; r < nr; ++r) ns::infonce_label_pos_row<T>(a, r0 + r, c0, L, tile + r * L, C[r0 + r], states[r]);)
 }
 
 void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
@@ -422,7 +437,7 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
   TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
                   labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
               "oucl_label (cpp): labels [B] and ref_labels [M] must be int64");
-  TORCH_CHECK(form >= kHinge && form <= kCircle, "oucl_label (cpp): unknown form id ", form);
+  TORCH_CHECK(form >= kHinge && form <= kInfoNCE, "oucl_label (cpp): unknown form id ", form);
   TORCH_CHECK(similarity == 0 || similarity == 1, "oucl_label (cpp): unknown similarity id ", similarity);
 }
 
@@ -443,29 +458,57 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
     const auto a = make_label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg,
                                       margin, lam);
     const LabelPlan plan = make_plan(B, M);
-    std::vector<RowState<T>> partial(plan.splits * B);
-    at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t rb = item / plan.splits, split = item % plan.splits;
-        const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
-        const at::Tensor zblk = zn.narrow(0, r0, nr);
-        for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
-          const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
-          at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
-          label_forward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
+    // One sweep over all tiles; `visit(r0, nr, c0, L, tile, states)` consumes a tile into per-split states,
+    // which are then merged per row in split order.
+    auto sweep = [&](auto&& visit) {
+      std::vector<RowState<T>> partial(plan.splits * B);
+      at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t rb = item / plan.splits, split = item % plan.splits;
+          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+          const at::Tensor zblk = zn.narrow(0, r0, nr);
+          for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+            const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+            at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
+            visit(r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
+          }
         }
-      }
+      });
+      std::vector<RowState<T>> merged(partial.begin(), partial.begin() + B);
+      for (int64_t i = 0; i < B; ++i)
+        for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(merged[i], partial[sp * B + i]);
+      return merged;
+    };
+    std::vector<RowState<T>> state = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
+      label_forward_tile<T>(form, a, r0, nr, c0, L, tile, st);
     });
+    if (form == kInfoNCE) {
+      std::vector<T> C(B);
+      for (int64_t i = 0; i < B; ++i) C[i] = state[i].neg.value();
+      const std::vector<RowState<T>> terms = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile,
+                                                       RowState<T>* st) {
+        infonce_positive_tile<T>(a, r0, nr, c0, L, tile, C.data(), st);
+      });
+      for (int64_t i = 0; i < B; ++i) {
+        state[i].sum_pos = terms[i].sum_pos;
+        state[i].sum_neg = terms[i].sum_neg;
+      }
+    }
     T* out = rows.data_ptr<T>();
     T* st = stats.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) {
-      RowState<T> s = partial[i];
-      for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(s, partial[sp * B + i]);
+      const RowState<T>& s = state[i];
       T* row_st = st + kStats * i;
       const bool valid = s.n_pos > 0 && s.n_neg > 0;
       row_st[4] = valid ? T(1) : T(0);
       if (!valid) continue;
-      if (form == kHinge) {
+      if (form == kInfoNCE) {
+        row_st[0] = s.neg.shift;
+        row_st[1] = s.neg.log_sum;
+        row_st[2] = s.sum_neg;
+        row_st[3] = T(s.n_pos);
+        out[i] = s.sum_pos / T(s.n_pos);
+      } else if (form == kHinge) {
         const T arg = s.sum_neg - s.sum_pos + a.cfg.lam;
         row_st[0] = arg;
         out[i] = arg > T(0) || arg != arg ? arg : T(0);

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._ops.oucl_label import oucl_embeddings_cpp, pairwise_similarity_cpp
+from ._ops.oucl_label import info_nce_embeddings_cpp, oucl_embeddings_cpp, pairwise_similarity_cpp
 from ._ops.oucl_score import info_nce_cpp, oucl_cpp
 
 __all__ = [
@@ -137,6 +137,7 @@ _backend.register("oucl", "cpp", oucl_cpp)
 _backend.register("info_nce", "cpp", info_nce_cpp)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
+_backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)
 
 
 # -------------------------------------------------------------------------------------------- public

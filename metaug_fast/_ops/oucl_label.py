@@ -1,11 +1,11 @@
-"""Label-mode OUCL on the C++ backend, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
+"""Label-mode OUCL and InfoNCE on the C++ backend, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
 (csrc/oucl_cpu.cpp) tile the similarity matrix through ATen GEMMs and never store B×M.
 
 The L2 normalization stays in PyTorch (so autograd handles its Jacobian at every order); the fused
 Function maps normalized ``zn [B,D]`` and ``rn [M,D]`` (or ``zn`` itself) to per-row losses. Its
 backward runs the fused kernel; when a graph of the backward is requested (``create_graph=True``, the
-MetAug meta step), the gradient is recomputed instead by differentiable PyTorch ops from reference.py,
-exact at second order but with B×M memory for that call.
+MetAug meta step), the gradient is recomputed instead from the materialized scores through the fused
+score-mode Function, exact at second order but with B×M memory for that call.
 """
 from __future__ import annotations
 
@@ -16,31 +16,41 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import reference
-from .oucl_score import FORM_IDS
+from .oucl_score import FORM_IDS, INFONCE_ID, _OUCLScore
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
 
-def _rows_reference(zn, rn, labels, ref_labels, similarity, form, beta, gamma_pos, gamma_neg, margin, lam):
+def _label_masks(zn, rn, labels, ref_labels):
     self_mode = rn is None
-    scores = reference._apply_similarity(zn @ (zn if self_mode else rn).T, similarity)
     pm = labels[:, None] == (labels if self_mode else ref_labels)[None, :]
     nm = ~pm
     if self_mode:
         pm = pm & ~torch.eye(zn.shape[0], dtype=torch.bool, device=zn.device)
-    return reference.oucl(scores, scores, form=form, beta=beta, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-                          margin=margin, lam=lam, pos_mask=pm, neg_mask=nm, reduction="none")
+    return pm, nm
 
 
-class _OUCLLabel(torch.autograd.Function):
+def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params):
+    """Per-row losses from the materialized scores through the fused score-mode Function (whose double
+    backward is the fused HVP kernel): the differentiable path for a gradient of the gradient, at the price
+    of B×M memory for that call."""
+    scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
+    pm, nm = _label_masks(zn, rn, labels, ref_labels)
+    return _OUCLScore.apply(scores, scores, pm, nm, params)
+
+
+class _LabelLoss(torch.autograd.Function):
+    """(zn [B,D], rn [M,D] or None) -> (per-row losses [B], valid rows [B]); ``params`` = (form id, β, γ⁺,
+    γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ)."""
+
     @staticmethod
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params):
         self_mode = rn is None
+        # Detached: an input that requires grad makes the op's internal GEMMs keep every tile (B×M memory).
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         rows, stats = torch.ops.metaug_fast.oucl_label_fwd(
             zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, self_mode,
-            SIMILARITY_IDS[similarity], FORM_IDS[params["form"]], params["beta"], params["gamma_pos"],
-            params["gamma_neg"], params["margin"], params["lam"],
+            SIMILARITY_IDS[similarity], *params,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.params = similarity, params
@@ -53,43 +63,44 @@ class _OUCLLabel(torch.autograd.Function):
         zn, rn, labels, ref_labels, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
             # A differentiable gradient was asked for: recompute it with PyTorch ops.
-            rows = _rows_reference(zn, rn, labels, ref_labels, ctx.similarity, **ctx.params)
+            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params)
             wanted = [x for x, need in zip((zn, rn), ctx.needs_input_grad[:2]) if need]
             grads = iter(torch.autograd.grad(rows, wanted, grad_rows, create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None)
-        p = ctx.params
         self_mode = rn is None
-        # Detached: an input that requires grad makes the op's internal GEMMs keep every tile (B×M memory).
-        zn, rn = zn.detach(), None if self_mode else rn.detach()
+        zd, rd = zn.detach(), None if self_mode else rn.detach()
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
-            grad_rows.contiguous(), zn, zn if self_mode else rn, labels, labels if self_mode else ref_labels, stats,
-            self_mode, SIMILARITY_IDS[ctx.similarity], FORM_IDS[p["form"]], p["beta"], p["gamma_pos"],
-            p["gamma_neg"], p["margin"], p["lam"],
+            grad_rows.contiguous(), zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, stats,
+            self_mode, SIMILARITY_IDS[ctx.similarity], *ctx.params,
         )
         if self_mode:
             return g_z + g_r, None, None, None, None, None
         return g_z, g_r, None, None, None, None
 
 
-def oucl_embeddings_cpp(
-    emb: Tensor,
-    labels: Tensor,
-    ref_emb: Optional[Tensor] = None,
-    ref_labels: Optional[Tensor] = None,
-    *,
-    similarity: str,
-    reduction: str,
-    **params,
-) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU."""
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction):
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
     zn = F.normalize(emb.to(acc), dim=1)
     rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
-    labels = labels.long()
     ref_labels = None if ref_labels is None else ref_labels.long()
-    rows, valid = _OUCLLabel.apply(zn, rn, labels, ref_labels, similarity, params)
+    rows, valid = _LabelLoss.apply(zn, rn, labels.long(), ref_labels, similarity, params)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
+
+def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                        ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
+                        beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU."""
+    params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
+
+
+def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                            ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
+                            reduction: str) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused on the CPU."""
+    params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
 
 
 def pairwise_similarity_cpp(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
