@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
+# The CUDA toolkit root: /usr/local/cuda where it exists (here /usr/local/bin/nvcc is a wrapper script
+# around it), else the directory above the bin/ that holds nvcc.
+CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
+	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train bench clean
+.PHONY: all install test train bench check-cuda clean
 
 all: test
 
@@ -32,6 +36,14 @@ train: install
 
 bench: install
 	$(PY) -m bench.bench_oucl_score
+	$(PY) -m bench.bench_oucl_label
+
+# Compiles the CUDA extension (sm_90) into build/check-cuda without installing it: catches CUDA build
+# breaks on machines without a GPU. Nothing CUDA runs here.
+check-cuda: install
+	CUDA_HOME=$(CUDA_ROOT) TORCH_CUDA_ARCH_LIST=9.0 METAUG_BUILD_CUDA=1 METAUG_CUDA_ONLY=1 MAX_JOBS=2 \
+		$(PY) setup.py build_ext --build-temp build/check-cuda/tmp --build-lib build/check-cuda/lib
+	$(PY) -m bench.check_cuda_load
 
 clean:
 	rm -rf build *.egg-info metaug_fast/*.so

@@ -1,33 +1,64 @@
-"""Build metaug_fast: the Python package, its Triton kernels (shipped as metaug_fast.kernels) and the
-C++ CPU extension metaug_fast._C.
+"""Build metaug_fast: the Python package, its Triton kernels (shipped as metaug_fast.kernels), the C++ CPU
+extension metaug_fast._C and, when a GPU is present or METAUG_BUILD_CUDA=1, the CUDA extension
+metaug_fast._C_cuda.
 
 Install with ``pip install -e . --no-build-isolation`` so the build uses the torch already installed.
-``METAUG_NO_EXT=1`` skips the extension: the package then runs on the reference backend.
+``METAUG_NO_EXT=1`` skips the extensions: the package then runs on the reference backend.
+``METAUG_CUDA_ONLY=1`` builds only the CUDA extension (``make check-cuda`` uses it to compile-check).
 """
+import glob
 import os
 
 from setuptools import setup
 
-packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.kernels"]
+packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.metaug", "metaug_fast.kernels"]
 package_dir = {"metaug_fast": "metaug_fast", "metaug_fast.kernels": "kernels"}
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("METAUG_BUILD_CUDA", "0") == "1":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_include_dirs():
+    # pip's CUDA 13 runtime headers (needed by ATen/cuda/CUDAContext.h) live in nvidia/cu13/include.
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d)]
+
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("METAUG_NO_EXT", "0") != "1":
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    # -fopenmp at compile and link time, or at::parallel_for runs on one thread.
-    # -ffp-contract=off: the Hessian-vector product subtracts e'·t - Σ w·e'·t, which cancels exactly for a
-    # row dominated by one entry only when both products are rounded alike; a fused multiply-add keeps
-    # one unrounded and leaves a residue of about one ulp times β² (seen: 1e-3 relative error in fp32).
-    ext_modules.append(
-        CppExtension(
-            "metaug_fast._C",
-            sources=["csrc/module.cpp", "csrc/oucl_cpu.cpp"],
-            depends=["csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
-            extra_link_args=["-fopenmp"],
+    if os.environ.get("METAUG_CUDA_ONLY", "0") != "1":
+        # -fopenmp at compile and link time, or at::parallel_for runs on one thread.
+        # -ffp-contract=off: the Hessian-vector product subtracts e'·t - Σ w·e'·t, which cancels exactly for a
+        # row dominated by one entry only when both products are rounded alike; a fused multiply-add keeps
+        # one unrounded and leaves a residue of about one ulp times β² (seen: 1e-3 relative error in fp32).
+        ext_modules.append(
+            CppExtension(
+                "metaug_fast._C",
+                sources=["csrc/module.cpp", "csrc/oucl_cpu.cpp"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
+                extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+                extra_link_args=["-fopenmp"],
+            )
         )
-    )
+    if _want_cuda():
+        ext_modules.append(
+            CUDAExtension(
+                "metaug_fast._C_cuda",
+                sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/oucl_cuda.cu"],
+                depends=["csrc/oucl_common.h"],
+                include_dirs=_cuda_include_dirs(),
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
+            )
+        )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)

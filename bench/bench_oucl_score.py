@@ -27,13 +27,17 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", default=",".join(metaug_fast.reference.FORMS),
                     help="comma-separated subset of " + ",".join(metaug_fast.reference.FORMS))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_score_cpu.csv"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/oucl_score_<device>.csv")
     args = ap.parse_args(argv)
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     bad = [f for f in forms if f not in metaug_fast.reference.FORMS]
     if bad or not forms:
         ap.error(f"--forms: unknown form(s) {bad}; choose from {metaug_fast.reference.FORMS}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
+    args.out = args.out or Path(f"bench/results/oucl_score_{'gpu' if args.device == 'cuda' else 'cpu'}.csv")
     rows = []
     for form in forms:
         rows += run_form(form, args)
@@ -44,8 +48,9 @@ def main(argv=None) -> int:
 
 def run_form(form: str, args) -> list:
     torch.manual_seed(0)
-    pos = torch.rand(args.B, args.kp, requires_grad=True)
-    neg = torch.rand(args.B, args.kn, requires_grad=True)
+    cuda = args.device == "cuda"
+    pos = torch.rand(args.B, args.kp, device=args.device, requires_grad=True)
+    neg = torch.rand(args.B, args.kn, device=args.device, requires_grad=True)
     vp, vn = torch.randn_like(pos), torch.randn_like(neg)
     size = f"{args.B}x{args.kp}x{args.kn}"
     input_mb = (pos.numel() + neg.numel()) * pos.element_size() / 2**20
@@ -65,31 +70,45 @@ def run_form(form: str, args) -> list:
         gp, gn = torch.autograd.grad(loss(backend), (pos, neg), create_graph=True)
         torch.autograd.grad((gp * vp).sum() + (gn * vn).sum(), (pos, neg))
 
-    backends = [b for b in ("reference", "cpp") if b in metaug_fast.available_backends()]
+    fused = "cuda" if cuda else "cpp"
+    backends = [b for b in ("reference", fused) if b in metaug_fast.available_backends()]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def peak_mb(fn):
+        if not cuda:
+            return peak_extra_mb(fn)
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
     rows, results = [], {}
     for backend in backends:
         forward_backward(backend)  # warm up outside the measurement
         pos.grad = neg.grad = None  # so the gradients count as extra memory
-        mem = peak_extra_mb(lambda: forward_backward(backend))
+        mem = peak_mb(lambda: forward_backward(backend))
         for name, fn in (("forward", forward), ("forward+backward", forward_backward), ("hvp", hvp)):
-            ms = median_ms(lambda: fn(backend), args.repeats)
+            ms = median_ms(lambda: (fn(backend), sync()), args.repeats)
             results[(backend, name)] = ms
             rows.append(row(op=f"oucl_{form}", mode="score", backend=backend, dtype="float32", size=size,
                             time_ms=round(ms, 3), peak_mem_mb=round(mem, 1) if name == "forward+backward" else "",
                             **{"pass": name}))
         results[(backend, "mem")] = mem
 
-    print(f"\nscore-mode OUCL ({form}), {size}, fp32, {torch.get_num_threads()} threads; "
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
+    print(f"\nscore-mode OUCL ({form}), {size}, fp32, {where}; "
           f"inputs {input_mb:.1f} MiB, inputs + gradients {2 * input_mb:.1f} MiB")
     print(f"{'pass':<18}" + "".join(f"{b + ' ms':>16}" for b in backends) + f"{'speed-up':>12}")
     for name in ("forward", "forward+backward", "hvp"):
         line = f"{name:<18}" + "".join(f"{results[(b, name)]:>16.1f}" for b in backends)
         if len(backends) == 2:
-            line += f"{results[('reference', name)] / results[('cpp', name)]:>11.2f}x"
+            line += f"{results[('reference', name)] / results[(fused, name)]:>11.2f}x"
         print(line)
     line = f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
     if len(backends) == 2:
-        line += f"{results[('reference', 'mem')] / max(results[('cpp', 'mem')], 1e-9):>11.2f}x"
+        line += f"{results[('reference', 'mem')] / max(results[(fused, 'mem')], 1e-9):>11.2f}x"
     print(line)
     return rows
 

@@ -17,6 +17,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "oucl_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,15 +28,6 @@
 
 namespace metaug_fast {
 namespace {
-
-// kInfoNCE runs InfoNCE on the same machinery (β = 1/τ), see oucl_rows.inc.
-enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4 };
-constexpr int64_t kStats = 5;  // per-row values saved by the forward, layout in oucl_rows.inc
-
-template <typename T>
-struct Cfg {
-  T beta, inv_beta, gamma_pos, gamma_neg, margin, lam;
-};
 
 // Raw pointers for the row kernels; which fields a kernel reads or writes is documented there.
 template <typename S, typename T>

@@ -2,13 +2,14 @@
 
 Each public op has one implementation per backend that provides it (registered by
 :mod:`metaug_fast.functional`). ``backend="auto"`` picks, per op and device: ``METAUG_BACKEND`` when set,
-else the C++ backend for CPU tensors when it is built, else ``reference``. Where the chosen backend does
+else the C++ backend for CPU tensors and the CUDA backend for CUDA tensors when built, else ``reference``. Where the chosen backend does
 not provide the op, ``auto`` runs ``reference``; an explicit ``backend=`` never falls back, it raises.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -23,12 +24,32 @@ try:
 except ImportError as exc:  # the package must work without the extension
     _CPP_ERROR = exc
 
+_CUDA_ERROR: Optional[Exception]
+if _CPP_ERROR is not None:
+    _CUDA_ERROR = ImportError("metaug_fast._C (which defines the ops) is not built")
+elif importlib.util.find_spec(f"{__package__}._C_cuda") is None:
+    _CUDA_ERROR = ImportError("metaug_fast._C_cuda is not built")
+else:
+    try:
+        from . import _C_cuda  # noqa: F401  (registers the CUDA kernels of the same ops)
+
+        _CUDA_ERROR = None
+    except ImportError as exc:
+        _CUDA_ERROR = exc
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that this process cannot run; the message says why and what to do."""
 
 
 def _unavailable_reason(name: str) -> str:
+    if name == "cuda":
+        if _CUDA_ERROR is not None:
+            return (
+                f"the CUDA extension metaug_fast._C_cuda could not be imported ({_CUDA_ERROR}). Build it on a "
+                "machine with nvcc: METAUG_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+            )
+        return "torch.cuda.is_available() is False: no CUDA device in this process"
     if name == "cpp":
         return (
             f"the C++ extension metaug_fast._C could not be imported ({_CPP_ERROR}). Build it with "
@@ -46,6 +67,8 @@ def available_backends() -> List[str]:
     names = ["reference"]
     if _CPP_ERROR is None:
         names.append("cpp")
+    if _CUDA_ERROR is None and torch.cuda.is_available():
+        names.append("cuda")
     return names
 
 
@@ -61,8 +84,11 @@ def _check_name(name: str, argument: str) -> None:
         raise ValueError(f"{argument} must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
+_DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
 def _device_ok(backend: str, device: torch.device) -> bool:
-    return backend == "reference" or (backend == "cpp" and device.type == "cpu")
+    return backend == "reference" or _DEVICE_TYPE[backend] == device.type
 
 
 def resolve(op: str, backend: str, device: torch.device) -> Callable:
@@ -76,7 +102,8 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
             if preferred not in available_backends():
                 raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {_unavailable_reason(preferred)}")
         else:
-            preferred = "cpp" if device.type == "cpu" and "cpp" in available_backends() else "reference"
+            preferred = {"cpu": "cpp", "cuda": "cuda"}.get(device.type, "reference")
+            preferred = preferred if preferred in available_backends() else "reference"
         choice = preferred if preferred in impls and _device_ok(preferred, device) else "reference"
         return impls[choice]
     if backend not in available_backends():
@@ -86,5 +113,5 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
             f"backend={backend!r} does not implement {op} in this version; backends that do: {sorted(impls)}"
         )
     if not _device_ok(backend, device):
-        raise ValueError(f"backend={backend!r} runs on CPU tensors only, got tensors on {device}")
+        raise ValueError(f"backend={backend!r} runs on {_DEVICE_TYPE[backend].upper()} tensors only, got tensors on {device}")
     return impls[backend]

@@ -135,6 +135,9 @@ for _name in __all__:
     _backend.register(_name, "reference", getattr(reference, _name))
 _backend.register("oucl", "cpp", oucl_cpp)
 _backend.register("info_nce", "cpp", info_nce_cpp)
+# The same autograd Functions run the CUDA kernels: the ops dispatch on the tensors' device.
+_backend.register("oucl", "cuda", oucl_cpp)
+_backend.register("info_nce", "cuda", info_nce_cpp)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 _backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)

@@ -1,0 +1,78 @@
+"""The CUDA backend (score-mode OUCL and InfoNCE) against reference.py on a real GPU.
+
+Marked ``gpu`` and skipped without a CUDA device and the built extension (bench/gpu_check.sh builds it
+with METAUG_BUILD_CUDA=1 and runs these)."""
+import pytest
+import torch
+
+import metaug_fast
+import metaug_fast.functional as F
+
+from helpers import FORMS, ULP, hvp, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif("cuda" not in metaug_fast.available_backends(), reason="needs a GPU and metaug_fast._C_cuda"),
+]
+PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
+SHAPES = [(1, 1, 1), (13, 6, 300), (257, 6, 6144), (4096, 6, 6144)]
+
+
+def _inputs(shape, dtype, masked):
+    B, kp, kn = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.rand(B, kp, device="cuda", generator=gen, dtype=torch.float64).to(dtype)
+    neg = torch.rand(B, kn, device="cuda", generator=gen, dtype=torch.float64).to(dtype)
+    pm = nm = None
+    if masked:
+        pm = torch.rand(B, kp, device="cuda", generator=gen) < 0.7
+        nm = torch.rand(B, kn, device="cuda", generator=gen) < 0.7
+        pm[0] = False
+    return pos, neg, pm, nm
+
+
+def _run(fn, pos, neg, vecs):
+    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
+    loss, grads, hv = hvp(lambda p, n: fn(p, n).sum(), (p, n), vecs)
+    return (loss,) + grads + hv
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", FORMS + ("info_nce",))
+@pytest.mark.parametrize("masked", [False, True])
+def test_fp64_matches_reference(shape, form, masked):
+    pos, neg, pm, nm = _inputs(shape, torch.float64, masked)
+    vecs = (torch.randn_like(pos), torch.randn_like(neg))
+    out = []
+    for backend in ("reference", "cuda"):
+        if form == "info_nce":
+            fn = lambda p, n: F.info_nce(p, n, temperature=0.1, pos_mask=pm, neg_mask=nm, reduction="none", backend=backend)  # noqa: E731,B023
+        else:
+            fn = lambda p, n: F.oucl(p, n, form=form, beta=16.0, pos_mask=pm, neg_mask=nm, reduction="none", backend=backend, **PARAMS)  # noqa: E731,B023
+        out.append(_run(fn, pos, neg, vecs))
+    for g, w in zip(out[1][:3], out[0][:3]):
+        assert rel_err(g, w) <= 1e-10
+    floor = 1e-12 * 100 * max(v.abs().max().item() for v in vecs)
+    for g, w in zip(out[1][3:], out[0][3:]):
+        assert (g - w).abs().max().item() <= 1e-10 * w.abs().max().item() + floor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_low_precision(dtype, form):
+    pos, neg, pm, nm = _inputs((257, 6, 6144), dtype, True)
+    res = {}
+    for name, (p0, n0, backend) in {"exact": (pos.double(), neg.double(), "reference"), "ref": (pos, neg, "reference"),
+                                    "cuda": (pos, neg, "cuda")}.items():
+        p, n = p0.clone().requires_grad_(), n0.clone().requires_grad_()
+        loss = F.oucl(p, n, form=form, beta=16.0, pos_mask=pm, neg_mask=nm, reduction="none", backend=backend, **PARAMS)
+        res[name] = (loss,) + torch.autograd.grad(loss.sum(), (p, n))
+    for g, r, w in zip(res["cuda"], res["ref"], res["exact"]):
+        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(r, w) + ULP[dtype]
+        assert rel_err(g, w) <= bound
+
+
+def test_auto_picks_cuda_for_cuda_tensors():
+    pos, neg, _, _ = _inputs((8, 2, 9), torch.float32, False)
+    assert metaug_fast._backend.resolve("oucl", "auto", pos.device).__module__ == "metaug_fast._ops.oucl_score"
+    torch.testing.assert_close(F.oucl(pos, neg), metaug_fast.reference.oucl(pos, neg), rtol=1e-5, atol=1e-6)
