@@ -13,8 +13,8 @@
 
 namespace metaug_fast {
 
-// kInfoNCE runs InfoNCE on the same machinery with β = 1/τ.
-enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4 };
+// kInfoNCE runs InfoNCE on the same machinery with β = 1/τ; kMargin computes margin statistics (label mode).
+enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4, kMargin = 5 };
 constexpr int64_t kStats = 5;  // per-row values saved by the forward, layout in oucl_rows.inc
 
 template <typename T>

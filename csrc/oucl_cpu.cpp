@@ -59,9 +59,28 @@ template <typename T>
 struct RowState {
   Lse<T> pos{T(0), -std::numeric_limits<T>::infinity()};
   Lse<T> neg{T(0), -std::numeric_limits<T>::infinity()};
-  T sum_pos = T(0), sum_neg = T(0);  // hinge
+  T sum_pos = T(0), sum_neg = T(0);  // hinge; InfoNCE's positive terms
+  T min_pos = std::numeric_limits<T>::infinity(), max_neg = -std::numeric_limits<T>::infinity();  // margins
+  int64_t ties_pos = 0, ties_neg = 0;  // how many entries attain min_pos / max_neg
   int64_t n_pos = 0, n_neg = 0;
 };
+
+// Extremum with tie counts: (value, count) of a running min (MIN) or max over merged parts.
+template <bool MIN, typename T>
+inline void merge_extremum(T& value, int64_t& ties, T other, int64_t other_ties) {
+  if (other_ties == 0 || value != value) return;  // NaN is sticky, as in torch.amin/amax
+  if (other != other) {
+    value = other;
+    ties = other_ties;
+    return;
+  }
+  if (ties == 0 || (MIN ? other < value : other > value)) {
+    value = other;
+    ties = other_ties;
+  } else if (other == value) {
+    ties += other_ties;
+  }
+}
 
 // log(e^a + e^b) kept as (shift, log_sum); an empty side has log_sum = -inf.
 template <typename T>
@@ -79,6 +98,8 @@ static inline void merge_state(RowState<T>& into, const RowState<T>& part) {
   into.neg = lse_merge(into.neg, part.neg);
   into.sum_pos += part.sum_pos;
   into.sum_neg += part.sum_neg;
+  merge_extremum<true>(into.min_pos, into.ties_pos, part.min_pos, part.ties_pos);
+  merge_extremum<false>(into.max_neg, into.ties_neg, part.max_neg, part.ties_neg);
   into.n_pos += part.n_pos;
   into.n_neg += part.n_neg;
 }
@@ -377,6 +398,9 @@ void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t
   for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);
 #define METAUG_FWD_FORMS                           \
   switch (form) {                                  \
+    case kMargin:                                  \
+      for (int64_t r = 0; r < nr; ++r) ns::margin_label_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
+      break;                                       \
     case kInfoNCE:                                 \
       for (int64_t r = 0; r < nr; ++r) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
       break;                                       \
@@ -398,6 +422,10 @@ void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_
     ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]);
 #define METAUG_BWD_FORMS                           \
   switch (form) {                                  \
+    case kMargin:                                  \
+      for (int64_t r = 0; r < nr; ++r)             \
+        ns::margin_label_backward_row<T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows + 2 * (r0 + r)); \
+      break;                                       \
     case kInfoNCE:                                 \
       for (int64_t r = 0; r < nr; ++r)             \
         ns::infonce_label_backward_row<T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]); \
@@ -430,7 +458,7 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
   TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
                   labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
               "oucl_label (cpp): labels [B] and ref_labels [M] must be int64");
-  TORCH_CHECK(form >= kHinge && form <= kInfoNCE, "oucl_label (cpp): unknown form id ", form);
+  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cpp): unknown form id ", form);
   TORCH_CHECK(similarity == 0 || similarity == 1, "oucl_label (cpp): unknown similarity id ", similarity);
 }
 
@@ -495,7 +523,12 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
       const bool valid = s.n_pos > 0 && s.n_neg > 0;
       row_st[4] = valid ? T(1) : T(0);
       if (!valid) continue;
-      if (form == kInfoNCE) {
+      if (form == kMargin) {
+        row_st[0] = s.min_pos;
+        row_st[1] = s.max_neg;
+        row_st[2] = T(s.ties_pos);
+        row_st[3] = T(s.ties_neg);
+      } else if (form == kInfoNCE) {
         row_st[0] = s.neg.shift;
         row_st[1] = s.neg.log_sum;
         row_st[2] = s.sum_neg;
@@ -532,8 +565,9 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
   const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({B, kStats}) && stats.scalar_type() == zn.scalar_type(),
               "oucl_label (cpp): stats must be the [B,5] tensor returned by oucl_label_fwd");
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B && grad_rows.scalar_type() == zn.scalar_type(),
-              "oucl_label (cpp): grad_rows must be [B] in the dtype of zn");
+  TORCH_CHECK(grad_rows.size(0) == B && grad_rows.scalar_type() == zn.scalar_type() &&
+                  (form == kMargin ? grad_rows.dim() == 2 && grad_rows.size(1) == 2 : grad_rows.dim() == 1),
+              "oucl_label (cpp): grad_rows must be [B] ([B,2]: σ⁺, σ⁻ for margins) in the dtype of zn");
   at::Tensor gz_parts, gr = at::zeros({M, D}, zn.options());
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd", [&] {
     using T = scalar_t;

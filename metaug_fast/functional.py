@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._ops.oucl_label import info_nce_embeddings_cpp, oucl_embeddings_cpp, pairwise_similarity_cpp
+from ._ops.oucl_label import (
+    info_nce_embeddings_cpp,
+    margin_statistics_embeddings_cpp,
+    oucl_embeddings_cpp,
+    pairwise_similarity_cpp,
+)
 from ._ops.oucl_score import info_nce_cpp, oucl_cpp
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "oucl_embeddings",
     "pairwise_similarity",
     "margin_statistics",
+    "margin_statistics_embeddings",
     "margin_injection_loss",
     "info_nce",
     "info_nce_embeddings",
@@ -141,6 +147,7 @@ _backend.register("info_nce", "cuda", info_nce_cpp)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 _backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)
+_backend.register("margin_statistics_embeddings", "cpp", margin_statistics_embeddings_cpp)
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -238,6 +245,22 @@ def margin_statistics(
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     return _backend.resolve("margin_statistics", backend, pos.device)(pos, neg, pos_mask, neg_mask)
+
+
+def margin_statistics_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    similarity: str = "shifted_cosine",
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """:func:`margin_statistics` in label mode, the scores fused with the similarity (no B×M on ``cpp``)."""
+    _label_inputs(emb, labels, ref_emb, ref_labels)
+    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    fn = _backend.resolve("margin_statistics_embeddings", backend, emb.device)
+    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity)
 
 
 def margin_injection_loss(

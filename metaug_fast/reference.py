@@ -33,6 +33,7 @@ __all__ = [
     "info_nce",
     "info_nce_embeddings",
     "margin_statistics",
+    "margin_statistics_embeddings",
     "margin_injection_loss",
 ]
 
@@ -264,6 +265,21 @@ def margin_statistics(
     sigma_pos = torch.where(valid, torch.minimum(p_min, n_max), inf)
     sigma_neg = torch.where(valid, torch.maximum(p_min, n_max), -inf)
     return sigma_pos.to(pos.dtype), sigma_neg.to(pos.dtype)
+
+
+def margin_statistics_embeddings(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    similarity: str = "shifted_cosine",
+) -> Tuple[Tensor, Tensor]:
+    """:func:`margin_statistics` in label mode: ``emb [B,D]``, ``labels [B]``, optional reference set;
+    ``(sigma_pos [B], sigma_neg [B])`` in ``emb.dtype``."""
+    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    sp, sn = margin_statistics(scores, scores, pm, nm)
+    return sp.to(emb.dtype), sn.to(emb.dtype)
 
 
 def _masked_row_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:

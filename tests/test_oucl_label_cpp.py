@@ -191,3 +191,39 @@ def test_pairwise_similarity_matches_reference(similarity, dtype):
     b64 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     fn = lambda x, y: F.pairwise_similarity(x, y, similarity=similarity, backend="cpp")  # noqa: E731
     assert gradcheck(fn, (a64, b64)) and gradgradcheck(fn, (a64, b64))
+
+
+# ---------------------------------------------------------------------------------- margin statistics
+def _margins(backend, emb, labels, ref, ref_labels, similarity="shifted_cosine"):
+    e = emb.clone().requires_grad_()
+    r = None if ref is None else ref.clone().requires_grad_()
+    sp, sn = F.margin_statistics_embeddings(e, labels, r, ref_labels, similarity=similarity, backend=backend)
+    finite = torch.isfinite(sp)
+    target = (sp[finite] * 1.5).sum() + (sn[finite] * -0.5).sum()
+    grads = torch.autograd.grad(target, [x for x in (e, r) if x is not None]) if finite.any() else ()
+    return (sp, sn) + tuple(grads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, None), (300, 530), (3, 1100), (260, None)])
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+def test_margin_statistics_match_reference(shape, similarity):
+    emb, labels, ref, ref_labels = _data(shape[0], shape[1])
+    got = _margins("cpp", emb, labels, ref, ref_labels, similarity)
+    want = _margins("reference", emb, labels, ref, ref_labels, similarity)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_margin_statistics_ties_share_the_gradient():
+    base = torch.randn(3, 4, dtype=torch.float64)
+    emb = torch.cat([base, base[:1], base[:1]])  # rows 3 and 4 duplicate row 0: exact ties
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    for g, w in zip(_margins("cpp", emb, labels, None, None), _margins("reference", emb, labels, None, None)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_margin_statistics_second_order_and_gradcheck():
+    emb, labels, ref, ref_labels = _data(6, 7, D=3, n_classes=3)
+    emb.requires_grad_()
+    fn = lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, ref, ref_labels, backend="cpp")).clamp(-9, 9)  # noqa: E731
+    assert gradcheck(fn, (emb,)) and gradgradcheck(fn, (emb,))

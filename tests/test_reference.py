@@ -339,3 +339,18 @@ def test_info_nce_two_views_equals_pml_ntxent():
     want.backward()
     got.backward()
     torch.testing.assert_close(e2.grad, e1.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_margin_statistics_embeddings_explicit():
+    emb, ref = torch.randn(6, 3, dtype=f64), torch.randn(8, 3, dtype=f64)
+    labels, ref_labels = torch.tensor([0, 1, 2, 0, 1, 7]), torch.tensor([0, 0, 1, 2, 2, 3, 1, 0])
+    S, pm, nm = explicit_label_scores(emb, labels, ref, ref_labels)
+    sp, sn = R.margin_statistics_embeddings(emb, labels, ref, ref_labels)
+    for i in range(6):
+        ps = [float(S[i, j]) for j in range(8) if pm[i, j]]
+        ns = [float(S[i, j]) for j in range(8) if nm[i, j]]
+        if not ps or not ns:
+            assert sp[i] == math.inf and sn[i] == -math.inf
+        else:
+            assert sp[i].item() == pytest.approx(min(min(ps), max(ns)), abs=1e-14)
+            assert sn[i].item() == pytest.approx(max(min(ps), max(ns)), abs=1e-14)

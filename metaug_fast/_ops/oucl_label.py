@@ -103,6 +103,66 @@ def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tenso
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
 
 
+MARGIN_ID = 5  # csrc/oucl_common.h: kMargin
+
+
+class _MarginLabel(torch.autograd.Function):
+    """(zn [B,D], rn [M,D] or None) -> (p_min [B], n_max [B], valid [B]) over label-mode scores; the gradient
+    goes to the entries attaining the extremum, shared equally among ties (as torch.amin/amax share it)."""
+
+    @staticmethod
+    def forward(ctx, zn, rn, labels, ref_labels, similarity):
+        self_mode = rn is None
+        zd, rd = zn.detach(), None if self_mode else rn.detach()
+        _, stats = torch.ops.metaug_fast.oucl_label_fwd(
+            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, self_mode,
+            SIMILARITY_IDS[similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
+        )
+        ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
+        ctx.similarity = similarity
+        valid = stats[:, 4] > 0
+        ctx.mark_non_differentiable(valid)
+        return stats[:, 0].clone(), stats[:, 1].clone(), valid
+
+    @staticmethod
+    def backward(ctx, g_min, g_max, _g_valid):
+        zn, rn, labels, ref_labels, stats = ctx.saved_tensors
+        self_mode = rn is None
+        if torch.is_grad_enabled():
+            # Differentiable path: amin/amax over the materialized scores (B×M memory for that call).
+            scores = reference._apply_similarity(zn @ (zn if self_mode else rn).T, ctx.similarity)
+            pm, nm = _label_masks(zn, rn, labels, ref_labels)
+            inf = torch.full((), float("inf"), dtype=scores.dtype, device=scores.device)
+            p_min = torch.where(pm, scores, inf).amin(1)
+            n_max = torch.where(nm, scores, -inf).amax(1)
+            valid = stats[:, 4] > 0
+            outs = [torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)]
+            wanted = [x for x, need in zip((zn, rn), ctx.needs_input_grad[:2]) if need]
+            grads = iter(torch.autograd.grad(outs, wanted, (g_min, g_max), create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None)
+        zd, rd = zn.detach(), None if self_mode else rn.detach()
+        g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
+            torch.stack([g_min, g_max], 1).contiguous(), zd, zd if self_mode else rd, labels,
+            labels if self_mode else ref_labels, stats, self_mode, SIMILARITY_IDS[ctx.similarity], MARGIN_ID,
+            1.0, 0.0, 0.0, 0.0, 0.0,
+        )
+        return (g_z + g_r if self_mode else g_z), (None if self_mode else g_r), None, None, None
+
+
+def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                                     ref_labels: Optional[Tensor] = None, *, similarity: str):
+    """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, fused on the CPU."""
+    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    zn = F.normalize(emb.to(acc), dim=1)
+    rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
+    ref_labels = None if ref_labels is None else ref_labels.long()
+    p_min, n_max, valid = _MarginLabel.apply(zn, rn, labels.long(), ref_labels, similarity)
+    inf = torch.full_like(p_min, float("inf"))
+    sigma_pos = torch.where(valid, torch.minimum(p_min, n_max), inf)
+    sigma_neg = torch.where(valid, torch.maximum(p_min, n_max), -inf)
+    return sigma_pos.to(emb.dtype), sigma_neg.to(emb.dtype)
+
+
 def pairwise_similarity_cpp(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
     """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization, then one ATen GEMM with the similarity's affine
     map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine). Differentiable to
