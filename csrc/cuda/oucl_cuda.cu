@@ -96,6 +96,8 @@ struct Args {
 
 __device__ inline bool kept(const bool* m, int64_t k) { return m == nullptr || m[k]; }
 
+__device__ inline const bool* row_mask(const bool* m, int64_t i, int64_t K) { return m ? m + i * K : nullptr; }
+
 template <int FORM, bool POS, typename T>
 __device__ T expo(const Cfg<T>& c, T x) {
   if constexpr (FORM == kInfoNCE) return c.beta * x;  // only the negative side uses it
@@ -141,10 +143,8 @@ __global__ void forward_kernel(Args<S, T> a) {
   const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= a.B) return;
-  const S* p = a.pos + i * a.kp;
-  const S* n = a.neg + i * a.kn;
-  const bool* pm = a.pos_mask ? a.pos_mask + i * a.kp : nullptr;
-  const bool* nm = a.neg_mask ? a.neg_mask + i * a.kn : nullptr;
+  const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
+  const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
   T* st = a.stats + kStats * i;
   const bool valid = any_kept(pm, a.kp, lane) && any_kept(nm, a.kn, lane);
   T out = T(0), s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
@@ -194,10 +194,8 @@ __global__ void backward_kernel(Args<S, T> a) {
   const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= a.B) return;
-  const S* p = a.pos + i * a.kp;
-  const S* n = a.neg + i * a.kn;
-  const bool* pm = a.pos_mask ? a.pos_mask + i * a.kp : nullptr;
-  const bool* nm = a.neg_mask ? a.neg_mask + i * a.kn : nullptr;
+  const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
+  const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
   const T* st = a.stats + kStats * i;
   S* gp = a.out_pos + i * a.kp;
   S* gn = a.out_neg + i * a.kn;
@@ -238,10 +236,8 @@ __global__ void double_backward_kernel(Args<S, T> a) {
   const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (i >= a.B) return;
-  const S* p = a.pos + i * a.kp;
-  const S* n = a.neg + i * a.kn;
-  const bool* pm = a.pos_mask ? a.pos_mask + i * a.kp : nullptr;
-  const bool* nm = a.neg_mask ? a.neg_mask + i * a.kn : nullptr;
+  const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
+  const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
   const S* tp = a.gg_pos + i * a.kp;
   const S* tn = a.gg_neg + i * a.kn;
   const T* st = a.stats + kStats * i;
