@@ -162,7 +162,11 @@ enum class Pass { kForward, kBackward, kDoubleBackward };
 template <int FORM, typename T, bool PM, bool NM, typename S>
 void run_rows(Pass pass, const RowArgs<S, T>& a, int64_t b0, int64_t b1) {
 #define METAUG_RUN(NS)                                                                            \
-  if constexpr (FORM == kInfoNCE) {                                                               \
+  if constexpr (FORM == kMargin) {                                                                \
+    if (pass == Pass::kForward) NS::margin_forward_rows<T, PM, NM>(a, b0, b1);                    \
+    else NS::margin_backward_rows<T, PM, NM>(a, b0, b1);                                          \
+    return;                                                                                       \
+  } else if constexpr (FORM == kInfoNCE) {                                                        \
     switch (pass) {                                                                               \
       case Pass::kForward: NS::infonce_forward_rows<T, PM, NM>(a, b0, b1); return;                \
       case Pass::kBackward: NS::infonce_backward_rows<T, PM, NM>(a, b0, b1); return;              \
@@ -202,6 +206,7 @@ void launch(Pass pass, int64_t form, bool pm, bool nm, int64_t B, const RowArgs<
       case kWeighted: METAUG_MASKS(kWeighted) break;
       case kCircle: METAUG_MASKS(kCircle) break;
       case kInfoNCE: METAUG_MASKS(kInfoNCE) break;
+      case kMargin: METAUG_MASKS(kMargin) break;
     }
 #undef METAUG_MASKS
   });
@@ -217,7 +222,7 @@ Inputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::opt
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2, "oucl_score (cpp): pos and neg must be 2-D");
   TORCH_CHECK(pos.size(0) == neg.size(0), "oucl_score (cpp): pos and neg must have the same number of rows");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cpp): pos and neg must have the same dtype");
-  TORCH_CHECK(form >= kHinge && form <= kInfoNCE, "oucl_score (cpp): unknown form id ", form);
+  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_score (cpp): unknown form id ", form);
   Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
   if (pos_mask.has_value()) {
     TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(),
@@ -608,6 +613,41 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
   return {gz_parts.sum(0), gr};
 }
 
+// Score-mode margin statistics: stats [B,5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype.
+at::Tensor margin_score_fwd(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                            const c10::optional<at::Tensor>& neg_mask) {
+  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
+  at::Tensor stats = at::empty({pos.size(0), kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_fwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, 1.0, 0.0, 0.0, 0.0, 0.0);
+    a.stats = stats.data_ptr<T>();
+    launch<T>(Pass::kForward, kMargin, a.pos_mask, a.neg_mask, pos.size(0), a);
+  });
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_score_bwd(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& neg,
+                                                    const c10::optional<at::Tensor>& pos_mask,
+                                                    const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats) {
+  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
+  check_stats(stats, pos);
+  const at::Tensor g = grad.contiguous();
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == pos.size(0) && g.size(1) == 2 && g.scalar_type() == stats.scalar_type(),
+              "margin_score (cpp): grad must be [B,2] (σ⁺, σ⁻) in the accumulation dtype");
+  at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_bwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, 1.0, 0.0, 0.0, 0.0, 0.0);
+    a.grad_rows = g.data_ptr<T>();
+    a.stats = const_cast<T*>(stats.data_ptr<T>());
+    a.out_pos = gp.data_ptr<scalar_t>();
+    a.out_neg = gn.data_ptr<scalar_t>();
+    launch<T>(Pass::kBackward, kMargin, a.pos_mask, a.neg_mask, pos.size(0), a);
+  });
+  return {gp, gn};
+}
+
 std::string cpu_isa() {
   switch (active_isa()) {
     case Isa::kAvx512: return "avx512";
@@ -632,6 +672,10 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
       "oucl_score_bwd_bwd(Tensor grad_rows, Tensor gg_pos, Tensor gg_neg, Tensor pos, Tensor neg, "
       "Tensor? pos_mask, Tensor? neg_mask, Tensor stats, int form, float beta, float gamma_pos, "
       "float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor)");
+  m.def("margin_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask) -> Tensor");
+  m.def(
+      "margin_score_bwd(Tensor grad, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor stats) "
+      "-> (Tensor, Tensor)");
   m.def(
       "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, bool exclude_self, int similarity, "
       "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
@@ -645,6 +689,8 @@ TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
   m.impl("oucl_score_fwd", &oucl_score_fwd);
   m.impl("oucl_score_bwd", &oucl_score_bwd);
   m.impl("oucl_score_bwd_bwd", &oucl_score_bwd_bwd);
+  m.impl("margin_score_fwd", &margin_score_fwd);
+  m.impl("margin_score_bwd", &margin_score_bwd);
   m.impl("oucl_label_fwd", &oucl_label_fwd);
   m.impl("oucl_label_bwd", &oucl_label_bwd);
 }

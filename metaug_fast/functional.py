@@ -24,6 +24,7 @@ from ._ops.oucl_label import (
     oucl_embeddings_cpp,
     pairwise_similarity_cpp,
 )
+from ._ops.margins import margin_statistics_fused
 from ._ops.oucl_score import info_nce_cpp, oucl_cpp
 
 __all__ = [
@@ -141,6 +142,7 @@ for _name in __all__:
     _backend.register(_name, "reference", getattr(reference, _name))
 _backend.register("oucl", "cpp", oucl_cpp)
 _backend.register("info_nce", "cpp", info_nce_cpp)
+_backend.register("margin_statistics", "cpp", margin_statistics_fused)
 # The same autograd Functions run the CUDA kernels: the ops dispatch on the tensors' device.
 _backend.register("oucl", "cuda", oucl_cpp)
 _backend.register("info_nce", "cuda", info_nce_cpp)

@@ -21,7 +21,7 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
     assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.oucl_score"
     # An op the C++ backend does not provide runs on reference.
-    assert _backend.resolve("margin_statistics", "auto", torch.device("cpu")) is metaug_fast.reference.margin_statistics
+    assert _backend.resolve("margin_injection_loss", "auto", torch.device("cpu")) is metaug_fast.reference.margin_injection_loss
 
 
 def test_env_overrides_auto(monkeypatch):
@@ -43,8 +43,8 @@ def test_explicit_backend_never_falls_back(monkeypatch):
     with pytest.raises(metaug_fast.BackendUnavailableError, match="no 'triton' backend"):
         F.oucl(P, N, backend="triton")
     if "cpp" in metaug_fast.available_backends():
-        with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement margin_statistics"):
-            F.margin_statistics(P, N, backend="cpp")
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement margin_injection_loss"):
+            F.margin_injection_loss(P, N, P[:, 0], P[:, 0], backend="cpp")
         with pytest.raises(ValueError, match="CPU tensors only"):
             F.oucl(P.to("meta"), N.to("meta"), backend="cpp")
 

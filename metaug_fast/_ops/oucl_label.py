@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import reference
+from .margins import MARGIN_ID, sigmas
 from .oucl_score import FORM_IDS, INFONCE_ID, _OUCLScore
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
@@ -103,9 +104,6 @@ def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tenso
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
 
 
-MARGIN_ID = 5  # csrc/oucl_common.h: kMargin
-
-
 class _MarginLabel(torch.autograd.Function):
     """(zn [B,D], rn [M,D] or None) -> (p_min [B], n_max [B], valid [B]) over label-mode scores; the gradient
     goes to the entries attaining the extremum, shared equally among ties (as torch.amin/amax share it)."""
@@ -157,10 +155,7 @@ def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optio
     rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
     ref_labels = None if ref_labels is None else ref_labels.long()
     p_min, n_max, valid = _MarginLabel.apply(zn, rn, labels.long(), ref_labels, similarity)
-    inf = torch.full_like(p_min, float("inf"))
-    sigma_pos = torch.where(valid, torch.minimum(p_min, n_max), inf)
-    sigma_neg = torch.where(valid, torch.maximum(p_min, n_max), -inf)
-    return sigma_pos.to(emb.dtype), sigma_neg.to(emb.dtype)
+    return sigmas(p_min, n_max, valid, emb.dtype)
 
 
 def pairwise_similarity_cpp(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
