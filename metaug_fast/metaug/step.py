@@ -108,7 +108,8 @@ def objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], bank: MemoryBan
 
 def margin_terms(scores: Dict[str, Tensor], cfg: MetAugConfig) -> Tensor:
     """R_σ: σ from the original rows, applied to the augmented rows (SPEC.md section 4)."""
-    sigma_pos, sigma_neg = MF.margin_statistics(scores["orig_pos"], scores["orig_neg"])
+    sigma_pos, sigma_neg = MF.margin_statistics(scores["orig_pos"], scores["orig_neg"], backend=cfg.backend)
+    # margin_injection_loss is elementwise PyTorch (reference) on every backend.
     return MF.margin_injection_loss(scores["aug_pos"], scores["aug_neg"], sigma_pos, sigma_neg,
                                     detach_margin=cfg.detach_margin)
 
