@@ -8,7 +8,7 @@ import torch
 
 import metaug_fast  # noqa: F401  (defines the ops' schemas)
 
-OPS = ("oucl_score_fwd", "oucl_score_bwd", "oucl_score_bwd_bwd")
+OPS = ("oucl_score_fwd", "oucl_score_bwd", "oucl_score_bwd_bwd", "margin_score_fwd", "margin_score_bwd")
 
 
 def main() -> int:

@@ -146,6 +146,7 @@ _backend.register("margin_statistics", "cpp", margin_statistics_fused)
 # The same autograd Functions run the CUDA kernels: the ops dispatch on the tensors' device.
 _backend.register("oucl", "cuda", oucl_cpp)
 _backend.register("info_nce", "cuda", info_nce_cpp)
+_backend.register("margin_statistics", "cuda", margin_statistics_fused)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 _backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)

@@ -76,3 +76,18 @@ def test_auto_picks_cuda_for_cuda_tensors():
     pos, neg, _, _ = _inputs((8, 2, 9), torch.float32, False)
     assert metaug_fast._backend.resolve("oucl", "auto", pos.device).__module__ == "metaug_fast._ops.oucl_score"
     torch.testing.assert_close(F.oucl(pos, neg), metaug_fast.reference.oucl(pos, neg), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_margin_statistics(shape, dtype):
+    pos, neg, pm, nm = _inputs(shape, dtype, True)
+    out = []
+    for backend in ("reference", "cuda"):
+        p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
+        sp, sn = F.margin_statistics(p, n, pm, nm, backend=backend)
+        ok = torch.isfinite(sp)
+        grads = torch.autograd.grad((1.5 * sp[ok]).sum() - (0.5 * sn[ok]).sum(), (p, n)) if ok.any() else ()
+        out.append((sp, sn) + tuple(grads))
+    for g, w in zip(*out):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-// Score-mode OUCL and InfoNCE on CUDA: the same ops as the CPU kernels (torch.ops.metaug_fast.oucl_score_*),
+// Score-mode OUCL, InfoNCE and margin statistics on CUDA: the same ops as the CPU kernels (torch.ops.metaug_fast.oucl_score_*),
 // registered for the CUDA dispatch key, so the autograd Functions in metaug_fast/_ops/oucl_score.py run
 // unchanged on CUDA tensors. One warp per row: each lane streams a strided slice of the row keeping its own
 // running (max, sum) for both log-sum-exps, and the warp merges them with shuffles. fp32/fp16/bf16 inputs
@@ -318,6 +318,75 @@ __global__ void double_backward_kernel(Args<S, T> a) {
   }
 }
 
+// ------------------------------------------------------------------------------ margin statistics
+// Per row: min over kept positives, max over kept negatives, with tie counts (NaN sticky, as torch.amin);
+// stats (p_min, n_max, ties_p, ties_n, valid). The backward shares ∂/∂p_min, ∂/∂n_max among the ties.
+template <bool MIN, typename T>
+__device__ void extremum_merge(T& value, T& ties, T other, T other_ties) {
+  if (other_ties == T(0) || value != value) return;
+  if (ties == T(0) || other != other || (MIN ? other < value : other > value)) {
+    value = other;
+    ties = other_ties;
+  } else if (other == value) {
+    ties += other_ties;
+  }
+}
+
+template <bool MIN, typename S, typename T>
+__device__ void warp_extremum(const S* x, const bool* m, int64_t K, int lane, T& value, T& ties) {
+  value = MIN ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity();
+  ties = T(0);
+  for (int64_t k = lane; k < K; k += kWarp)
+    if (kept(m, k)) extremum_merge<MIN>(value, ties, static_cast<T>(x[k]), T(1));
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const T ov = __shfl_xor_sync(0xffffffffu, value, o);
+    const T ot = __shfl_xor_sync(0xffffffffu, ties, o);
+    extremum_merge<MIN>(value, ties, ov, ot);
+  }
+}
+
+template <typename S, typename T>
+__global__ void margin_forward_kernel(Args<S, T> a) {
+  const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= a.B) return;
+  const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
+  const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
+  T pmin, tp, nmax, tn;
+  warp_extremum<true>(p, pm, a.kp, lane, pmin, tp);
+  warp_extremum<false>(n, nm, a.kn, lane, nmax, tn);
+  if (lane == 0) {
+    T* st = a.stats + kStats * i;
+    st[0] = pmin;
+    st[1] = nmax;
+    st[2] = tp;
+    st[3] = tn;
+    st[4] = tp > T(0) && tn > T(0) ? T(1) : T(0);
+  }
+}
+
+template <typename S, typename T>
+__global__ void margin_backward_kernel(Args<S, T> a) {
+  const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= a.B) return;
+  const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
+  const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
+  const T* st = a.stats + kStats * i;
+  const bool valid = st[4] != T(0);
+  const T gp = valid ? a.grad_rows[2 * i] / st[2] : T(0), gn = valid ? a.grad_rows[2 * i + 1] / st[3] : T(0);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const bool p_nan = st[0] != st[0], n_nan = st[1] != st[1];
+  for (int64_t k = lane; k < a.kp; k += kWarp) {
+    const bool keep = kept(pm, k);
+    a.out_pos[i * a.kp + k] = static_cast<S>(keep && p_nan ? nan : keep && static_cast<T>(p[k]) == st[0] ? gp : T(0));
+  }
+  for (int64_t k = lane; k < a.kn; k += kWarp) {
+    const bool keep = kept(nm, k);
+    a.out_neg[i * a.kn + k] = static_cast<S>(keep && n_nan ? nan : keep && static_cast<T>(n[k]) == st[1] ? gn : T(0));
+  }
+}
+
 enum class Pass { kForward, kBackward, kDoubleBackward };
 
 template <typename S, typename T>
@@ -331,6 +400,12 @@ void launch(Pass pass, int64_t form, const Args<S, T>& a) {
     case Pass::kForward: forward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;          \
     case Pass::kBackward: backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;        \
     case Pass::kDoubleBackward: double_backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break; \
+  }
+  if (form == kMargin) {
+    if (pass == Pass::kForward) margin_forward_kernel<S, T><<<grid, block, 0, stream>>>(a);
+    else margin_backward_kernel<S, T><<<grid, block, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
   switch (form) {
     case kHinge: METAUG_CUDA_FORM(kHinge) break;
@@ -356,7 +431,7 @@ Inputs prepare(const at::Tensor& pos, const at::Tensor& neg, const c10::optional
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2 && pos.size(0) == neg.size(0),
               "oucl_score (cuda): pos [B,K+] and neg [B,K-]");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cuda): pos and neg must have one dtype");
-  TORCH_CHECK(form >= kHinge && form <= kInfoNCE, "oucl_score (cuda): unknown form id ", form);
+  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_score (cuda): unknown form id ", form);
   Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
   if (pos_mask.has_value()) {
     TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(), "oucl_score (cuda): pos_mask");
@@ -448,6 +523,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_bwd_cuda(
   return {ggo, hp, hn};
 }
 
+at::Tensor margin_fwd_cuda(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                           const c10::optional<at::Tensor>& neg_mask) {
+  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
+  const c10::cuda::CUDAGuard guard(pos.device());
+  at::Tensor stats = at::empty({pos.size(0), kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_fwd_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, 1.0, 0.0, 0.0, 0.0, 0.0);
+    a.stats = stats.data_ptr<T>();
+    launch(Pass::kForward, kMargin, a);
+  });
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_bwd_cuda(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& neg,
+                                                   const c10::optional<at::Tensor>& pos_mask,
+                                                   const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats) {
+  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
+  const c10::cuda::CUDAGuard guard(pos.device());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == 2 && stats.size(1) == kStats, "margin_score (cuda): grad [B,2]");
+  const at::Tensor g = grad.contiguous();
+  at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_bwd_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, T>(in, 1.0, 0.0, 0.0, 0.0, 0.0);
+    a.grad_rows = g.data_ptr<T>();
+    a.stats = const_cast<T*>(stats.data_ptr<T>());
+    a.out_pos = gp.data_ptr<scalar_t>();
+    a.out_neg = gn.data_ptr<scalar_t>();
+    launch(Pass::kBackward, kMargin, a);
+  });
+  return {gp, gn};
+}
+
 }  // namespace
 
 // The schemas are defined by the CPU library (csrc/oucl_cpu.cpp), which metaug_fast loads first.
@@ -455,6 +564,8 @@ TORCH_LIBRARY_IMPL(metaug_fast, CUDA, m) {
   m.impl("oucl_score_fwd", &fwd_cuda);
   m.impl("oucl_score_bwd", &bwd_cuda);
   m.impl("oucl_score_bwd_bwd", &bwd_bwd_cuda);
+  m.impl("margin_score_fwd", &margin_fwd_cuda);
+  m.impl("margin_score_bwd", &margin_bwd_cuda);
 }
 
 }  // namespace metaug_fast
