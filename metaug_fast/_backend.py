@@ -2,7 +2,8 @@
 
 Each public op has one implementation per backend that provides it (registered by
 :mod:`metaug_fast.functional`). ``backend="auto"`` picks, per op and device: ``METAUG_BACKEND`` when set,
-else the C++ backend for CPU tensors and the CUDA backend for CUDA tensors when built, else ``reference``. Where the chosen backend does
+else the C++ backend for CPU tensors when it is built, else ``reference`` (CUDA tensors included, until
+the CUDA kernels have been verified on a GPU). Where the chosen backend does
 not provide the op, ``auto`` runs ``reference``; an explicit ``backend=`` never falls back, it raises.
 """
 from __future__ import annotations
@@ -102,8 +103,9 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
             if preferred not in available_backends():
                 raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {_unavailable_reason(preferred)}")
         else:
-            preferred = {"cpu": "cpp", "cuda": "cuda"}.get(device.type, "reference")
-            preferred = preferred if preferred in available_backends() else "reference"
+            # CUDA tensors stay on reference under auto until the CUDA kernels have passed tests/test_cuda.py
+            # on a real GPU (bench/gpu_check.sh); backend="cuda" or METAUG_BACKEND=cuda selects them.
+            preferred = "cpp" if device.type == "cpu" and "cpp" in available_backends() else "reference"
         choice = preferred if preferred in impls and _device_ok(preferred, device) else "reference"
         return impls[choice]
     if backend not in available_backends():

@@ -57,3 +57,8 @@ def test_missing_extension_explains_how_to_build(monkeypatch):
     # auto still works, on reference
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
     torch.testing.assert_close(F.oucl(P, N), metaug_fast.reference.oucl(P, N))
+
+
+def test_auto_keeps_cuda_tensors_on_reference_until_verified(monkeypatch):
+    monkeypatch.delenv("METAUG_BACKEND", raising=False)
+    assert _backend.resolve("oucl", "auto", torch.device("cuda")) is metaug_fast.reference.oucl
