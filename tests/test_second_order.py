@@ -55,3 +55,24 @@ def test_meta_step_cpp_equals_reference(form, loss_fn):
     assert max((a - b).abs().max() for a, b in zip(want[:4], first_order[:4])) > 1e-6
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["weighted", "circle", "squared", "hinge"])
+def test_torch_func_grad_and_nested_grad(form):
+    """The fused score-mode Functions work under torch.func.grad, to second order (reverse over reverse)."""
+    torch.manual_seed(0)
+    pos, neg = torch.rand(5, 3, dtype=torch.float64), torch.rand(5, 40, dtype=torch.float64)
+    v = torch.randn_like(neg)
+
+    def loss(n, backend):
+        sp, sn = F.margin_statistics(pos, n, backend=backend)
+        return F.oucl(pos, n, form=form, beta=8.0, backend=backend) + 0.1 * (sp - sn).sum()
+
+    for order in (1, 2):
+        out = {}
+        for backend in ("reference", "cpp"):
+            g = torch.func.grad(lambda n: loss(n, backend))  # noqa: B023
+            if order == 2:
+                g = torch.func.grad(lambda n: (torch.func.grad(lambda m: loss(m, backend))(n) * v).sum())  # noqa: B023
+            out[backend] = g(neg)
+        torch.testing.assert_close(out["cpp"], out["reference"], rtol=1e-9, atol=1e-12)

@@ -2,7 +2,8 @@
 find each row's minimum positive and maximum negative with their ties in one pass; the backward shares the
 gradient equally among tied entries, as torch.amin/amax do. σ⁺ = min(p_min, n_max) and σ⁻ = max(p_min,
 n_max) are then taken with torch.minimum/maximum, which split a tie between p_min and n_max the same way
-reference.py does. A gradient of the gradient is recomputed with differentiable PyTorch ops.
+reference.py does. When a differentiable gradient is needed (create_graph, torch.func), the same shares
+are computed with PyTorch ops.
 """
 from __future__ import annotations
 
@@ -25,37 +26,47 @@ def sigmas(p_min: Tensor, n_max: Tensor, valid: Tensor, dtype: torch.dtype) -> T
 
 
 class _MarginScore(torch.autograd.Function):
-    """(pos [B,K⁺], neg [B,K⁻]) -> (p_min [B], n_max [B], valid [B]) in the accumulation dtype."""
+    """(pos [B,K⁺], neg [B,K⁻]) -> (p_min [B], n_max [B], valid [B], stats [B,5]) in the accumulation dtype
+    (setup_context style, so torch.func transforms can use it)."""
 
     @staticmethod
-    def forward(ctx, pos, neg, pos_mask, neg_mask):
-        stats = torch.ops.metaug_fast.margin_score_fwd(pos.detach(), neg.detach(), pos_mask, neg_mask)
-        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, stats)
-        valid = stats[:, 4] > 0
-        ctx.mark_non_differentiable(valid)
-        return stats[:, 0].clone(), stats[:, 1].clone(), valid
+    def forward(pos, neg, pos_mask, neg_mask):
+        stats = torch.ops.metaug_fast.margin_score_fwd(pos, neg, pos_mask, neg_mask)
+        return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 4] > 0, stats
 
     @staticmethod
-    def backward(ctx, g_min, g_max, _g_valid):
+    def setup_context(ctx, inputs, output):
+        pos, neg, pos_mask, neg_mask = inputs
+        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, output[3])
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    @staticmethod
+    def backward(ctx, g_min, g_max, _g_valid, _g_stats):
         pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
-            p = reference._masked(reference._acc(pos), pos_mask, float("inf"))
-            n = reference._masked(reference._acc(neg), neg_mask, float("-inf"))
-            valid = stats[:, 4] > 0
-            p_min = p.amin(1) if pos.shape[1] else stats[:, 0]
-            n_max = n.amax(1) if neg.shape[1] else stats[:, 1]
-            outs = [torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)]
-            wanted = [x for x, need in zip((pos, neg), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(outs, wanted, (g_min, g_max), create_graph=True, allow_unused=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None)
+            # A differentiable gradient (create_graph or torch.func): the same shares in PyTorch ops, linear
+            # in the incoming gradient and piecewise constant in the scores, as torch.amin/amax's backward.
+            return (_share(pos, pos_mask, stats[:, 0], stats[:, 2], g_min),
+                    _share(neg, neg_mask, stats[:, 1], stats[:, 3], g_max), None, None)
         gp, gn = torch.ops.metaug_fast.margin_score_bwd(
-            torch.stack([g_min, g_max], 1).contiguous(), pos.detach(), neg.detach(), pos_mask, neg_mask, stats
+            torch.stack([g_min, g_max], 1).contiguous(), pos, neg, pos_mask, neg_mask, stats
         )
         return gp, gn, None, None
+
+
+def _share(x: Tensor, mask: Optional[Tensor], value: Tensor, ties: Tensor, g: Tensor) -> Tensor:
+    """g/ties on the kept entries equal to the row's extremum (NaN on every kept entry of a NaN row)."""
+    dtype, x = x.dtype, reference._acc(x)
+    kept = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+    share = (g / ties.clamp(min=1))[:, None]
+    nan_row = torch.isnan(value)[:, None]
+    out = torch.where(kept & (x == value[:, None]), share, torch.zeros_like(share))
+    out = torch.where(kept & nan_row, torch.full_like(out, float("nan")), out)
+    return out.to(dtype)
 
 
 def margin_statistics_fused(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None,
                             neg_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Same contract as :func:`metaug_fast.reference.margin_statistics`, one fused pass per row."""
-    p_min, n_max, valid = _MarginScore.apply(pos, neg, pos_mask, neg_mask)
+    p_min, n_max, valid, _ = _MarginScore.apply(pos, neg, pos_mask, neg_mask)
     return sigmas(p_min, n_max, valid, pos.dtype)

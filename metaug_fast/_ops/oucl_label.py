@@ -37,7 +37,7 @@ def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params):
     of B×M memory for that call."""
     scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
     pm, nm = _label_masks(zn, rn, labels, ref_labels)
-    return _OUCLScore.apply(scores, scores, pm, nm, params)
+    return _OUCLScore.apply(scores, scores, pm, nm, params)[0]
 
 
 class _LabelLoss(torch.autograd.Function):

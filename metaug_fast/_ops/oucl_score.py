@@ -31,15 +31,19 @@ class _OUCLScoreDoubleBackward(torch.autograd.Function):
     and let a third-order term through pos go silently missing)."""
 
     @staticmethod
-    def forward(ctx, grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, params):
+    def forward(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, params):
         return torch.ops.metaug_fast.oucl_score_bwd_bwd(
             grad_rows, gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pos_mask, neg_mask, stats, *params
         )
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(
-            "metaug_fast: the cpp backend of oucl and info_nce provides first and second derivatives only; "
+            "metaug_fast: the fused backends of oucl and info_nce provide first and second derivatives only; "
             "use backend='reference' for third-order derivatives"
         )
 
@@ -48,13 +52,14 @@ class _OUCLScoreBackward(torch.autograd.Function):
     """(grad_rows, pos, neg) -> (grad_pos, grad_neg); differentiable once more via the fused HVP kernel."""
 
     @staticmethod
-    def forward(ctx, grad_rows, pos, neg, pos_mask, neg_mask, stats, params):
-        grad_pos, grad_neg = torch.ops.metaug_fast.oucl_score_bwd(
-            grad_rows, pos, neg, pos_mask, neg_mask, stats, *params
-        )
+    def forward(grad_rows, pos, neg, pos_mask, neg_mask, stats, params):
+        return torch.ops.metaug_fast.oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, *params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_rows, pos, neg, pos_mask, neg_mask, stats, params = inputs
         ctx.save_for_backward(grad_rows, pos, neg, pos_mask, neg_mask, stats)
         ctx.params = params
-        return grad_pos, grad_neg
 
     @staticmethod
     def backward(ctx, gg_pos, gg_neg):
@@ -73,17 +78,23 @@ class _OUCLScoreBackward(torch.autograd.Function):
 
 
 class _OUCLScore(torch.autograd.Function):
-    """(pos [B,K⁺], neg [B,K⁻]) -> per-row losses [B] in the accumulation dtype."""
+    """(pos [B,K⁺], neg [B,K⁻]) -> (per-row losses [B], stats [B,5]), both in the accumulation dtype.
+
+    Written with ``setup_context`` so that torch.func transforms (``grad``, nested ``grad``) can use it."""
 
     @staticmethod
-    def forward(ctx, pos, neg, pos_mask, neg_mask, params):
-        rows, stats = torch.ops.metaug_fast.oucl_score_fwd(pos, neg, pos_mask, neg_mask, *params)
-        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, stats)
+    def forward(pos, neg, pos_mask, neg_mask, params):
+        return torch.ops.metaug_fast.oucl_score_fwd(pos, neg, pos_mask, neg_mask, *params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pos, neg, pos_mask, neg_mask, params = inputs
+        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, output[1])
+        ctx.mark_non_differentiable(output[1])
         ctx.params = params
-        return rows
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, _grad_stats):
         pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
         grad_pos, grad_neg = _OUCLScoreBackward.apply(
             grad_rows.contiguous(), pos, neg, pos_mask, neg_mask, stats, ctx.params
@@ -107,7 +118,7 @@ def oucl_cpp(
 ) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.oucl`, fused on the CPU."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
-    rows = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)
 
@@ -123,6 +134,6 @@ def info_nce_cpp(
 ) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce`, fused on the CPU."""
     params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
-    rows = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)
