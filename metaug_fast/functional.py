@@ -147,6 +147,10 @@ _backend.register("margin_statistics", "cpp", margin_statistics_fused)
 _backend.register("oucl", "cuda", oucl_cpp)
 _backend.register("info_nce", "cuda", info_nce_cpp)
 _backend.register("margin_statistics", "cuda", margin_statistics_fused)
+for _name, _fn in (("oucl_embeddings", oucl_embeddings_cpp), ("info_nce_embeddings", info_nce_embeddings_cpp),
+                   ("margin_statistics_embeddings", margin_statistics_embeddings_cpp),
+                   ("pairwise_similarity", pairwise_similarity_cpp)):
+    _backend.register(_name, "cuda", _fn)
 _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 _backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)

@@ -6,11 +6,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -557,6 +559,311 @@ std::tuple<at::Tensor, at::Tensor> margin_bwd_cuda(const at::Tensor& grad, const
   return {gp, gn};
 }
 
+
+// ------------------------------------------------------------------------------------------ label mode
+// The CPU design on the GPU: column tiles of S = zn · rn[cols]ᵀ from cuBLAS (at::mm), each consumed by a
+// fused epilogue kernel that merges the tile into per-row running state (one warp per row; tiles run in
+// order on one stream, so every row has one writer); B×M is never stored, only B × tile. Backward
+// recomputes each tile, turns it into G = ∂ℓ/∂S in place (elementwise kernel) and accumulates G·rn and
+// Gᵀ·zn with cuBLAS. State per row (kState values): LSE⁺ (shift, log_sum), LSE⁻ (shift, log_sum),
+// sum⁺, sum⁻, min⁺, ties⁺, max⁻, ties⁻, n⁺, n⁻ -- the fields of the CPU RowState.
+constexpr int kState = 12;
+
+template <typename T>
+struct LabelArgsD {
+  Cfg<T> cfg;
+  T sim_a, sim_b;
+  bool exclude_self;
+  const int64_t* labels;
+  const int64_t* ref_labels;
+  int64_t B, c0, L;
+  T* tile;        // [B, L]
+  T* state;       // [B, kState]
+  const T* stats;  // [B, kStats] (backward)
+  const T* grad;   // [B] or [B, 2] (margins) (backward)
+  int sweep;       // InfoNCE: 0 = negatives' LSE, 1 = positives' terms
+};
+
+template <typename T>
+__device__ void lse_merge_d(T& shift, T& log_sum, T o_shift, T o_log_sum) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (o_log_sum == ninf) return;
+  if (log_sum == ninf) {
+    shift = o_shift;
+    log_sum = o_log_sum;
+    return;
+  }
+  const T m = shift > o_shift ? shift : o_shift;
+  log_sum = log(exp(shift - m + log_sum) + exp(o_shift - m + o_log_sum));
+  shift = m;
+}
+
+template <bool MIN, typename T>
+__device__ void warp_extremum_merge(T& value, T& ties) {
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const T ov = __shfl_xor_sync(0xffffffffu, value, o);
+    const T ot = __shfl_xor_sync(0xffffffffu, ties, o);
+    extremum_merge<MIN>(value, ties, ov, ot);
+  }
+}
+
+template <int FORM, typename T>
+__global__ void label_tile_forward_kernel(LabelArgsD<T> a) {
+  const int64_t i = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= a.B) return;
+  const int64_t li = a.labels[i];
+  const T* s = a.tile + i * a.L;
+  T* st = a.state + kState * i;
+  Running<T> rp, rn;
+  T sp = T(0), sn = T(0), np = T(0), nn = T(0);
+  T mn = std::numeric_limits<T>::infinity(), tmn = T(0), mx = -std::numeric_limits<T>::infinity(), tmx = T(0);
+  const T C = FORM == kInfoNCE && a.sweep == 1 ? st[2] + st[3] : T(0);
+  for (int64_t k = lane; k < a.L; k += kWarp) {
+    const int64_t j = a.c0 + k;
+    if (a.exclude_self && j == i) continue;
+    const T x = a.sim_a * s[k] + a.sim_b;
+    const bool pos = a.ref_labels[j] == li;
+    np += pos ? T(1) : T(0);
+    nn += pos ? T(0) : T(1);
+    if constexpr (FORM == kMargin) {
+      if (pos) extremum_merge<true>(mn, tmn, x, T(1));
+      else extremum_merge<false>(mx, tmx, x, T(1));
+    } else if constexpr (FORM == kHinge) {
+      (pos ? sp : sn) += x;
+    } else if constexpr (FORM == kInfoNCE) {
+      if (a.sweep == 0 && !pos) rn.add(a.cfg.beta * x);
+      if (a.sweep == 1 && pos) {
+        const T y = C - a.cfg.beta * x;
+        sp += softplus_d(y);
+        sn += sigmoid_d(y);
+      }
+    } else {
+      if (pos) rp.add(Terms<FORM, T>::u(a.cfg, x));
+      else rn.add(Terms<FORM, T>::v(a.cfg, x));
+    }
+  }
+  T ps, pl, ns, nl;
+  warp_lse(rp, ps, pl);
+  warp_lse(rn, ns, nl);
+  sp = warp_sum(sp);
+  sn = warp_sum(sn);
+  np = warp_sum(np);
+  nn = warp_sum(nn);
+  warp_extremum_merge<true>(mn, tmn);
+  warp_extremum_merge<false>(mx, tmx);
+  if (lane != 0) return;
+  if (FORM == kInfoNCE && a.sweep == 1) {
+    st[4] += sp;
+    st[5] += sn;
+    return;
+  }
+  lse_merge_d(st[0], st[1], ps, pl);
+  lse_merge_d(st[2], st[3], ns, nl);
+  st[4] += sp;
+  st[5] += sn;
+  extremum_merge<true>(st[6], st[7], mn, tmn);
+  extremum_merge<false>(st[8], st[9], mx, tmx);
+  st[10] += np;
+  st[11] += nn;
+}
+
+// Row results from the state, as the CPU's finalization: rows [B] and stats [B, kStats].
+template <typename T>
+__global__ void label_finalize_kernel(const T* state, int64_t B, int64_t form, Cfg<T> cfg, T* rows, T* stats) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= B) return;
+  const T* s = state + kState * i;
+  T* st = stats + kStats * i;
+  const bool valid = s[10] > T(0) && s[11] > T(0);
+  T out = T(0), v0 = T(0), v1 = T(0), v2 = T(0), v3 = T(0);
+  if (valid) {
+    if (form == kMargin) {
+      v0 = s[6]; v1 = s[8]; v2 = s[7]; v3 = s[9];
+    } else if (form == kInfoNCE) {
+      v0 = s[2]; v1 = s[3]; v2 = s[5]; v3 = s[10];
+      out = s[4] / s[10];
+    } else if (form == kHinge) {
+      v0 = s[5] - s[4] + cfg.lam;
+      out = v0 > T(0) || v0 != v0 ? v0 : T(0);
+    } else {
+      v0 = s[0]; v1 = s[1]; v2 = s[2]; v3 = s[3];
+      out = softplus_d(v0 + v1 + v2 + v3) * cfg.inv_beta;
+    }
+  }
+  rows[i] = out;
+  st[0] = v0; st[1] = v1; st[2] = v2; st[3] = v3;
+  st[4] = valid ? T(1) : T(0);
+}
+
+// G = ∂(Σ_i grad_i ℓ_i)/∂S for the tile, in place; one thread per element.
+template <int FORM, typename T>
+__global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= a.B * a.L) return;
+  const int64_t i = idx / a.L, j = a.c0 + idx % a.L;
+  const T* st = a.stats + kStats * i;
+  if (st[4] == T(0) || (a.exclude_self && j == i)) {
+    a.tile[idx] = T(0);
+    return;
+  }
+  const T x = a.sim_a * a.tile[idx] + a.sim_b;
+  const bool pos = a.ref_labels[j] == a.labels[i];
+  T g;
+  if constexpr (FORM == kMargin) {
+    g = pos ? (x == st[0] ? a.grad[2 * i] / st[2] : T(0)) : (x == st[1] ? a.grad[2 * i + 1] / st[3] : T(0));
+  } else if constexpr (FORM == kHinge) {
+    const T on = st[0] > T(0) ? a.grad[i] : T(0);
+    g = pos ? -on : on;
+  } else if constexpr (FORM == kInfoNCE) {
+    const T e = a.cfg.beta * x, coef = a.grad[i] * a.cfg.beta / st[3];
+    g = pos ? -coef * sigmoid_d(st[0] + st[1] - e) : coef * st[2] * exp((e - st[0]) - st[1]);
+  } else {
+    const T coef = a.grad[i] * a.cfg.inv_beta * sigmoid_d(st[0] + st[1] + st[2] + st[3]);
+    const T e = pos ? Terms<FORM, T>::u(a.cfg, x) : Terms<FORM, T>::v(a.cfg, x);
+    const T d1 = pos ? Terms<FORM, T>::du(a.cfg, x) : Terms<FORM, T>::dv(a.cfg, x);
+    g = coef * d1 * (pos ? exp((e - st[0]) - st[1]) : exp((e - st[2]) - st[3]));
+  }
+  a.tile[idx] = a.sim_a * g;
+}
+
+// Columns per tile: B × tile stays under kTileElems elements.
+constexpr int64_t kTileElems = int64_t(1) << 25;
+
+template <typename T>
+LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_self, int64_t similarity,
+                         double beta, double gamma_pos, double gamma_neg, double margin, double lam, int64_t B) {
+  LabelArgsD<T> a{};
+  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  a.sim_a = similarity == 0 ? T(0.5) : T(1);
+  a.sim_b = similarity == 0 ? T(0.5) : T(0);
+  a.exclude_self = exclude_self;
+  a.labels = labels.data_ptr<int64_t>();
+  a.ref_labels = ref_labels.data_ptr<int64_t>();
+  a.B = B;
+  return a;
+}
+
+template <typename T>
+void launch_label_forward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
+  const dim3 block(kWarp * kWarpsPerBlock), grid((a.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  switch (form) {
+    case kHinge: label_tile_forward_kernel<kHinge, T><<<grid, block, 0, stream>>>(a); break;
+    case kSquared: label_tile_forward_kernel<kSquared, T><<<grid, block, 0, stream>>>(a); break;
+    case kWeighted: label_tile_forward_kernel<kWeighted, T><<<grid, block, 0, stream>>>(a); break;
+    case kCircle: label_tile_forward_kernel<kCircle, T><<<grid, block, 0, stream>>>(a); break;
+    case kInfoNCE: label_tile_forward_kernel<kInfoNCE, T><<<grid, block, 0, stream>>>(a); break;
+    case kMargin: label_tile_forward_kernel<kMargin, T><<<grid, block, 0, stream>>>(a); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_label_backward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
+  const int64_t n = a.B * a.L;
+  const dim3 block(256), grid((n + 255) / 256);
+  switch (form) {
+    case kHinge: label_tile_backward_kernel<kHinge, T><<<grid, block, 0, stream>>>(a); break;
+    case kSquared: label_tile_backward_kernel<kSquared, T><<<grid, block, 0, stream>>>(a); break;
+    case kWeighted: label_tile_backward_kernel<kWeighted, T><<<grid, block, 0, stream>>>(a); break;
+    case kCircle: label_tile_backward_kernel<kCircle, T><<<grid, block, 0, stream>>>(a); break;
+    case kInfoNCE: label_tile_backward_kernel<kInfoNCE, T><<<grid, block, 0, stream>>>(a); break;
+    case kMargin: label_tile_backward_kernel<kMargin, T><<<grid, block, 0, stream>>>(a); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_label_cuda(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
+                      const at::Tensor& ref_labels, int64_t form) {
+  TORCH_CHECK(zn.is_cuda() && rn.device() == zn.device() && labels.device() == zn.device() &&
+                  ref_labels.device() == zn.device(), "oucl_label (cuda): all tensors on one CUDA device");
+  TORCH_CHECK(zn.dim() == 2 && rn.dim() == 2 && zn.size(1) == rn.size(1), "oucl_label (cuda): zn [B,D], rn [M,D]");
+  TORCH_CHECK(zn.scalar_type() == rn.scalar_type() &&
+                  (zn.scalar_type() == at::kFloat || zn.scalar_type() == at::kDouble),
+              "oucl_label (cuda): zn and rn must both be float32 or both float64");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
+                  labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
+              "oucl_label (cuda): labels [B] and ref_labels [M] must be int64");
+  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cuda): unknown form id ", form);
+}
+
+std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const at::Tensor& rn_in,
+                                                  const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
+                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+  check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
+  const c10::cuda::CUDAGuard guard(zn_in.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const int64_t B = zn.size(0), M = rn.size(0);
+  at::Tensor rows = at::empty({B}, zn.options()), stats = at::empty({B, kStats}, zn.options());
+  if (B == 0) return {rows, stats};
+  // Empty LSEs (log_sum = -inf), min⁺ = +inf, max⁻ = -inf, everything else 0.
+  at::Tensor state = at::zeros({B, kState}, zn.options());
+  state.select(1, 1).fill_(-std::numeric_limits<double>::infinity());
+  state.select(1, 3).fill_(-std::numeric_limits<double>::infinity());
+  state.select(1, 6).fill_(std::numeric_limits<double>::infinity());
+  state.select(1, 8).fill_(-std::numeric_limits<double>::infinity());
+  const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / std::max<int64_t>(B, 1)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd_cuda", [&] {
+    using T = scalar_t;
+    auto a = label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
+    a.state = state.data_ptr<T>();
+    for (int sweep = 0; sweep < (form == kInfoNCE ? 2 : 1); ++sweep) {
+      a.sweep = sweep;
+      for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
+        a.c0 = c0;
+        a.L = std::min(tile_cols, M - c0);
+        at::Tensor tile = at::mm(zn, rn.narrow(0, c0, a.L).t()).contiguous();
+        a.tile = tile.data_ptr<T>();
+        launch_label_forward<T>(form, a, stream);
+      }
+    }
+    label_finalize_kernel<T><<<(B + 255) / 256, 256, 0, stream>>>(a.state, B, form, a.cfg, rows.data_ptr<T>(),
+                                                                 stats.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {rows, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& zn_in,
+                                                  const at::Tensor& rn_in, const at::Tensor& labels_in,
+                                                  const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
+                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+  check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
+  const c10::cuda::CUDAGuard guard(zn_in.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const at::Tensor stats = stats_in.contiguous(), g = grad_rows.contiguous();
+  const int64_t B = zn.size(0), M = rn.size(0);
+  TORCH_CHECK(stats.size(0) == B && stats.size(1) == kStats, "oucl_label (cuda): stats from oucl_label_fwd");
+  at::Tensor gz = at::zeros_like(zn), gr = at::zeros_like(rn);
+  if (B == 0 || M == 0) return {gz, gr};
+  const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / B));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd_cuda", [&] {
+    using T = scalar_t;
+    auto a = label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
+    a.stats = stats.data_ptr<T>();
+    a.grad = g.data_ptr<T>();
+    for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
+      a.c0 = c0;
+      a.L = std::min(tile_cols, M - c0);
+      const at::Tensor rtile = rn.narrow(0, c0, a.L);
+      at::Tensor tile = at::mm(zn, rtile.t()).contiguous();
+      a.tile = tile.data_ptr<T>();
+      launch_label_backward<T>(form, a, stream);
+      gz.addmm_(tile, rtile);
+      gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
+    }
+  });
+  return {gz, gr};
+}
+
 }  // namespace
 
 // The schemas are defined by the CPU library (csrc/oucl_cpu.cpp), which metaug_fast loads first.
@@ -566,6 +873,8 @@ TORCH_LIBRARY_IMPL(metaug_fast, CUDA, m) {
   m.impl("oucl_score_bwd_bwd", &bwd_bwd_cuda);
   m.impl("margin_score_fwd", &margin_fwd_cuda);
   m.impl("margin_score_bwd", &margin_bwd_cuda);
+  m.impl("oucl_label_fwd", &label_fwd_cuda);
+  m.impl("oucl_label_bwd", &label_bwd_cuda);
 }
 
 }  // namespace metaug_fast
