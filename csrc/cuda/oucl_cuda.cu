@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "../oucl_common.h"
 
@@ -23,6 +24,19 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
+
+// Calls f(std::integral_constant<int, FORM>) for the run-time form id, so kernels are templated on it.
+template <typename F>
+void with_form(int64_t form, F&& f) {
+  switch (form) {
+    case kHinge: f(std::integral_constant<int, kHinge>{}); break;
+    case kSquared: f(std::integral_constant<int, kSquared>{}); break;
+    case kWeighted: f(std::integral_constant<int, kWeighted>{}); break;
+    case kCircle: f(std::integral_constant<int, kCircle>{}); break;
+    case kInfoNCE: f(std::integral_constant<int, kInfoNCE>{}); break;
+    case kMargin: f(std::integral_constant<int, kMargin>{}); break;
+  }
+}
 
 template <typename T>
 struct Running {  // a lane's online log-sum-exp: LSE = m + log(s), m = -inf while empty
@@ -397,26 +411,21 @@ void launch(Pass pass, int64_t form, const Args<S, T>& a) {
   const dim3 block(kWarp * kWarpsPerBlock);
   const dim3 grid((a.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto stream = at::cuda::getCurrentCUDAStream();
-#define METAUG_CUDA_FORM(FORM)                                                                      \
-  switch (pass) {                                                                                   \
-    case Pass::kForward: forward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;          \
-    case Pass::kBackward: backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;        \
-    case Pass::kDoubleBackward: double_backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break; \
-  }
   if (form == kMargin) {
     if (pass == Pass::kForward) margin_forward_kernel<S, T><<<grid, block, 0, stream>>>(a);
     else margin_backward_kernel<S, T><<<grid, block, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  } else {
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if constexpr (FORM != kMargin) {
+        switch (pass) {
+          case Pass::kForward: forward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
+          case Pass::kBackward: backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
+          case Pass::kDoubleBackward: double_backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
+        }
+      }
+    });
   }
-  switch (form) {
-    case kHinge: METAUG_CUDA_FORM(kHinge) break;
-    case kSquared: METAUG_CUDA_FORM(kSquared) break;
-    case kWeighted: METAUG_CUDA_FORM(kWeighted) break;
-    case kCircle: METAUG_CUDA_FORM(kCircle) break;
-    case kInfoNCE: METAUG_CUDA_FORM(kInfoNCE) break;
-  }
-#undef METAUG_CUDA_FORM
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -747,14 +756,7 @@ LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels,
 template <typename T>
 void launch_label_forward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
   const dim3 block(kWarp * kWarpsPerBlock), grid((a.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  switch (form) {
-    case kHinge: label_tile_forward_kernel<kHinge, T><<<grid, block, 0, stream>>>(a); break;
-    case kSquared: label_tile_forward_kernel<kSquared, T><<<grid, block, 0, stream>>>(a); break;
-    case kWeighted: label_tile_forward_kernel<kWeighted, T><<<grid, block, 0, stream>>>(a); break;
-    case kCircle: label_tile_forward_kernel<kCircle, T><<<grid, block, 0, stream>>>(a); break;
-    case kInfoNCE: label_tile_forward_kernel<kInfoNCE, T><<<grid, block, 0, stream>>>(a); break;
-    case kMargin: label_tile_forward_kernel<kMargin, T><<<grid, block, 0, stream>>>(a); break;
-  }
+  with_form(form, [&](auto f) { label_tile_forward_kernel<decltype(f)::value, T><<<grid, block, 0, stream>>>(a); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -762,14 +764,7 @@ template <typename T>
 void launch_label_backward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.L;
   const dim3 block(256), grid((n + 255) / 256);
-  switch (form) {
-    case kHinge: label_tile_backward_kernel<kHinge, T><<<grid, block, 0, stream>>>(a); break;
-    case kSquared: label_tile_backward_kernel<kSquared, T><<<grid, block, 0, stream>>>(a); break;
-    case kWeighted: label_tile_backward_kernel<kWeighted, T><<<grid, block, 0, stream>>>(a); break;
-    case kCircle: label_tile_backward_kernel<kCircle, T><<<grid, block, 0, stream>>>(a); break;
-    case kInfoNCE: label_tile_backward_kernel<kInfoNCE, T><<<grid, block, 0, stream>>>(a); break;
-    case kMargin: label_tile_backward_kernel<kMargin, T><<<grid, block, 0, stream>>>(a); break;
-  }
+  with_form(form, [&](auto f) { label_tile_backward_kernel<decltype(f)::value, T><<<grid, block, 0, stream>>>(a); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
