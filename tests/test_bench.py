@@ -14,3 +14,16 @@ def test_bench_oucl_score_writes_csv(tmp_path, capsys):
     assert {r["op"] for r in rows} == {"oucl_weighted", "oucl_hinge"}
     assert all(float(r["time_ms"]) > 0 for r in rows)
     assert "speed-up" in capsys.readouterr().out or len({r["backend"] for r in rows}) == 1
+
+
+def test_plot_draws_every_csv_including_oom(tmp_path):
+    from bench import plot
+    from bench.common import row, write_csv
+
+    rows = [row(op="oucl", mode="label", backend=b, dtype="float32", size="N=8", time_ms=t, peak_mem_mb=m,
+                **{"pass": "forward+backward"}) for b, t, m in (("reference", "OOM", "OOM"), ("cpp", 1.5, 2.0))]
+    write_csv(rows, tmp_path / "x.csv")
+    out = plot.plot_csv(tmp_path / "x.csv", tmp_path / "x.png")
+    assert out.stat().st_size > 1000
+    assert plot.main([str(tmp_path / "x.csv"), "--out-dir", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "x.png").exists()
