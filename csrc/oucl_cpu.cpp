@@ -109,6 +109,7 @@ struct LabelArgs {
   Cfg<T> cfg;
   T sim_a, sim_b;
   bool exclude_self;
+  int64_t self_offset;  // the anchor i is reference row i + self_offset (when exclude_self)
   const int64_t* labels;
   const int64_t* ref_labels;
 };
@@ -342,8 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> oucl_score_bwd_bwd(
 
 
 // ------------------------------------------------------------------------------------- label mode
-// Label-mode OUCL on normalized features: zn [B,D], rn [M,D] (rn is zn itself when exclude_self), both
+// Label-mode OUCL on normalized features: zn [B,D], rn [M,D] (zn itself without a reference set), both
 // fp32 or fp64 (Python normalizes, in fp32 for half inputs, so autograd differentiates the normalization).
+// self_offset >= 0: anchor i is reference row i + self_offset and that pair is excluded; -1: no exclusion.
 // Work items are (block of kRowBlock rows) × (range of kColTile-column tiles): each takes an ATen GEMM
 // per tile into a [rows, tile] buffer and runs the fused epilogue on it, so memory is O((B + M)·D) plus
 // one tile per thread; B×M is never stored. Backward recomputes each tile and turns it into G = ∂ℓ/∂S in
@@ -382,14 +384,15 @@ LabelPlan make_plan(int64_t B, int64_t M) {
 }
 
 template <typename T>
-LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_self,
+LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset,
                              int64_t similarity, double beta, double gamma_pos, double gamma_neg, double margin,
                              double lam) {
   LabelArgs<T> a;
   a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
   a.sim_a = similarity == 0 ? T(0.5) : T(1);  // 0: shifted cosine (1 + cos)/2, 1: cosine
   a.sim_b = similarity == 0 ? T(0.5) : T(0);
-  a.exclude_self = exclude_self;
+  a.exclude_self = self_offset >= 0;
+  a.self_offset = self_offset;
   a.labels = labels.data_ptr<int64_t>();
   a.ref_labels = ref_labels.data_ptr<int64_t>();
   return a;
@@ -468,7 +471,7 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const at::Tensor& rn_in,
                                                   const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
-                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam) {
   check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
   // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
@@ -480,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
   at::Tensor stats = at::zeros({B, kStats}, zn.options());
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd", [&] {
     using T = scalar_t;
-    const auto a = make_label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg,
+    const auto a = make_label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg,
                                       margin, lam);
     const LabelPlan plan = make_plan(B, M);
     // One sweep over all tiles; `visit(r0, nr, c0, L, tile, states)` consumes a tile into per-split states,
@@ -558,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
 std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in, const at::Tensor& zn_in,
                                                   const at::Tensor& rn_in, const at::Tensor& labels_in,
                                                   const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
-                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam) {
   check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
   // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
@@ -575,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
   at::Tensor gz_parts, gr = at::zeros({M, D}, zn.options());
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd", [&] {
     using T = scalar_t;
-    const auto a = make_label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg,
+    const auto a = make_label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg,
                                       margin, lam);
     const LabelPlan plan = make_plan(B, M);
     gz_parts = at::zeros({plan.splits, B, D}, zn.options());
@@ -676,11 +679,11 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
       "margin_score_bwd(Tensor grad, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor stats) "
       "-> (Tensor, Tensor)");
   m.def(
-      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, bool exclude_self, int similarity, "
+      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, int similarity, "
       "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
   m.def(
       "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
-      "bool exclude_self, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
+      "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
       "float lam) -> (Tensor, Tensor)");
 }
 

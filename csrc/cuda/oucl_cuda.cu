@@ -583,6 +583,7 @@ struct LabelArgsD {
   Cfg<T> cfg;
   T sim_a, sim_b;
   bool exclude_self;
+  int64_t self_offset;
   const int64_t* labels;
   const int64_t* ref_labels;
   int64_t B, c0, L;
@@ -630,7 +631,7 @@ __global__ void label_tile_forward_kernel(LabelArgsD<T> a) {
   const T C = FORM == kInfoNCE && a.sweep == 1 ? st[2] + st[3] : T(0);
   for (int64_t k = lane; k < a.L; k += kWarp) {
     const int64_t j = a.c0 + k;
-    if (a.exclude_self && j == i) continue;
+    if (a.exclude_self && j == i + a.self_offset) continue;
     const T x = a.sim_a * s[k] + a.sim_b;
     const bool pos = a.ref_labels[j] == li;
     np += pos ? T(1) : T(0);
@@ -712,7 +713,7 @@ __global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
   if (idx >= a.B * a.L) return;
   const int64_t i = idx / a.L, j = a.c0 + idx % a.L;
   const T* st = a.stats + kStats * i;
-  if (st[4] == T(0) || (a.exclude_self && j == i)) {
+  if (st[4] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
     a.tile[idx] = T(0);
     return;
   }
@@ -740,13 +741,14 @@ __global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
 constexpr int64_t kTileElems = int64_t(1) << 25;
 
 template <typename T>
-LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels, bool exclude_self, int64_t similarity,
+LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity,
                          double beta, double gamma_pos, double gamma_neg, double margin, double lam, int64_t B) {
   LabelArgsD<T> a{};
   a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
   a.sim_a = similarity == 0 ? T(0.5) : T(1);
   a.sim_b = similarity == 0 ? T(0.5) : T(0);
-  a.exclude_self = exclude_self;
+  a.exclude_self = self_offset >= 0;
+  a.self_offset = self_offset;
   a.labels = labels.data_ptr<int64_t>();
   a.ref_labels = ref_labels.data_ptr<int64_t>();
   a.B = B;
@@ -784,7 +786,7 @@ void check_label_cuda(const at::Tensor& zn, const at::Tensor& rn, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const at::Tensor& rn_in,
                                                   const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
-                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam) {
   check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
   const c10::cuda::CUDAGuard guard(zn_in.device());
@@ -804,7 +806,7 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd_cuda", [&] {
     using T = scalar_t;
-    auto a = label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
+    auto a = label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
     a.state = state.data_ptr<T>();
     for (int sweep = 0; sweep < (form == kInfoNCE ? 2 : 1); ++sweep) {
       a.sweep = sweep;
@@ -826,7 +828,7 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
 std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& zn_in,
                                                   const at::Tensor& rn_in, const at::Tensor& labels_in,
                                                   const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
-                                                  bool exclude_self, int64_t similarity, int64_t form, double beta,
+                                                  int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam) {
   check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
   const c10::cuda::CUDAGuard guard(zn_in.device());
@@ -842,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd_cuda", [&] {
     using T = scalar_t;
-    auto a = label_args<T>(labels, ref_labels, exclude_self, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
+    auto a = label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
     a.stats = stats.data_ptr<T>();
     a.grad = g.data_ptr<T>();
     for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {

@@ -22,21 +22,25 @@ from .oucl_score import FORM_IDS, INFONCE_ID, _OUCLScore
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
 
-def _label_masks(zn, rn, labels, ref_labels):
+def _label_masks(zn, rn, labels, ref_labels, self_offset=-1):
+    """Positive and negative masks ``[B,M]``; the pair (i, i + offset) is neither (offset 0 without ``rn``)."""
     self_mode = rn is None
     pm = labels[:, None] == (labels if self_mode else ref_labels)[None, :]
     nm = ~pm
-    if self_mode:
-        pm = pm & ~torch.eye(zn.shape[0], dtype=torch.bool, device=zn.device)
+    offset = 0 if self_mode else self_offset
+    if offset >= 0:
+        rows = torch.arange(zn.shape[0], device=zn.device)
+        pm = pm.clone()
+        pm[rows, rows + offset] = False
     return pm, nm
 
 
-def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params):
+def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset):
     """Per-row losses from the materialized scores through the fused score-mode Function (whose double
     backward is the fused HVP kernel): the differentiable path for a gradient of the gradient, at the price
     of B×M memory for that call."""
     scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
-    pm, nm = _label_masks(zn, rn, labels, ref_labels)
+    pm, nm = _label_masks(zn, rn, labels, ref_labels, self_offset)
     return _OUCLScore.apply(scores, scores, pm, nm, params)[0]
 
 
@@ -45,16 +49,17 @@ class _LabelLoss(torch.autograd.Function):
     γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ)."""
 
     @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity, params):
+    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset):
         self_mode = rn is None
+        offset = 0 if self_mode else self_offset
         # Detached: an input that requires grad makes the op's internal GEMMs keep every tile (B×M memory).
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         rows, stats = torch.ops.metaug_fast.oucl_label_fwd(
-            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, self_mode,
+            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, offset,
             SIMILARITY_IDS[similarity], *params,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
-        ctx.similarity, ctx.params = similarity, params
+        ctx.similarity, ctx.params, ctx.self_offset = similarity, params, offset
         valid = stats[:, 4] > 0
         ctx.mark_non_differentiable(valid)
         return rows, valid
@@ -64,27 +69,27 @@ class _LabelLoss(torch.autograd.Function):
         zn, rn, labels, ref_labels, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
             # A differentiable gradient was asked for: recompute it with PyTorch ops.
-            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params)
+            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params, ctx.self_offset)
             wanted = [x for x, need in zip((zn, rn), ctx.needs_input_grad[:2]) if need]
             grads = iter(torch.autograd.grad(rows, wanted, grad_rows, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None)
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None, None)
         self_mode = rn is None
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
             grad_rows.contiguous(), zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, stats,
-            self_mode, SIMILARITY_IDS[ctx.similarity], *ctx.params,
+            ctx.self_offset, SIMILARITY_IDS[ctx.similarity], *ctx.params,
         )
         if self_mode:
-            return g_z + g_r, None, None, None, None, None
-        return g_z, g_r, None, None, None, None
+            return g_z + g_r, None, None, None, None, None, None
+        return g_z, g_r, None, None, None, None, None
 
 
-def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction):
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1):
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
     zn = F.normalize(emb.to(acc), dim=1)
     rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
     ref_labels = None if ref_labels is None else ref_labels.long()
-    rows, valid = _LabelLoss.apply(zn, rn, labels.long(), ref_labels, similarity, params)
+    rows, valid = _LabelLoss.apply(zn, rn, labels.long(), ref_labels, similarity, params, self_offset)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
@@ -113,7 +118,7 @@ class _MarginLabel(torch.autograd.Function):
         self_mode = rn is None
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         _, stats = torch.ops.metaug_fast.oucl_label_fwd(
-            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, self_mode,
+            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, 0 if self_mode else -1,
             SIMILARITY_IDS[similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
@@ -141,7 +146,7 @@ class _MarginLabel(torch.autograd.Function):
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
             torch.stack([g_min, g_max], 1).contiguous(), zd, zd if self_mode else rd, labels,
-            labels if self_mode else ref_labels, stats, self_mode, SIMILARITY_IDS[ctx.similarity], MARGIN_ID,
+            labels if self_mode else ref_labels, stats, 0 if self_mode else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID,
             1.0, 0.0, 0.0, 0.0, 0.0,
         )
         return (g_z + g_r if self_mode else g_z), (None if self_mode else g_r), None, None, None
