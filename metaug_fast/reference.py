@@ -69,11 +69,14 @@ def label_scores(
     ref_labels: Optional[Tensor] = None,
     *,
     similarity: str = "shifted_cosine",
+    self_offset: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Label mode as score mode: ``(scores [B,M], pos_mask [B,M], neg_mask [B,M])``.
 
     ``scores`` stays in the accumulation dtype (fp32 for fp16/bf16). Without a reference set the
-    reference is ``emb`` itself and the diagonal (j = i) is neither positive nor negative.
+    reference is ``emb`` itself and the diagonal (j = i) is neither positive nor negative; with one,
+    ``self_offset`` says that anchor i is reference row i + self_offset (a rank's rows inside a gathered
+    batch), and that pair is excluded too.
     """
     z = F.normalize(_acc(emb), dim=1)
     if ref_emb is None:
@@ -83,8 +86,11 @@ def label_scores(
     scores = _apply_similarity(z @ r.T, similarity)
     same = labels[:, None] == ref_labels[None, :]
     neg_mask = ~same
-    if ref_emb is None:
-        same = same & ~torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
+    offset = 0 if ref_emb is None else self_offset
+    if offset is not None:
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        same = same.clone()
+        same[rows, rows + offset] = False
     return scores, same, neg_mask
 
 
@@ -190,12 +196,14 @@ def oucl_embeddings(
     margin: float = 0.25,
     lam: float = 0.0,
     reduction: str = "mean",
+    self_offset: Optional[int] = None,
 ) -> Tensor:
-    """OUCL loss in label mode: ``emb [B,D]``, ``labels [B]``, optional ``ref_emb [M,D]``, ``ref_labels [M]``.
+    """OUCL loss in label mode: ``emb [B,D]``, ``labels [B]``, optional ``ref_emb [M,D]``, ``ref_labels [M]``
+    (``self_offset`` as in :func:`label_scores`).
 
     Materializes the ``[B,M]`` score matrix (the reason fused backends exist). Result in ``emb.dtype``.
     """
-    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset)
     out = oucl(
         scores, scores, form=form, beta=beta, gamma_pos=gamma_pos, gamma_neg=gamma_neg, margin=margin,
         lam=lam, pos_mask=pm, neg_mask=nm, reduction=reduction,

@@ -95,10 +95,12 @@ def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction,
 
 def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                         ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
-                        beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float) -> Tensor:
+                        beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
+                        self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
+    offset = -1 if self_offset is None else int(self_offset)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset)
 
 
 def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -1,0 +1,72 @@
+"""all_gather OUCL on 2 CPU processes (gloo): the loss and every rank's gradient equal those of one process
+holding the concatenated batch (float64, 1e-10), for unequal batch sizes and a class only one rank has."""
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import metaug_fast
+from metaug_fast import reference as R
+from metaug_fast.distributed import oucl_embeddings_all_gather
+
+SIZES = (5, 7)  # unequal rows per rank
+CASES = [("reference", "weighted", "mean"), ("reference", "circle", "sum"), ("cpp", "weighted", "mean"),
+         ("cpp", "hinge", "mean"), ("cpp", "squared", "sum")]
+
+
+def _global_batch():
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(sum(SIZES), 6, dtype=torch.float64, generator=gen)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 4, 4, 1])  # class 3 and 4 live on rank 1 only
+    return emb, labels
+
+
+def _worker(rank, world, init_file, cases):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        emb, labels = _global_batch()
+        start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+        for backend, form, reduction in cases:
+            kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
+            whole = emb.clone().requires_grad_()
+            want = R.oucl_embeddings(whole, labels, reduction=reduction, **kw)
+            want.backward()
+            mine = emb[start:stop].clone().requires_grad_()
+            got = oucl_embeddings_all_gather(mine, labels[start:stop], reduction=reduction, backend=backend, **kw)
+            got.backward()
+            torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(mine.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_all_gather_equals_one_process():
+    cases = [c for c in CASES if c[0] in metaug_fast.available_backends()]
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), cases), nprocs=2, join=True)
+
+
+def test_requires_an_initialized_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        oucl_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))
+
+
+def _failing_worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))
+    if rank == 1:
+        raise ValueError("rank 1 failed on purpose")
+    oucl_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))  # rank 0 waits in the collective
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_rank_brings_the_others_down():
+    with tempfile.TemporaryDirectory() as d:
+        with pytest.raises(Exception, match="rank 1 failed on purpose"):
+            mp.spawn(_failing_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
