@@ -527,9 +527,10 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
     for (int64_t i = 0; i < B; ++i) {
       const RowState<T>& s = state[i];
       T* row_st = st + kStats * i;
+      // The row's parts are written even for an invalid row (its loss stays 0): a caller that combines
+      // partial reference sets (ring mode) needs each part's log-sum-exps or sums.
       const bool valid = s.n_pos > 0 && s.n_neg > 0;
       row_st[4] = valid ? T(1) : T(0);
-      if (!valid) continue;
       if (form == kMargin) {
         row_st[0] = s.min_pos;
         row_st[1] = s.max_neg;
@@ -540,18 +541,18 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
         row_st[1] = s.neg.log_sum;
         row_st[2] = s.sum_neg;
         row_st[3] = T(s.n_pos);
-        out[i] = s.sum_pos / T(s.n_pos);
+        if (valid) out[i] = s.sum_pos / T(s.n_pos);
       } else if (form == kHinge) {
         const T arg = s.sum_neg - s.sum_pos + a.cfg.lam;
         row_st[0] = arg;
-        out[i] = arg > T(0) || arg != arg ? arg : T(0);
+        if (valid) out[i] = arg > T(0) || arg != arg ? arg : T(0);
       } else {
         row_st[0] = s.pos.shift;
         row_st[1] = s.pos.log_sum;
         row_st[2] = s.neg.shift;
         row_st[3] = s.neg.log_sum;
         const T x = s.pos.value() + s.neg.value();
-        out[i] = (x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) * a.cfg.inv_beta;
+        if (valid) out[i] = (x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) * a.cfg.inv_beta;
       }
     }
   });

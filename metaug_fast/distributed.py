@@ -102,3 +102,138 @@ def oucl_embeddings_all_gather(
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
     return local + (total - local).detach()
+
+
+# ------------------------------------------------------------------------------------------------ ring
+def _shift(tensors: List[Tensor], recv_shapes: List[torch.Size], rank: int, world: int, group) -> List[Tensor]:
+    """Send ``tensors`` to rank + 1 and receive the same kinds of tensors (of ``recv_shapes``) from rank - 1."""
+    dst, src = (rank + 1) % world, (rank - 1) % world
+    received = [torch.empty(shape, dtype=t.dtype, device=t.device) for t, shape in zip(tensors, recv_shapes)]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst) if group else dst, group)
+           for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, dist.get_global_rank(group, src) if group else src, group) for r in received]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received
+
+
+def _merge_lse(shift: Tensor, log_sum: Tensor) -> tuple:
+    """Combine per-chunk (shift, log_sum) ``[b, W]`` into one (shift, log_sum) ``[b]``; empty chunks have
+    log_sum = -inf."""
+    value = shift + log_sum
+    m = value.amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m[:, 0], torch.log(torch.exp(value - m).sum(1))
+
+
+class _RingOUCL(torch.autograd.Function):
+    """Per-row OUCL of this rank's normalized rows ``zn [b, D]`` against every rank's rows, which travel
+    around the ring one chunk at a time (forward: row log-sum-exps; backward: the chunks again, each
+    carrying the gradient its owner gets). Peak memory O((b + largest chunk)·D)."""
+
+    @staticmethod
+    def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params):
+        world = len(sizes)
+        ops = torch.ops.metaug_fast
+        chunk, chunk_labels = zn, labels
+        parts = []
+        for step in range(world):
+            owner = (rank - step) % world
+            _, stats = ops.oucl_label_fwd(zn, chunk, labels, chunk_labels, 0 if owner == rank else -1, similarity,
+                                          *params)
+            parts.append(stats)
+            if step < world - 1:
+                nxt = sizes[(owner - 1) % world]
+                chunk, chunk_labels = _shift([chunk, chunk_labels], [(nxt, zn.shape[1]), (nxt,)], rank, world, group)
+        stats = torch.stack(parts, 1)  # [b, W, 5]
+        valid = _valid_rows(labels, all_labels)
+        merged = torch.zeros(zn.shape[0], 5, dtype=zn.dtype, device=zn.device)
+        form_id, beta, lam = params[0], params[1], params[5]
+        if form_id == 0:  # hinge: per chunk Σn - Σp + λ, λ counted once
+            arg = (stats[..., 0] - lam).sum(1) + lam
+            merged[:, 0] = arg
+            rows = torch.where(torch.isnan(arg) | (arg > 0), arg, torch.zeros_like(arg))
+        else:
+            merged[:, 0], merged[:, 1] = _merge_lse(stats[..., 0], stats[..., 1])
+            merged[:, 2], merged[:, 3] = _merge_lse(stats[..., 2], stats[..., 3])
+            rows = torch.logaddexp(merged[:, :4].sum(1), torch.zeros_like(merged[:, 0])) / beta
+        merged[:, 4] = valid.to(zn.dtype)
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        ctx.save_for_backward(zn, labels, merged)
+        ctx.sizes, ctx.rank, ctx.group, ctx.similarity, ctx.params = sizes, rank, group, similarity, params
+        ctx.mark_non_differentiable(valid)
+        return rows, valid
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_valid):
+        if torch.is_grad_enabled():
+            raise RuntimeError("ring-mode OUCL provides first derivatives only (use all_gather for second order)")
+        zn, labels, merged = ctx.saved_tensors
+        sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
+        world = len(sizes)
+        ops = torch.ops.metaug_fast
+        grad_rows = grad_rows.contiguous()
+        own = torch.zeros_like(zn)
+        chunk, chunk_labels, chunk_grad = zn, labels, torch.zeros_like(zn)
+        for step in range(world):
+            owner = (rank - step) % world
+            g_z, g_c = ops.oucl_label_bwd(grad_rows, zn, chunk, labels, chunk_labels, merged,
+                                          0 if owner == rank else -1, ctx.similarity, *ctx.params)
+            own += g_z
+            chunk_grad = chunk_grad + g_c
+            nxt = sizes[(owner - 1) % world]
+            shapes = [(nxt, zn.shape[1]), (nxt,), (nxt, zn.shape[1])]
+            if step < world - 1:
+                chunk, chunk_labels, chunk_grad = _shift([chunk, chunk_labels, chunk_grad], shapes, rank, world, group)
+        # The last chunk's gradient is one hop from its owner (rank + 1): one more shift brings ours home.
+        (mine,) = _shift([chunk_grad], [zn.shape], rank, world, group)
+        return own + mine, None, None, None, None, None, None, None
+
+
+def oucl_embeddings_ring(
+    emb: Tensor,
+    labels: Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    reduction: str = "mean",
+    similarity: str = "shifted_cosine",
+    **params,
+) -> Tensor:
+    """Label-mode OUCL over the global batch like :func:`oucl_embeddings_all_gather`, but the other ranks'
+    embeddings visit one at a time around the ring instead of being gathered: per-rank memory
+    O((b + largest rank's b)·D) instead of O(Σ b · D). Same loss and gradients; first derivatives only.
+    Needs the fused label op of the tensors' device (cpp on CPU)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("oucl_embeddings_ring needs torch.distributed initialized (dist.init_process_group)")
+    F._label_inputs(emb, labels, None, None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
+    similarity = F._choice(similarity, "similarity", ("shifted_cosine", "cosine"))
+    defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
+    if set(params) - set(defaults):
+        raise TypeError(f"unexpected arguments {sorted(set(params) - set(defaults))}")
+    checked = F._oucl_params(**{**defaults, **params}, reduction="none")
+    fused = "cpp" if emb.device.type == "cpu" else "cuda"
+    if fused not in _backend.available_backends():
+        raise _backend.BackendUnavailableError(f"ring mode needs the fused label op on {emb.device.type}: "
+                                               f"{_backend._unavailable_reason(fused)}")
+    from ._ops.oucl_label import SIMILARITY_IDS
+    from ._ops.oucl_score import FORM_IDS
+
+    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    zn = torch.nn.functional.normalize(emb.to(acc), dim=1)
+    rank = dist.get_rank(group)
+    sizes = _gather_sizes(emb.shape[0], emb.device, group)
+    all_labels = _gather_padded(labels.long(), sizes, group)
+    op_params = (FORM_IDS[checked["form"]], checked["beta"], checked["gamma_pos"], checked["gamma_neg"],
+                 checked["margin"], checked["lam"])
+    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, SIMILARITY_IDS[similarity],
+                                  op_params)
+    local = rows.sum()
+    if reduction == "mean":
+        n_valid = valid.sum().to(torch.float64)
+        dist.all_reduce(n_valid, group=group)
+        local = local / n_valid.clamp(min=1).to(local.dtype)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return (local + (total - local).detach()).to(emb.dtype)

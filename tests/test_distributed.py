@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import metaug_fast
 from metaug_fast import reference as R
-from metaug_fast.distributed import oucl_embeddings_all_gather
+from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring
 
 SIZES = (5, 7)  # unequal rows per rank
 CASES = [("reference", "weighted", "mean"), ("reference", "circle", "sum"), ("cpp", "weighted", "mean"),
@@ -41,6 +41,12 @@ def _worker(rank, world, init_file, cases):
             got.backward()
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(mine.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+            if backend == "cpp":  # ring mode runs on the fused label op
+                ring_in = emb[start:stop].clone().requires_grad_()
+                ring = oucl_embeddings_ring(ring_in, labels[start:stop], reduction=reduction, **kw)
+                ring.backward()
+                torch.testing.assert_close(ring, want.detach(), rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(ring_in.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
     finally:
         dist.destroy_process_group()
 

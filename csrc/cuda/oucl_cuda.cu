@@ -685,21 +685,20 @@ __global__ void label_finalize_kernel(const T* state, int64_t B, int64_t form, C
   if (i >= B) return;
   const T* s = state + kState * i;
   T* st = stats + kStats * i;
+  // Parts are written for invalid rows too (their loss stays 0), as on the CPU, for ring-mode callers.
   const bool valid = s[10] > T(0) && s[11] > T(0);
-  T out = T(0), v0 = T(0), v1 = T(0), v2 = T(0), v3 = T(0);
-  if (valid) {
-    if (form == kMargin) {
-      v0 = s[6]; v1 = s[8]; v2 = s[7]; v3 = s[9];
-    } else if (form == kInfoNCE) {
-      v0 = s[2]; v1 = s[3]; v2 = s[5]; v3 = s[10];
-      out = s[4] / s[10];
-    } else if (form == kHinge) {
-      v0 = s[5] - s[4] + cfg.lam;
-      out = v0 > T(0) || v0 != v0 ? v0 : T(0);
-    } else {
-      v0 = s[0]; v1 = s[1]; v2 = s[2]; v3 = s[3];
-      out = softplus_d(v0 + v1 + v2 + v3) * cfg.inv_beta;
-    }
+  T out = T(0), v0, v1, v2, v3;
+  if (form == kMargin) {
+    v0 = s[6]; v1 = s[8]; v2 = s[7]; v3 = s[9];
+  } else if (form == kInfoNCE) {
+    v0 = s[2]; v1 = s[3]; v2 = s[5]; v3 = s[10];
+    if (valid) out = s[4] / s[10];
+  } else if (form == kHinge) {
+    v0 = s[5] - s[4] + cfg.lam; v1 = v2 = v3 = T(0);
+    if (valid) out = v0 > T(0) || v0 != v0 ? v0 : T(0);
+  } else {
+    v0 = s[0]; v1 = s[1]; v2 = s[2]; v3 = s[3];
+    if (valid) out = softplus_d(v0 + v1 + v2 + v3) * cfg.inv_beta;
   }
   rows[i] = out;
   st[0] = v0; st[1] = v1; st[2] = v2; st[3] = v3;
