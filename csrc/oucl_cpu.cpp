@@ -476,7 +476,8 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
   check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
   // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  // Detached: gradient buffers are allocated with zn.options(), which would carry requires_grad.
+  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0);
   at::Tensor rows = at::zeros({B}, zn.options());
@@ -567,7 +568,8 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
   check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
   // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  // Detached: gradient buffers are allocated with zn.options(), which would carry requires_grad.
+  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
   const at::Tensor stats = stats_in.contiguous(), grad_rows = grad_rows_in.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);

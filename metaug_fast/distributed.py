@@ -185,8 +185,9 @@ class _RingOUCL(torch.autograd.Function):
             shapes = [(nxt, zn.shape[1]), (nxt,), (nxt, zn.shape[1])]
             if step < world - 1:
                 chunk, chunk_labels, chunk_grad = _shift([chunk, chunk_labels, chunk_grad], shapes, rank, world, group)
-        # The last chunk's gradient is one hop from its owner (rank + 1): one more shift brings ours home.
-        (mine,) = _shift([chunk_grad], [zn.shape], rank, world, group)
+        # The last chunk's gradient is one hop from its owner (rank + 1): one more shift brings ours home
+        # (with one rank the only chunk is our own).
+        (mine,) = _shift([chunk_grad], [zn.shape], rank, world, group) if world > 1 else (chunk_grad,)
         return own + mine, None, None, None, None, None, None, None
 
 

@@ -13,7 +13,7 @@ import metaug_fast
 from metaug_fast import reference as R
 from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring
 
-SIZES = (5, 7)  # unequal rows per rank
+SIZES = (5, 7)  # unequal rows per rank (a 1-process group gets all 12)
 CASES = [("reference", "weighted", "mean"), ("reference", "circle", "sum"), ("cpp", "weighted", "mean"),
          ("cpp", "hinge", "mean"), ("cpp", "squared", "sum")]
 
@@ -30,7 +30,8 @@ def _worker(rank, world, init_file, cases):
                             timeout=timedelta(seconds=60))
     try:
         emb, labels = _global_batch()
-        start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+        sizes = SIZES if world == 2 else (sum(SIZES),)
+        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
         for backend, form, reduction in cases:
             kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
             whole = emb.clone().requires_grad_()
@@ -52,10 +53,11 @@ def _worker(rank, world, init_file, cases):
 
 
 @pytest.mark.timeout(180)
-def test_all_gather_equals_one_process():
+@pytest.mark.parametrize("world", [1, 2])
+def test_all_gather_and_ring_equal_one_process(world):
     cases = [c for c in CASES if c[0] in metaug_fast.available_backends()]
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), cases), nprocs=2, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases), nprocs=world, join=True)
 
 
 def test_requires_an_initialized_process_group():

@@ -790,7 +790,7 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
   check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
   const c10::cuda::CUDAGuard guard(zn_in.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0);
   at::Tensor rows = at::empty({B}, zn.options()), stats = at::empty({B, kStats}, zn.options());
@@ -832,7 +832,7 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
   check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
   const c10::cuda::CUDAGuard guard(zn_in.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.contiguous(), rn = rn_in.contiguous();
+  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
   const at::Tensor stats = stats_in.contiguous(), g = grad_rows.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0);

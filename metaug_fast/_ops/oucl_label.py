@@ -52,7 +52,7 @@ class _LabelLoss(torch.autograd.Function):
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset):
         self_mode = rn is None
         offset = 0 if self_mode else self_offset
-        # Detached: an input that requires grad makes the op's internal GEMMs keep every tile (B×M memory).
+        # The ops take plain tensors: autograd is this Function's business.
         zd, rd = zn.detach(), None if self_mode else rn.detach()
         rows, stats = torch.ops.metaug_fast.oucl_label_fwd(
             zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, offset,
