@@ -60,6 +60,34 @@ def _valid_rows(labels: Tensor, all_labels: Tensor) -> Tensor:
     return (same > 0) & (all_labels.numel() - 1 - same > 0)
 
 
+def _checked_params(name: str, emb: Tensor, labels: Tensor, reduction: str, params: dict):
+    """Validates a distributed call; returns (similarity, the oucl params with reduction "none")."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{name} needs torch.distributed initialized (dist.init_process_group)")
+    F._label_inputs(emb, labels, None, None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
+    similarity = F._choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
+    defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise TypeError(f"{name} got unexpected arguments {sorted(unknown)}")
+    return similarity, F._oucl_params(**{**defaults, **params}, reduction="none")
+
+
+def _global_loss(rows: Tensor, valid: Tensor, reduction: str, group) -> Tensor:
+    """The global mean (over every rank's valid rows) or sum, on every rank; its gradient is this rank's
+    share, which the gather/ring backward completes with the other ranks' shares."""
+    local = rows.sum()
+    if reduction == "mean":
+        n_valid = valid.sum().to(torch.float64)
+        dist.all_reduce(n_valid, group=group)
+        local = local / n_valid.clamp(min=1).to(local.dtype)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return local + (total - local).detach()
+
+
 def oucl_embeddings_all_gather(
     emb: Tensor,
     labels: Tensor,
@@ -77,31 +105,14 @@ def oucl_embeddings_all_gather(
             on every rank.
         params: similarity, form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("oucl_embeddings_all_gather needs torch.distributed initialized (dist.init_process_group)")
-    F._label_inputs(emb, labels, None, None)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
-    similarity = F._choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
-    defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
-    unknown = set(params) - set(defaults)
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
-    checked = F._oucl_params(**{**defaults, **params}, reduction="none")
+    similarity, checked = _checked_params("oucl_embeddings_all_gather", emb, labels, reduction, params)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     all_emb = _GatherRows.apply(emb, sizes, rank, group)
     all_labels = _gather_padded(labels.long(), sizes, group)
     impl = _backend.resolve("oucl_embeddings", backend, emb.device)
     rows = impl(emb, labels, all_emb, all_labels, similarity=similarity, self_offset=sum(sizes[:rank]), **checked)
-    local = rows.sum()
-    if reduction == "mean":
-        n_valid = _valid_rows(labels.long(), all_labels).sum().to(torch.float64)
-        dist.all_reduce(n_valid, group=group)
-        local = local / n_valid.clamp(min=1).to(local.dtype)
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
-    return local + (total - local).detach()
+    return _global_loss(rows, _valid_rows(labels.long(), all_labels), reduction, group)
 
 
 # ------------------------------------------------------------------------------------------------ ring
@@ -204,16 +215,8 @@ def oucl_embeddings_ring(
     embeddings visit one at a time around the ring instead of being gathered: per-rank memory
     O((b + largest rank's b)·D) instead of O(Σ b · D). Same loss and gradients; first derivatives only.
     Needs the fused label op of the tensors' device (cpp on CPU)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("oucl_embeddings_ring needs torch.distributed initialized (dist.init_process_group)")
-    F._label_inputs(emb, labels, None, None)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
-    similarity = F._choice(similarity, "similarity", ("shifted_cosine", "cosine"))
-    defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
-    if set(params) - set(defaults):
-        raise TypeError(f"unexpected arguments {sorted(set(params) - set(defaults))}")
-    checked = F._oucl_params(**{**defaults, **params}, reduction="none")
+    similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
+                                          dict(params, similarity=similarity))
     fused = "cpp" if emb.device.type == "cpu" else "cuda"
     if fused not in _backend.available_backends():
         raise _backend.BackendUnavailableError(f"ring mode needs the fused label op on {emb.device.type}: "
@@ -230,11 +233,4 @@ def oucl_embeddings_ring(
                  checked["margin"], checked["lam"])
     rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, SIMILARITY_IDS[similarity],
                                   op_params)
-    local = rows.sum()
-    if reduction == "mean":
-        n_valid = valid.sum().to(torch.float64)
-        dist.all_reduce(n_valid, group=group)
-        local = local / n_valid.clamp(min=1).to(local.dtype)
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
-    return (local + (total - local).detach()).to(emb.dtype)
+    return _global_loss(rows, valid, reduction, group).to(emb.dtype)
