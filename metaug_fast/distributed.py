@@ -47,6 +47,10 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # The all-reduce is not differentiable: a second derivative would silently lose the terms that
+            # cross ranks, so it is refused.
+            raise RuntimeError("distributed OUCL provides first derivatives only")
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])

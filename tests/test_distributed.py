@@ -78,3 +78,21 @@ def test_a_failing_rank_brings_the_others_down():
     with tempfile.TemporaryDirectory() as d:
         with pytest.raises(Exception, match="rank 1 failed on purpose"):
             mp.spawn(_failing_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+
+
+def _second_order_worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        loss = oucl_embeddings_all_gather(emb, torch.tensor([0, 1, 0, 1]), backend="reference")
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            torch.autograd.grad(loss, emb, create_graph=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_second_derivative_through_the_gather_raises():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_second_order_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
