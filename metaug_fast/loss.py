@@ -24,7 +24,9 @@ class OUCLLoss(nn.Module):
         beta, gamma_pos, gamma_neg, margin, lam: the form's parameters (β > 0).
         similarity: used by :meth:`embeddings`: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``.
         reduction: ``"mean"`` (over rows with a positive and a negative), ``"sum"`` or ``"none"``.
-        backend: ``"auto"``, ``"reference"`` or ``"cpp"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
+        distributed: ``None``, ``"all_gather"`` or ``"ring"``: :meth:`embeddings` then scores this rank's rows
+            against the batch of every rank of ``process_group`` (see :mod:`metaug_fast.distributed`).
 
     Every argument is checked here, so a bad configuration fails at construction.
     """
@@ -40,12 +42,19 @@ class OUCLLoss(nn.Module):
         similarity: str = "shifted_cosine",
         reduction: str = "mean",
         backend: str = "auto",
+        distributed: Optional[str] = None,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.params = F._oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
         self.similarity = F._choice(similarity, "similarity", reference.SIMILARITIES)
         F._backend._check_name(backend, "backend")
         self.backend = backend
+        if distributed is not None:
+            F._choice(distributed, "distributed", ("all_gather", "ring"))
+            if reduction == "none":
+                raise ValueError("reduction='none' has no distributed meaning: use 'mean' or 'sum' with distributed")
+        self.distributed, self.process_group = distributed, process_group
 
     def forward(self, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None,
                 neg_mask: Optional[Tensor] = None) -> Tensor:
@@ -55,9 +64,24 @@ class OUCLLoss(nn.Module):
     def embeddings(self, emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                    ref_labels: Optional[Tensor] = None) -> Tensor:
         """Label mode: ``emb [B,D]``, ``labels [B]``, optional ``ref_emb [M,D]``, ``ref_labels [M]``."""
+        if self.distributed is not None:
+            if ref_emb is not None or ref_labels is not None:
+                raise ValueError("ref_emb/ref_labels cannot be combined with distributed: the reference set is "
+                                 "the batch of all ranks")
+            from . import distributed as D
+
+            params = {k: v for k, v in self.params.items() if k != "reduction"}
+            if self.distributed == "ring":
+                return D.oucl_embeddings_ring(emb, labels, group=self.process_group, reduction=self.params["reduction"],
+                                              similarity=self.similarity, **params)
+            return D.oucl_embeddings_all_gather(emb, labels, group=self.process_group,
+                                                reduction=self.params["reduction"], backend=self.backend,
+                                                similarity=self.similarity, **params)
         return F.oucl_embeddings(emb, labels, ref_emb, ref_labels, similarity=self.similarity,
                                  backend=self.backend, **self.params)
 
     def extra_repr(self) -> str:
         items = dict(self.params, similarity=self.similarity, backend=self.backend)
+        if self.distributed:
+            items["distributed"] = self.distributed
         return ", ".join(f"{k}={v!r}" for k, v in items.items())

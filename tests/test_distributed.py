@@ -42,12 +42,18 @@ def _worker(rank, world, init_file, cases):
             got.backward()
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(mine.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+            module = metaug_fast.OUCLLoss(reduction=reduction, backend=backend, distributed="all_gather", **kw)
+            torch.testing.assert_close(module.embeddings(emb[start:stop], labels[start:stop]), want.detach(),
+                                       rtol=1e-10, atol=1e-12)
             if backend == "cpp":  # ring mode runs on the fused label op
                 ring_in = emb[start:stop].clone().requires_grad_()
                 ring = oucl_embeddings_ring(ring_in, labels[start:stop], reduction=reduction, **kw)
                 ring.backward()
                 torch.testing.assert_close(ring, want.detach(), rtol=1e-10, atol=1e-12)
                 torch.testing.assert_close(ring_in.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+                ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", **kw)
+                torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
+                                           want.detach(), rtol=1e-10, atol=1e-12)
     finally:
         dist.destroy_process_group()
 
@@ -96,3 +102,13 @@ def _second_order_worker(rank, world, init_file):
 def test_second_derivative_through_the_gather_raises():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_second_order_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+
+
+def test_module_checks_distributed_arguments():
+    with pytest.raises(ValueError, match="distributed"):
+        metaug_fast.OUCLLoss(distributed="nccl_ring")
+    with pytest.raises(ValueError, match="reduction='none'"):
+        metaug_fast.OUCLLoss(distributed="ring", reduction="none")
+    with pytest.raises(ValueError, match="ref_emb"):
+        metaug_fast.OUCLLoss(distributed="all_gather").embeddings(torch.randn(2, 3), torch.arange(2),
+                                                                 torch.randn(2, 3), torch.arange(2))
