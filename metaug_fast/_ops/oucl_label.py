@@ -44,19 +44,38 @@ def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset
     return _OUCLScore.apply(scores, scores, pm, nm, params)[0]
 
 
+def _op_inputs(zn, rn, labels, ref_labels):
+    """(zn, reference rows, labels, reference labels) as the label ops take them: without a reference set
+    the reference is zn itself."""
+    return (zn, zn, labels, labels) if rn is None else (zn, rn, labels, ref_labels)
+
+
+def _needed_grads(ctx, outputs, grad_outputs, n_none):
+    """Differentiable gradients of ``outputs`` w.r.t. the (zn, rn) inputs that need them, then ``n_none`` Nones."""
+    zn, rn = ctx.saved_tensors[:2]
+    needs = ctx.needs_input_grad[:2]
+    wanted = [x for x, need in zip((zn, rn), needs) if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True))
+    return (*(next(grads) if need else None for need in needs),) + (None,) * n_none
+
+
+def _normalized(emb, labels, ref_emb, ref_labels):
+    """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16) and int64 labels."""
+    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
+    zn = F.normalize(emb.to(acc), dim=1)
+    rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
+    return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
+
+
 class _LabelLoss(torch.autograd.Function):
     """(zn [B,D], rn [M,D] or None) -> (per-row losses [B], valid rows [B]); ``params`` = (form id, β, γ⁺,
     γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ)."""
 
     @staticmethod
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset):
-        self_mode = rn is None
-        offset = 0 if self_mode else self_offset
-        # The ops take plain tensors: autograd is this Function's business.
-        zd, rd = zn.detach(), None if self_mode else rn.detach()
+        offset = 0 if rn is None else self_offset
         rows, stats = torch.ops.metaug_fast.oucl_label_fwd(
-            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, offset,
-            SIMILARITY_IDS[similarity], *params,
+            *_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITY_IDS[similarity], *params
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.params, ctx.self_offset = similarity, params, offset
@@ -70,26 +89,18 @@ class _LabelLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             # A differentiable gradient was asked for: recompute it with PyTorch ops.
             rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params, ctx.self_offset)
-            wanted = [x for x, need in zip((zn, rn), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(rows, wanted, grad_rows, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None, None, None)
-        self_mode = rn is None
-        zd, rd = zn.detach(), None if self_mode else rn.detach()
+            return _needed_grads(ctx, rows, grad_rows, 5)
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
-            grad_rows.contiguous(), zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, stats,
-            ctx.self_offset, SIMILARITY_IDS[ctx.similarity], *ctx.params,
+            grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats, ctx.self_offset,
+            SIMILARITY_IDS[ctx.similarity], *ctx.params,
         )
-        if self_mode:
+        if rn is None:
             return g_z + g_r, None, None, None, None, None, None
         return g_z, g_r, None, None, None, None, None
 
 
 def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1):
-    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    zn = F.normalize(emb.to(acc), dim=1)
-    rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
-    ref_labels = None if ref_labels is None else ref_labels.long()
-    rows, valid = _LabelLoss.apply(zn, rn, labels.long(), ref_labels, similarity, params, self_offset)
+    rows, valid = _LabelLoss.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity, params, self_offset)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
@@ -117,11 +128,9 @@ class _MarginLabel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zn, rn, labels, ref_labels, similarity):
-        self_mode = rn is None
-        zd, rd = zn.detach(), None if self_mode else rn.detach()
         _, stats = torch.ops.metaug_fast.oucl_label_fwd(
-            zd, zd if self_mode else rd, labels, labels if self_mode else ref_labels, 0 if self_mode else -1,
-            SIMILARITY_IDS[similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
+            *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITY_IDS[similarity],
+            MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity = similarity
@@ -132,36 +141,27 @@ class _MarginLabel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_min, g_max, _g_valid):
         zn, rn, labels, ref_labels, stats = ctx.saved_tensors
-        self_mode = rn is None
         if torch.is_grad_enabled():
             # Differentiable path: amin/amax over the materialized scores (B×M memory for that call).
-            scores = reference._apply_similarity(zn @ (zn if self_mode else rn).T, ctx.similarity)
+            scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, ctx.similarity)
             pm, nm = _label_masks(zn, rn, labels, ref_labels)
             inf = torch.full((), float("inf"), dtype=scores.dtype, device=scores.device)
             p_min = torch.where(pm, scores, inf).amin(1)
             n_max = torch.where(nm, scores, -inf).amax(1)
             valid = stats[:, 4] > 0
             outs = [torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)]
-            wanted = [x for x, need in zip((zn, rn), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(outs, wanted, (g_min, g_max), create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None, None, None)
-        zd, rd = zn.detach(), None if self_mode else rn.detach()
+            return _needed_grads(ctx, outs, (g_min, g_max), 3)
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
-            torch.stack([g_min, g_max], 1).contiguous(), zd, zd if self_mode else rd, labels,
-            labels if self_mode else ref_labels, stats, 0 if self_mode else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID,
-            1.0, 0.0, 0.0, 0.0, 0.0,
+            torch.stack([g_min, g_max], 1).contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats,
+            0 if rn is None else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
         )
-        return (g_z + g_r if self_mode else g_z), (None if self_mode else g_r), None, None, None
+        return (g_z + g_r if rn is None else g_z), (None if rn is None else g_r), None, None, None
 
 
 def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                                      ref_labels: Optional[Tensor] = None, *, similarity: str):
     """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, fused on the CPU."""
-    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    zn = F.normalize(emb.to(acc), dim=1)
-    rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
-    ref_labels = None if ref_labels is None else ref_labels.long()
-    p_min, n_max, valid = _MarginLabel.apply(zn, rn, labels.long(), ref_labels, similarity)
+    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity)
     return sigmas(p_min, n_max, valid, emb.dtype)
 
 
