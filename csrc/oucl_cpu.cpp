@@ -379,7 +379,8 @@ struct LabelPlan {
 
 LabelPlan make_plan(int64_t B, int64_t M) {
   LabelPlan p{B, M, (B + kRowBlock - 1) / kRowBlock, (M + kColTile - 1) / kColTile, 1};
-  if (p.row_blocks < kColSplits) p.splits = std::min<int64_t>(p.tiles, kColSplits);
+  // At least one split: an empty reference set (M = 0, a rank's empty shard) still yields every row's state.
+  if (p.row_blocks < kColSplits) p.splits = std::max<int64_t>(1, std::min<int64_t>(p.tiles, kColSplits));
   return p;
 }
 

@@ -68,6 +68,18 @@ def test_singletons_single_reference_row_and_no_valid_row():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("op", ["oucl_embeddings", "info_nce_embeddings", "margin_statistics_embeddings"])
+def test_empty_reference_set(op):
+    # M = 0 (a rank's empty shard of a sharded bank) once crashed the tile planner.
+    emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    args = (emb, torch.arange(4), torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    got, want = getattr(F, op)(*args, backend="cpp"), getattr(F, op)(*args, backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if op != "margin_statistics_embeddings":
+        got.backward()
+        assert torch.equal(emb.grad, torch.zeros_like(emb))
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("beta", [1.0, 16.0, 256.0])
 def test_fp32_within_1e4_of_fp64(form, beta):
