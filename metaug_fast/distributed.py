@@ -141,6 +141,24 @@ def _merge_lse(shift: Tensor, log_sum: Tensor) -> tuple:
     return m[:, 0], torch.log(torch.exp(value - m).sum(1))
 
 
+def _merge_stats(stats: Tensor, valid: Tensor, params: tuple) -> tuple:
+    """Per-row losses ``[b]`` and the merged statistics ``[b, 5]`` (as the label ops' backward takes them)
+    from the statistics ``stats [b, W, 5]`` of W disjoint parts of the reference set; ``valid [b]`` counts
+    the whole set."""
+    merged = torch.zeros(stats.shape[0], 5, dtype=stats.dtype, device=stats.device)
+    form_id, beta, lam = params[0], params[1], params[5]
+    if form_id == 0:  # hinge: per part Σn - Σp + λ, λ counted once
+        arg = (stats[..., 0] - lam).sum(1) + lam
+        merged[:, 0] = arg
+        rows = torch.where(torch.isnan(arg) | (arg > 0), arg, torch.zeros_like(arg))
+    else:
+        merged[:, 0], merged[:, 1] = _merge_lse(stats[..., 0], stats[..., 1])
+        merged[:, 2], merged[:, 3] = _merge_lse(stats[..., 2], stats[..., 3])
+        rows = torch.logaddexp(merged[:, :4].sum(1), torch.zeros_like(merged[:, 0])) / beta
+    merged[:, 4] = valid.to(stats.dtype)
+    return torch.where(valid, rows, torch.zeros_like(rows)), merged
+
+
 class _RingOUCL(torch.autograd.Function):
     """Per-row OUCL of this rank's normalized rows ``zn [b, D]`` against every rank's rows, which travel
     around the ring one chunk at a time (forward: row log-sum-exps; backward: the chunks again, each
@@ -160,20 +178,8 @@ class _RingOUCL(torch.autograd.Function):
             if step < world - 1:
                 nxt = sizes[(owner - 1) % world]
                 chunk, chunk_labels = _shift([chunk, chunk_labels], [(nxt, zn.shape[1]), (nxt,)], rank, world, group)
-        stats = torch.stack(parts, 1)  # [b, W, 5]
         valid = _valid_rows(labels, all_labels)
-        merged = torch.zeros(zn.shape[0], 5, dtype=zn.dtype, device=zn.device)
-        form_id, beta, lam = params[0], params[1], params[5]
-        if form_id == 0:  # hinge: per chunk Σn - Σp + λ, λ counted once
-            arg = (stats[..., 0] - lam).sum(1) + lam
-            merged[:, 0] = arg
-            rows = torch.where(torch.isnan(arg) | (arg > 0), arg, torch.zeros_like(arg))
-        else:
-            merged[:, 0], merged[:, 1] = _merge_lse(stats[..., 0], stats[..., 1])
-            merged[:, 2], merged[:, 3] = _merge_lse(stats[..., 2], stats[..., 3])
-            rows = torch.logaddexp(merged[:, :4].sum(1), torch.zeros_like(merged[:, 0])) / beta
-        merged[:, 4] = valid.to(zn.dtype)
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
         ctx.save_for_backward(zn, labels, merged)
         ctx.sizes, ctx.rank, ctx.group, ctx.similarity, ctx.params = sizes, rank, group, similarity, params
         ctx.mark_non_differentiable(valid)
@@ -221,20 +227,108 @@ def oucl_embeddings_ring(
     Needs the fused label op of the tensors' device (cpp on CPU)."""
     similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
                                           dict(params, similarity=similarity))
-    fused = "cpp" if emb.device.type == "cpu" else "cuda"
+    sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked)
+    zn = _normalized(emb)
+    rank = dist.get_rank(group)
+    sizes = _gather_sizes(emb.shape[0], emb.device, group)
+    all_labels = _gather_padded(labels.long(), sizes, group)
+    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params)
+    return _global_loss(rows, valid, reduction, group).to(emb.dtype)
+
+
+def _fused_op_args(what: str, device: torch.device, similarity: str, checked: dict) -> tuple:
+    """(similarity id, (form id, β, γ⁺, γ⁻, m, λ)) for the fused label ops of ``device``, which must exist."""
+    fused = "cpp" if device.type == "cpu" else "cuda"
     if fused not in _backend.available_backends():
-        raise _backend.BackendUnavailableError(f"ring mode needs the fused label op on {emb.device.type}: "
+        raise _backend.BackendUnavailableError(f"{what} needs the fused label op on {device.type}: "
                                                f"{_backend._unavailable_reason(fused)}")
     from ._ops.oucl_label import SIMILARITY_IDS
     from ._ops.oucl_score import FORM_IDS
 
-    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    zn = torch.nn.functional.normalize(emb.to(acc), dim=1)
+    return SIMILARITY_IDS[similarity], (FORM_IDS[checked["form"]], checked["beta"], checked["gamma_pos"],
+                                        checked["gamma_neg"], checked["margin"], checked["lam"])
+
+
+def _normalized(x: Tensor) -> Tensor:
+    """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16)."""
+    return torch.nn.functional.normalize(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=1)
+
+
+# --------------------------------------------------------------------------------- sharded reference set
+class _ShardOUCL(torch.autograd.Function):
+    """Per-row OUCL of the gathered queries ``zq [Q, D]`` against a reference set split across ranks, of
+    which this rank holds ``shard [m, D]``: each rank computes its shard's row statistics, which are
+    all-gathered (Q×5 numbers per rank) and merged, so every rank gets all Q losses. The backward returns
+    this shard's part of ∂/∂zq; the gather of the queries sums the parts."""
+
+    @staticmethod
+    def forward(ctx, zq, q_labels, shard, shard_labels, valid, group, similarity, params):
+        _, stats = torch.ops.metaug_fast.oucl_label_fwd(zq, shard, q_labels, shard_labels, -1, similarity, *params)
+        parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, stats.contiguous(), group=group)
+        rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
+        ctx.save_for_backward(zq, q_labels, shard, shard_labels, merged)
+        ctx.similarity, ctx.params = similarity, params
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sharded OUCL provides first derivatives only")
+        zq, q_labels, shard, shard_labels, merged = ctx.saved_tensors
+        g_q, _ = torch.ops.metaug_fast.oucl_label_bwd(grad_rows.contiguous(), zq, shard, q_labels, shard_labels,
+                                                       merged, -1, ctx.similarity, *ctx.params)
+        return g_q, None, None, None, None, None, None, None
+
+
+def oucl_embeddings_sharded(
+    emb: Tensor,
+    labels: Tensor,
+    shard: Tensor,
+    shard_labels: Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    reduction: str = "mean",
+    similarity: str = "shifted_cosine",
+    **params,
+) -> Tensor:
+    """Label-mode OUCL of every rank's rows against a reference set (a memory bank) split across ranks.
+
+    The queries travel, the reference set stays: each rank's ``emb [b, D]`` are gathered (Σ b × D numbers),
+    every rank scores all of them against its ``shard [m, D]`` with the fused label op, and the per-row
+    statistics are merged across ranks. Communication is O(Σ b · D) per call whatever the size of the
+    reference set; memory per rank O((Σ b + m)·D). The result equals
+    ``oucl_embeddings(cat(emb of all ranks), ..., ref_emb=cat(shards), ref_labels=cat(shard_labels))``
+    (the global mean over valid rows, or the sum), on every rank, and each rank gets the gradient of its
+    own ``emb``. The shards are constants (a bank is not trained by the loss). First derivatives only.
+
+    Args:
+        emb: ``[b, D]`` this rank's embeddings; labels: ``[b]`` integers (b may differ between ranks).
+        shard: ``[m, D]`` this rank's part of the reference set (m may differ, and may be 0);
+            shard_labels: ``[m]`` integers.
+        params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
+    """
+    similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
+                                          dict(params, similarity=similarity))
+    F._label_inputs(emb, labels, shard, shard_labels)
+    sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
-    all_labels = _gather_padded(labels.long(), sizes, group)
-    op_params = (FORM_IDS[checked["form"]], checked["beta"], checked["gamma_pos"], checked["gamma_neg"],
-                 checked["margin"], checked["lam"])
-    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, SIMILARITY_IDS[similarity],
-                                  op_params)
-    return _global_loss(rows, valid, reduction, group).to(emb.dtype)
+    zq = _GatherRows.apply(_normalized(emb), sizes, rank, group)
+    q_labels = _gather_padded(labels.long(), sizes, group)
+    shard_labels = shard_labels.long()
+    # Positives of each query over the whole reference set: counted per shard, then summed over ranks.
+    ordered = shard_labels.sort().values
+    n_pos = torch.searchsorted(ordered, q_labels, right=True) - torch.searchsorted(ordered, q_labels)
+    n_ref = torch.tensor([shard.shape[0]], dtype=torch.long, device=emb.device)
+    dist.all_reduce(n_pos, group=group)
+    dist.all_reduce(n_ref, group=group)
+    valid = (n_pos > 0) & (n_ref - n_pos > 0)
+    rn = _normalized(shard.detach()).to(zq.dtype)
+    rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params)
+    # Every rank holds all rows, so the loss is computed whole (no all-reduce) and its gradient reaches
+    # every query; the gather's backward sums the shards' parts and keeps this rank's rows.
+    total = rows.sum()
+    if reduction == "mean":
+        total = total / valid.sum().clamp(min=1).to(total.dtype)
+    return total.to(emb.dtype)

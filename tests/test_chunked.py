@@ -7,6 +7,7 @@ from metaug_fast import reference as R
 from metaug_fast.chunked import oucl_embeddings_chunked
 from metaug_fast.metaug import MemoryBank
 
+from conftest import requires_cpp
 from helpers import FORMS
 
 
@@ -52,13 +53,15 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
-def test_bank_scoring_never_allocates_b_by_m():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_cpp)])
+def test_bank_scoring_never_allocates_b_by_m(backend):
     B, M, D, chunk = 32, 5000, 8, 256
     bank = MemoryBank(M, D, generator=torch.Generator().manual_seed(0))
     z = torch.randn(B, D, requires_grad=True)
     labels, bank_labels = torch.arange(B) % 10, torch.arange(M) % 10
     with _LargestOutput() as mode:
-        loss = bank.score_all(0, z, labels, bank_labels, chunk_size=chunk, form="circle", beta=32.0)
+        loss = bank.score_all(0, z, labels, bank_labels, chunk_size=chunk, form="circle", beta=32.0,
+                              backend=backend)
         loss.backward()
     assert mode.largest <= max(B * chunk, M * D) < B * M
     want = R.oucl_embeddings(z.detach(), labels, bank.features[0], bank_labels, form="circle", beta=32.0)
@@ -73,3 +76,5 @@ def test_bank_scoring_validates():
         bank.score_all(0, torch.randn(3, 4), torch.arange(3), torch.arange(10), form="arc")
     with pytest.raises(TypeError, match="unexpected"):
         bank.score_all(0, torch.randn(3, 4), torch.arange(3), torch.arange(10), temperature=0.1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        bank.score_all(0, torch.randn(3, 4), torch.arange(3), torch.arange(10), chunk_size=0)

@@ -13,6 +13,8 @@ import metaug_fast
 from metaug_fast import reference as R
 from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring
 
+from conftest import requires_cpp
+
 SIZES = (5, 7)  # unequal rows per rank (a 1-process group gets all 12)
 CASES = [("reference", "weighted", "mean"), ("reference", "circle", "sum"), ("cpp", "weighted", "mean"),
          ("cpp", "hinge", "mean"), ("cpp", "squared", "sum")]
@@ -112,3 +114,74 @@ def test_module_checks_distributed_arguments():
     with pytest.raises(ValueError, match="ref_emb"):
         metaug_fast.OUCLLoss(distributed="all_gather").embeddings(torch.randn(2, 3), torch.arange(2),
                                                                  torch.randn(2, 3), torch.arange(2))
+
+
+# --------------------------------------------------------------------------------- sharded memory bank
+BANK_ROWS = 11  # 6 + 5 rows on two ranks: unequal shards
+
+
+def _bank_worker(rank, world, init_file, forms):
+    from metaug_fast.distributed import oucl_embeddings_sharded
+    from metaug_fast.metaug import MemoryBank, ShardedMemoryBank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        emb, labels = _global_batch()
+        sizes = SIZES if world == 2 else (sum(SIZES),)
+        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        bank = ShardedMemoryBank(BANK_ROWS, emb.shape[1], views=2, seed=3)
+        bank.features = bank.features.double()
+        # The initial bank depends on the seed only, not on the world size.
+        single = ShardedMemoryBank.__new__(ShardedMemoryBank)
+        single.start, single.stop = 0, BANK_ROWS
+        full = bank.full(1)
+        torch.testing.assert_close(full.float(), single._initial_rows(3, 2, emb.shape[1])[1], rtol=0, atol=0)
+        bank_labels = torch.tensor([0, 1, 2, 3, 5, 5, 0, 1, 6, 2, 0])  # class 4: no positive in the bank
+        for form, reduction in forms:
+            kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
+            whole = emb.clone().requires_grad_()
+            want = R.oucl_embeddings(whole, labels, full, bank_labels, reduction=reduction, **kw)
+            want.backward()
+            mine = emb[start:stop].clone().requires_grad_()
+            got = bank.score_all(1, mine, labels[start:stop], bank_labels, reduction=reduction, **kw)
+            got.backward()
+            torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(mine.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+        # A rank may hold no reference rows at all.
+        empty = oucl_embeddings_sharded(emb[start:stop], labels[start:stop], full[:0] if rank else full,
+                                        bank_labels[:0] if rank else bank_labels)
+        torch.testing.assert_close(empty, R.oucl_embeddings(emb, labels, full, bank_labels), rtol=1e-10, atol=1e-12)
+        # Updates reach the rows' owners: the same bank as one process updating with the whole batch.
+        index = torch.tensor([10, 0, 4, 7, 1, 9, 2, 5, 3, 8, 6, 9])[:-1]  # distinct rows
+        z = torch.nn.functional.normalize(emb[:-1], dim=1)
+        lo, hi = (0, 5) if rank == 0 or world == 1 else (5, 11)
+        hi = 11 if world == 1 else hi
+        bank.update(0, index[lo:hi], z[lo:hi])
+        ref = MemoryBank(BANK_ROWS, emb.shape[1], momentum=bank.momentum)
+        ref.features = torch.stack([bank.full(0), full]).clone()
+        ref.features[0] = single._initial_rows(3, 2, emb.shape[1])[0].double()
+        ref.update(0, index, z)
+        torch.testing.assert_close(bank.full(0), ref.features[0], rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="bank_labels"):
+            bank.score_all(0, mine, labels[start:stop], bank_labels[:-1])
+        with pytest.raises(ValueError, match="shard"):
+            bank.load_state_dict(dict(bank.state_dict(), start=bank.start + 1))
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_cpp
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_bank_equals_one_process(world):
+    forms = [("weighted", "mean"), ("circle", "sum"), ("hinge", "mean"), ("squared", "mean")]
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_bank_worker, args=(world, os.path.join(d, "init"), forms), nprocs=world, join=True)
+
+
+def test_sharded_bank_requires_an_initialized_process_group():
+    from metaug_fast.metaug import ShardedMemoryBank
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedMemoryBank(10, 4)

@@ -1,7 +1,7 @@
 """MetAug training (shared SPEC.md section 5): the meta feature augmenter, the memory bank, the
 second-order meta step, models, data, the linear probe and the trainer behind ``python -m metaug_fast.train``."""
-from .bank import MemoryBank
+from .bank import MemoryBank, ShardedMemoryBank
 from .mag import MetaFeatureAugmenter
 from .step import MetAugConfig, MetAugStep, margin_terms, objective
 
-__all__ = ["MemoryBank", "MetaFeatureAugmenter", "MetAugConfig", "MetAugStep", "objective", "margin_terms"]
+__all__ = ["MemoryBank", "ShardedMemoryBank", "MetaFeatureAugmenter", "MetAugConfig", "MetAugStep", "objective", "margin_terms"]
