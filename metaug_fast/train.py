@@ -5,6 +5,13 @@ Examples::
     python -m metaug_fast.train --dataset digits --epochs 20 --mag-hidden 256 --out runs/digits
     python -m metaug_fast.train --dataset cifar10 --data-root /data --arch alexnet_half   # the paper's setup
     python -m metaug_fast.train --resume runs/digits/checkpoint.pt --epochs 30             # continue a run
+    torchrun --standalone --nproc_per_node=2 -m metaug_fast.train --dataset digits --out runs/ddp
+    torchrun --nproc_per_node=8 -m metaug_fast.train --dataset cifar10 --data-root /data --device cuda
+
+Under torchrun (WORLD_SIZE > 1) the process group is initialized here (gloo on CPU, NCCL with
+``--device cuda``, timeout ``--dist-timeout``) and the model trains in DistributedDataParallel;
+``--batch-size`` is per process. Rank 0 prints, probes and writes the checkpoint; ``--resume`` it with
+the same number of processes.
 
 Defaults are the official configuration (SPEC.md section 5). Bad arguments print a message and exit
 with status 2; a missing dataset says where its files go. Ctrl-C stops after saving nothing partial:
@@ -13,8 +20,9 @@ the checkpoint of the last complete epoch stays usable with ``--resume``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
+from datetime import timedelta
 from typing import List, Optional
 
 import torch
@@ -91,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr)
     g.add_argument("--probe-every", type=int, default=0)
     g.add_argument("--threads", type=_positive_int, default=None)
+    g.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
+                   help="cuda: this process's GPU (LOCAL_RANK under torchrun)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
+                   help="seconds a rank waits for the others in a collective before failing (torchrun runs)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -109,8 +121,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, epochs=args.epochs, lr_decay_epochs=tuple(args.lr_decay_epochs),
         lr_decay_rate=args.lr_decay_rate, seed=args.seed, deterministic=not args.no_deterministic,
         out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
-        probe_every=args.probe_every, max_steps=args.max_steps, progress=not args.quiet, metaug=metaug,
+        probe_every=args.probe_every, max_steps=args.max_steps, progress=not args.quiet, device=args.device,
+        metaug=metaug,
     )
+
+
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Joins the process group torchrun describes (WORLD_SIZE > 1); False for a single process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
+    return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -122,6 +148,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--max-steps and --probe-every must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    distributed = _init_distributed(args)
+    try:
+        return _run(ap, args)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         trainer = Trainer(cfg)
@@ -129,14 +166,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             trainer.resume(args.resume)
     except (ValueError, DatasetNotFoundError, FileNotFoundError) as exc:
         ap.error(str(exc))
-    print(f"MetAug [{cfg.metaug.method}] on {cfg.dataset} ({cfg.arch}, views {cfg.views}), "
-          f"epochs {trainer.epoch + 1}..{cfg.epochs}, output in {cfg.out_dir}", flush=True)
+    say = print if trainer.is_main else (lambda *a, **k: None)
+    world = f" on {trainer.world} processes" if trainer.world > 1 else ""
+    say(f"MetAug [{cfg.metaug.method}] on {cfg.dataset} ({cfg.arch}, views {cfg.views}){world}, "
+        f"epochs {trainer.epoch + 1}..{cfg.epochs}, output in {cfg.out_dir}", flush=True)
     try:
         last = trainer.fit()
     except KeyboardInterrupt:
-        print(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch {trainer.epoch} is "
-              f"{trainer.ckpt_path} (resume with --resume {trainer.ckpt_path})", file=sys.stderr)
+        say(f"\ninterrupted during epoch {trainer.epoch + 1}; the checkpoint of epoch {trainer.epoch} is "
+            f"{trainer.ckpt_path} (resume with --resume {trainer.ckpt_path})", file=sys.stderr)
         return 130
+    if not trainer.is_main:
+        return 0
     if "probe_conv" in last:
         print(f"epoch {last['epoch']}: loss {last['loss']:.4f}; linear probe top-1: conv {last['probe_conv']:.2f} %, "
               f"fc {last['probe_fc']:.2f} %")

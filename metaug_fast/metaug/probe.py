@@ -11,13 +11,14 @@ from .data import TwoViews
 
 
 @torch.no_grad()
-def extract(model: nn.Module, data: TwoViews, layer: str, batch: int = 256):
-    """Frozen features ``[N, F]`` and labels ``[N]`` of the probe's (un-augmented) views."""
+def extract(model: nn.Module, data: TwoViews, layer: str, batch: int = 256, device="cpu"):
+    """Frozen features ``[N, F]`` (on the CPU) and labels ``[N]`` of the probe's (un-augmented) views;
+    the model runs on ``device``."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for v1, v2, y, _ in DataLoader(data, batch_size=batch, shuffle=False):
-        feats.append(model.probe_features(v1, v2, layer))
+        feats.append(model.probe_features(v1.to(device), v2.to(device), layer).cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -54,7 +55,7 @@ def fit_linear(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
 
 
 def linear_probe(model: nn.Module, train: TwoViews, test: TwoViews, n_classes: int, *, epochs: int = 60,
-                 lr: float = 0.1, seed: int = 0) -> Dict[str, float]:
+                 lr: float = 0.1, seed: int = 0, device="cpu") -> Dict[str, float]:
     """``{"conv": acc, "fc": acc}``, top-1 accuracy in percent on the test split.
 
     The global RNG is left as it was (a probe mid-training must not change what training does next,
@@ -62,7 +63,7 @@ def linear_probe(model: nn.Module, train: TwoViews, test: TwoViews, n_classes: i
     out = {}
     with torch.random.fork_rng(devices=[]):
         for layer in ("conv", "fc"):
-            xtr, ytr = extract(model, train, layer)
-            xte, yte = extract(model, test, layer)
+            xtr, ytr = extract(model, train, layer, device=device)
+            xte, yte = extract(model, test, layer, device=device)
             out[layer] = 100.0 * fit_linear(xtr, ytr, xte, yte, n_classes, epochs=epochs, lr=lr, seed=seed)
     return out

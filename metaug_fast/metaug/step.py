@@ -13,13 +13,15 @@ rows and R_σ from the augmented rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
 import metaug_fast.functional as MF
+from metaug_fast import distributed as D
 
 from .bank import MemoryBank
 
@@ -138,10 +140,16 @@ class MetAugStep:
         model: ``model(v1, v2) -> (z1, z2)``, normalized ``[B, D]`` features (encoder f_θ and head g_ϑ).
         mags: two :class:`MetaFeatureAugmenter` (ignored unless ``cfg.method == "metaug"``).
         bank: the :class:`MemoryBank` (two views).
+        data_parallel: the model wrapped in ``DistributedDataParallel`` (whose backward averages θ, ϑ
+            gradients over ranks); the encoder step runs through it. With it, the MAG gradients of the meta
+            step are averaged over the ranks of ``group`` too, and every rank's features update the bank,
+            so the replicated bank, the model and the MAGs stay identical on every rank.
     """
 
-    def __init__(self, model: nn.Module, mags: nn.ModuleList, bank: MemoryBank, cfg: MetAugConfig) -> None:
+    def __init__(self, model: nn.Module, mags: nn.ModuleList, bank: MemoryBank, cfg: MetAugConfig,
+                 data_parallel: Optional[nn.Module] = None, group=None) -> None:
         self.model, self.mags, self.bank, self.cfg = model, mags, bank, cfg
+        self.data_parallel, self.group = data_parallel, group
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.mag_opt = torch.optim.SGD(mags.parameters(), lr=cfg.mag_lr)
@@ -150,7 +158,7 @@ class MetAugStep:
         cfg = self.cfg
         neg_index = self.bank.sample(v1.shape[0], cfg.k_neg, generator)
         # 1. Encoder step on L(θ, ϑ, ω) with ω fixed.
-        z1, z2 = self.model(v1, v2)
+        z1, z2 = (self.data_parallel or self.model)(v1, v2)
         loss, _ = objective(z1, z2, self.mags, self.bank, neg_index, cfg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,15 +167,28 @@ class MetAugStep:
         # 2. Meta step on ω through the unrolled encoder step (second order).
         if cfg.method == "metaug":
             grads, meta = meta_gradient(self.model, self.mags, self.bank, (v1, v2), neg_index, cfg)
+            if self.data_parallel is not None:
+                grads = self._average(grads)
             self.mag_opt.zero_grad(set_to_none=True)
             for p, g in zip(self.mags.parameters(), grads):
                 p.grad = g
             self.mag_opt.step()
             out["meta"] = meta.item()
         # 3. Memory bank: momentum update with this step's (pre-update) features, after scoring.
+        if self.data_parallel is not None:
+            sizes = D._gather_sizes(index.shape[0], z1.device, self.group)
+            index, z1, z2 = (D._gather_padded(t, sizes, self.group) for t in (index.to(z1.device), z1.detach(),
+                                                                                z2.detach()))
         self.bank.update(0, index, z1)
         self.bank.update(1, index, z2)
         return out
+
+    def _average(self, grads: List[Tensor]) -> List[Tensor]:
+        """The mean over ranks of ``grads`` (one all-reduce of their concatenation)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= dist.get_world_size(self.group)
+        return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "mag_opt": self.mag_opt.state_dict()}

@@ -3,6 +3,13 @@
 Every epoch ends with a checkpoint written atomically (a temporary file, then ``os.replace``), so an
 interrupted run (Ctrl-C included) always leaves the last complete epoch on disk, and ``resume`` continues
 exactly where it stopped: model, MAGs, memory bank, optimizers, data order and every random state.
+
+Under torchrun (a process group initialized before the trainer is built, see ``metaug_fast.train``) every
+rank trains on its part of each epoch (``DistributedSampler``) with the model in
+``DistributedDataParallel``; the MAG gradients are averaged over ranks and every rank's features update
+the (replicated) memory bank, so all ranks hold the same model, MAGs and bank. Rank 0 alone prints,
+probes, writes metrics and checkpoints; a checkpoint keeps every rank's random state and is resumed by
+the same number of processes.
 """
 from __future__ import annotations
 
@@ -17,8 +24,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .bank import MemoryBank
 from .data import DATASETS, TwoViews, load_split
@@ -60,6 +69,7 @@ class TrainConfig:
     probe_every: int = 0  # 0: only after the last epoch
     max_steps: int = 0  # per epoch; 0: the whole training split
     progress: bool = True
+    device: str = "cpu"  # "cuda": this process's GPU (LOCAL_RANK under torchrun)
     metaug: MetAugConfig = field(default_factory=MetAugConfig)
 
     def __post_init__(self) -> None:
@@ -76,6 +86,10 @@ class TrainConfig:
         for name in ("feat_dim", "mag_hidden", "batch_size", "epochs", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch.cuda.is_available() is False")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm needs two samples)")
         self.lr_decay_epochs = tuple(int(e) for e in self.lr_decay_epochs)
@@ -89,6 +103,8 @@ def _set_seed(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace (read when CUDA initializes).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
 
@@ -107,6 +123,11 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.is_main = self.rank == 0
+        self.device = torch.device("cpu") if cfg.device == "cpu" else \
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         _set_seed(cfg.seed, cfg.deterministic)
         train_split = load_split(cfg.dataset, cfg.data_root, train=True)
         test_split = load_split(cfg.dataset, cfg.data_root, train=False)
@@ -117,13 +138,20 @@ class Trainer:
         self.probe_train = TwoViews(train_split, cfg.views, augment=False, image_size=cfg.image_size)
         self.probe_test = TwoViews(test_split, cfg.views, augment=False, image_size=cfg.image_size)
         channels = (1, 2) if cfg.views == "lab" else (train_split.image(0).shape[0],) * 2
-        self.model = TwoViewModel(cfg.arch, channels, cfg.feat_dim, shared=cfg.views != "lab", image_size=cfg.image_size)
-        self.mags = nn.ModuleList([MetaFeatureAugmenter(cfg.feat_dim, cfg.mag_hidden) for _ in range(2)])
+        self.model = TwoViewModel(cfg.arch, channels, cfg.feat_dim, shared=cfg.views != "lab",
+                                  image_size=cfg.image_size).to(self.device)
+        self.mags = nn.ModuleList([MetaFeatureAugmenter(cfg.feat_dim, cfg.mag_hidden) for _ in range(2)]).to(self.device)
         self.bank = MemoryBank(len(train_split), cfg.feat_dim, views=2, momentum=cfg.metaug.bank_momentum,
-                               generator=torch.Generator().manual_seed(cfg.seed))
-        self.step = MetAugStep(self.model, self.mags, self.bank, cfg.metaug)
+                               generator=torch.Generator().manual_seed(cfg.seed), device=self.device)
+        ddp = None
+        if self.world > 1:
+            ddp = DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
+            # Same initial model and MAGs on every rank (drawn above); from here each rank draws its own
+            # augmentations and negatives.
+            torch.manual_seed(cfg.seed + 7919 * self.rank)
+        self.step = MetAugStep(self.model, self.mags, self.bank, cfg.metaug, data_parallel=ddp)
         self.loader_gen = torch.Generator().manual_seed(cfg.seed)
-        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * self.rank)
         self.epoch = 0
         self.metrics: List[Dict[str, float]] = []
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -131,12 +159,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        """The whole run; with several ranks a collective call (it gathers every rank's random state)."""
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "loader": self.loader_gen.get_state(), "sample": self.sample_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        every_rank = [rng]
+        if self.world > 1:
+            every_rank = [None] * self.world
+            dist.all_gather_object(every_rank, rng)
         return {
             "epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
             "mags": self.mags.state_dict(), "bank": self.bank.state_dict(), "step": self.step.state_dict(),
-            "metrics": self.metrics,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "loader": self.loader_gen.get_state(), "sample": self.sample_gen.get_state()},
+            "metrics": self.metrics, "world_size": self.world, "rng": every_rank,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -145,14 +180,19 @@ class Trainer:
         if diff:
             raise ValueError("checkpoint does not match this run's " + ", ".join(
                 f"{k} ({saved[k]!r} vs {getattr(self.cfg, k)!r})" for k in diff))
+        if state["world_size"] != self.world:
+            raise ValueError(f"checkpoint was written by {state['world_size']} process(es): resume it with as many "
+                             f"(this run has {self.world}), or the data order and random streams would differ")
         self.model.load_state_dict(state["model"])
         self.mags.load_state_dict(state["mags"])
         self.bank.load_state_dict(state["bank"])
         self.step.load_state_dict(state["step"])
         self.metrics = list(state["metrics"])
         self.epoch = int(state["epoch"])
-        rng = state["rng"]
+        rng = state["rng"][self.rank]
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.loader_gen.set_state(rng["loader"])
@@ -173,15 +213,23 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.mags.train()
-        loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            generator=self.loader_gen, num_workers=0)
+        if self.world > 1:  # each rank its own part of the epoch's permutation
+            sampler = DistributedSampler(self.train_data, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(self.epoch)
+            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=0)
+        else:
+            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                generator=self.loader_gen, num_workers=0)
         total = {"loss": 0.0, "meta": 0.0}
         steps = 0
         t0 = time.perf_counter()
         n = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
         bar = tqdm(loader, total=n, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.metaug.method}]",
-                   disable=not cfg.progress, leave=False)
+                   disable=not (cfg.progress and self.is_main), leave=False)
         for v1, v2, _, index in bar:
+            v1, v2, index = v1.to(self.device), v2.to(self.device), index.to(self.device)
             out = self.step(v1, v2, index, self.sample_gen)
             for k, v in out.items():
                 total[k] += v
@@ -190,28 +238,36 @@ class Trainer:
             if steps >= n:
                 break
         bar.close()
+        if self.world > 1:  # the mean over every rank's steps
+            sums = torch.tensor([total["loss"], total["meta"], steps], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums)
+            total["loss"], total["meta"], steps = sums[0].item(), sums[1].item(), int(sums[2].item())
         return {"epoch": self.epoch + 1, "lr": lr, "loss": total["loss"] / max(steps, 1),
                 "meta": total["meta"] / max(steps, 1), "seconds": time.perf_counter() - t0}
 
     def probe(self) -> Dict[str, float]:
         return linear_probe(self.model, self.probe_train, self.probe_test, self.n_classes,
-                            epochs=self.cfg.probe_epochs, lr=self.cfg.probe_lr, seed=self.cfg.seed)
+                            epochs=self.cfg.probe_epochs, lr=self.cfg.probe_lr, seed=self.cfg.seed,
+                            device=self.device)
 
     def fit(self) -> Dict[str, float]:
         """Train to ``cfg.epochs`` (from wherever a resumed run stopped); returns the last metrics row."""
         cfg = self.cfg
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        if self.is_main:
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dict(cfg.to_dict(), world_size=self.world), f, indent=2)
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
             self.epoch += 1
             last = self.epoch == cfg.epochs
-            if last or (cfg.probe_every and self.epoch % cfg.probe_every == 0):
+            if self.is_main and (last or (cfg.probe_every and self.epoch % cfg.probe_every == 0)):
                 acc = self.probe()
                 row.update(probe_conv=acc["conv"], probe_fc=acc["fc"])
             self.metrics.append(row)
-            _atomic_save(self.state_dict(), self.ckpt_path)
-            self.write_metrics()
+            state = self.state_dict()  # collective: the other ranks wait here while rank 0 probes
+            if self.is_main:
+                _atomic_save(state, self.ckpt_path)
+                self.write_metrics()
         return self.metrics[-1] if self.metrics else {}
 
     def write_metrics(self) -> None:
