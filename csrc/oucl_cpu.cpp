@@ -565,7 +565,8 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
                                                   const at::Tensor& rn_in, const at::Tensor& labels_in,
                                                   const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
                                                   int64_t self_offset, int64_t similarity, int64_t form, double beta,
-                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+                                                  double gamma_pos, double gamma_neg, double margin, double lam,
+                                                  bool ref_grad) {
   check_label_inputs(zn_in, rn_in, labels_in, ref_labels_in, form, similarity);
   // The tile GEMMs are internal: keep autograd from recording them (it would keep every tile alive).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -573,13 +574,14 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
   const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
   const at::Tensor stats = stats_in.contiguous(), grad_rows = grad_rows_in.contiguous();
+  // ref_grad = false (a memory bank, a constant): ∂/∂rn is returned as a [0, D] tensor and phase 2 skipped.
   const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({B, kStats}) && stats.scalar_type() == zn.scalar_type(),
               "oucl_label (cpp): stats must be the [B,5] tensor returned by oucl_label_fwd");
   TORCH_CHECK(grad_rows.size(0) == B && grad_rows.scalar_type() == zn.scalar_type() &&
                   (form == kMargin ? grad_rows.dim() == 2 && grad_rows.size(1) == 2 : grad_rows.dim() == 1),
               "oucl_label (cpp): grad_rows must be [B] ([B,2]: σ⁺, σ⁻ for margins) in the dtype of zn");
-  at::Tensor gz_parts, gr = at::zeros({M, D}, zn.options());
+  at::Tensor gz_parts, gr = at::zeros({ref_grad ? M : 0, D}, zn.options());
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd", [&] {
     using T = scalar_t;
     const auto a = make_label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg,
@@ -605,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
       }
     });
     // Phase 2, ∂/∂rn = Gᵀ·zn: items own a column tile, row blocks in order.
-    at::parallel_for(0, plan.tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, ref_grad ? plan.tiles : 0, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
         at::Tensor out = gr.narrow(0, c0, L);
@@ -688,7 +690,7 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def(
       "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
       "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
-      "float lam) -> (Tensor, Tensor)");
+      "float lam, bool ref_grad=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {

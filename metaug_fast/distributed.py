@@ -277,7 +277,7 @@ class _ShardOUCL(torch.autograd.Function):
             raise RuntimeError("sharded OUCL provides first derivatives only")
         zq, q_labels, shard, shard_labels, merged = ctx.saved_tensors
         g_q, _ = torch.ops.metaug_fast.oucl_label_bwd(grad_rows.contiguous(), zq, shard, q_labels, shard_labels,
-                                                       merged, -1, ctx.similarity, *ctx.params)
+                                                       merged, -1, ctx.similarity, *ctx.params, False)
         return g_q, None, None, None, None, None, None, None
 
 

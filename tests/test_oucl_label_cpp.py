@@ -69,6 +69,26 @@ def test_singletons_single_reference_row_and_no_valid_row():
 
 
 @pytest.mark.parametrize("op", ["oucl_embeddings", "info_nce_embeddings", "margin_statistics_embeddings"])
+def test_constant_reference_set_skips_its_gradient(op):
+    # A memory bank is a constant: the backward skips ∂/∂ref (half its GEMMs) and emb's gradient is unchanged.
+    emb = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    labels, ref, ref_labels = torch.arange(9) % 3, torch.randn(700, 5, dtype=torch.float64), torch.arange(700) % 4
+    grads = []
+    for backend in ("cpp", "reference"):
+        out = getattr(F, op)(emb, labels, ref, ref_labels, backend=backend)
+        (sum(o.sum() for o in out) if isinstance(out, tuple) else out).backward()
+        grads.append(emb.grad)
+        emb.grad = None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    zn, rn = torch.nn.functional.normalize(emb.detach(), dim=1), torch.nn.functional.normalize(ref, dim=1)
+    _, stats = torch.ops.metaug_fast.oucl_label_fwd(zn, rn, labels, ref_labels, -1, 0, 1, 16.0, 0.0, 0.0, 0.25, 0.0)
+    args = (torch.ones(9, dtype=torch.float64), zn, rn, labels, ref_labels, stats, -1, 0, 1, 16.0, 0.0, 0.0, 0.25, 0.0)
+    g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(*args)
+    g_z_only, g_none = torch.ops.metaug_fast.oucl_label_bwd(*args, False)
+    assert torch.equal(g_z, g_z_only) and g_r.shape == (700, 5) and g_none.shape == (0, 5)
+
+
+@pytest.mark.parametrize("op", ["oucl_embeddings", "info_nce_embeddings", "margin_statistics_embeddings"])
 def test_empty_reference_set(op):
     # M = 0 (a rank's empty shard of a sharded bank) once crashed the tile planner.
     emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)

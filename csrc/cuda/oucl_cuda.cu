@@ -828,7 +828,8 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
                                                   const at::Tensor& rn_in, const at::Tensor& labels_in,
                                                   const at::Tensor& ref_labels_in, const at::Tensor& stats_in,
                                                   int64_t self_offset, int64_t similarity, int64_t form, double beta,
-                                                  double gamma_pos, double gamma_neg, double margin, double lam) {
+                                                  double gamma_pos, double gamma_neg, double margin, double lam,
+                                                  bool ref_grad) {
   check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
   const c10::cuda::CUDAGuard guard(zn_in.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -837,7 +838,8 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
   const at::Tensor stats = stats_in.contiguous(), g = grad_rows.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0);
   TORCH_CHECK(stats.size(0) == B && stats.size(1) == kStats, "oucl_label (cuda): stats from oucl_label_fwd");
-  at::Tensor gz = at::zeros_like(zn), gr = at::zeros_like(rn);
+  // ref_grad = false (a constant reference set): ∂/∂rn is a [0, D] tensor and its GEMMs are skipped.
+  at::Tensor gz = at::zeros_like(zn), gr = ref_grad ? at::zeros_like(rn) : at::zeros({0, rn.size(1)}, rn.options());
   if (B == 0 || M == 0) return {gz, gr};
   const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / B));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -854,7 +856,7 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
       a.tile = tile.data_ptr<T>();
       launch_label_backward<T>(form, a, stream);
       gz.addmm_(tile, rtile);
-      gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
+      if (ref_grad) gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
     }
   });
   return {gz, gr};

@@ -92,11 +92,17 @@ class _LabelLoss(torch.autograd.Function):
             return _needed_grads(ctx, rows, grad_rows, 5)
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
             grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats, ctx.self_offset,
-            SIMILARITY_IDS[ctx.similarity], *ctx.params,
+            SIMILARITY_IDS[ctx.similarity], *ctx.params, _ref_grad(ctx, rn),
         )
         if rn is None:
             return g_z + g_r, None, None, None, None, None, None
-        return g_z, g_r, None, None, None, None, None
+        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None, None
+
+
+def _ref_grad(ctx, rn) -> bool:
+    """Whether the backward needs ∂/∂(reference rows): without a reference set they are zn itself; a
+    constant reference set (a memory bank) skips that half of the backward's GEMMs."""
+    return rn is None or ctx.needs_input_grad[1]
 
 
 def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1):
@@ -154,8 +160,11 @@ class _MarginLabel(torch.autograd.Function):
         g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
             torch.stack([g_min, g_max], 1).contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats,
             0 if rn is None else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
+            _ref_grad(ctx, rn),
         )
-        return (g_z + g_r if rn is None else g_z), (None if rn is None else g_r), None, None, None
+        if rn is None:
+            return g_z + g_r, None, None, None, None
+        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
