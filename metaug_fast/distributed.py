@@ -290,6 +290,7 @@ def oucl_embeddings_sharded(
     group: Optional[dist.ProcessGroup] = None,
     reduction: str = "mean",
     similarity: str = "shifted_cosine",
+    shard_unit: bool = False,
     **params,
 ) -> Tensor:
     """Label-mode OUCL of every rank's rows against a reference set (a memory bank) split across ranks.
@@ -306,6 +307,8 @@ def oucl_embeddings_sharded(
         emb: ``[b, D]`` this rank's embeddings; labels: ``[b]`` integers (b may differ between ranks).
         shard: ``[m, D]`` this rank's part of the reference set (m may differ, and may be 0);
             shard_labels: ``[m]`` integers.
+        shard_unit: the shard's rows are unit vectors already (a memory bank keeps them so): they are used as
+            they are instead of through a normalized m×D copy.
         params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
@@ -324,7 +327,7 @@ def oucl_embeddings_sharded(
     dist.all_reduce(n_pos, group=group)
     dist.all_reduce(n_ref, group=group)
     valid = (n_pos > 0) & (n_ref - n_pos > 0)
-    rn = _normalized(shard.detach()).to(zq.dtype)
+    rn = shard.detach().to(zq.dtype) if shard_unit else _normalized(shard.detach()).to(zq.dtype)
     rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params)
     # Every rank holds all rows, so the loss is computed whole (no all-reduce) and its gradient reaches
     # every query; the gather's backward sums the shards' parts and keeps this rank's rows.

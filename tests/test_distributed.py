@@ -131,12 +131,13 @@ def _bank_worker(rank, world, init_file, forms):
         sizes = SIZES if world == 2 else (sum(SIZES),)
         start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
         bank = ShardedMemoryBank(BANK_ROWS, emb.shape[1], views=2, seed=3)
-        bank.features = bank.features.double()
         # The initial bank depends on the seed only, not on the world size.
         single = ShardedMemoryBank.__new__(ShardedMemoryBank)
         single.start, single.stop = 0, BANK_ROWS
+        initial = torch.nn.functional.normalize(single._initial_rows(3, 2, emb.shape[1]).double(), dim=2)
+        torch.testing.assert_close(bank.full(1), single._initial_rows(3, 2, emb.shape[1])[1], rtol=0, atol=0)
+        bank.features = torch.nn.functional.normalize(bank.features.double(), dim=2)  # unit rows in fp64
         full = bank.full(1)
-        torch.testing.assert_close(full.float(), single._initial_rows(3, 2, emb.shape[1])[1], rtol=0, atol=0)
         bank_labels = torch.tensor([0, 1, 2, 3, 5, 5, 0, 1, 6, 2, 0])  # class 4: no positive in the bank
         for form, reduction in forms:
             kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
@@ -160,7 +161,7 @@ def _bank_worker(rank, world, init_file, forms):
         bank.update(0, index[lo:hi], z[lo:hi])
         ref = MemoryBank(BANK_ROWS, emb.shape[1], momentum=bank.momentum)
         ref.features = torch.stack([bank.full(0), full]).clone()
-        ref.features[0] = single._initial_rows(3, 2, emb.shape[1])[0].double()
+        ref.features[0] = initial[0]
         ref.update(0, index, z)
         torch.testing.assert_close(bank.full(0), ref.features[0], rtol=1e-12, atol=1e-12)
         with pytest.raises(ValueError, match="bank_labels"):

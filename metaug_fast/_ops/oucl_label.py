@@ -59,11 +59,12 @@ def _needed_grads(ctx, outputs, grad_outputs, n_none):
     return (*(next(grads) if need else None for need in needs),) + (None,) * n_none
 
 
-def _normalized(emb, labels, ref_emb, ref_labels):
-    """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16) and int64 labels."""
+def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
+    """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16) and int64 labels; ``ref_unit``:
+    the reference rows are unit vectors already and are used as they are (no M×D copy)."""
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
     zn = F.normalize(emb.to(acc), dim=1)
-    rn = None if ref_emb is None else F.normalize(ref_emb.to(acc), dim=1)
+    rn = None if ref_emb is None else ref_emb.to(acc) if ref_unit else F.normalize(ref_emb.to(acc), dim=1)
     return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
 
 
@@ -105,19 +106,21 @@ def _ref_grad(ctx, rn) -> bool:
     return rn is None or ctx.needs_input_grad[1]
 
 
-def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1):
-    rows, valid = _LabelLoss.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity, params, self_offset)
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1, ref_unit=False):
+    rows, valid = _LabelLoss.apply(*_normalized(emb, labels, ref_emb, ref_labels, ref_unit), similarity, params,
+                                   self_offset)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
 def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                         ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
                         beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
-                        self_offset: Optional[int] = None) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU."""
+                        self_offset: Optional[int] = None, ref_unit: bool = False) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU. ``ref_unit``: the rows
+    of ``ref_emb`` are unit vectors already (a memory bank keeps them so) and are not copied normalized."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
     offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit)
 
 
 def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -73,8 +73,9 @@ class MemoryBank:
         similarity = MF._choice(similarity, "similarity", SIMILARITIES)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if MF._backend.resolve("oucl_embeddings", backend, z.device) is not R.oucl_embeddings:
-            return MF.oucl_embeddings(z, labels, ref, bank_labels, similarity=similarity, backend=backend, **params)
+        fused = MF._backend.resolve("oucl_embeddings", backend, z.device)
+        if fused is not R.oucl_embeddings:  # the bank's rows are unit vectors: no normalized copy of the bank
+            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=True, **params)
         return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
                                        **params)
 
@@ -158,7 +159,8 @@ class ShardedMemoryBank:
             raise ValueError(f"bank_labels must have one label per bank row ({self.n_data}), "
                              f"got shape {tuple(bank_labels.shape)}")
         return D.oucl_embeddings_sharded(z, labels, self.features[view], bank_labels[self.start:self.stop],
-                                         group=self.group, similarity=similarity, reduction=reduction, **form_params)
+                                         group=self.group, similarity=similarity, reduction=reduction,
+                                         shard_unit=True, **form_params)
 
     def full(self, view: int) -> Tensor:
         """The whole bank of ``view``, ``[n_data, dim]``, on every rank (for checkpoints and checks)."""
