@@ -38,6 +38,7 @@ bench: install
 	$(PY) -m bench.bench_oucl_score
 	$(PY) -m bench.bench_oucl_label
 	$(PY) -m bench.bench_distributed
+	$(PY) -m bench.bench_bank
 	$(PY) -m bench.plot
 
 # Compiles the CUDA extension (sm_90) into build/check-cuda without installing it: catches CUDA build

@@ -1,8 +1,11 @@
 """The benchmark script runs at a tiny size and writes a CSV with the shared schema."""
 import csv
 
+import pytest
+
 from bench import bench_oucl_score
 from bench.common import FIELDS
+from conftest import requires_cpp
 
 
 def test_bench_oucl_score_writes_csv(tmp_path, capsys):
@@ -27,3 +30,15 @@ def test_plot_draws_every_csv_including_oom(tmp_path):
     assert out.stat().st_size > 1000
     assert plot.main([str(tmp_path / "x.csv"), "--out-dir", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "x.png").exists()
+
+
+@requires_cpp
+@pytest.mark.timeout(300)
+def test_bench_bank_writes_csv(tmp_path):
+    from bench import bench_bank
+
+    out = tmp_path / "bank.csv"
+    assert bench_bank.main(["--b", "8", "--m", "300", "--chunk", "64", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["backend"] for r in rows] == ["cpp", "reference", "cpp"] and list(rows[0]) == FIELDS
+    assert rows[2]["mode"] == "label,bank,sharded,world=2" and all(float(r["time_ms"]) > 0 for r in rows)
