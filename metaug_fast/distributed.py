@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _backend
 from . import functional as F
+from . import reference as R
 
 
 def _gather_sizes(n: int, device: torch.device, group) -> List[int]:
@@ -117,6 +118,34 @@ def oucl_embeddings_all_gather(
     impl = _backend.resolve("oucl_embeddings", backend, emb.device)
     rows = impl(emb, labels, all_emb, all_labels, similarity=similarity, self_offset=sum(sizes[:rank]), **checked)
     return _global_loss(rows, _valid_rows(labels.long(), all_labels), reduction, group)
+
+
+def oucl_global(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    pos_mask: Optional[Tensor] = None,
+    neg_mask: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    **params,
+) -> Tensor:
+    """Score-mode OUCL whose reduction spans every rank of ``group``: the mean over the valid rows of all
+    ranks (or the global sum), on every rank; each rank's gradient for its ``pos [b, K⁺]``, ``neg [b, K⁻]``
+    (and optional masks) equals that of one process holding every rank's rows. Score-mode rows carry their
+    own pairs, so nothing is gathered, and unlike label mode the second derivative is exact (no collective
+    sits in the backward).
+
+    params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl`.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("oucl_global needs torch.distributed initialized (dist.init_process_group)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
+    rows = F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, reduction="none", backend=backend, **params)
+    valid = R.valid_rows(pos, neg, pos_mask, neg_mask)
+    return _global_loss(R._acc(rows), valid, reduction, group).to(pos.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ ring

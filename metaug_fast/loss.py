@@ -26,7 +26,8 @@ class OUCLLoss(nn.Module):
         reduction: ``"mean"`` (over rows with a positive and a negative), ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
         distributed: ``None``, ``"all_gather"`` or ``"ring"``: :meth:`embeddings` then scores this rank's rows
-            against the batch of every rank of ``process_group`` (see :mod:`metaug_fast.distributed`).
+            against the batch of every rank of ``process_group`` (see :mod:`metaug_fast.distributed`), and
+            score mode averages (or sums) over the rows of every rank.
 
     Every argument is checked here, so a bad configuration fails at construction.
     """
@@ -58,7 +59,13 @@ class OUCLLoss(nn.Module):
 
     def forward(self, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None,
                 neg_mask: Optional[Tensor] = None) -> Tensor:
-        """Score mode: ``pos [B,K⁺]``, ``neg [B,K⁻]``, optional bool masks of the same shapes."""
+        """Score mode: ``pos [B,K⁺]``, ``neg [B,K⁻]``, optional bool masks of the same shapes. With
+        ``distributed`` set, the reduction spans every rank (:func:`metaug_fast.distributed.oucl_global`)."""
+        if self.distributed is not None:
+            from . import distributed as D
+
+            return D.oucl_global(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, group=self.process_group,
+                                 backend=self.backend, **self.params)
         return F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, backend=self.backend, **self.params)
 
     def embeddings(self, emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -56,8 +56,34 @@ def _worker(rank, world, init_file, cases):
                 ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", **kw)
                 torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
                                            want.detach(), rtol=1e-10, atol=1e-12)
+            _check_score_mode(start, stop, backend, reduction, kw)
     finally:
         dist.destroy_process_group()
+
+
+def _check_score_mode(start, stop, backend, reduction, kw):
+    """Score mode with masks (row 3 has no positive: invalid): the loss, gradients and a Hessian-vector
+    product of this rank's rows equal one process's on every row."""
+    gen = torch.Generator().manual_seed(1)
+    n = sum(SIZES)
+    pos, neg = torch.rand(n, 3, dtype=torch.float64, generator=gen), torch.rand(n, 5, dtype=torch.float64, generator=gen)
+    pos_mask, neg_mask = torch.rand(n, 3, generator=gen) > 0.3, torch.rand(n, 5, generator=gen) > 0.2
+    pos_mask[3] = False
+    vec = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+    module = metaug_fast.OUCLLoss(reduction=reduction, backend=backend, distributed="ring", **kw)
+
+    def run(loss_fn, rows):
+        p, q = pos[rows].clone().requires_grad_(), neg[rows].clone().requires_grad_()
+        loss = loss_fn(p, q, pos_mask=pos_mask[rows], neg_mask=neg_mask[rows])
+        g_p, g_n = torch.autograd.grad(loss, (p, q), create_graph=True)
+        (hvp,) = torch.autograd.grad((g_p * vec[rows]).sum(), p)
+        return loss.detach(), g_p.detach(), g_n.detach(), hvp
+
+    whole = run(lambda p, q, **m: R.oucl(p, q, reduction=reduction, **m, **kw), slice(None))
+    mine = run(module, slice(start, stop))
+    torch.testing.assert_close(mine[0], whole[0], rtol=1e-10, atol=1e-12)
+    for got, want in zip(mine[1:], whole[1:]):
+        torch.testing.assert_close(got, want[start:stop], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.timeout(180)
