@@ -3,8 +3,11 @@
 Each public op has one implementation per backend that provides it (registered by
 :mod:`metaug_fast.functional`). ``backend="auto"`` picks, per op and device: ``METAUG_BACKEND`` when set,
 else the C++ backend for CPU tensors when it is built, else ``reference`` (CUDA tensors included, until
-the CUDA kernels have been verified on a GPU). Where the chosen backend does
+the Triton and CUDA kernels have been verified on a GPU). Where the chosen backend does
 not provide the op, ``auto`` runs ``reference``; an explicit ``backend=`` never falls back, it raises.
+
+The ``triton`` backend runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
+interpreter, used by the tests).
 """
 from __future__ import annotations
 
@@ -39,6 +42,18 @@ else:
         _CUDA_ERROR = exc
 
 
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: Optional[Exception] = None
+except ImportError as exc:
+    _TRITON_ERROR = exc
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that this process cannot run; the message says why and what to do."""
 
@@ -51,6 +66,11 @@ def _unavailable_reason(name: str) -> str:
                 "machine with nvcc: METAUG_BUILD_CUDA=1 pip install -e . --no-build-isolation"
             )
         return "torch.cuda.is_available() is False: no CUDA device in this process"
+    if name == "triton":
+        if _TRITON_ERROR is not None:
+            return f"Triton could not be imported ({_TRITON_ERROR}); `pip install triton`"
+        return ("no CUDA device in this process (set TRITON_INTERPRET=1 before importing metaug_fast to run the "
+                "Triton kernels on CPU tensors in Triton's interpreter, slowly)")
     if name == "cpp":
         return (
             f"the C++ extension metaug_fast._C could not be imported ({_CPP_ERROR}). Build it with "
@@ -68,6 +88,8 @@ def available_backends() -> List[str]:
     names = ["reference"]
     if _CPP_ERROR is None:
         names.append("cpp")
+    if _TRITON_ERROR is None and (torch.cuda.is_available() or _triton_interpreting()):
+        names.append("triton")
     if _CUDA_ERROR is None and torch.cuda.is_available():
         names.append("cuda")
     return names
@@ -89,6 +111,8 @@ _DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
 
 
 def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "triton" and device.type == "cpu":
+        return _triton_interpreting()
     return backend == "reference" or _DEVICE_TYPE[backend] == device.type
 
 
@@ -115,5 +139,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
             f"backend={backend!r} does not implement {op} in this version; backends that do: {sorted(impls)}"
         )
     if not _device_ok(backend, device):
-        raise ValueError(f"backend={backend!r} runs on {_DEVICE_TYPE[backend].upper()} tensors only, got tensors on {device}")
+        where = " (or CPU tensors under TRITON_INTERPRET=1)" if backend == "triton" else ""
+        raise ValueError(f"backend={backend!r} runs on {_DEVICE_TYPE[backend].upper()} tensors{where} only, "
+                         f"got tensors on {device}")
     return impls[backend]

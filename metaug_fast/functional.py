@@ -10,6 +10,7 @@ optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 from typing import Optional, Sequence, Tuple
@@ -25,7 +26,9 @@ from ._ops.oucl_label import (
     pairwise_similarity_cpp,
 )
 from ._ops.margins import margin_statistics_fused
-from ._ops.oucl_score import info_nce_cpp, oucl_cpp
+from ._ops.oucl_score import TRITON_OPS, info_nce_fused, oucl_fused
+from ._ops.triton_label import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
+                                oucl_embeddings_triton, pairwise_similarity_triton)
 
 __all__ = [
     "oucl",
@@ -140,12 +143,12 @@ def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> di
 # ------------------------------------------------------------------------------------------ backends
 for _name in __all__:
     _backend.register(_name, "reference", getattr(reference, _name))
-_backend.register("oucl", "cpp", oucl_cpp)
-_backend.register("info_nce", "cpp", info_nce_cpp)
+_backend.register("oucl", "cpp", oucl_fused)
+_backend.register("info_nce", "cpp", info_nce_fused)
 _backend.register("margin_statistics", "cpp", margin_statistics_fused)
 # The same autograd Functions run the CUDA kernels: the ops dispatch on the tensors' device.
-_backend.register("oucl", "cuda", oucl_cpp)
-_backend.register("info_nce", "cuda", info_nce_cpp)
+_backend.register("oucl", "cuda", oucl_fused)
+_backend.register("info_nce", "cuda", info_nce_fused)
 _backend.register("margin_statistics", "cuda", margin_statistics_fused)
 for _name, _fn in (("oucl_embeddings", oucl_embeddings_cpp), ("info_nce_embeddings", info_nce_embeddings_cpp),
                    ("margin_statistics_embeddings", margin_statistics_embeddings_cpp),
@@ -155,6 +158,13 @@ _backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
 _backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
 _backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)
 _backend.register("margin_statistics_embeddings", "cpp", margin_statistics_embeddings_cpp)
+_backend.register("oucl", "triton", functools.partial(oucl_fused, ops=TRITON_OPS))
+_backend.register("info_nce", "triton", functools.partial(info_nce_fused, ops=TRITON_OPS))
+_backend.register("margin_statistics", "triton", functools.partial(margin_statistics_fused, ops=TRITON_OPS))
+for _name, _fn in (("oucl_embeddings", oucl_embeddings_triton), ("info_nce_embeddings", info_nce_embeddings_triton),
+                   ("margin_statistics_embeddings", margin_statistics_embeddings_triton),
+                   ("pairwise_similarity", pairwise_similarity_triton)):
+    _backend.register(_name, "triton", _fn)
 
 
 # -------------------------------------------------------------------------------------------- public

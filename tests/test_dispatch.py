@@ -31,7 +31,9 @@ def test_env_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="METAUG_BACKEND"):
         F.oucl(P, N)
     monkeypatch.setenv("METAUG_BACKEND", "triton")
-    with pytest.raises(metaug_fast.BackendUnavailableError, match="METAUG_BACKEND='triton'"):
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")) is _backend._IMPLS["oucl"]["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no GPU here: Triton only runs in its interpreter
+    with pytest.raises(metaug_fast.BackendUnavailableError, match="METAUG_BACKEND='triton'.*TRITON_INTERPRET"):
         F.oucl(P, N)
 
 
@@ -40,8 +42,13 @@ def test_explicit_backend_never_falls_back(monkeypatch):
     if "cuda" not in metaug_fast.available_backends():
         with pytest.raises(metaug_fast.BackendUnavailableError, match="backend='cuda'"):
             F.oucl(P, N, backend="cuda")
-    with pytest.raises(metaug_fast.BackendUnavailableError, match="no 'triton' backend"):
-        F.oucl(P, N, backend="triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="backend='triton': no CUDA device"):
+            F.oucl(P, N, backend="triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(ValueError, match="CUDA tensors .or CPU tensors under TRITON_INTERPRET=1. only"):
+            F.oucl(P.to("meta"), N.to("meta"), backend="triton")
     if "cpp" in metaug_fast.available_backends():
         with pytest.raises(metaug_fast.BackendUnavailableError, match="does not implement margin_injection_loss"):
             F.margin_injection_loss(P, N, P[:, 0], P[:, 0], backend="cpp")
@@ -51,6 +58,7 @@ def test_explicit_backend_never_falls_back(monkeypatch):
 
 def test_missing_extension_explains_how_to_build(monkeypatch):
     monkeypatch.setattr(_backend, "_CPP_ERROR", ImportError("libfoo.so missing"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _backend.available_backends() == ["reference"]
     with pytest.raises(metaug_fast.BackendUnavailableError, match="pip install -e . --no-build-isolation"):
         F.oucl(P, N, backend="cpp")

@@ -1,4 +1,4 @@
-"""Margin statistics on the C++ (and CUDA) backend, score mode: ``torch.ops.metaug_fast.margin_score_{fwd,bwd}``
+"""Margin statistics on the fused backends, score mode: ``margin_score_{fwd,bwd}`` (C++/CUDA ops or Triton)
 find each row's minimum positive and maximum negative with their ties in one pass; the backward shares the
 gradient equally among tied entries, as torch.amin/amax do. σ⁺ = min(p_min, n_max) and σ⁻ = max(p_min,
 n_max) are then taken with torch.minimum/maximum, which split a tie between p_min and n_max the same way
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .oucl_score import CPP_OPS
 
 MARGIN_ID = 5  # csrc/oucl_common.h: kMargin
 
@@ -30,15 +31,16 @@ class _MarginScore(torch.autograd.Function):
     (setup_context style, so torch.func transforms can use it)."""
 
     @staticmethod
-    def forward(pos, neg, pos_mask, neg_mask):
-        stats = torch.ops.metaug_fast.margin_score_fwd(pos, neg, pos_mask, neg_mask)
+    def forward(pos, neg, pos_mask, neg_mask, ops):
+        stats = ops.margin_score_fwd(pos, neg, pos_mask, neg_mask)
         return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 4] > 0, stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pos, neg, pos_mask, neg_mask = inputs
+        pos, neg, pos_mask, neg_mask, ops = inputs
         ctx.save_for_backward(pos, neg, pos_mask, neg_mask, output[3])
         ctx.mark_non_differentiable(output[2], output[3])
+        ctx.ops = ops
 
     @staticmethod
     def backward(ctx, g_min, g_max, _g_valid, _g_stats):
@@ -47,11 +49,11 @@ class _MarginScore(torch.autograd.Function):
             # A differentiable gradient (create_graph or torch.func): the same shares in PyTorch ops, linear
             # in the incoming gradient and piecewise constant in the scores, as torch.amin/amax's backward.
             return (_share(pos, pos_mask, stats[:, 0], stats[:, 2], g_min),
-                    _share(neg, neg_mask, stats[:, 1], stats[:, 3], g_max), None, None)
-        gp, gn = torch.ops.metaug_fast.margin_score_bwd(
+                    _share(neg, neg_mask, stats[:, 1], stats[:, 3], g_max), None, None, None)
+        gp, gn = ctx.ops.margin_score_bwd(
             torch.stack([g_min, g_max], 1).contiguous(), pos, neg, pos_mask, neg_mask, stats
         )
-        return gp, gn, None, None
+        return gp, gn, None, None, None
 
 
 def _share(x: Tensor, mask: Optional[Tensor], value: Tensor, ties: Tensor, g: Tensor) -> Tensor:
@@ -66,7 +68,8 @@ def _share(x: Tensor, mask: Optional[Tensor], value: Tensor, ties: Tensor, g: Te
 
 
 def margin_statistics_fused(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None,
-                            neg_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Same contract as :func:`metaug_fast.reference.margin_statistics`, one fused pass per row."""
-    p_min, n_max, valid, _ = _MarginScore.apply(pos, neg, pos_mask, neg_mask)
+                            neg_mask: Optional[Tensor] = None, ops=CPP_OPS) -> Tuple[Tensor, Tensor]:
+    """Same contract as :func:`metaug_fast.reference.margin_statistics`, one fused pass per row on the
+    kernels of ``ops`` (the C++/CUDA ops or Triton's)."""
+    p_min, n_max, valid, _ = _MarginScore.apply(pos, neg, pos_mask, neg_mask, ops)
     return sigmas(p_min, n_max, valid, pos.dtype)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from .. import reference
 from .margins import MARGIN_ID, sigmas
-from .oucl_score import FORM_IDS, INFONCE_ID, _OUCLScore
+from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, _OUCLScore
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
@@ -41,7 +41,7 @@ def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset
     of B×M memory for that call."""
     scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
     pm, nm = _label_masks(zn, rn, labels, ref_labels, self_offset)
-    return _OUCLScore.apply(scores, scores, pm, nm, params)[0]
+    return _OUCLScore.apply(scores, scores, pm, nm, params, CPP_OPS)[0]
 
 
 def _op_inputs(zn, rn, labels, ref_labels):

@@ -1,5 +1,6 @@
-"""Score-mode OUCL on the C++ backend: autograd Functions around ``torch.ops.metaug_fast.oucl_score_*``
-(csrc/oucl_cpu.cpp).
+"""Score-mode OUCL on the fused backends: autograd Functions around the ``oucl_score_*`` ops, which
+``ops`` provides: ``torch.ops.metaug_fast`` (the C++ kernels of csrc/oucl_cpu.cpp and, for CUDA tensors,
+csrc/cuda) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels, same signatures and stats).
 
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not
@@ -17,6 +18,20 @@ from torch import Tensor
 from .. import reference
 
 FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
+CPP_OPS = torch.ops.metaug_fast
+
+
+class _TritonOps:
+    """The Triton launchers under the C++ ops' names. The kernels are imported on first use: importing them
+    needs Triton, and TRITON_INTERPRET is read when they are defined."""
+
+    def __getattr__(self, name):
+        from ..kernels import oucl_score
+
+        return getattr(oucl_score, name)
+
+
+TRITON_OPS = _TritonOps()
 INFONCE_ID = 4  # InfoNCE runs on the same kernels with β = 1/τ (csrc/oucl_rows.inc)
 
 
@@ -31,8 +46,8 @@ class _OUCLScoreDoubleBackward(torch.autograd.Function):
     and let a third-order term through pos go silently missing)."""
 
     @staticmethod
-    def forward(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, params):
-        return torch.ops.metaug_fast.oucl_score_bwd_bwd(
+    def forward(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, params, ops):
+        return ops.oucl_score_bwd_bwd(
             grad_rows, gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pos_mask, neg_mask, stats, *params
         )
 
@@ -52,14 +67,14 @@ class _OUCLScoreBackward(torch.autograd.Function):
     """(grad_rows, pos, neg) -> (grad_pos, grad_neg); differentiable once more via the fused HVP kernel."""
 
     @staticmethod
-    def forward(grad_rows, pos, neg, pos_mask, neg_mask, stats, params):
-        return torch.ops.metaug_fast.oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, *params)
+    def forward(grad_rows, pos, neg, pos_mask, neg_mask, stats, params, ops):
+        return ops.oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, *params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_rows, pos, neg, pos_mask, neg_mask, stats, params = inputs
+        grad_rows, pos, neg, pos_mask, neg_mask, stats, params, ops = inputs
         ctx.save_for_backward(grad_rows, pos, neg, pos_mask, neg_mask, stats)
-        ctx.params = params
+        ctx.params, ctx.ops = params, ops
 
     @staticmethod
     def backward(ctx, gg_pos, gg_neg):
@@ -70,11 +85,11 @@ class _OUCLScoreBackward(torch.autograd.Function):
             active = (stats[:, 0] > 0) & (stats[:, 4] > 0)
             along = _masked_sum(gg_neg, neg_mask) - _masked_sum(gg_pos, pos_mask)
             ggo = torch.where(active, along, torch.zeros_like(along))
-            return ggo, torch.zeros_like(pos), torch.zeros_like(neg), None, None, None, None
+            return ggo, torch.zeros_like(pos), torch.zeros_like(neg), None, None, None, None, None
         ggo, hv_pos, hv_neg = _OUCLScoreDoubleBackward.apply(
-            grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, ctx.params
+            grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, ctx.params, ctx.ops
         )
-        return ggo, hv_pos, hv_neg, None, None, None, None
+        return ggo, hv_pos, hv_neg, None, None, None, None, None
 
 
 class _OUCLScore(torch.autograd.Function):
@@ -83,26 +98,26 @@ class _OUCLScore(torch.autograd.Function):
     Written with ``setup_context`` so that torch.func transforms (``grad``, nested ``grad``) can use it."""
 
     @staticmethod
-    def forward(pos, neg, pos_mask, neg_mask, params):
-        return torch.ops.metaug_fast.oucl_score_fwd(pos, neg, pos_mask, neg_mask, *params)
+    def forward(pos, neg, pos_mask, neg_mask, params, ops):
+        return ops.oucl_score_fwd(pos, neg, pos_mask, neg_mask, *params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pos, neg, pos_mask, neg_mask, params = inputs
+        pos, neg, pos_mask, neg_mask, params, ops = inputs
         ctx.save_for_backward(pos, neg, pos_mask, neg_mask, output[1])
         ctx.mark_non_differentiable(output[1])
-        ctx.params = params
+        ctx.params, ctx.ops = params, ops
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_stats):
         pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
         grad_pos, grad_neg = _OUCLScoreBackward.apply(
-            grad_rows.contiguous(), pos, neg, pos_mask, neg_mask, stats, ctx.params
+            grad_rows.contiguous(), pos, neg, pos_mask, neg_mask, stats, ctx.params, ctx.ops
         )
-        return grad_pos, grad_neg, None, None, None
+        return grad_pos, grad_neg, None, None, None, None
 
 
-def oucl_cpp(
+def oucl_fused(
     pos: Tensor,
     neg: Tensor,
     *,
@@ -115,15 +130,16 @@ def oucl_cpp(
     pos_mask: Optional[Tensor],
     neg_mask: Optional[Tensor],
     reduction: str,
+    ops=CPP_OPS,
 ) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl`, fused on the CPU."""
+    """Same contract as :func:`metaug_fast.reference.oucl`, on the fused kernels of ``ops``."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
-    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)
 
 
-def info_nce_cpp(
+def info_nce_fused(
     pos: Tensor,
     neg: Tensor,
     *,
@@ -131,9 +147,10 @@ def info_nce_cpp(
     pos_mask: Optional[Tensor],
     neg_mask: Optional[Tensor],
     reduction: str,
+    ops=CPP_OPS,
 ) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.info_nce`, fused on the CPU."""
+    """Same contract as :func:`metaug_fast.reference.info_nce`, on the fused kernels of ``ops``."""
     params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
-    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params)
+    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)

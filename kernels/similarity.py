@@ -1,0 +1,40 @@
+"""pairwise_similarity in Triton: the raw GEMM e·rᵀ with the normalization (inverse norms) and the
+similarity's affine map applied in the epilogue, written once in the output dtype. Its output is B×M by
+definition; nothing else is."""
+import torch
+import triton
+import triton.language as tl
+
+from .oucl_label import _raw_dot, config
+
+
+@triton.jit
+def _similarity_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, out_ptr, B, M, D, s_eb, s_ed, s_rb, s_rd, SIM: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    acc_ty = iz_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask, cmask = rows < B, cols < M
+    P = _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN, BD, PREC, UPCAST)
+    iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
+    ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
+    s = P * iz[:, None] * ir[None, :]
+    if SIM == 0:
+        s = 0.5 * s + 0.5
+    tl.store(out_ptr + rows[:, None] * M + cols[None, :], s.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def pairwise_similarity(e: torch.Tensor, iz: torch.Tensor, r: torch.Tensor, ir: torch.Tensor, similarity: int,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """``[B, M]`` similarities of the rows of ``e`` and ``r`` given their inverse norms ``iz``, ``ir``."""
+    B, D = e.shape
+    M = r.shape[0]
+    BM, BN, BD, _, PREC, _, UPCAST = config(e, D)
+    out = torch.empty(B, M, dtype=out_dtype, device=e.device)
+    if B and M:
+        _similarity_kernel[(triton.cdiv(B, BM), triton.cdiv(M, BN))](
+            e, iz, r, ir, out, B, M, D, e.stride(0), e.stride(1), r.stride(0), r.stride(1), SIM=similarity,
+            BM=BM, BN=BN, BD=BD, PREC=PREC, UPCAST=UPCAST)
+    return out
