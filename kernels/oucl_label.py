@@ -303,6 +303,9 @@ def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, cfg, self_offs
     M = r.shape[0]
     BM, BN, BD, BDO, PREC, GPREC, UPCAST = config(e, D)
     acc = cfg.dtype
+    if B == 0 or M == 0 or D == 0:  # nothing to launch: every gradient is zero
+        zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
+        return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad else (None, None))
     de, diz = torch.empty(B, D, dtype=acc, device=e.device), torch.empty(B, dtype=acc, device=e.device)
     meta = dict(FORM=form, SIM=similarity, BM=BM, BN=BN, BD=BD, BDO=BDO, PREC=PREC, GPREC=GPREC, UPCAST=UPCAST)
     args = (grad_rows.contiguous(), stats.contiguous(), e, iz, r, ir, labels, ref_labels, cfg)

@@ -13,12 +13,27 @@ layout, so the same autograd Functions (metaug_fast/_ops) drive either backend:
 Sums and exponentials run in fp32 for fp16/bf16 inputs (fp64 for fp64); gradients are written in the
 input dtype.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (CIRCLE, HINGE, INFONCE, SQUARED, WEIGHTED, finite_or_zero, load_cfg, lse_update,
                       side_terms, sigmoid, softplus)
+
+
+def _configs():
+    """A small autotuning space (rows per program × columns per step × warps), tuned per (K⁺, K⁻, dtype);
+    one configuration under the interpreter, where timing them would only cost time."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 64})]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+            for bb in (4, 16) for bk in (128, 512) for w in (4, 8)]
+
+
+def _tuned(kernel):
+    return triton.autotune(configs=_configs(), key=["KP", "KN"])(kernel)
 
 
 @triton.jit
@@ -64,6 +79,7 @@ def _side_sum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
     return total, count
 
 
+@_tuned
 @triton.jit
 def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, rows_ptr, stats_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
@@ -127,6 +143,7 @@ def _row_stats(stats_ptr, rows, rmask):
             tl.load(base + 4, mask=rmask, other=0.0) != 0)
 
 
+@_tuned
 @triton.jit
 def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
@@ -204,6 +221,7 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
+@_tuned
 @triton.jit
 def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_ptr,
                           ggo_ptr, hp_ptr, hn_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
@@ -300,6 +318,7 @@ def _side_extremum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, MIN: tl
     return tl.where(nan, float("nan"), best), tl.where(nan, 1.0, ties)
 
 
+@_tuned
 @triton.jit
 def _margin_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk,
                        s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
@@ -332,6 +351,7 @@ def _side_extremum_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb,
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
+@_tuned
 @triton.jit
 def _margin_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
                        s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr,
@@ -355,9 +375,8 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _blocks(B: int, K: int):
-    """(BLOCK_B, BLOCK_K): a few rows per program, a block of columns wide enough to stream K."""
-    return 16, max(16, min(256, triton.next_power_of_2(max(K, 1))))
+def _grid(B: int):
+    return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
 
 
 def _mask_args(mask, like):
@@ -382,6 +401,10 @@ def cfg_tensor(params, dtype, device) -> torch.Tensor:
     return torch.tensor([beta, 1.0 / beta, gamma_pos, gamma_neg, margin, lam], dtype=dtype, device=device)
 
 
+def _flags(pos_mask, neg_mask) -> dict:
+    return dict(HAS_PM=pos_mask is not None, HAS_NM=neg_mask is not None)
+
+
 def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_neg, margin, lam):
     """(rows [B], stats [B, 5]) in the accumulation dtype, as ``torch.ops.metaug_fast.oucl_score_fwd``."""
     acc = _acc_dtype(pos)
@@ -389,10 +412,9 @@ def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_ne
     rows = torch.empty(B, dtype=acc, device=pos.device)
     stats = torch.empty(B, 5, dtype=acc, device=pos.device)
     cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), acc, pos.device)
-    BB, BK = _blocks(B, max(KP, KN))
-    _score_fwd_kernel[(triton.cdiv(B, BB),)](pos, neg, pm, nm, cfg, rows, stats, B, KP, KN, *strides, FORM=form,
-                                             HAS_PM=pos_mask is not None, HAS_NM=neg_mask is not None,
-                                             BLOCK_B=BB, BLOCK_K=BK)
+    if B:  # a grid of no programs is not launched
+        _score_fwd_kernel[_grid(B)](pos, neg, pm, nm, cfg, rows, stats, B, KP, KN, *strides, FORM=form,
+                                    **_flags(pos_mask, neg_mask))
     return rows, stats
 
 
@@ -401,10 +423,9 @@ def oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, form, beta, g
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), stats.dtype, pos.device)
-    BB, BK = _blocks(B, max(KP, KN))
-    _score_bwd_kernel[(triton.cdiv(B, BB),)](grad_rows.contiguous(), pos, neg, pm, nm, cfg, stats.contiguous(), gp,
-                                             gn, B, KP, KN, *strides, FORM=form, HAS_PM=pos_mask is not None,
-                                             HAS_NM=neg_mask is not None, BLOCK_B=BB, BLOCK_K=BK)
+    if B:  # a grid of no programs is not launched
+        _score_bwd_kernel[_grid(B)](grad_rows.contiguous(), pos, neg, pm, nm, cfg, stats.contiguous(), gp, gn, B, KP, KN,
+                                    *strides, FORM=form, **_flags(pos_mask, neg_mask))
     return gp, gn
 
 
@@ -417,11 +438,10 @@ def oucl_score_bwd_bwd(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, 
     ggo = torch.empty(B, dtype=stats.dtype, device=pos.device)
     hp, hn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), stats.dtype, pos.device)
-    BB, BK = _blocks(B, max(KP, KN))
-    _score_bwd_bwd_kernel[(triton.cdiv(B, BB),)](grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(),
-                                                 pos, neg, pm, nm, cfg, stats.contiguous(), ggo, hp, hn, B, KP, KN,
-                                                 *strides, FORM=form, HAS_PM=pos_mask is not None,
-                                                 HAS_NM=neg_mask is not None, BLOCK_B=BB, BLOCK_K=BK)
+    if B:  # a grid of no programs is not launched
+        _score_bwd_bwd_kernel[_grid(B)](grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pm,
+                                        nm, cfg, stats.contiguous(), ggo, hp, hn, B, KP, KN, *strides, FORM=form,
+                                        **_flags(pos_mask, neg_mask))
     return ggo, hp, hn
 
 
@@ -429,10 +449,8 @@ def margin_score_fwd(pos, neg, pos_mask, neg_mask):
     """stats [B, 5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     stats = torch.empty(B, 5, dtype=_acc_dtype(pos), device=pos.device)
-    BB, BK = _blocks(B, max(KP, KN))
-    _margin_fwd_kernel[(triton.cdiv(B, BB),)](pos, neg, pm, nm, stats, B, KP, KN, *strides,
-                                              HAS_PM=pos_mask is not None, HAS_NM=neg_mask is not None,
-                                              BLOCK_B=BB, BLOCK_K=BK)
+    if B:  # a grid of no programs is not launched
+        _margin_fwd_kernel[_grid(B)](pos, neg, pm, nm, stats, B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
     return stats
 
 
@@ -440,8 +458,7 @@ def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
     """(grad_pos, grad_neg) from ``grad [B, 2]`` = (∂/∂p_min, ∂/∂n_max) per row."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    BB, BK = _blocks(B, max(KP, KN))
-    _margin_bwd_kernel[(triton.cdiv(B, BB),)](grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP,
-                                              KN, *strides, HAS_PM=pos_mask is not None,
-                                              HAS_NM=neg_mask is not None, BLOCK_B=BB, BLOCK_K=BK)
+    if B:  # a grid of no programs is not launched
+        _margin_bwd_kernel[_grid(B)](grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP, KN, *strides,
+                                     **_flags(pos_mask, neg_mask))
     return gp, gn

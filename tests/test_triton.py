@@ -305,3 +305,17 @@ def test_backend_rules():
     impls = metaug_fast._backend._IMPLS
     for op in ("oucl", "oucl_embeddings", "pairwise_similarity"):
         assert metaug_fast._backend.resolve(op, "auto", torch.device("cpu")) is not impls[op]["triton"]
+
+
+def test_empty_batch_and_empty_reference_set():
+    p, n = torch.rand(0, 3, dtype=torch.float64, requires_grad=True), torch.rand(0, 4, dtype=torch.float64)
+    loss = F.oucl(p, n, backend="triton")
+    loss.backward()
+    assert loss.item() == 0 and p.grad.shape == (0, 3)
+    emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    args = (emb, torch.arange(4), torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    for op in ("oucl_embeddings", "info_nce_embeddings"):
+        got = getattr(F, op)(*args, backend="triton")
+        torch.testing.assert_close(got, getattr(F, op)(*args, backend="reference"), rtol=0, atol=0)
+        (g,) = torch.autograd.grad(got, emb)
+        assert torch.equal(g, torch.zeros_like(emb))
