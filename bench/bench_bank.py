@@ -14,17 +14,14 @@ rows and uses one thread, so both rows use the machine's 2 cores).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .common import peak_extra_mb, row, write_csv
+from .common import peak_extra_mb, row, spawn_ranks, write_csv
 
 D = 128
 
@@ -79,12 +76,7 @@ def _sharded_worker(rank, world, init_file, b, m, queue):
 
 
 def _sharded(b: int, m: int, world: int):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_sharded_worker, args=(world, os.path.join(d, "init"), b, m, queue), nprocs=world,
-                           join=True, start_method="spawn")
-    results = [queue.get() for _ in range(world)]
+    results = spawn_ranks(_sharded_worker, world, b, m)
     return max(r[1] for r in results), max(r[2] for r in results)
 
 

@@ -11,17 +11,14 @@ oversubscription, memory does not.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .common import peak_extra_mb, row, write_csv
+from .common import peak_extra_mb, row, spawn_ranks, write_csv
 
 D = 128
 
@@ -51,12 +48,7 @@ def _worker(rank, world, init_file, n, mode, queue):
 
 
 def measure(n: int, world: int, mode: str):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, os.path.join(d, "init"), n, mode, queue), nprocs=world,
-                           join=True, start_method="spawn")
-    results = [queue.get() for _ in range(world)]
+    results = spawn_ranks(_worker, world, n, mode)
     return max(r[1] for r in results), max(r[2] for r in results)
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -90,3 +91,16 @@ def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
+
+
+def spawn_ranks(worker: Callable, world: int, *args) -> List[tuple]:
+    """Runs ``worker(rank, world, init_file, *args, queue)`` in ``world`` spawned processes (a gloo group
+    initialized from ``init_file``) and returns what each put on ``queue``, one item per rank."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(worker, args=(world, os.path.join(d, "init"), *args, queue), nprocs=world, join=True,
+                           start_method="spawn")
+    return [queue.get() for _ in range(world)]

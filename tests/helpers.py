@@ -2,6 +2,7 @@
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FORMS = ("hinge", "squared", "weighted", "circle")
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
@@ -79,3 +80,31 @@ def hvp(loss_fn, inputs, vectors):
     hv = torch.autograd.grad(dot, inputs, allow_unused=True)
     hv = tuple(torch.zeros_like(x) if h is None else h for x, h in zip(inputs, hv))
     return loss.detach(), tuple(g.detach() for g in grads), hv
+
+
+def label_data(B, M, D=5, dtype=torch.float64, n_classes=4):
+    """(emb [B,D], labels [B], ref [M,D], ref_labels [M]); ref and ref_labels are None when M is None.
+    Reference labels include a class that no anchor has."""
+    emb = torch.randn(B, D, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, n_classes, (B,))
+    if M is None:
+        return emb, labels, None, None
+    ref = torch.randn(M, D, dtype=torch.float64).to(dtype)
+    return emb, labels, ref, torch.randint(0, n_classes + 1, (M,))
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op allocates while active (views of existing storage do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -1,14 +1,13 @@
 """Chunked label mode against a reference set: equals reference.py and never materializes B×M."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaug_fast import reference as R
 from metaug_fast.chunked import oucl_embeddings_chunked
 from metaug_fast.metaug import MemoryBank
 
 from conftest import requires_cpp
-from helpers import FORMS
+from helpers import FORMS, LargestAllocation
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -40,30 +39,13 @@ def test_very_negative_exponents_across_chunks():
                                R.oucl_embeddings(emb, labels, ref, ref_labels, **kw), rtol=1e-5, atol=1e-7)
 
 
-class _LargestOutput(TorchDispatchMode):
-    """The largest tensor any op allocates (views of existing storage do not count)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_cpp)])
 def test_bank_scoring_never_allocates_b_by_m(backend):
     B, M, D, chunk = 32, 5000, 8, 256
     bank = MemoryBank(M, D, generator=torch.Generator().manual_seed(0))
     z = torch.randn(B, D, requires_grad=True)
     labels, bank_labels = torch.arange(B) % 10, torch.arange(M) % 10
-    with _LargestOutput() as mode:
+    with LargestAllocation() as mode:
         loss = bank.score_all(0, z, labels, bank_labels, chunk_size=chunk, form="circle", beta=32.0,
                               backend=backend)
         loss.backward()

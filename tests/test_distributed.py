@@ -27,13 +27,22 @@ def _global_batch():
     return emb, labels
 
 
-def _worker(rank, world, init_file, cases):
+def _init(rank, world, init_file, seconds=60):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=seconds))
+
+
+def _rows_of(rank, world):
+    """This rank's rows [start, stop) of the global batch (all of them in a 1-process group)."""
+    sizes = SIZES if world == 2 else (sum(SIZES),)
+    return sum(sizes[:rank]), sum(sizes[: rank + 1])
+
+
+def _worker(rank, world, init_file, cases):
+    _init(rank, world, init_file)
     try:
         emb, labels = _global_batch()
-        sizes = SIZES if world == 2 else (sum(SIZES),)
-        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        start, stop = _rows_of(rank, world)
         for backend, form, reduction in cases:
             kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
             whole = emb.clone().requires_grad_()
@@ -100,8 +109,7 @@ def test_requires_an_initialized_process_group():
 
 
 def _failing_worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=20))
+    _init(rank, world, init_file, seconds=20)
     if rank == 1:
         raise ValueError("rank 1 failed on purpose")
     oucl_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))  # rank 0 waits in the collective
@@ -115,8 +123,7 @@ def test_a_failing_rank_brings_the_others_down():
 
 
 def _second_order_worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    _init(rank, world, init_file)
     try:
         emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
         loss = oucl_embeddings_all_gather(emb, torch.tensor([0, 1, 0, 1]), backend="reference")
@@ -150,12 +157,10 @@ def _bank_worker(rank, world, init_file, forms):
     from metaug_fast.distributed import oucl_embeddings_sharded
     from metaug_fast.metaug import MemoryBank, ShardedMemoryBank
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    _init(rank, world, init_file)
     try:
         emb, labels = _global_batch()
-        sizes = SIZES if world == 2 else (sum(SIZES),)
-        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        start, stop = _rows_of(rank, world)
         bank = ShardedMemoryBank(BANK_ROWS, emb.shape[1], views=2, seed=3)
         # The initial bank depends on the seed only, not on the world size.
         single = ShardedMemoryBank.__new__(ShardedMemoryBank)

@@ -9,20 +9,10 @@ from metaug_fast import OUCLLoss
 from metaug_fast import reference as R
 
 from conftest import requires_cpp
-from helpers import FORMS, ULP, rel_err
+from helpers import FORMS, ULP, label_data, rel_err
 
 pytestmark = requires_cpp
 PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
-
-
-def _data(B, M, D=5, dtype=torch.float64, n_classes=4):
-    emb = torch.randn(B, D, dtype=torch.float64).to(dtype)
-    labels = torch.randint(0, n_classes, (B,))
-    if M is None:
-        return emb, labels, None, None
-    ref = torch.randn(M, D, dtype=torch.float64).to(dtype)
-    ref_labels = torch.randint(0, n_classes + 1, (M,))  # class n_classes never appears among the anchors
-    return emb, labels, ref, ref_labels
 
 
 def _run(backend, emb, labels, ref, ref_labels, reduction="none", **kw):
@@ -37,7 +27,7 @@ def _run(backend, emb, labels, ref, ref_labels, reduction="none", **kw):
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 @pytest.mark.parametrize("shape", [(1, 1), (7, None), (300, 530), (3, 1100), (260, None)])
 def test_fp64_matches_reference(form, similarity, shape):
-    emb, labels, ref, ref_labels = _data(shape[0], shape[1])
+    emb, labels, ref, ref_labels = label_data(shape[0], shape[1])
     kw = dict(form=form, similarity=similarity, beta=16.0, **PARAMS)
     want, got = _run("reference", emb, labels, ref, ref_labels, **kw), _run("cpp", emb, labels, ref, ref_labels, **kw)
     for g, w in zip(got, want):
@@ -47,7 +37,7 @@ def test_fp64_matches_reference(form, similarity, shape):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
 def test_reductions_and_extreme_beta(reduction, beta):
-    emb, labels, ref, ref_labels = _data(40, 600, n_classes=6)
+    emb, labels, ref, ref_labels = label_data(40, 600, n_classes=6)
     for form in FORMS:
         kw = dict(form=form, beta=beta, **PARAMS)
         want = _run("reference", emb, labels, ref, ref_labels, reduction, **kw)
@@ -103,7 +93,7 @@ def test_empty_reference_set(op):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("beta", [1.0, 16.0, 256.0])
 def test_fp32_within_1e4_of_fp64(form, beta):
-    emb, labels, ref, ref_labels = _data(70, 700, D=16, dtype=torch.float32)
+    emb, labels, ref, ref_labels = label_data(70, 700, D=16, dtype=torch.float32)
     kw = dict(form=form, beta=beta, **PARAMS)
     got = _run("cpp", emb, labels, ref, ref_labels, **kw)
     want = _run("reference", emb.double(), labels, ref.double(), ref_labels, **kw)
@@ -116,7 +106,7 @@ def test_fp32_within_1e4_of_fp64(form, beta):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("form", FORMS)
 def test_half_precision_within_twice_reference_error(dtype, form):
-    emb, labels, ref, ref_labels = _data(40, 300, D=16, dtype=dtype)
+    emb, labels, ref, ref_labels = label_data(40, 300, D=16, dtype=dtype)
     kw = dict(form=form, beta=16.0, **PARAMS)
     exact = _run("reference", emb.double(), labels, ref.double(), ref_labels, **kw)
     ref_out = _run("reference", emb, labels, ref, ref_labels, **kw)
@@ -139,7 +129,7 @@ def test_non_contiguous_and_int32_labels():
 @pytest.mark.parametrize("form", ["hinge", "squared", "weighted"])
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_gradcheck_and_gradgradcheck(form, with_ref):
-    emb, labels, ref, ref_labels = _data(6, 5 if with_ref else None, D=3, n_classes=3)
+    emb, labels, ref, ref_labels = label_data(6, 5 if with_ref else None, D=3, n_classes=3)
     inputs = [emb.requires_grad_()] + ([ref.requires_grad_()] if with_ref else [])
 
     def fn(*xs):
@@ -152,7 +142,7 @@ def test_gradcheck_and_gradgradcheck(form, with_ref):
 
 
 def test_second_order_matches_reference_for_circle():
-    emb, labels, ref, ref_labels = _data(9, 13, D=4)
+    emb, labels, ref, ref_labels = label_data(9, 13, D=4)
     out = []
     for backend in ("reference", "cpp"):
         e = emb.clone().requires_grad_()
@@ -166,7 +156,7 @@ def test_second_order_matches_reference_for_circle():
 
 def test_thread_count_independent():
     # A small batch against many columns: with 2 threads the columns are split, with 1 they are not.
-    emb, labels, ref, ref_labels = _data(10, 3000, D=8, dtype=torch.float32)
+    emb, labels, ref, ref_labels = label_data(10, 3000, D=8, dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -239,7 +229,7 @@ def _margins(backend, emb, labels, ref, ref_labels, similarity="shifted_cosine")
 @pytest.mark.parametrize("shape", [(1, 1), (7, None), (300, 530), (3, 1100), (260, None)])
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 def test_margin_statistics_match_reference(shape, similarity):
-    emb, labels, ref, ref_labels = _data(shape[0], shape[1])
+    emb, labels, ref, ref_labels = label_data(shape[0], shape[1])
     got = _margins("cpp", emb, labels, ref, ref_labels, similarity)
     want = _margins("reference", emb, labels, ref, ref_labels, similarity)
     for g, w in zip(got, want):
@@ -255,7 +245,7 @@ def test_margin_statistics_ties_share_the_gradient():
 
 
 def test_margin_statistics_second_order_and_gradcheck():
-    emb, labels, ref, ref_labels = _data(6, 7, D=3, n_classes=3)
+    emb, labels, ref, ref_labels = label_data(6, 7, D=3, n_classes=3)
     emb.requires_grad_()
     fn = lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, ref, ref_labels, backend="cpp")).clamp(-9, 9)  # noqa: E731
     assert gradcheck(fn, (emb,)) and gradgradcheck(fn, (emb,))
