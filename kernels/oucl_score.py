@@ -370,6 +370,79 @@ def _margin_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, gp_pt
                         BLOCK_K, acc_ty)
 
 
+# ------------------------------------------------------------------------------------ margin injection
+@triton.jit
+def _hinge_mean(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, sigma, SIGN: tl.constexpr,
+                HAS_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, acc_ty: tl.constexpr):
+    """mean over kept entries of [SIGN·(x - σ)]_+ per row (NaN propagates, as torch.relu), and the count."""
+    total = tl.zeros((BLOCK_B,), acc_ty)
+    count = tl.zeros((BLOCK_B,), acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        x, keep, _ = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        d = SIGN * (x - sigma[:, None])
+        total += tl.sum(tl.where(keep & ((d > 0) | (d != d)), d, 0.0), axis=1)
+        count += tl.sum(keep.to(acc_ty), axis=1)
+    return total / tl.maximum(count, 1.0), count
+
+
+@_tuned
+@triton.jit
+def _margin_injection_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, sp_ptr, sn_ptr, rows_ptr, B, KP, KN,
+                                 s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr,
+                                 HAS_NM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """R_σ per row: mean_k [p̂_k - σ⁺]_+ + mean_k [σ⁻ - n̂_k]_+ over the kept entries."""
+    acc_ty = rows_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    sp = tl.load(sp_ptr + rows, mask=rmask, other=0.0).to(acc_ty)
+    sn = tl.load(sn_ptr + rows, mask=rmask, other=0.0).to(acc_ty)
+    a, _ = _hinge_mean(pos_ptr, pm_ptr, rows, rmask, KP, s_pb, s_pk, s_pmb, s_pmk, sp, 1.0, HAS_PM, BLOCK_B,
+                       BLOCK_K, acc_ty)
+    b, _ = _hinge_mean(neg_ptr, nm_ptr, rows, rmask, KN, s_nb, s_nk, s_nmb, s_nmk, sn, -1.0, HAS_NM, BLOCK_B,
+                       BLOCK_K, acc_ty)
+    tl.store(rows_ptr + rows, a + b, mask=rmask)
+
+
+@triton.jit
+def _hinge_mean_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, sigma, g, SIGN: tl.constexpr,
+                     HAS_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, acc_ty: tl.constexpr):
+    """Writes ∂/∂x = SIGN·g/count on the kept entries where SIGN·(x - σ) > 0; returns ∂/∂σ per row."""
+    count = tl.zeros((BLOCK_B,), acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        _, keep, _ = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        count += tl.sum(keep.to(acc_ty), axis=1)
+    share = SIGN * g / tl.maximum(count, 1.0)
+    d_sigma = tl.zeros((BLOCK_B,), acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        x, keep, cols = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        on = keep & (SIGN * (x - sigma[:, None]) > 0)
+        grad = tl.where(on, share[:, None], 0.0)
+        d_sigma -= tl.sum(grad, axis=1)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], grad.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cols[None, :] < K))
+    return d_sigma
+
+
+@_tuned
+@triton.jit
+def _margin_injection_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, sp_ptr, sn_ptr, gp_ptr, gn_ptr, gsp_ptr,
+                                 gsn_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
+                                 HAS_PM: tl.constexpr, HAS_NM: tl.constexpr, BLOCK_B: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+    acc_ty = gsp_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(acc_ty)
+    sp = tl.load(sp_ptr + rows, mask=rmask, other=0.0).to(acc_ty)
+    sn = tl.load(sn_ptr + rows, mask=rmask, other=0.0).to(acc_ty)
+    dsp = _hinge_mean_grad(pos_ptr, pm_ptr, gp_ptr, rows, rmask, KP, s_pb, s_pk, s_pmb, s_pmk, sp, g, 1.0, HAS_PM,
+                           BLOCK_B, BLOCK_K, acc_ty)
+    dsn = _hinge_mean_grad(neg_ptr, nm_ptr, gn_ptr, rows, rmask, KN, s_nb, s_nk, s_nmb, s_nmk, sn, g, -1.0, HAS_NM,
+                           BLOCK_B, BLOCK_K, acc_ty)
+    tl.store(gsp_ptr + rows, dsp, mask=rmask)
+    tl.store(gsn_ptr + rows, dsn, mask=rmask)
+
+
 # ---------------------------------------------------------------------------------------------- launchers
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -462,3 +535,25 @@ def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
         _margin_bwd_kernel[_grid(B)](grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP, KN, *strides,
                                      **_flags(pos_mask, neg_mask))
     return gp, gn
+
+
+def margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
+    """Per-row R_σ ``[B]`` in the accumulation dtype."""
+    pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
+    rows = torch.empty(B, dtype=_acc_dtype(pos), device=pos.device)
+    if B:  # a grid of no programs is not launched
+        _margin_injection_fwd_kernel[_grid(B)](pos, neg, pm, nm, sigma_pos.contiguous(), sigma_neg.contiguous(), rows,
+                                               B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
+    return rows
+
+
+def margin_injection_bwd(grad_rows, pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
+    """(∂pos [B, K̂⁺], ∂neg [B, K̂⁻] in the input dtype, ∂σ⁺ [B], ∂σ⁻ [B] in the accumulation dtype)."""
+    pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
+    gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
+    gsp, gsn = (torch.empty(B, dtype=_acc_dtype(pos), device=pos.device) for _ in range(2))
+    if B:  # a grid of no programs is not launched
+        _margin_injection_bwd_kernel[_grid(B)](grad_rows.contiguous(), pos, neg, pm, nm, sigma_pos.contiguous(),
+                                               sigma_neg.contiguous(), gp, gn, gsp, gsn, B, KP, KN, *strides,
+                                               **_flags(pos_mask, neg_mask))
+    return gp, gn, gsp, gsn

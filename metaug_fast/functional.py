@@ -25,7 +25,7 @@ from ._ops.oucl_label import (
     oucl_embeddings_cpp,
     pairwise_similarity_cpp,
 )
-from ._ops.margins import margin_statistics_fused
+from ._ops.margins import margin_injection_loss_triton, margin_statistics_fused
 from ._ops.oucl_score import TRITON_OPS, info_nce_fused, oucl_fused
 from ._ops.triton_label import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
                                 oucl_embeddings_triton, pairwise_similarity_triton)
@@ -161,6 +161,7 @@ _backend.register("margin_statistics_embeddings", "cpp", margin_statistics_embed
 _backend.register("oucl", "triton", functools.partial(oucl_fused, ops=TRITON_OPS))
 _backend.register("info_nce", "triton", functools.partial(info_nce_fused, ops=TRITON_OPS))
 _backend.register("margin_statistics", "triton", functools.partial(margin_statistics_fused, ops=TRITON_OPS))
+_backend.register("margin_injection_loss", "triton", margin_injection_loss_triton)
 for _name, _fn in (("oucl_embeddings", oucl_embeddings_triton), ("info_nce_embeddings", info_nce_embeddings_triton),
                    ("margin_statistics_embeddings", margin_statistics_embeddings_triton),
                    ("pairwise_similarity", pairwise_similarity_triton)):

@@ -5,13 +5,12 @@ inputs; and label mode allocates nothing of B×M. Shapes are small: the interpre
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import metaug_fast
 import metaug_fast.functional as F
 from metaug_fast import reference as R
 
-from helpers import FORMS, ULP, hvp, rel_err
+from helpers import FORMS, ULP, LargestAllocation, hvp, label_data, rel_err
 
 pytestmark = pytest.mark.skipif("triton" not in metaug_fast.available_backends(),
                                 reason="Triton not importable (or no CUDA and TRITON_INTERPRET unset)")
@@ -132,16 +131,6 @@ def test_score_mode_gradcheck_and_gradgradcheck():
 
 
 # ------------------------------------------------------------------------------------------- label mode
-def _label_data(B, M, D=5, dtype=torch.float64, n_classes=4):
-    emb = torch.randn(B, D, dtype=torch.float64).to(dtype)
-    labels = torch.randint(0, n_classes, (B,))
-    if M is None:
-        return emb, labels, None, None
-    ref = torch.randn(M, D, dtype=torch.float64).to(dtype)
-    ref_labels = torch.randint(0, n_classes + 1, (M,))  # a class no anchor has
-    return emb, labels, ref, ref_labels
-
-
 def _label_fn(op, backend, labels, ref_labels, similarity="shifted_cosine", beta=16.0, reduction="none"):
     def fn(e, r=None):
         if op == "info_nce":
@@ -167,7 +156,7 @@ def _label_run(fn, emb, ref):
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 @pytest.mark.parametrize("shape", [(1, 1), (21, None), (19, 37)])
 def test_label_mode_fp64_values_gradients_hvp(op, similarity, shape):
-    emb, labels, ref, ref_labels = _label_data(*shape)
+    emb, labels, ref, ref_labels = label_data(*shape)
     torch.manual_seed(1)
     want = _label_run(_label_fn(op, "reference", labels, ref_labels, similarity), emb, ref)
     torch.manual_seed(1)
@@ -177,7 +166,7 @@ def test_label_mode_fp64_values_gradients_hvp(op, similarity, shape):
 
 @pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
 def test_label_mode_extreme_beta_reductions_and_wide_features(beta):
-    emb, labels, ref, ref_labels = _label_data(17, 40, D=70, n_classes=6)  # D spans two feature chunks
+    emb, labels, ref, ref_labels = label_data(17, 40, D=70, n_classes=6)  # D spans two feature chunks
     for op in FORMS + ("info_nce",):
         for reduction in ("mean", "sum"):
             want = _label_run(_label_fn(op, "reference", labels, ref_labels, beta=beta, reduction=reduction), emb, ref)
@@ -203,7 +192,7 @@ def test_label_mode_singletons_and_no_valid_row():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("op", FORMS + ("info_nce",))
 def test_label_mode_low_precision(dtype, op):
-    emb, labels, ref, ref_labels = _label_data(23, 45, D=16, dtype=dtype)
+    emb, labels, ref, ref_labels = label_data(23, 45, D=16, dtype=dtype)
     res = {}
     for name, (e0, r0, backend) in {"exact": (emb.double(), ref.double(), "reference"), "ref": (emb, ref, "reference"),
                                     "triton": (emb, ref, "triton")}.items():
@@ -232,7 +221,7 @@ def test_label_mode_non_contiguous_int32_labels_and_module():
 
 
 def test_label_mode_gradcheck_gradgradcheck_and_self_offset():
-    emb, labels, ref, ref_labels = _label_data(6, 8, D=3)
+    emb, labels, ref, ref_labels = label_data(6, 8, D=3)
     e, r = emb.clone().requires_grad_(), ref.clone().requires_grad_()
     fn = _label_fn("weighted", "triton", labels, ref_labels)
     assert gradcheck(fn, (e, r)) and gradgradcheck(fn, (e, r))
@@ -271,29 +260,12 @@ def test_pairwise_similarity(dtype, similarity):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """The largest tensor any op allocates (views of existing storage do not count)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("op", ["weighted", "info_nce", "margins"])
 def test_label_mode_allocates_nothing_of_b_by_m(op):
     B, M, D = 40, 300, 8
-    emb, labels, ref, ref_labels = _label_data(B, M, D, dtype=torch.float32)
+    emb, labels, ref, ref_labels = label_data(B, M, D, dtype=torch.float32)
     e, r = emb.requires_grad_(), ref.requires_grad_()
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         _label_fn(op, "triton", labels, ref_labels, reduction="mean")(e, r).sum().backward()
     assert mode.largest <= M * D < B * M
 
@@ -319,3 +291,35 @@ def test_empty_batch_and_empty_reference_set():
         torch.testing.assert_close(got, getattr(F, op)(*args, backend="reference"), rtol=0, atol=0)
         (g,) = torch.autograd.grad(got, emb)
         assert torch.equal(g, torch.zeros_like(emb))
+
+
+@pytest.mark.parametrize("detach_margin", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_margin_injection_loss(detach_margin, masked):
+    pos, neg, pm, nm = _scores(13, 6, 45, masked=masked)
+    sp, sn = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
+    sp[4], sn[4] = float("inf"), float("-inf")  # a row without margins
+    pos[1, 0] = sp[1]  # exactly at the hinge: relu'(0) = 0, as torch.relu
+    inputs = (pos, neg, sp, sn)
+    vecs = tuple(torch.randn_like(x) for x in inputs)
+    for reduction in ("mean", "sum", "none"):
+        out = []
+        for backend in ("reference", "triton"):
+            xs = tuple(x.clone().requires_grad_() for x in inputs)
+            fn = lambda p, n, a, b: F.margin_injection_loss(p, n, a, b, pos_mask=pm, neg_mask=nm,  # noqa: E731,B023
+                                                             detach_margin=detach_margin, reduction=reduction,
+                                                             backend=backend).sum()
+            loss = fn(*xs)
+            grads = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
+            out.append((loss,) + tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)))
+            # Second order: the loss is piecewise linear, so the gradient of ⟨grad, v⟩ is 0 (or unused).
+            dot = sum((g * v).sum() for g, v in zip(grads, vecs) if g is not None and g.requires_grad)
+            if torch.is_tensor(dot):
+                hv = torch.autograd.grad(dot, xs, allow_unused=True)
+                assert all(h is None or torch.equal(h, torch.zeros_like(h)) for h in hv)
+        for g, w in zip(out[1], out[0]):
+            torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-12, atol=1e-14)
+    # fp16 scores accumulate in fp32
+    got = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="triton")
+    want = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="reference")
+    assert got.dtype == torch.float16 and torch.equal(got, want)

@@ -73,3 +73,52 @@ def margin_statistics_fused(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor]
     kernels of ``ops`` (the C++/CUDA ops or Triton's)."""
     p_min, n_max, valid, _ = _MarginScore.apply(pos, neg, pos_mask, neg_mask, ops)
     return sigmas(p_min, n_max, valid, pos.dtype)
+
+
+class _MarginInjection(torch.autograd.Function):
+    """(pos_aug [B,K̂⁺], neg_aug [B,K̂⁻], σ⁺ [B], σ⁻ [B]) -> per-row R_σ [B] on the Triton kernels. The loss is
+    piecewise linear, so its gradient is the incoming gradient times constant indicators: when a graph of
+    the backward is requested it is written with those indicators in PyTorch ops (exact: zero Hessian,
+    linear in the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, pos, neg, sigma_pos, sigma_neg, pos_mask, neg_mask):
+        from ..kernels.oucl_score import margin_injection_fwd
+
+        ctx.save_for_backward(pos, neg, sigma_pos, sigma_neg, pos_mask, neg_mask)
+        return margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg)
+
+    @staticmethod
+    def backward(ctx, g):
+        pos, neg, sp, sn, pm, nm = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            gp, d_sp = _hinge_share(pos, pm, sp, g, 1.0)
+            gn, d_sn = _hinge_share(neg, nm, sn, g, -1.0)
+        else:
+            from ..kernels.oucl_score import margin_injection_bwd
+
+            gp, gn, d_sp, d_sn = margin_injection_bwd(g, pos, neg, pm, nm, sp, sn)
+        return gp, gn, d_sp.to(sp.dtype), d_sn.to(sn.dtype), None, None
+
+
+def _hinge_share(x: Tensor, mask: Optional[Tensor], sigma: Tensor, g: Tensor, sign: float):
+    """∂/∂x and ∂/∂σ of mean_k [sign·(x_k - σ)]_+ times g, per row, in PyTorch ops."""
+    x_acc = reference._acc(x)
+    kept = torch.ones_like(x_acc, dtype=torch.bool) if mask is None else mask
+    on = kept & (sign * (x_acc - reference._acc(sigma)[:, None]) > 0)
+    share = (sign * g / kept.sum(1).clamp(min=1))[:, None]
+    grad = torch.where(on, share, torch.zeros_like(share))
+    return grad.to(x.dtype), -grad.sum(1)
+
+
+def margin_injection_loss_triton(pos_aug: Tensor, neg_aug: Tensor, sigma_pos: Tensor, sigma_neg: Tensor, *,
+                                 detach_margin: bool, reduction: str, pos_mask: Optional[Tensor],
+                                 neg_mask: Optional[Tensor]) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.margin_injection_loss`, one Triton pass per row."""
+    if detach_margin:
+        sigma_pos, sigma_neg = sigma_pos.detach(), sigma_neg.detach()
+    rows = _MarginInjection.apply(pos_aug, neg_aug, sigma_pos, sigma_neg, pos_mask, neg_mask)
+    if reduction == "none":
+        return rows.to(pos_aug.dtype)
+    out = rows.sum() if reduction == "sum" or rows.numel() == 0 else rows.mean()
+    return out.to(pos_aug.dtype)
