@@ -70,8 +70,8 @@ def run_form(form: str, args) -> list:
         gp, gn = torch.autograd.grad(loss(backend), (pos, neg), create_graph=True)
         torch.autograd.grad((gp * vp).sum() + (gn * vn).sum(), (pos, neg))
 
-    fused = "cuda" if cuda else "cpp"
-    backends = [b for b in ("reference", fused) if b in metaug_fast.available_backends()]
+    fused = [b for b in (("triton", "cuda") if cuda else ("cpp",)) if b in metaug_fast.available_backends()]
+    backends = ["reference"] + fused
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def peak_mb(fn):
@@ -100,15 +100,14 @@ def run_form(form: str, args) -> list:
     where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(f"\nscore-mode OUCL ({form}), {size}, fp32, {where}; "
           f"inputs {input_mb:.1f} MiB, inputs + gradients {2 * input_mb:.1f} MiB")
-    print(f"{'pass':<18}" + "".join(f"{b + ' ms':>16}" for b in backends) + f"{'speed-up':>12}")
+    print(f"{'pass':<18}" + "".join(f"{b + ' ms':>16}" for b in backends)
+          + "".join(f"{'speed-up ' + b:>18}" for b in fused))
     for name in ("forward", "forward+backward", "hvp"):
-        line = f"{name:<18}" + "".join(f"{results[(b, name)]:>16.1f}" for b in backends)
-        if len(backends) == 2:
-            line += f"{results[('reference', name)] / results[(fused, name)]:>11.2f}x"
+        line = f"{name:<18}" + "".join(f"{results[(b, name)]:>16.2f}" for b in backends)
+        line += "".join(f"{results[('reference', name)] / results[(b, name)]:>17.2f}x" for b in fused)
         print(line)
     line = f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
-    if len(backends) == 2:
-        line += f"{results[('reference', 'mem')] / max(results[(fused, 'mem')], 1e-9):>11.2f}x"
+    line += "".join(f"{results[('reference', 'mem')] / max(results[(b, 'mem')], 1e-9):>17.2f}x" for b in fused)
     print(line)
     return rows
 
