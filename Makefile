@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train bench check-cuda clean
+.PHONY: all install test train bench check-cuda check-triton clean
 
 all: test
 
@@ -47,6 +47,11 @@ check-cuda: install
 	CUDA_HOME=$(CUDA_ROOT) TORCH_CUDA_ARCH_LIST=9.0 METAUG_BUILD_CUDA=1 METAUG_CUDA_ONLY=1 MAX_JOBS=2 \
 		$(PY) setup.py build_ext --build-temp build/check-cuda/tmp --build-lib build/check-cuda/lib
 	$(PY) -m bench.check_cuda_load
+
+# Compiles every Triton kernel to sm_90 cubins with Triton's own compiler and ptxas (no GPU needed): catches
+# what the interpreter used by the tests cannot.
+check-triton: install
+	env -u TRITON_INTERPRET $(PY) -m bench.check_triton_compile
 
 clean:
 	rm -rf build *.egg-info metaug_fast/*.so

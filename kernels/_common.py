@@ -9,12 +9,13 @@ tensor ``cfg = (β, 1/β, γ⁺, γ⁻, m, λ)`` in the accumulation dtype, so f
 import triton
 import triton.language as tl
 
-HINGE: tl.constexpr = 0
-SQUARED: tl.constexpr = 1
-WEIGHTED: tl.constexpr = 2
-CIRCLE: tl.constexpr = 3
-INFONCE: tl.constexpr = 4
-MARGIN: tl.constexpr = 5
+# Module-level constants a kernel reads must be constexpr instances (an annotation is not enough).
+HINGE = tl.constexpr(0)
+SQUARED = tl.constexpr(1)
+WEIGHTED = tl.constexpr(2)
+CIRCLE = tl.constexpr(3)
+INFONCE = tl.constexpr(4)
+MARGIN = tl.constexpr(5)
 
 
 @triton.jit

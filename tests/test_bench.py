@@ -42,3 +42,15 @@ def test_bench_bank_writes_csv(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert [r["backend"] for r in rows] == ["cpp", "reference", "cpp"] and list(rows[0]) == FIELDS
     assert rows[2]["mode"] == "label,bank,sharded,world=2" and all(float(r["time_ms"]) > 0 for r in rows)
+
+
+def test_triton_compile_check_covers_every_kernel():
+    import importlib
+
+    from bench.check_triton_compile import _jobs
+
+    checked = {(module, name) for module, name, _, _ in _jobs()}
+    for module in ("oucl_score", "oucl_label", "similarity"):
+        mod = importlib.import_module(f"metaug_fast.kernels.{module}")
+        kernels = {name for name in vars(mod) if name.startswith("_") and name.endswith("_kernel")}
+        assert kernels and {(module, k) for k in kernels} <= checked, kernels
