@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train bench check-cuda check-triton clean
+.PHONY: all install test train bench bench-headline bench-micro check-cuda check-triton clean
 
 all: test
 
@@ -34,12 +34,26 @@ test: install
 train: install
 	$(PY) -m metaug_fast.compare --quiet
 
+# The CPU suite (every op, backend and baseline over a sweep of sizes, about 4 minutes), its charts, and
+# the README's tables regenerated from every CSV in bench/results/.
 bench: install
+	$(PY) -m bench.sweep
+	$(PY) -m bench.plot
+	$(PY) -m bench.report
+
+# The issues' headline measurements (about 7 minutes): score mode at B=4096, label mode up to N=65536,
+# distributed memory per rank, a 1M-row memory bank.
+bench-headline: install
 	$(PY) -m bench.bench_oucl_score
 	$(PY) -m bench.bench_oucl_label
 	$(PY) -m bench.bench_distributed
 	$(PY) -m bench.bench_bank
 	$(PY) -m bench.plot
+	$(PY) -m bench.report
+
+# pytest-benchmark micro-benchmarks of the hot ops; each run is saved in .benchmarks/ for --benchmark-compare.
+bench-micro: install
+	$(PY) -m pytest bench/micro --benchmark-only --benchmark-autosave -q
 
 # Compiles the CUDA extension (sm_90) into build/check-cuda without installing it: catches CUDA build
 # breaks on machines without a GPU. Nothing CUDA runs here.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import peak_extra_mb, row, spawn_ranks, write_csv
+from .common import peak_extra_mb, row, set_command, spawn_ranks, write_csv
 
 D = 128
 
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results/bank_cpu.csv"))
     args = ap.parse_args(argv)
+    set_command("bench.bench_bank", argv)
     size = f"B={args.b},M={args.m},D={D}"
     runs = [("cpp", "label,bank", lambda: _single("cpp", args.b, args.m, args.chunk))]
     if not args.skip_reference:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .common import peak_extra_mb, row, spawn_ranks, write_csv
+from .common import peak_extra_mb, row, set_command, spawn_ranks, write_csv
 
 D = 128
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--out", type=Path, default=Path("bench/results/distributed_cpu.csv"))
     args = ap.parse_args(argv)
+    set_command("bench.bench_distributed", argv)
     rows = []
     print(f"distributed label-mode OUCL, global N={args.n}, D={D}, fp32, forward+backward, peak extra MiB per rank")
     print(f"{'world':>5} {'mode':>11} {'rows/rank':>10} {'peak MiB':>10} {'time ms':>10}")

@@ -19,7 +19,7 @@ import torch
 import metaug_fast
 import metaug_fast.functional as F
 
-from .common import median_ms, row, write_csv
+from .common import median_ms, row, set_command, write_csv
 
 D = 128
 
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench/results/label_gpu.csv"))
     args = ap.parse_args(argv)
+    set_command("bench.bench_label_gpu", argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
     dtype = getattr(torch, args.dtype)

@@ -22,7 +22,7 @@ import torch
 
 import metaug_fast.functional as F
 
-from .common import median_ms, peak_extra_mb, row, write_csv
+from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
 D = 128
 
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_label_cpu.csv"))
     args = ap.parse_args(argv)
+    set_command("bench.bench_oucl_label", argv)
     n_main, n_pml, n_big, n_hvp = (512, 256, 2048, 256) if args.quick else (8192, 4096, 65536, 2048)
     rows, lines = [], []
 

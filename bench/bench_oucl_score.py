@@ -16,7 +16,7 @@ import torch
 import metaug_fast
 import metaug_fast.functional as F
 
-from .common import median_ms, peak_extra_mb, row, write_csv
+from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
 
 def main(argv=None) -> int:
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/oucl_score_<device>.csv")
     args = ap.parse_args(argv)
+    set_command("bench.bench_oucl_score", argv)
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     bad = [f for f in forms if f not in metaug_fast.reference.FORMS]

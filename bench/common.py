@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,8 +16,23 @@ from typing import Callable, Dict, List
 
 import torch
 
-FIELDS = ["op", "mode", "backend", "dtype", "size", "pass", "time_ms", "peak_mem_mb", "device", "torch",
-          "threads", "commit"]
+FIELDS = ["op", "mode", "backend", "dtype", "size", "pass", "time_ms", "peak_mem_mb", "device", "torch", "triton",
+          "threads", "commit", "command"]
+_COMMAND = [""]
+
+
+def set_command(module: str, argv) -> None:
+    """Records the command line that produced the rows (written in every row, for traceability)."""
+    _COMMAND[0] = " ".join(["python -m", module] + list(argv if argv is not None else sys.argv[1:]))
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return ""
 
 
 def median_ms(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
@@ -38,8 +54,9 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_mb(fn: Callable[[], None]) -> float:
-    """Peak resident memory above the level before ``fn`` ran, in MiB (Linux: VmHWM after a reset).
+def peak_extra_mb(fn: Callable[[], None], timed: bool = False):
+    """Peak resident memory above the level before ``fn`` ran, in MiB (Linux: VmHWM after a reset); with
+    ``timed``, (MiB, milliseconds ``fn`` took), the clean-up before it not counted.
 
     Large tensors are mmap'd by the allocator and returned on free, so the high-water mark sees every
     buffer that was alive at the same time, including autograd's saved tensors and temporaries.
@@ -52,8 +69,11 @@ def peak_extra_mb(fn: Callable[[], None]) -> float:
     base = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
+    t0 = time.perf_counter()
     fn()
-    return (_status_kb("VmHWM") - base) / 1024.0
+    ms = 1e3 * (time.perf_counter() - t0)
+    mb = (_status_kb("VmHWM") - base) / 1024.0
+    return (mb, ms) if timed else mb
 
 
 def device_name() -> str:
@@ -80,7 +100,8 @@ def git_commit() -> str:
 
 
 def row(**values) -> Dict[str, object]:
-    base = dict(device=device_name(), torch=torch.__version__, threads=torch.get_num_threads(), commit=git_commit())
+    base = dict(device=device_name(), torch=torch.__version__, triton=triton_version(), threads=torch.get_num_threads(),
+                commit=git_commit(), command=_COMMAND[0] or " ".join(sys.argv))
     base.update(values)
     return {k: base.get(k, "") for k in FIELDS}
 

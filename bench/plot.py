@@ -1,10 +1,12 @@
-"""Draw the benchmark CSVs as PNG charts (time and peak memory per backend), one figure per CSV.
+"""Draw the benchmark CSVs as PNG charts (time and peak memory per backend).
 
-    python -m bench.plot                       # every bench/results/*.csv -> bench/results/<name>.png
+    python -m bench.plot                       # every bench/results/*.csv -> bench/results/<name>*.png
     python -m bench.plot some.csv --out-dir d  # chosen files
 
-Rows whose time or memory is "OOM" are drawn as hatched bars at the top of the axis and labelled OOM.
-CPU and GPU results live in different CSVs, so they never share a figure.
+A sweep (a CSV whose sizes are numbers, bench.sweep) gives one figure per op: log-log time against size
+for each pass and peak memory of forward+backward, a line per backend, OOM marked with a cross at the top
+of the axis. Any other CSV gives one bar chart: time and memory per (op, size, pass) and backend, OOM as a
+hatched bar. CPU and GPU results live in different CSVs, so they never share a figure.
 """
 from __future__ import annotations
 
@@ -74,6 +76,55 @@ def plot_csv(path: Path, out: Path) -> Path:
     return out
 
 
+def _is_sweep(rows) -> bool:
+    return all(r["size"].isdigit() for r in rows) and len({r["size"] for r in rows}) > 1
+
+
+def plot_sweep(path: Path, out_dir: Path) -> List[Path]:
+    """One PNG per op: ``<stem>_<op>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read(path)
+    outs = []
+    for op in OrderedDict.fromkeys(r["op"] for r in rows):
+        sub = [r for r in rows if r["op"] == op]
+        passes = list(OrderedDict.fromkeys(r["pass"] for r in sub))
+        panels = [(p, "time_ms") for p in passes] + [("forward+backward", "peak_mem_mb")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (pass_name, key) in zip(axes[0], panels):
+            cells = [r for r in sub if r["pass"] == pass_name and r[key] != ""]
+            numbers = [float(r[key]) for r in cells if r[key] != "OOM"]
+            top = max(numbers) * 2 if numbers else 1.0
+            for key_dtype in OrderedDict.fromkeys((r["backend"], r["dtype"]) for r in cells):
+                line = sorted((int(r["size"]), r[key]) for r in cells if (r["backend"], r["dtype"]) == key_dtype)
+                label = key_dtype[0] if len({r["dtype"] for r in sub}) == 1 else f"{key_dtype[0]} {key_dtype[1]}"
+                ok = [(x, float(y)) for x, y in line if y != "OOM"]
+                handle = ax.plot([x for x, _ in ok], [y for _, y in ok], marker="o", ms=3, label=label)[0]
+                oom = [x for x, y in line if y == "OOM"]
+                if oom:
+                    ax.plot(oom, [top] * len(oom), "x", color=handle.get_color(), ms=8)
+                    ax.annotate("OOM", (oom[0], top), fontsize=7, ha="center", va="bottom")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("size (B rows, or N embeddings)")
+            ax.set_ylabel("peak extra memory (MiB)" if key == "peak_mem_mb" else "time (ms)")
+            ax.set_title(f"{op}: {pass_name}" + (" memory" if key == "peak_mem_mb" else ""), fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{path.stem}: {sub[0]['device']}, torch {sub[0]['torch']}, commit {sub[0]['commit']}",
+                     fontsize=9)
+        fig.tight_layout()
+        out = out_dir / f"{path.stem}_{op}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        outs.append(out)
+    return outs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", nargs="*", type=Path, help="default: bench/results/*.csv")
@@ -84,8 +135,10 @@ def main(argv=None) -> int:
     if not paths:
         ap.error("no CSV to plot")
     for p in paths:
-        out = plot_csv(p, (args.out_dir or p.parent) / f"{p.stem}.png")
-        print(f"wrote {out}")
+        out_dir = args.out_dir or p.parent
+        outs = plot_sweep(p, out_dir) if _is_sweep(_read(p)) else [plot_csv(p, out_dir / f"{p.stem}.png")]
+        for out in outs:
+            print(f"wrote {out}")
     return 0
 
 

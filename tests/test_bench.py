@@ -54,3 +54,44 @@ def test_triton_compile_check_covers_every_kernel():
         mod = importlib.import_module(f"metaug_fast.kernels.{module}")
         kernels = {name for name in vars(mod) if name.startswith("_") and name.endswith("_kernel")}
         assert kernels and {(module, k) for k in kernels} <= checked, kernels
+
+
+def test_sweep_writes_the_schema_plots_and_report(tmp_path):
+    import subprocess
+    import sys
+
+    from bench import plot, report, sweep
+
+    out = tmp_path / "results" / "sweep_cpu.csv"
+    assert sweep.main(["--ops", "oucl_score", "oucl_label", "--sizes", "16", "32", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and list(rows[0]) == FIELDS and rows[0]["command"].startswith("python -m bench.sweep")
+    backends = {r["backend"] for r in rows}
+    assert {"reference", "compile(reference)", "naive_pairs", "pml.CircleLoss"} <= backends
+    assert {r["pass"] for r in rows} == {"forward", "forward+backward", "hvp"}
+    assert all(float(r["time_ms"]) > 0 for r in rows)
+    pngs = plot.plot_sweep(out, tmp_path / "results")
+    assert sorted(p.name for p in pngs) == ["sweep_cpu_oucl_label.png", "sweep_cpu_oucl_score.png"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "rest" in text and "oucl_label (float32)" in text and "naive_pairs" in text
+    # Out of memory is a row, not a crash: under an 8 GiB address space (3.4 of it are torch's libraries) the
+    # inputs of B = 2^18 rows fit (1.6 GB) and the naive pair tensor (9.7 GB) does not.
+    oom = tmp_path / "oom.csv"
+    run = subprocess.run([sys.executable, "-m", "bench.sweep", "--ops", "oucl_score", "--sizes", "262144",
+                          "--backends", "naive_pairs", "--repeats", "1", "--mem-gib", "8", "--out", str(oom)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {r["time_ms"] for r in csv.DictReader(open(oom))} == {"OOM"}
+
+
+def test_micro_benchmarks_run():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "bench/micro", "-q", "--benchmark-disable", "-p",
+                          "no:cacheprovider"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
