@@ -94,6 +94,9 @@ def plot_sweep(path: Path, out_dir: Path) -> List[Path]:
         passes = list(OrderedDict.fromkeys(r["pass"] for r in sub))
         panels = [(p, "time_ms") for p in passes] + [("forward+backward", "peak_mem_mb")]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        lines = list(OrderedDict.fromkeys((r["backend"], r["dtype"]) for r in sub))
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = {k: cycle[i % len(cycle)] for i, k in enumerate(lines)}  # one colour per line in every panel
         for ax, (pass_name, key) in zip(axes[0], panels):
             cells = [r for r in sub if r["pass"] == pass_name and r[key] != ""]
             numbers = [float(r[key]) for r in cells if r[key] != "OOM"]
@@ -102,10 +105,10 @@ def plot_sweep(path: Path, out_dir: Path) -> List[Path]:
                 line = sorted((int(r["size"]), r[key]) for r in cells if (r["backend"], r["dtype"]) == key_dtype)
                 label = key_dtype[0] if len({r["dtype"] for r in sub}) == 1 else f"{key_dtype[0]} {key_dtype[1]}"
                 ok = [(x, float(y)) for x, y in line if y != "OOM"]
-                handle = ax.plot([x for x, _ in ok], [y for _, y in ok], marker="o", ms=3, label=label)[0]
+                ax.plot([x for x, _ in ok], [y for _, y in ok], marker="o", ms=3, label=label, color=color[key_dtype])
                 oom = [x for x, y in line if y == "OOM"]
                 if oom:
-                    ax.plot(oom, [top] * len(oom), "x", color=handle.get_color(), ms=8)
+                    ax.plot(oom, [top] * len(oom), "x", color=color[key_dtype], ms=8)
                     ax.annotate("OOM", (oom[0], top), fontsize=7, ha="center", va="bottom")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
