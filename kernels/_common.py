@@ -4,7 +4,8 @@ numerically careful softplus/sigmoid/log1p, and the online log-sum-exp update.
 Form ids match csrc/oucl_common.h: 0 hinge, 1 squared, 2 weighted, 3 circle, 4 InfoNCE (β = 1/τ, whose
 negative side is the weighted form's v(n) = β·n), 5 margin statistics. Loss parameters travel as a small
 tensor ``cfg = (β, 1/β, γ⁺, γ⁻, m, λ)`` in the accumulation dtype, so fp64 runs keep fp64 parameters
-(Triton would pass Python floats as fp32).
+(Triton would pass Python floats as fp32). Row offsets into [B, K], [B, M] or [N, D] tensors are computed in
+int64 (``rows.to(tl.int64) * stride``): such tensors can exceed 2^31 elements on a large GPU.
 """
 import triton
 import triton.language as tl

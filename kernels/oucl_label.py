@@ -37,8 +37,8 @@ def _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, 
     acc = tl.zeros((BM, BN), acc_ty)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
-        a = tl.load(e_ptr + rows[:, None] * s_eb + d[None, :] * s_ed, mask=rmask[:, None] & (d[None, :] < D), other=0.0)
-        b = tl.load(r_ptr + cols[:, None] * s_rb + d[None, :] * s_rd, mask=cmask[:, None] & (d[None, :] < D), other=0.0)
+        a = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + d[None, :] * s_ed, mask=rmask[:, None] & (d[None, :] < D), other=0.0)
+        b = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + d[None, :] * s_rd, mask=cmask[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:  # bf16 tl.dot is wrong in the interpreter: it runs in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -207,11 +207,11 @@ def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
         Gr = G * ir[None, :]
         d_iz += tl.sum(Gr * P, axis=1)
         cols = t * BN + tl.arange(0, BN)
-        r = tl.load(r_ptr + cols[:, None] * s_rb + dchunk[None, :] * s_rd,
+        r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :] * s_rd,
                     mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0).to(acc_ty)
         acc = tl.dot(Gr, r, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
     out_mask = rmask[:, None] & (dchunk[None, :] < D)
-    tl.store(de_ptr + rows[:, None] * D + dchunk[None, :], acc * iz[:, None], mask=out_mask)
+    tl.store(de_ptr + rows[:, None].to(tl.int64) * D + dchunk[None, :], acc * iz[:, None], mask=out_mask)
     if tl.program_id(1) == 0:
         tl.store(diz_ptr + rows, d_iz, mask=rmask)
 
@@ -244,11 +244,11 @@ def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
                        FORM, SIM, acc_ty)
         Gz = G * iz[:, None]
         d_ir += tl.sum(Gz * P, axis=0)
-        e = tl.load(e_ptr + rows[:, None] * s_eb + dchunk[None, :] * s_ed,
+        e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :] * s_ed,
                     mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0).to(acc_ty)
         acc = tl.dot(tl.trans(Gz), e, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
     ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
-    tl.store(dr_ptr + cols[:, None] * D + dchunk[None, :], acc * ir[:, None], mask=cmask[:, None] & (dchunk[None, :] < D))
+    tl.store(dr_ptr + cols[:, None].to(tl.int64) * D + dchunk[None, :], acc * ir[:, None], mask=cmask[:, None] & (dchunk[None, :] < D))
     if tl.program_id(1) == 0:
         tl.store(dir_ptr + cols, d_ir, mask=cmask)
 

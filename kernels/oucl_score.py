@@ -43,10 +43,10 @@ def _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
     and the column indices."""
     cols = k0 + tl.arange(0, BLOCK_K)
     inb = rmask[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * s_xb + cols[None, :] * s_xk, mask=inb, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xb + cols[None, :] * s_xk, mask=inb, other=0.0).to(acc_ty)
     keep = inb
     if HAS_M:
-        keep = keep & (tl.load(m_ptr + rows[:, None] * s_mb + cols[None, :] * s_mk, mask=inb, other=0) != 0)
+        keep = keep & (tl.load(m_ptr + rows[:, None].to(tl.int64) * s_mb + cols[None, :] * s_mk, mask=inb, other=0) != 0)
     return x, keep, cols
 
 
@@ -175,7 +175,7 @@ def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_pt
         else:
             e, d1, _ = side_terms(x, FORM, True, beta, gamma_pos, gamma_neg, margin)
             grad = coef_p[:, None] * tl.exp(e - st0[:, None] - st1[:, None]) * d1
-        out = gp_ptr + rows[:, None] * KP + cols[None, :]
+        out = gp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :]
         tl.store(out, tl.where(keep, grad, 0.0).to(gp_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < KP))
     for k0 in range(0, KN, BLOCK_K):
         x, keep, cols = _load(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
@@ -187,7 +187,7 @@ def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_pt
         else:
             e, d1, _ = side_terms(x, FORM, False, beta, gamma_pos, gamma_neg, margin)
             grad = coef_n[:, None] * tl.exp(e - st2[:, None] - st3[:, None]) * d1
-        out = gn_ptr + rows[:, None] * KN + cols[None, :]
+        out = gn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :]
         tl.store(out, tl.where(keep, grad, 0.0).to(gn_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < KN))
 
 
@@ -199,7 +199,7 @@ def _side_dot(x_ptr, m_ptr, t_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, shift
     acc = tl.zeros((BLOCK_B,), acc_ty)
     for k0 in range(0, K, BLOCK_K):
         x, keep, cols = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
-        t = tl.load(t_ptr + rows[:, None] * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
+        t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, _ = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         acc += tl.sum(tl.where(keep, tl.exp(e - shift[:, None] - log_sum[:, None]) * d1 * t, 0.0), axis=1)
     return acc
@@ -213,11 +213,11 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
     with one entry, where the two cancel, give exactly 0 as autograd does."""
     for k0 in range(0, K, BLOCK_K):
         x, keep, cols = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
-        t = tl.load(t_ptr + rows[:, None] * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
+        t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, d2 = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         w = tl.exp(e - shift[:, None] - log_sum[:, None])
         h = w * d1 * c1[:, None] + c2[:, None] * w * (d1 * (d1 * t - t_side[:, None]) + d2 * t)
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.where(keep, h, 0.0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, h, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
@@ -249,7 +249,7 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
         for k0 in range(0, KP, BLOCK_K):
             x, keep, cols = _load(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
                                   acc_ty)
-            t = tl.load(tp_ptr + rows[:, None] * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
+            t = tl.load(tp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             xs = c[:, None] - beta * x
             s = sigmoid(xs)
             ds = s * sigmoid(-xs)
@@ -261,19 +261,19 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
         for k0 in range(0, KP, BLOCK_K):
             x, keep, cols = _load(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
                                   acc_ty)
-            t = tl.load(tp_ptr + rows[:, None] * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
+            t = tl.load(tp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             xs = c[:, None] - beta * x
             h = coef[:, None] * sigmoid(xs) * sigmoid(-xs) * (t - wt[:, None])
-            tl.store(hp_ptr + rows[:, None] * KP + cols[None, :], tl.where(keep, h, 0.0).to(hp_ptr.dtype.element_ty),
+            tl.store(hp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], tl.where(keep, h, 0.0).to(hp_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KP))
         k_0 = wt * dsig - dsig_t - st2 * wt
         for k0 in range(0, KN, BLOCK_K):
             x, keep, cols = _load(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
                                   acc_ty)
-            t = tl.load(tn_ptr + rows[:, None] * KN + cols[None, :], mask=keep, other=0.0).to(acc_ty)
+            t = tl.load(tn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             w = tl.exp(beta * x - st0[:, None] - st1[:, None])
             h = coef[:, None] * w * (st2[:, None] * t + k_0[:, None])
-            tl.store(hn_ptr + rows[:, None] * KN + cols[None, :], tl.where(keep, h, 0.0).to(hn_ptr.dtype.element_ty),
+            tl.store(hn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], tl.where(keep, h, 0.0).to(hn_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KN))
     else:
         total = st0 + st1 + st2 + st3
@@ -347,7 +347,7 @@ def _side_extremum_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb,
     for k0 in range(0, K, BLOCK_K):
         x, keep, cols = _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         grad = tl.where(nan[:, None], float("nan"), tl.where(x == best[:, None], share[:, None], 0.0))
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.where(keep, grad, 0.0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, grad, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
@@ -418,7 +418,7 @@ def _hinge_mean_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
         on = keep & (SIGN * (x - sigma[:, None]) > 0)
         grad = tl.where(on, share[:, None], 0.0)
         d_sigma -= tl.sum(grad, axis=1)
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], grad.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], grad.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
     return d_sigma
 

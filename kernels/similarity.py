@@ -22,7 +22,7 @@ def _similarity_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, out_ptr, B, M, D, s_eb, s_e
     s = P * iz[:, None] * ir[None, :]
     if SIM == 0:
         s = 0.5 * s + 0.5
-    tl.store(out_ptr + rows[:, None] * M + cols[None, :], s.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * M + cols[None, :], s.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
