@@ -247,9 +247,11 @@ def info_nce_embeddings(
     temperature: float = 0.07,
     similarity: str = "cosine",
     reduction: str = "mean",
+    self_offset: Optional[int] = None,
 ) -> Tensor:
-    """InfoNCE in label mode (NT-Xent for two views: ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice)."""
-    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity)
+    """InfoNCE in label mode (NT-Xent for two views: ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice);
+    ``self_offset`` as in :func:`label_scores`."""
+    scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset)
     out = info_nce(scores, scores, temperature=temperature, pos_mask=pm, neg_mask=nm, reduction=reduction)
     return out.to(emb.dtype)
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import metaug_fast
 from metaug_fast import reference as R
-from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring
+from metaug_fast.distributed import info_nce_embeddings_all_gather, oucl_embeddings_all_gather, oucl_embeddings_ring
 
 from conftest import requires_cpp
 
@@ -66,8 +66,23 @@ def _worker(rank, world, init_file, cases):
                 torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
                                            want.detach(), rtol=1e-10, atol=1e-12)
             _check_score_mode(start, stop, backend, reduction, kw)
+        for backend in dict.fromkeys(c[0] for c in cases):
+            _check_info_nce(emb, labels, start, stop, backend)
     finally:
         dist.destroy_process_group()
+
+
+def _check_info_nce(emb, labels, start, stop, backend):
+    for reduction in ("mean", "sum"):
+        whole = emb.clone().requires_grad_()
+        want = R.info_nce_embeddings(whole, labels, temperature=0.2, reduction=reduction)
+        want.backward()
+        mine = emb[start:stop].clone().requires_grad_()
+        got = info_nce_embeddings_all_gather(mine, labels[start:stop], temperature=0.2, reduction=reduction,
+                                             backend=backend)
+        got.backward()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(mine.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
 
 
 def _check_score_mode(start, stop, backend, reduction, kw):
@@ -106,6 +121,8 @@ def test_all_gather_and_ring_equal_one_process(world):
 def test_requires_an_initialized_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         oucl_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        info_nce_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))
 
 
 def _failing_worker(rank, world, init_file):

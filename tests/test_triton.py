@@ -236,6 +236,12 @@ def test_label_mode_gradcheck_gradgradcheck_and_self_offset():
                                  margin=0.25, lam=0.0, **kw)
     want = R.oucl_embeddings(emb, labels, whole, whole_labels, similarity="cosine", **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    from metaug_fast._ops.triton_label import info_nce_embeddings_triton
+
+    got = info_nce_embeddings_triton(emb, labels, whole, whole_labels, temperature=0.2, similarity="cosine",
+                                     reduction="none", self_offset=2)
+    want = R.info_nce_embeddings(emb, labels, whole, whole_labels, temperature=0.2, reduction="none", self_offset=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])

@@ -125,10 +125,11 @@ def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] =
 
 def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
-                            reduction: str) -> Tensor:
+                            reduction: str, self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused on the CPU."""
     params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction)
+    offset = -1 if self_offset is None else int(self_offset)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset)
 
 
 class _MarginLabel(torch.autograd.Function):

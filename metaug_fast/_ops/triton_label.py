@@ -174,10 +174,10 @@ def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor
 
 def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                                ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
-                               reduction: str) -> Tensor:
+                               reduction: str, self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused in Triton."""
     params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
-    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1)
+    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
