@@ -329,3 +329,45 @@ def test_margin_injection_loss(detach_margin, masked):
     got = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="triton")
     want = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="reference")
     assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
+    # The GPU configuration (64×64 tiles, feature chunks of 64/128, many column splits) run by the
+    # interpreter: masks at blocks larger than the data, several chunks of D, splits merged per row.
+    from metaug_fast.kernels import oucl_label as K
+
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    assert K.config(torch.empty(1, 70, dtype=dtype), 70)[0] in (32, 64)
+    emb, labels, ref, ref_labels = label_data(37, 150, D=70, dtype=dtype)
+    for op in ("weighted", "info_nce", "margins"):
+        torch.manual_seed(1)
+        want = _label_run(_label_fn(op, "reference", labels, ref_labels), emb, ref)
+        torch.manual_seed(1)
+        got = _label_run(_label_fn(op, "triton", labels, ref_labels), emb, ref)
+        assert all(rel_err(g, w) <= (1e-10 if dtype == torch.float64 else 1e-5) for g, w in zip(got[:3], want[:3]))
+
+
+@pytest.mark.parametrize("block_b, block_k", [(4, 128), (16, 512)])
+def test_score_mode_with_the_gpu_block_sizes(monkeypatch, block_b, block_k):
+    # Each configuration of the GPU autotuning space, forced on every score-mode kernel and run by the
+    # interpreter (which otherwise uses one configuration).
+    import triton
+
+    from metaug_fast.kernels import oucl_score as K
+
+    for name in dir(K):
+        kernel = getattr(K, name)
+        if isinstance(kernel, triton.runtime.Autotuner):
+            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_B": block_b, "BLOCK_K": block_k})])
+            monkeypatch.setattr(kernel, "cache", {})
+    pos, neg, pm, nm = _scores(13, 5, 600)
+    for form in ("weighted", "squared", "info_nce"):
+        vecs = (torch.randn_like(pos), torch.randn_like(neg))
+        want = _score_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
+        got = _score_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
+        _close(got, want, 1e-10)
+    sp, sn = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
+    for fn in (lambda b: F.margin_statistics(pos, neg, pm, nm, backend=b),
+               lambda b: F.margin_injection_loss(pos, neg, sp, sn, pos_mask=pm, neg_mask=nm, backend=b)):
+        torch.testing.assert_close(fn("triton"), fn("reference"), rtol=1e-12, atol=1e-14)
