@@ -16,8 +16,10 @@ package_dir = {"metaug_fast": "metaug_fast", "metaug_fast.kernels": "kernels"}
 
 
 def _want_cuda() -> bool:
-    if os.environ.get("METAUG_BUILD_CUDA", "0") == "1":
-        return True
+    # METAUG_BUILD_CUDA=1 forces the CUDA extension, =0 skips it; unset, it is built where a GPU is present.
+    flag = os.environ.get("METAUG_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
     import torch
 
     return torch.cuda.is_available()

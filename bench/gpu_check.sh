@@ -16,9 +16,22 @@ PY=${PYTHON:-python3}
 export TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export METAUG_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-echo "== build" ; time timeout 240 $PY -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# The toolkit root: /usr/local/cuda where it exists, else the folder above the bin/ that holds nvcc (a
+# wrapper script elsewhere on the PATH would make torch guess wrong).
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc > /dev/null; then export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  fi
+fi
+echo "== build (CUDA_HOME=${CUDA_HOME:-none})"
+if ! time METAUG_BUILD_CUDA=1 timeout 240 $PY -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1; then
+  tail -20 "$OUT/build.log"
+  # Without the CUDA extension the Triton backend still runs: build without it rather than stop.
+  echo "CUDA extension build failed (build.log); building without it so that the Triton checks still run"
+  METAUG_BUILD_CUDA=0 timeout 120 $PY -m pip install -e . --no-build-isolation --no-deps > "$OUT/build_nocuda.log" 2>&1 \
+    || { tail -30 "$OUT/build_nocuda.log"; exit 1; }
+fi
 $PY -c "import metaug_fast; print('backends:', metaug_fast.available_backends())" | tee -a "$OUT/versions.txt"
 if [ -n "${WHEELS:-}" ]; then
   $PY -m pip install --no-index --no-deps --find-links "$WHEELS" open_clip_torch inf_cl > "$OUT/wheels.log" 2>&1 || tail -5 "$OUT/wheels.log"
