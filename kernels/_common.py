@@ -95,3 +95,26 @@ def lse_update(run_max, total, e):
     new_shift = finite_or_zero(new_max)
     total = total * tl.exp(finite_or_zero(run_max) - new_shift) + tl.sum(tl.exp(e - new_shift[:, None]), axis=1)
     return new_max, total
+
+
+@triton.jit
+def lse_pair_update(max_p, sum_p, max_n, sum_n, u, v, pos, neg):
+    """Both running log-sum-exps of a tile whose entries are positives (exponent ``u``), negatives (``v``)
+    or neither, with one exp per entry: the exponential (the GPU's scarcest unit in this loop) is taken of
+    the entry's own side only."""
+    new_max_p = tl.maximum(max_p, tl.max(tl.where(pos, u, float("-inf")), axis=1))
+    new_max_n = tl.maximum(max_n, tl.max(tl.where(neg, v, float("-inf")), axis=1))
+    shift_p = finite_or_zero(new_max_p)
+    shift_n = finite_or_zero(new_max_n)
+    ex = tl.exp(tl.where(pos, u - shift_p[:, None], tl.where(neg, v - shift_n[:, None], float("-inf"))))
+    sum_p = sum_p * tl.exp(finite_or_zero(max_p) - shift_p) + tl.sum(tl.where(pos, ex, 0.0), axis=1)
+    sum_n = sum_n * tl.exp(finite_or_zero(max_n) - shift_n) + tl.sum(tl.where(neg, ex, 0.0), axis=1)
+    return new_max_p, sum_p, new_max_n, sum_n
+
+
+@triton.jit
+def softplus_sigmoid(x):
+    """(softplus(x), σ(x)) from one exp: t = e^{-|x|}, softplus = max(x, 0) + log(1 + t),
+    σ = 1/(1 + t) for x ≥ 0 and t/(1 + t) otherwise."""
+    t = tl.exp(-tl.abs(x))
+    return tl.maximum(x, tl.zeros_like(x)) + log1p(t), tl.where(x >= 0, 1.0, t) / (1.0 + t)

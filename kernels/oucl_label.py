@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CIRCLE, HINGE, INFONCE, MARGIN, SQUARED, WEIGHTED, finite_or_zero, load_cfg, lse_update,
-                      side_terms, sigmoid, softplus)
+from ._common import (HINGE, INFONCE, MARGIN, WEIGHTED, load_cfg, lse_pair_update, lse_update, side_terms,
+                      sigmoid, softplus_sigmoid)
 
 
 @triton.jit
@@ -122,17 +122,16 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, cfg_ptr, 
             a1 += tl.sum(tl.where(pos, s, 0.0), axis=1)
             a3 += tl.sum(tl.where(neg, s, 0.0), axis=1)
         elif FORM == INFONCE and SWEEP == 1:
-            x = c[:, None] - beta * s
-            a0 += tl.sum(tl.where(pos, softplus(x), 0.0), axis=1)
-            a1 += tl.sum(tl.where(pos, sigmoid(x), 0.0), axis=1)
+            sp, sg = softplus_sigmoid(c[:, None] - beta * s)
+            a0 += tl.sum(tl.where(pos, sp, 0.0), axis=1)
+            a1 += tl.sum(tl.where(pos, sg, 0.0), axis=1)
         elif FORM == INFONCE:
             v, _, _ = side_terms(s, WEIGHTED, False, beta, gamma_pos, gamma_neg, margin)
             a2, a3 = lse_update(a2, a3, tl.where(neg, v, float("-inf")))
         else:
             u, _, _ = side_terms(s, FORM, True, beta, gamma_pos, gamma_neg, margin)
             v, _, _ = side_terms(s, FORM, False, beta, gamma_pos, gamma_neg, margin)
-            a0, a1 = lse_update(a0, a1, tl.where(pos, u, float("-inf")))
-            a2, a3 = lse_update(a2, a3, tl.where(neg, v, float("-inf")))
+            a0, a1, a2, a3 = lse_pair_update(a0, a1, a2, a3, u, v, pos, neg)
         if FORM != MARGIN:
             n_p += tl.sum(pos.to(tl.int32), axis=1)
             n_n += tl.sum(neg.to(tl.int32), axis=1)
@@ -162,21 +161,25 @@ def _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma
         gn = tl.where((st1 != st1)[:, None], float("nan"), tl.where(s == st1[:, None], g_max[:, None], 0.0))
     else:
         g = tl.where(valid, tl.load(g_ptr + rows, mask=rmask, other=0.0).to(acc_ty), 0.0)
+        # One exp per entry, of the entry's own side.
         if FORM == HINGE:
             on = tl.where(st0 > 0, g, 0.0)
             gp = tl.zeros_like(s) - on[:, None]
             gn = tl.zeros_like(s) + on[:, None]
         elif FORM == INFONCE:
             coef = g / tl.maximum(st3, 1.0)
-            gp = -coef[:, None] * beta * sigmoid((st0 + st1)[:, None] - beta * s)
+            c = (st0 + st1)[:, None]
             v, d1, _ = side_terms(s, WEIGHTED, False, beta, gamma_pos, gamma_neg, margin)
-            gn = (coef * st2)[:, None] * tl.exp(v - (st0 + st1)[:, None]) * d1
+            ex = tl.exp(tl.where(pos, beta * s - c, v - c))  # positives: σ(C - βs) = 1/(1 + ex)
+            gp = -coef[:, None] * beta / (1.0 + ex)
+            gn = (coef * st2)[:, None] * ex * d1
         else:
             coef = g * inv_beta * sigmoid(st0 + st1 + st2 + st3)
             u, du, _ = side_terms(s, FORM, True, beta, gamma_pos, gamma_neg, margin)
             v, dv, _ = side_terms(s, FORM, False, beta, gamma_pos, gamma_neg, margin)
-            gp = coef[:, None] * tl.exp(u - (st0 + st1)[:, None]) * du
-            gn = coef[:, None] * tl.exp(v - (st2 + st3)[:, None]) * dv
+            ex = tl.exp(tl.where(pos, u - (st0 + st1)[:, None], v - (st2 + st3)[:, None]))
+            gp = coef[:, None] * ex * du
+            gn = coef[:, None] * ex * dv
     G = tl.where(pos, gp, tl.where(neg, gn, 0.0))
     if SIM == 0:
         G = 0.5 * G  # ∂s/∂cos of the shifted cosine
