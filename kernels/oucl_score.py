@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CIRCLE, HINGE, INFONCE, SQUARED, WEIGHTED, finite_or_zero, load_cfg, lse_update,
-                      side_terms, sigmoid, softplus)
+from ._common import HINGE, INFONCE, WEIGHTED, finite_or_zero, load_cfg, lse_update, side_terms, sigmoid, softplus
 
 
 def _configs():

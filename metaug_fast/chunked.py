@@ -11,7 +11,7 @@ derivatives through the normalization of ``emb`` and ``ref_emb``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
