@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=None, help="default: all")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="default: each op's sweep for the device")
     ap.add_argument("--backends", nargs="+", default=None, help="default: all that apply")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mem-gib", type=float, default=20.0, help="CPU address-space limit (OOM instead of the OOM killer)")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/sweep_<cpu|gpu>.csv")
     args = ap.parse_args(argv)
