@@ -783,15 +783,27 @@ void check_label_cuda(const at::Tensor& zn, const at::Tensor& rn, const at::Tens
   TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cuda): unknown form id ", form);
 }
 
+// The label ops' common prologue, alive for the op's whole body: inputs checked, the device guard, autograd
+// off for the internal GEMMs (it would keep every tile alive), and detached contiguous inputs.
+struct LabelInputs {
+  LabelInputs(const at::Tensor& zn_in, const at::Tensor& rn_in, const at::Tensor& labels_in,
+              const at::Tensor& ref_labels_in, int64_t form)
+      : guard((check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form), zn_in.device())),
+        zn(zn_in.detach().contiguous()),
+        rn(rn_in.detach().contiguous()),
+        labels(labels_in.contiguous()),
+        ref_labels(ref_labels_in.contiguous()) {}
+  const c10::cuda::CUDAGuard guard;
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn, rn, labels, ref_labels;
+};
+
 std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const at::Tensor& rn_in,
                                                   const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
                                                   int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam) {
-  check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
-  const c10::cuda::CUDAGuard guard(zn_in.device());
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const LabelInputs in(zn_in, rn_in, labels_in, ref_labels_in, form);
+  const at::Tensor &zn = in.zn, &rn = in.rn, &labels = in.labels, &ref_labels = in.ref_labels;
   const int64_t B = zn.size(0), M = rn.size(0);
   at::Tensor rows = at::empty({B}, zn.options()), stats = at::empty({B, kStats}, zn.options());
   if (B == 0) return {rows, stats};
@@ -830,11 +842,8 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
                                                   int64_t self_offset, int64_t similarity, int64_t form, double beta,
                                                   double gamma_pos, double gamma_neg, double margin, double lam,
                                                   bool ref_grad) {
-  check_label_cuda(zn_in, rn_in, labels_in, ref_labels_in, form);
-  const c10::cuda::CUDAGuard guard(zn_in.device());
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const at::Tensor zn = zn_in.detach().contiguous(), rn = rn_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const LabelInputs in(zn_in, rn_in, labels_in, ref_labels_in, form);
+  const at::Tensor &zn = in.zn, &rn = in.rn, &labels = in.labels, &ref_labels = in.ref_labels;
   const at::Tensor stats = stats_in.contiguous(), g = grad_rows.contiguous();
   const int64_t B = zn.size(0), M = rn.size(0);
   TORCH_CHECK(stats.size(0) == B && stats.size(1) == kStats, "oucl_label (cuda): stats from oucl_label_fwd");
