@@ -38,6 +38,12 @@ def _gather_padded(x: Tensor, sizes: List[int], group) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def _gather_all(tensors: List[Tensor], group) -> List[Tensor]:
+    """Each of ``tensors`` (same number of rows) concatenated over the ranks of ``group``, without gradients."""
+    sizes = _gather_sizes(tensors[0].shape[0], tensors[0].device, group)
+    return [_gather_padded(t.detach(), sizes, group) for t in tensors]
+
+
 class _GatherRows(torch.autograd.Function):
     """``x [b_rank, D]`` -> ``[Σ b, D]``; the backward sums the gradient over ranks and keeps this rank's rows."""
 
@@ -65,13 +71,19 @@ def _valid_rows(labels: Tensor, all_labels: Tensor) -> Tensor:
     return (same > 0) & (all_labels.numel() - 1 - same > 0)
 
 
-def _checked_params(name: str, emb: Tensor, labels: Tensor, reduction: str, params: dict):
-    """Validates a distributed call; returns (similarity, the oucl params with reduction "none")."""
+def _check_call(name: str, reduction: str) -> None:
+    """What every distributed loss needs: an initialized process group and a reduction with a global meaning."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{name} needs torch.distributed initialized (dist.init_process_group)")
-    F._label_inputs(emb, labels, None, None)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
+
+
+def _checked_params(name: str, emb: Tensor, labels: Tensor, reduction: str, params: dict, ref=(None, None)):
+    """Validates a distributed label-mode OUCL call (``ref``: an optional reference set and its labels);
+    returns (similarity, the oucl params with reduction "none")."""
+    _check_call(name, reduction)
+    F._label_inputs(emb, labels, *ref)
     similarity = F._choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
     defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
     unknown = set(params) - set(defaults)
@@ -128,7 +140,8 @@ def info_nce_embeddings_all_gather(
     """Label-mode InfoNCE (NT-Xent for two views) over the global batch of all ranks of ``group``, like
     :func:`oucl_embeddings_all_gather`: the global loss on every rank, each rank's gradient that of one
     process holding the whole batch; first derivatives only."""
-    _checked_params("info_nce_embeddings_all_gather", emb, labels, reduction, {})
+    _check_call("info_nce_embeddings_all_gather", reduction)
+    F._label_inputs(emb, labels, None, None)
     temperature = F._real(temperature, "temperature", positive=True)
     similarity = F._choice(similarity, "similarity", ("shifted_cosine", "cosine"))
     return _all_gather_loss("info_nce_embeddings", emb, labels, group, reduction, backend, temperature=temperature,
@@ -167,10 +180,7 @@ def oucl_global(
 
     params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl`.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("oucl_global needs torch.distributed initialized (dist.init_process_group)")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for the distributed loss, got {reduction!r}")
+    _check_call("oucl_global", reduction)
     rows = F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, reduction="none", backend=backend, **params)
     valid = R.valid_rows(pos, neg, pos_mask, neg_mask)
     return _global_loss(R._acc(rows), valid, reduction, group).to(pos.dtype)
@@ -308,7 +318,7 @@ def _fused_op_args(what: str, device: torch.device, similarity: str, checked: di
 
 def _normalized(x: Tensor) -> Tensor:
     """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16)."""
-    return torch.nn.functional.normalize(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=1)
+    return torch.nn.functional.normalize(R._acc(x), dim=1)
 
 
 # --------------------------------------------------------------------------------- sharded reference set
@@ -369,8 +379,7 @@ def oucl_embeddings_sharded(
         params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
-                                          dict(params, similarity=similarity))
-    F._label_inputs(emb, labels, shard, shard_labels)
+                                          dict(params, similarity=similarity), ref=(shard, shard_labels))
     sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)

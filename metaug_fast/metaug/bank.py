@@ -16,6 +16,12 @@ from metaug_fast import reference as R
 from metaug_fast.reference import SIMILARITIES
 
 
+def _momentum_update(rows: Tensor, index: Tensor, z: Tensor, momentum: float) -> None:
+    """rows[index] ← normalize(m·rows[index] + (1 - m)·z), in place."""
+    mixed = momentum * rows[index] + (1.0 - momentum) * z.detach().to(rows)
+    rows[index] = F.normalize(mixed, dim=1)
+
+
 class MemoryBank:
     """``n_data × dim`` L2-normalized features per view, updated with momentum after scoring.
 
@@ -50,8 +56,7 @@ class MemoryBank:
     @torch.no_grad()
     def update(self, view: int, index: Tensor, z: Tensor) -> None:
         """bank[index] ← normalize(m·bank[index] + (1 - m)·z) for ``index [B]``, ``z [B, dim]``."""
-        mixed = self.momentum * self.features[view][index] + (1.0 - self.momentum) * z.detach().to(self.features)
-        self.features[view][index] = F.normalize(mixed, dim=1)
+        _momentum_update(self.features[view], index, z, self.momentum)
 
     def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, *, chunk_size: int = 4096,
                   similarity: str = "shifted_cosine", reduction: str = "mean", backend: str = "auto",
@@ -142,13 +147,9 @@ class ShardedMemoryBank:
         if index.ndim != 1 or z.ndim != 2 or z.shape != (index.shape[0], self.features.shape[2]):
             raise ValueError(f"index must be [b] and z [b, {self.features.shape[2]}], got {tuple(index.shape)} "
                              f"and {tuple(z.shape)}")
-        sizes = D._gather_sizes(index.shape[0], self.features.device, self.group)
-        all_index = D._gather_padded(index.to(self.features.device).long(), sizes, self.group)
-        all_z = D._gather_padded(z.detach().to(self.features), sizes, self.group)
+        all_index, all_z = D._gather_all([index.to(self.features.device).long(), z.to(self.features)], self.group)
         mine = (all_index >= self.start) & (all_index < self.stop)
-        local = all_index[mine] - self.start
-        mixed = self.momentum * self.features[view][local] + (1.0 - self.momentum) * all_z[mine]
-        self.features[view][local] = F.normalize(mixed, dim=1)
+        _momentum_update(self.features[view], all_index[mine] - self.start, all_z[mine], self.momentum)
 
     def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, *,
                   similarity: str = "shifted_cosine", reduction: str = "mean", **form_params) -> Tensor:
@@ -164,8 +165,7 @@ class ShardedMemoryBank:
 
     def full(self, view: int) -> Tensor:
         """The whole bank of ``view``, ``[n_data, dim]``, on every rank (for checkpoints and checks)."""
-        sizes = D._gather_sizes(self.stop - self.start, self.features.device, self.group)
-        return D._gather_padded(self.features[view], sizes, self.group)
+        return D._gather_all([self.features[view]], self.group)[0]
 
     def state_dict(self) -> dict:
         """This rank's shard (save one file per rank, or :meth:`full` on one rank)."""
