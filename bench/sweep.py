@@ -94,8 +94,7 @@ def _cross_entropy(p, n, tau=TAU):
 
 
 def _compiled(fn):
-    compiled = torch.compile(fn, dynamic=True)
-    return lambda *xs: compiled(*xs)
+    return torch.compile(fn, dynamic=True)
 
 
 def _pml(kind):

@@ -272,10 +272,10 @@ def config(e: torch.Tensor, D: int):
     upcast = e.dtype == torch.bfloat16 and _interpreting()
     bd = max(16, min(64, triton.next_power_of_2(D)))
     if _interpreting():
-        return 16, 16, bd, max(16, min(64, triton.next_power_of_2(D))), "ieee", "ieee", upcast
+        return 16, 16, bd, bd, "ieee", "ieee", upcast
     if e.dtype == torch.float64:
         return 32, 32, 16, 32, "ieee", "ieee", False
-    return 64, 64, bd, max(16, min(128, triton.next_power_of_2(D))), "ieee" if not half else prec, prec, upcast
+    return 64, 64, bd, max(16, min(128, triton.next_power_of_2(D))), prec, prec, upcast
 
 
 def _args(e, r):

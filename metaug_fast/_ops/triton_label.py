@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..chunked import _combine
 from .margins import MARGIN_ID, sigmas
 from .oucl_label import SIMILARITY_IDS, _label_masks
 from .oucl_score import FORM_IDS, INFONCE_ID, TRITON_OPS, _OUCLScore
@@ -22,14 +23,11 @@ from .oucl_score import FORM_IDS, INFONCE_ID, TRITON_OPS, _OUCLScore
 _EPS = 1e-12  # F.normalize's
 
 
-def _finite_or_zero(x: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-
-
 def _merge_lse(run_max: Tensor, total: Tensor):
-    """(shift, log_sum) ``[B]`` from per-split running maxima and sums ``[splits, B]``."""
-    shift = _finite_or_zero(run_max.amax(0))
-    return shift, torch.log((total * torch.exp(_finite_or_zero(run_max) - shift)).sum(0))
+    """(shift, log_sum) ``[B]`` from per-split running maxima and sums ``[splits, B]`` (the same online
+    log-sum-exp merge as the chunked reference path)."""
+    shift, merged = _combine(run_max.T, total.T)
+    return shift, torch.log(merged)
 
 
 def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
@@ -37,10 +35,6 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
     count = torch.where(best == value, ties, torch.zeros_like(ties)).sum(0)
     has_nan = nan.sum(0) > 0
     return torch.where(has_nan, torch.full_like(value, float("nan")), value), torch.where(has_nan, torch.ones_like(count), count)
-
-
-def _softplus(x: Tensor) -> Tensor:
-    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
@@ -76,7 +70,7 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
     else:
         a_shift, a_log = _merge_lse(part[..., 0], part[..., 1])
         c_shift, c_log = _merge_lse(part[..., 2], part[..., 3])
-        rows = _softplus(a_shift + a_log + c_shift + c_log) / params[1]
+        rows = reference._softplus(a_shift + a_log + c_shift + c_log) / params[1]
         stats = torch.stack([a_shift, a_log, c_shift, c_log, valid.to(n_pos)], 1)
     return torch.where(valid, rows, zero), stats
 
@@ -148,8 +142,7 @@ def _differentiable_grads(ctx, grad_out):
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return 1.0 / torch.linalg.vector_norm(x.to(acc), dim=1).clamp(min=_EPS)
+    return 1.0 / torch.linalg.vector_norm(reference._acc(x), dim=1).clamp(min=_EPS)
 
 
 def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset):
