@@ -290,11 +290,14 @@ def main(argv=None) -> int:
     if args.ops:
         ops = {k: v for k, v in ops.items() if k in args.ops}
     dtypes = args.dtypes or (["float32"] if args.device == "cpu" else ["bfloat16", "float16", "float32"])
-    if args.device == "cpu":
-        limit = int(args.mem_gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     out = args.out or Path(f"bench/results/sweep_{'gpu' if args.device == 'cuda' else 'cpu'}.csv")
-    rows = run(ops, args.device, dtypes, args.repeats, args.sizes, args.backends)
+    saved = resource.getrlimit(resource.RLIMIT_AS)
+    if args.device == "cpu":
+        resource.setrlimit(resource.RLIMIT_AS, (int(args.mem_gib * 2**30), saved[1]))
+    try:
+        rows = run(ops, args.device, dtypes, args.repeats, args.sizes, args.backends)
+    finally:  # the limit is for the sweep only, not for whoever called main() in this process
+        resource.setrlimit(resource.RLIMIT_AS, saved)
     write_csv(rows, out)
     print(f"\nwrote {out} ({len(rows)} rows)")
     return 0

@@ -62,9 +62,13 @@ def test_sweep_writes_the_schema_plots_and_report(tmp_path):
 
     from bench import plot, report, sweep
 
+    import resource
+
     out = tmp_path / "results" / "sweep_cpu.csv"
+    limit = resource.getrlimit(resource.RLIMIT_AS)
     assert sweep.main(["--ops", "oucl_score", "oucl_label", "--sizes", "16", "32", "--repeats", "1",
                        "--out", str(out)]) == 0
+    assert resource.getrlimit(resource.RLIMIT_AS) == limit  # the sweep's memory limit does not outlive it
     rows = list(csv.DictReader(open(out)))
     assert rows and list(rows[0]) == FIELDS and rows[0]["command"].startswith("python -m bench.sweep")
     backends = {r["backend"] for r in rows}
