@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "oucl_common.h"
+#include "op_schemas.h"
 
 #include <algorithm>
 #include <cmath>
@@ -669,28 +670,7 @@ std::string cpu_isa() {
 
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
-  m.def(
-      "oucl_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, int form, float beta, "
-      "float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
-  m.def(
-      "oucl_score_bwd(Tensor grad_rows, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, "
-      "Tensor stats, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "oucl_score_bwd_bwd(Tensor grad_rows, Tensor gg_pos, Tensor gg_neg, Tensor pos, Tensor neg, "
-      "Tensor? pos_mask, Tensor? neg_mask, Tensor stats, int form, float beta, float gamma_pos, "
-      "float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor)");
-  m.def("margin_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask) -> Tensor");
-  m.def(
-      "margin_score_bwd(Tensor grad, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor stats) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, int similarity, "
-      "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
-  m.def(
-      "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
-      "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
-      "float lam, bool ref_grad=True) -> (Tensor, Tensor)");
+  define_kernel_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {

@@ -3,12 +3,12 @@
 // unchanged on CUDA tensors. One warp per row: each lane streams a strided slice of the row keeping its own
 // running (max, sum) for both log-sum-exps, and the warp merges them with shuffles. fp32/fp16/bf16 inputs
 // accumulate in fp32, fp64 in fp64. Stats layout and formulas are those of csrc/oucl_rows.inc.
+// Launches, streams and device checks go through device.h, so this file also compiles as host C++ for the
+// SIMT emulator (simt/), which runs these kernels on the CPU in tests/test_cuda_simt.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "../oucl_common.h"
+#include "device.h"
 
 namespace metaug_fast {
 namespace {
@@ -410,23 +411,22 @@ void launch(Pass pass, int64_t form, const Args<S, T>& a) {
   if (a.B == 0) return;
   const dim3 block(kWarp * kWarpsPerBlock);
   const dim3 grid((a.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   if (form == kMargin) {
-    if (pass == Pass::kForward) margin_forward_kernel<S, T><<<grid, block, 0, stream>>>(a);
-    else margin_backward_kernel<S, T><<<grid, block, 0, stream>>>(a);
-  } else {
-    with_form(form, [&](auto f) {
-      constexpr int FORM = decltype(f)::value;
-      if constexpr (FORM != kMargin) {
-        switch (pass) {
-          case Pass::kForward: forward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
-          case Pass::kBackward: backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
-          case Pass::kDoubleBackward: double_backward_kernel<FORM, S, T><<<grid, block, 0, stream>>>(a); break;
-        }
-      }
-    });
+    if (pass == Pass::kForward) device::launch(margin_forward_kernel<S, T>, grid, block, stream, a);
+    else device::launch(margin_backward_kernel<S, T>, grid, block, stream, a);
+    return;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_form(form, [&](auto f) {
+    constexpr int FORM = decltype(f)::value;
+    if constexpr (FORM != kMargin) {
+      switch (pass) {
+        case Pass::kForward: device::launch(forward_kernel<FORM, S, T>, grid, block, stream, a); break;
+        case Pass::kBackward: device::launch(backward_kernel<FORM, S, T>, grid, block, stream, a); break;
+        case Pass::kDoubleBackward: device::launch(double_backward_kernel<FORM, S, T>, grid, block, stream, a); break;
+      }
+    }
+  });
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -437,8 +437,8 @@ struct Inputs {
 
 Inputs prepare(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
                const c10::optional<at::Tensor>& neg_mask, int64_t form) {
-  TORCH_CHECK(pos.is_cuda() && neg.is_cuda() && pos.device() == neg.device(),
-              "oucl_score (cuda): pos and neg must be CUDA tensors on one device");
+  TORCH_CHECK(device::holds(pos) && device::holds(neg) && pos.device() == neg.device(),
+              "oucl_score (cuda): pos and neg must be tensors on one device (", device::kName, ")");
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2 && pos.size(0) == neg.size(0),
               "oucl_score (cuda): pos [B,K+] and neg [B,K-]");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cuda): pos and neg must have one dtype");
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& pos, const at::Ten
                                             const c10::optional<at::Tensor>& neg_mask, int64_t form, double beta,
                                             double gamma_pos, double gamma_neg, double margin, double lam) {
   const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
-  const c10::cuda::CUDAGuard guard(pos.device());
+  const device::Guard guard(pos.device());
   const auto opts = pos.options().dtype(acc_type(pos.scalar_type()));
   at::Tensor rows = at::empty({pos.size(0)}, opts), stats = at::empty({pos.size(0), kStats}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "oucl_score_fwd_cuda", [&] {
@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_rows, const a
                                             int64_t form, double beta, double gamma_pos, double gamma_neg,
                                             double margin, double lam) {
   const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
-  const c10::cuda::CUDAGuard guard(pos.device());
+  const device::Guard guard(pos.device());
   TORCH_CHECK(stats.is_contiguous() && stats.size(1) == kStats, "oucl_score (cuda): stats from oucl_score_fwd");
   const at::Tensor g = grad_rows.contiguous();
   at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
@@ -515,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_bwd_cuda(
     const at::Tensor& stats, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin,
     double lam) {
   const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
-  const c10::cuda::CUDAGuard guard(pos.device());
+  const device::Guard guard(pos.device());
   TORCH_CHECK(stats.is_contiguous() && stats.size(1) == kStats, "oucl_score (cuda): stats from oucl_score_fwd");
   const at::Tensor g = grad_rows.contiguous(), tp = gg_pos.contiguous(), tn = gg_neg.contiguous();
   at::Tensor ggo = at::empty_like(g), hp = at::empty_like(in.pos), hn = at::empty_like(in.neg);
@@ -537,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_bwd_cuda(
 at::Tensor margin_fwd_cuda(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
                            const c10::optional<at::Tensor>& neg_mask) {
   const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
-  const c10::cuda::CUDAGuard guard(pos.device());
+  const device::Guard guard(pos.device());
   at::Tensor stats = at::empty({pos.size(0), kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_fwd_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -552,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor> margin_bwd_cuda(const at::Tensor& grad, const
                                                    const c10::optional<at::Tensor>& pos_mask,
                                                    const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats) {
   const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
-  const c10::cuda::CUDAGuard guard(pos.device());
+  const device::Guard guard(pos.device());
   TORCH_CHECK(grad.dim() == 2 && grad.size(1) == 2 && stats.size(1) == kStats, "margin_score (cuda): grad [B,2]");
   const at::Tensor g = grad.contiguous();
   at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
@@ -736,8 +736,12 @@ __global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
   a.tile[idx] = a.sim_a * g;
 }
 
-// Columns per tile: B × tile stays under kTileElems elements.
-constexpr int64_t kTileElems = int64_t(1) << 25;
+// Columns per tile: B × tile stays under kTileElems elements. The SIMT emulation sets a small value so that
+// its small tests cross several tiles and a ragged last one.
+#ifndef METAUG_LABEL_TILE_ELEMS
+#define METAUG_LABEL_TILE_ELEMS (int64_t(1) << 25)
+#endif
+constexpr int64_t kTileElems = METAUG_LABEL_TILE_ELEMS;
 
 template <typename T>
 LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity,
@@ -757,22 +761,21 @@ LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels,
 template <typename T>
 void launch_label_forward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
   const dim3 block(kWarp * kWarpsPerBlock), grid((a.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  with_form(form, [&](auto f) { label_tile_forward_kernel<decltype(f)::value, T><<<grid, block, 0, stream>>>(a); });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_form(form, [&](auto f) { device::launch(label_tile_forward_kernel<decltype(f)::value, T>, grid, block, stream, a); });
 }
 
 template <typename T>
 void launch_label_backward(int64_t form, const LabelArgsD<T>& a, cudaStream_t stream) {
   const int64_t n = a.B * a.L;
   const dim3 block(256), grid((n + 255) / 256);
-  with_form(form, [&](auto f) { label_tile_backward_kernel<decltype(f)::value, T><<<grid, block, 0, stream>>>(a); });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_form(form, [&](auto f) { device::launch(label_tile_backward_kernel<decltype(f)::value, T>, grid, block, stream, a); });
 }
 
 void check_label_cuda(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
                       const at::Tensor& ref_labels, int64_t form) {
-  TORCH_CHECK(zn.is_cuda() && rn.device() == zn.device() && labels.device() == zn.device() &&
-                  ref_labels.device() == zn.device(), "oucl_label (cuda): all tensors on one CUDA device");
+  TORCH_CHECK(device::holds(zn) && rn.device() == zn.device() && labels.device() == zn.device() &&
+                  ref_labels.device() == zn.device(),
+              "oucl_label (cuda): all tensors on one device (", device::kName, ")");
   TORCH_CHECK(zn.dim() == 2 && rn.dim() == 2 && zn.size(1) == rn.size(1), "oucl_label (cuda): zn [B,D], rn [M,D]");
   TORCH_CHECK(zn.scalar_type() == rn.scalar_type() &&
                   (zn.scalar_type() == at::kFloat || zn.scalar_type() == at::kDouble),
@@ -793,7 +796,7 @@ struct LabelInputs {
         rn(rn_in.detach().contiguous()),
         labels(labels_in.contiguous()),
         ref_labels(ref_labels_in.contiguous()) {}
-  const c10::cuda::CUDAGuard guard;
+  const device::Guard guard;
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor zn, rn, labels, ref_labels;
 };
@@ -814,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
   state.select(1, 6).fill_(std::numeric_limits<double>::infinity());
   state.select(1, 8).fill_(-std::numeric_limits<double>::infinity());
   const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / std::max<int64_t>(B, 1)));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd_cuda", [&] {
     using T = scalar_t;
     auto a = label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
@@ -829,9 +832,8 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
         launch_label_forward<T>(form, a, stream);
       }
     }
-    label_finalize_kernel<T><<<(B + 255) / 256, 256, 0, stream>>>(a.state, B, form, a.cfg, rows.data_ptr<T>(),
-                                                                 stats.data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    device::launch(label_finalize_kernel<T>, dim3((B + 255) / 256), dim3(256), stream, a.state, B, form, a.cfg,
+                   rows.data_ptr<T>(), stats.data_ptr<T>());
   });
   return {rows, stats};
 }
@@ -851,7 +853,7 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
   at::Tensor gz = at::zeros_like(zn), gr = ref_grad ? at::zeros_like(rn) : at::zeros({0, rn.size(1)}, rn.options());
   if (B == 0 || M == 0) return {gz, gr};
   const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / B));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_bwd_cuda", [&] {
     using T = scalar_t;
     auto a = label_args<T>(labels, ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam, B);
@@ -871,10 +873,8 @@ std::tuple<at::Tensor, at::Tensor> label_bwd_cuda(const at::Tensor& grad_rows, c
   return {gz, gr};
 }
 
-}  // namespace
-
-// The schemas are defined by the CPU library (csrc/oucl_cpu.cpp), which metaug_fast loads first.
-TORCH_LIBRARY_IMPL(metaug_fast, CUDA, m) {
+// The CUDA kernels of the ops whose schemas define_kernel_ops gives.
+void impl_kernel_ops(torch::Library& m) {
   m.impl("oucl_score_fwd", &fwd_cuda);
   m.impl("oucl_score_bwd", &bwd_cuda);
   m.impl("oucl_score_bwd_bwd", &bwd_bwd_cuda);
@@ -883,5 +883,12 @@ TORCH_LIBRARY_IMPL(metaug_fast, CUDA, m) {
   m.impl("oucl_label_fwd", &label_fwd_cuda);
   m.impl("oucl_label_bwd", &label_bwd_cuda);
 }
+
+}  // namespace
+
+#ifndef METAUG_SIMT_EMULATION
+// The schemas are defined by the CPU library (csrc/oucl_cpu.cpp), which metaug_fast loads first.
+TORCH_LIBRARY_IMPL(metaug_fast, CUDA, m) { impl_kernel_ops(m); }
+#endif
 
 }  // namespace metaug_fast

@@ -1,5 +1,7 @@
-"""Label-mode OUCL and InfoNCE on the C++ backend, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
-(csrc/oucl_cpu.cpp) tile the similarity matrix through ATen GEMMs and never store B×M.
+"""Label-mode OUCL and InfoNCE on the C++ and CUDA backends, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
+(csrc/oucl_cpu.cpp, csrc/cuda/oucl_cuda.cu) tile the similarity matrix through ATen GEMMs and never store
+B×M. The Functions take the ops' namespace as ``ops``, so the same code also drives the CUDA kernels under
+the SIMT emulator (``torch.ops.metaug_fast_simt``, tests/test_cuda_simt.py).
 
 The L2 normalization stays in PyTorch (so autograd handles its Jacobian at every order); the fused
 Function maps normalized ``zn [B,D]`` and ``rn [M,D]`` (or ``zn`` itself) to per-row losses. Its
@@ -35,13 +37,13 @@ def _label_masks(zn, rn, labels, ref_labels, self_offset=-1):
     return pm, nm
 
 
-def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset):
+def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
     """Per-row losses from the materialized scores through the fused score-mode Function (whose double
     backward is the fused HVP kernel): the differentiable path for a gradient of the gradient, at the price
     of B×M memory for that call."""
     scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
     pm, nm = _label_masks(zn, rn, labels, ref_labels, self_offset)
-    return _OUCLScore.apply(scores, scores, pm, nm, params, CPP_OPS)[0]
+    return _OUCLScore.apply(scores, scores, pm, nm, params, ops)[0]
 
 
 def _op_inputs(zn, rn, labels, ref_labels):
@@ -70,16 +72,16 @@ def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
 
 class _LabelLoss(torch.autograd.Function):
     """(zn [B,D], rn [M,D] or None) -> (per-row losses [B], valid rows [B]); ``params`` = (form id, β, γ⁺,
-    γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ)."""
+    γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ); ``ops``: the namespace of the label ops."""
 
     @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset):
+    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
         offset = 0 if rn is None else self_offset
-        rows, stats = torch.ops.metaug_fast.oucl_label_fwd(
+        rows, stats = ops.oucl_label_fwd(
             *_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITY_IDS[similarity], *params
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
-        ctx.similarity, ctx.params, ctx.self_offset = similarity, params, offset
+        ctx.similarity, ctx.params, ctx.self_offset, ctx.ops = similarity, params, offset, ops
         valid = stats[:, 4] > 0
         ctx.mark_non_differentiable(valid)
         return rows, valid
@@ -89,15 +91,15 @@ class _LabelLoss(torch.autograd.Function):
         zn, rn, labels, ref_labels, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
             # A differentiable gradient was asked for: recompute it with PyTorch ops.
-            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params, ctx.self_offset)
-            return _needed_grads(ctx, rows, grad_rows, 5)
-        g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
+            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params, ctx.self_offset, ctx.ops)
+            return _needed_grads(ctx, rows, grad_rows, 6)
+        g_z, g_r = ctx.ops.oucl_label_bwd(
             grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats, ctx.self_offset,
             SIMILARITY_IDS[ctx.similarity], *ctx.params, _ref_grad(ctx, rn),
         )
         if rn is None:
-            return g_z + g_r, None, None, None, None, None, None
-        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None, None
+            return g_z + g_r, None, None, None, None, None, None, None
+        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None, None, None
 
 
 def _ref_grad(ctx, rn) -> bool:
@@ -106,30 +108,31 @@ def _ref_grad(ctx, rn) -> bool:
     return rn is None or ctx.needs_input_grad[1]
 
 
-def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset=-1, ref_unit=False):
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset, ref_unit, ops):
     rows, valid = _LabelLoss.apply(*_normalized(emb, labels, ref_emb, ref_labels, ref_unit), similarity, params,
-                                   self_offset)
+                                   self_offset, ops)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
 def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                         ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
                         beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
-                        self_offset: Optional[int] = None, ref_unit: bool = False) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused on the CPU. ``ref_unit``: the rows
-    of ``ref_emb`` are unit vectors already (a memory bank keeps them so) and are not copied normalized."""
+                        self_offset: Optional[int] = None, ref_unit: bool = False, ops=CPP_OPS) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, on the fused label ops of ``ops``
+    (the C++ kernels, or the CUDA ones for CUDA tensors). ``ref_unit``: the rows of ``ref_emb`` are unit
+    vectors already (a memory bank keeps them so) and are not copied normalized."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
     offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit, ops)
 
 
 def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
-                            reduction: str, self_offset: Optional[int] = None) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused on the CPU."""
+                            reduction: str, self_offset: Optional[int] = None, ops=CPP_OPS) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
     params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
     offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, False, ops)
 
 
 class _MarginLabel(torch.autograd.Function):
@@ -137,13 +140,13 @@ class _MarginLabel(torch.autograd.Function):
     goes to the entries attaining the extremum, shared equally among ties (as torch.amin/amax share it)."""
 
     @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity):
-        _, stats = torch.ops.metaug_fast.oucl_label_fwd(
+    def forward(ctx, zn, rn, labels, ref_labels, similarity, ops):
+        _, stats = ops.oucl_label_fwd(
             *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITY_IDS[similarity],
             MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
-        ctx.similarity = similarity
+        ctx.similarity, ctx.ops = similarity, ops
         valid = stats[:, 4] > 0
         ctx.mark_non_differentiable(valid)
         return stats[:, 0].clone(), stats[:, 1].clone(), valid
@@ -160,21 +163,22 @@ class _MarginLabel(torch.autograd.Function):
             n_max = torch.where(nm, scores, -inf).amax(1)
             valid = stats[:, 4] > 0
             outs = [torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)]
-            return _needed_grads(ctx, outs, (g_min, g_max), 3)
-        g_z, g_r = torch.ops.metaug_fast.oucl_label_bwd(
+            return _needed_grads(ctx, outs, (g_min, g_max), 4)
+        g_z, g_r = ctx.ops.oucl_label_bwd(
             torch.stack([g_min, g_max], 1).contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats,
             0 if rn is None else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
             _ref_grad(ctx, rn),
         )
         if rn is None:
-            return g_z + g_r, None, None, None, None
-        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None
+            return g_z + g_r, None, None, None, None, None
+        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
 def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                                     ref_labels: Optional[Tensor] = None, *, similarity: str):
-    """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, fused on the CPU."""
-    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity)
+                                     ref_labels: Optional[Tensor] = None, *, similarity: str, ops=CPP_OPS):
+    """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, on the fused label ops
+    of ``ops``."""
+    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity, ops)
     return sigmas(p_min, n_max, valid, emb.dtype)
 
 

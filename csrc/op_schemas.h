@@ -1,0 +1,35 @@
+// The schemas of the kernel ops, defined once for every library that holds them: torch.ops.metaug_fast
+// (csrc/oucl_cpu.cpp; csrc/cuda/oucl_cuda.cu adds CUDA kernels to it) and torch.ops.metaug_fast_simt, the
+// CUDA kernels run by the SIMT emulator on the CPU (csrc/cuda/simt/oucl_cuda_simt.cpp).
+#pragma once
+
+#include <torch/library.h>
+
+namespace metaug_fast {
+
+inline void define_kernel_ops(torch::Library& m) {
+  m.def(
+      "oucl_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, int form, float beta, "
+      "float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "oucl_score_bwd(Tensor grad_rows, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, "
+      "Tensor stats, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "oucl_score_bwd_bwd(Tensor grad_rows, Tensor gg_pos, Tensor gg_neg, Tensor pos, Tensor neg, "
+      "Tensor? pos_mask, Tensor? neg_mask, Tensor stats, int form, float beta, float gamma_pos, "
+      "float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor)");
+  m.def("margin_score_fwd(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask) -> Tensor");
+  m.def(
+      "margin_score_bwd(Tensor grad, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor stats) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, int similarity, "
+      "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
+      "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
+      "float lam, bool ref_grad=True) -> (Tensor, Tensor)");
+}
+
+}  // namespace metaug_fast
