@@ -82,6 +82,26 @@ def hvp(loss_fn, inputs, vectors):
     return loss.detach(), tuple(g.detach() for g in grads), hv
 
 
+def score_data(B, kp, kn, dtype=torch.float64, masked=True):
+    """(pos [B,K⁺], neg [B,K⁻], pos_mask, neg_mask) in [0, 1); the masks keep about 70% and leave row 0
+    without positives and row 2 without negatives (None when not ``masked``)."""
+    pos, neg = torch.rand(B, kp, dtype=torch.float64).to(dtype), torch.rand(B, kn, dtype=torch.float64).to(dtype)
+    if not masked:
+        return pos, neg, None, None
+    pm, nm = torch.rand(B, kp) < 0.7, torch.rand(B, kn) < 0.7
+    pm[0] = False
+    if B > 2:
+        nm[2] = False
+    return pos, neg, pm, nm
+
+
+def score_hvp_run(fn, pos, neg, vecs):
+    """(loss, ∂/∂pos, ∂/∂neg, H·v for pos, H·v for neg) of ``fn(pos, neg).sum()``."""
+    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
+    loss, grads, hv = hvp(lambda p, n: fn(p, n).sum(), (p, n), vecs)
+    return (loss,) + grads + hv
+
+
 def label_data(B, M, D=5, dtype=torch.float64, n_classes=4):
     """(emb [B,D], labels [B], ref [M,D], ref_labels [M]); ref and ref_labels are None when M is None.
     Reference labels include a class that no anchor has."""

@@ -8,7 +8,7 @@ import torch
 import metaug_fast
 import metaug_fast.functional as F
 
-from helpers import FORMS, ULP, hvp, rel_err
+from helpers import FORMS, ULP, rel_err, score_hvp_run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,12 +31,6 @@ def _inputs(shape, dtype, masked):
     return pos, neg, pm, nm
 
 
-def _run(fn, pos, neg, vecs):
-    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-    loss, grads, hv = hvp(lambda p, n: fn(p, n).sum(), (p, n), vecs)
-    return (loss,) + grads + hv
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("form", FORMS + ("info_nce",))
 @pytest.mark.parametrize("masked", [False, True])
@@ -49,7 +43,7 @@ def test_fp64_matches_reference(shape, form, masked):
             fn = lambda p, n: F.info_nce(p, n, temperature=0.1, pos_mask=pm, neg_mask=nm, reduction="none", backend=backend)  # noqa: E731,B023
         else:
             fn = lambda p, n: F.oucl(p, n, form=form, beta=16.0, pos_mask=pm, neg_mask=nm, reduction="none", backend=backend, **PARAMS)  # noqa: E731,B023
-        out.append(_run(fn, pos, neg, vecs))
+        out.append(score_hvp_run(fn, pos, neg, vecs))
     for g, w in zip(out[1][:3], out[0][:3]):
         assert rel_err(g, w) <= 1e-10
     floor = 1e-12 * 100 * max(v.abs().max().item() for v in vecs)

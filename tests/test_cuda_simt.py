@@ -21,7 +21,7 @@ from metaug_fast._ops.oucl_label import (info_nce_embeddings_cpp, margin_statist
                                          oucl_embeddings_cpp)
 from metaug_fast._ops.oucl_score import info_nce_fused, oucl_fused
 
-from helpers import FORMS, ULP, hvp, label_data, rel_err
+from helpers import FORMS, ULP, hvp, label_data, rel_err, score_data, score_hvp_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
@@ -77,17 +77,6 @@ def test_emulator_runs_warp_collectives_and_rejects_broken_ones(simt):
 
 
 # ------------------------------------------------------------------------------------------- score mode
-def _scores(B, kp, kn, dtype=torch.float64, masked=True):
-    pos, neg = torch.rand(B, kp, dtype=torch.float64).to(dtype), torch.rand(B, kn, dtype=torch.float64).to(dtype)
-    if not masked:
-        return pos, neg, None, None
-    pm, nm = torch.rand(B, kp) < 0.7, torch.rand(B, kn) < 0.7
-    pm[0] = False  # a row without positives
-    if B > 2:
-        nm[2] = False  # and one without negatives
-    return pos, neg, pm, nm
-
-
 def _score_fn(form, ops, pm, nm, beta=16.0):
     """Per-row losses (or margin statistics) on the kernels of ``ops``, or on reference.py when it is None."""
     if form == "info_nce":
@@ -100,21 +89,15 @@ def _score_fn(form, ops, pm, nm, beta=16.0):
     return lambda p, n: fn(p, n, form=form, beta=beta, pos_mask=pm, neg_mask=nm, reduction="none", **PARAMS)
 
 
-def _score_run(fn, pos, neg, vecs):
-    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-    loss, grads, hv = hvp(lambda p, n: fn(p, n).sum(), (p, n), vecs)
-    return (loss,) + grads + hv
-
-
 @pytest.mark.parametrize("form", FORMS + ("info_nce", "margins"))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (19, 3, 40), (9, 70, 33)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_score_mode_fp64_values_gradients_hvp(simt, form, shape, masked):
     # K from 1 (31 idle lanes) to 70 (lanes stride over the row); B = 9, 19: partial blocks of 8 warps.
-    pos, neg, pm, nm = _scores(*shape, masked=masked)
+    pos, neg, pm, nm = score_data(*shape, masked=masked)
     vecs = (torch.randn_like(pos), torch.randn_like(neg))
-    got = _score_run(_score_fn(form, simt, pm, nm), pos, neg, vecs)
-    want = _score_run(_score_fn(form, None, pm, nm), pos, neg, vecs)
+    got = score_hvp_run(_score_fn(form, simt, pm, nm), pos, neg, vecs)
+    want = score_hvp_run(_score_fn(form, None, pm, nm), pos, neg, vecs)
     for g, w in zip(got[:3], want[:3]):
         assert rel_err(g, w) <= 1e-10
     floor = 1e-12 * max(v.abs().max().item() for v in vecs)
@@ -125,10 +108,10 @@ def test_score_mode_fp64_values_gradients_hvp(simt, form, shape, masked):
 @pytest.mark.parametrize("beta", [1.0, 256.0])
 @pytest.mark.parametrize("form", FORMS + ("info_nce",))
 def test_score_mode_extreme_beta(simt, beta, form):
-    pos, neg, pm, nm = _scores(11, 4, 37)
+    pos, neg, pm, nm = score_data(11, 4, 37)
     vecs = (torch.randn_like(pos), torch.randn_like(neg))
-    got = _score_run(_score_fn(form, simt, pm, nm, beta), pos, neg, vecs)
-    want = _score_run(_score_fn(form, None, pm, nm, beta), pos, neg, vecs)
+    got = score_hvp_run(_score_fn(form, simt, pm, nm, beta), pos, neg, vecs)
+    want = score_hvp_run(_score_fn(form, None, pm, nm, beta), pos, neg, vecs)
     assert all(torch.isfinite(g).all() for g in got)
     assert all(rel_err(g, w) <= 1e-10 for g, w in zip(got[:3], want[:3]))
     # At β = 256 the Hessian's terms grow like β² and cancel: measured against the whole H·v (one side can be
@@ -140,7 +123,7 @@ def test_score_mode_extreme_beta(simt, beta, form):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("form", FORMS + ("info_nce",))
 def test_score_mode_low_precision(simt, dtype, form):
-    pos, neg, pm, nm = _scores(17, 5, 700, dtype)  # long rows: 22 entries per lane to accumulate
+    pos, neg, pm, nm = score_data(17, 5, 700, dtype)  # long rows: 22 entries per lane to accumulate
     res = {}
     for name, (p0, n0, ops) in {"exact": (pos.double(), neg.double(), None), "ref": (pos, neg, None),
                                 "simt": (pos, neg, simt)}.items():

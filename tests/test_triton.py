@@ -10,7 +10,7 @@ import metaug_fast
 import metaug_fast.functional as F
 from metaug_fast import reference as R
 
-from helpers import FORMS, ULP, LargestAllocation, hvp, label_data, rel_err
+from helpers import FORMS, ULP, LargestAllocation, hvp, label_data, rel_err, score_data, score_hvp_run
 
 pytestmark = pytest.mark.skipif("triton" not in metaug_fast.available_backends(),
                                 reason="Triton not importable (or no CUDA and TRITON_INTERPRET unset)")
@@ -30,17 +30,6 @@ def _close(got, want, tol):
 
 
 # ------------------------------------------------------------------------------------------- score mode
-def _scores(B, kp, kn, dtype=torch.float64, masked=True):
-    pos, neg = torch.rand(B, kp, dtype=torch.float64).to(dtype), torch.rand(B, kn, dtype=torch.float64).to(dtype)
-    if not masked:
-        return pos, neg, None, None
-    pm, nm = torch.rand(B, kp) < 0.7, torch.rand(B, kn) < 0.7
-    pm[0] = False  # a row without positives
-    if B > 2:
-        nm[2] = False  # and one without negatives
-    return pos, neg, pm, nm
-
-
 def _score_fn(form, backend, pm, nm, beta=16.0, reduction="none"):
     if form == "info_nce":
         return lambda p, n: F.info_nce(p, n, temperature=1.0 / beta, pos_mask=pm, neg_mask=nm, reduction=reduction,
@@ -52,31 +41,25 @@ def _score_fn(form, backend, pm, nm, beta=16.0, reduction="none"):
                                backend=backend, **PARAMS)
 
 
-def _score_run(fn, pos, neg, vecs):
-    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-    loss, grads, hv = hvp(lambda p, n: fn(p, n).sum(), (p, n), vecs)
-    return (loss,) + grads + hv
-
-
 @pytest.mark.parametrize("form", FORMS + ("info_nce", "margins"))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (19, 3, 40), (5, 1, 300)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_score_mode_fp64_values_gradients_hvp(form, shape, masked):
-    pos, neg, pm, nm = _scores(*shape, masked=masked)
+    pos, neg, pm, nm = score_data(*shape, masked=masked)
     vecs = (torch.randn_like(pos), torch.randn_like(neg))
-    want = _score_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
-    got = _score_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
+    want = score_hvp_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
+    got = score_hvp_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
     _close(got, want, 1e-10)
 
 
 @pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
 @pytest.mark.parametrize("form", FORMS + ("info_nce",))
 def test_score_mode_extreme_beta_and_reductions(beta, form):
-    pos, neg, pm, nm = _scores(11, 4, 37)
+    pos, neg, pm, nm = score_data(11, 4, 37)
     for reduction in ("mean", "sum"):
         vecs = (torch.randn_like(pos), torch.randn_like(neg))
-        want = _score_run(_score_fn(form, "reference", pm, nm, beta, reduction), pos, neg, vecs)
-        got = _score_run(_score_fn(form, "triton", pm, nm, beta, reduction), pos, neg, vecs)
+        want = score_hvp_run(_score_fn(form, "reference", pm, nm, beta, reduction), pos, neg, vecs)
+        got = score_hvp_run(_score_fn(form, "triton", pm, nm, beta, reduction), pos, neg, vecs)
         for g in got:
             assert torch.isfinite(g).all()
         # Values and gradients to 1e-10; at β = 256 the Hessian's terms grow like β² and cancel, and the C++
@@ -88,7 +71,7 @@ def test_score_mode_extreme_beta_and_reductions(beta, form):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("form", FORMS + ("info_nce",))
 def test_score_mode_low_precision(dtype, form):
-    pos, neg, pm, nm = _scores(33, 5, 70, dtype)
+    pos, neg, pm, nm = score_data(33, 5, 70, dtype)
     res = {}
     for name, (p0, n0, backend) in {"exact": (pos.double(), neg.double(), "reference"), "ref": (pos, neg, "reference"),
                                     "triton": (pos, neg, "triton")}.items():
@@ -123,7 +106,7 @@ def test_score_mode_non_contiguous_nan_and_third_order():
 
 
 def test_score_mode_gradcheck_and_gradgradcheck():
-    pos, neg, pm, nm = _scores(6, 3, 8)
+    pos, neg, pm, nm = score_data(6, 3, 8)
     p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
     for form in ("weighted", "squared", "info_nce"):  # circle's Γ are constants: finite differences differ
         fn = _score_fn(form, "triton", pm, nm)
@@ -302,7 +285,7 @@ def test_empty_batch_and_empty_reference_set():
 @pytest.mark.parametrize("detach_margin", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_margin_injection_loss(detach_margin, masked):
-    pos, neg, pm, nm = _scores(13, 6, 45, masked=masked)
+    pos, neg, pm, nm = score_data(13, 6, 45, masked=masked)
     sp, sn = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
     sp[4], sn[4] = float("inf"), float("-inf")  # a row without margins
     pos[1, 0] = sp[1]  # exactly at the hinge: relu'(0) = 0, as torch.relu
@@ -361,11 +344,11 @@ def test_score_mode_with_the_gpu_block_sizes(monkeypatch, block_b, block_k):
         if isinstance(kernel, triton.runtime.Autotuner):
             monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_B": block_b, "BLOCK_K": block_k})])
             monkeypatch.setattr(kernel, "cache", {})
-    pos, neg, pm, nm = _scores(13, 5, 600)
+    pos, neg, pm, nm = score_data(13, 5, 600)
     for form in ("weighted", "squared", "info_nce"):
         vecs = (torch.randn_like(pos), torch.randn_like(neg))
-        want = _score_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
-        got = _score_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
+        want = score_hvp_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
+        got = score_hvp_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
         _close(got, want, 1e-10)
     sp, sn = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
     for fn in (lambda b: F.margin_statistics(pos, neg, pm, nm, backend=b),
