@@ -8,7 +8,8 @@ Rows written to bench/results/oucl_label_cpu.csv:
 - two views of 4096 (N = 8192), D = 128, fp32, forward+backward: reference vs cpp (time, peak extra memory);
 - N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
 - N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
-- N = 2048: the Hessian-vector product against forward+backward on cpp.
+- N = 2048: the Hessian-vector product against forward+backward on cpp;
+- N = 16384: the Hessian-vector product on cpp, whose peak memory stays below one B×M matrix.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_label_cpu.csv"))
     args = ap.parse_args(argv)
     set_command("bench.bench_oucl_label", argv)
-    n_main, n_pml, n_big, n_hvp = (512, 256, 2048, 256) if args.quick else (8192, 4096, 65536, 2048)
+    n_main, n_pml, n_big, n_hvp, n_hvp_big = (512, 256, 2048, 256, 512) if args.quick else (8192, 4096, 65536, 2048, 16384)
     rows, lines = [], []
 
     def record(op, backend, n, name, result, note=""):
@@ -130,6 +131,14 @@ def main(argv=None) -> int:
     fb = record("oucl_weighted", "cpp", n_hvp, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), args.repeats))
     hv = record("oucl_weighted", "cpp", n_hvp, "hvp", _measure(hvp, args.repeats))
     ratios.append(f"N={n_hvp}: HVP costs {hv[0] / fb[0]:.1f}x forward+backward on cpp")
+
+    # 5. The HVP at a size where B×M matters: the second derivative runs in row chunks, never B×M.
+    emb, labels = _inputs(n_hvp_big)
+    vec = torch.randn_like(emb)
+    big_hv = record("oucl_weighted", "cpp", n_hvp_big, "hvp", _measure(hvp, 1))
+    bxm_mb = n_hvp_big**2 * 4 / 2**20
+    ratios.append(f"N={n_hvp_big}: HVP on cpp {big_hv[0] / 1e3:.1f} s, {big_hv[1]:.0f} MiB peak "
+                  f"({bxm_mb / max(big_hv[1], 0.1):.1f}x less than one fp32 B×M matrix, {bxm_mb:.0f} MiB)")
 
     write_csv(rows, args.out)
     print(f"label-mode OUCL, D={D}, fp32, {torch.get_num_threads()} threads")

@@ -232,9 +232,12 @@ def test_label_mode_fp32(simt, op):
 
 
 @pytest.mark.parametrize("op", ("squared", "info_nce"))
-def test_label_mode_hessian_vector_product(simt, op):
-    # The meta step's path: a differentiable gradient recomputes the rows through the score-mode kernels,
-    # whose double backward is the emulated bwd_bwd kernel.
+def test_label_mode_hessian_vector_product(simt, op, monkeypatch):
+    # The meta step's path: the second derivative runs row chunks of the scores (here 2 rows of 30) through
+    # the emulated score-mode backward and double-backward kernels.
+    from metaug_fast._ops import oucl_label
+
+    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 60)
     emb, labels, ref, ref_labels = label_data(12, 30, D=5)
     vecs = (torch.randn_like(emb), torch.randn_like(ref))
     out = []

@@ -9,7 +9,7 @@ from metaug_fast import OUCLLoss
 from metaug_fast import reference as R
 
 from conftest import requires_cpp
-from helpers import FORMS, ULP, label_data, rel_err
+from helpers import FORMS, ULP, LargestAllocation, hvp, label_data, rel_err
 
 pytestmark = requires_cpp
 PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
@@ -249,3 +249,80 @@ def test_margin_statistics_second_order_and_gradcheck():
     emb.requires_grad_()
     fn = lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, ref, ref_labels, backend="cpp")).clamp(-9, 9)  # noqa: E731
     assert gradcheck(fn, (emb,)) and gradgradcheck(fn, (emb,))
+
+
+# ------------------------------------------------------------------- second order in row chunks (meta step)
+def _label_op(op, backend, **extra):
+    """op(emb, labels, ref, ref_labels) -> a scalar mixing every output, on ``backend`` ("reference" or "cpp",
+    whose label functions also take the distributed callers' ``self_offset``)."""
+    from metaug_fast._ops import oucl_label as C
+
+    if op == "margins":
+        fn = R.margin_statistics_embeddings if backend == "reference" else C.margin_statistics_embeddings_cpp
+        return lambda *a: sum((k + 1.5) * s.clamp(-9, 9).square().sum() for k, s in
+                              enumerate(fn(*a, similarity="shifted_cosine")))
+    if op == "info_nce":
+        fn = R.info_nce_embeddings if backend == "reference" else C.info_nce_embeddings_cpp
+        return lambda *a: fn(*a, temperature=0.2, similarity="shifted_cosine", reduction="sum", **extra)
+    fn = R.oucl_embeddings if backend == "reference" else C.oucl_embeddings_cpp
+    return lambda *a: fn(*a, form=op, beta=16.0, similarity="shifted_cosine", reduction="sum", **PARAMS, **extra)
+
+
+@pytest.mark.parametrize("op", FORMS + ("info_nce", "margins"))
+@pytest.mark.parametrize("mode", ["self", "ref", "constant_ref", "self_offset"])
+def test_hessian_vector_products_in_row_chunks_match_reference(monkeypatch, op, mode):
+    # Chunks of 40 scores: 1 row at a time against 30 references, 5 rows at a time without them.
+    from metaug_fast._ops import oucl_label
+
+    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 40)
+    if op == "margins" and mode == "self_offset":
+        pytest.skip("margin statistics take no self_offset")
+    emb, labels, ref, ref_labels = label_data(11, None if mode == "self" else 30, D=4, n_classes=3)
+    extra = {}
+    if mode == "self_offset":
+        ref[7:18], ref_labels[7:18] = emb, labels
+        extra = dict(self_offset=7)
+    vecs = [torch.randn_like(emb)] + ([torch.randn_like(ref)] if mode in ("ref", "self_offset") else [])
+    out = []
+    for backend in ("reference", "cpp"):
+        fn = _label_op(op, backend, **extra)
+        xs = [emb.clone().requires_grad_()] + ([ref.clone().requires_grad_()] if len(vecs) == 2 else [])
+
+        def loss(*xs):
+            r = xs[1] if len(xs) == 2 else (ref if mode == "constant_ref" else None)
+            return fn(xs[0], labels, r, None if r is None else ref_labels)
+
+        out.append(hvp(loss, xs, vecs))
+    (l_w, g_w, h_w), (l_g, g_g, h_g) = out
+    torch.testing.assert_close(l_g, l_w, rtol=1e-10, atol=0)
+    for g, w in zip(g_g + h_g, g_w + h_w):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_second_order_in_row_chunks_gradgradcheck_and_third_order_raises(monkeypatch):
+    from metaug_fast._ops import oucl_label
+
+    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 7)
+    emb, labels, ref, ref_labels = label_data(5, 6, D=3, n_classes=3)
+    e, r = emb.requires_grad_(), ref.requires_grad_()
+    for op in ("squared", "info_nce", "margins"):  # not circle: its Γ weights are constants, not differentiated
+        fn = _label_op(op, "cpp")
+        assert gradgradcheck(lambda e, r: fn(e, labels, r, ref_labels), (e, r), eps=1e-6, atol=1e-7, rtol=1e-5)  # noqa: B023
+    (g,) = torch.autograd.grad(_label_op("squared", "cpp")(e, labels, r, ref_labels), e, create_graph=True)
+    (h,) = torch.autograd.grad(g.square().sum(), e, create_graph=True)
+    with pytest.raises(RuntimeError, match="first and second derivatives only"):
+        torch.autograd.grad(h.sum(), e)
+
+
+@pytest.mark.parametrize("op", ["weighted", "info_nce", "margins"])
+def test_second_order_allocates_nothing_of_b_by_m(monkeypatch, op):
+    from metaug_fast._ops import oucl_label
+
+    B, M = 96, 80
+    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 16 * M)
+    emb, labels, ref, ref_labels = label_data(B, M, D=6, n_classes=5)
+    xs = (emb.requires_grad_(), ref.requires_grad_())
+    fn = _label_op(op, "cpp")
+    with LargestAllocation() as rec:
+        hvp(lambda e, r: fn(e, labels, r, ref_labels), xs, (torch.randn_like(emb), torch.randn_like(ref)))
+    assert 16 * M <= rec.largest < B * M / 4  # the chunks' scores, never the whole matrix

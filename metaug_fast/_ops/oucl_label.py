@@ -5,9 +5,10 @@ the SIMT emulator (``torch.ops.metaug_fast_simt``, tests/test_cuda_simt.py).
 
 The L2 normalization stays in PyTorch (so autograd handles its Jacobian at every order); the fused
 Function maps normalized ``zn [B,D]`` and ``rn [M,D]`` (or ``zn`` itself) to per-row losses. Its
-backward runs the fused kernel; when a graph of the backward is requested (``create_graph=True``, the
-MetAug meta step), the gradient is recomputed instead from the materialized scores through the fused
-score-mode Function, exact at second order but with B×M memory for that call.
+backward runs the fused backward op; when a graph of the backward is requested (``create_graph=True``, the
+MetAug meta step), that op is wrapped in a Function of its own whose backward, the second derivative, runs
+the score-mode backward and double-backward ops over row chunks of the scores: exact, and B×M is never
+stored (one chunk of about a million scores at a time).
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ from torch.nn import functional as F
 
 from .. import reference
 from .margins import MARGIN_ID, sigmas
-from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, _OUCLScore
+from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
 
-def _label_masks(zn, rn, labels, ref_labels, self_offset=-1):
-    """Positive and negative masks ``[B,M]``; the pair (i, i + offset) is neither (offset 0 without ``rn``)."""
+def _label_masks(zn, rn, labels, ref_labels, self_offset=-1, row0=0):
+    """Positive and negative masks ``[B,M]`` of rows ``row0 .. row0 + B`` (``labels`` holds those rows' labels);
+    the pair (i, i + offset) is neither (offset 0 without ``rn``)."""
     self_mode = rn is None
     pm = labels[:, None] == (labels if self_mode else ref_labels)[None, :]
     nm = ~pm
@@ -33,32 +35,32 @@ def _label_masks(zn, rn, labels, ref_labels, self_offset=-1):
     if offset >= 0:
         rows = torch.arange(zn.shape[0], device=zn.device)
         pm = pm.clone()
-        pm[rows, rows + offset] = False
+        pm[rows, rows + row0 + offset] = False
     return pm, nm
 
 
-def _rows_score_mode(zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
-    """Per-row losses from the materialized scores through the fused score-mode Function (whose double
-    backward is the fused HVP kernel): the differentiable path for a gradient of the gradient, at the price
-    of B×M memory for that call."""
-    scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, similarity)
-    pm, nm = _label_masks(zn, rn, labels, ref_labels, self_offset)
-    return _OUCLScore.apply(scores, scores, pm, nm, params, ops)[0]
+# Scores per chunk of rows in the second-derivative path: about 8 MiB per [rows, M] buffer in fp64.
+_CHUNK_SCORES = 1 << 20
+
+
+def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
+    """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
+    _CHUNK_SCORES at a time: a row's loss depends on its own row of S only, so row chunks are exact and
+    only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
+    labels themselves without a reference set, with ``self_offset`` 0)."""
+    B, M = zn.shape[0], rn.shape[0]
+    step = max(1, _CHUNK_SCORES // max(M, 1))
+    for r0 in range(0, B, step):
+        rows = slice(r0, min(B, r0 + step))
+        S = reference._apply_similarity(zn[rows] @ rn.T, similarity)
+        pm, nm = _label_masks(S, rn, labels[rows], ref_labels, self_offset, r0)
+        yield rows, S, pm, nm
 
 
 def _op_inputs(zn, rn, labels, ref_labels):
     """(zn, reference rows, labels, reference labels) as the label ops take them: without a reference set
     the reference is zn itself."""
     return (zn, zn, labels, labels) if rn is None else (zn, rn, labels, ref_labels)
-
-
-def _needed_grads(ctx, outputs, grad_outputs, n_none):
-    """Differentiable gradients of ``outputs`` w.r.t. the (zn, rn) inputs that need them, then ``n_none`` Nones."""
-    zn, rn = ctx.saved_tensors[:2]
-    needs = ctx.needs_input_grad[:2]
-    wanted = [x for x, need in zip((zn, rn), needs) if need]
-    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True))
-    return (*(next(grads) if need else None for need in needs),) + (None,) * n_none
 
 
 def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
@@ -68,6 +70,89 @@ def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
     zn = F.normalize(emb.to(acc), dim=1)
     rn = None if ref_emb is None else ref_emb.to(acc) if ref_unit else F.normalize(ref_emb.to(acc), dim=1)
     return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
+
+
+MARGIN_PARAMS = (MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+class _LabelDoubleBackward(torch.autograd.Function):
+    """The second derivative of label mode. The backward maps (grad_rows, zn, rn) to g_z = a·G·rn and
+    g_r = a·Gᵀ·zn, where G = ∂(Σ_i grad_i ℓ_i)/∂S and a is the similarity's slope; this is its
+    vector-Jacobian product for cotangents (v_z, v_r). With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change of S along
+    the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian applied to
+    its row of U, the score-mode double-backward op) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z).
+    Computed over row chunks of S and U: never B×M. A third derivative raises."""
+
+    @staticmethod
+    def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
+        a = 0.5 if similarity == "shifted_cosine" else 1.0
+        with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
+        d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
+        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
+            z, g, st = zn[rows], grad_rows[rows], stats[rows]
+            U = v_z[rows] @ rn.T
+            if with_r:
+                U.addmm_(z, v_r.T)
+            U.mul_(a)
+            if params[0] == MARGIN_ID:
+                # Piecewise linear (no Hessian): G shares grad_rows among each extremum's ties, found again
+                # in this chunk's scores (they may differ from the fused op's tiles in the last bit).
+                st = ops.margin_score_fwd(S, S, pm, nm)
+                share_p, share_n = ops.margin_score_bwd(torch.ones_like(g), S, S, pm, nm, st)
+                d_g[rows] = torch.stack([(share_p * U).sum(1), (share_n * U).sum(1)], 1)
+                G, W = share_p * g[:, :1] + share_n * g[:, 1:], None
+            else:
+                gp, gn = ops.oucl_score_bwd(g, S, S, pm, nm, st, *params)
+                d_g[rows], hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, st, *params)
+                G, W = gp + gn, hp + hn  # the masks are disjoint
+            dz = G @ v_r if with_r else torch.zeros_like(z)
+            dr = G.T @ v_z[rows]
+            if W is not None:
+                dz.addmm_(W, rn)
+                dr.addmm_(W.T, z)
+            d_z[rows] = a * dz
+            d_r.add_(dr, alpha=a)
+        return d_g, d_z, d_r
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "metaug_fast: the fused label-mode ops provide first and second derivatives only; use "
+            "backend='reference' for third-order derivatives"
+        )
+
+
+class _LabelBackward(torch.autograd.Function):
+    """(grad_rows, zn, rn) -> (∂/∂zn, ∂/∂rn) of Σ_i grad_i ℓ_i by the fused backward op, differentiable once
+    more through _LabelDoubleBackward: the path of a gradient taken with ``create_graph=True`` (the MetAug
+    meta step), O(chunk·M + (B + M)·D) memory."""
+
+    @staticmethod
+    def forward(ctx, grad_rows, zn, rn, labels, ref_labels, stats, similarity, params, self_offset, ops, ref_grad):
+        ctx.save_for_backward(grad_rows, zn, rn, labels, ref_labels, stats)
+        ctx.args = (similarity, params, self_offset, ops)
+        return ops.oucl_label_bwd(grad_rows, zn, rn, labels, ref_labels, stats, self_offset,
+                                  SIMILARITY_IDS[similarity], *params, ref_grad)
+
+    @staticmethod
+    def backward(ctx, v_z, v_r):
+        grad_rows, zn, rn, labels, ref_labels, stats = ctx.saved_tensors
+        d_g, d_z, d_r = _LabelDoubleBackward.apply(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, *ctx.args)
+        return (d_g, d_z, d_r) + (None,) * 8
+
+
+def _label_grads(ctx, grad_rows, params, self_offset):
+    """(∂/∂zn, ∂/∂rn or None) from the label backward op: differentiable when a graph is being built."""
+    zn, rn, labels, ref_labels, stats = ctx.saved_tensors
+    args = (grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats)
+    if torch.is_grad_enabled():
+        g_z, g_r = _LabelBackward.apply(*args, ctx.similarity, params, self_offset, ctx.ops, _ref_grad(ctx, rn))
+    else:
+        g_z, g_r = ctx.ops.oucl_label_bwd(*args, self_offset, SIMILARITY_IDS[ctx.similarity], *params,
+                                          _ref_grad(ctx, rn))
+    if rn is None:
+        return g_z + g_r, None
+    return g_z, g_r if ctx.needs_input_grad[1] else None
 
 
 class _LabelLoss(torch.autograd.Function):
@@ -88,18 +173,7 @@ class _LabelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_valid):
-        zn, rn, labels, ref_labels, stats = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # A differentiable gradient was asked for: recompute it with PyTorch ops.
-            rows = _rows_score_mode(zn, rn, labels, ref_labels, ctx.similarity, ctx.params, ctx.self_offset, ctx.ops)
-            return _needed_grads(ctx, rows, grad_rows, 6)
-        g_z, g_r = ctx.ops.oucl_label_bwd(
-            grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats, ctx.self_offset,
-            SIMILARITY_IDS[ctx.similarity], *ctx.params, _ref_grad(ctx, rn),
-        )
-        if rn is None:
-            return g_z + g_r, None, None, None, None, None, None, None
-        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None, None, None
+        return _label_grads(ctx, grad_rows, ctx.params, ctx.self_offset) + (None,) * 6
 
 
 def _ref_grad(ctx, rn) -> bool:
@@ -143,7 +217,7 @@ class _MarginLabel(torch.autograd.Function):
     def forward(ctx, zn, rn, labels, ref_labels, similarity, ops):
         _, stats = ops.oucl_label_fwd(
             *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITY_IDS[similarity],
-            MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
+            *MARGIN_PARAMS,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.ops = similarity, ops
@@ -153,25 +227,8 @@ class _MarginLabel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_min, g_max, _g_valid):
-        zn, rn, labels, ref_labels, stats = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # Differentiable path: amin/amax over the materialized scores (B×M memory for that call).
-            scores = reference._apply_similarity(zn @ (zn if rn is None else rn).T, ctx.similarity)
-            pm, nm = _label_masks(zn, rn, labels, ref_labels)
-            inf = torch.full((), float("inf"), dtype=scores.dtype, device=scores.device)
-            p_min = torch.where(pm, scores, inf).amin(1)
-            n_max = torch.where(nm, scores, -inf).amax(1)
-            valid = stats[:, 4] > 0
-            outs = [torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)]
-            return _needed_grads(ctx, outs, (g_min, g_max), 4)
-        g_z, g_r = ctx.ops.oucl_label_bwd(
-            torch.stack([g_min, g_max], 1).contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats,
-            0 if rn is None else -1, SIMILARITY_IDS[ctx.similarity], MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0,
-            _ref_grad(ctx, rn),
-        )
-        if rn is None:
-            return g_z + g_r, None, None, None, None, None
-        return g_z, g_r if ctx.needs_input_grad[1] else None, None, None, None, None
+        offset = 0 if ctx.saved_tensors[1] is None else -1
+        return _label_grads(ctx, torch.stack([g_min, g_max], 1), MARGIN_PARAMS, offset) + (None,) * 4
 
 
 def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
