@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .. import reference
 from .margins import MARGIN_ID, sigmas
-from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID
+from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, third_order_error
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
@@ -116,10 +116,7 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            "metaug_fast: the fused label-mode ops provide first and second derivatives only; use "
-            "backend='reference' for third-order derivatives"
-        )
+        raise third_order_error("the label-mode ops")
 
 
 class _LabelBackward(torch.autograd.Function):

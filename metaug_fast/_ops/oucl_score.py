@@ -40,6 +40,12 @@ def _masked_sum(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype))).sum(1)
 
 
+def third_order_error(ops: str) -> RuntimeError:
+    """What the backward of a fused second derivative raises: a third derivative is not provided."""
+    return RuntimeError(f"metaug_fast: the fused backends of {ops} provide first and second derivatives only; "
+                        "use backend='reference' for third-order derivatives")
+
+
 class _OUCLScoreDoubleBackward(torch.autograd.Function):
     """The fused Hessian-vector product. It is a Function of its own, connected to pos and neg, so that a
     third derivative reaches its backward and raises (``once_differentiable`` would detach the result
@@ -57,10 +63,7 @@ class _OUCLScoreDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            "metaug_fast: the fused backends of oucl and info_nce provide first and second derivatives only; "
-            "use backend='reference' for third-order derivatives"
-        )
+        raise third_order_error("oucl and info_nce")
 
 
 class _OUCLScoreBackward(torch.autograd.Function):
