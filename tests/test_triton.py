@@ -259,6 +259,25 @@ def test_label_mode_allocates_nothing_of_b_by_m(op):
     assert mode.largest <= M * D < B * M
 
 
+@pytest.mark.parametrize("op", ["squared", "hinge", "info_nce", "margins"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_label_mode_second_order_in_row_chunks(monkeypatch, op, with_ref):
+    # The meta step's path: the second derivative runs the Triton score-mode kernels over row chunks of the
+    # scores (60 scores here: 1 row against 60 references, 4 rows without them), never B×M.
+    from metaug_fast._ops import oucl_label
+
+    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 60)
+    B, M = (13, 60) if with_ref else (15, 15)
+    emb, labels, ref, ref_labels = label_data(B, M if with_ref else None, D=6)
+    torch.manual_seed(1)
+    want = _label_run(_label_fn(op, "reference", labels, ref_labels), emb, ref)
+    torch.manual_seed(1)
+    with LargestAllocation() as mode:
+        got = _label_run(_label_fn(op, "triton", labels, ref_labels), emb, ref)
+    _close(got, want, 1e-10)
+    assert mode.largest <= max(B, M) * 6 < B * M  # the rows' gradients, never the scores
+
+
 def test_backend_rules():
     with pytest.raises(ValueError, match="backend"):
         F.oucl(torch.rand(2, 2), torch.rand(2, 2), backend="trition")

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .. import reference
 from .margins import MARGIN_ID, sigmas
-from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, third_order_error
+from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, hinge_grad_grad_rows, third_order_error
 
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
@@ -103,8 +103,12 @@ class _LabelDoubleBackward(torch.autograd.Function):
                 G, W = share_p * g[:, :1] + share_n * g[:, 1:], None
             else:
                 gp, gn = ops.oucl_score_bwd(g, S, S, pm, nm, st, *params)
-                d_g[rows], hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, st, *params)
-                G, W = gp + gn, hp + hn  # the masks are disjoint
+                G = gp + gn  # the masks are disjoint
+                if params[0] == FORM_IDS["hinge"]:
+                    d_g[rows], W = hinge_grad_grad_rows(st, U, U, pm, nm), None
+                else:
+                    d_g[rows], hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, st, *params)
+                    W = hp + hn
             dz = G @ v_r if with_r else torch.zeros_like(z)
             dr = G.T @ v_z[rows]
             if W is not None:

@@ -40,6 +40,15 @@ def _masked_sum(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype))).sum(1)
 
 
+def hinge_grad_grad_rows(stats: Tensor, gg_pos: Tensor, gg_neg: Tensor, pos_mask: Optional[Tensor],
+                         neg_mask: Optional[Tensor]) -> Tensor:
+    """The hinge's double backward: its Hessian is zero, so only grad_rows gets a term, the ±1 sums of the
+    cotangents on the active rows (no kernel needed)."""
+    active = (stats[:, 0] > 0) & (stats[:, 4] > 0)
+    along = _masked_sum(gg_neg, neg_mask) - _masked_sum(gg_pos, pos_mask)
+    return torch.where(active, along, torch.zeros_like(along))
+
+
 def third_order_error(ops: str) -> RuntimeError:
     """What the backward of a fused second derivative raises: a third derivative is not provided."""
     return RuntimeError(f"metaug_fast: the fused backends of {ops} provide first and second derivatives only; "
@@ -83,11 +92,8 @@ class _OUCLScoreBackward(torch.autograd.Function):
     def backward(ctx, gg_pos, gg_neg):
         grad_rows, pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
         if ctx.params[0] == FORM_IDS["hinge"]:
-            # The hinge's Hessian is zero: grad_rows gets ±1 sums on the active rows and pos/neg get
-            # zeros (not None, so that, as through reference.py, they count as used in the graph).
-            active = (stats[:, 0] > 0) & (stats[:, 4] > 0)
-            along = _masked_sum(gg_neg, neg_mask) - _masked_sum(gg_pos, pos_mask)
-            ggo = torch.where(active, along, torch.zeros_like(along))
+            # pos/neg get zeros (not None, so that, as through reference.py, they count as used in the graph).
+            ggo = hinge_grad_grad_rows(stats, gg_pos, gg_neg, pos_mask, neg_mask)
             return ggo, torch.zeros_like(pos), torch.zeros_like(neg), None, None, None, None, None
         ggo, hv_pos, hv_neg = _OUCLScoreDoubleBackward.apply(
             grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, ctx.params, ctx.ops

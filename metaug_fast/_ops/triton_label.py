@@ -3,9 +3,9 @@
 The autograd Function takes the raw embeddings and their inverse norms ``iz = 1/max(‖e‖, ε)`` (computed
 here with PyTorch ops, so autograd differentiates the normalization at every order) and returns per-row
 losses, or the row extrema for margin statistics. Its backward runs the fused backward kernels; when a
-graph of the backward is requested (``create_graph=True``, the MetAug meta step) it recomputes the loss
-from the materialized scores through the Triton score-mode Function instead, exact at second order but
-with B×M memory for that call (as the C++ backend does).
+graph of the backward is requested (``create_graph=True``, the MetAug meta step) the same backward kernels
+run inside the C++ path's _LabelBackward Function, whose backward (the second derivative) runs the Triton
+score-mode kernels over row chunks of the scores: exact, and never B×M.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from torch import Tensor
 from .. import reference
 from ..chunked import _combine
 from .margins import MARGIN_ID, sigmas
-from .oucl_label import SIMILARITY_IDS, _label_masks
-from .oucl_score import FORM_IDS, INFONCE_ID, TRITON_OPS, _OUCLScore
+from .oucl_label import SIMILARITY_IDS, _LabelBackward
+from .oucl_score import FORM_IDS, INFONCE_ID, TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
 
@@ -111,34 +111,55 @@ class _TritonLabel(torch.autograd.Function):
         return de, diz, dr, dir_, None, None, None, None, None
 
 
+def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_offset, sim_id, form, beta, gamma_pos,
+                          gamma_neg, margin, lam, ref_grad):
+    """The Triton label backward on normalized rows (inverse norms 1) under the C++ op's signature, so that
+    the chunked second derivative of the C++ path (oucl_label._LabelBackward) drives it."""
+    from ..kernels import oucl_label as K
+    from ..kernels.oucl_score import cfg_tensor
+
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
+    ones_z, ones_r = zn.new_ones(zn.shape[0]), rn.new_ones(rn.shape[0])
+    if form == MARGIN_ID:
+        # The backward finds the extrema's ties by equality with the forward's tiles: those came from the raw
+        # rows and their inverse norms, so the extrema are found again from these inputs.
+        _, stats = _forward(zn, ones_z, rn, ones_r, labels, ref_labels, params, sim_id, self_offset)
+    dz, _, dr, _ = K.label_bwd(grad_rows, stats, zn, ones_z, rn, ones_r, labels, ref_labels,
+                               cfg_tensor(params, zn.dtype, zn.device), self_offset, sim_id, form, ref_grad)
+    return dz, dr if ref_grad else zn.new_zeros(0, zn.shape[1])
+
+
+class _TritonLabelOps:
+    """The Triton score-mode launchers plus the label backward on normalized rows: what the chunked second
+    derivative needs, under the C++ ops' names."""
+
+    oucl_label_bwd = staticmethod(_label_bwd_normalized)
+
+    def __getattr__(self, name):
+        return getattr(TRITON_OPS, name)
+
+
+_SIMILARITY_NAMES = {v: k for k, v in SIMILARITY_IDS.items()}
+
+
 def _differentiable_grads(ctx, grad_out):
-    """The gradient as PyTorch ops on the materialized scores (B×M memory), so that it can be differentiated
-    again: losses through the Triton score-mode Function (whose double backward is a fused kernel), margin
-    extrema through amin/amax. The scores are differentiated with respect to the normalized rows
-    en = e·iz, rn = r·ir, and the chain to (e, iz) and (r, ir) is written out: iz depends on e, so asking
-    autograd for ∂/∂e directly would also count the path through iz, which the caller adds itself."""
+    """The gradient as a Function that can be differentiated again (the MetAug meta step): the fused backward
+    on the normalized rows en = e·iz, rn = r·ir, whose own backward runs the score-mode kernels over row
+    chunks of the scores (never B×M). The chain to (e, iz) and (r, ir) is written out: iz depends on e, so
+    asking autograd for ∂/∂e directly would also count the path through iz, which the caller adds itself."""
     e, iz, r, ir, labels, ref_labels, stats = ctx.saved_tensors
     en = _normalized(e, iz)
     rn = en if ctx.self_mode else _normalized(r, ir)
-    cos = en @ rn.T
-    scores = 0.5 * cos + 0.5 if ctx.sim_id == 0 else cos
-    pm, nm = _label_masks(scores, None if ctx.self_mode else rn, labels, ref_labels,
-                          -1 if ctx.self_mode else ctx.self_offset)
-    valid = stats[:, 4] > 0
-    if ctx.params[0] == MARGIN_ID:
-        inf = torch.full((), float("inf"), dtype=scores.dtype, device=scores.device)
-        p_min = torch.where(pm, scores, inf).amin(1)
-        n_max = torch.where(nm, scores, -inf).amax(1)
-        out = torch.stack([torch.where(valid, p_min, 0 * p_min), torch.where(valid, n_max, 0 * n_max)], 1)
-    else:
-        out = _OUCLScore.apply(scores, scores, pm, nm, ctx.params, TRITON_OPS)[0]
+    ref_grad = ctx.self_mode or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    g_en, g_rn = _LabelBackward.apply(grad_out.contiguous(), en, rn, labels, ref_labels, stats,
+                                      _SIMILARITY_NAMES[ctx.sim_id], ctx.params, ctx.self_offset, _TritonLabelOps(),
+                                      ref_grad)
     if ctx.self_mode:
-        (g_en,) = torch.autograd.grad(out, en, grad_out, create_graph=True)
         # (e, iz) appear twice among the inputs: their whole gradient goes to the first pair.
+        g_en = g_en + g_rn
         return g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1), None, None, None, None, None, None, None
-    g_en, g_rn = torch.autograd.grad(out, (en, rn), grad_out, create_graph=True)
-    return (g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1), g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1),
-            None, None, None, None, None)
+    r_grads = (g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1)) if ref_grad else (None, None)
+    return (g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1)) + r_grads + (None,) * 5
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
