@@ -57,6 +57,7 @@ def _sharded_worker(rank, world, init_file, b, m, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=1200))
+    from metaug_fast.distributed import shutdown
     from metaug_fast.metaug import ShardedMemoryBank
 
     bank = ShardedMemoryBank(m, D, views=1, seed=1)
@@ -71,8 +72,7 @@ def _sharded_worker(rank, world, init_file, b, m, queue):
 
     dist.barrier()
     queue.put((rank, *_timed(run)))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def _sharded(b: int, m: int, world: int):

@@ -27,7 +27,7 @@ def _worker(rank, world, init_file, n, mode, queue):
     torch.set_num_threads(max(1, 2 // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
-    from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring
+    from metaug_fast.distributed import oucl_embeddings_all_gather, oucl_embeddings_ring, shutdown
 
     fn = oucl_embeddings_ring if mode == "ring" else oucl_embeddings_all_gather
     b = n // world
@@ -43,8 +43,7 @@ def _worker(rank, world, init_file, n, mode, queue):
     t0 = time.perf_counter()
     mem = peak_extra_mb(run)
     queue.put((rank, mem, 1e3 * (time.perf_counter() - t0)))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def measure(n: int, world: int, mode: str):

@@ -150,12 +150,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     distributed = _init_distributed(args)
     try:
-        return _run(ap, args)
-    finally:
-        if distributed:
+        code = _run(ap, args)
+    except BaseException:
+        if distributed:  # the other ranks may never reach shutdown's barrier
             import torch.distributed as dist
 
             dist.destroy_process_group()
+        raise
+    if distributed:
+        from .distributed import shutdown
+
+        shutdown()
+    return code
 
 
 def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:

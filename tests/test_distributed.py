@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 import metaug_fast
 from metaug_fast import reference as R
-from metaug_fast.distributed import info_nce_embeddings_all_gather, oucl_embeddings_all_gather, oucl_embeddings_ring
+from metaug_fast.distributed import (info_nce_embeddings_all_gather, oucl_embeddings_all_gather, oucl_embeddings_ring,
+                                      shutdown)
 
 from conftest import requires_cpp
 
@@ -69,7 +70,7 @@ def _worker(rank, world, init_file, cases):
         for backend in dict.fromkeys(c[0] for c in cases):
             _check_info_nce(emb, labels, start, stop, backend)
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _check_info_nce(emb, labels, start, stop, backend):
@@ -147,7 +148,7 @@ def _second_order_worker(rank, world, init_file):
         with pytest.raises(RuntimeError, match="first derivatives only"):
             torch.autograd.grad(loss, emb, create_graph=True)
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.timeout(120)
@@ -217,7 +218,7 @@ def _bank_worker(rank, world, init_file, forms):
         with pytest.raises(ValueError, match="shard"):
             bank.load_state_dict(dict(bank.state_dict(), start=bank.start + 1))
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @requires_cpp

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from metaug_fast.distributed import shutdown
 from metaug_fast.metaug import MetAugConfig
 from metaug_fast.metaug.trainer import TrainConfig, Trainer
 
@@ -72,7 +73,7 @@ def _sync_worker(rank, world, init_file, out_dir):
         changed = (trainer.bank.features != before).any(2).sum(1)
         assert changed.tolist() == [96, 96]
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.mark.timeout(300)
