@@ -25,17 +25,14 @@ from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, hinge_grad_grad_rows, thi
 SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
 
-def _label_masks(zn, rn, labels, ref_labels, self_offset=-1, row0=0):
-    """Positive and negative masks ``[B,M]`` of rows ``row0 .. row0 + B`` (``labels`` holds those rows' labels);
-    the pair (i, i + offset) is neither (offset 0 without ``rn``)."""
-    self_mode = rn is None
-    pm = labels[:, None] == (labels if self_mode else ref_labels)[None, :]
+def _label_masks(labels, ref_labels, self_offset, row0):
+    """Positive and negative masks ``[c,M]`` of rows ``row0 .. row0 + c`` (``labels`` holds those rows' labels);
+    with ``self_offset >= 0`` the pair (i, i + self_offset) is neither."""
+    pm = labels[:, None] == ref_labels[None, :]
     nm = ~pm
-    offset = 0 if self_mode else self_offset
-    if offset >= 0:
-        rows = torch.arange(zn.shape[0], device=zn.device)
-        pm = pm.clone()
-        pm[rows, rows + row0 + offset] = False
+    if self_offset >= 0:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        pm[rows, rows + row0 + self_offset] = False
     return pm, nm
 
 
@@ -53,7 +50,7 @@ def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
         S = reference._apply_similarity(zn[rows] @ rn.T, similarity)
-        pm, nm = _label_masks(S, rn, labels[rows], ref_labels, self_offset, r0)
+        pm, nm = _label_masks(labels[rows], ref_labels, self_offset, r0)
         yield rows, S, pm, nm
 
 
