@@ -5,79 +5,178 @@ interpreter cannot (globals that are not constexpr, unsupported ops, layout or r
     python -m bench.check_triton_compile            # every kernel, the dtypes and forms that matter
     python -m bench.check_triton_compile --arch 80
 
-Exits 1 and names the kernel and specialization that failed. Runs with TRITON_INTERPRET unset (the
-interpreter replaces the compiler).
+Each kernel is compiled with the options its launcher uses (``COMPILE_OPTIONS`` of its module, the label
+kernels' default tile configuration with its warps and stages). Beyond compiling, two properties are
+checked on the result, because the interpreter cannot show them: no score-mode kernel lets a multiply and
+an add be fused (their Hessian-vector products need exactly rounded products), and no label-mode kernel spills
+registers (a spill in the tile loop costs local-memory traffic per score). Exits 1 and names the kernel and
+specialization that failed. Runs with TRITON_INTERPRET unset (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple
 
 PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
 ACC = {"bfloat16": "*fp32", "float16": "*fp32", "float32": "*fp32", "float64": "*fp64"}
+# The loss parameters are fp64 scalars (annotated so in the kernels).
+LOSS = {name: "fp64" for name in ("beta", "inv_beta", "gamma_pos", "gamma_neg", "margin", "lam")}
+# Launch options that are not constexpr arguments of the kernel.
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-def _jobs():
-    """(module, kernel name, pointer types by argument, constexprs) for every specialization checked."""
-    jobs = []
+class Job(NamedTuple):
+    module: str
+    kernel: str
+    dtype: str
+    constexprs: Dict[str, object]
+
+    def label(self) -> str:
+        spec = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{self.module}.{self.kernel}[{self.dtype}; {spec}]"
+
+
+def _types(dtype: str) -> Dict[str, str]:
+    x, acc = PTR[dtype], ACC[dtype]
+    return dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", rows_ptr=acc, stats_ptr=acc, g_ptr=acc, gp_ptr=x,
+                gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x, sp_ptr=x, sn_ptr=x, gsp_ptr=acc,
+                gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i64", rlab_ptr="*i64", c_ptr=acc,
+                part_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
+
+
+def _label_config(dtype: str) -> dict:
+    """The label kernels' default GPU configuration for D = 128 (kernels/oucl_label.config)."""
+    import torch
+
+    from metaug_fast.kernels import oucl_label
+
+    interpreting = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return oucl_label.config(torch.empty(0, 128, dtype=getattr(torch, dtype)), 128).meta()
+    finally:
+        if interpreting is not None:
+            os.environ["TRITON_INTERPRET"] = interpreting
+
+
+def jobs() -> List[Job]:
+    """Every specialization checked: each kernel in fp32, bf16 and fp64, the forms that change its code."""
+    from metaug_fast.kernels._common import CIRCLE, HINGE, INFONCE, MARGIN, SQUARED, WEIGHTED
+
+    ids = [int(f) for f in (HINGE, SQUARED, WEIGHTED, CIRCLE, INFONCE)]
+    out = []
     for dtype in ("float32", "bfloat16", "float64"):
-        x, acc = PTR[dtype], ACC[dtype]
-        score = dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", cfg_ptr=acc, rows_ptr=acc, stats_ptr=acc,
-                     g_ptr=acc, gp_ptr=x, gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x,
-                     sp_ptr=x, sn_ptr=x, gsp_ptr=acc, gsn_ptr=acc)
         blocks = dict(BLOCK_B=16, BLOCK_K=128)
-        forms = range(5) if dtype == "bfloat16" else (0, 2, 4)
+        forms = ids if dtype == "bfloat16" else (int(HINGE), int(WEIGHTED), int(INFONCE))
         for form in forms:
-            for masks in ((True, True), (False, False)) if form == 2 else ((True, True),):
+            for masks in ((True, True), (False, False)) if form == int(WEIGHTED) else ((True, True),):
                 flags = dict(FORM=form, HAS_PM=masks[0], HAS_NM=masks[1], **blocks)
-                jobs.append(("oucl_score", "_score_fwd_kernel", score, flags))
-                jobs.append(("oucl_score", "_score_bwd_kernel", score, flags))
-                if form:
-                    jobs.append(("oucl_score", "_score_bwd_bwd_kernel", score, flags))
+                out.append(Job("oucl_score", "_score_fwd_kernel", dtype, flags))
+                out.append(Job("oucl_score", "_score_bwd_kernel", dtype, flags))
+                if form != int(HINGE):
+                    out.append(Job("oucl_score", "_score_bwd_bwd_kernel", dtype, flags))
         for name in ("_margin_fwd_kernel", "_margin_bwd_kernel", "_margin_injection_fwd_kernel",
                      "_margin_injection_bwd_kernel"):
-            jobs.append(("oucl_score", name, score, dict(HAS_PM=True, HAS_NM=False, **blocks)))
-        half = dtype == "bfloat16"
-        bd = 16 if dtype == "float64" else 64
-        tiles = dict(BM=32 if dtype == "float64" else 64, BN=32 if dtype == "float64" else 64, BD=bd,
-                     PREC="tf32" if half else "ieee", UPCAST=False)
-        label = dict(e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i64", rlab_ptr="*i64", cfg_ptr=acc,
-                     c_ptr=acc, part_ptr=acc, g_ptr=acc, stats_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc,
-                     dir_ptr=acc, out_ptr=x)
-        forms = range(6) if half else (2, 5)
-        for form in forms:
-            for sweep in (0, 1) if form == 4 else (0,):
-                jobs.append(("oucl_label", "_label_fwd_kernel", label, dict(FORM=form, SWEEP=sweep, SIM=0, **tiles)))
-            bwd = dict(FORM=form, SIM=0, BDO=32 if dtype == "float64" else 128, GPREC="tf32" if half else "ieee",
-                       **tiles)
-            jobs.append(("oucl_label", "_label_bwd_rows_kernel", label, bwd))
-            jobs.append(("oucl_label", "_label_bwd_cols_kernel", label, bwd))
-        jobs.append(("similarity", "_similarity_kernel", label, dict(SIM=1, **tiles)))
-    return jobs
+            out.append(Job("oucl_score", name, dtype, dict(HAS_PM=True, HAS_NM=False, **blocks)))
+        cfg = _label_config(dtype)
+        fwd = {k: v for k, v in cfg.items() if k not in ("BDO", "GPREC")}
+        for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
+            for sweep in (0, 1) if form == int(INFONCE) else (0,):
+                out.append(Job("oucl_label", "_label_fwd_kernel", dtype, dict(FORM=form, SWEEP=sweep, SIM=0, **fwd)))
+            out.append(Job("oucl_label", "_label_bwd_rows_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+            out.append(Job("oucl_label", "_label_bwd_cols_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+        sim = {k: v for k, v in fwd.items() if k not in ("FORM",)}
+        out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
+    return out
 
 
-def _compile(job, arch):
-    import importlib
-
+def compile_job(job: Job, arch: int = 90, **options):
+    """The compiled kernel (triton's CompiledKernel: ``asm`` holds ttir…ptx/cubin, ``n_regs``, ``n_spills``,
+    ``metadata.shared``) of one specialization, with its launcher's options unless ``options`` say else."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name, types, constexprs = job
-    kernel = getattr(importlib.import_module(f"metaug_fast.kernels.{module}"), name)
+    mod = importlib.import_module(f"metaug_fast.kernels.{job.module}")
+    kernel = getattr(mod, job.kernel)
     jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     params = list(inspect.signature(jit.fn).parameters)
+    constexprs = {k: v for k, v in job.constexprs.items() if k not in LAUNCH_OPTIONS}
+    types = _types(job.dtype)
     signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
     src = ASTSource(fn=jit, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    opts = {**getattr(mod, "COMPILE_OPTIONS", {}), **{k: v for k, v in job.constexprs.items() if k in LAUNCH_OPTIONS}}
+    opts.update(options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def toolkit_binary(name: str) -> str:
+    """A CUDA toolkit program (ptxas, nvdisasm, cuobjdump): Triton's bundled copy, else the PATH's."""
+    import shutil
+
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    found = bundled if os.access(bundled, os.X_OK) else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found (neither bundled with Triton nor on the PATH)")
+    return found
+
+
+def resources(compiled, arch: int = 90) -> Dict[str, int]:
+    """Registers, stack frame, spill stores/loads (bytes per thread, from ptxas -v on the kernel's PTX, as
+    Triton's own build ran it) and shared memory (bytes per program) of a compiled kernel."""
+    import re
+    import subprocess
+    import tempfile
+
+    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        run = subprocess.run([toolkit_binary("ptxas"), f"-arch={target}", "-v", ptx.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    regs = re.search(r"Used (\d+) registers", text)
+    if run.returncode or not frame or not regs:
+        raise RuntimeError(f"ptxas -v gave no resource usage: {text[-500:]}")
+    return dict(registers=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
+                spill_loads=int(frame.group(3)), shared=int(compiled.metadata.shared))
+
+
+def contractible(ptx: str) -> int:
+    """How many floating-point multiplies, adds and subtracts of ``ptx`` may be fused into FMAs: those
+    without an explicit rounding mode (``mul.f32``, not ``mul.rn.f32``), which ptxas may contract. Triton
+    emits every one with ``.rn`` (and no contracted ``fma``) when compiled with ``enable_fp_fusion=False``;
+    the FMAs that remain then come from the math library's own polynomials (log, exp)."""
+    import re
+
+    return len(re.findall(r"^\s*(?:mul|add|sub)\.f(?:16|32|64)\b", ptx, flags=re.M))
+
+
+def check(job: Job, arch: int) -> List[str]:
+    """The failures of one specialization: compile errors, fused multiply-adds in a score kernel, spills in
+    a label kernel."""
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        compiled = compile_job(job, arch)
     except Exception as exc:  # noqa: BLE001 (the report names the specialization)
-        return f"{module}.{name} {constexprs} {types.get('e_ptr', types.get('pos_ptr'))}: {exc}"
-    return None if "cubin" in compiled.asm else f"{module}.{name} {constexprs}: no cubin"
+        return [f"{job.label()}: {exc}"]
+    failures = []
+    if "cubin" not in compiled.asm:
+        failures.append(f"{job.label()}: no cubin")
+    if job.module == "oucl_score" and contractible(compiled.asm["ptx"]):
+        failures.append(f"{job.label()}: {contractible(compiled.asm['ptx'])} multiplies/adds may be fused into FMAs")
+    if job.module == "oucl_label":
+        spilled = resources(compiled, arch)["spill_stores"]
+        if spilled:
+            failures.append(f"{job.label()}: {spilled} bytes of registers spilled per thread")
+    return failures
 
 
 def main(argv=None) -> int:
@@ -87,14 +186,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    jobs = _jobs()
+    todo = jobs()
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        failures = [f for f in pool.map(_compile, jobs, [args.arch] * len(jobs)) if f]
+        failures = [f for fs in pool.map(check, todo, [args.arch] * len(todo)) for f in fs]
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)
-    print(f"Triton: {len(jobs) - len(failures)}/{len(jobs)} kernel specializations compiled to sm_{args.arch} cubins "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"Triton: {len(todo)} kernel specializations compiled to sm_{args.arch} cubins in "
+          f"{time.perf_counter() - t0:.0f} s; {len(failures)} failures (compile, FMA in score kernels, spills in "
+          "label kernels)")
     return 1 if failures else 0
 
 

@@ -2,11 +2,22 @@
 numerically careful softplus/sigmoid/log1p, and the online log-sum-exp update.
 
 Form ids match csrc/oucl_common.h: 0 hinge, 1 squared, 2 weighted, 3 circle, 4 InfoNCE (β = 1/τ, whose
-negative side is the weighted form's v(n) = β·n), 5 margin statistics. Loss parameters travel as a small
-tensor ``cfg = (β, 1/β, γ⁺, γ⁻, m, λ)`` in the accumulation dtype, so fp64 runs keep fp64 parameters
-(Triton would pass Python floats as fp32). Row offsets into [B, K], [B, M] or [N, D] tensors are computed in
-int64 (``rows.to(tl.int64) * stride``): such tensors can exceed 2^31 elements on a large GPU.
+negative side is the weighted form's v(n) = β·n), 5 margin statistics.
+
+Loss parameters (β, 1/β, γ⁺, γ⁻, m, λ) are kernel arguments annotated fp64 (Triton would pass a Python
+float as fp32) and cast to the accumulation dtype inside: no tensor is built from them per call, so a call
+copies nothing from the host and never synchronizes the stream (CUDA graphs can capture it).
+
+Offsets into [B, K], [B, M] or [N, D] tensors are computed in int64 on both axes (``rows.to(tl.int64) *
+stride``, ``cols.to(tl.int64) * stride``): such tensors, or a strided view of one, can exceed 2^31 elements.
+
+Every launch goes through :func:`launch`, which runs the kernel on its tensors' device (Triton launches on
+the current device) and checks the grid against CUDA's limits.
 """
+import contextlib
+from typing import Callable, Sequence, Tuple, Union
+
+import torch
 import triton
 import triton.language as tl
 
@@ -19,11 +30,50 @@ INFONCE = tl.constexpr(4)
 MARGIN = tl.constexpr(5)
 
 
+# CUDA's grid limits per axis (x, y, z).
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: Sequence[int]) -> Tuple[int, ...]:
+    """``grid`` as a tuple, or a ValueError naming the axis that exceeds CUDA's limit (a GPU would refuse
+    the launch; Triton's interpreter has no limit, so the check is made here for both)."""
+    grid = tuple(int(n) for n in grid)
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"grid axis {'xyz'[axis]} of {n} programs exceeds CUDA's limit of {limit}")
+    return grid
+
+
+def device_guard(device: torch.device):
+    """Makes ``device`` current for a launch: Triton launches on the current CUDA device, which need not be
+    the tensors' (tensors on cuda:1 without torch.cuda.set_device(1))."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid: Union[Sequence[int], Callable], device: torch.device, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on ``device``, with the grid checked (a callable grid, as autotuned
+    kernels take, is checked when Triton evaluates it)."""
+    if callable(grid):
+        make = grid
+        grid = lambda meta: check_grid(make(meta))  # noqa: E731
+    else:
+        grid = check_grid(grid)
+    with device_guard(device):
+        kernel[grid](*args, **kwargs)
+
+
+def loss_args(params) -> Tuple[float, ...]:
+    """The kernels' (β, 1/β, γ⁺, γ⁻, m, λ) from the ops' (form, β, γ⁺, γ⁻, m, λ)."""
+    _, beta, gamma_pos, gamma_neg, margin, lam = params
+    return float(beta), 1.0 / float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam)
+
+
 @triton.jit
-def load_cfg(cfg_ptr):
-    """(β, 1/β, γ⁺, γ⁻, m, λ) from the parameter tensor."""
-    return (tl.load(cfg_ptr), tl.load(cfg_ptr + 1), tl.load(cfg_ptr + 2), tl.load(cfg_ptr + 3),
-            tl.load(cfg_ptr + 4), tl.load(cfg_ptr + 5))
+def load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, acc_ty: tl.constexpr):
+    """The fp64 loss arguments in the accumulation dtype (``tl.full`` keeps them fp64 under the interpreter
+    too, which would round a bare Python float to fp32)."""
+    return (tl.full((), beta, acc_ty), tl.full((), inv_beta, acc_ty), tl.full((), gamma_pos, acc_ty),
+            tl.full((), gamma_neg, acc_ty), tl.full((), margin, acc_ty), tl.full((), lam, acc_ty))
 
 
 @triton.jit
@@ -87,13 +137,21 @@ def finite_or_zero(m):
 
 
 @triton.jit
+def rescale(run_max, new_shift):
+    """The factor that moves a running sum from the shift ``finite_or_zero(run_max)`` to ``new_shift``: 0
+    while the row is still empty (run_max = -inf), where exp(0 - new_shift) alone overflows for a first
+    exponent below about -88 in fp32 (β·score at β ≥ 128) and the empty sum 0 times it would be NaN."""
+    return tl.where(run_max == float("-inf"), 0.0, tl.exp(finite_or_zero(run_max) - new_shift))
+
+
+@triton.jit
 def lse_update(run_max, total, e):
     """Merge a block of exponents ``e [R, K]`` (-inf where absent) into the per-row running maximum (which
     may be -inf) and sum Σ exp(e - finite_or_zero(run_max)), both ``[R]``. The maximum is kept apart from
     the shift so that a row whose first blocks are empty still shifts by its true maximum later."""
     new_max = tl.maximum(run_max, tl.max(e, axis=1))
     new_shift = finite_or_zero(new_max)
-    total = total * tl.exp(finite_or_zero(run_max) - new_shift) + tl.sum(tl.exp(e - new_shift[:, None]), axis=1)
+    total = total * rescale(run_max, new_shift) + tl.sum(tl.exp(e - new_shift[:, None]), axis=1)
     return new_max, total
 
 
@@ -107,8 +165,8 @@ def lse_pair_update(max_p, sum_p, max_n, sum_n, u, v, pos, neg):
     shift_p = finite_or_zero(new_max_p)
     shift_n = finite_or_zero(new_max_n)
     ex = tl.exp(tl.where(pos, u - shift_p[:, None], tl.where(neg, v - shift_n[:, None], float("-inf"))))
-    sum_p = sum_p * tl.exp(finite_or_zero(max_p) - shift_p) + tl.sum(tl.where(pos, ex, 0.0), axis=1)
-    sum_n = sum_n * tl.exp(finite_or_zero(max_n) - shift_n) + tl.sum(tl.where(neg, ex, 0.0), axis=1)
+    sum_p = sum_p * rescale(max_p, shift_p) + tl.sum(tl.where(pos, ex, 0.0), axis=1)
+    sum_n = sum_n * rescale(max_n, shift_n) + tl.sum(tl.where(neg, ex, 0.0), axis=1)
     return new_max_p, sum_p, new_max_n, sum_n
 
 

@@ -22,12 +22,16 @@ Backward: two kernels recompute the tiles into G = ∂(Σ g_i ℓ_i)/∂cos and 
 accumulation for fp16/bf16 in the forward, and tf32 for the backward's G products on half inputs (G is
 fp32; tf32 keeps 10 mantissa bits where a cast to the inputs' dtype would keep 7).
 """
+import contextlib
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (HINGE, INFONCE, MARGIN, WEIGHTED, load_cfg, lse_pair_update, lse_update, side_terms,
-                      sigmoid, softplus_sigmoid)
+from ._common import (HINGE, INFONCE, MARGIN, WEIGHTED, launch, load_cfg, loss_args, lse_pair_update, lse_update,
+                      side_terms, sigmoid, softplus_sigmoid)
 
 
 @triton.jit
@@ -37,8 +41,10 @@ def _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, 
     acc = tl.zeros((BM, BN), acc_ty)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
-        a = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + d[None, :] * s_ed, mask=rmask[:, None] & (d[None, :] < D), other=0.0)
-        b = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + d[None, :] * s_rd, mask=cmask[:, None] & (d[None, :] < D), other=0.0)
+        a = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + d[None, :].to(tl.int64) * s_ed,
+                    mask=rmask[:, None] & (d[None, :] < D), other=0.0)
+        b = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + d[None, :].to(tl.int64) * s_rd,
+                    mask=cmask[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:  # bf16 tl.dot is wrong in the interpreter: it runs in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -83,12 +89,14 @@ def _extremum_update(best, ties, nan, s, keep, MIN: tl.constexpr):
 
 
 @triton.jit
-def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, cfg_ptr, c_ptr, part_ptr, B, M, D,
+def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
+                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, c_ptr, part_ptr, B, M, D,
                       self_offset, tiles_per_split, s_eb, s_ed, s_rb, s_rd,
                       FORM: tl.constexpr, SWEEP: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = iz_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < B
@@ -135,7 +143,7 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, cfg_ptr, 
         if FORM != MARGIN:
             n_p += tl.sum(pos.to(tl.int32), axis=1)
             n_n += tl.sum(neg.to(tl.int32), axis=1)
-    base = part_ptr + (split * B + rows) * 6
+    base = part_ptr + (split * B + rows).to(tl.int64) * 6
     tl.store(base, a0, mask=rmask)
     tl.store(base + 1, a1, mask=rmask)
     tl.store(base + 2, a2, mask=rmask)
@@ -187,14 +195,16 @@ def _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma
 
 
 @triton.jit
-def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, cfg_ptr, de_ptr,
+def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
+                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, de_ptr,
                            diz_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
                            FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                            UPCAST: tl.constexpr):
     """∂e for a row block and one chunk of BDO features (and ∂iz from chunk 0), over every column tile."""
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = iz_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < B
     dchunk = tl.program_id(1) * BDO + tl.arange(0, BDO)
@@ -210,7 +220,7 @@ def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
         Gr = G * ir[None, :]
         d_iz += tl.sum(Gr * P, axis=1)
         cols = t * BN + tl.arange(0, BN)
-        r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :] * s_rd,
+        r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd,
                     mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0).to(acc_ty)
         acc = tl.dot(Gr, r, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
     out_mask = rmask[:, None] & (dchunk[None, :] < D)
@@ -220,7 +230,8 @@ def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
 
 
 @triton.jit
-def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, cfg_ptr, dr_ptr,
+def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
+                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, dr_ptr,
                            dir_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
                            FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
@@ -228,8 +239,9 @@ def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
     """∂r for a column block and one chunk of BDO features (and ∂ir from chunk 0), over every row block.
     The tiles are the forward's (same blocks, same order of the D loop), so ties of the margin
     statistics are recognized exactly."""
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = iz_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     t = tl.program_id(0)
     cols = t * BN + tl.arange(0, BN)
     cmask = cols < M
@@ -247,7 +259,7 @@ def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
                        FORM, SIM, acc_ty)
         Gz = G * iz[:, None]
         d_ir += tl.sum(Gz * P, axis=0)
-        e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :] * s_ed,
+        e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
                     mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0).to(acc_ty)
         acc = tl.dot(tl.trans(Gz), e, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
     ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
@@ -258,65 +270,113 @@ def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_p
 
 # ---------------------------------------------------------------------------------------------- launchers
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def config(e: torch.Tensor, D: int):
-    """Block sizes and dot precisions: (BM, BN, BD, BDO, PREC, GPREC, UPCAST). One configuration per
-    (dtype, D), the same for the forward and both backward kernels (the margin statistics' ties need
-    bit-identical tiles). Small blocks under the interpreter, which runs them on the CPU."""
+class Config(NamedTuple):
+    """Tiles and dot precisions of the label kernels: BM rows × BN columns per tile, BD features per step
+    of the similarity's K loop, BDO features per program of the backward's outputs, the dot precisions of
+    the similarity (PREC) and of the backward's G products (GPREC), UPCAST (bf16 dots in fp32: the
+    interpreter's bf16 dot is wrong), and the launch's warps and pipeline stages."""
+
+    BM: int
+    BN: int
+    BD: int
+    BDO: int
+    PREC: str
+    GPREC: str
+    UPCAST: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self) -> dict:
+        return self._asdict()
+
+
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def override(**fields):
+    """Within the block, every label kernel launch uses these :class:`Config` fields (e.g. ``BM=128,
+    num_warps=8``) instead of the defaults: how a GPU run sweeps tile configurations. BM, BN, BD and BDO
+    must be powers of two (at least 16 for tl.dot)."""
+    unknown = set(fields) - set(Config._fields)
+    if unknown:
+        raise ValueError(f"unknown label kernel configuration fields {sorted(unknown)}; known: {Config._fields}")
+    for name in ("BM", "BN", "BD", "BDO"):
+        if name in fields and (fields[name] < 16 or fields[name] & (fields[name] - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {fields[name]}")
+    saved = dict(_OVERRIDE)
+    _OVERRIDE.update(fields)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(saved)
+
+
+def config(e: torch.Tensor, D: int) -> Config:
+    """One configuration per (dtype, D), the same for the forward and both backward kernels (the margin
+    statistics' ties need bit-identical tiles), with any :func:`override` applied. On a GPU: the largest
+    tiles whose kernels compile for sm_90 without spilling registers (``make check-triton`` checks it; 64×64
+    tiles with 4 warps spilled 0.4-4.5 KiB per thread). Small blocks under the interpreter, which runs them
+    on the CPU."""
     half = e.dtype in (torch.float16, torch.bfloat16)
     prec = "tf32" if half else "ieee"  # fp16/bf16 dots ignore it; fp32 must not silently become TF32
     upcast = e.dtype == torch.bfloat16 and _interpreting()
     bd = max(16, min(64, triton.next_power_of_2(D)))
     if _interpreting():
-        return 16, 16, bd, bd, "ieee", "ieee", upcast
-    if e.dtype == torch.float64:
-        return 32, 32, 16, 32, "ieee", "ieee", False
-    return 64, 64, bd, max(16, min(128, triton.next_power_of_2(D))), prec, prec, upcast
+        cfg = Config(16, 16, bd, bd, "ieee", "ieee", upcast)
+    elif half:
+        cfg = Config(64, 32, bd, 64, prec, prec, upcast, num_warps=8)
+    else:
+        cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False)
+    return cfg._replace(**_OVERRIDE)
 
 
 def _args(e, r):
     return e.stride(0), e.stride(1), r.stride(0), r.stride(1)
 
 
-def label_partials(e, iz, r, ir, labels, ref_labels, cfg, self_offset, similarity, form, sweep=0, c=None):
-    """``part [splits, B, 6]`` of one forward sweep (see the module docstring)."""
+def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, sweep=0, c=None):
+    """``part [splits, B, 6]`` of one forward sweep (see the module docstring) in the accumulation dtype of
+    ``iz``; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ)."""
     B, D = e.shape
     M = r.shape[0]
-    BM, BN, BD, _, PREC, _, UPCAST = config(e, D)
-    row_blocks, tiles = triton.cdiv(B, BM), max(triton.cdiv(M, BN), 1)
+    cfg = config(e, D)
+    row_blocks, tiles = triton.cdiv(B, cfg.BM), max(triton.cdiv(M, cfg.BN), 1)
     # Enough programs to fill the device when B is small against M (a memory bank): split the columns.
     want = 4 if _interpreting() else 264
     splits = max(1, min(tiles, want // row_blocks))
     per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, per_split)
-    part = torch.empty(splits, B, 6, dtype=cfg.dtype, device=e.device)
-    _label_fwd_kernel[(row_blocks, splits)](e, iz, r, ir, labels, ref_labels, cfg, iz if c is None else c, part,
-                                            B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SWEEP=sweep,
-                                            SIM=similarity, BM=BM, BN=BN, BD=BD, PREC=PREC, UPCAST=UPCAST)
+    part = torch.empty(splits, B, 6, dtype=iz.dtype, device=e.device)
+    meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
+    launch(_label_fwd_kernel, (row_blocks, splits), e.device, e, iz, r, ir, labels, ref_labels, *loss_args(params),
+           iz if c is None else c, part, B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SWEEP=sweep,
+           SIM=similarity, **meta)
     return part
 
 
-def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, cfg, self_offset, similarity, form, ref_grad):
-    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype."""
+def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, ref_grad):
+    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``."""
     B, D = e.shape
     M = r.shape[0]
-    BM, BN, BD, BDO, PREC, GPREC, UPCAST = config(e, D)
-    acc = cfg.dtype
+    cfg = config(e, D)
+    acc = iz.dtype
     if B == 0 or M == 0 or D == 0:  # nothing to launch: every gradient is zero
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
         return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad else (None, None))
     de, diz = torch.empty(B, D, dtype=acc, device=e.device), torch.empty(B, dtype=acc, device=e.device)
-    meta = dict(FORM=form, SIM=similarity, BM=BM, BN=BN, BD=BD, BDO=BDO, PREC=PREC, GPREC=GPREC, UPCAST=UPCAST)
-    args = (grad_rows.contiguous(), stats.contiguous(), e, iz, r, ir, labels, ref_labels, cfg)
-    d_chunks = triton.cdiv(D, BDO)
-    _label_bwd_rows_kernel[(triton.cdiv(B, BM), d_chunks)](*args, de, diz, B, M, D, self_offset, *_args(e, r), **meta)
+    meta = dict(FORM=form, SIM=similarity, **cfg.meta())
+    args = (grad_rows.contiguous(), stats.contiguous(), e, iz, r, ir, labels, ref_labels, *loss_args(params))
+    d_chunks = triton.cdiv(D, cfg.BDO)
+    launch(_label_bwd_rows_kernel, (triton.cdiv(B, cfg.BM), d_chunks), e.device, *args, de, diz, B, M, D, self_offset,
+           *_args(e, r), **meta)
     if not ref_grad:
         return de, diz, None, None
     dr, dir_ = torch.empty(M, D, dtype=acc, device=e.device), torch.empty(M, dtype=acc, device=e.device)
-    _label_bwd_cols_kernel[(max(triton.cdiv(M, BN), 1), d_chunks)](*args, dr, dir_, B, M, D, self_offset,
-                                                                   *_args(e, r), **meta)
+    launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, cfg.BN), 1), d_chunks), e.device, *args, dr, dir_, B, M, D,
+           self_offset, *_args(e, r), **meta)
     return de, diz, dr, dir_

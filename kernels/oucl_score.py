@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HINGE, INFONCE, WEIGHTED, finite_or_zero, load_cfg, lse_update, side_terms, sigmoid, softplus
+from ._common import (HINGE, INFONCE, WEIGHTED, finite_or_zero, launch, load_cfg, loss_args, lse_update, side_terms,
+                      sigmoid, softplus)
 
 
 def _configs():
@@ -42,10 +43,12 @@ def _load(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
     and the column indices."""
     cols = k0 + tl.arange(0, BLOCK_K)
     inb = rmask[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xb + cols[None, :] * s_xk, mask=inb, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xb + cols[None, :].to(tl.int64) * s_xk, mask=inb,
+                other=0.0).to(acc_ty)
     keep = inb
     if HAS_M:
-        keep = keep & (tl.load(m_ptr + rows[:, None].to(tl.int64) * s_mb + cols[None, :] * s_mk, mask=inb, other=0) != 0)
+        offsets = rows[:, None].to(tl.int64) * s_mb + cols[None, :].to(tl.int64) * s_mk
+        keep = keep & (tl.load(m_ptr + offsets, mask=inb, other=0) != 0)
     return x, keep, cols
 
 
@@ -80,12 +83,14 @@ def _side_sum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
 
 @_tuned
 @triton.jit
-def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, rows_ptr, stats_ptr, B, KP, KN,
+def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                      lam: tl.float64, rows_ptr, stats_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                       FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = rows_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     zero = tl.zeros((BLOCK_B,), acc_ty)
@@ -144,13 +149,15 @@ def _row_stats(stats_ptr, rows, rmask):
 
 @_tuned
 @triton.jit
-def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
+def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                      lam: tl.float64, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                       FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """∂(Σ_i g_i ℓ_i)/∂pos and /∂neg; the outputs are contiguous [B, K] in the input dtype."""
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = stats_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     st0, st1, st2, st3, valid = _row_stats(stats_ptr, rows, rmask)
@@ -222,7 +229,8 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
 
 @_tuned
 @triton.jit
-def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, cfg_ptr, stats_ptr,
+def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                      lam: tl.float64, stats_ptr,
                           ggo_ptr, hp_ptr, hn_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                           FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -230,8 +238,9 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
     the gradients, ggo_i = ∂ℓ_i/∂x · t_i and hv = g_i · H_i t_i. OUCL forms: H = (1/β)[s(1-s)∇T∇Tᵀ + s∇²T],
     T = A + C, s = σ(T). InfoNCE (σ'_k = σ(x_k)(1 - σ(x_k)), ⟨ω,t⟩ = Σ_j ω_j t_nj, S = Σ_k σ_k):
     (Ht)_pk = β²/n_p·σ'_k(t_pk - ⟨ω,t⟩), (Ht)_nj = β²/n_p·ω_j(S(t_nj - ⟨ω,t⟩) + ⟨ω,t⟩Σσ' - Σσ'_k t_pk)."""
-    acc_ty = cfg_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(cfg_ptr)
+    acc_ty = stats_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     st0, st1, st2, st3, valid = _row_stats(stats_ptr, rows, rmask)
@@ -447,8 +456,17 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _grid(B: int):
-    return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
+# Contraction of a·b + c into fused multiply-adds is off, as in the C++ and CUDA builds: the Hessian-vector
+# product subtracts e'·t - Σ w·e'·t, which cancels exactly for a row dominated by one entry only when both
+# products round alike (a fused one leaves about an ulp times β², 1e-3 relative in fp32). These kernels are
+# memory-bound: the separate multiply costs no time.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _run(kernel, B: int, device: torch.device, *args, **kwargs) -> None:
+    """One program per BLOCK_B rows, on the tensors' device; no launch for an empty batch."""
+    if B:
+        launch(kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),), device, *args, **COMPILE_OPTIONS, **kwargs)
 
 
 def _mask_args(mask, like):
@@ -467,12 +485,6 @@ def _common_args(pos, neg, pos_mask, neg_mask):
     return pm, nm, B, KP, KN, strides
 
 
-def cfg_tensor(params, dtype, device) -> torch.Tensor:
-    """(β, 1/β, γ⁺, γ⁻, m, λ) for the kernels from the ops' (form, β, γ⁺, γ⁻, m, λ)."""
-    _, beta, gamma_pos, gamma_neg, margin, lam = params
-    return torch.tensor([beta, 1.0 / beta, gamma_pos, gamma_neg, margin, lam], dtype=dtype, device=device)
-
-
 def _flags(pos_mask, neg_mask) -> dict:
     return dict(HAS_PM=pos_mask is not None, HAS_NM=neg_mask is not None)
 
@@ -483,10 +495,8 @@ def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_ne
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     rows = torch.empty(B, dtype=acc, device=pos.device)
     stats = torch.empty(B, 5, dtype=acc, device=pos.device)
-    cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), acc, pos.device)
-    if B:  # a grid of no programs is not launched
-        _score_fwd_kernel[_grid(B)](pos, neg, pm, nm, cfg, rows, stats, B, KP, KN, *strides, FORM=form,
-                                    **_flags(pos_mask, neg_mask))
+    _run(_score_fwd_kernel, B, pos.device, pos, neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)),
+         rows, stats, B, KP, KN, *strides, FORM=form, **_flags(pos_mask, neg_mask))
     return rows, stats
 
 
@@ -494,10 +504,9 @@ def oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, form, beta, g
     """(grad_pos [B, K⁺], grad_neg [B, K⁻]) in the input dtype."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), stats.dtype, pos.device)
-    if B:  # a grid of no programs is not launched
-        _score_bwd_kernel[_grid(B)](grad_rows.contiguous(), pos, neg, pm, nm, cfg, stats.contiguous(), gp, gn, B, KP, KN,
-                                    *strides, FORM=form, **_flags(pos_mask, neg_mask))
+    _run(_score_bwd_kernel, B, pos.device, grad_rows.contiguous(), pos, neg, pm, nm,
+         *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), gp, gn, B, KP, KN, *strides,
+         FORM=form, **_flags(pos_mask, neg_mask))
     return gp, gn
 
 
@@ -509,11 +518,9 @@ def oucl_score_bwd_bwd(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, 
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     ggo = torch.empty(B, dtype=stats.dtype, device=pos.device)
     hp, hn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    cfg = cfg_tensor((form, beta, gamma_pos, gamma_neg, margin, lam), stats.dtype, pos.device)
-    if B:  # a grid of no programs is not launched
-        _score_bwd_bwd_kernel[_grid(B)](grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(), pos, neg, pm,
-                                        nm, cfg, stats.contiguous(), ggo, hp, hn, B, KP, KN, *strides, FORM=form,
-                                        **_flags(pos_mask, neg_mask))
+    _run(_score_bwd_bwd_kernel, B, pos.device, grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(), pos,
+         neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), ggo, hp, hn, B,
+         KP, KN, *strides, FORM=form, **_flags(pos_mask, neg_mask))
     return ggo, hp, hn
 
 
@@ -521,8 +528,7 @@ def margin_score_fwd(pos, neg, pos_mask, neg_mask):
     """stats [B, 5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     stats = torch.empty(B, 5, dtype=_acc_dtype(pos), device=pos.device)
-    if B:  # a grid of no programs is not launched
-        _margin_fwd_kernel[_grid(B)](pos, neg, pm, nm, stats, B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
+    _run(_margin_fwd_kernel, B, pos.device, pos, neg, pm, nm, stats, B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
     return stats
 
 
@@ -530,9 +536,8 @@ def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
     """(grad_pos, grad_neg) from ``grad [B, 2]`` = (∂/∂p_min, ∂/∂n_max) per row."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    if B:  # a grid of no programs is not launched
-        _margin_bwd_kernel[_grid(B)](grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP, KN, *strides,
-                                     **_flags(pos_mask, neg_mask))
+    _run(_margin_bwd_kernel, B, pos.device, grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP, KN,
+         *strides, **_flags(pos_mask, neg_mask))
     return gp, gn
 
 
@@ -540,9 +545,8 @@ def margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
     """Per-row R_σ ``[B]`` in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     rows = torch.empty(B, dtype=_acc_dtype(pos), device=pos.device)
-    if B:  # a grid of no programs is not launched
-        _margin_injection_fwd_kernel[_grid(B)](pos, neg, pm, nm, sigma_pos.contiguous(), sigma_neg.contiguous(), rows,
-                                               B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
+    _run(_margin_injection_fwd_kernel, B, pos.device, pos, neg, pm, nm, sigma_pos.contiguous(), sigma_neg.contiguous(),
+         rows, B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
     return rows
 
 
@@ -551,8 +555,6 @@ def margin_injection_bwd(grad_rows, pos, neg, pos_mask, neg_mask, sigma_pos, sig
     pm, nm, B, KP, KN, strides = _common_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     gsp, gsn = (torch.empty(B, dtype=_acc_dtype(pos), device=pos.device) for _ in range(2))
-    if B:  # a grid of no programs is not launched
-        _margin_injection_bwd_kernel[_grid(B)](grad_rows.contiguous(), pos, neg, pm, nm, sigma_pos.contiguous(),
-                                               sigma_neg.contiguous(), gp, gn, gsp, gsn, B, KP, KN, *strides,
-                                               **_flags(pos_mask, neg_mask))
+    _run(_margin_injection_bwd_kernel, B, pos.device, grad_rows.contiguous(), pos, neg, pm, nm, sigma_pos.contiguous(),
+         sigma_neg.contiguous(), gp, gn, gsp, gsn, B, KP, KN, *strides, **_flags(pos_mask, neg_mask))
     return gp, gn, gsp, gsn

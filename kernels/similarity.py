@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch
 from .oucl_label import _raw_dot, config
 
 
@@ -12,9 +13,13 @@ from .oucl_label import _raw_dot, config
 def _similarity_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, out_ptr, B, M, D, s_eb, s_ed, s_rb, s_rd, SIM: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
                        UPCAST: tl.constexpr):
+    """One [BM, BN] output tile per program on a 1-D grid (row block major): grid axis y would cap the
+    column blocks at 65,535, about 4M reference rows."""
     acc_ty = iz_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_blocks = tl.cdiv(M, BN)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks) * BM + tl.arange(0, BM)
+    cols = (pid % col_blocks) * BN + tl.arange(0, BN)
     rmask, cmask = rows < B, cols < M
     P = _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN, BD, PREC, UPCAST)
     iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
@@ -31,10 +36,10 @@ def pairwise_similarity(e: torch.Tensor, iz: torch.Tensor, r: torch.Tensor, ir: 
     """``[B, M]`` similarities of the rows of ``e`` and ``r`` given their inverse norms ``iz``, ``ir``."""
     B, D = e.shape
     M = r.shape[0]
-    BM, BN, BD, _, PREC, _, UPCAST = config(e, D)
+    cfg = config(e, D)
     out = torch.empty(B, M, dtype=out_dtype, device=e.device)
     if B and M:
-        _similarity_kernel[(triton.cdiv(B, BM), triton.cdiv(M, BN))](
-            e, iz, r, ir, out, B, M, D, e.stride(0), e.stride(1), r.stride(0), r.stride(1), SIM=similarity,
-            BM=BM, BN=BN, BD=BD, PREC=PREC, UPCAST=UPCAST)
+        launch(_similarity_kernel, (triton.cdiv(B, cfg.BM) * triton.cdiv(M, cfg.BN),), e.device, e, iz, r, ir, out, B,
+               M, D, e.stride(0), e.stride(1), r.stride(0), r.stride(1), SIM=similarity, BM=cfg.BM, BN=cfg.BN,
+               BD=cfg.BD, PREC=cfg.PREC, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

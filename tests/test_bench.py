@@ -47,9 +47,9 @@ def test_bench_bank_writes_csv(tmp_path):
 def test_triton_compile_check_covers_every_kernel():
     import importlib
 
-    from bench.check_triton_compile import _jobs
+    from bench.check_triton_compile import jobs
 
-    checked = {(module, name) for module, name, _, _ in _jobs()}
+    checked = {(job.module, job.kernel) for job in jobs()}
     for module in ("oucl_score", "oucl_label", "similarity"):
         mod = importlib.import_module(f"metaug_fast.kernels.{module}")
         kernels = {name for name in vars(mod) if name.startswith("_") and name.endswith("_kernel")}

@@ -1,16 +1,21 @@
-"""The Triton backend against reference.py, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1,
-set in conftest.py): every op's values, gradients and Hessian-vector products; shapes that are not block
-multiples, B or M = 1, singleton classes, fully masked rows, β from 1 to 256, fp32 and fp16, non-contiguous
-inputs; and label mode allocates nothing of B×M. Shapes are small: the interpreter runs kernels in NumPy."""
+"""What is specific to the Triton backend, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1,
+set in conftest.py); the values, gradients and HVPs of every op are in the contract suite (test_contract.py).
+Here: the launchers (grid limits, the tensors' device, int64 offsets, no tensor built from the host per
+call, no fused multiply-adds where exactness needs them), label mode allocating nothing of B×M, its second
+derivative in row chunks, and the GPU block sizes run by the interpreter. Shapes are small: the interpreter
+runs kernels in NumPy."""
+import ast
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
 
 import metaug_fast
 import metaug_fast.functional as F
 from metaug_fast import reference as R
 
-from helpers import FORMS, ULP, LargestAllocation, hvp, label_data, rel_err, score_data, score_hvp_run
+from helpers import LargestAllocation, hvp, label_data, rel_err, score_data, score_hvp_run
 
 pytestmark = pytest.mark.skipif("triton" not in metaug_fast.available_backends(),
                                 reason="Triton not importable (or no CUDA and TRITON_INTERPRET unset)")
@@ -41,78 +46,6 @@ def _score_fn(form, backend, pm, nm, beta=16.0, reduction="none"):
                                backend=backend, **PARAMS)
 
 
-@pytest.mark.parametrize("form", FORMS + ("info_nce", "margins"))
-@pytest.mark.parametrize("shape", [(1, 1, 1), (19, 3, 40), (5, 1, 300)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_score_mode_fp64_values_gradients_hvp(form, shape, masked):
-    pos, neg, pm, nm = score_data(*shape, masked=masked)
-    vecs = (torch.randn_like(pos), torch.randn_like(neg))
-    want = score_hvp_run(_score_fn(form, "reference", pm, nm), pos, neg, vecs)
-    got = score_hvp_run(_score_fn(form, "triton", pm, nm), pos, neg, vecs)
-    _close(got, want, 1e-10)
-
-
-@pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
-@pytest.mark.parametrize("form", FORMS + ("info_nce",))
-def test_score_mode_extreme_beta_and_reductions(beta, form):
-    pos, neg, pm, nm = score_data(11, 4, 37)
-    for reduction in ("mean", "sum"):
-        vecs = (torch.randn_like(pos), torch.randn_like(neg))
-        want = score_hvp_run(_score_fn(form, "reference", pm, nm, beta, reduction), pos, neg, vecs)
-        got = score_hvp_run(_score_fn(form, "triton", pm, nm, beta, reduction), pos, neg, vecs)
-        for g in got:
-            assert torch.isfinite(g).all()
-        # Values and gradients to 1e-10; at β = 256 the Hessian's terms grow like β² and cancel, and the C++
-        # backend's HVP differs from reference.py by the same 1e-9.
-        assert all(rel_err(g, w) <= 1e-10 for g, w in zip(got[:3], want[:3]))
-        _close(got, want, 1e-8)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("form", FORMS + ("info_nce",))
-def test_score_mode_low_precision(dtype, form):
-    pos, neg, pm, nm = score_data(33, 5, 70, dtype)
-    res = {}
-    for name, (p0, n0, backend) in {"exact": (pos.double(), neg.double(), "reference"), "ref": (pos, neg, "reference"),
-                                    "triton": (pos, neg, "triton")}.items():
-        p, n = p0.clone().requires_grad_(), n0.clone().requires_grad_()
-        loss = _score_fn(form, backend, pm, nm)(p, n)
-        res[name] = (loss,) + torch.autograd.grad(loss.sum(), (p, n))
-    for g, r, w in zip(res["triton"], res["ref"], res["exact"]):
-        assert g.dtype == dtype
-        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(r, w) + ULP[dtype]
-        assert rel_err(g, w) <= bound
-
-
-def test_score_mode_non_contiguous_nan_and_third_order():
-    base = torch.rand(9, 12, dtype=torch.float64)
-    pos, neg = base[:, ::4], base[:, 1::2]  # strided views
-    for form in FORMS:
-        want = F.oucl(pos, neg, form=form, backend="reference", reduction="none")
-        torch.testing.assert_close(F.oucl(pos, neg, form=form, backend="triton", reduction="none"), want,
-                                   rtol=1e-12, atol=1e-14)
-    nan_pos = pos.clone()
-    nan_pos[1, 0] = float("nan")
-    mask = torch.ones_like(nan_pos, dtype=torch.bool)
-    mask[2, 0] = False
-    nan_pos[2, 0] = float("nan")  # masked: ignored
-    rows = F.oucl(nan_pos, neg, pos_mask=mask, backend="triton", reduction="none")
-    assert torch.isnan(rows[1]) and torch.isfinite(rows[torch.arange(9) != 1]).all()
-    p = pos.clone().requires_grad_()
-    (g,) = torch.autograd.grad(F.oucl(p, neg, backend="triton"), p, create_graph=True)
-    (h,) = torch.autograd.grad(g.sum(), p, create_graph=True)
-    with pytest.raises(RuntimeError, match="first and second derivatives only"):
-        torch.autograd.grad(h.sum(), p)
-
-
-def test_score_mode_gradcheck_and_gradgradcheck():
-    pos, neg, pm, nm = score_data(6, 3, 8)
-    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-    for form in ("weighted", "squared", "info_nce"):  # circle's Γ are constants: finite differences differ
-        fn = _score_fn(form, "triton", pm, nm)
-        assert gradcheck(fn, (p, n)) and gradgradcheck(fn, (p, n))
-
-
 # ------------------------------------------------------------------------------------------- label mode
 def _label_fn(op, backend, labels, ref_labels, similarity="shifted_cosine", beta=16.0, reduction="none"):
     def fn(e, r=None):
@@ -135,59 +68,6 @@ def _label_run(fn, emb, ref):
     return (loss,) + grads + hv
 
 
-@pytest.mark.parametrize("op", FORMS + ("info_nce", "margins"))
-@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
-@pytest.mark.parametrize("shape", [(1, 1), (21, None), (19, 37)])
-def test_label_mode_fp64_values_gradients_hvp(op, similarity, shape):
-    emb, labels, ref, ref_labels = label_data(*shape)
-    torch.manual_seed(1)
-    want = _label_run(_label_fn(op, "reference", labels, ref_labels, similarity), emb, ref)
-    torch.manual_seed(1)
-    got = _label_run(_label_fn(op, "triton", labels, ref_labels, similarity), emb, ref)
-    _close(got, want, 1e-10)
-
-
-@pytest.mark.parametrize("beta", [1.0, 80.0, 256.0])
-def test_label_mode_extreme_beta_reductions_and_wide_features(beta):
-    emb, labels, ref, ref_labels = label_data(17, 40, D=70, n_classes=6)  # D spans two feature chunks
-    for op in FORMS + ("info_nce",):
-        for reduction in ("mean", "sum"):
-            want = _label_run(_label_fn(op, "reference", labels, ref_labels, beta=beta, reduction=reduction), emb, ref)
-            got = _label_run(_label_fn(op, "triton", labels, ref_labels, beta=beta, reduction=reduction), emb, ref)
-            for g in got[:3]:
-                assert torch.isfinite(g).all()
-            assert all(rel_err(g, w) <= 1e-10 for g, w in zip(got[:3], want[:3]))
-
-
-def test_label_mode_singletons_and_no_valid_row():
-    emb = torch.randn(5, 3, dtype=torch.float64)
-    labels = torch.arange(5)  # every class a singleton: no row has a positive
-    for op in FORMS + ("info_nce",):
-        got = _label_fn(op, "triton", labels, None)(emb)
-        assert (got == 0).all()
-    ref, ref_labels = torch.randn(1, 3, dtype=torch.float64), torch.tensor([2])  # M = 1
-    for op in FORMS + ("info_nce", "margins"):
-        want = _label_run(_label_fn(op, "reference", labels, ref_labels), emb, ref)
-        got = _label_run(_label_fn(op, "triton", labels, ref_labels), emb, ref)
-        _close(got, want, 1e-10)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("op", FORMS + ("info_nce",))
-def test_label_mode_low_precision(dtype, op):
-    emb, labels, ref, ref_labels = label_data(23, 45, D=16, dtype=dtype)
-    res = {}
-    for name, (e0, r0, backend) in {"exact": (emb.double(), ref.double(), "reference"), "ref": (emb, ref, "reference"),
-                                    "triton": (emb, ref, "triton")}.items():
-        e, r = e0.clone().requires_grad_(), r0.clone().requires_grad_()
-        loss = _label_fn(op, backend, labels, ref_labels)(e, r)
-        res[name] = (loss,) + torch.autograd.grad(loss.sum(), (e, r))
-    for g, r, w in zip(res["triton"], res["ref"], res["exact"]):
-        assert g.dtype == dtype
-        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(r, w) + ULP[dtype]
-        assert rel_err(g, w) <= bound
-
-
 def test_label_mode_non_contiguous_int32_labels_and_module():
     base = torch.randn(12, 10, dtype=torch.float64)
     emb = base[:, ::2]  # strided
@@ -201,52 +81,6 @@ def test_label_mode_non_contiguous_int32_labels_and_module():
     torch.testing.assert_close(loss_fn.embeddings(emb, labels), R.oucl_embeddings(emb, labels, form="circle", beta=80.0,
                                                                                   similarity="cosine"),
                                rtol=1e-12, atol=1e-14)
-
-
-def test_label_mode_gradcheck_gradgradcheck_and_self_offset():
-    emb, labels, ref, ref_labels = label_data(6, 8, D=3)
-    e, r = emb.clone().requires_grad_(), ref.clone().requires_grad_()
-    fn = _label_fn("weighted", "triton", labels, ref_labels)
-    assert gradcheck(fn, (e, r)) and gradgradcheck(fn, (e, r))
-    assert gradgradcheck(_label_fn("info_nce", "triton", labels, None), (e,))
-    # self_offset: anchor i is reference row i + 2 (a rank's rows inside a gathered batch)
-    whole = torch.cat([ref[:2], emb, ref[2:]])
-    whole_labels = torch.cat([ref_labels[:2], labels, ref_labels[2:]])
-    kw = dict(form="squared", beta=8.0, reduction="none", self_offset=2)
-    from metaug_fast._ops.triton_label import oucl_embeddings_triton
-
-    got = oucl_embeddings_triton(emb, labels, whole, whole_labels, similarity="cosine", gamma_pos=0.0, gamma_neg=0.0,
-                                 margin=0.25, lam=0.0, **kw)
-    want = R.oucl_embeddings(emb, labels, whole, whole_labels, similarity="cosine", **kw)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-    from metaug_fast._ops.triton_label import info_nce_embeddings_triton
-
-    got = info_nce_embeddings_triton(emb, labels, whole, whole_labels, temperature=0.2, similarity="cosine",
-                                     reduction="none", self_offset=2)
-    want = R.info_nce_embeddings(emb, labels, whole, whole_labels, temperature=0.2, reduction="none", self_offset=2)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
-def test_pairwise_similarity(dtype, similarity):
-    a, b = torch.randn(19, 7, dtype=torch.float64).to(dtype), torch.randn(23, 7, dtype=torch.float64).to(dtype)
-    torch.manual_seed(1)
-    want = _label_run(lambda x, y: R.pairwise_similarity(x, y, similarity=similarity), a, b)
-    torch.manual_seed(1)
-    got = _label_run(lambda x, y: F.pairwise_similarity(x, y, similarity=similarity, backend="triton"), a, b)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4 * ULP[torch.float16]}[dtype]
-    for g, w in zip(got, want):  # values, gradients and HVPs (the backward is PyTorch GEMMs)
-        assert g.dtype == w.dtype and rel_err(g, w) <= tol
-    # A zero row has similarity cos = 0 with everything (its 1/ε-scaled gradient matches reference.py's).
-    a = a.double().clone()
-    a[3] = 0
-    a.requires_grad_()
-    got, want = (fn(a, b.double(), similarity=similarity) for fn in
-                 (lambda *x, **k: F.pairwise_similarity(*x, **k, backend="triton"), R.pairwise_similarity))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-    grads = [torch.autograd.grad(x.sum(), a)[0] for x in (got, want)]
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("op", ["weighted", "info_nce", "margins"])
@@ -285,52 +119,6 @@ def test_backend_rules():
     impls = metaug_fast._backend._IMPLS
     for op in ("oucl", "oucl_embeddings", "pairwise_similarity"):
         assert metaug_fast._backend.resolve(op, "auto", torch.device("cpu")) is not impls[op]["triton"]
-
-
-def test_empty_batch_and_empty_reference_set():
-    p, n = torch.rand(0, 3, dtype=torch.float64, requires_grad=True), torch.rand(0, 4, dtype=torch.float64)
-    loss = F.oucl(p, n, backend="triton")
-    loss.backward()
-    assert loss.item() == 0 and p.grad.shape == (0, 3)
-    emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    args = (emb, torch.arange(4), torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
-    for op in ("oucl_embeddings", "info_nce_embeddings"):
-        got = getattr(F, op)(*args, backend="triton")
-        torch.testing.assert_close(got, getattr(F, op)(*args, backend="reference"), rtol=0, atol=0)
-        (g,) = torch.autograd.grad(got, emb)
-        assert torch.equal(g, torch.zeros_like(emb))
-
-
-@pytest.mark.parametrize("detach_margin", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_margin_injection_loss(detach_margin, masked):
-    pos, neg, pm, nm = score_data(13, 6, 45, masked=masked)
-    sp, sn = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
-    sp[4], sn[4] = float("inf"), float("-inf")  # a row without margins
-    pos[1, 0] = sp[1]  # exactly at the hinge: relu'(0) = 0, as torch.relu
-    inputs = (pos, neg, sp, sn)
-    vecs = tuple(torch.randn_like(x) for x in inputs)
-    for reduction in ("mean", "sum", "none"):
-        out = []
-        for backend in ("reference", "triton"):
-            xs = tuple(x.clone().requires_grad_() for x in inputs)
-            fn = lambda p, n, a, b: F.margin_injection_loss(p, n, a, b, pos_mask=pm, neg_mask=nm,  # noqa: E731,B023
-                                                             detach_margin=detach_margin, reduction=reduction,
-                                                             backend=backend).sum()
-            loss = fn(*xs)
-            grads = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-            out.append((loss,) + tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)))
-            # Second order: the loss is piecewise linear, so the gradient of ⟨grad, v⟩ is 0 (or unused).
-            dot = sum((g * v).sum() for g, v in zip(grads, vecs) if g is not None and g.requires_grad)
-            if torch.is_tensor(dot):
-                hv = torch.autograd.grad(dot, xs, allow_unused=True)
-                assert all(h is None or torch.equal(h, torch.zeros_like(h)) for h in hv)
-        for g, w in zip(out[1], out[0]):
-            torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-12, atol=1e-14)
-    # fp16 scores accumulate in fp32
-    got = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="triton")
-    want = F.margin_injection_loss(pos.half(), neg.half(), sp.half(), sn.half(), backend="reference")
-    assert got.dtype == torch.float16 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -373,3 +161,158 @@ def test_score_mode_with_the_gpu_block_sizes(monkeypatch, block_b, block_k):
     for fn in (lambda b: F.margin_statistics(pos, neg, pm, nm, backend=b),
                lambda b: F.margin_injection_loss(pos, neg, sp, sn, pos_mask=pm, neg_mask=nm, backend=b)):
         torch.testing.assert_close(fn("triton"), fn("reference"), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+class _Recorder:
+    """Stands in for a kernel: records the grid of each launch and runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_similarity_grid_fits_cuda_limits_for_millions_of_reference_rows(monkeypatch):
+    from metaug_fast.kernels import _common
+    from metaug_fast.kernels import similarity as S
+
+    recorder = _Recorder()
+    monkeypatch.setattr(S, "_similarity_kernel", recorder)
+    a = torch.randn(3, 4)
+    bank = torch.randn(1, 4).expand(5_000_000, 4)  # 5M rows, one row of memory
+    F.pairwise_similarity(a, bank, backend="triton")
+    (grid,) = recorder.grids
+    assert _common.check_grid(grid) == tuple(grid)
+    with pytest.raises(ValueError, match="grid axis y of 70000 programs exceeds CUDA's limit of 65535"):
+        _common.check_grid((1, 70000))
+
+
+def test_every_kernel_launch_goes_through_the_device_guard():
+    # Triton launches on the current CUDA device: a kernel subscripted directly (kernel[grid](...)) would run
+    # on cuda:0 for tensors on cuda:1. Only kernels/_common.launch may subscript a kernel.
+    root = Path(metaug_fast.kernels.__file__).parent
+    direct = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                direct.append(f"{path.name}:{node.lineno}")
+    launch_line = inspect.getsourcelines(metaug_fast.kernels._common.launch)[1]
+    assert all(d.startswith("_common.py:") for d in direct), direct
+    assert len(direct) == 1 and int(direct[0].split(":")[1]) > launch_line
+
+
+def test_launch_makes_the_tensors_device_current(monkeypatch):
+    from metaug_fast.kernels import _common
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    recorder = _Recorder()
+    _common.launch(recorder, (2, 3), torch.device("cuda", 1))
+    _common.launch(recorder, (4,), torch.device("cpu"))  # the interpreter: no guard
+    assert entered == [torch.device("cuda", 1)] and recorder.grids == [(2, 3), (4,)]
+
+
+def _huge_strided(rows: int, cols: int, dtype=torch.float16):
+    """A [rows, cols] view whose column stride is 2^30 + 1, so the offset of column 2 passes 2^31: the
+    storage is 4 GiB of virtual memory of which only the few pages written are ever touched."""
+    stride = 2**30 + 1
+    store = torch.empty((cols - 1) * stride + rows, dtype=dtype)
+    values = torch.rand(rows, cols, dtype=torch.float64).to(dtype)
+    for k in range(cols):
+        store[k * stride: k * stride + rows] = values[:, k]
+    view = store.as_strided((rows, cols), (1, stride))
+    assert torch.equal(view, values)
+    return view
+
+
+def test_offsets_past_int32_in_score_and_label_mode():
+    pos, neg = _huge_strided(4, 3), torch.rand(4, 20, dtype=torch.float64).half()
+    for fn in (lambda b: F.oucl(pos, neg, reduction="none", backend=b),
+               lambda b: F.margin_statistics(pos, neg, backend=b)[0]):
+        torch.testing.assert_close(fn("triton"), fn("reference"), rtol=2e-3, atol=1e-3)
+    emb = _huge_strided(6, 3)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    torch.testing.assert_close(F.oucl_embeddings(emb, labels, beta=4.0, backend="triton"),
+                               F.oucl_embeddings(emb, labels, beta=4.0, backend="reference"), rtol=2e-3, atol=1e-4)
+
+
+class _HostData(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that make a tensor from Python data (torch.tensor(...)): on a GPU a host-to-device copy
+    that synchronizes the stream and cannot be captured by a CUDA graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_tensor_is_built_from_host_data_per_call():
+    pos, neg, pm, nm = score_data(6, 3, 20)
+    emb, labels, ref, ref_labels = label_data(7, 9, D=4)
+    with _HostData() as mode:
+        for form in ("weighted", "info_nce"):
+            score_hvp_run(_score_fn(form, "triton", pm, nm), pos, neg, (torch.ones_like(pos), torch.ones_like(neg)))
+            _label_run(_label_fn(form, "triton", labels, ref_labels), emb, ref)
+    assert mode.seen == []
+    with _HostData() as mode:  # the recorder sees torch.tensor
+        torch.tensor([1.0, 2.0])
+    assert mode.seen
+
+
+def test_memory_bank_scores_with_triton():
+    from metaug_fast.metaug.bank import MemoryBank
+
+    bank = MemoryBank(n_data=40, dim=6, views=1)
+    z, labels = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    bank_labels = torch.randint(0, 4, (40,))
+    kw = dict(form="circle", beta=32.0, similarity="cosine")
+    torch.testing.assert_close(bank.score_all(0, z, labels, bank_labels, backend="triton", **kw),
+                               bank.score_all(0, z, labels, bank_labels, backend="reference", **kw), rtol=1e-5, atol=1e-6)
+
+
+def _fusable_in_ptx(kernels, fp_fusion):
+    """How many multiplies/adds of each fp32 score kernel (weighted form, masks), compiled for sm_90 without
+    a GPU, are fused or may be fused into FMAs; ``fp_fusion`` None compiles with its launcher's options.
+    Compiled in a subprocess: the interpreter, on in this process, replaces the compiler."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from bench.check_triton_compile import Job, compile_job, contractible\n"
+        f"for k in {list(kernels)!r}:\n"
+        "    job = Job('oucl_score', k, 'float32', dict(FORM=2, HAS_PM=True, HAS_NM=True, BLOCK_B=16, BLOCK_K=128))\n"
+        f"    opts = {{}} if {fp_fusion!r} is None else dict(enable_fp_fusion={fp_fusion!r})\n"
+        "    ptx = compile_job(job, 90, **opts).asm['ptx']\n"
+        "    print(k, contractible(ptx) + ptx.count('fma.rn.f32'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(line.split() for line in run.stdout.splitlines())
+
+
+def test_score_kernels_are_compiled_without_fused_multiply_adds():
+    # The interpreter has no FMA contraction, so this is checked on the code compiled for the GPU.
+    kernels = ("_score_fwd_kernel", "_score_bwd_kernel", "_score_bwd_bwd_kernel")
+    assert int(_fusable_in_ptx(kernels[2:], True)[kernels[2]]) > 100  # what Triton does by default
+    assert _fusable_in_ptx(kernels, None) == {k: "0" for k in kernels}

@@ -40,15 +40,13 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
 def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
     """(output, stats [B, 5] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins."""
     from ..kernels import oucl_label as K
-    from ..kernels.oucl_score import cfg_tensor
 
     form = params[0]
-    cfg = cfg_tensor(params, iz.dtype, e.device)
     B = e.shape[0]
     stats = torch.zeros(B, 5, dtype=iz.dtype, device=e.device)
     if B == 0:
         return (torch.zeros(B, 2) if form == MARGIN_ID else torch.zeros(B)).to(stats), stats
-    part = K.label_partials(e, iz, r, ir, labels, ref_labels, cfg, self_offset, sim_id, form)
+    part = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form)
     if form == MARGIN_ID:
         p_min, ties_p = _merge_extremum(part[..., 0], part[..., 1], part[..., 4], True)
         n_max, ties_n = _merge_extremum(part[..., 2], part[..., 3], part[..., 5], False)
@@ -63,7 +61,7 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
         stats = torch.stack([arg, zero, zero, zero, valid.to(arg)], 1)
     elif form == INFONCE_ID:
         c_shift, c_log = _merge_lse(part[..., 2], part[..., 3])
-        second = K.label_partials(e, iz, r, ir, labels, ref_labels, cfg, self_offset, sim_id, form, sweep=1,
+        second = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form, sweep=1,
                                   c=(c_shift + c_log).contiguous())
         rows = second[..., 0].sum(0) / n_pos.clamp(min=1)
         stats = torch.stack([c_shift, c_log, second[..., 1].sum(0), n_pos, valid.to(n_pos)], 1)
@@ -80,35 +78,50 @@ def _normalized(x: Tensor, inv_norm: Tensor) -> Tensor:
 
 
 class _TritonLabel(torch.autograd.Function):
-    """(e [B,D], iz [B], r [M,D], ir [M]) -> (output, valid [B]); output = per-row losses [B], or
-    (p_min, n_max) [B, 2] for margin statistics (``params[0] == MARGIN_ID``). Without a reference set
-    the caller passes (e, iz) twice and ``self_offset = 0``: autograd sums the two gradient parts."""
+    """(e [B,D], r [M,D] or None) -> (output, valid [B]); output = per-row losses [B], or (p_min, n_max)
+    [B, 2] for margin statistics (``params[0] == MARGIN_ID``). Without a reference set (r None) the rows
+    score against themselves with ``self_offset = 0``. The inverse norms are taken inside, and the gradient
+    through them is added to the kernels' gradient in the accumulation dtype before the one cast to the
+    input dtype: the two parts nearly cancel (the normalization removes the radial component), so casting
+    each to fp16 first would lose most of the result's digits."""
 
     @staticmethod
-    def forward(ctx, e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
-        out, stats = _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset)
-        ctx.save_for_backward(e, iz, r, ir, labels, ref_labels, stats)
-        ctx.params, ctx.sim_id, ctx.self_offset = params, sim_id, self_offset
-        ctx.self_mode = e is r
+    def forward(ctx, e, r, labels, ref_labels, params, sim_id, self_offset, ref_unit):
+        iz = _inverse_norm(e)
+        ir = iz if r is None else iz.new_ones(r.shape[0]) if ref_unit else _inverse_norm(r)
+        out, stats = _forward(e, iz, e if r is None else r, ir, labels, ref_labels, params, sim_id, self_offset)
+        ctx.save_for_backward(e, r, labels, ref_labels, stats)
+        ctx.params, ctx.sim_id, ctx.self_offset, ctx.ref_unit = params, sim_id, self_offset, ref_unit
         valid = stats[:, 4] > 0
         ctx.mark_non_differentiable(valid)
         return out, valid
 
     @staticmethod
     def backward(ctx, grad_out, _grad_valid):
-        e, iz, r, ir, labels, ref_labels, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_grads(ctx, grad_out)
         from ..kernels import oucl_label as K
-        from ..kernels.oucl_score import cfg_tensor
 
-        cfg = cfg_tensor(ctx.params, iz.dtype, e.device)
-        need_ref = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        de, diz, dr, dir_ = K.label_bwd(grad_out, stats, e, iz, r, ir, labels, ref_labels, cfg, ctx.self_offset,
-                                        ctx.sim_id, ctx.params[0], need_ref)
-        de = de.to(e.dtype)
-        dr = None if dr is None else dr.to(r.dtype)
-        return de, diz, dr, dir_, None, None, None, None, None
+        e, r, labels, ref_labels, stats = ctx.saved_tensors
+        self_mode = r is None
+        iz = _inverse_norm(e)
+        ir = iz if self_mode else iz.new_ones(r.shape[0]) if ctx.ref_unit else _inverse_norm(r)
+        need_ref = self_mode or ctx.needs_input_grad[1]
+        de, diz, dr, dir_ = K.label_bwd(grad_out, stats, e, iz, e if self_mode else r, ir, labels, ref_labels,
+                                        ctx.params, ctx.self_offset, ctx.sim_id, ctx.params[0], need_ref)
+        if self_mode:  # the rows are also the reference set: both parts belong to e
+            return (_through_norm(e, iz, de + dr, diz + dir_).to(e.dtype),) + (None,) * 7
+        g_r = None
+        if need_ref:
+            g_r = (dr if ctx.ref_unit else _through_norm(r, ir, dr, dir_)).to(r.dtype)
+        return (_through_norm(e, iz, de, diz).to(e.dtype), g_r) + (None,) * 6
+
+
+def _through_norm(x: Tensor, inv: Tensor, d_direct: Tensor, d_inv: Tensor) -> Tensor:
+    """∂L/∂x in the accumulation dtype from ∂L/∂x at fixed ``inv`` and ∂L/∂inv, ``inv = 1/max(‖x‖, ε)``:
+    ∂inv/∂x = -inv³·x where the norm exceeds ε, 0 where the clamp holds it. Differentiable (torch ops)."""
+    radial = torch.where(inv < 1.0 / _EPS, d_inv * inv**3, torch.zeros_like(inv))
+    return d_direct - radial[:, None] * x.to(inv.dtype)
 
 
 def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_offset, sim_id, form, beta, gamma_pos,
@@ -116,7 +129,6 @@ def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_off
     """The Triton label backward on normalized rows (inverse norms 1) under the C++ op's signature, so that
     the chunked second derivative of the C++ path (oucl_label._LabelBackward) drives it."""
     from ..kernels import oucl_label as K
-    from ..kernels.oucl_score import cfg_tensor
 
     params = (form, beta, gamma_pos, gamma_neg, margin, lam)
     ones_z, ones_r = zn.new_ones(zn.shape[0]), rn.new_ones(rn.shape[0])
@@ -125,7 +137,7 @@ def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_off
         # rows and their inverse norms, so the extrema are found again from these inputs.
         _, stats = _forward(zn, ones_z, rn, ones_r, labels, ref_labels, params, sim_id, self_offset)
     dz, _, dr, _ = K.label_bwd(grad_rows, stats, zn, ones_z, rn, ones_r, labels, ref_labels,
-                               cfg_tensor(params, zn.dtype, zn.device), self_offset, sim_id, form, ref_grad)
+                               params, self_offset, sim_id, form, ref_grad)
     return dz, dr if ref_grad else zn.new_zeros(0, zn.shape[1])
 
 
@@ -145,44 +157,51 @@ _SIMILARITY_NAMES = {v: k for k, v in SIMILARITY_IDS.items()}
 def _differentiable_grads(ctx, grad_out):
     """The gradient as a Function that can be differentiated again (the MetAug meta step): the fused backward
     on the normalized rows en = e·iz, rn = r·ir, whose own backward runs the score-mode kernels over row
-    chunks of the scores (never B×M). The chain to (e, iz) and (r, ir) is written out: iz depends on e, so
-    asking autograd for ∂/∂e directly would also count the path through iz, which the caller adds itself."""
-    e, iz, r, ir, labels, ref_labels, stats = ctx.saved_tensors
+    chunks of the scores (never B×M), then the normalization's chain in torch ops (iz recomputed from e
+    here, in grad mode, so that every order reaches it)."""
+    e, r, labels, ref_labels, stats = ctx.saved_tensors
+    self_mode = r is None
+    iz = _inverse_norm(e)
     en = _normalized(e, iz)
-    rn = en if ctx.self_mode else _normalized(r, ir)
-    ref_grad = ctx.self_mode or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    if self_mode:
+        ir, rn = iz, en
+    else:
+        ir = iz.new_ones(r.shape[0]) if ctx.ref_unit else _inverse_norm(r)
+        rn = _normalized(r, ir)
+    ref_grad = self_mode or ctx.needs_input_grad[1]
     g_en, g_rn = _LabelBackward.apply(grad_out.contiguous(), en, rn, labels, ref_labels, stats,
                                       _SIMILARITY_NAMES[ctx.sim_id], ctx.params, ctx.self_offset, _TritonLabelOps(),
                                       ref_grad)
-    if ctx.self_mode:
-        # (e, iz) appear twice among the inputs: their whole gradient goes to the first pair.
+    if self_mode:
         g_en = g_en + g_rn
-        return g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1), None, None, None, None, None, None, None
-    r_grads = (g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1)) if ref_grad else (None, None)
-    return (g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1)) + r_grads + (None,) * 5
+    g_e = _through_norm(e, iz, g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1)).to(e.dtype)
+    if self_mode or not ref_grad:
+        return (g_e, None) + (None,) * 6
+    g_r = g_rn if ctx.ref_unit else _through_norm(r, ir, g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1))
+    return (g_e, g_r.to(r.dtype)) + (None,) * 6
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(reference._acc(x), dim=1).clamp(min=_EPS)
 
 
-def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset):
-    """(output, valid) of the Triton label Function for the public contract's arguments."""
-    iz = _inverse_norm(emb)
-    if ref_emb is None:
-        r, ir, rl, offset = emb, iz, labels.long(), 0
-    else:
-        r, ir, rl, offset = ref_emb, _inverse_norm(ref_emb), ref_labels.long(), self_offset
-    return _TritonLabel.apply(emb, iz, r, ir, labels.long(), rl, params, SIMILARITY_IDS[similarity], offset)
+def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False):
+    """(output, valid) of the Triton label Function for the public contract's arguments; ``ref_unit``: the
+    rows of ``ref_emb`` are unit vectors already (a memory bank), so their inverse norms are ones."""
+    rl = labels.long() if ref_emb is None else ref_labels.long()
+    offset = 0 if ref_emb is None else self_offset
+    return _TritonLabel.apply(emb, ref_emb, labels.long(), rl, params, SIMILARITY_IDS[similarity], offset, ref_unit)
 
 
 def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                            ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
                            beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
-                           self_offset: Optional[int] = None) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused in Triton."""
+                           self_offset: Optional[int] = None, ref_unit: bool = False) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused in Triton. ``ref_unit``: the rows
+    of ``ref_emb`` are unit vectors already (a memory bank keeps them so)."""
     params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
-    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset)
+    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset,
+                       ref_unit)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
