@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train bench bench-headline bench-micro check-cuda check-triton clean
+.PHONY: all install test train bench bench-headline bench-micro check-cuda check-triton gpu-static clean
 
 all: test
 
@@ -66,6 +66,11 @@ check-cuda: install
 # what the interpreter used by the tests cannot.
 check-triton: install
 	env -u TRITON_INTERPRET $(PY) -m bench.check_triton_compile
+
+# Static GPU evidence without a GPU: every Triton kernel and (after check-cuda) every CUDA kernel compiled for
+# sm_90 and disassembled into bench/results/gpu_static.csv and its chart.
+gpu-static: check-cuda
+	env -u TRITON_INTERPRET $(PY) -m bench.gpu_static
 
 clean:
 	rm -rf build *.egg-info metaug_fast/*.so
