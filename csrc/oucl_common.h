@@ -1,6 +1,7 @@
-// Definitions shared by the CPU (oucl_cpu.cpp) and CUDA (cuda/oucl_cuda.cu) kernels: form ids, the
-// per-row stats layout, the loss parameters, and the exponents u(p), v(n) of each OUCL form with their
-// derivatives (SPEC.md section 3), callable from host and device code.
+// Definitions shared by the CPU (oucl_cpu.cpp) and CUDA (cuda/oucl_cuda.cu) kernels: form and similarity
+// ids, the per-row stats layout, the loss parameters, and the exponents u(p), v(n) of each OUCL form with
+// their derivatives, callable from host and device code. The ids and the layout are the contracts of
+// metaug_fast/contract.py (tests/test_contract_names.py checks that both languages agree).
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,19 @@ namespace metaug_fast {
 
 // kInfoNCE runs InfoNCE on the same machinery with β = 1/τ; kMargin computes margin statistics (label mode).
 enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4, kMargin = 5 };
-constexpr int64_t kStats = 5;  // per-row values saved by the forward, layout in oucl_rows.inc
+
+enum SimilarityId : int64_t { kShiftedCosine = 0, kCosine = 1 };  // (1 + cos)/2, cos
+
+// The per-row state stats[B, kStats] every forward saves for its backward. A slot means something per form,
+// so each meaning has its name: the log-sum-exp forms keep A = LSE u(p) and C = LSE v(n) as (shift, log_sum)
+// pairs; the hinge its argument Σn - Σp + λ; InfoNCE C, Σσ(C - βp) and n⁺; margins p_min, n_max and ties.
+enum Stat : int64_t {
+  kPosShift = 0, kPosLogSum = 1, kNegShift = 2, kNegLogSum = 3, kValid = 4,
+  kHingeArg = 0,
+  kNceShift = 0, kNceLogSum = 1, kNceSigmoidSum = 2, kNceNPos = 3,
+  kPMin = 0, kNMax = 1, kTiesPos = 2, kTiesNeg = 3,
+};
+constexpr int64_t kStats = 5;
 
 template <typename T>
 struct Cfg {

@@ -391,8 +391,8 @@ LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_lab
                              double lam) {
   LabelArgs<T> a;
   a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
-  a.sim_a = similarity == 0 ? T(0.5) : T(1);  // 0: shifted cosine (1 + cos)/2, 1: cosine
-  a.sim_b = similarity == 0 ? T(0.5) : T(0);
+  a.sim_a = similarity == kShiftedCosine ? T(0.5) : T(1);
+  a.sim_b = similarity == kShiftedCosine ? T(0.5) : T(0);
   a.exclude_self = self_offset >= 0;
   a.self_offset = self_offset;
   a.labels = labels.data_ptr<int64_t>();
@@ -468,7 +468,7 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
                   labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
               "oucl_label (cpp): labels [B] and ref_labels [M] must be int64");
   TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cpp): unknown form id ", form);
-  TORCH_CHECK(similarity == 0 || similarity == 1, "oucl_label (cpp): unknown similarity id ", similarity);
+  TORCH_CHECK(similarity == kShiftedCosine || similarity == kCosine, "oucl_label (cpp): unknown similarity id ", similarity);
 }
 
 std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const at::Tensor& rn_in,
@@ -533,27 +533,27 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_fwd(const at::Tensor& zn_in, const
       // The row's parts are written even for an invalid row (its loss stays 0): a caller that combines
       // partial reference sets (ring mode) needs each part's log-sum-exps or sums.
       const bool valid = s.n_pos > 0 && s.n_neg > 0;
-      row_st[4] = valid ? T(1) : T(0);
+      row_st[kValid] = valid ? T(1) : T(0);
       if (form == kMargin) {
-        row_st[0] = s.min_pos;
-        row_st[1] = s.max_neg;
-        row_st[2] = T(s.ties_pos);
-        row_st[3] = T(s.ties_neg);
+        row_st[kPMin] = s.min_pos;
+        row_st[kNMax] = s.max_neg;
+        row_st[kTiesPos] = T(s.ties_pos);
+        row_st[kTiesNeg] = T(s.ties_neg);
       } else if (form == kInfoNCE) {
-        row_st[0] = s.neg.shift;
-        row_st[1] = s.neg.log_sum;
-        row_st[2] = s.sum_neg;
-        row_st[3] = T(s.n_pos);
+        row_st[kNceShift] = s.neg.shift;
+        row_st[kNceLogSum] = s.neg.log_sum;
+        row_st[kNceSigmoidSum] = s.sum_neg;
+        row_st[kNceNPos] = T(s.n_pos);
         if (valid) out[i] = s.sum_pos / T(s.n_pos);
       } else if (form == kHinge) {
         const T arg = s.sum_neg - s.sum_pos + a.cfg.lam;
-        row_st[0] = arg;
+        row_st[kHingeArg] = arg;
         if (valid) out[i] = arg > T(0) || arg != arg ? arg : T(0);
       } else {
-        row_st[0] = s.pos.shift;
-        row_st[1] = s.pos.log_sum;
-        row_st[2] = s.neg.shift;
-        row_st[3] = s.neg.log_sum;
+        row_st[kPosShift] = s.pos.shift;
+        row_st[kPosLogSum] = s.pos.log_sum;
+        row_st[kNegShift] = s.neg.shift;
+        row_st[kNegLogSum] = s.neg.log_sum;
         const T x = s.pos.value() + s.neg.value();
         if (valid) out[i] = (x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x))) * a.cfg.inv_beta;
       }

@@ -1,8 +1,9 @@
 """Device functions shared by the Triton kernels: the OUCL exponents u(p), v(n) with their derivatives,
 numerically careful softplus/sigmoid/log1p, and the online log-sum-exp update.
 
-Form ids match csrc/oucl_common.h: 0 hinge, 1 squared, 2 weighted, 3 circle, 4 InfoNCE (β = 1/τ, whose
-negative side is the weighted form's v(n) = β·n), 5 margin statistics.
+Form ids, the per-row state ``stats [B, N_STATS]`` and the label partials ``part [splits, B, N_PARTS]``
+are the contracts of :mod:`metaug_fast.contract`, read from there as constexprs (InfoNCE runs on the
+weighted form's negative side v(n) = β·n with β = 1/τ).
 
 Loss parameters (β, 1/β, γ⁺, γ⁻, m, λ) are kernel arguments annotated fp64 (Triton would pass a Python
 float as fp32) and cast to the accumulation dtype inside: no tensor is built from them per call, so a call
@@ -21,13 +22,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import N_PARTS as _N_PARTS
+from ..contract import N_STATS as _N_STATS
+from ..contract import Form, Part, Stat
+
 # Module-level constants a kernel reads must be constexpr instances (an annotation is not enough).
-HINGE = tl.constexpr(0)
-SQUARED = tl.constexpr(1)
-WEIGHTED = tl.constexpr(2)
-CIRCLE = tl.constexpr(3)
-INFONCE = tl.constexpr(4)
-MARGIN = tl.constexpr(5)
+HINGE = tl.constexpr(int(Form.HINGE))
+SQUARED = tl.constexpr(int(Form.SQUARED))
+WEIGHTED = tl.constexpr(int(Form.WEIGHTED))
+CIRCLE = tl.constexpr(int(Form.CIRCLE))
+INFONCE = tl.constexpr(int(Form.INFONCE))
+MARGIN = tl.constexpr(int(Form.MARGIN))
+N_STATS = tl.constexpr(_N_STATS)
+ST_0, ST_1, ST_2, ST_3 = (tl.constexpr(int(s)) for s in (Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT,
+                                                         Stat.NEG_LOG_SUM))
+ST_VALID = tl.constexpr(int(Stat.VALID))
+N_PARTS = tl.constexpr(_N_PARTS)
+PT_0, PT_1, PT_2, PT_3, PT_4, PT_5 = (tl.constexpr(int(p)) for p in (Part.POS_MAX, Part.POS_SUM, Part.NEG_MAX,
+                                                                     Part.NEG_SUM, Part.N_POS, Part.N_NEG))
 
 
 # CUDA's grid limits per axis (x, y, z).
@@ -66,6 +78,27 @@ def loss_args(params) -> Tuple[float, ...]:
     """The kernels' (β, 1/β, γ⁺, γ⁻, m, λ) from the ops' (form, β, γ⁺, γ⁻, m, λ)."""
     _, beta, gamma_pos, gamma_neg, margin, lam = params
     return float(beta), 1.0 / float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam)
+
+
+@triton.jit
+def store_stats(stats_ptr, rows, rmask, s0, s1, s2, s3, valid):
+    """A block of rows' state: the four per-form slots (``Stat``: for the log-sum-exp forms A's and C's
+    (shift, log_sum); the other forms' aliases name the same slots) and the valid flag."""
+    base = stats_ptr + rows.to(tl.int64) * N_STATS
+    tl.store(base + ST_0, s0, mask=rmask)
+    tl.store(base + ST_1, s1, mask=rmask)
+    tl.store(base + ST_2, s2, mask=rmask)
+    tl.store(base + ST_3, s3, mask=rmask)
+    tl.store(base + ST_VALID, valid.to(s0.dtype), mask=rmask)
+
+
+@triton.jit
+def load_stats(stats_ptr, rows, rmask):
+    """(s0, s1, s2, s3, valid) of a block of rows, as :func:`store_stats` wrote them (0 and invalid past B)."""
+    base = stats_ptr + rows.to(tl.int64) * N_STATS
+    return (tl.load(base + ST_0, mask=rmask, other=0.0), tl.load(base + ST_1, mask=rmask, other=0.0),
+            tl.load(base + ST_2, mask=rmask, other=0.0), tl.load(base + ST_3, mask=rmask, other=0.0),
+            tl.load(base + ST_VALID, mask=rmask, other=0.0) != 0)
 
 
 @triton.jit

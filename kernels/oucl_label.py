@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HINGE, INFONCE, MARGIN, WEIGHTED, launch, load_cfg, loss_args, lse_pair_update, lse_update,
-                      side_terms, sigmoid, softplus_sigmoid)
+from ._common import (HINGE, INFONCE, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED, launch, load_cfg,
+                      load_stats, loss_args, lse_pair_update, lse_update, side_terms, sigmoid, softplus_sigmoid)
 
 
 @triton.jit
@@ -143,25 +143,20 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
         if FORM != MARGIN:
             n_p += tl.sum(pos.to(tl.int32), axis=1)
             n_n += tl.sum(neg.to(tl.int32), axis=1)
-    base = part_ptr + (split * B + rows).to(tl.int64) * 6
-    tl.store(base, a0, mask=rmask)
-    tl.store(base + 1, a1, mask=rmask)
-    tl.store(base + 2, a2, mask=rmask)
-    tl.store(base + 3, a3, mask=rmask)
-    tl.store(base + 4, n_p.to(acc_ty), mask=rmask)
-    tl.store(base + 5, n_n.to(acc_ty), mask=rmask)
+    base = part_ptr + (split * B + rows).to(tl.int64) * N_PARTS
+    tl.store(base + PT_0, a0, mask=rmask)
+    tl.store(base + PT_1, a1, mask=rmask)
+    tl.store(base + PT_2, a2, mask=rmask)
+    tl.store(base + PT_3, a3, mask=rmask)
+    tl.store(base + PT_4, n_p.to(acc_ty), mask=rmask)
+    tl.store(base + PT_5, n_n.to(acc_ty), mask=rmask)
 
 
 @triton.jit
 def _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma_pos, gamma_neg, margin,
                FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr):
     """∂(Σ_i g_i ℓ_i)/∂cos for one tile, from the merged per-row stats (the C++ ops' layout)."""
-    base = stats_ptr + rows * 5
-    st0 = tl.load(base, mask=rmask, other=0.0)
-    st1 = tl.load(base + 1, mask=rmask, other=0.0)
-    st2 = tl.load(base + 2, mask=rmask, other=0.0)
-    st3 = tl.load(base + 3, mask=rmask, other=0.0)
-    valid = tl.load(base + 4, mask=rmask, other=0.0) != 0
+    st0, st1, st2, st3, valid = load_stats(stats_ptr, rows, rmask)
     if FORM == MARGIN:
         g_min = tl.where(valid, tl.load(g_ptr + rows * 2, mask=rmask, other=0.0).to(acc_ty) / tl.maximum(st2, 1.0), 0.0)
         g_max = tl.where(valid, tl.load(g_ptr + rows * 2 + 1, mask=rmask, other=0.0).to(acc_ty) / tl.maximum(st3, 1.0), 0.0)
@@ -351,7 +346,7 @@ def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, simila
     splits = max(1, min(tiles, want // row_blocks))
     per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, per_split)
-    part = torch.empty(splits, B, 6, dtype=iz.dtype, device=e.device)
+    part = torch.empty(splits, B, int(N_PARTS), dtype=iz.dtype, device=e.device)
     meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
     launch(_label_fwd_kernel, (row_blocks, splits), e.device, e, iz, r, ir, labels, ref_labels, *loss_args(params),
            iz if c is None else c, part, B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SWEEP=sweep,

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HINGE, INFONCE, WEIGHTED, finite_or_zero, launch, load_cfg, loss_args, lse_update, side_terms,
-                      sigmoid, softplus)
+from ._common import (HINGE, INFONCE, WEIGHTED, finite_or_zero, launch, load_cfg, load_stats, loss_args, lse_update,
+                      side_terms, sigmoid, softplus, store_stats)
 
 
 def _configs():
@@ -131,20 +131,7 @@ def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_be
         st0, st1, st2, st3 = a_shift, a_log, c_shift, c_log
     # Invalid rows keep their parts (callers that merge partial reference sets need them), loss 0.
     tl.store(rows_ptr + rows, tl.where(valid, loss, zero), mask=rmask)
-    base = stats_ptr + rows * 5
-    tl.store(base, st0, mask=rmask)
-    tl.store(base + 1, st1, mask=rmask)
-    tl.store(base + 2, st2, mask=rmask)
-    tl.store(base + 3, st3, mask=rmask)
-    tl.store(base + 4, valid.to(acc_ty), mask=rmask)
-
-
-@triton.jit
-def _row_stats(stats_ptr, rows, rmask):
-    base = stats_ptr + rows * 5
-    return (tl.load(base, mask=rmask, other=0.0), tl.load(base + 1, mask=rmask, other=0.0),
-            tl.load(base + 2, mask=rmask, other=0.0), tl.load(base + 3, mask=rmask, other=0.0),
-            tl.load(base + 4, mask=rmask, other=0.0) != 0)
+    store_stats(stats_ptr, rows, rmask, st0, st1, st2, st3, valid)
 
 
 @_tuned
@@ -160,7 +147,7 @@ def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64,
                                                                  acc_ty)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    st0, st1, st2, st3, valid = _row_stats(stats_ptr, rows, rmask)
+    st0, st1, st2, st3, valid = load_stats(stats_ptr, rows, rmask)
     g = tl.where(valid, tl.load(g_ptr + rows, mask=rmask, other=0.0).to(acc_ty), 0.0)
     if FORM == HINGE:
         coef_p = tl.where(st0 > 0, -g, 0.0)
@@ -243,7 +230,7 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
                                                                  acc_ty)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    st0, st1, st2, st3, valid = _row_stats(stats_ptr, rows, rmask)
+    st0, st1, st2, st3, valid = load_stats(stats_ptr, rows, rmask)
     g = tl.where(valid, tl.load(g_ptr + rows, mask=rmask, other=0.0).to(acc_ty), 0.0)
     zero = tl.zeros((BLOCK_B,), acc_ty)
     if FORM == INFONCE:
@@ -338,12 +325,7 @@ def _margin_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, B, KP, KN, s
                                    BLOCK_B, BLOCK_K, acc_ty)
     n_max, ties_n = _side_extremum(neg_ptr, nm_ptr, rows, rmask, KN, s_nb, s_nk, s_nmb, s_nmk, False, HAS_NM,
                                    BLOCK_B, BLOCK_K, acc_ty)
-    base = stats_ptr + rows * 5
-    tl.store(base, p_min, mask=rmask)
-    tl.store(base + 1, n_max, mask=rmask)
-    tl.store(base + 2, ties_p, mask=rmask)
-    tl.store(base + 3, ties_n, mask=rmask)
-    tl.store(base + 4, ((ties_p > 0) & (ties_n > 0)).to(acc_ty), mask=rmask)
+    store_stats(stats_ptr, rows, rmask, p_min, n_max, ties_p, ties_n, (ties_p > 0) & (ties_n > 0))
 
 
 @triton.jit
@@ -367,7 +349,7 @@ def _margin_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, gp_pt
     acc_ty = stats_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    p_min, n_max, ties_p, ties_n, valid = _row_stats(stats_ptr, rows, rmask)
+    p_min, n_max, ties_p, ties_n, valid = load_stats(stats_ptr, rows, rmask)
     g_min = tl.load(g_ptr + rows * 2, mask=rmask, other=0.0).to(acc_ty)
     g_max = tl.load(g_ptr + rows * 2 + 1, mask=rmask, other=0.0).to(acc_ty)
     share_p = tl.where(valid, g_min / tl.maximum(ties_p, 1.0), 0.0)

@@ -19,6 +19,9 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import reference as R
+from .contract import LossParams
+
+DEFAULTS = LossParams()
 
 
 def _chunk_partials(z: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, similarity: str, form: str,
@@ -62,12 +65,12 @@ def oucl_embeddings_chunked(
     *,
     chunk_size: int = 4096,
     similarity: str = "shifted_cosine",
-    form: str = "weighted",
-    beta: float = 16.0,
-    gamma_pos: float = 0.0,
-    gamma_neg: float = 0.0,
-    margin: float = 0.25,
-    lam: float = 0.0,
+    form: str = DEFAULTS.form,
+    beta: float = DEFAULTS.beta,
+    gamma_pos: float = DEFAULTS.gamma_pos,
+    gamma_neg: float = DEFAULTS.gamma_neg,
+    margin: float = DEFAULTS.margin,
+    lam: float = DEFAULTS.lam,
     reduction: str = "mean",
 ) -> Tensor:
     """Label-mode OUCL of ``emb [B,D]`` against ``ref_emb [M,D]`` (``labels [B]``, ``ref_labels [M]``),

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _backend
 from . import functional as F
 from . import reference as R
+from .contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Stat
 
 
 def _gather_sizes(n: int, device: torch.device, group) -> List[int]:
@@ -85,11 +86,7 @@ def _checked_params(name: str, emb: Tensor, labels: Tensor, reduction: str, para
     _check_call(name, reduction)
     F._label_inputs(emb, labels, *ref)
     similarity = F._choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
-    defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
-    unknown = set(params) - set(defaults)
-    if unknown:
-        raise TypeError(f"{name} got unexpected arguments {sorted(unknown)}")
-    return similarity, F._oucl_params(**{**defaults, **params}, reduction="none")
+    return similarity, {**LossParams.from_kwargs(name, params).kwargs(), "reduction": "none"}
 
 
 def _global_loss(rows: Tensor, valid: Tensor, reduction: str, group) -> Tensor:
@@ -208,21 +205,21 @@ def _merge_lse(shift: Tensor, log_sum: Tensor) -> tuple:
     return m[:, 0], torch.log(torch.exp(value - m).sum(1))
 
 
-def _merge_stats(stats: Tensor, valid: Tensor, params: tuple) -> tuple:
-    """Per-row losses ``[b]`` and the merged statistics ``[b, 5]`` (as the label ops' backward takes them)
-    from the statistics ``stats [b, W, 5]`` of W disjoint parts of the reference set; ``valid [b]`` counts
-    the whole set."""
-    merged = torch.zeros(stats.shape[0], 5, dtype=stats.dtype, device=stats.device)
-    form_id, beta, lam = params[0], params[1], params[5]
-    if form_id == 0:  # hinge: per part Σn - Σp + λ, λ counted once
-        arg = (stats[..., 0] - lam).sum(1) + lam
-        merged[:, 0] = arg
+def _merge_stats(stats: Tensor, valid: Tensor, params: OpArgs) -> tuple:
+    """Per-row losses ``[b]`` and the merged statistics ``[b, N_STATS]`` (as the label ops' backward takes
+    them) from the statistics ``stats [b, W, N_STATS]`` of W disjoint parts of the reference set; ``valid
+    [b]`` counts the whole set."""
+    merged = torch.zeros(stats.shape[0], N_STATS, dtype=stats.dtype, device=stats.device)
+    if params.form == Form.HINGE:  # per part Σn - Σp + λ, λ counted once
+        arg = (stats[..., Stat.HINGE_ARG] - params.lam).sum(1) + params.lam
+        merged[:, Stat.HINGE_ARG] = arg
         rows = torch.where(torch.isnan(arg) | (arg > 0), arg, torch.zeros_like(arg))
     else:
-        merged[:, 0], merged[:, 1] = _merge_lse(stats[..., 0], stats[..., 1])
-        merged[:, 2], merged[:, 3] = _merge_lse(stats[..., 2], stats[..., 3])
-        rows = torch.logaddexp(merged[:, :4].sum(1), torch.zeros_like(merged[:, 0])) / beta
-    merged[:, 4] = valid.to(stats.dtype)
+        for shift, log_sum in ((Stat.POS_SHIFT, Stat.POS_LOG_SUM), (Stat.NEG_SHIFT, Stat.NEG_LOG_SUM)):
+            merged[:, shift], merged[:, log_sum] = _merge_lse(stats[..., shift], stats[..., log_sum])
+        total = merged[:, [Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT, Stat.NEG_LOG_SUM]].sum(1)
+        rows = torch.logaddexp(total, torch.zeros_like(total)) / params.beta
+    merged[:, Stat.VALID] = valid.to(stats.dtype)
     return torch.where(valid, rows, torch.zeros_like(rows)), merged
 
 
@@ -309,11 +306,7 @@ def _fused_op_args(what: str, device: torch.device, similarity: str, checked: di
     if fused not in _backend.available_backends():
         raise _backend.BackendUnavailableError(f"{what} needs the fused label op on {device.type}: "
                                                f"{_backend._unavailable_reason(fused)}")
-    from ._ops.oucl_label import SIMILARITY_IDS
-    from ._ops.oucl_score import FORM_IDS
-
-    return SIMILARITY_IDS[similarity], (FORM_IDS[checked["form"]], checked["beta"], checked["gamma_pos"],
-                                        checked["gamma_neg"], checked["margin"], checked["lam"])
+    return SIMILARITIES[similarity], LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
 
 
 def _normalized(x: Tensor) -> Tensor:

@@ -11,14 +11,15 @@ optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
 from __future__ import annotations
 
 import functools
-import math
-from numbers import Real
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _backend, reference
+from .contract import LossParams, _real
+
+DEFAULTS = LossParams()
 from ._ops.oucl_label import (
     info_nce_embeddings_cpp,
     margin_statistics_embeddings_cpp,
@@ -94,17 +95,6 @@ def _choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def _real(value, name: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
 def _labels(labels, name: str, n: int, n_name: str, like: Tensor) -> Tensor:
     _tensor(labels, name, 1)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -129,15 +119,9 @@ def _label_inputs(emb, labels, ref_emb, ref_labels) -> None:
 
 
 def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> dict:
-    return dict(
-        form=_choice(form, "form", reference.FORMS),
-        beta=_real(beta, "beta", positive=True),
-        gamma_pos=_real(gamma_pos, "gamma_pos"),
-        gamma_neg=_real(gamma_neg, "gamma_neg"),
-        margin=_real(margin, "margin"),
-        lam=_real(lam, "lam"),
-        reduction=_choice(reduction, "reduction", reference.REDUCTIONS),
-    )
+    """The validated keyword arguments of the backends' OUCL implementations."""
+    params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).kwargs()
+    return dict(params, reduction=_choice(reduction, "reduction", reference.REDUCTIONS))
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -173,12 +157,12 @@ def oucl(
     pos: Tensor,
     neg: Tensor,
     *,
-    form: str = "weighted",
-    beta: float = 16.0,
-    gamma_pos: float = 0.0,
-    gamma_neg: float = 0.0,
-    margin: float = 0.25,
-    lam: float = 0.0,
+    form: str = DEFAULTS.form,
+    beta: float = DEFAULTS.beta,
+    gamma_pos: float = DEFAULTS.gamma_pos,
+    gamma_neg: float = DEFAULTS.gamma_neg,
+    margin: float = DEFAULTS.margin,
+    lam: float = DEFAULTS.lam,
     pos_mask: Optional[Tensor] = None,
     neg_mask: Optional[Tensor] = None,
     reduction: str = "mean",
@@ -210,12 +194,12 @@ def oucl_embeddings(
     ref_labels: Optional[Tensor] = None,
     *,
     similarity: str = "shifted_cosine",
-    form: str = "weighted",
-    beta: float = 16.0,
-    gamma_pos: float = 0.0,
-    gamma_neg: float = 0.0,
-    margin: float = 0.25,
-    lam: float = 0.0,
+    form: str = DEFAULTS.form,
+    beta: float = DEFAULTS.beta,
+    gamma_pos: float = DEFAULTS.gamma_pos,
+    gamma_neg: float = DEFAULTS.gamma_neg,
+    margin: float = DEFAULTS.margin,
+    lam: float = DEFAULTS.lam,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:

@@ -7,6 +7,9 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import reference
+from .contract import LossParams
+
+DEFAULTS = LossParams()
 
 
 class OUCLLoss(nn.Module):
@@ -34,12 +37,12 @@ class OUCLLoss(nn.Module):
 
     def __init__(
         self,
-        form: str = "weighted",
-        beta: float = 16.0,
-        gamma_pos: float = 0.0,
-        gamma_neg: float = 0.0,
-        margin: float = 0.25,
-        lam: float = 0.0,
+        form: str = DEFAULTS.form,
+        beta: float = DEFAULTS.beta,
+        gamma_pos: float = DEFAULTS.gamma_pos,
+        gamma_neg: float = DEFAULTS.gamma_neg,
+        margin: float = DEFAULTS.margin,
+        lam: float = DEFAULTS.lam,
         similarity: str = "shifted_cosine",
         reduction: str = "mean",
         backend: str = "auto",

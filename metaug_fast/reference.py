@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .contract import OUCL_FORMS
+from .contract import SIMILARITIES as _SIMILARITY_IDS
+from .contract import LossParams
+
 __all__ = [
     "FORMS",
     "SIMILARITIES",
@@ -37,8 +41,9 @@ __all__ = [
     "margin_injection_loss",
 ]
 
-FORMS = ("hinge", "squared", "weighted", "circle")
-SIMILARITIES = ("shifted_cosine", "cosine")
+FORMS = tuple(OUCL_FORMS)
+SIMILARITIES = tuple(_SIMILARITY_IDS)
+DEFAULTS = LossParams()
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -151,12 +156,12 @@ def oucl(
     pos: Tensor,
     neg: Tensor,
     *,
-    form: str = "weighted",
-    beta: float = 16.0,
-    gamma_pos: float = 0.0,
-    gamma_neg: float = 0.0,
-    margin: float = 0.25,
-    lam: float = 0.0,
+    form: str = DEFAULTS.form,
+    beta: float = DEFAULTS.beta,
+    gamma_pos: float = DEFAULTS.gamma_pos,
+    gamma_neg: float = DEFAULTS.gamma_neg,
+    margin: float = DEFAULTS.margin,
+    lam: float = DEFAULTS.lam,
     pos_mask: Optional[Tensor] = None,
     neg_mask: Optional[Tensor] = None,
     reduction: str = "mean",
@@ -189,12 +194,12 @@ def oucl_embeddings(
     ref_labels: Optional[Tensor] = None,
     *,
     similarity: str = "shifted_cosine",
-    form: str = "weighted",
-    beta: float = 16.0,
-    gamma_pos: float = 0.0,
-    gamma_neg: float = 0.0,
-    margin: float = 0.25,
-    lam: float = 0.0,
+    form: str = DEFAULTS.form,
+    beta: float = DEFAULTS.beta,
+    gamma_pos: float = DEFAULTS.gamma_pos,
+    gamma_neg: float = DEFAULTS.gamma_neg,
+    margin: float = DEFAULTS.margin,
+    lam: float = DEFAULTS.lam,
     reduction: str = "mean",
     self_offset: Optional[int] = None,
 ) -> Tensor:

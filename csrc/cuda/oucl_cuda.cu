@@ -192,11 +192,11 @@ __global__ void forward_kernel(Args<S, T> a) {
   }
   if (lane == 0) {
     a.rows[i] = out;
-    st[0] = s0;
-    st[1] = s1;
-    st[2] = s2;
-    st[3] = s3;
-    st[4] = valid ? T(1) : T(0);
+    st[kPosShift] = s0;
+    st[kPosLogSum] = s1;
+    st[kNegShift] = s2;
+    st[kNegLogSum] = s3;
+    st[kValid] = valid ? T(1) : T(0);
   }
 }
 
@@ -216,32 +216,32 @@ __global__ void backward_kernel(Args<S, T> a) {
   const T* st = a.stats + kStats * i;
   S* gp = a.out_pos + i * a.kp;
   S* gn = a.out_neg + i * a.kn;
-  const bool valid = st[4] != T(0);
+  const bool valid = st[kValid] != T(0);
   const T g = a.grad_rows[i];
   if constexpr (FORM == kHinge) {
-    const T on = valid && st[0] > T(0) ? g : T(0);
+    const T on = valid && st[kHingeArg] > T(0) ? g : T(0);
     for (int64_t k = lane; k < a.kp; k += kWarp) gp[k] = static_cast<S>(kept(pm, k) ? -on : T(0));
     for (int64_t k = lane; k < a.kn; k += kWarp) gn[k] = static_cast<S>(kept(nm, k) ? on : T(0));
   } else if constexpr (FORM == kInfoNCE) {
-    const T C = st[0] + st[1], coef = valid ? g / st[3] : T(0);
+    const T C = st[kNceShift] + st[kNceLogSum], coef = valid ? g / st[kNceNPos] : T(0);
     for (int64_t k = lane; k < a.kp; k += kWarp) {
       const T x = C - a.cfg.beta * static_cast<T>(p[k]);
       gp[k] = static_cast<S>(valid && kept(pm, k) ? -coef * a.cfg.beta * sigmoid_d(x) : T(0));
     }
     for (int64_t k = lane; k < a.kn; k += kWarp) {
-      const T w = weight(a.cfg.beta * static_cast<T>(n[k]), st[0], st[1]);
-      gn[k] = static_cast<S>(valid && kept(nm, k) ? coef * st[2] * a.cfg.beta * w : T(0));
+      const T w = weight(a.cfg.beta * static_cast<T>(n[k]), st[kNceShift], st[kNceLogSum]);
+      gn[k] = static_cast<S>(valid && kept(nm, k) ? coef * st[kNceSigmoidSum] * a.cfg.beta * w : T(0));
     }
   } else {
-    const T coef = valid ? g * a.cfg.inv_beta * sigmoid_d(st[0] + st[1] + st[2] + st[3]) : T(0);
+    const T coef = valid ? g * a.cfg.inv_beta * sigmoid_d(st[kPosShift] + st[kPosLogSum] + st[kNegShift] + st[kNegLogSum]) : T(0);
     for (int64_t k = lane; k < a.kp; k += kWarp) {
       const T x = static_cast<T>(p[k]);
-      const T v = coef * weight(expo<FORM, true>(a.cfg, x), st[0], st[1]) * expo_d1<FORM, true>(a.cfg, x);
+      const T v = coef * weight(expo<FORM, true>(a.cfg, x), st[kPosShift], st[kPosLogSum]) * expo_d1<FORM, true>(a.cfg, x);
       gp[k] = static_cast<S>(valid && kept(pm, k) ? v : T(0));
     }
     for (int64_t k = lane; k < a.kn; k += kWarp) {
       const T x = static_cast<T>(n[k]);
-      const T v = coef * weight(expo<FORM, false>(a.cfg, x), st[2], st[3]) * expo_d1<FORM, false>(a.cfg, x);
+      const T v = coef * weight(expo<FORM, false>(a.cfg, x), st[kNegShift], st[kNegLogSum]) * expo_d1<FORM, false>(a.cfg, x);
       gn[k] = static_cast<S>(valid && kept(nm, k) ? v : T(0));
     }
   }
@@ -260,11 +260,11 @@ __global__ void double_backward_kernel(Args<S, T> a) {
   const T* st = a.stats + kStats * i;
   S* hp = a.out_pos + i * a.kp;
   S* hn = a.out_neg + i * a.kn;
-  const bool valid = st[4] != T(0);
+  const bool valid = st[kValid] != T(0);
   const T g = a.grad_rows[i];
   if (!valid || FORM == kHinge) {
     T dir = T(0);
-    if (FORM == kHinge && valid && st[0] > T(0))
+    if (FORM == kHinge && valid && st[kHingeArg] > T(0))
       dir = masked_sum<S, T>(tn, nm, a.kn, lane) - masked_sum<S, T>(tp, pm, a.kp, lane);
     if (lane == 0) a.grad_grad_rows[i] = dir;
     for (int64_t k = lane; k < a.kp; k += kWarp) hp[k] = static_cast<S>(0);
@@ -272,10 +272,10 @@ __global__ void double_backward_kernel(Args<S, T> a) {
     return;
   }
   if constexpr (FORM == kInfoNCE) {
-    const T beta = a.cfg.beta, n_p = st[3], S_sig = st[2], C = st[0] + st[1];
+    const T beta = a.cfg.beta, n_p = st[kNceNPos], S_sig = st[kNceSigmoidSum], C = st[kNceShift] + st[kNceLogSum];
     T wt = T(0);
     for (int64_t k = lane; k < a.kn; k += kWarp)
-      if (kept(nm, k)) wt += weight(beta * static_cast<T>(n[k]), st[0], st[1]) * static_cast<T>(tn[k]);
+      if (kept(nm, k)) wt += weight(beta * static_cast<T>(n[k]), st[kNceShift], st[kNceLogSum]) * static_cast<T>(tn[k]);
     wt = warp_sum(wt);
     T sig_t = T(0), dsig = T(0), dsig_t = T(0);
     for (int64_t k = lane; k < a.kp; k += kWarp) {
@@ -296,22 +296,22 @@ __global__ void double_backward_kernel(Args<S, T> a) {
       hp[k] = static_cast<S>(kept(pm, k) ? c * sigmoid_d(x) * sigmoid_d(-x) * (static_cast<T>(tp[k]) - wt) : T(0));
     }
     for (int64_t k = lane; k < a.kn; k += kWarp) {
-      const T w = weight(beta * static_cast<T>(n[k]), st[0], st[1]);
+      const T w = weight(beta * static_cast<T>(n[k]), st[kNceShift], st[kNceLogSum]);
       hn[k] = static_cast<S>(kept(nm, k) ? c * w * (S_sig * static_cast<T>(tn[k]) + k0) : T(0));
     }
   } else if constexpr (FORM != kHinge) {
-    const T A = st[0] + st[1], Cn = st[2] + st[3];
+    const T A = st[kPosShift] + st[kPosLogSum], Cn = st[kNegShift] + st[kNegLogSum];
     const T s = sigmoid_d(A + Cn), one_minus_s = sigmoid_d(-(A + Cn));
     T ta = T(0), tb = T(0);
     for (int64_t k = lane; k < a.kp; k += kWarp) {
       if (!kept(pm, k)) continue;
       const T x = static_cast<T>(p[k]);
-      ta += weight(expo<FORM, true>(a.cfg, x), st[0], st[1]) * expo_d1<FORM, true>(a.cfg, x) * static_cast<T>(tp[k]);
+      ta += weight(expo<FORM, true>(a.cfg, x), st[kPosShift], st[kPosLogSum]) * expo_d1<FORM, true>(a.cfg, x) * static_cast<T>(tp[k]);
     }
     for (int64_t k = lane; k < a.kn; k += kWarp) {
       if (!kept(nm, k)) continue;
       const T x = static_cast<T>(n[k]);
-      tb += weight(expo<FORM, false>(a.cfg, x), st[2], st[3]) * expo_d1<FORM, false>(a.cfg, x) * static_cast<T>(tn[k]);
+      tb += weight(expo<FORM, false>(a.cfg, x), st[kNegShift], st[kNegLogSum]) * expo_d1<FORM, false>(a.cfg, x) * static_cast<T>(tn[k]);
     }
     ta = warp_sum(ta);
     tb = warp_sum(tb);
@@ -320,14 +320,14 @@ __global__ void double_backward_kernel(Args<S, T> a) {
     const T c1 = g * a.cfg.inv_beta * s * one_minus_s * t, c2 = g * a.cfg.inv_beta * s;
     for (int64_t k = lane; k < a.kp; k += kWarp) {
       const T x = static_cast<T>(p[k]), tk = static_cast<T>(tp[k]);
-      const T w = weight(expo<FORM, true>(a.cfg, x), st[0], st[1]);
+      const T w = weight(expo<FORM, true>(a.cfg, x), st[kPosShift], st[kPosLogSum]);
       const T d1 = expo_d1<FORM, true>(a.cfg, x);
       const T h = w * d1 * c1 + c2 * w * (d1 * (d1 * tk - ta) + expo_d2<FORM, true>(a.cfg, x) * tk);
       hp[k] = static_cast<S>(kept(pm, k) ? h : T(0));
     }
     for (int64_t k = lane; k < a.kn; k += kWarp) {
       const T x = static_cast<T>(n[k]), tk = static_cast<T>(tn[k]);
-      const T w = weight(expo<FORM, false>(a.cfg, x), st[2], st[3]);
+      const T w = weight(expo<FORM, false>(a.cfg, x), st[kNegShift], st[kNegLogSum]);
       const T d1 = expo_d1<FORM, false>(a.cfg, x);
       const T h = w * d1 * c1 + c2 * w * (d1 * (d1 * tk - tb) + expo_d2<FORM, false>(a.cfg, x) * tk);
       hn[k] = static_cast<S>(kept(nm, k) ? h : T(0));
@@ -374,11 +374,11 @@ __global__ void margin_forward_kernel(Args<S, T> a) {
   warp_extremum<false>(n, nm, a.kn, lane, nmax, tn);
   if (lane == 0) {
     T* st = a.stats + kStats * i;
-    st[0] = pmin;
-    st[1] = nmax;
-    st[2] = tp;
-    st[3] = tn;
-    st[4] = tp > T(0) && tn > T(0) ? T(1) : T(0);
+    st[kPMin] = pmin;
+    st[kNMax] = nmax;
+    st[kTiesPos] = tp;
+    st[kTiesNeg] = tn;
+    st[kValid] = tp > T(0) && tn > T(0) ? T(1) : T(0);
   }
 }
 
@@ -390,17 +390,17 @@ __global__ void margin_backward_kernel(Args<S, T> a) {
   const S *p = a.pos + i * a.kp, *n = a.neg + i * a.kn;
   const bool *pm = row_mask(a.pos_mask, i, a.kp), *nm = row_mask(a.neg_mask, i, a.kn);
   const T* st = a.stats + kStats * i;
-  const bool valid = st[4] != T(0);
-  const T gp = valid ? a.grad_rows[2 * i] / st[2] : T(0), gn = valid ? a.grad_rows[2 * i + 1] / st[3] : T(0);
+  const bool valid = st[kValid] != T(0);
+  const T gp = valid ? a.grad_rows[2 * i] / st[kTiesPos] : T(0), gn = valid ? a.grad_rows[2 * i + 1] / st[kTiesNeg] : T(0);
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  const bool p_nan = st[0] != st[0], n_nan = st[1] != st[1];
+  const bool p_nan = st[kPMin] != st[kPMin], n_nan = st[kNMax] != st[kNMax];
   for (int64_t k = lane; k < a.kp; k += kWarp) {
     const bool keep = kept(pm, k);
-    a.out_pos[i * a.kp + k] = static_cast<S>(keep && p_nan ? nan : keep && static_cast<T>(p[k]) == st[0] ? gp : T(0));
+    a.out_pos[i * a.kp + k] = static_cast<S>(keep && p_nan ? nan : keep && static_cast<T>(p[k]) == st[kPMin] ? gp : T(0));
   }
   for (int64_t k = lane; k < a.kn; k += kWarp) {
     const bool keep = kept(nm, k);
-    a.out_neg[i * a.kn + k] = static_cast<S>(keep && n_nan ? nan : keep && static_cast<T>(n[k]) == st[1] ? gn : T(0));
+    a.out_neg[i * a.kn + k] = static_cast<S>(keep && n_nan ? nan : keep && static_cast<T>(n[k]) == st[kNMax] ? gn : T(0));
   }
 }
 
@@ -575,8 +575,13 @@ std::tuple<at::Tensor, at::Tensor> margin_bwd_cuda(const at::Tensor& grad, const
 // order on one stream, so every row has one writer); B×M is never stored, only B × tile. Backward
 // recomputes each tile, turns it into G = ∂ℓ/∂S in place (elementwise kernel) and accumulates G·rn and
 // Gᵀ·zn with cuBLAS. State per row (kState values): LSE⁺ (shift, log_sum), LSE⁻ (shift, log_sum),
-// sum⁺, sum⁻, min⁺, ties⁺, max⁻, ties⁻, n⁺, n⁻ -- the fields of the CPU RowState.
-constexpr int kState = 12;
+// sum⁺, sum⁻, min⁺, ties⁺, max⁻, ties⁻, n⁺, n⁻ -- the fields of the CPU RowState. InfoNCE's second sweep
+// keeps Σ softplus(C - βs) and Σ σ(C - βs) in the sums' slots.
+enum LabelState : int {
+  kLsePosShift, kLsePosLogSum, kLseNegShift, kLseNegLogSum, kSumPos, kSumNeg, kMinPos, kMinPosTies, kMaxNeg,
+  kMaxNegTies, kCountPos, kCountNeg, kState,
+  kSoftplusSum = kSumPos, kSigmoidSum = kSumNeg,
+};
 
 template <typename T>
 struct LabelArgsD {
@@ -628,7 +633,7 @@ __global__ void label_tile_forward_kernel(LabelArgsD<T> a) {
   Running<T> rp, rn;
   T sp = T(0), sn = T(0), np = T(0), nn = T(0);
   T mn = std::numeric_limits<T>::infinity(), tmn = T(0), mx = -std::numeric_limits<T>::infinity(), tmx = T(0);
-  const T C = FORM == kInfoNCE && a.sweep == 1 ? st[2] + st[3] : T(0);
+  const T C = FORM == kInfoNCE && a.sweep == 1 ? st[kLseNegShift] + st[kLseNegLogSum] : T(0);
   for (int64_t k = lane; k < a.L; k += kWarp) {
     const int64_t j = a.c0 + k;
     if (a.exclude_self && j == i + a.self_offset) continue;
@@ -664,18 +669,18 @@ __global__ void label_tile_forward_kernel(LabelArgsD<T> a) {
   warp_extremum_merge<false>(mx, tmx);
   if (lane != 0) return;
   if (FORM == kInfoNCE && a.sweep == 1) {
-    st[4] += sp;
-    st[5] += sn;
+    st[kSoftplusSum] += sp;
+    st[kSigmoidSum] += sn;
     return;
   }
-  lse_merge_d(st[0], st[1], ps, pl);
-  lse_merge_d(st[2], st[3], ns, nl);
-  st[4] += sp;
-  st[5] += sn;
-  extremum_merge<true>(st[6], st[7], mn, tmn);
-  extremum_merge<false>(st[8], st[9], mx, tmx);
-  st[10] += np;
-  st[11] += nn;
+  lse_merge_d(st[kLsePosShift], st[kLsePosLogSum], ps, pl);
+  lse_merge_d(st[kLseNegShift], st[kLseNegLogSum], ns, nl);
+  st[kSumPos] += sp;
+  st[kSumNeg] += sn;
+  extremum_merge<true>(st[kMinPos], st[kMinPosTies], mn, tmn);
+  extremum_merge<false>(st[kMaxNeg], st[kMaxNegTies], mx, tmx);
+  st[kCountPos] += np;
+  st[kCountNeg] += nn;
 }
 
 // Row results from the state, as the CPU's finalization: rows [B] and stats [B, kStats].
@@ -686,23 +691,23 @@ __global__ void label_finalize_kernel(const T* state, int64_t B, int64_t form, C
   const T* s = state + kState * i;
   T* st = stats + kStats * i;
   // Parts are written for invalid rows too (their loss stays 0), as on the CPU, for ring-mode callers.
-  const bool valid = s[10] > T(0) && s[11] > T(0);
+  const bool valid = s[kCountPos] > T(0) && s[kCountNeg] > T(0);
   T out = T(0), v0, v1, v2, v3;
   if (form == kMargin) {
-    v0 = s[6]; v1 = s[8]; v2 = s[7]; v3 = s[9];
+    v0 = s[kMinPos]; v1 = s[kMaxNeg]; v2 = s[kMinPosTies]; v3 = s[kMaxNegTies];
   } else if (form == kInfoNCE) {
-    v0 = s[2]; v1 = s[3]; v2 = s[5]; v3 = s[10];
-    if (valid) out = s[4] / s[10];
+    v0 = s[kLseNegShift]; v1 = s[kLseNegLogSum]; v2 = s[kSigmoidSum]; v3 = s[kCountPos];
+    if (valid) out = s[kSoftplusSum] / s[kCountPos];
   } else if (form == kHinge) {
-    v0 = s[5] - s[4] + cfg.lam; v1 = v2 = v3 = T(0);
+    v0 = s[kSumNeg] - s[kSumPos] + cfg.lam; v1 = v2 = v3 = T(0);
     if (valid) out = v0 > T(0) || v0 != v0 ? v0 : T(0);
   } else {
-    v0 = s[0]; v1 = s[1]; v2 = s[2]; v3 = s[3];
+    v0 = s[kLsePosShift]; v1 = s[kLsePosLogSum]; v2 = s[kLseNegShift]; v3 = s[kLseNegLogSum];
     if (valid) out = softplus_d(v0 + v1 + v2 + v3) * cfg.inv_beta;
   }
   rows[i] = out;
-  st[0] = v0; st[1] = v1; st[2] = v2; st[3] = v3;
-  st[4] = valid ? T(1) : T(0);
+  st[kPosShift] = v0; st[kPosLogSum] = v1; st[kNegShift] = v2; st[kNegLogSum] = v3;
+  st[kValid] = valid ? T(1) : T(0);
 }
 
 // G = ∂(Σ_i grad_i ℓ_i)/∂S for the tile, in place; one thread per element.
@@ -712,7 +717,7 @@ __global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
   if (idx >= a.B * a.L) return;
   const int64_t i = idx / a.L, j = a.c0 + idx % a.L;
   const T* st = a.stats + kStats * i;
-  if (st[4] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
+  if (st[kValid] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
     a.tile[idx] = T(0);
     return;
   }
@@ -720,18 +725,18 @@ __global__ void label_tile_backward_kernel(LabelArgsD<T> a) {
   const bool pos = a.ref_labels[j] == a.labels[i];
   T g;
   if constexpr (FORM == kMargin) {
-    g = pos ? (x == st[0] ? a.grad[2 * i] / st[2] : T(0)) : (x == st[1] ? a.grad[2 * i + 1] / st[3] : T(0));
+    g = pos ? (x == st[kPMin] ? a.grad[2 * i] / st[kTiesPos] : T(0)) : (x == st[kNMax] ? a.grad[2 * i + 1] / st[kTiesNeg] : T(0));
   } else if constexpr (FORM == kHinge) {
-    const T on = st[0] > T(0) ? a.grad[i] : T(0);
+    const T on = st[kHingeArg] > T(0) ? a.grad[i] : T(0);
     g = pos ? -on : on;
   } else if constexpr (FORM == kInfoNCE) {
-    const T e = a.cfg.beta * x, coef = a.grad[i] * a.cfg.beta / st[3];
-    g = pos ? -coef * sigmoid_d(st[0] + st[1] - e) : coef * st[2] * exp((e - st[0]) - st[1]);
+    const T e = a.cfg.beta * x, coef = a.grad[i] * a.cfg.beta / st[kNceNPos];
+    g = pos ? -coef * sigmoid_d(st[kNceShift] + st[kNceLogSum] - e) : coef * st[kNceSigmoidSum] * exp((e - st[kNceShift]) - st[kNceLogSum]);
   } else {
-    const T coef = a.grad[i] * a.cfg.inv_beta * sigmoid_d(st[0] + st[1] + st[2] + st[3]);
+    const T coef = a.grad[i] * a.cfg.inv_beta * sigmoid_d(st[kPosShift] + st[kPosLogSum] + st[kNegShift] + st[kNegLogSum]);
     const T e = pos ? Terms<FORM, T>::u(a.cfg, x) : Terms<FORM, T>::v(a.cfg, x);
     const T d1 = pos ? Terms<FORM, T>::du(a.cfg, x) : Terms<FORM, T>::dv(a.cfg, x);
-    g = coef * d1 * (pos ? exp((e - st[0]) - st[1]) : exp((e - st[2]) - st[3]));
+    g = coef * d1 * (pos ? exp((e - st[kPosShift]) - st[kPosLogSum]) : exp((e - st[kNegShift]) - st[kNegLogSum]));
   }
   a.tile[idx] = a.sim_a * g;
 }
@@ -748,8 +753,8 @@ LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels,
                          double beta, double gamma_pos, double gamma_neg, double margin, double lam, int64_t B) {
   LabelArgsD<T> a{};
   a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
-  a.sim_a = similarity == 0 ? T(0.5) : T(1);
-  a.sim_b = similarity == 0 ? T(0.5) : T(0);
+  a.sim_a = similarity == kShiftedCosine ? T(0.5) : T(1);
+  a.sim_b = similarity == kShiftedCosine ? T(0.5) : T(0);
   a.exclude_self = self_offset >= 0;
   a.self_offset = self_offset;
   a.labels = labels.data_ptr<int64_t>();
@@ -812,10 +817,10 @@ std::tuple<at::Tensor, at::Tensor> label_fwd_cuda(const at::Tensor& zn_in, const
   if (B == 0) return {rows, stats};
   // Empty LSEs (log_sum = -inf), min⁺ = +inf, max⁻ = -inf, everything else 0.
   at::Tensor state = at::zeros({B, kState}, zn.options());
-  state.select(1, 1).fill_(-std::numeric_limits<double>::infinity());
-  state.select(1, 3).fill_(-std::numeric_limits<double>::infinity());
-  state.select(1, 6).fill_(std::numeric_limits<double>::infinity());
-  state.select(1, 8).fill_(-std::numeric_limits<double>::infinity());
+  state.select(1, kLsePosLogSum).fill_(-std::numeric_limits<double>::infinity());
+  state.select(1, kLseNegLogSum).fill_(-std::numeric_limits<double>::infinity());
+  state.select(1, kMinPos).fill_(std::numeric_limits<double>::infinity());
+  state.select(1, kMaxNeg).fill_(-std::numeric_limits<double>::infinity());
   const int64_t tile_cols = std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / std::max<int64_t>(B, 1)));
   const cudaStream_t stream = device::current_stream();
   AT_DISPATCH_FLOATING_TYPES(zn.scalar_type(), "oucl_label_fwd_cuda", [&] {

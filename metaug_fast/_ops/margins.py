@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..contract import Stat
 from .oucl_score import CPP_OPS
 
-MARGIN_ID = 5  # csrc/oucl_common.h: kMargin
 
 
 def sigmas(p_min: Tensor, n_max: Tensor, valid: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -33,7 +33,7 @@ class _MarginScore(torch.autograd.Function):
     @staticmethod
     def forward(pos, neg, pos_mask, neg_mask, ops):
         stats = ops.margin_score_fwd(pos, neg, pos_mask, neg_mask)
-        return stats[:, 0].clone(), stats[:, 1].clone(), stats[:, 4] > 0, stats
+        return stats[:, Stat.P_MIN].clone(), stats[:, Stat.N_MAX].clone(), stats[:, Stat.VALID] > 0, stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -48,8 +48,8 @@ class _MarginScore(torch.autograd.Function):
         if torch.is_grad_enabled():
             # A differentiable gradient (create_graph or torch.func): the same shares in PyTorch ops, linear
             # in the incoming gradient and piecewise constant in the scores, as torch.amin/amax's backward.
-            return (_share(pos, pos_mask, stats[:, 0], stats[:, 2], g_min),
-                    _share(neg, neg_mask, stats[:, 1], stats[:, 3], g_max), None, None, None)
+            return (_share(pos, pos_mask, stats[:, Stat.P_MIN], stats[:, Stat.TIES_POS], g_min),
+                    _share(neg, neg_mask, stats[:, Stat.N_MAX], stats[:, Stat.TIES_NEG], g_max), None, None, None)
         gp, gn = ctx.ops.margin_score_bwd(
             torch.stack([g_min, g_max], 1).contiguous(), pos, neg, pos_mask, neg_mask, stats
         )

@@ -19,10 +19,10 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import reference
-from .margins import MARGIN_ID, sigmas
-from .oucl_score import CPP_OPS, FORM_IDS, INFONCE_ID, hinge_grad_grad_rows, third_order_error
+from ..contract import SIMILARITIES, Form, LossParams, Stat
+from .margins import sigmas
+from .oucl_score import CPP_OPS, hinge_grad_grad_rows, third_order_error
 
-SIMILARITY_IDS = {"shifted_cosine": 0, "cosine": 1}
 
 
 def _label_masks(labels, ref_labels, self_offset, row0):
@@ -69,7 +69,7 @@ def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
     return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
 
 
-MARGIN_PARAMS = (MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0)
+MARGIN_PARAMS = LossParams.margins()
 
 
 class _LabelDoubleBackward(torch.autograd.Function):
@@ -91,7 +91,7 @@ class _LabelDoubleBackward(torch.autograd.Function):
             if with_r:
                 U.addmm_(z, v_r.T)
             U.mul_(a)
-            if params[0] == MARGIN_ID:
+            if params[0] == Form.MARGIN:
                 # Piecewise linear (no Hessian): G shares grad_rows among each extremum's ties, found again
                 # in this chunk's scores (they may differ from the fused op's tiles in the last bit).
                 st = ops.margin_score_fwd(S, S, pm, nm)
@@ -101,7 +101,7 @@ class _LabelDoubleBackward(torch.autograd.Function):
             else:
                 gp, gn = ops.oucl_score_bwd(g, S, S, pm, nm, st, *params)
                 G = gp + gn  # the masks are disjoint
-                if params[0] == FORM_IDS["hinge"]:
+                if params[0] == Form.HINGE:
                     d_g[rows], W = hinge_grad_grad_rows(st, U, U, pm, nm), None
                 else:
                     d_g[rows], hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, st, *params)
@@ -130,7 +130,7 @@ class _LabelBackward(torch.autograd.Function):
         ctx.save_for_backward(grad_rows, zn, rn, labels, ref_labels, stats)
         ctx.args = (similarity, params, self_offset, ops)
         return ops.oucl_label_bwd(grad_rows, zn, rn, labels, ref_labels, stats, self_offset,
-                                  SIMILARITY_IDS[similarity], *params, ref_grad)
+                                  SIMILARITIES[similarity], *params, ref_grad)
 
     @staticmethod
     def backward(ctx, v_z, v_r):
@@ -146,7 +146,7 @@ def _label_grads(ctx, grad_rows, params, self_offset):
     if torch.is_grad_enabled():
         g_z, g_r = _LabelBackward.apply(*args, ctx.similarity, params, self_offset, ctx.ops, _ref_grad(ctx, rn))
     else:
-        g_z, g_r = ctx.ops.oucl_label_bwd(*args, self_offset, SIMILARITY_IDS[ctx.similarity], *params,
+        g_z, g_r = ctx.ops.oucl_label_bwd(*args, self_offset, SIMILARITIES[ctx.similarity], *params,
                                           _ref_grad(ctx, rn))
     if rn is None:
         return g_z + g_r, None
@@ -161,11 +161,11 @@ class _LabelLoss(torch.autograd.Function):
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
         offset = 0 if rn is None else self_offset
         rows, stats = ops.oucl_label_fwd(
-            *_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITY_IDS[similarity], *params
+            *_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITIES[similarity], *params
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.params, ctx.self_offset, ctx.ops = similarity, params, offset, ops
-        valid = stats[:, 4] > 0
+        valid = stats[:, Stat.VALID] > 0
         ctx.mark_non_differentiable(valid)
         return rows, valid
 
@@ -193,7 +193,7 @@ def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] =
     """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, on the fused label ops of ``ops``
     (the C++ kernels, or the CUDA ones for CUDA tensors). ``ref_unit``: the rows of ``ref_emb`` are unit
     vectors already (a memory bank keeps them so) and are not copied normalized."""
-    params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).op_args()
     offset = -1 if self_offset is None else int(self_offset)
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit, ops)
 
@@ -202,7 +202,7 @@ def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tenso
                             ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
                             reduction: str, self_offset: Optional[int] = None, ops=CPP_OPS) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
-    params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
+    params = LossParams.info_nce(temperature)
     offset = -1 if self_offset is None else int(self_offset)
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, False, ops)
 
@@ -214,14 +214,14 @@ class _MarginLabel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zn, rn, labels, ref_labels, similarity, ops):
         _, stats = ops.oucl_label_fwd(
-            *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITY_IDS[similarity],
+            *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITIES[similarity],
             *MARGIN_PARAMS,
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.ops = similarity, ops
-        valid = stats[:, 4] > 0
+        valid = stats[:, Stat.VALID] > 0
         ctx.mark_non_differentiable(valid)
-        return stats[:, 0].clone(), stats[:, 1].clone(), valid
+        return stats[:, Stat.P_MIN].clone(), stats[:, Stat.N_MAX].clone(), valid
 
     @staticmethod
     def backward(ctx, g_min, g_max, _g_valid):

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..contract import Form, LossParams, Stat
 
-FORM_IDS = {"hinge": 0, "squared": 1, "weighted": 2, "circle": 3}
 CPP_OPS = torch.ops.metaug_fast
 
 
@@ -32,7 +32,6 @@ class _TritonOps:
 
 
 TRITON_OPS = _TritonOps()
-INFONCE_ID = 4  # InfoNCE runs on the same kernels with β = 1/τ (csrc/oucl_rows.inc)
 
 
 def _masked_sum(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -44,7 +43,7 @@ def hinge_grad_grad_rows(stats: Tensor, gg_pos: Tensor, gg_neg: Tensor, pos_mask
                          neg_mask: Optional[Tensor]) -> Tensor:
     """The hinge's double backward: its Hessian is zero, so only grad_rows gets a term, the ±1 sums of the
     cotangents on the active rows (no kernel needed)."""
-    active = (stats[:, 0] > 0) & (stats[:, 4] > 0)
+    active = (stats[:, Stat.HINGE_ARG] > 0) & (stats[:, Stat.VALID] > 0)
     along = _masked_sum(gg_neg, neg_mask) - _masked_sum(gg_pos, pos_mask)
     return torch.where(active, along, torch.zeros_like(along))
 
@@ -91,7 +90,7 @@ class _OUCLScoreBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg_pos, gg_neg):
         grad_rows, pos, neg, pos_mask, neg_mask, stats = ctx.saved_tensors
-        if ctx.params[0] == FORM_IDS["hinge"]:
+        if ctx.params[0] == Form.HINGE:
             # pos/neg get zeros (not None, so that, as through reference.py, they count as used in the graph).
             ggo = hinge_grad_grad_rows(stats, gg_pos, gg_neg, pos_mask, neg_mask)
             return ggo, torch.zeros_like(pos), torch.zeros_like(neg), None, None, None, None, None
@@ -142,7 +141,7 @@ def oucl_fused(
     ops=CPP_OPS,
 ) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.oucl`, on the fused kernels of ``ops``."""
-    params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).op_args()
     rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)
@@ -159,7 +158,7 @@ def info_nce_fused(
     ops=CPP_OPS,
 ) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce`, on the fused kernels of ``ops``."""
-    params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
+    params = LossParams.info_nce(temperature)
     rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)

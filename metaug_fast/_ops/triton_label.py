@@ -16,9 +16,10 @@ from torch import Tensor
 
 from .. import reference
 from ..chunked import _combine
-from .margins import MARGIN_ID, sigmas
-from .oucl_label import SIMILARITY_IDS, _LabelBackward
-from .oucl_score import FORM_IDS, INFONCE_ID, TRITON_OPS
+from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, Stat, stats_of
+from .margins import sigmas
+from .oucl_label import _LabelBackward
+from .oucl_score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
 
@@ -38,38 +39,41 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
 
 
 def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
-    """(output, stats [B, 5] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins."""
+    """(output, stats [B, N_STATS] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins."""
     from ..kernels import oucl_label as K
 
     form = params[0]
     B = e.shape[0]
-    stats = torch.zeros(B, 5, dtype=iz.dtype, device=e.device)
+    stats = torch.zeros(B, N_STATS, dtype=iz.dtype, device=e.device)
     if B == 0:
-        return (torch.zeros(B, 2) if form == MARGIN_ID else torch.zeros(B)).to(stats), stats
+        return (torch.zeros(B, 2) if form == Form.MARGIN else torch.zeros(B)).to(stats), stats
     part = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form)
-    if form == MARGIN_ID:
-        p_min, ties_p = _merge_extremum(part[..., 0], part[..., 1], part[..., 4], True)
-        n_max, ties_n = _merge_extremum(part[..., 2], part[..., 3], part[..., 5], False)
-        stats = torch.stack([p_min, n_max, ties_p, ties_n, ((ties_p > 0) & (ties_n > 0)).to(p_min)], 1)
+    if form == Form.MARGIN:
+        p_min, ties_p = _merge_extremum(part[..., Part.P_MIN], part[..., Part.TIES_POS], part[..., Part.NAN_POS], True)
+        n_max, ties_n = _merge_extremum(part[..., Part.N_MAX], part[..., Part.TIES_NEG], part[..., Part.NAN_NEG], False)
+        stats = stats_of(p_min=p_min, n_max=n_max, ties_pos=ties_p, ties_neg=ties_n,
+                         valid=((ties_p > 0) & (ties_n > 0)).to(p_min))
         return torch.stack([p_min, n_max], 1), stats
-    n_pos, n_neg = part[..., 4].sum(0), part[..., 5].sum(0)
+    n_pos, n_neg = part[..., Part.N_POS].sum(0), part[..., Part.N_NEG].sum(0)
     valid = (n_pos > 0) & (n_neg > 0)
     zero = torch.zeros_like(n_pos)
-    if form == FORM_IDS["hinge"]:
-        arg = part[..., 3].sum(0) - part[..., 1].sum(0) + params[5]
+    if form == Form.HINGE:
+        arg = part[..., Part.NEG_SUM].sum(0) - part[..., Part.POS_SUM].sum(0) + params.lam
         rows = torch.where(torch.isnan(arg) | (arg > 0), arg, zero)
-        stats = torch.stack([arg, zero, zero, zero, valid.to(arg)], 1)
-    elif form == INFONCE_ID:
-        c_shift, c_log = _merge_lse(part[..., 2], part[..., 3])
+        stats = stats_of(hinge_arg=arg, valid=valid.to(arg))
+    elif form == Form.INFONCE:
+        c_shift, c_log = _merge_lse(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
         second = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form, sweep=1,
                                   c=(c_shift + c_log).contiguous())
-        rows = second[..., 0].sum(0) / n_pos.clamp(min=1)
-        stats = torch.stack([c_shift, c_log, second[..., 1].sum(0), n_pos, valid.to(n_pos)], 1)
+        rows = second[..., Part.NCE_SOFTPLUS_SUM].sum(0) / n_pos.clamp(min=1)
+        stats = stats_of(nce_shift=c_shift, nce_log_sum=c_log, nce_sigmoid_sum=second[..., Part.NCE_SIGMOID_SUM].sum(0),
+                         nce_n_pos=n_pos, valid=valid.to(n_pos))
     else:
-        a_shift, a_log = _merge_lse(part[..., 0], part[..., 1])
-        c_shift, c_log = _merge_lse(part[..., 2], part[..., 3])
-        rows = reference._softplus(a_shift + a_log + c_shift + c_log) / params[1]
-        stats = torch.stack([a_shift, a_log, c_shift, c_log, valid.to(n_pos)], 1)
+        a_shift, a_log = _merge_lse(part[..., Part.POS_MAX], part[..., Part.POS_SUM])
+        c_shift, c_log = _merge_lse(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
+        rows = reference._softplus(a_shift + a_log + c_shift + c_log) / params.beta
+        stats = stats_of(pos_shift=a_shift, pos_log_sum=a_log, neg_shift=c_shift, neg_log_sum=c_log,
+                         valid=valid.to(n_pos))
     return torch.where(valid, rows, zero), stats
 
 
@@ -79,7 +83,7 @@ def _normalized(x: Tensor, inv_norm: Tensor) -> Tensor:
 
 class _TritonLabel(torch.autograd.Function):
     """(e [B,D], r [M,D] or None) -> (output, valid [B]); output = per-row losses [B], or (p_min, n_max)
-    [B, 2] for margin statistics (``params[0] == MARGIN_ID``). Without a reference set (r None) the rows
+    [B, 2] for margin statistics (``params[0] == Form.MARGIN``). Without a reference set (r None) the rows
     score against themselves with ``self_offset = 0``. The inverse norms are taken inside, and the gradient
     through them is added to the kernels' gradient in the accumulation dtype before the one cast to the
     input dtype: the two parts nearly cancel (the normalization removes the radial component), so casting
@@ -92,7 +96,7 @@ class _TritonLabel(torch.autograd.Function):
         out, stats = _forward(e, iz, e if r is None else r, ir, labels, ref_labels, params, sim_id, self_offset)
         ctx.save_for_backward(e, r, labels, ref_labels, stats)
         ctx.params, ctx.sim_id, ctx.self_offset, ctx.ref_unit = params, sim_id, self_offset, ref_unit
-        valid = stats[:, 4] > 0
+        valid = stats[:, Stat.VALID] > 0
         ctx.mark_non_differentiable(valid)
         return out, valid
 
@@ -130,9 +134,9 @@ def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_off
     the chunked second derivative of the C++ path (oucl_label._LabelBackward) drives it."""
     from ..kernels import oucl_label as K
 
-    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
+    params = OpArgs(form, beta, gamma_pos, gamma_neg, margin, lam)
     ones_z, ones_r = zn.new_ones(zn.shape[0]), rn.new_ones(rn.shape[0])
-    if form == MARGIN_ID:
+    if form == Form.MARGIN:
         # The backward finds the extrema's ties by equality with the forward's tiles: those came from the raw
         # rows and their inverse norms, so the extrema are found again from these inputs.
         _, stats = _forward(zn, ones_z, rn, ones_r, labels, ref_labels, params, sim_id, self_offset)
@@ -151,7 +155,7 @@ class _TritonLabelOps:
         return getattr(TRITON_OPS, name)
 
 
-_SIMILARITY_NAMES = {v: k for k, v in SIMILARITY_IDS.items()}
+_SIMILARITY_NAMES = {v: k for k, v in SIMILARITIES.items()}
 
 
 def _differentiable_grads(ctx, grad_out):
@@ -190,7 +194,7 @@ def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_
     rows of ``ref_emb`` are unit vectors already (a memory bank), so their inverse norms are ones."""
     rl = labels.long() if ref_emb is None else ref_labels.long()
     offset = 0 if ref_emb is None else self_offset
-    return _TritonLabel.apply(emb, ref_emb, labels.long(), rl, params, SIMILARITY_IDS[similarity], offset, ref_unit)
+    return _TritonLabel.apply(emb, ref_emb, labels.long(), rl, params, SIMILARITIES[similarity], offset, ref_unit)
 
 
 def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -199,7 +203,7 @@ def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor
                            self_offset: Optional[int] = None, ref_unit: bool = False) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, fused in Triton. ``ref_unit``: the rows
     of ``ref_emb`` are unit vectors already (a memory bank keeps them so)."""
-    params = (FORM_IDS[form], float(beta), float(gamma_pos), float(gamma_neg), float(margin), float(lam))
+    params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).op_args()
     rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset,
                        ref_unit)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
@@ -209,7 +213,7 @@ def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Te
                                ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
                                reduction: str, self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused in Triton."""
-    params = (INFONCE_ID, 1.0 / float(temperature), 0.0, 0.0, 0.0, 0.0)
+    params = LossParams.info_nce(temperature)
     rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
@@ -217,7 +221,7 @@ def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Te
 def margin_statistics_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                                         ref_labels: Optional[Tensor] = None, *, similarity: str):
     """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, fused in Triton."""
-    extrema, valid = _run(emb, labels, ref_emb, ref_labels, (MARGIN_ID, 1.0, 0.0, 0.0, 0.0, 0.0), similarity, -1)
+    extrema, valid = _run(emb, labels, ref_emb, ref_labels, LossParams.margins(), similarity, -1)
     return sigmas(extrema[:, 0], extrema[:, 1], valid, emb.dtype)
 
 
@@ -246,4 +250,4 @@ class _TritonSimilarity(torch.autograd.Function):
 def pairwise_similarity_triton(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.pairwise_similarity`: one Triton GEMM with the
     normalization and the affine map in its epilogue."""
-    return _TritonSimilarity.apply(a, _inverse_norm(a), b, _inverse_norm(b), SIMILARITY_IDS[similarity], a.dtype)
+    return _TritonSimilarity.apply(a, _inverse_norm(a), b, _inverse_norm(b), SIMILARITIES[similarity], a.dtype)

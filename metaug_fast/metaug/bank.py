@@ -13,6 +13,7 @@ import metaug_fast.functional as MF
 from metaug_fast import distributed as D
 from metaug_fast.chunked import oucl_embeddings_chunked
 from metaug_fast import reference as R
+from metaug_fast.contract import LossParams
 from metaug_fast.reference import SIMILARITIES
 
 
@@ -70,11 +71,8 @@ class MemoryBank:
         """
         ref = self.features[view]
         MF._label_inputs(z, labels, ref, bank_labels)
-        unknown = set(form_params) - {"form", "beta", "gamma_pos", "gamma_neg", "margin", "lam"}
-        if unknown:
-            raise TypeError(f"score_all got unexpected arguments {sorted(unknown)}")
-        defaults = dict(form="weighted", beta=16.0, gamma_pos=0.0, gamma_neg=0.0, margin=0.25, lam=0.0)
-        params = MF._oucl_params(**{**defaults, **form_params}, reduction=reduction)
+        params = {**LossParams.from_kwargs("score_all", form_params).kwargs(),
+                  "reduction": MF._choice(reduction, "reduction", R.REDUCTIONS)}
         similarity = MF._choice(similarity, "similarity", SIMILARITIES)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -23,7 +23,11 @@ from torch.func import functional_call
 import metaug_fast.functional as MF
 from metaug_fast import distributed as D
 
+from metaug_fast.contract import LossParams
+
 from .bank import MemoryBank
+
+DEFAULTS = LossParams()
 
 METHODS = ("metaug", "oucl", "infonce")
 
@@ -42,12 +46,12 @@ class MetAugConfig:
     alpha: float = 1e-11  # weight of R_σ
     k_neg: int = 1024  # negatives sampled from the bank per step (with replacement)
     bank_momentum: float = 0.5
-    form: str = "weighted"
-    beta: float = 16.0
-    gamma_pos: float = 0.0
-    gamma_neg: float = 0.0
-    margin: float = 0.25
-    lam: float = 0.0
+    form: str = DEFAULTS.form
+    beta: float = DEFAULTS.beta
+    gamma_pos: float = DEFAULTS.gamma_pos
+    gamma_neg: float = DEFAULTS.gamma_neg
+    margin: float = DEFAULTS.margin
+    lam: float = DEFAULTS.lam
     similarity: str = "shifted_cosine"
     temperature: float = 0.07  # InfoNCE baseline (on cosine similarity)
     detach_margin: bool = False
