@@ -229,9 +229,8 @@ class _RingOUCL(torch.autograd.Function):
     carrying the gradient its owner gets). Peak memory O((b + largest chunk)·D)."""
 
     @staticmethod
-    def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params):
+    def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params, ops):
         world = len(sizes)
-        ops = torch.ops.metaug_fast
         chunk, chunk_labels = zn, labels
         parts = []
         for step in range(world):
@@ -245,7 +244,8 @@ class _RingOUCL(torch.autograd.Function):
         valid = _valid_rows(labels, all_labels)
         rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
         ctx.save_for_backward(zn, labels, merged)
-        ctx.sizes, ctx.rank, ctx.group, ctx.similarity, ctx.params = sizes, rank, group, similarity, params
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
         ctx.mark_non_differentiable(valid)
         return rows, valid
 
@@ -256,7 +256,7 @@ class _RingOUCL(torch.autograd.Function):
         zn, labels, merged = ctx.saved_tensors
         sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
         world = len(sizes)
-        ops = torch.ops.metaug_fast
+        ops = ctx.ops
         grad_rows = grad_rows.contiguous()
         own = torch.zeros_like(zn)
         chunk, chunk_labels, chunk_grad = zn, labels, torch.zeros_like(zn)
@@ -273,7 +273,7 @@ class _RingOUCL(torch.autograd.Function):
         # The last chunk's gradient is one hop from its owner (rank + 1): one more shift brings ours home
         # (with one rank the only chunk is our own).
         (mine,) = _shift([chunk_grad], [zn.shape], rank, world, group) if world > 1 else (chunk_grad,)
-        return own + mine, None, None, None, None, None, None, None
+        return own + mine, None, None, None, None, None, None, None, None
 
 
 def oucl_embeddings_ring(
@@ -291,22 +291,18 @@ def oucl_embeddings_ring(
     Needs the fused label op of the tensors' device (cpp on CPU)."""
     similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
                                           dict(params, similarity=similarity))
-    sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked)
+    ops, sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked)
     zn = _normalized(emb)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     all_labels = _gather_padded(labels.long(), sizes, group)
-    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params)
+    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params, ops)
     return _global_loss(rows, valid, reduction, group).to(emb.dtype)
 
 
 def _fused_op_args(what: str, device: torch.device, similarity: str, checked: dict) -> tuple:
-    """(similarity id, (form id, β, γ⁺, γ⁻, m, λ)) for the fused label ops of ``device``, which must exist."""
-    fused = "cpp" if device.type == "cpu" else "cuda"
-    if fused not in _backend.available_backends():
-        raise _backend.BackendUnavailableError(f"{what} needs the fused label op on {device.type}: "
-                                               f"{_backend._unavailable_reason(fused)}")
-    return SIMILARITIES[similarity], LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
+    """(the fused label ops of ``device`` from the backend registry, similarity id, op arguments)."""
+    return _backend.fused_label_ops(what, device), SIMILARITIES[similarity], LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
 
 
 def _normalized(x: Tensor) -> Tensor:
@@ -322,13 +318,13 @@ class _ShardOUCL(torch.autograd.Function):
     this shard's part of ∂/∂zq; the gather of the queries sums the parts."""
 
     @staticmethod
-    def forward(ctx, zq, q_labels, shard, shard_labels, valid, group, similarity, params):
-        _, stats = torch.ops.metaug_fast.oucl_label_fwd(zq, shard, q_labels, shard_labels, -1, similarity, *params)
+    def forward(ctx, zq, q_labels, shard, shard_labels, valid, group, similarity, params, ops):
+        _, stats = ops.oucl_label_fwd(zq, shard, q_labels, shard_labels, -1, similarity, *params)
         parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, stats.contiguous(), group=group)
         rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
         ctx.save_for_backward(zq, q_labels, shard, shard_labels, merged)
-        ctx.similarity, ctx.params = similarity, params
+        ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
         return rows
 
     @staticmethod
@@ -336,9 +332,9 @@ class _ShardOUCL(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("sharded OUCL provides first derivatives only")
         zq, q_labels, shard, shard_labels, merged = ctx.saved_tensors
-        g_q, _ = torch.ops.metaug_fast.oucl_label_bwd(grad_rows.contiguous(), zq, shard, q_labels, shard_labels,
-                                                       merged, -1, ctx.similarity, *ctx.params, False)
-        return g_q, None, None, None, None, None, None, None
+        g_q, _ = ctx.ops.oucl_label_bwd(grad_rows.contiguous(), zq, shard, q_labels, shard_labels, merged, -1,
+                                        ctx.similarity, *ctx.params, False)
+        return g_q, None, None, None, None, None, None, None, None
 
 
 def oucl_embeddings_sharded(
@@ -373,7 +369,7 @@ def oucl_embeddings_sharded(
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
                                           dict(params, similarity=similarity), ref=(shard, shard_labels))
-    sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked)
+    ops, sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     zq = _GatherRows.apply(_normalized(emb), sizes, rank, group)
@@ -387,7 +383,7 @@ def oucl_embeddings_sharded(
     dist.all_reduce(n_ref, group=group)
     valid = (n_pos > 0) & (n_ref - n_pos > 0)
     rn = shard.detach().to(zq.dtype) if shard_unit else _normalized(shard.detach()).to(zq.dtype)
-    rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params)
+    rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params, ops)
     # Every rank holds all rows, so the loss is computed whole (no all-reduce) and its gradient reaches
     # every query; the gather's backward sums the shards' parts and keeps this rank's rows.
     total = rows.sum()

@@ -10,26 +10,15 @@ optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, backends, reference  # noqa: F401  (importing backends registers them)
 from .contract import LossParams, _real
 
 DEFAULTS = LossParams()
-from ._ops.oucl_label import (
-    info_nce_embeddings_cpp,
-    margin_statistics_embeddings_cpp,
-    oucl_embeddings_cpp,
-    pairwise_similarity_cpp,
-)
-from ._ops.margins import margin_injection_loss_triton, margin_statistics_fused
-from ._ops.oucl_score import TRITON_OPS, info_nce_fused, oucl_fused
-from ._ops.triton_label import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
-                                oucl_embeddings_triton, pairwise_similarity_triton)
 
 __all__ = [
     "oucl",
@@ -122,34 +111,6 @@ def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> di
     """The validated keyword arguments of the backends' OUCL implementations."""
     params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).kwargs()
     return dict(params, reduction=_choice(reduction, "reduction", reference.REDUCTIONS))
-
-
-# ------------------------------------------------------------------------------------------ backends
-for _name in __all__:
-    _backend.register(_name, "reference", getattr(reference, _name))
-_backend.register("oucl", "cpp", oucl_fused)
-_backend.register("info_nce", "cpp", info_nce_fused)
-_backend.register("margin_statistics", "cpp", margin_statistics_fused)
-# The same autograd Functions run the CUDA kernels: the ops dispatch on the tensors' device.
-_backend.register("oucl", "cuda", oucl_fused)
-_backend.register("info_nce", "cuda", info_nce_fused)
-_backend.register("margin_statistics", "cuda", margin_statistics_fused)
-for _name, _fn in (("oucl_embeddings", oucl_embeddings_cpp), ("info_nce_embeddings", info_nce_embeddings_cpp),
-                   ("margin_statistics_embeddings", margin_statistics_embeddings_cpp),
-                   ("pairwise_similarity", pairwise_similarity_cpp)):
-    _backend.register(_name, "cuda", _fn)
-_backend.register("oucl_embeddings", "cpp", oucl_embeddings_cpp)
-_backend.register("pairwise_similarity", "cpp", pairwise_similarity_cpp)
-_backend.register("info_nce_embeddings", "cpp", info_nce_embeddings_cpp)
-_backend.register("margin_statistics_embeddings", "cpp", margin_statistics_embeddings_cpp)
-_backend.register("oucl", "triton", functools.partial(oucl_fused, ops=TRITON_OPS))
-_backend.register("info_nce", "triton", functools.partial(info_nce_fused, ops=TRITON_OPS))
-_backend.register("margin_statistics", "triton", functools.partial(margin_statistics_fused, ops=TRITON_OPS))
-_backend.register("margin_injection_loss", "triton", margin_injection_loss_triton)
-for _name, _fn in (("oucl_embeddings", oucl_embeddings_triton), ("info_nce_embeddings", info_nce_embeddings_triton),
-                   ("margin_statistics_embeddings", margin_statistics_embeddings_triton),
-                   ("pairwise_similarity", pairwise_similarity_triton)):
-    _backend.register(_name, "triton", _fn)
 
 
 # -------------------------------------------------------------------------------------------- public

@@ -27,6 +27,7 @@ from typing import List, Optional
 
 import torch
 
+from ._backend import REGISTRY
 from .metaug.data import DATASETS, DatasetNotFoundError
 from .metaug.models import ARCHS
 from .metaug.step import METHODS, MetAugConfig
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity)
     g.add_argument("--temperature", type=_positive_float, default=m.temperature)
     g.add_argument("--detach-margin", action="store_true")
-    g.add_argument("--backend", default=m.backend, help="auto, reference or cpp")
+    g.add_argument("--backend", default=m.backend, help="auto or a backend name (metaug_fast.available_backends())")
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--no-deterministic", action="store_true")
@@ -142,8 +143,8 @@ def _init_distributed(args: argparse.Namespace) -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.backend not in ("auto", "reference", "cpp", "triton", "cuda"):
-        ap.error(f"--backend must be auto, reference, cpp, triton or cuda, got {args.backend!r}")
+    if args.backend != "auto" and args.backend not in REGISTRY:
+        ap.error(f"--backend must be auto or one of {', '.join(REGISTRY)}, got {args.backend!r}")
     if args.max_steps < 0 or args.probe_every < 0:
         ap.error("--max-steps and --probe-every must be >= 0")
     if args.threads:

@@ -63,7 +63,7 @@ def simt_ops():
 
 
 def _registered(name: str) -> Dict[str, Callable]:
-    return {op: impls[name] for op, impls in _backend._IMPLS.items() if name in impls}
+    return dict(_backend.REGISTRY[name].impls)
 
 
 def _simt_impls() -> Dict[str, Callable]:
@@ -107,5 +107,5 @@ def load(name: str, device: str, interpreted: bool) -> Backend:
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("TRITON_INTERPRET=1 is needed to run the Triton kernels on CPU tensors")
     if name not in metaug_fast.available_backends():
-        pytest.skip(f"backend {name!r} unavailable: {_backend._unavailable_reason(name)}")
+        pytest.skip(f"backend {name!r} unavailable: {_backend.REGISTRY[name].unavailable()}")
     return Backend(name, device, _registered(name), interpreted)

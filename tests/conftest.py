@@ -16,7 +16,7 @@ import metaug_fast  # noqa: E402
 if os.environ.get("METAUG_NO_EXT", "0") != "1" and "cpp" not in metaug_fast.available_backends():
     raise RuntimeError(
         "the C++ extension did not load (set METAUG_NO_EXT=1 to test without it): "
-        f"{metaug_fast._backend._CPP_ERROR}"
+        f"{metaug_fast.backends.cpp.ERROR}"
     )
 
 requires_cpp = pytest.mark.skipif(

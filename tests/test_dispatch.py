@@ -13,7 +13,7 @@ P, N = torch.rand(4, 3), torch.rand(4, 5)
 
 def test_available_backends_lists_reference_first():
     names = metaug_fast.available_backends()
-    assert names[0] == "reference" and set(names) <= set(_backend.BACKENDS)
+    assert names[0] == "reference" and set(names) <= set(_backend.REGISTRY)
 
 
 @requires_cpp
@@ -31,7 +31,7 @@ def test_env_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="METAUG_BACKEND"):
         F.oucl(P, N)
     monkeypatch.setenv("METAUG_BACKEND", "triton")
-    assert _backend.resolve("oucl", "auto", torch.device("cpu")) is _backend._IMPLS["oucl"]["triton"]
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")) is _backend.REGISTRY["triton"].impls["oucl"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no GPU here: Triton only runs in its interpreter
     with pytest.raises(metaug_fast.BackendUnavailableError, match="METAUG_BACKEND='triton'.*TRITON_INTERPRET"):
         F.oucl(P, N)
@@ -57,7 +57,7 @@ def test_explicit_backend_never_falls_back(monkeypatch):
 
 
 def test_missing_extension_explains_how_to_build(monkeypatch):
-    monkeypatch.setattr(_backend, "_CPP_ERROR", ImportError("libfoo.so missing"))
+    monkeypatch.setattr(metaug_fast.backends.cpp, "ERROR", ImportError("libfoo.so missing"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _backend.available_backends() == ["reference"]
     with pytest.raises(metaug_fast.BackendUnavailableError, match="pip install -e . --no-build-isolation"):

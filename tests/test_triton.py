@@ -116,9 +116,9 @@ def test_backend_rules():
     with pytest.raises(ValueError, match="backend"):
         F.oucl(torch.rand(2, 2), torch.rand(2, 2), backend="trition")
     # auto never sends CPU tensors to the interpreter: it is for tests, not speed
-    impls = metaug_fast._backend._IMPLS
+    impls = metaug_fast._backend.REGISTRY["triton"].impls
     for op in ("oucl", "oucl_embeddings", "pairwise_similarity"):
-        assert metaug_fast._backend.resolve(op, "auto", torch.device("cpu")) is not impls[op]["triton"]
+        assert metaug_fast._backend.resolve(op, "auto", torch.device("cpu")) is not impls[op]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -1,0 +1,34 @@
+"""The ``cpp`` backend: the OpenMP kernels of csrc/ (``torch.ops.metaug_fast``) on CPU tensors, through the
+autograd Functions of metaug_fast._ops; ``backend="auto"`` picks it for CPU tensors when it is built."""
+from typing import Optional
+
+from .._backend import Backend, add
+from .._ops.margins import margin_statistics_fused
+from .._ops.oucl_label import (info_nce_embeddings_cpp, margin_statistics_embeddings_cpp, oucl_embeddings_cpp,
+                               pairwise_similarity_cpp)
+from .._ops.oucl_score import CPP_OPS, info_nce_fused, oucl_fused
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.metaug_fast.*)
+
+    ERROR: Optional[Exception] = None
+except ImportError as exc:  # the package must work without the extension
+    ERROR = exc
+
+# The label and score ops dispatch on the tensors' device: the CUDA backend registers the same functions.
+IMPLS = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
+         "oucl_embeddings": oucl_embeddings_cpp, "info_nce_embeddings": info_nce_embeddings_cpp,
+         "margin_statistics_embeddings": margin_statistics_embeddings_cpp,
+         "pairwise_similarity": pairwise_similarity_cpp}
+
+
+def unavailable() -> Optional[str]:
+    if ERROR is None:
+        return None
+    return (f"the C++ extension metaug_fast._C could not be imported ({ERROR}). Build it with "
+            "`pip install -e . --no-build-isolation` (a C++17 compiler with OpenMP is needed; METAUG_NO_EXT=1 "
+            "must not be set)")
+
+
+BACKEND = add(Backend("cpp", where="CPU tensors", runs_on=lambda device: device.type == "cpu",
+                      unavailable=unavailable, impls=dict(IMPLS), auto_on=("cpu",), label_ops=CPP_OPS))

@@ -1,0 +1,37 @@
+"""The ``cuda`` backend: the CUDA kernels of csrc/cuda, registered for the same ``torch.ops.metaug_fast`` ops
+as the C++ backend (dispatch by the tensors' device), so the same autograd Functions run them. Not picked
+by ``backend="auto"`` until it has passed the contract suite on a real GPU."""
+import importlib.util
+from typing import Optional
+
+import torch
+
+from .._backend import Backend, add
+from .._ops.oucl_score import CPP_OPS
+from . import cpp
+
+ERROR: Optional[Exception]
+if cpp.ERROR is not None:
+    ERROR = ImportError("metaug_fast._C (which defines the ops) is not built")
+elif importlib.util.find_spec("metaug_fast._C_cuda") is None:
+    ERROR = ImportError("metaug_fast._C_cuda is not built")
+else:
+    try:
+        from .. import _C_cuda  # noqa: F401  (registers the CUDA kernels of the same ops)
+
+        ERROR = None
+    except ImportError as exc:
+        ERROR = exc
+
+
+def unavailable() -> Optional[str]:
+    if ERROR is not None:
+        return (f"the CUDA extension metaug_fast._C_cuda could not be imported ({ERROR}). Build it on a machine "
+                "with nvcc: METAUG_BUILD_CUDA=1 pip install -e . --no-build-isolation")
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False: no CUDA device in this process"
+    return None
+
+
+BACKEND = add(Backend("cuda", where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
+                      unavailable=unavailable, impls=dict(cpp.IMPLS), label_ops=CPP_OPS))
