@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define METAUG_HD __host__ __device__
@@ -16,6 +17,28 @@ namespace metaug_fast {
 
 // kInfoNCE runs InfoNCE on the same machinery with β = 1/τ; kMargin computes margin statistics (label mode).
 enum FormId : int64_t { kHinge = 0, kSquared = 1, kWeighted = 2, kCircle = 3, kInfoNCE = 4, kMargin = 5 };
+
+// Every form id, once: METAUG_FORMS(X) expands X(id) for each. with_form and is_form follow from it, so a
+// new form is a new FormId, its Terms below, and its kernels' branches.
+#define METAUG_FORMS(X) X(kHinge) X(kSquared) X(kWeighted) X(kCircle) X(kInfoNCE) X(kMargin)
+
+constexpr bool is_form(int64_t form) {
+#define METAUG_IS_FORM(ID) form == ID ||
+  return METAUG_FORMS(METAUG_IS_FORM) false;
+#undef METAUG_IS_FORM
+}
+
+// Calls f(std::integral_constant<int, FORM>{}) for the run-time form id, so kernels are templated on it; the
+// one dispatch idiom of the CPU and CUDA hosts. Callers check is_form first.
+template <typename F>
+void with_form(int64_t form, F&& f) {
+  switch (form) {
+#define METAUG_FORM_CASE(ID) \
+  case ID: f(std::integral_constant<int, ID>{}); break;
+    METAUG_FORMS(METAUG_FORM_CASE)
+#undef METAUG_FORM_CASE
+  }
+}
 
 enum SimilarityId : int64_t { kShiftedCosine = 0, kCosine = 1 };  // (1 + cos)/2, cos
 

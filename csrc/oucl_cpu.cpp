@@ -196,20 +196,13 @@ void launch(Pass pass, int64_t form, bool pm, bool nm, int64_t B, const RowArgs<
   // Rows are independent: each is handled by one thread, so results do not depend on the thread count.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.kp + a.kn));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-#define METAUG_MASKS(FORM)                                                    \
-  if (pm && nm) run_rows<FORM, T, true, true>(pass, a, b0, b1);               \
-  else if (pm) run_rows<FORM, T, true, false>(pass, a, b0, b1);               \
-  else if (nm) run_rows<FORM, T, false, true>(pass, a, b0, b1);               \
-  else run_rows<FORM, T, false, false>(pass, a, b0, b1);
-    switch (form) {
-      case kHinge: METAUG_MASKS(kHinge) break;
-      case kSquared: METAUG_MASKS(kSquared) break;
-      case kWeighted: METAUG_MASKS(kWeighted) break;
-      case kCircle: METAUG_MASKS(kCircle) break;
-      case kInfoNCE: METAUG_MASKS(kInfoNCE) break;
-      case kMargin: METAUG_MASKS(kMargin) break;
-    }
-#undef METAUG_MASKS
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if (pm && nm) run_rows<FORM, T, true, true>(pass, a, b0, b1);
+      else if (pm) run_rows<FORM, T, true, false>(pass, a, b0, b1);
+      else if (nm) run_rows<FORM, T, false, true>(pass, a, b0, b1);
+      else run_rows<FORM, T, false, false>(pass, a, b0, b1);
+    });
   });
 }
 
@@ -223,7 +216,7 @@ Inputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::opt
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2, "oucl_score (cpp): pos and neg must be 2-D");
   TORCH_CHECK(pos.size(0) == neg.size(0), "oucl_score (cpp): pos and neg must have the same number of rows");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cpp): pos and neg must have the same dtype");
-  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_score (cpp): unknown form id ", form);
+  TORCH_CHECK(is_form(form), "oucl_score (cpp): unknown form id ", form);
   Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
   if (pos_mask.has_value()) {
     TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(),
@@ -403,50 +396,35 @@ LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_lab
 template <typename T>
 void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
                         T* tile, RowState<T>* states) {
-#define METAUG_FWD_ROWS(FORM) \
-  for (int64_t r = 0; r < nr; ++r) ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);
-#define METAUG_FWD_FORMS                           \
-  switch (form) {                                  \
-    case kMargin:                                  \
-      for (int64_t r = 0; r < nr; ++r) ns::margin_label_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
-      break;                                       \
-    case kInfoNCE:                                 \
-      for (int64_t r = 0; r < nr; ++r) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
-      break;                                       \
-    case kHinge: METAUG_FWD_ROWS(kHinge) break;    \
-    case kSquared: METAUG_FWD_ROWS(kSquared) break; \
-    case kWeighted: METAUG_FWD_ROWS(kWeighted) break; \
-    case kCircle: METAUG_FWD_ROWS(kCircle) break;  \
-  }
+#define METAUG_FWD_FORMS                                                                                       \
+  with_form(form, [&](auto f) {                                                                              \
+    constexpr int FORM = decltype(f)::value;                                                                 \
+    for (int64_t r = 0; r < nr; ++r) {                                                                       \
+      if constexpr (FORM == kMargin) ns::margin_label_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]);     \
+      else if constexpr (FORM == kInfoNCE) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]); \
+      else ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);                        \
+    }                                                                                                        \
+  });
   METAUG_ISA_SWITCH(METAUG_FWD_FORMS)
 #undef METAUG_FWD_FORMS
-#undef METAUG_FWD_ROWS
 }
 
 template <typename T>
 void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
                          T* tile, const T* stats, const T* grad_rows) {
-#define METAUG_BWD_ROWS(FORM)        \
-  for (int64_t r = 0; r < nr; ++r)   \
-    ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]);
-#define METAUG_BWD_FORMS                           \
-  switch (form) {                                  \
-    case kMargin:                                  \
-      for (int64_t r = 0; r < nr; ++r)             \
-        ns::margin_label_backward_row<T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows + 2 * (r0 + r)); \
-      break;                                       \
-    case kInfoNCE:                                 \
-      for (int64_t r = 0; r < nr; ++r)             \
-        ns::infonce_label_backward_row<T>(a, r0 + r, c0, L, tile + r * L, stats + kStats * (r0 + r), grad_rows[r0 + r]); \
-      break;                                       \
-    case kHinge: METAUG_BWD_ROWS(kHinge) break;    \
-    case kSquared: METAUG_BWD_ROWS(kSquared) break; \
-    case kWeighted: METAUG_BWD_ROWS(kWeighted) break; \
-    case kCircle: METAUG_BWD_ROWS(kCircle) break;  \
-  }
+#define METAUG_BWD_FORMS                                                                                       \
+  with_form(form, [&](auto f) {                                                                              \
+    constexpr int FORM = decltype(f)::value;                                                                 \
+    for (int64_t r = 0; r < nr; ++r) {                                                                       \
+      T* row = tile + r * L;                                                                                 \
+      const T* st = stats + kStats * (r0 + r);                                                               \
+      if constexpr (FORM == kMargin) ns::margin_label_backward_row<T>(a, r0 + r, c0, L, row, st, grad_rows + 2 * (r0 + r)); \
+      else if constexpr (FORM == kInfoNCE) ns::infonce_label_backward_row<T>(a, r0 + r, c0, L, row, st, grad_rows[r0 + r]); \
+      else ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, row, st, grad_rows[r0 + r]);                  \
+    }                                                                                                        \
+  });
   METAUG_ISA_SWITCH(METAUG_BWD_FORMS)
 #undef METAUG_BWD_FORMS
-#undef METAUG_BWD_ROWS
 }
 
 // InfoNCE's second forward sweep: the positives' terms, given each row's negative log-sum-exp C.
@@ -467,7 +445,7 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
   TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
                   labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
               "oucl_label (cpp): labels [B] and ref_labels [M] must be int64");
-  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cpp): unknown form id ", form);
+  TORCH_CHECK(is_form(form), "oucl_label (cpp): unknown form id ", form);
   TORCH_CHECK(similarity == kShiftedCosine || similarity == kCosine, "oucl_label (cpp): unknown similarity id ", similarity);
 }
 

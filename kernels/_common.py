@@ -27,12 +27,8 @@ from ..contract import N_STATS as _N_STATS
 from ..contract import Form, Part, Stat
 
 # Module-level constants a kernel reads must be constexpr instances (an annotation is not enough).
-HINGE = tl.constexpr(int(Form.HINGE))
-SQUARED = tl.constexpr(int(Form.SQUARED))
-WEIGHTED = tl.constexpr(int(Form.WEIGHTED))
-CIRCLE = tl.constexpr(int(Form.CIRCLE))
-INFONCE = tl.constexpr(int(Form.INFONCE))
-MARGIN = tl.constexpr(int(Form.MARGIN))
+HINGE, SQUARED, WEIGHTED, CIRCLE, INFONCE, MARGIN = (tl.constexpr(int(Form[name])) for name in (
+    "HINGE", "SQUARED", "WEIGHTED", "CIRCLE", "INFONCE", "MARGIN"))
 N_STATS = tl.constexpr(_N_STATS)
 ST_0, ST_1, ST_2, ST_3 = (tl.constexpr(int(s)) for s in (Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT,
                                                          Stat.NEG_LOG_SUM))

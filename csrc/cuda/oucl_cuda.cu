@@ -26,18 +26,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 
-// Calls f(std::integral_constant<int, FORM>) for the run-time form id, so kernels are templated on it.
-template <typename F>
-void with_form(int64_t form, F&& f) {
-  switch (form) {
-    case kHinge: f(std::integral_constant<int, kHinge>{}); break;
-    case kSquared: f(std::integral_constant<int, kSquared>{}); break;
-    case kWeighted: f(std::integral_constant<int, kWeighted>{}); break;
-    case kCircle: f(std::integral_constant<int, kCircle>{}); break;
-    case kInfoNCE: f(std::integral_constant<int, kInfoNCE>{}); break;
-    case kMargin: f(std::integral_constant<int, kMargin>{}); break;
-  }
-}
 
 template <typename T>
 struct Running {  // a lane's online log-sum-exp: LSE = m + log(s), m = -inf while empty
@@ -442,7 +430,7 @@ Inputs prepare(const at::Tensor& pos, const at::Tensor& neg, const c10::optional
   TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2 && pos.size(0) == neg.size(0),
               "oucl_score (cuda): pos [B,K+] and neg [B,K-]");
   TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cuda): pos and neg must have one dtype");
-  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_score (cuda): unknown form id ", form);
+  TORCH_CHECK(is_form(form), "oucl_score (cuda): unknown form id ", form);
   Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
   if (pos_mask.has_value()) {
     TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(), "oucl_score (cuda): pos_mask");
@@ -788,7 +776,7 @@ void check_label_cuda(const at::Tensor& zn, const at::Tensor& rn, const at::Tens
   TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
                   labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
               "oucl_label (cuda): labels [B] and ref_labels [M] must be int64");
-  TORCH_CHECK(form >= kHinge && form <= kMargin, "oucl_label (cuda): unknown form id ", form);
+  TORCH_CHECK(is_form(form), "oucl_label (cuda): unknown form id ", form);
 }
 
 // The label ops' common prologue, alive for the op's whole body: inputs checked, the device guard, autograd
