@@ -51,6 +51,15 @@ def _finite_or_zero(m: Tensor) -> Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+def merge_lse(shift: Tensor, log_sum: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact merge of log-sum-exps given as (shift, log_sum), ``[B, n]`` each (an empty part has log_sum =
+    -inf), into one (shift, log_sum) ``[B]``: :func:`_combine` on (shift, exp(log_sum)), which cannot
+    overflow (exp(log_sum) is at most the number of terms). The one merge of the chunked path, the Triton
+    label partials and the distributed modes."""
+    m, s = _combine(shift, torch.exp(log_sum))
+    return m, torch.log(s)
+
+
 def _combine(ms: Tensor, ss: Tensor) -> Tuple[Tensor, Tensor]:
     """Exact combination of per-chunk (m_c, s_c), ``[B, n_chunks]`` each, into one (m, s)."""
     m = _finite_or_zero(ms.amax(1, keepdim=True).detach())

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _backend
 from . import functional as F
 from . import reference as R
+from .chunked import merge_lse
 from .contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Stat
 
 
@@ -196,15 +197,6 @@ def _shift(tensors: List[Tensor], recv_shapes: List[torch.Size], rank: int, worl
     return received
 
 
-def _merge_lse(shift: Tensor, log_sum: Tensor) -> tuple:
-    """Combine per-chunk (shift, log_sum) ``[b, W]`` into one (shift, log_sum) ``[b]``; empty chunks have
-    log_sum = -inf."""
-    value = shift + log_sum
-    m = value.amax(1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m[:, 0], torch.log(torch.exp(value - m).sum(1))
-
-
 def _merge_stats(stats: Tensor, valid: Tensor, params: OpArgs) -> tuple:
     """Per-row losses ``[b]`` and the merged statistics ``[b, N_STATS]`` (as the label ops' backward takes
     them) from the statistics ``stats [b, W, N_STATS]`` of W disjoint parts of the reference set; ``valid
@@ -216,7 +208,7 @@ def _merge_stats(stats: Tensor, valid: Tensor, params: OpArgs) -> tuple:
         rows = torch.where(torch.isnan(arg) | (arg > 0), arg, torch.zeros_like(arg))
     else:
         for shift, log_sum in ((Stat.POS_SHIFT, Stat.POS_LOG_SUM), (Stat.NEG_SHIFT, Stat.NEG_LOG_SUM)):
-            merged[:, shift], merged[:, log_sum] = _merge_lse(stats[..., shift], stats[..., log_sum])
+            merged[:, shift], merged[:, log_sum] = merge_lse(stats[..., shift], stats[..., log_sum])
         total = merged[:, [Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT, Stat.NEG_LOG_SUM]].sum(1)
         rows = torch.logaddexp(total, torch.zeros_like(total)) / params.beta
     merged[:, Stat.VALID] = valid.to(stats.dtype)

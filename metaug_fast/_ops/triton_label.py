@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..chunked import _combine
+from ..chunked import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, Stat, stats_of
 from .margins import sigmas
 from .oucl_label import _LabelBackward
@@ -25,10 +25,8 @@ _EPS = 1e-12  # F.normalize's
 
 
 def _merge_lse(run_max: Tensor, total: Tensor):
-    """(shift, log_sum) ``[B]`` from per-split running maxima and sums ``[splits, B]`` (the same online
-    log-sum-exp merge as the chunked reference path)."""
-    shift, merged = _combine(run_max.T, total.T)
-    return shift, torch.log(merged)
+    """(shift, log_sum) ``[B]`` from per-split running maxima and sums ``[splits, B]``."""
+    return merge_lse(run_max.T, torch.log(total.T))
 
 
 def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
