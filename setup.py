@@ -46,7 +46,7 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
             CppExtension(
                 "metaug_fast._C",
                 sources=["csrc/module.cpp", "csrc/oucl_cpu.cpp"],
-                depends=["csrc/oucl_common.h", "csrc/op_schemas.h", "csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", "csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
                 extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
                 extra_link_args=["-fopenmp"],
             )
@@ -56,7 +56,7 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
             CUDAExtension(
                 "metaug_fast._C_cuda",
                 sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/oucl_cuda.cu"],
-                depends=["csrc/oucl_common.h", "csrc/cuda/device.h"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/cuda/device.h"],
                 include_dirs=_cuda_include_dirs(),
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
             )

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "oucl_common.h"
+#include "oucl_host.h"
 #include "op_schemas.h"
 
 #include <algorithm>
@@ -206,46 +207,19 @@ void launch(Pass pass, int64_t form, bool pm, bool nm, int64_t B, const RowArgs<
   });
 }
 
-struct Inputs {
-  at::Tensor pos, neg, pos_mask, neg_mask;  // contiguous; masks undefined when absent
-};
-
-Inputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
-                    const c10::optional<at::Tensor>& neg_mask, int64_t form) {
+ScoreInputs check_inputs(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                         const c10::optional<at::Tensor>& neg_mask, int64_t form) {
   TORCH_CHECK(pos.device().is_cpu() && neg.device().is_cpu(), "oucl_score (cpp): pos and neg must be CPU tensors");
-  TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2, "oucl_score (cpp): pos and neg must be 2-D");
-  TORCH_CHECK(pos.size(0) == neg.size(0), "oucl_score (cpp): pos and neg must have the same number of rows");
-  TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cpp): pos and neg must have the same dtype");
-  TORCH_CHECK(is_form(form), "oucl_score (cpp): unknown form id ", form);
-  Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
-  if (pos_mask.has_value()) {
-    TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(),
-                "oucl_score (cpp): pos_mask must be a bool tensor shaped like pos");
-    in.pos_mask = pos_mask->contiguous();
-  }
-  if (neg_mask.has_value()) {
-    TORCH_CHECK(neg_mask->scalar_type() == at::kBool && neg_mask->sizes() == neg.sizes(),
-                "oucl_score (cpp): neg_mask must be a bool tensor shaped like neg");
-    in.neg_mask = neg_mask->contiguous();
-  }
-  return in;
+  return score_inputs("oucl_score (cpp)", pos, neg, pos_mask, neg_mask, form);
 }
 
 template <typename S, typename T>
-RowArgs<S, T> make_args(const Inputs& in, double beta, double gamma_pos, double gamma_neg, double margin,
+RowArgs<S, T> make_args(const ScoreInputs& in, double beta, double gamma_pos, double gamma_neg, double margin,
                         double lam) {
   RowArgs<S, T> a;
-  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
-  a.kp = in.pos.size(1);
-  a.kn = in.neg.size(1);
-  a.pos = in.pos.data_ptr<S>();
-  a.neg = in.neg.data_ptr<S>();
-  a.pos_mask = in.pos_mask.defined() ? in.pos_mask.data_ptr<bool>() : nullptr;
-  a.neg_mask = in.neg_mask.defined() ? in.neg_mask.data_ptr<bool>() : nullptr;
+  pack_score_args<S, T>(a, in, beta, gamma_pos, gamma_neg, margin, lam);
   return a;
 }
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_stats(const at::Tensor& stats, const at::Tensor& pos) {
   TORCH_CHECK(stats.scalar_type() == acc_type(pos.scalar_type()) && stats.dim() == 2 &&
@@ -268,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_score_fwd(const at::Tensor& pos, const a
                                                   const c10::optional<at::Tensor>& neg_mask, int64_t form,
                                                   double beta, double gamma_pos, double gamma_neg, double margin,
                                                   double lam) {
-  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
   const int64_t B = pos.size(0);
   at::Tensor rows = at::empty({B}, pos.options().dtype(acc_type(pos.scalar_type())));
   at::Tensor stats = at::empty({B, kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
@@ -287,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_score_bwd(const at::Tensor& grad_rows, c
                                                   const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats,
                                                   int64_t form, double beta, double gamma_pos, double gamma_neg,
                                                   double margin, double lam) {
-  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
   check_stats(stats, pos);
   const at::Tensor g = grad_rows.contiguous();
   check_grad_rows(g, pos);
@@ -310,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> oucl_score_bwd_bwd(
     const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask, const c10::optional<at::Tensor>& neg_mask,
     const at::Tensor& stats, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin,
     double lam) {
-  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = check_inputs(pos, neg, pos_mask, neg_mask, form);
   check_stats(stats, pos);
   check_like(gg_pos, pos, "gg_pos");
   check_like(gg_neg, neg, "gg_neg");
@@ -383,7 +357,7 @@ LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_lab
                              int64_t similarity, double beta, double gamma_pos, double gamma_neg, double margin,
                              double lam) {
   LabelArgs<T> a;
-  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  a.cfg = make_cfg<T>(beta, gamma_pos, gamma_neg, margin, lam);
   a.sim_a = similarity == kShiftedCosine ? T(0.5) : T(1);
   a.sim_b = similarity == kShiftedCosine ? T(0.5) : T(0);
   a.exclude_self = self_offset >= 0;
@@ -603,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> oucl_label_bwd(const at::Tensor& grad_rows_in
 // Score-mode margin statistics: stats [B,5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype.
 at::Tensor margin_score_fwd(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
                             const c10::optional<at::Tensor>& neg_mask) {
-  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
+  const ScoreInputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
   at::Tensor stats = at::empty({pos.size(0), kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_fwd", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -617,7 +591,7 @@ at::Tensor margin_score_fwd(const at::Tensor& pos, const at::Tensor& neg, const 
 std::tuple<at::Tensor, at::Tensor> margin_score_bwd(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& neg,
                                                     const c10::optional<at::Tensor>& pos_mask,
                                                     const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats) {
-  const Inputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
+  const ScoreInputs in = check_inputs(pos, neg, pos_mask, neg_mask, kMargin);
   check_stats(stats, pos);
   const at::Tensor g = grad.contiguous();
   TORCH_CHECK(g.dim() == 2 && g.size(0) == pos.size(0) && g.size(1) == 2 && g.scalar_type() == stats.scalar_type(),

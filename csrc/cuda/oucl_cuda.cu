@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "../oucl_common.h"
+#include "../oucl_host.h"
 #include "device.h"
 
 namespace metaug_fast {
@@ -417,43 +418,18 @@ void launch(Pass pass, int64_t form, const Args<S, T>& a) {
   });
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-struct Inputs {
-  at::Tensor pos, neg, pos_mask, neg_mask;
-};
-
-Inputs prepare(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
-               const c10::optional<at::Tensor>& neg_mask, int64_t form) {
+ScoreInputs prepare(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+                    const c10::optional<at::Tensor>& neg_mask, int64_t form) {
   TORCH_CHECK(device::holds(pos) && device::holds(neg) && pos.device() == neg.device(),
               "oucl_score (cuda): pos and neg must be tensors on one device (", device::kName, ")");
-  TORCH_CHECK(pos.dim() == 2 && neg.dim() == 2 && pos.size(0) == neg.size(0),
-              "oucl_score (cuda): pos [B,K+] and neg [B,K-]");
-  TORCH_CHECK(pos.scalar_type() == neg.scalar_type(), "oucl_score (cuda): pos and neg must have one dtype");
-  TORCH_CHECK(is_form(form), "oucl_score (cuda): unknown form id ", form);
-  Inputs in{pos.contiguous(), neg.contiguous(), at::Tensor(), at::Tensor()};
-  if (pos_mask.has_value()) {
-    TORCH_CHECK(pos_mask->scalar_type() == at::kBool && pos_mask->sizes() == pos.sizes(), "oucl_score (cuda): pos_mask");
-    in.pos_mask = pos_mask->contiguous();
-  }
-  if (neg_mask.has_value()) {
-    TORCH_CHECK(neg_mask->scalar_type() == at::kBool && neg_mask->sizes() == neg.sizes(), "oucl_score (cuda): neg_mask");
-    in.neg_mask = neg_mask->contiguous();
-  }
-  return in;
+  return score_inputs("oucl_score (cuda)", pos, neg, pos_mask, neg_mask, form);
 }
 
 template <typename S, typename T>
-Args<S, T> make_args(const Inputs& in, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+Args<S, T> make_args(const ScoreInputs& in, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
   Args<S, T> a{};
-  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  pack_score_args<S, T>(a, in, beta, gamma_pos, gamma_neg, margin, lam);
   a.B = in.pos.size(0);
-  a.kp = in.pos.size(1);
-  a.kn = in.neg.size(1);
-  a.pos = in.pos.data_ptr<S>();
-  a.neg = in.neg.data_ptr<S>();
-  a.pos_mask = in.pos_mask.defined() ? in.pos_mask.data_ptr<bool>() : nullptr;
-  a.neg_mask = in.neg_mask.defined() ? in.neg_mask.data_ptr<bool>() : nullptr;
   return a;
 }
 
@@ -461,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& pos, const at::Ten
                                             const c10::optional<at::Tensor>& pos_mask,
                                             const c10::optional<at::Tensor>& neg_mask, int64_t form, double beta,
                                             double gamma_pos, double gamma_neg, double margin, double lam) {
-  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = prepare(pos, neg, pos_mask, neg_mask, form);
   const device::Guard guard(pos.device());
   const auto opts = pos.options().dtype(acc_type(pos.scalar_type()));
   at::Tensor rows = at::empty({pos.size(0)}, opts), stats = at::empty({pos.size(0), kStats}, opts);
@@ -480,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_rows, const a
                                             const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats,
                                             int64_t form, double beta, double gamma_pos, double gamma_neg,
                                             double margin, double lam) {
-  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = prepare(pos, neg, pos_mask, neg_mask, form);
   const device::Guard guard(pos.device());
   TORCH_CHECK(stats.is_contiguous() && stats.size(1) == kStats, "oucl_score (cuda): stats from oucl_score_fwd");
   const at::Tensor g = grad_rows.contiguous();
@@ -502,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_bwd_cuda(
     const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask, const c10::optional<at::Tensor>& neg_mask,
     const at::Tensor& stats, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin,
     double lam) {
-  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, form);
+  const ScoreInputs in = prepare(pos, neg, pos_mask, neg_mask, form);
   const device::Guard guard(pos.device());
   TORCH_CHECK(stats.is_contiguous() && stats.size(1) == kStats, "oucl_score (cuda): stats from oucl_score_fwd");
   const at::Tensor g = grad_rows.contiguous(), tp = gg_pos.contiguous(), tn = gg_neg.contiguous();
@@ -524,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_bwd_cuda(
 
 at::Tensor margin_fwd_cuda(const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
                            const c10::optional<at::Tensor>& neg_mask) {
-  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
+  const ScoreInputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
   const device::Guard guard(pos.device());
   at::Tensor stats = at::empty({pos.size(0), kStats}, pos.options().dtype(acc_type(pos.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pos.scalar_type(), "margin_score_fwd_cuda", [&] {
@@ -539,7 +515,7 @@ at::Tensor margin_fwd_cuda(const at::Tensor& pos, const at::Tensor& neg, const c
 std::tuple<at::Tensor, at::Tensor> margin_bwd_cuda(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& neg,
                                                    const c10::optional<at::Tensor>& pos_mask,
                                                    const c10::optional<at::Tensor>& neg_mask, const at::Tensor& stats) {
-  const Inputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
+  const ScoreInputs in = prepare(pos, neg, pos_mask, neg_mask, kMargin);
   const device::Guard guard(pos.device());
   TORCH_CHECK(grad.dim() == 2 && grad.size(1) == 2 && stats.size(1) == kStats, "margin_score (cuda): grad [B,2]");
   const at::Tensor g = grad.contiguous();
@@ -740,7 +716,7 @@ template <typename T>
 LabelArgsD<T> label_args(const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity,
                          double beta, double gamma_pos, double gamma_neg, double margin, double lam, int64_t B) {
   LabelArgsD<T> a{};
-  a.cfg = Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
+  a.cfg = make_cfg<T>(beta, gamma_pos, gamma_neg, margin, lam);
   a.sim_a = similarity == kShiftedCosine ? T(0.5) : T(1);
   a.sim_b = similarity == kShiftedCosine ? T(0.5) : T(0);
   a.exclude_self = self_offset >= 0;
