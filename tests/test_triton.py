@@ -316,3 +316,25 @@ def test_score_kernels_are_compiled_without_fused_multiply_adds():
     kernels = ("_score_fwd_kernel", "_score_bwd_kernel", "_score_bwd_bwd_kernel")
     assert int(_fusable_in_ptx(kernels[2:], True)[kernels[2]]) > 100  # what Triton does by default
     assert _fusable_in_ptx(kernels, None) == {k: "0" for k in kernels}
+
+
+def test_label_tile_configuration_override():
+    # What the GPU check's tile sweep uses: every label kernel launch takes the overridden tiles and warps,
+    # results unchanged; unknown fields and tiles that tl.dot cannot take are refused.
+    from metaug_fast.kernels import oucl_label as K
+
+    emb, labels, ref, ref_labels = label_data(37, 50, D=20)
+    torch.manual_seed(1)  # the same directions for both HVPs
+    want = _label_run(_label_fn("weighted", "reference", labels, ref_labels), emb, ref)
+    with K.override(BM=32, BN=16, BDO=16, num_warps=8):
+        assert K.config(emb, 20)[:2] == (32, 16) and K.config(emb, 20).num_warps == 8
+        torch.manual_seed(1)
+        got = _label_run(_label_fn("weighted", "triton", labels, ref_labels), emb, ref)
+    assert K.config(emb, 20)[:2] == (16, 16)  # restored
+    _close(got, want, 1e-10)
+    with pytest.raises(ValueError, match="unknown label kernel configuration fields"):
+        with K.override(BK=64):
+            pass
+    with pytest.raises(ValueError, match="BM must be a power of two >= 16"):
+        with K.override(BM=48):
+            pass
