@@ -113,8 +113,8 @@ def close_views(B, D, gen, noise=0.05):
 
 
 def low_precision_bound(got, low_ref, exact, dtype, fp32_tol):
-    """DESIGN's tolerance: fp32 within ``fp32_tol``; fp16/bf16 within twice reference.py's own error in
-    that dtype plus one ulp."""
+    """The documented tolerance (README, Accuracy): fp32 within ``fp32_tol``; fp16/bf16 within twice
+    reference.py's own error in that dtype plus one ulp."""
     for i, (g, r, w) in enumerate(zip(got, low_ref, exact)):
         assert g.dtype == dtype, (i, g.dtype)
         assert torch.isfinite(g).all() == torch.isfinite(w).all(), f"output {i}: not finite"

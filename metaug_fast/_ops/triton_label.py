@@ -89,10 +89,9 @@ class _TritonLabel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, r, labels, ref_labels, params, sim_id, self_offset, ref_unit):
-        iz = _inverse_norm(e)
-        ir = iz if r is None else iz.new_ones(r.shape[0]) if ref_unit else _inverse_norm(r)
+        iz, ir = _inverse_norms(e, r, ref_unit)
         out, stats = _forward(e, iz, e if r is None else r, ir, labels, ref_labels, params, sim_id, self_offset)
-        ctx.save_for_backward(e, r, labels, ref_labels, stats)
+        ctx.save_for_backward(e, r, labels, ref_labels, stats, iz, ir)
         ctx.params, ctx.sim_id, ctx.self_offset, ctx.ref_unit = params, sim_id, self_offset, ref_unit
         valid = stats[:, Stat.VALID] > 0
         ctx.mark_non_differentiable(valid)
@@ -104,10 +103,8 @@ class _TritonLabel(torch.autograd.Function):
             return _differentiable_grads(ctx, grad_out)
         from ..kernels import oucl_label as K
 
-        e, r, labels, ref_labels, stats = ctx.saved_tensors
+        e, r, labels, ref_labels, stats, iz, ir = ctx.saved_tensors
         self_mode = r is None
-        iz = _inverse_norm(e)
-        ir = iz if self_mode else iz.new_ones(r.shape[0]) if ctx.ref_unit else _inverse_norm(r)
         need_ref = self_mode or ctx.needs_input_grad[1]
         de, diz, dr, dir_ = K.label_bwd(grad_out, stats, e, iz, e if self_mode else r, ir, labels, ref_labels,
                                         ctx.params, ctx.self_offset, ctx.sim_id, ctx.params[0], need_ref)
@@ -161,15 +158,11 @@ def _differentiable_grads(ctx, grad_out):
     on the normalized rows en = e·iz, rn = r·ir, whose own backward runs the score-mode kernels over row
     chunks of the scores (never B×M), then the normalization's chain in torch ops (iz recomputed from e
     here, in grad mode, so that every order reaches it)."""
-    e, r, labels, ref_labels, stats = ctx.saved_tensors
+    e, r, labels, ref_labels, stats, _, _ = ctx.saved_tensors
     self_mode = r is None
-    iz = _inverse_norm(e)
+    iz, ir = _inverse_norms(e, r, ctx.ref_unit)
     en = _normalized(e, iz)
-    if self_mode:
-        ir, rn = iz, en
-    else:
-        ir = iz.new_ones(r.shape[0]) if ctx.ref_unit else _inverse_norm(r)
-        rn = _normalized(r, ir)
+    rn = en if self_mode else _normalized(r, ir)
     ref_grad = self_mode or ctx.needs_input_grad[1]
     g_en, g_rn = _LabelBackward.apply(grad_out.contiguous(), en, rn, labels, ref_labels, stats,
                                       _SIMILARITY_NAMES[ctx.sim_id], ctx.params, ctx.self_offset, _TritonLabelOps(),
@@ -185,6 +178,15 @@ def _differentiable_grads(ctx, grad_out):
 
 def _inverse_norm(x: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(reference._acc(x), dim=1).clamp(min=_EPS)
+
+
+def _inverse_norms(e: Tensor, r: Optional[Tensor], ref_unit: bool):
+    """(iz [B], ir [M]) of the rows and the reference rows: ir is iz itself without a reference set, ones
+    when the reference rows are unit vectors already. Torch ops: differentiable when grad mode is on."""
+    iz = _inverse_norm(e)
+    if r is None:
+        return iz, iz
+    return iz, iz.new_ones(r.shape[0]) if ref_unit else _inverse_norm(r)
 
 
 def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False):
