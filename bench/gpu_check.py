@@ -177,6 +177,8 @@ def step_kernels(c: Check) -> None:
            str(c.work / "gpu_kernels.csv"), "--profile", str(c.work / "profile.txt")]
     if c.mode == "quick":
         cmd.append("--quick")
+    if (c.work / "ceilings.csv").exists():  # measured once, at the start of this run
+        cmd += ["--ceilings-from", str(c.work / "ceilings.csv")]
     code = c.run("kernels", cmd, c.left() - 20, "gpu_kernels.log", env={"TRITON_INTERPRET": "0"})
     if code:
         c.record("kernels", "exit", code, status="failed" if code != 124 else "timeout")

@@ -2,6 +2,7 @@
 
     python -m bench.gpu_kernels --out gpu_kernels.csv [--quick] [--summary summary.csv] [--profile prof.txt]
     python -m bench.gpu_kernels --ceilings-only --out ceilings.csv
+    python -m bench.gpu_kernels --ceilings-from ceilings.csv --out gpu_kernels.csv   # reuse them
 
 - ceilings, measured in the same run: bf16, tf32 and fp32 GEMM rates (8192³) and HBM copy bandwidth;
 - label mode, self mode, D = 128, bf16, N = 16k and 64k (16k with ``--quick``): forward, forward+backward,
@@ -72,6 +73,13 @@ def ceilings(sink) -> dict:
     y = torch.empty_like(x)
     sink("ceilings", "HBM copy 2 GiB", 2 * x.numel() * 4 / timed(lambda: y.copy_(x)) / 1e9, "GB/s")
     return rates
+
+
+def read_ceilings(path: Path) -> dict:
+    """The GEMM rates a ``--ceilings-only`` run of this process's GPU wrote, by precision."""
+    with open(path) as f:
+        return {row["name"].split()[1]: float(row["value"]) for row in csv.DictReader(f)
+                if row["name"].startswith("GEMM ")}
 
 
 def label(sink, n: int, bf16_rate: float, hvp: bool) -> None:
@@ -191,11 +199,12 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ceilings-only", action="store_true")
+    ap.add_argument("--ceilings-from", type=Path, help="a --ceilings-only CSV of the same run, not measured again")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
     sink = Sink(args.out, args.summary)
-    rates = ceilings(sink)
+    rates = read_ceilings(args.ceilings_from) if args.ceilings_from else ceilings(sink)
     if args.ceilings_only:
         return 0
     t0 = time.monotonic()

@@ -73,3 +73,13 @@ def test_wrapper_passes_its_arguments(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path), "--dry-run", "--quick"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "GPU check (quick, dry run)" in run.stdout
+
+
+def test_kernel_timings_reuse_the_ceilings_of_the_run(tmp_path):
+    # The check measures the GEMM ceilings once; the kernel step reads them back instead of measuring again.
+    from bench.gpu_kernels import Sink, read_ceilings
+
+    sink = Sink(tmp_path / "ceilings.csv")
+    sink("ceilings", "GEMM bf16 8192^3", 812.5, "TFLOP/s")
+    sink("ceilings", "HBM copy 2 GiB", 4100.0, "GB/s")
+    assert read_ceilings(tmp_path / "ceilings.csv") == {"bf16": 812.5}
