@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
 # The CUDA toolkit root: /usr/local/cuda where it exists (here /usr/local/bin/nvcc is a wrapper script
 # around it), else the directory above the bin/ that holds nvcc.
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 train: install
-	$(PY) -m metaug_fast.compare --quiet
+	$(PY) -m metaug_fast.cli.compare --quiet
 
 # The CPU suite (every op, backend and baseline over a sweep of sizes, about 4 minutes), its charts, and
 # the README's tables regenerated from every CSV in bench/results/.
@@ -60,17 +60,17 @@ bench-micro: install
 check-cuda: install
 	CUDA_HOME=$(CUDA_ROOT) TORCH_CUDA_ARCH_LIST=9.0 METAUG_BUILD_CUDA=1 METAUG_CUDA_ONLY=1 MAX_JOBS=2 \
 		$(PY) setup.py build_ext --build-temp build/check-cuda/tmp --build-lib build/check-cuda/lib
-	$(PY) -m bench.check_cuda_load
+	$(PY) -m tools.check_cuda_load
 
 # Compiles every Triton kernel to sm_90 cubins with Triton's own compiler and ptxas (no GPU needed): catches
 # what the interpreter used by the tests cannot.
 check-triton: install
-	env -u TRITON_INTERPRET $(PY) -m bench.check_triton_compile
+	env -u TRITON_INTERPRET $(PY) -m tools.check_triton_compile
 
 # Static GPU evidence without a GPU: every Triton kernel and (after check-cuda) every CUDA kernel compiled for
 # sm_90 and disassembled into bench/results/gpu_static.csv and its chart.
 gpu-static: check-cuda
-	env -u TRITON_INTERPRET $(PY) -m bench.gpu_static
+	env -u TRITON_INTERPRET $(PY) -m tools.gpu_static
 
 clean:
 	rm -rf build *.egg-info metaug_fast/*.so

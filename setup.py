@@ -45,8 +45,8 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
         ext_modules.append(
             CppExtension(
                 "metaug_fast._C",
-                sources=["csrc/module.cpp", "csrc/oucl_cpu.cpp"],
-                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", "csrc/oucl_rows.inc", "csrc/oucl_label_tiles.inc"],
+                sources=["csrc/module.cpp", "csrc/cpu/score.cpp", "csrc/cpu/label.cpp"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", *glob.glob("csrc/cpu/*.[hi]*")],
                 extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
                 extra_link_args=["-fopenmp"],
             )
@@ -55,8 +55,8 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
         ext_modules.append(
             CUDAExtension(
                 "metaug_fast._C_cuda",
-                sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/oucl_cuda.cu"],
-                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/cuda/device.h"],
+                sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/score.cu", "csrc/cuda/label.cu"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/cuda/device.h", "csrc/cuda/warp.cuh"],
                 include_dirs=_cuda_include_dirs(),
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
             )

@@ -1,5 +1,5 @@
 // The schemas of the kernel ops, defined once for every library that holds them: torch.ops.metaug_fast
-// (csrc/oucl_cpu.cpp; csrc/cuda/oucl_cuda.cu adds CUDA kernels to it) and torch.ops.metaug_fast_simt, the
+// (csrc/cpu/score.cpp; csrc/cpu/label.cpp and csrc/cuda add kernels to it) and torch.ops.metaug_fast_simt, the
 // CUDA kernels run by the SIMT emulator on the CPU (csrc/cuda/simt/oucl_cuda_simt.cpp).
 #pragma once
 

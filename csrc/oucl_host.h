@@ -1,16 +1,31 @@
-// The host layer the CPU (oucl_cpu.cpp) and CUDA (cuda/oucl_cuda.cu) ops share: the score-mode inputs'
-// checks, their contiguous copies, and the packing of the loss arguments into a kernel's argument struct.
-// Host code only (ATen); each file checks its own device first and names itself in the messages.
+// The host layer the CPU (cpu/) and CUDA (cuda/) ops share: the inputs' checks, their contiguous copies,
+// the packing of the loss arguments into a kernel's argument struct, and the score-mode op bodies, written
+// once over a backend (see ScoreOps). Host code only (ATen).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/Optional.h>
+#include <torch/library.h>
 
 #include <string>
+#include <tuple>
 
 #include "oucl_common.h"
 
 namespace metaug_fast {
+
+// The CPU as the backend of the op bodies below (cuda/device.h gives the CUDA one).
+struct CpuDevice {
+  static constexpr const char* kName = "cpp";
+  static constexpr const char* kDevice = "CPU";
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
+  static bool check_device(const at::Tensor& t) { return t.device().is_cpu(); }
+};
 
 // Score-mode inputs as the kernels read them: contiguous, the masks undefined when absent.
 struct ScoreInputs {
@@ -47,17 +62,294 @@ Cfg<T> make_cfg(double beta, double gamma_pos, double gamma_neg, double margin, 
   return Cfg<T>{T(beta), T(1.0 / beta), T(gamma_pos), T(gamma_neg), T(margin), T(lam)};
 }
 
-// Fills the score-mode fields every kernel argument struct has (cfg, kp, kn, pos, neg, the masks).
-template <typename S, typename T, typename Args>
-void pack_score_args(Args& a, const ScoreInputs& in, double beta, double gamma_pos, double gamma_neg, double margin,
-                     double lam) {
+// The score-mode argument struct with its inputs and loss arguments filled in.
+template <typename S, typename T>
+ScoreArgs<S, T> make_score_args(const ScoreInputs& in, double beta, double gamma_pos, double gamma_neg,
+                                double margin, double lam) {
+  ScoreArgs<S, T> a;
   a.cfg = make_cfg<T>(beta, gamma_pos, gamma_neg, margin, lam);
+  a.B = in.pos.size(0);
   a.kp = in.pos.size(1);
   a.kn = in.neg.size(1);
   a.pos = in.pos.data_ptr<S>();
   a.neg = in.neg.data_ptr<S>();
   a.pos_mask = in.pos_mask.defined() ? in.pos_mask.data_ptr<bool>() : nullptr;
   a.neg_mask = in.neg_mask.defined() ? in.neg_mask.data_ptr<bool>() : nullptr;
+  return a;
 }
+
+// The score-mode ops (torch.ops.metaug_fast.oucl_score_* and margin_score_*) over a backend, which gives:
+//   kName                        "cpp" or "cuda", for the messages;
+//   check_device(t)              whether a tensor is on the backend's device;
+//   Guard                        constructed from a device, held for the op (the CUDA device guard);
+//   run<S, T>(pass, form, args)  the kernels of one pass.
+// The checks, the output allocation and the argument packing are written here, once.
+template <typename Backend>
+struct ScoreOps {
+  using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+  using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using OptTensor = c10::optional<at::Tensor>;
+
+  static std::string who() { return std::string("oucl_score (") + Backend::kName + ")"; }
+
+  static ScoreInputs inputs(const at::Tensor& pos, const at::Tensor& neg, const OptTensor& pos_mask,
+                            const OptTensor& neg_mask, int64_t form) {
+    TORCH_CHECK(Backend::check_device(pos) && pos.device() == neg.device(), who(),
+                ": pos and neg must be tensors on one ", Backend::kDevice, " device");
+    return score_inputs(who(), pos, neg, pos_mask, neg_mask, form);
+  }
+
+  static at::TensorOptions acc_options(const at::Tensor& pos) {
+    return pos.options().dtype(acc_type(pos.scalar_type()));
+  }
+
+  static void check_stats(const at::Tensor& stats, const at::Tensor& pos) {
+    TORCH_CHECK(stats.scalar_type() == acc_type(pos.scalar_type()) && stats.dim() == 2 &&
+                    stats.size(0) == pos.size(0) && stats.size(1) == kStats && stats.is_contiguous() &&
+                    stats.device() == pos.device(),
+                who(), ": stats must be the [B,", kStats, "] tensor returned by the forward");
+  }
+
+  // grad_rows: [B] ([B,2]: σ⁺, σ⁻ for margins) in the accumulation dtype of pos.
+  static at::Tensor grad_rows(const at::Tensor& g, const at::Tensor& pos, int64_t cols) {
+    const bool shaped = cols == 1 ? g.dim() == 1 : g.dim() == 2 && g.size(1) == cols;
+    TORCH_CHECK(shaped && g.size(0) == pos.size(0) && g.scalar_type() == acc_type(pos.scalar_type()) &&
+                    g.device() == pos.device(),
+                who(), ": grad_rows must be [B", cols == 1 ? "" : ",2", "] in the accumulation dtype of pos");
+    return g.contiguous();
+  }
+
+  static at::Tensor like(const at::Tensor& t, const at::Tensor& like, const char* name) {
+    TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes() && t.device() == like.device(),
+                who(), ": ", name, " must match ", like.sizes(), " ", like.scalar_type());
+    return t.contiguous();
+  }
+
+  // Packs the arguments for the input dtype and runs `fill(args)` then the pass's kernels.
+  template <typename Fill>
+  static void dispatch(Pass pass, int64_t form, const ScoreInputs& in, double beta, double gamma_pos,
+                       double gamma_neg, double margin, double lam, Fill&& fill) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.pos.scalar_type(), "oucl_score", [&] {
+      using T = at::opmath_type<scalar_t>;
+      auto a = make_score_args<scalar_t, T>(in, beta, gamma_pos, gamma_neg, margin, lam);
+      fill(a);
+      if (a.B > 0) Backend::template run<scalar_t, T>(pass, form, a);
+    });
+  }
+
+  // -> (rows [B], stats [B,kStats]), both in the accumulation dtype.
+  static Tensors2 fwd(const at::Tensor& pos, const at::Tensor& neg, const OptTensor& pos_mask,
+                      const OptTensor& neg_mask, int64_t form, double beta, double gamma_pos, double gamma_neg,
+                      double margin, double lam) {
+    const ScoreInputs in = inputs(pos, neg, pos_mask, neg_mask, form);
+    const typename Backend::Guard guard(pos.device());
+    at::Tensor rows = at::empty({pos.size(0)}, acc_options(pos)), stats = at::empty({pos.size(0), kStats}, acc_options(pos));
+    dispatch(Pass::kForward, form, in, beta, gamma_pos, gamma_neg, margin, lam, [&](auto& a) {
+      using T = std::remove_pointer_t<decltype(a.rows)>;
+      a.rows = rows.data_ptr<T>();
+      a.stats = stats.data_ptr<T>();
+    });
+    return {rows, stats};
+  }
+
+  // The backward pass of `form` with grad_rows g [B] ([B,2] for margins) -> (grad_pos [B,K⁺], grad_neg [B,K⁻])
+  // in the input dtype.
+  static Tensors2 backward(const ScoreInputs& in, const at::Tensor& g, const at::Tensor& stats, int64_t form,
+                           double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+    at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
+    dispatch(Pass::kBackward, form, in, beta, gamma_pos, gamma_neg, margin, lam, [&](auto& a) {
+      using T = std::remove_pointer_t<decltype(a.rows)>;
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(a.pos)>>;
+      a.grad_rows = g.data_ptr<T>();
+      a.stats = const_cast<T*>(stats.data_ptr<T>());
+      a.out_pos = gp.data_ptr<S>();
+      a.out_neg = gn.data_ptr<S>();
+    });
+    return {gp, gn};
+  }
+
+  static Tensors2 bwd(const at::Tensor& grad_rows_in, const at::Tensor& pos, const at::Tensor& neg,
+                      const OptTensor& pos_mask, const OptTensor& neg_mask, const at::Tensor& stats, int64_t form,
+                      double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+    const ScoreInputs in = inputs(pos, neg, pos_mask, neg_mask, form);
+    const typename Backend::Guard guard(pos.device());
+    check_stats(stats, pos);
+    return backward(in, grad_rows(grad_rows_in, pos, 1), stats, form, beta, gamma_pos, gamma_neg, margin, lam);
+  }
+
+  // -> (grad_grad_rows [B], hv_pos [B,K⁺], hv_neg [B,K⁻]).
+  static Tensors3 bwd_bwd(const at::Tensor& grad_rows_in, const at::Tensor& gg_pos, const at::Tensor& gg_neg,
+                          const at::Tensor& pos, const at::Tensor& neg, const OptTensor& pos_mask,
+                          const OptTensor& neg_mask, const at::Tensor& stats, int64_t form, double beta,
+                          double gamma_pos, double gamma_neg, double margin, double lam) {
+    const ScoreInputs in = inputs(pos, neg, pos_mask, neg_mask, form);
+    const typename Backend::Guard guard(pos.device());
+    check_stats(stats, pos);
+    const at::Tensor g = grad_rows(grad_rows_in, pos, 1);
+    const at::Tensor tp = like(gg_pos, pos, "gg_pos"), tn = like(gg_neg, neg, "gg_neg");
+    at::Tensor ggo = at::empty_like(g), hp = at::empty_like(in.pos), hn = at::empty_like(in.neg);
+    dispatch(Pass::kDoubleBackward, form, in, beta, gamma_pos, gamma_neg, margin, lam, [&](auto& a) {
+               using T = std::remove_pointer_t<decltype(a.rows)>;
+               using S = std::remove_const_t<std::remove_pointer_t<decltype(a.pos)>>;
+               a.grad_rows = g.data_ptr<T>();
+               a.gg_pos = tp.data_ptr<S>();
+               a.gg_neg = tn.data_ptr<S>();
+               a.stats = const_cast<T*>(stats.data_ptr<T>());
+               a.grad_grad_rows = ggo.data_ptr<T>();
+               a.out_pos = hp.data_ptr<S>();
+               a.out_neg = hn.data_ptr<S>();
+             });
+    return {ggo, hp, hn};
+  }
+
+  // Margin statistics: stats [B,kStats] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype.
+  static at::Tensor margin_fwd(const at::Tensor& pos, const at::Tensor& neg, const OptTensor& pos_mask,
+                               const OptTensor& neg_mask) {
+    return std::get<1>(fwd(pos, neg, pos_mask, neg_mask, kMargin, 1.0, 0.0, 0.0, 0.0, 0.0));
+  }
+
+  // grad [B,2] = (∂/∂p_min, ∂/∂n_max), shared among the ties -> (grad_pos, grad_neg).
+  static Tensors2 margin_bwd(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& neg,
+                             const OptTensor& pos_mask, const OptTensor& neg_mask, const at::Tensor& stats) {
+    const ScoreInputs in = inputs(pos, neg, pos_mask, neg_mask, kMargin);
+    const typename Backend::Guard guard(pos.device());
+    check_stats(stats, pos);
+    return backward(in, grad_rows(grad, pos, 2), stats, kMargin, 1.0, 0.0, 0.0, 0.0, 0.0);
+  }
+
+  // Registers the ops' kernels for the backend's dispatch key (the library fragment says which).
+  static void impl(torch::Library& m) {
+    m.impl("oucl_score_fwd", &fwd);
+    m.impl("oucl_score_bwd", &bwd);
+    m.impl("oucl_score_bwd_bwd", &bwd_bwd);
+    m.impl("margin_score_fwd", &margin_fwd);
+    m.impl("margin_score_bwd", &margin_bwd);
+  }
+};
+
+// Label-mode inputs: zn [B,D], rn [M,D] normalized, fp32 or fp64; labels [B], ref_labels [M] int64; all on
+// one device, which the backend's check_device accepts. ``who``: e.g. "oucl_label (cpp)".
+template <typename Backend>
+void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
+                        const at::Tensor& ref_labels, int64_t form, int64_t similarity) {
+  const std::string who = std::string("oucl_label (") + Backend::kName + ")";
+  TORCH_CHECK(Backend::check_device(zn) && rn.device() == zn.device() && labels.device() == zn.device() &&
+                  ref_labels.device() == zn.device(),
+              who, ": all tensors on one ", Backend::kDevice, " device");
+  TORCH_CHECK(zn.dim() == 2 && rn.dim() == 2 && zn.size(1) == rn.size(1), who, ": zn [B,D], rn [M,D]");
+  TORCH_CHECK(zn.scalar_type() == rn.scalar_type() &&
+                  (zn.scalar_type() == at::kFloat || zn.scalar_type() == at::kDouble),
+              who, ": zn and rn must both be float32 or both float64");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
+                  labels.numel() == zn.size(0) && ref_labels.numel() == rn.size(0),
+              who, ": labels [B] and ref_labels [M] must be int64");
+  TORCH_CHECK(is_form(form), who, ": unknown form id ", form);
+  TORCH_CHECK(similarity == kShiftedCosine || similarity == kCosine, who, ": unknown similarity id ", similarity);
+}
+
+// The label ops' common prologue, alive for the op's whole body: inputs checked, the device guard, autograd
+// off for the internal GEMMs (it would keep every tile alive), and detached contiguous inputs (detached:
+// gradient buffers allocated with zn.options() would otherwise carry requires_grad).
+template <typename Backend>
+struct LabelInputs {
+  LabelInputs(const at::Tensor& zn_in, const at::Tensor& rn_in, const at::Tensor& labels_in,
+              const at::Tensor& ref_labels_in, int64_t form, int64_t similarity)
+      : guard((check_label_inputs<Backend>(zn_in, rn_in, labels_in, ref_labels_in, form, similarity), zn_in.device())),
+        zn(zn_in.detach().contiguous()),
+        rn(rn_in.detach().contiguous()),
+        labels(labels_in.contiguous()),
+        ref_labels(ref_labels_in.contiguous()) {}
+  const typename Backend::Guard guard;
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor zn, rn, labels, ref_labels;
+};
+
+// The label backward's saved stats [B,kStats] and incoming grad_rows [B] ([B,2] for margins), contiguous.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> label_backward_inputs(const at::Tensor& stats, const at::Tensor& grad_rows,
+                                                         const at::Tensor& zn, int64_t form) {
+  const std::string who = std::string("oucl_label (") + Backend::kName + ")";
+  const int64_t B = zn.size(0);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({B, kStats}) && stats.scalar_type() == zn.scalar_type() &&
+                  stats.device() == zn.device(),
+              who, ": stats must be the [B,", kStats, "] tensor returned by oucl_label_fwd");
+  TORCH_CHECK(grad_rows.size(0) == B && grad_rows.scalar_type() == zn.scalar_type() &&
+                  grad_rows.device() == zn.device() &&
+                  (form == kMargin ? grad_rows.dim() == 2 && grad_rows.size(1) == 2 : grad_rows.dim() == 1),
+              who, ": grad_rows must be [B] ([B,2]: σ⁺, σ⁻ for margins) in the dtype of zn");
+  return {stats.contiguous(), grad_rows.contiguous()};
+}
+
+template <typename T>
+LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset,
+                             int64_t similarity, double beta, double gamma_pos, double gamma_neg, double margin,
+                             double lam) {
+  LabelArgs<T> a;
+  a.cfg = make_cfg<T>(beta, gamma_pos, gamma_neg, margin, lam);
+  a.sim_a = similarity == kShiftedCosine ? T(0.5) : T(1);
+  a.sim_b = similarity == kShiftedCosine ? T(0.5) : T(0);
+  a.exclude_self = self_offset >= 0;
+  a.self_offset = self_offset;
+  a.labels = labels.data_ptr<int64_t>();
+  a.ref_labels = ref_labels.data_ptr<int64_t>();
+  return a;
+}
+
+// The label-mode ops (torch.ops.metaug_fast.oucl_label_fwd, oucl_label_bwd) over a backend, which gives,
+// besides kName, kDevice, Guard and check_device (as for ScoreOps):
+//   forward<T>(zn, rn, args, form, rows, stats)   rows [B] and stats [B,kStats] of every row (B > 0);
+//   backward<T>(zn, rn, args, form, stats, grad_rows, gz, gr)   accumulates ∂/∂zn into gz [B,D] and, when gr
+//                                                 is not empty, ∂/∂rn into gr [M,D] (B > 0, M > 0);
+// zn, rn as LabelInputs makes them: checked, detached, contiguous.
+template <typename Backend>
+struct LabelOps {
+  using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+
+  template <typename T>
+  static LabelArgs<T> args(const LabelInputs<Backend>& in, int64_t self_offset, int64_t similarity, double beta,
+                           double gamma_pos, double gamma_neg, double margin, double lam) {
+    return make_label_args<T>(in.labels, in.ref_labels, self_offset, similarity, beta, gamma_pos, gamma_neg, margin,
+                              lam);
+  }
+
+  // -> (rows [B], stats [B,kStats]) in the dtype of zn.
+  static Tensors2 fwd(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
+                      const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity, int64_t form, double beta,
+                      double gamma_pos, double gamma_neg, double margin, double lam) {
+    const LabelInputs<Backend> in(zn, rn, labels, ref_labels, form, similarity);
+    const int64_t B = in.zn.size(0);
+    at::Tensor rows = at::empty({B}, in.zn.options()), stats = at::empty({B, kStats}, in.zn.options());
+    if (B == 0) return {rows, stats};
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_fwd", [&] {
+      const auto a = args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam);
+      Backend::template forward<scalar_t>(in.zn, in.rn, a, form, rows.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>());
+    });
+    return {rows, stats};
+  }
+
+  // -> (∂/∂zn [B,D], ∂/∂rn [M,D]); ref_grad = false (a constant reference set such as a memory bank): ∂/∂rn
+  // is a [0,D] tensor and its GEMMs are skipped.
+  static Tensors2 bwd(const at::Tensor& grad_rows, const at::Tensor& zn, const at::Tensor& rn,
+                      const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats,
+                      int64_t self_offset, int64_t similarity, int64_t form, double beta, double gamma_pos,
+                      double gamma_neg, double margin, double lam, bool ref_grad) {
+    const LabelInputs<Backend> in(zn, rn, labels, ref_labels, form, similarity);
+    const auto checked = label_backward_inputs<Backend>(stats, grad_rows, in.zn, form);
+    const at::Tensor &st = std::get<0>(checked), &g = std::get<1>(checked);
+    const int64_t B = in.zn.size(0), M = in.rn.size(0), D = in.zn.size(1);
+    at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros({ref_grad ? M : 0, D}, in.zn.options());
+    if (B == 0 || M == 0) return {gz, gr};
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_bwd", [&] {
+      const auto a = args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam);
+      Backend::template backward<scalar_t>(in.zn, in.rn, a, form, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gz, gr);
+    });
+    return {gz, gr};
+  }
+
+  static void impl(torch::Library& m) {
+    m.impl("oucl_label_fwd", &fwd);
+    m.impl("oucl_label_bwd", &bwd);
+  }
+};
 
 }  // namespace metaug_fast

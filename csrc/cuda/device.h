@@ -1,5 +1,5 @@
-// How csrc/cuda/oucl_cuda.cu reaches its device: kernel launches, the current stream, the device guard and
-// the check that a tensor lives there. Compiled by nvcc, that is the GPU; compiled as host C++ with
+// How the CUDA ops (score.cu, label.cu) reach their device: kernel launches, the current stream, the device guard and
+// the check that a tensor lives there, as the op bodies' backend. Compiled by nvcc, that is the GPU; compiled as host C++ with
 // METAUG_SIMT_EMULATION (csrc/cuda/simt/oucl_cuda_simt.cpp), the same kernels run on CPU tensors under the
 // SIMT emulator of simt/simt.h, so they are tested where no GPU is lent.
 #pragma once
@@ -37,6 +37,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A.
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif
+
+// The CUDA device as the backend of the op bodies of oucl_host.h.
+struct Backend {
+  static constexpr const char* kName = "cuda";
+  static constexpr const char* kDevice = device::kName;
+  using Guard = device::Guard;
+  static bool check_device(const at::Tensor& t) { return holds(t); }
+};
 
 }  // namespace device
 }  // namespace metaug_fast

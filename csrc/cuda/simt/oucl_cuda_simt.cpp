@@ -1,24 +1,15 @@
-// The CUDA kernels of csrc/cuda/oucl_cuda.cu compiled as host C++ and run by the SIMT emulator (simt.h) on
+// The CUDA kernels of csrc/cuda (score.cu, label.cu) compiled as host C++ and run by the SIMT emulator (simt.h) on
 // CPU tensors, registered as torch.ops.metaug_fast_simt.* with the schemas of torch.ops.metaug_fast.*: the
 // autograd Functions take either namespace, so tests/test_cuda_simt.py checks these kernels against
 // reference.py (values, gradients, Hessian-vector products) on a machine without a GPU. The label ops'
 // cuBLAS GEMMs (at::mm) run on the CPU here; everything else is the kernel source as nvcc compiles it.
-#include <cmath>
-
 #include "simt.h"
-
-// Single-precision math as on the GPU: float arguments take the float overloads, not C's double ones.
-namespace metaug_fast {
-using std::exp;
-using std::isfinite;
-using std::log;
-using std::log1p;
-}  // namespace metaug_fast
 
 // Small label tiles, so that small tests cross several tiles and a ragged last one.
 #define METAUG_LABEL_TILE_ELEMS int64_t(1024)
 #define METAUG_SIMT_EMULATION 1
-#include "../oucl_cuda.cu"
+#include "../score.cu"
+#include "../label.cu"
 
 #include "../../op_schemas.h"
 
@@ -50,6 +41,9 @@ TORCH_LIBRARY(metaug_fast_simt, m) {
   m.def("selftest(int which) -> int", &simt_selftest);
 }
 
-TORCH_LIBRARY_IMPL(metaug_fast_simt, CPU, m) { impl_kernel_ops(m); }
+TORCH_LIBRARY_IMPL(metaug_fast_simt, CPU, m) {
+  impl_score_ops(m);
+  impl_label_ops(m);
+}
 
 }  // namespace metaug_fast

@@ -1,4 +1,4 @@
-// A SIMT emulator for the warp-level CUDA that csrc/cuda/oucl_cuda.cu uses, so that its kernels run,
+// A SIMT emulator for the warp-level CUDA that csrc/cuda (score.cu, label.cu) uses, so that its kernels run,
 // unchanged, as host C++ on the CPU and are tested against reference.py where no GPU is lent
 // (csrc/cuda/simt/oucl_cuda_simt.cpp, tests/test_cuda_simt.py).
 //

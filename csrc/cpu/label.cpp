@@ -1,0 +1,182 @@
+// Label-mode ops on the CPU (oucl_label_fwd, oucl_label_bwd): OUCL, InfoNCE and margin statistics on
+// normalized features zn [B,D] and rn [M,D] (zn itself without a reference set), both fp32 or fp64 (Python
+// normalizes, in fp32 for half inputs, so autograd differentiates the normalization). self_offset >= 0:
+// anchor i is reference row i + self_offset and that pair is excluded; -1: no exclusion.
+//
+// Work items are (block of kRowBlock rows) × (range of kColTile-column tiles): each takes an ATen GEMM
+// per tile into a [rows, tile] buffer and runs the fused epilogue (label_rows.inc) on it, so memory is
+// O((B + M)·D) plus one tile per thread; B×M is never stored. Backward recomputes each tile and turns it
+// into G = ∂ℓ/∂S in place, twice: once by rows for G·rn and once by column tiles for Gᵀ·zn, so that every
+// output row has one owner and sums in a fixed order (no per-thread copies of the gradients, no atomics).
+// metaug_fast/_ops/label.py wraps the ops in autograd Functions.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../oucl_common.h"
+#include "../oucl_host.h"
+#include "isa.h"
+
+namespace metaug_fast {
+#define METAUG_ROWS "label_rows.inc"
+#include "compile_per_isa.inc"
+#undef METAUG_ROWS
+
+namespace {
+
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kColTile = 512;
+
+// Work is cut by shape only, never by thread count, and every sum runs in a fixed order, so the result
+// does not depend on how many threads run it. A batch with few row blocks (a small batch against a large
+// bank) also splits the columns into kColSplits ranges so that every thread has work.
+constexpr int64_t kColSplits = 8;
+
+struct LabelPlan {
+  int64_t B, M, row_blocks, tiles, splits;
+  int64_t tile_begin(int64_t split) const { return split * tiles / splits; }
+  int64_t tile_end(int64_t split) const { return (split + 1) * tiles / splits; }
+};
+
+LabelPlan make_plan(int64_t B, int64_t M) {
+  LabelPlan p{B, M, (B + kRowBlock - 1) / kRowBlock, (M + kColTile - 1) / kColTile, 1};
+  // At least one split: an empty reference set (M = 0, a rank's empty shard) still yields every row's state.
+  if (p.row_blocks < kColSplits) p.splits = std::max<int64_t>(1, std::min<int64_t>(p.tiles, kColSplits));
+  return p;
+}
+
+template <typename T>
+void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
+                        T* tile, RowState<T>* states) {
+  METAUG_ISA_SWITCH(
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      for (int64_t r = 0; r < nr; ++r) {
+        if constexpr (FORM == kMargin) ns::margin_label_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]);
+        else if constexpr (FORM == kInfoNCE) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, states[r]);
+        else ns::label_forward_row<FORM, T>(a, r0 + r, c0, L, tile + r * L, states[r]);
+      }
+    });)
+}
+
+template <typename T>
+void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
+                         T* tile, const T* stats, const T* grad_rows) {
+  METAUG_ISA_SWITCH(
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      for (int64_t r = 0; r < nr; ++r) {
+        T* row = tile + r * L;
+        const T* st = stats + kStats * (r0 + r);
+        if constexpr (FORM == kMargin) ns::margin_label_backward_row<T>(a, r0 + r, c0, L, row, st, grad_rows + 2 * (r0 + r));
+        else if constexpr (FORM == kInfoNCE) ns::infonce_label_backward_row<T>(a, r0 + r, c0, L, row, st, grad_rows[r0 + r]);
+        else ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, row, st, grad_rows[r0 + r]);
+      }
+    });)
+}
+
+// InfoNCE's second forward sweep: the positives' terms, given each row's negative log-sum-exp C.
+template <typename T>
+void infonce_positive_tile(const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L, const T* tile,
+                           const T* C, RowState<T>* states) {
+  METAUG_ISA_SWITCH(
+      for (int64_t r = 0; r < nr; ++r) ns::infonce_label_pos_row<T>(a, r0 + r, c0, L, tile + r * L, C[r0 + r], states[r]);)
+}
+
+// The CPU kernels of LabelOps.
+struct CpuLabel : CpuDevice {
+  template <typename T>
+  static void forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, int64_t form, T* rows,
+                      T* stats) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    const LabelPlan plan = make_plan(B, M);
+    // One sweep over all tiles; `visit(r0, nr, c0, L, tile, states)` consumes a tile into per-split states,
+    // which are then merged per row in split order.
+    auto sweep = [&](auto&& visit) {
+      std::vector<RowState<T>> partial(plan.splits * B);
+      at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t rb = item / plan.splits, split = item % plan.splits;
+          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+          const at::Tensor zblk = zn.narrow(0, r0, nr);
+          for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+            const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+            at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
+            visit(r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
+          }
+        }
+      });
+      std::vector<RowState<T>> merged(partial.begin(), partial.begin() + B);
+      for (int64_t i = 0; i < B; ++i)
+        for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(merged[i], partial[sp * B + i]);
+      return merged;
+    };
+    std::vector<RowState<T>> state = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
+      label_forward_tile<T>(form, a, r0, nr, c0, L, tile, st);
+    });
+    if (form == kInfoNCE) {
+      std::vector<T> C(B);
+      for (int64_t i = 0; i < B; ++i) C[i] = state[i].neg.value();
+      const std::vector<RowState<T>> terms = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile,
+                                                       RowState<T>* st) {
+        infonce_positive_tile<T>(a, r0, nr, c0, L, tile, C.data(), st);
+      });
+      for (int64_t i = 0; i < B; ++i) {
+        state[i].sum_pos = terms[i].sum_pos;
+        state[i].sum_neg = terms[i].sum_neg;
+      }
+    }
+    for (int64_t i = 0; i < B; ++i) finalize_row(state[i], form, a.cfg, rows[i], stats + kStats * i);
+  }
+
+  template <typename T>
+  static void backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, int64_t form,
+                       const T* stats, const T* grad_rows, at::Tensor& gz, at::Tensor& gr) {
+    const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
+    const LabelPlan plan = make_plan(B, M);
+    at::Tensor gz_parts = at::zeros({plan.splits, B, D}, zn.options());
+    // G tile = ∂(Σ_i grad_i ℓ_i)/∂S for rows [r0, r0 + nr) and columns [c0, c0 + L), recomputed from zn, rn.
+    auto grad_tile = [&](int64_t r0, int64_t nr, int64_t c0, int64_t L) {
+      at::Tensor tile = at::mm(zn.narrow(0, r0, nr), rn.narrow(0, c0, L).t()).contiguous();
+      label_backward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), stats, grad_rows);
+      return tile;
+    };
+    // Phase 1, ∂/∂zn = G·rn: items own (row block, column range), tiles of a range in order.
+    at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rb = item / plan.splits, split = item % plan.splits;
+        const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+        at::Tensor out = gz_parts[split].narrow(0, r0, nr);
+        for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+          const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+          out.addmm_(grad_tile(r0, nr, c0, L), rn.narrow(0, c0, L));
+        }
+      }
+    });
+    at::sum_out(gz, gz_parts, 0);
+    // Phase 2, ∂/∂rn = Gᵀ·zn: items own a column tile, row blocks in order.
+    at::parallel_for(0, gr.size(0) > 0 ? plan.tiles : 0, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+        at::Tensor out = gr.narrow(0, c0, L);
+        for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
+          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+          out.addmm_(grad_tile(r0, nr, c0, L).t(), zn.narrow(0, r0, nr));
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) { LabelOps<CpuLabel>::impl(m); }
+
+}  // namespace metaug_fast

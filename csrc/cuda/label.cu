@@ -1,0 +1,207 @@
+// Label-mode ops on CUDA (oucl_label_fwd, oucl_label_bwd), the CPU design (csrc/cpu/label.cpp) on the
+// GPU: column tiles of S = zn · rn[cols]ᵀ from cuBLAS (at::mm), each consumed by a fused epilogue kernel
+// that merges the tile into each row's RowState (oucl_common.h; one warp per row, tiles in order on one
+// stream, so every row has one writer); B×M is never stored, only B × tile. The final states become rows
+// and stats through finalize_row, the CPU's own code. Backward recomputes each tile, turns it into
+// G = ∂ℓ/∂S in place (elementwise kernel) and accumulates G·rn and Gᵀ·zn with cuBLAS.
+// Compiles as host C++ for the SIMT emulator too (see score.cu).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../oucl_common.h"
+#include "../oucl_host.h"
+#include "device.h"
+#include "warp.cuh"
+
+namespace metaug_fast {
+namespace {
+
+template <typename T>
+struct LabelTileArgs : LabelArgs<T> {
+  int64_t B, c0, L;
+  T* tile;                // [B, L]
+  RowState<T>* state;     // [B] (forward)
+  const T* stats;         // [B, kStats] (backward)
+  const T* grad;          // [B] or [B, 2] (margins) (backward)
+  int sweep;              // InfoNCE: 0 = negatives' LSE and the counts, 1 = positives' terms
+};
+
+template <typename T>
+__global__ void label_init_kernel(RowState<T>* state, int64_t B) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < B) state[i] = RowState<T>{};
+}
+
+template <int FORM, typename T>
+__global__ void label_tile_forward_kernel(LabelTileArgs<T> a) {
+  const int64_t i = warp_row();
+  const int lane = warp_lane();
+  if (i >= a.B) return;
+  const int64_t li = a.labels[i];
+  const T* s = a.tile + i * a.L;
+  RowState<T>& st = a.state[i];
+  const bool positives_sweep = FORM == kInfoNCE && a.sweep == 1;
+  const T C = positives_sweep ? st.neg.value() : T(0);
+  Running<T> rp, rn;
+  RowState<T> part;
+  for (int64_t k = lane; k < a.L; k += kWarp) {
+    const int64_t j = a.c0 + k;
+    if (a.exclude_self && j == i + a.self_offset) continue;
+    const T x = a.sim_a * s[k] + a.sim_b;
+    const bool pos = a.ref_labels[j] == li;
+    ++(pos ? part.n_pos : part.n_neg);
+    if constexpr (FORM == kMargin) {
+      if (pos) merge_extremum<true>(part.min_pos, part.ties_pos, x, int64_t(1));
+      else merge_extremum<false>(part.max_neg, part.ties_neg, x, int64_t(1));
+    } else if constexpr (FORM == kHinge) {
+      (pos ? part.sum_pos : part.sum_neg) += x;
+    } else if constexpr (FORM == kInfoNCE) {
+      if (!positives_sweep && !pos) rn.add(a.cfg.beta * x);
+      if (positives_sweep && pos) {
+        const T y = C - a.cfg.beta * x;
+        part.sum_pos += softplus(y);
+        part.sum_neg += sigmoid(y);
+      }
+    } else {
+      if (pos) rp.add(Terms<FORM, T>::u(a.cfg, x));
+      else rn.add(Terms<FORM, T>::v(a.cfg, x));
+    }
+  }
+  part.pos = warp_lse(rp);
+  part.neg = warp_lse(rn);
+  part.sum_pos = warp_sum(part.sum_pos);
+  part.sum_neg = warp_sum(part.sum_neg);
+  part.n_pos = warp_sum(part.n_pos);
+  part.n_neg = warp_sum(part.n_neg);
+  warp_extremum<true>(part.min_pos, part.ties_pos);
+  warp_extremum<false>(part.max_neg, part.ties_neg);
+  if (lane != 0) return;
+  if (positives_sweep) {  // the counts were taken in the first sweep
+    st.sum_pos += part.sum_pos;
+    st.sum_neg += part.sum_neg;
+  } else {
+    merge_state(st, part);
+  }
+}
+
+template <typename T>
+__global__ void label_finalize_kernel(const RowState<T>* state, int64_t B, int64_t form, Cfg<T> cfg, T* rows, T* stats) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < B) finalize_row(state[i], form, cfg, rows[i], stats + kStats * i);
+}
+
+// G = ∂(Σ_i grad_i ℓ_i)/∂S for the tile, in place; one thread per element.
+template <int FORM, typename T>
+__global__ void label_tile_backward_kernel(LabelTileArgs<T> a) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= a.B * a.L) return;
+  const int64_t i = idx / a.L, j = a.c0 + idx % a.L;
+  const T* st = a.stats + kStats * i;
+  if (st[kValid] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
+    a.tile[idx] = T(0);
+    return;
+  }
+  const T x = a.sim_a * a.tile[idx] + a.sim_b;
+  const bool pos = a.ref_labels[j] == a.labels[i];
+  T g;
+  if constexpr (FORM == kMargin) {
+    g = pos ? (x == st[kPMin] ? a.grad[2 * i] / st[kTiesPos] : T(0)) : (x == st[kNMax] ? a.grad[2 * i + 1] / st[kTiesNeg] : T(0));
+  } else if constexpr (FORM == kHinge) {
+    const T on = st[kHingeArg] > T(0) ? a.grad[i] : T(0);
+    g = pos ? -on : on;
+  } else if constexpr (FORM == kInfoNCE) {
+    const Lse<T> C = stat_lse(st, kNceShift, kNceLogSum);
+    const T e = a.cfg.beta * x, coef = a.grad[i] * a.cfg.beta / st[kNceNPos];
+    g = pos ? -coef * sigmoid(C.value() - e) : coef * st[kNceSigmoidSum] * weight(e, C);
+  } else {
+    const Lse<T> A = stat_lse(st, kPosShift, kPosLogSum), C = stat_lse(st, kNegShift, kNegLogSum);
+    const T coef = a.grad[i] * a.cfg.inv_beta * sigmoid(A.value() + C.value());
+    const T e = pos ? Terms<FORM, T>::u(a.cfg, x) : Terms<FORM, T>::v(a.cfg, x);
+    const T d1 = pos ? Terms<FORM, T>::du(a.cfg, x) : Terms<FORM, T>::dv(a.cfg, x);
+    g = coef * d1 * weight(e, pos ? A : C);
+  }
+  a.tile[idx] = a.sim_a * g;
+}
+
+// Columns per tile: B × tile stays under kTileElems elements. The SIMT emulation sets a small value so that
+// its small tests cross several tiles and a ragged last one.
+#ifndef METAUG_LABEL_TILE_ELEMS
+#define METAUG_LABEL_TILE_ELEMS (int64_t(1) << 25)
+#endif
+constexpr int64_t kTileElems = METAUG_LABEL_TILE_ELEMS;
+
+int64_t tile_columns(int64_t B, int64_t M) {
+  return std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / std::max<int64_t>(B, 1)));
+}
+
+// The CUDA kernels of LabelOps.
+struct CudaLabel : device::Backend {
+  template <typename T>
+  static LabelTileArgs<T> tile_args(const at::Tensor& zn, const LabelArgs<T>& args) {
+    LabelTileArgs<T> a{};
+    static_cast<LabelArgs<T>&>(a) = args;
+    a.B = zn.size(0);
+    return a;
+  }
+
+  template <typename T>
+  static void forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args, int64_t form, T* rows,
+                      T* stats) {
+    const int64_t B = zn.size(0), M = rn.size(0), tile_cols = tile_columns(B, M);
+    const cudaStream_t stream = device::current_stream();
+    const at::Tensor state = at::empty({B * int64_t(sizeof(RowState<T>))}, zn.options().dtype(at::kByte));
+    auto a = tile_args(zn, args);
+    a.state = reinterpret_cast<RowState<T>*>(state.data_ptr());
+    device::launch(label_init_kernel<T>, dim3((B + 255) / 256), dim3(256), stream, a.state, B);
+    for (int sweep = 0; sweep < (form == kInfoNCE ? 2 : 1); ++sweep) {
+      a.sweep = sweep;
+      for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
+        a.c0 = c0;
+        a.L = std::min(tile_cols, M - c0);
+        at::Tensor tile = at::mm(zn, rn.narrow(0, c0, a.L).t()).contiguous();
+        a.tile = tile.data_ptr<T>();
+        with_form(form, [&](auto f) {
+          device::launch(label_tile_forward_kernel<decltype(f)::value, T>, warp_grid(B), warp_block(), stream, a);
+        });
+      }
+    }
+    device::launch(label_finalize_kernel<T>, dim3((B + 255) / 256), dim3(256), stream,
+                   static_cast<const RowState<T>*>(a.state), B, form, a.cfg, rows, stats);
+  }
+
+  template <typename T>
+  static void backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args, int64_t form,
+                       const T* stats, const T* grad_rows, at::Tensor& gz, at::Tensor& gr) {
+    const int64_t B = zn.size(0), M = rn.size(0), tile_cols = tile_columns(B, M);
+    const cudaStream_t stream = device::current_stream();
+    auto a = tile_args(zn, args);
+    a.stats = stats;
+    a.grad = grad_rows;
+    for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
+      a.c0 = c0;
+      a.L = std::min(tile_cols, M - c0);
+      const at::Tensor rtile = rn.narrow(0, c0, a.L);
+      at::Tensor tile = at::mm(zn, rtile.t()).contiguous();
+      a.tile = tile.data_ptr<T>();
+      const int64_t n = B * a.L;
+      with_form(form, [&](auto f) {
+        device::launch(label_tile_backward_kernel<decltype(f)::value, T>, dim3((n + 255) / 256), dim3(256), stream, a);
+      });
+      gz.addmm_(tile, rtile);
+      if (gr.size(0) > 0) gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
+    }
+  }
+};
+
+}  // namespace
+
+// The CUDA kernels of the label-mode ops whose schemas define_kernel_ops gives.
+void impl_label_ops(torch::Library& m) { LabelOps<CudaLabel>::impl(m); }
+
+}  // namespace metaug_fast
