@@ -11,7 +11,8 @@ import os
 
 from setuptools import setup
 
-packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.backends", "metaug_fast.metaug", "metaug_fast.kernels"]
+packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.backends", "metaug_fast.cli", "metaug_fast.distributed",
+            "metaug_fast.metaug", "metaug_fast.kernels"]
 package_dir = {"metaug_fast": "metaug_fast", "metaug_fast.kernels": "kernels"}
 
 

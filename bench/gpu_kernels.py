@@ -9,7 +9,7 @@
   with the work the kernels really do as a fraction of the bf16 GEMM rate (forward 2N²D, backward 6N²D);
   controls: the similarity GEMM alone and the exp-free hinge form; the HVP at N = 16k;
 - the memory bank: B = 1024 queries against M = 1M constant rows, forward+backward;
-- a sweep of label tile configurations (kernels.oucl_label.override) at N = 16k;
+- a sweep of label tile configurations (kernels.label.override) at N = 16k;
 - score mode B = 4096, K⁺ = 6, K⁻ = 6144 bf16 (the paper's shape) on every GPU backend;
 - the autotuner's choices, registers/spills/shared memory of every compiled kernel, and a torch.profiler
   table of one forward+backward and one HVP.
@@ -122,7 +122,7 @@ def bank(sink) -> None:
 
 def tile_sweep(sink, n: int) -> None:
     import metaug_fast.functional as F
-    from metaug_fast.kernels import oucl_label as K
+    from metaug_fast.kernels import label as K
 
     emb = torch.randn(n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.arange(n // 2, device="cuda").repeat(2)
@@ -155,9 +155,9 @@ def compiled_kernels(sink) -> None:
     """Autotuning choices and the resources of every kernel compiled in this process."""
     import triton
 
-    from metaug_fast.kernels import oucl_label, oucl_score, similarity
+    from metaug_fast.kernels import label, margins, score, similarity
 
-    for module in (oucl_score, oucl_label, similarity):
+    for module in (score, margins, label, similarity):
         for name, kernel in vars(module).items():
             if isinstance(kernel, triton.runtime.Autotuner):
                 for key, config in kernel.cache.items():

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", type=Path, default=None, help="default: next to each CSV")
     args = ap.parse_args(argv)
     paths = args.csv or sorted(Path("bench/results").glob("*.csv"))
-    paths = [p for p in paths if p.name != "train_digits_compare.csv"]  # drawn by metaug_fast.compare
+    paths = [p for p in paths if p.name != "train_digits_compare.csv"]  # drawn by metaug_fast.cli.compare
     if not paths:
         ap.error("no CSV to plot")
     for p in paths:

@@ -14,8 +14,13 @@ stride``, ``cols.to(tl.int64) * stride``): such tensors, or a strided view of on
 
 Every launch goes through :func:`launch`, which runs the kernel on its tensors' device (Triton launches on
 the current device) and checks the grid against CUDA's limits.
+
+The score-mode kernels (score.py, margins.py) share their row-block layout: the autotuning space
+(:func:`tuned`), the block loader (:func:`load_rows`), the argument packing and the launcher
+(:func:`run_rows`), which compiles without fused multiply-adds (:data:`COMPILE_OPTIONS`).
 """
 import contextlib
+import os
 from typing import Callable, Sequence, Tuple, Union
 
 import torch
@@ -205,3 +210,70 @@ def softplus_sigmoid(x):
     σ = 1/(1 + t) for x ≥ 0 and t/(1 + t) otherwise."""
     t = tl.exp(-tl.abs(x))
     return tl.maximum(x, tl.zeros_like(x)) + log1p(t), tl.where(x >= 0, 1.0, t) / (1.0 + t)
+
+
+# ------------------------------------------------------------------ score mode: blocks of rows, streamed
+def row_configs():
+    """A small autotuning space (rows per program × columns per step × warps), tuned per (K⁺, K⁻, dtype);
+    one configuration under the interpreter, where timing them would only cost time."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 64})]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
+            for bb in (4, 16) for bk in (128, 512) for w in (4, 8)]
+
+
+def tuned(kernel):
+    return triton.autotune(configs=row_configs(), key=["KP", "KN"])(kernel)
+
+
+@triton.jit
+def load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              acc_ty: tl.constexpr):
+    """A ``[BLOCK_B, BLOCK_K]`` block of one side: scores in the accumulation dtype, which entries count,
+    and the column indices."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    inb = rmask[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xb + cols[None, :].to(tl.int64) * s_xk, mask=inb,
+                other=0.0).to(acc_ty)
+    keep = inb
+    if HAS_M:
+        offsets = rows[:, None].to(tl.int64) * s_mb + cols[None, :].to(tl.int64) * s_mk
+        keep = keep & (tl.load(m_ptr + offsets, mask=inb, other=0) != 0)
+    return x, keep, cols
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Contraction of a·b + c into fused multiply-adds is off, as in the C++ and CUDA builds: the Hessian-vector
+# product subtracts e'·t - Σ w·e'·t, which cancels exactly for a row dominated by one entry only when both
+# products round alike (a fused one leaves about an ulp times β², 1e-3 relative in fp32). These kernels are
+# memory-bound: the separate multiply costs no time.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
+def run_rows(kernel, B: int, device: torch.device, *args, **kwargs) -> None:
+    """One program per BLOCK_B rows, on the tensors' device; no launch for an empty batch."""
+    if B:
+        launch(kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),), device, *args, **COMPILE_OPTIONS, **kwargs)
+
+
+def mask_args(mask, like):
+    """(pointer tensor, row stride, column stride) of an optional bool mask, read as bytes."""
+    if mask is None:
+        return like, 0, 0
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def score_args(pos, neg, pos_mask, neg_mask):
+    pm, s_pmb, s_pmk = mask_args(pos_mask, pos)
+    nm, s_nmb, s_nmk = mask_args(neg_mask, neg)
+    B, KP, KN = pos.shape[0], pos.shape[1], neg.shape[1]
+    strides = (pos.stride(0), pos.stride(1), neg.stride(0), neg.stride(1), s_pmb, s_pmk, s_nmb, s_nmk)
+    return pm, nm, B, KP, KN, strides
+
+
+def mask_flags(pos_mask, neg_mask) -> dict:
+    return dict(HAS_PM=pos_mask is not None, HAS_NM=neg_mask is not None)

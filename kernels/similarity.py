@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ._common import launch
-from .oucl_label import _raw_dot, config
+from .label import _raw_dot, config
 
 
 @triton.jit

@@ -8,32 +8,9 @@ backend is tested against it.
 """
 from . import functional, reference
 from ._backend import BackendUnavailableError, available_backends
-from .functional import (
-    info_nce,
-    info_nce_embeddings,
-    margin_injection_loss,
-    margin_statistics,
-    margin_statistics_embeddings,
-    oucl,
-    oucl_embeddings,
-    pairwise_similarity,
-)
+from .functional import *  # noqa: F401,F403  (the functional API: functional.__all__)
 from .loss import OUCLLoss
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "OUCLLoss",
-    "BackendUnavailableError",
-    "available_backends",
-    "functional",
-    "reference",
-    "oucl",
-    "oucl_embeddings",
-    "pairwise_similarity",
-    "margin_statistics",
-    "margin_statistics_embeddings",
-    "margin_injection_loss",
-    "info_nce",
-    "info_nce_embeddings",
-]
+__all__ = ["OUCLLoss", "BackendUnavailableError", "available_backends", "functional", "reference", *functional.__all__]

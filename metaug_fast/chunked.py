@@ -74,21 +74,18 @@ def oucl_embeddings_chunked(
     *,
     chunk_size: int = 4096,
     similarity: str = "shifted_cosine",
-    form: str = DEFAULTS.form,
-    beta: float = DEFAULTS.beta,
-    gamma_pos: float = DEFAULTS.gamma_pos,
-    gamma_neg: float = DEFAULTS.gamma_neg,
-    margin: float = DEFAULTS.margin,
-    lam: float = DEFAULTS.lam,
+    params: LossParams = DEFAULTS,
     reduction: str = "mean",
 ) -> Tensor:
     """Label-mode OUCL of ``emb [B,D]`` against ``ref_emb [M,D]`` (``labels [B]``, ``ref_labels [M]``),
-    ``chunk_size`` reference rows at a time. Same contract as :func:`metaug_fast.functional.oucl_embeddings`
-    with a reference set; arguments are validated there (use ``MemoryBank.score_all``)."""
+    ``chunk_size`` reference rows at a time, with the loss parameters ``params`` (validated when built).
+    Same result as :func:`metaug_fast.functional.oucl_embeddings` with a reference set, whose checks of the
+    tensors are not repeated here (``MemoryBank.score_all`` makes them)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     z = F.normalize(R._acc(emb), dim=1)
-    args = (similarity, form, beta, gamma_pos, gamma_neg, margin)
+    form, beta = params.form, params.beta
+    args = (similarity, form, beta, params.gamma_pos, params.gamma_neg, params.margin)
     parts = []
     for start in range(0, ref_emb.shape[0], chunk_size):
         ref, ref_lab = ref_emb[start:start + chunk_size], ref_labels[start:start + chunk_size]
@@ -100,14 +97,12 @@ def oucl_embeddings_chunked(
                              device=z.device), reduction, emb.dtype)
     m_pos, s_pos, m_neg, s_neg, n_pos, n_neg = stacked
     valid = (n_pos.sum(1) > 0) & (n_neg.sum(1) > 0)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
     if form == "hinge":
-        rows = torch.relu(s_neg.sum(1) - s_pos.sum(1) + lam)
+        rows = torch.relu(s_neg.sum(1) - s_pos.sum(1) + params.lam)
     else:
         (mp, sp), (mn, sn) = _combine(m_pos, s_pos), _combine(m_neg, s_neg)
         one = torch.ones((), dtype=z.dtype, device=z.device)
-        lse_pos = mp + torch.log(torch.where(valid, sp, one))  # invalid rows are dropped below
+        lse_pos = mp + torch.log(torch.where(valid, sp, one))  # invalid rows are dropped by reduce_rows
         lse_neg = mn + torch.log(torch.where(valid, sn, one))
         rows = R._softplus(lse_pos + lse_neg) / beta
-    rows = torch.where(valid, rows, zero)
     return R.reduce_rows(rows, valid, reduction, emb.dtype)

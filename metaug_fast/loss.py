@@ -22,9 +22,9 @@ class OUCLLoss(nn.Module):
         loss = loss_fn.embeddings(emb, labels)        # label mode: emb [B,D], labels [B]
 
     Args:
-        form: ``"weighted"`` (default: ℓ = (1/β)·log(1 + ΣΣ e^{β(n−p)}) with γ = 0), ``"circle"``,
-            ``"squared"`` or ``"hinge"``.
-        beta, gamma_pos, gamma_neg, margin, lam: the form's parameters (β > 0).
+        form, beta, gamma_pos, gamma_neg, margin, lam: the loss form and its parameters, as
+            :func:`metaug_fast.functional.oucl` (default: the weighted form, ℓ = (1/β)·log(1 + ΣΣ e^{β(n−p)})
+            with γ = 0, β = 16).
         similarity: used by :meth:`embeddings`: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``.
         reduction: ``"mean"`` (over rows with a positive and a negative), ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.

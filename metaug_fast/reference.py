@@ -111,6 +111,11 @@ def _masked(x: Tensor, mask: Optional[Tensor], fill: float) -> Tensor:
     return x if mask is None else torch.where(mask, x, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
+def _score_rows(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor]):
+    """(valid ``[B]``, pos, neg) of a score-mode loss: the scores in the accumulation dtype, masked entries 0."""
+    return valid_rows(pos, neg, pos_mask, neg_mask), _masked(_acc(pos), pos_mask, 0.0), _masked(_acc(neg), neg_mask, 0.0)
+
+
 def _row_lse(x: Tensor, mask: Optional[Tensor], valid: Tensor) -> Tensor:
     """Row log-sum-exp over the entries the mask keeps.
 
@@ -142,7 +147,9 @@ def _exponents(
 
 
 def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
-    """Reduce per-row losses ``[B]``: "mean" averages over valid rows (0 when there are none)."""
+    """Reduce per-row losses ``[B]``: "mean" averages over valid rows (0 when there are none). Invalid rows
+    (no positive or no negative) count 0, whatever their entry holds."""
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
         return rows.to(dtype)
     rows = _acc(rows)
@@ -175,15 +182,12 @@ def oucl(
     Returns:
         A scalar for ``"mean"``/``"sum"``, ``[B]`` for ``"none"`` (0 for invalid rows), in ``pos.dtype``.
     """
-    valid = valid_rows(pos, neg, pos_mask, neg_mask)
-    p = _masked(_acc(pos), pos_mask, 0.0)
-    n = _masked(_acc(neg), neg_mask, 0.0)
+    valid, p, n = _score_rows(pos, neg, pos_mask, neg_mask)
     if form == "hinge":
         rows = torch.relu(n.sum(1) - p.sum(1) + lam)
     else:
         u, v = _exponents(p, n, form, beta, gamma_pos, gamma_neg, margin)
         rows = _softplus(_row_lse(u, pos_mask, valid) + _row_lse(v, neg_mask, valid)) / beta
-    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     return reduce_rows(rows, valid, reduction, pos.dtype)
 
 
@@ -230,16 +234,13 @@ def info_nce(
     For positive k of row i: -log(e^{p_k/τ} / (e^{p_k/τ} + Σ_j e^{n_j/τ})) = softplus(LSE_j(n_j/τ) - p_k/τ);
     the row's loss is the mean over its positives. Rows and reductions as in :func:`oucl`.
     """
-    valid = valid_rows(pos, neg, pos_mask, neg_mask)
-    p = _masked(_acc(pos), pos_mask, 0.0)
-    n = _masked(_acc(neg), neg_mask, 0.0)
+    valid, p, n = _score_rows(pos, neg, pos_mask, neg_mask)
     lse_neg = _row_lse(n / temperature, neg_mask, valid)
     per_pos = _masked(_softplus(lse_neg[:, None] - p / temperature), pos_mask, 0.0)
     if pos_mask is None:
         rows = per_pos.mean(1) if pos.shape[1] > 0 else per_pos.sum(1)
     else:
         rows = per_pos.sum(1) / pos_mask.sum(1).clamp(min=1)
-    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     return reduce_rows(rows, valid, reduction, pos.dtype)
 
 

@@ -4,7 +4,7 @@ A record names a backend, the device its tensors live on, and its implementation
 signature every backend registers (``metaug_fast._backend``): arguments already validated, every
 parameter given. A new backend gets the whole contract grid from one entry in :func:`records`.
 
-``cuda_simt`` is the CUDA backend's own kernels (csrc/cuda/oucl_cuda.cu) compiled as host C++ and run by
+``cuda_simt`` is the CUDA backend's own kernels (csrc/cuda/score.cu, label.cu) compiled as host C++ and run by
 the SIMT emulator of csrc/cuda/simt, driven through the same autograd Functions as on a GPU.
 """
 from __future__ import annotations
@@ -68,17 +68,17 @@ def _registered(name: str) -> Dict[str, Callable]:
 
 def _simt_impls() -> Dict[str, Callable]:
     from metaug_fast._ops.margins import margin_statistics_fused
-    from metaug_fast._ops.oucl_label import (info_nce_embeddings_cpp, margin_statistics_embeddings_cpp,
-                                             oucl_embeddings_cpp, pairwise_similarity_cpp)
-    from metaug_fast._ops.oucl_score import info_nce_fused, oucl_fused
+    from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
+                                             oucl_embeddings_fused, pairwise_similarity_fused)
+    from metaug_fast._ops.score import info_nce_fused, oucl_fused
 
     ops = simt_ops()
     impls = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
-             "oucl_embeddings": oucl_embeddings_cpp, "info_nce_embeddings": info_nce_embeddings_cpp,
-             "margin_statistics_embeddings": margin_statistics_embeddings_cpp}
+             "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
+             "margin_statistics_embeddings": margin_statistics_embeddings_fused}
     out = {op: functools.partial(fn, ops=ops) for op, fn in impls.items()}
     # The CUDA backend's similarity is ATen (cuBLAS on a GPU): no kernel of its own to emulate.
-    out["pairwise_similarity"] = pairwise_similarity_cpp
+    out["pairwise_similarity"] = pairwise_similarity_fused
     return out
 
 

@@ -4,6 +4,7 @@ import torch
 
 from metaug_fast import reference as R
 from metaug_fast.chunked import oucl_embeddings_chunked
+from metaug_fast.contract import LossParams
 from metaug_fast.metaug import MemoryBank
 
 from conftest import requires_cpp
@@ -18,9 +19,9 @@ def test_chunked_equals_reference(form, chunk, reduction):
     ref = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 0, 5, 6])  # 5 and 6 have no positive in the reference set
     ref_labels = torch.tensor([0, 0, 1, 2, 2, 3, 1, 0, 4, 4, 2])
-    kw = dict(form=form, beta=16.0, margin=0.3, lam=0.5, reduction=reduction)
-    want = R.oucl_embeddings(emb, labels, ref, ref_labels, **kw)
-    got = oucl_embeddings_chunked(emb, labels, ref, ref_labels, chunk_size=chunk, **kw)
+    params = LossParams(form, 16.0, margin=0.3, lam=0.5)
+    want = R.oucl_embeddings(emb, labels, ref, ref_labels, reduction=reduction, **params.kwargs())
+    got = oucl_embeddings_chunked(emb, labels, ref, ref_labels, chunk_size=chunk, params=params, reduction=reduction)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     gw = torch.autograd.grad(want.sum(), (emb, ref))
     gg = torch.autograd.grad(got.sum(), (emb, ref))
@@ -34,9 +35,9 @@ def test_very_negative_exponents_across_chunks():
     emb = torch.randn(3, 4, dtype=torch.float32)
     ref = torch.randn(9, 4, dtype=torch.float32)
     labels, ref_labels = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 3, 3, 3, 3, 0, 1])
-    kw = dict(beta=256.0, form="squared")
-    torch.testing.assert_close(oucl_embeddings_chunked(emb, labels, ref, ref_labels, chunk_size=2, **kw),
-                               R.oucl_embeddings(emb, labels, ref, ref_labels, **kw), rtol=1e-5, atol=1e-7)
+    params = LossParams("squared", 256.0)
+    torch.testing.assert_close(oucl_embeddings_chunked(emb, labels, ref, ref_labels, chunk_size=2, params=params),
+                               R.oucl_embeddings(emb, labels, ref, ref_labels, **params.kwargs()), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_cpp)])

@@ -70,3 +70,24 @@ def test_loss_params_validate_and_pack():
     with pytest.raises(TypeError, match=r"score_all got unexpected arguments \['temperature'\]"):
         contract.LossParams.from_kwargs("score_all", dict(temperature=0.1))
     assert contract.LossParams.info_nce(0.5) == (contract.Form.INFONCE, 2.0, 0.0, 0.0, 0.0, 0.0)
+
+
+ROOT = HEADER.parents[1]
+# A per-row state slot read or written by a bare number: stats[:, 2], part[..., 4], st[3], s[0], state[1].
+_BARE_SLOT = re.compile(r"\b(stats|merged|part|parts|st|state|s)\[\s*(?:[:.]+\s*,\s*)*\d+\s*\]")
+
+
+def test_no_per_row_state_slot_is_a_bare_number():
+    sources = [*ROOT.glob("metaug_fast/**/*.py"), *ROOT.glob("kernels/*.py"),
+               *(p for ext in ("h", "cpp", "cu", "cuh", "inc") for p in ROOT.glob(f"csrc/**/*.{ext}"))]
+    assert len(sources) > 30
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in sources
+             for n, line in enumerate(p.read_text().splitlines(), 1) if _BARE_SLOT.search(line)]
+    assert not found, "\n".join(found)
+
+
+def test_the_bare_slot_pattern_finds_what_it_should():
+    for line in ("x = stats[:, 4]", "st[3] = T(0);", "part[..., 2]", "const T v = s[0];"):
+        assert _BARE_SLOT.search(line), line
+    for line in ("stats[:, Stat.VALID]", "st[kValid] = v;", "s[k] = e;", "stats[i]"):
+        assert not _BARE_SLOT.search(line), line

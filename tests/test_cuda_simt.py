@@ -1,4 +1,4 @@
-"""What is specific to the CUDA kernels (csrc/cuda/oucl_cuda.cu) run on this CPU by the SIMT emulator of
+"""What is specific to the CUDA kernels (csrc/cuda/score.cu, label.cu) run on this CPU by the SIMT emulator of
 csrc/cuda/simt/ (the kernel source compiled as host C++, every CUDA thread a fiber, warp shuffles and votes
 evaluated when the whole warp reaches them; a lane that skips or diverges is an error). The contract suite
 (test_contract.py, entry cuda_simt) runs these kernels through the whole grid; here: the emulator's own
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from metaug_fast import reference as R
-from metaug_fast._ops.oucl_label import (info_nce_embeddings_cpp, margin_statistics_embeddings_cpp,
-                                         oucl_embeddings_cpp)
+from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
+                                         oucl_embeddings_fused)
 
 from backends import ASAN, simt_ops
 from helpers import FORMS, hvp, label_data
@@ -65,14 +65,14 @@ def test_emulator_runs_warp_collectives_and_rejects_broken_ones(simt):
 def _label_fn(op, ops, **extra):
     """The op as (emb, labels, ref, ref_labels) -> tuple of outputs, on ``ops`` or reference.py (None)."""
     if op == "margins":
-        fn = R.margin_statistics_embeddings if ops is None else functools.partial(margin_statistics_embeddings_cpp,
+        fn = R.margin_statistics_embeddings if ops is None else functools.partial(margin_statistics_embeddings_fused,
                                                                                   ops=ops)
         return lambda *a: fn(*a, similarity="cosine", **extra)
     if op == "info_nce":
-        fn = R.info_nce_embeddings if ops is None else functools.partial(info_nce_embeddings_cpp, ops=ops)
+        fn = R.info_nce_embeddings if ops is None else functools.partial(info_nce_embeddings_fused, ops=ops)
         kw = dict(temperature=0.1, similarity="shifted_cosine", reduction="none")
     else:
-        fn = R.oucl_embeddings if ops is None else functools.partial(oucl_embeddings_cpp, ops=ops)
+        fn = R.oucl_embeddings if ops is None else functools.partial(oucl_embeddings_fused, ops=ops)
         kw = dict(form=op, beta=32.0, similarity="shifted_cosine", reduction="none", **PARAMS)
     return lambda *a: (fn(*a, **kw, **extra),)
 
@@ -105,9 +105,9 @@ def test_label_mode_fp64_values_and_gradients(simt, op, shape):
 def test_label_mode_hessian_vector_product(simt, op, monkeypatch):
     # The meta step's path: the second derivative runs row chunks of the scores (here 2 rows of 30) through
     # the emulated score-mode backward and double-backward kernels.
-    from metaug_fast._ops import oucl_label
+    from metaug_fast._ops import label as label_ops
 
-    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 60)
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 60)
     emb, labels, ref, ref_labels = label_data(12, 30, D=5)
     vecs = (torch.randn_like(emb), torch.randn_like(ref))
     out = []

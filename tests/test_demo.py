@@ -1,7 +1,7 @@
 """`make train`'s demo runs end to end and prints measured numbers (one epoch here)."""
 import re
 
-from metaug_fast import demo
+from metaug_fast.cli import demo
 
 
 def test_demo_runs_and_reports_probe_accuracy(capsys):

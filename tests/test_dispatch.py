@@ -19,7 +19,7 @@ def test_available_backends_lists_reference_first():
 @requires_cpp
 def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
-    assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.oucl_score"
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.score"
     # An op the C++ backend does not provide runs on reference.
     assert _backend.resolve("margin_injection_loss", "auto", torch.device("cpu")) is metaug_fast.reference.margin_injection_loss
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from torch.nn import functional as tF
 
 import metaug_fast
-from metaug_fast import train as cli
+from metaug_fast.cli import train as cli
 from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugConfig
 from metaug_fast.metaug.data import DatasetNotFoundError, TwoViews, load_split, rgb_to_lab
 from metaug_fast.metaug.step import margin_terms, meta_gradient, objective

@@ -127,16 +127,16 @@ def test_margin_statistics_second_order_and_gradcheck():
 def _label_op(op, backend, **extra):
     """op(emb, labels, ref, ref_labels) -> a scalar mixing every output, on ``backend`` ("reference" or "cpp",
     whose label functions also take the distributed callers' ``self_offset``)."""
-    from metaug_fast._ops import oucl_label as C
+    from metaug_fast._ops import label as C
 
     if op == "margins":
-        fn = R.margin_statistics_embeddings if backend == "reference" else C.margin_statistics_embeddings_cpp
+        fn = R.margin_statistics_embeddings if backend == "reference" else C.margin_statistics_embeddings_fused
         return lambda *a: sum((k + 1.5) * s.clamp(-9, 9).square().sum() for k, s in
                               enumerate(fn(*a, similarity="shifted_cosine")))
     if op == "info_nce":
-        fn = R.info_nce_embeddings if backend == "reference" else C.info_nce_embeddings_cpp
+        fn = R.info_nce_embeddings if backend == "reference" else C.info_nce_embeddings_fused
         return lambda *a: fn(*a, temperature=0.2, similarity="shifted_cosine", reduction="sum", **extra)
-    fn = R.oucl_embeddings if backend == "reference" else C.oucl_embeddings_cpp
+    fn = R.oucl_embeddings if backend == "reference" else C.oucl_embeddings_fused
     return lambda *a: fn(*a, form=op, beta=16.0, similarity="shifted_cosine", reduction="sum", **PARAMS, **extra)
 
 
@@ -144,9 +144,9 @@ def _label_op(op, backend, **extra):
 @pytest.mark.parametrize("mode", ["self", "ref", "constant_ref", "self_offset"])
 def test_hessian_vector_products_in_row_chunks_match_reference(monkeypatch, op, mode):
     # Chunks of 40 scores: 1 row at a time against 30 references, 5 rows at a time without them.
-    from metaug_fast._ops import oucl_label
+    from metaug_fast._ops import label as label_ops
 
-    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 40)
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 40)
     if op == "margins" and mode == "self_offset":
         pytest.skip("margin statistics take no self_offset")
     emb, labels, ref, ref_labels = label_data(11, None if mode == "self" else 30, D=4, n_classes=3)
@@ -172,9 +172,9 @@ def test_hessian_vector_products_in_row_chunks_match_reference(monkeypatch, op, 
 
 
 def test_second_order_in_row_chunks_gradgradcheck_and_third_order_raises(monkeypatch):
-    from metaug_fast._ops import oucl_label
+    from metaug_fast._ops import label as label_ops
 
-    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 7)
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 7)
     emb, labels, ref, ref_labels = label_data(5, 6, D=3, n_classes=3)
     e, r = emb.requires_grad_(), ref.requires_grad_()
     for op in ("squared", "info_nce", "margins"):  # not circle: its Γ weights are constants, not differentiated
@@ -188,10 +188,10 @@ def test_second_order_in_row_chunks_gradgradcheck_and_third_order_raises(monkeyp
 
 @pytest.mark.parametrize("op", ["weighted", "info_nce", "margins"])
 def test_second_order_allocates_nothing_of_b_by_m(monkeypatch, op):
-    from metaug_fast._ops import oucl_label
+    from metaug_fast._ops import label as label_ops
 
     B, M = 96, 80
-    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 16 * M)
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 16 * M)
     emb, labels, ref, ref_labels = label_data(B, M, D=6, n_classes=5)
     xs = (emb.requires_grad_(), ref.requires_grad_())
     fn = _label_op(op, "cpp")

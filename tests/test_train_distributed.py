@@ -21,7 +21,7 @@ TINY = ["--dataset", "digits", "--batch-size", "16", "--mag-hidden", "8", "--fea
 
 def _torchrun(out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "metaug_fast.train", *TINY, "--out", str(out), *extra]
+           "-m", "metaug_fast.cli.train", *TINY, "--out", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 

@@ -98,9 +98,9 @@ def test_label_mode_allocates_nothing_of_b_by_m(op):
 def test_label_mode_second_order_in_row_chunks(monkeypatch, op, with_ref):
     # The meta step's path: the second derivative runs the Triton score-mode kernels over row chunks of the
     # scores (60 scores here: 1 row against 60 references, 4 rows without them), never B×M.
-    from metaug_fast._ops import oucl_label
+    from metaug_fast._ops import label as label_ops
 
-    monkeypatch.setattr(oucl_label, "_CHUNK_SCORES", 60)
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 60)
     B, M = (13, 60) if with_ref else (15, 15)
     emb, labels, ref, ref_labels = label_data(B, M if with_ref else None, D=6)
     torch.manual_seed(1)
@@ -125,7 +125,7 @@ def test_backend_rules():
 def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
     # The GPU configuration (64×64 tiles, feature chunks of 64/128, many column splits) run by the
     # interpreter: masks at blocks larger than the data, several chunks of D, splits merged per row.
-    from metaug_fast.kernels import oucl_label as K
+    from metaug_fast.kernels import label as K
 
     monkeypatch.setattr(K, "_interpreting", lambda: False)
     assert K.config(torch.empty(1, 70, dtype=dtype), 70)[0] in (32, 64)
@@ -144,10 +144,9 @@ def test_score_mode_with_the_gpu_block_sizes(monkeypatch, block_b, block_k):
     # interpreter (which otherwise uses one configuration).
     import triton
 
-    from metaug_fast.kernels import oucl_score as K
+    from metaug_fast.kernels import margins, score
 
-    for name in dir(K):
-        kernel = getattr(K, name)
+    for kernel in [getattr(K, name) for K in (score, margins) for name in dir(K)]:
         if isinstance(kernel, triton.runtime.Autotuner):
             monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_B": block_b, "BLOCK_K": block_k})])
             monkeypatch.setattr(kernel, "cache", {})
@@ -297,9 +296,9 @@ def _fusable_in_ptx(kernels, fp_fusion):
     import sys
 
     code = (
-        "from bench.check_triton_compile import Job, compile_job, contractible\n"
+        "from tools.check_triton_compile import Job, compile_job, contractible\n"
         f"for k in {list(kernels)!r}:\n"
-        "    job = Job('oucl_score', k, 'float32', dict(FORM=2, HAS_PM=True, HAS_NM=True, BLOCK_B=16, BLOCK_K=128))\n"
+        "    job = Job('score', k, 'float32', dict(FORM=2, HAS_PM=True, HAS_NM=True, BLOCK_B=16, BLOCK_K=128))\n"
         f"    opts = {{}} if {fp_fusion!r} is None else dict(enable_fp_fusion={fp_fusion!r})\n"
         "    ptx = compile_job(job, 90, **opts).asm['ptx']\n"
         "    print(k, contractible(ptx) + ptx.count('fma.rn.f32'))\n"
@@ -321,7 +320,7 @@ def test_score_kernels_are_compiled_without_fused_multiply_adds():
 def test_label_tile_configuration_override():
     # What the GPU check's tile sweep uses: every label kernel launch takes the overridden tiles and warps,
     # results unchanged; unknown fields and tiles that tl.dot cannot take are refused.
-    from metaug_fast.kernels import oucl_label as K
+    from metaug_fast.kernels import label as K
 
     emb, labels, ref, ref_labels = label_data(37, 50, D=20)
     torch.manual_seed(1)  # the same directions for both HVPs

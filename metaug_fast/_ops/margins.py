@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from ..contract import Stat
-from .oucl_score import CPP_OPS
+from .score import CPP_OPS
 
 
 
@@ -83,7 +83,7 @@ class _MarginInjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pos, neg, sigma_pos, sigma_neg, pos_mask, neg_mask):
-        from ..kernels.oucl_score import margin_injection_fwd
+        from ..kernels.margins import margin_injection_fwd
 
         ctx.save_for_backward(pos, neg, sigma_pos, sigma_neg, pos_mask, neg_mask)
         return margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg)
@@ -95,7 +95,7 @@ class _MarginInjection(torch.autograd.Function):
             gp, d_sp = _hinge_share(pos, pm, sp, g, 1.0)
             gn, d_sn = _hinge_share(neg, nm, sn, g, -1.0)
         else:
-            from ..kernels.oucl_score import margin_injection_bwd
+            from ..kernels.margins import margin_injection_bwd
 
             gp, gn, d_sp, d_sn = margin_injection_bwd(g, pos, neg, pm, nm, sp, sn)
         return gp, gn, d_sp.to(sp.dtype), d_sn.to(sn.dtype), None, None

@@ -4,9 +4,9 @@ from typing import Optional
 
 from .._backend import Backend, add
 from .._ops.margins import margin_statistics_fused
-from .._ops.oucl_label import (info_nce_embeddings_cpp, margin_statistics_embeddings_cpp, oucl_embeddings_cpp,
-                               pairwise_similarity_cpp)
-from .._ops.oucl_score import CPP_OPS, info_nce_fused, oucl_fused
+from .._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused, oucl_embeddings_fused,
+                               pairwise_similarity_fused)
+from .._ops.score import CPP_OPS, info_nce_fused, oucl_fused
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.metaug_fast.*)
@@ -17,9 +17,9 @@ except ImportError as exc:  # the package must work without the extension
 
 # The label and score ops dispatch on the tensors' device: the CUDA backend registers the same functions.
 IMPLS = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
-         "oucl_embeddings": oucl_embeddings_cpp, "info_nce_embeddings": info_nce_embeddings_cpp,
-         "margin_statistics_embeddings": margin_statistics_embeddings_cpp,
-         "pairwise_similarity": pairwise_similarity_cpp}
+         "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
+         "margin_statistics_embeddings": margin_statistics_embeddings_fused,
+         "pairwise_similarity": pairwise_similarity_fused}
 
 
 def unavailable() -> Optional[str]:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .._backend import Backend, add
-from .._ops.oucl_score import CPP_OPS
+from .._ops.score import CPP_OPS
 from . import cpp
 
 ERROR: Optional[Exception]

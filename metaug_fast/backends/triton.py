@@ -10,8 +10,8 @@ import torch
 
 from .._backend import Backend, add
 from .._ops.margins import margin_injection_loss_triton, margin_statistics_fused
-from .._ops.oucl_score import TRITON_OPS, info_nce_fused, oucl_fused
-from .._ops.triton_label import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
+from .._ops.score import TRITON_OPS, info_nce_fused, oucl_fused
+from .._ops.label_triton import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
                                  oucl_embeddings_triton, pairwise_similarity_triton)
 
 try:

@@ -1,5 +1,5 @@
 """MetAug training (shared SPEC.md section 5): the meta feature augmenter, the memory bank, the
-second-order meta step, models, data, the linear probe and the trainer behind ``python -m metaug_fast.train``."""
+second-order meta step, models, data, the linear probe and the trainer behind ``python -m metaug_fast.cli.train``."""
 from .bank import MemoryBank, ShardedMemoryBank
 from .mag import MetaFeatureAugmenter
 from .step import MetAugConfig, MetAugStep, margin_terms, objective

@@ -71,16 +71,17 @@ class MemoryBank:
         """
         ref = self.features[view]
         MF._label_inputs(z, labels, ref, bank_labels)
-        params = {**LossParams.from_kwargs("score_all", form_params).kwargs(),
-                  "reduction": MF._choice(reduction, "reduction", R.REDUCTIONS)}
+        loss_params = LossParams.from_kwargs("score_all", form_params)
+        reduction = MF._choice(reduction, "reduction", R.REDUCTIONS)
         similarity = MF._choice(similarity, "similarity", SIMILARITIES)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         fused = MF._backend.resolve("oucl_embeddings", backend, z.device)
         if fused is not R.oucl_embeddings:  # the bank's rows are unit vectors: no normalized copy of the bank
-            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=True, **params)
+            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=True, reduction=reduction,
+                         **loss_params.kwargs())
         return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
-                                       **params)
+                                       params=loss_params, reduction=reduction)
 
     def state_dict(self) -> dict:
         return {"features": self.features.clone(), "momentum": self.momentum}
@@ -145,7 +146,7 @@ class ShardedMemoryBank:
         if index.ndim != 1 or z.ndim != 2 or z.shape != (index.shape[0], self.features.shape[2]):
             raise ValueError(f"index must be [b] and z [b, {self.features.shape[2]}], got {tuple(index.shape)} "
                              f"and {tuple(z.shape)}")
-        all_index, all_z = D._gather_all([index.to(self.features.device).long(), z.to(self.features)], self.group)
+        all_index, all_z = D.gather_all([index.to(self.features.device).long(), z.to(self.features)], self.group)
         mine = (all_index >= self.start) & (all_index < self.stop)
         _momentum_update(self.features[view], all_index[mine] - self.start, all_z[mine], self.momentum)
 
@@ -163,7 +164,7 @@ class ShardedMemoryBank:
 
     def full(self, view: int) -> Tensor:
         """The whole bank of ``view``, ``[n_data, dim]``, on every rank (for checkpoints and checks)."""
-        return D._gather_all([self.features[view]], self.group)[0]
+        return D.gather_all([self.features[view]], self.group)[0]
 
     def state_dict(self) -> dict:
         """This rank's shard (save one file per rank, or :meth:`full` on one rank)."""

@@ -180,7 +180,7 @@ class MetAugStep:
             out["meta"] = meta.item()
         # 3. Memory bank: momentum update with this step's (pre-update) features, after scoring.
         if self.data_parallel is not None:
-            index, z1, z2 = D._gather_all([index.to(z1.device), z1, z2], self.group)
+            index, z1, z2 = D.gather_all([index.to(z1.device), z1, z2], self.group)
         self.bank.update(0, index, z1)
         self.bank.update(1, index, z2)
         return out

@@ -4,7 +4,7 @@ Every epoch ends with a checkpoint written atomically (a temporary file, then ``
 interrupted run (Ctrl-C included) always leaves the last complete epoch on disk, and ``resume`` continues
 exactly where it stopped: model, MAGs, memory bank, optimizers, data order and every random state.
 
-Under torchrun (a process group initialized before the trainer is built, see ``metaug_fast.train``) every
+Under torchrun (a process group initialized before the trainer is built, see ``metaug_fast.cli.train``) every
 rank trains on its part of each epoch (``DistributedSampler``) with the model in
 ``DistributedDataParallel``; the MAG gradients are averaged over ranks and every rank's features update
 the (replicated) memory bank, so all ranks hold the same model, MAGs and bank. Rank 0 alone prints,

@@ -2,7 +2,7 @@
 ``make check-triton`` compiles) and every kernel of the CUDA extension (as ``make check-cuda`` builds it),
 disassembled for sm_90.
 
-    python -m bench.gpu_static [--cuda-lib build/check-cuda/lib] [--out bench/results/gpu_static.csv]
+    python -m tools.gpu_static [--cuda-lib build/check-cuda/lib] [--out bench/results/gpu_static.csv]
 
 Per kernel: registers, stack frame, spill stores (bytes per thread; Triton: ptxas -v, CUDA: cuobjdump's
 resource usage, where spills show as stack), shared memory, and the SASS instruction mix by class (tensor-core
@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from bench.check_triton_compile import compile_job, jobs, resources, toolkit_binary
+from tools.check_triton_compile import compile_job, jobs, resources, toolkit_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("mma", "ffma", "fmul_fadd", "fp64", "mufu", "int", "load", "store", "local", "other")

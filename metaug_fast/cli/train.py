@@ -1,12 +1,12 @@
-"""Command line for MetAug training: ``python -m metaug_fast.train [options]``.
+"""Command line for MetAug training: ``python -m metaug_fast.cli.train [options]``.
 
 Examples::
 
-    python -m metaug_fast.train --dataset digits --epochs 20 --mag-hidden 256 --out runs/digits
-    python -m metaug_fast.train --dataset cifar10 --data-root /data --arch alexnet_half   # the paper's setup
-    python -m metaug_fast.train --resume runs/digits/checkpoint.pt --epochs 30             # continue a run
-    torchrun --standalone --nproc_per_node=2 -m metaug_fast.train --dataset digits --out runs/ddp
-    torchrun --nproc_per_node=8 -m metaug_fast.train --dataset cifar10 --data-root /data --device cuda
+    python -m metaug_fast.cli.train --dataset digits --epochs 20 --mag-hidden 256 --out runs/digits
+    python -m metaug_fast.cli.train --dataset cifar10 --data-root /data --arch alexnet_half   # the paper's setup
+    python -m metaug_fast.cli.train --resume runs/digits/checkpoint.pt --epochs 30             # continue a run
+    torchrun --standalone --nproc_per_node=2 -m metaug_fast.cli.train --dataset digits --out runs/ddp
+    torchrun --nproc_per_node=8 -m metaug_fast.cli.train --dataset cifar10 --data-root /data --device cuda
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialized here (gloo on CPU, NCCL with
 ``--device cuda``, timeout ``--dist-timeout``) and the model trains in DistributedDataParallel;
@@ -27,12 +27,12 @@ from typing import List, Optional
 
 import torch
 
-from ._backend import REGISTRY
-from .metaug.data import DATASETS, DatasetNotFoundError
-from .metaug.models import ARCHS
-from .metaug.step import METHODS, MetAugConfig
-from .metaug.trainer import TrainConfig, Trainer
-from .reference import FORMS, SIMILARITIES
+from .._backend import REGISTRY
+from ..metaug.data import DATASETS, DatasetNotFoundError
+from ..metaug.models import ARCHS
+from ..metaug.step import METHODS, MetAugConfig
+from ..metaug.trainer import TrainConfig, Trainer
+from ..reference import FORMS, SIMILARITIES
 
 
 def _positive_int(text: str) -> int:
@@ -58,7 +58,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     d, m = TrainConfig(), MetAugConfig()
-    ap = argparse.ArgumentParser(prog="python -m metaug_fast.train", description="MetAug training (OUCL + MAG + meta step)")
+    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.train", description="MetAug training (OUCL + MAG + meta step)")
     g = ap.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     g.add_argument("--data-root", default=None, help="folder holding the dataset's files (never downloaded)")
@@ -159,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             dist.destroy_process_group()
         raise
     if distributed:
-        from .distributed import shutdown
+        from ..distributed import shutdown
 
         shutdown()
     return code

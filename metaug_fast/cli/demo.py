@@ -2,7 +2,7 @@
 two augmented views in label mode, then compare a linear probe on its features with one on a
 randomly initialized encoder of the same shape.
 
-    python -m metaug_fast.demo [--epochs 150] [--seed 0] [--backend auto]
+    python -m metaug_fast.cli.demo [--epochs 150] [--seed 0] [--backend auto]
 
 Every number printed is measured in this run. The full MetAug trainer (MAG, meta step, memory bank) is
 a separate module; this demo exercises the loss and its backends only.

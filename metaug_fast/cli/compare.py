@@ -1,6 +1,6 @@
 """``make train``: MetAug against its ablations on digits, same budget, several seeds, one table.
 
-    python -m metaug_fast.compare [--epochs 8] [--seeds 0 1 2] [--out runs/compare]
+    python -m metaug_fast.cli.compare [--epochs 8] [--seeds 0 1 2] [--out runs/compare]
 
 Trains MetAug, MetAug (only OUCL, no MAG) and InfoNCE with the same encoder, data, schedule and number of
 epochs, probes a randomly initialized encoder too, and prints linear-probe top-1 accuracy (conv and fc
@@ -16,8 +16,8 @@ import statistics
 import time
 from typing import Dict, List
 
-from .metaug.step import MetAugConfig
-from .metaug.trainer import TrainConfig, Trainer
+from ..metaug.step import MetAugConfig
+from ..metaug.trainer import TrainConfig, Trainer
 
 RUNS = [("MetAug", "metaug"), ("MetAug (only OUCL)", "oucl"), ("InfoNCE", "infonce"), ("random init", None)]
 
@@ -42,7 +42,7 @@ def _fmt(values: List[float]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m metaug_fast.compare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.compare", description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-size", type=int, default=64)

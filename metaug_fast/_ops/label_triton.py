@@ -1,4 +1,4 @@
-"""Label mode and pairwise similarity on the Triton backend (kernels/oucl_label.py, kernels/similarity.py).
+"""Label mode and pairwise similarity on the Triton backend (kernels/label.py, kernels/similarity.py).
 
 The autograd Function takes the raw embeddings and their inverse norms ``iz = 1/max(‖e‖, ε)`` (computed
 here with PyTorch ops, so autograd differentiates the normalization at every order) and returns per-row
@@ -16,10 +16,10 @@ from torch import Tensor
 
 from .. import reference
 from ..chunked import merge_lse
-from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, Stat, stats_of
+from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, stats_of
 from .margins import sigmas
-from .oucl_label import _LabelBackward
-from .oucl_score import TRITON_OPS
+from .label import _LabelBackward, with_valid
+from .score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
 
@@ -38,7 +38,7 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
 
 def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
     """(output, stats [B, N_STATS] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins."""
-    from ..kernels import oucl_label as K
+    from ..kernels import label as K
 
     form = params[0]
     B = e.shape[0]
@@ -93,15 +93,13 @@ class _TritonLabel(torch.autograd.Function):
         out, stats = _forward(e, iz, e if r is None else r, ir, labels, ref_labels, params, sim_id, self_offset)
         ctx.save_for_backward(e, r, labels, ref_labels, stats, iz, ir)
         ctx.params, ctx.sim_id, ctx.self_offset, ctx.ref_unit = params, sim_id, self_offset, ref_unit
-        valid = stats[:, Stat.VALID] > 0
-        ctx.mark_non_differentiable(valid)
-        return out, valid
+        return with_valid(ctx, out, stats)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_valid):
         if torch.is_grad_enabled():
             return _differentiable_grads(ctx, grad_out)
-        from ..kernels import oucl_label as K
+        from ..kernels import label as K
 
         e, r, labels, ref_labels, stats, iz, ir = ctx.saved_tensors
         self_mode = r is None
@@ -126,8 +124,8 @@ def _through_norm(x: Tensor, inv: Tensor, d_direct: Tensor, d_inv: Tensor) -> Te
 def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_offset, sim_id, form, beta, gamma_pos,
                           gamma_neg, margin, lam, ref_grad):
     """The Triton label backward on normalized rows (inverse norms 1) under the C++ op's signature, so that
-    the chunked second derivative of the C++ path (oucl_label._LabelBackward) drives it."""
-    from ..kernels import oucl_label as K
+    the chunked second derivative of the C++ path (label._LabelBackward) drives it."""
+    from ..kernels import label as K
 
     params = OpArgs(form, beta, gamma_pos, gamma_neg, margin, lam)
     ones_z, ones_r = zn.new_ones(zn.shape[0]), rn.new_ones(rn.shape[0])

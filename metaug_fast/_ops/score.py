@@ -1,6 +1,6 @@
 """Score-mode OUCL on the fused backends: autograd Functions around the ``oucl_score_*`` ops, which
-``ops`` provides: ``torch.ops.metaug_fast`` (the C++ kernels of csrc/oucl_cpu.cpp and, for CUDA tensors,
-csrc/cuda) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels, same signatures and stats).
+``ops`` provides: ``torch.ops.metaug_fast`` (the C++ kernels of csrc/cpu/score.cpp and, for CUDA tensors,
+csrc/cuda/score.cu) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels.score and .margins, same signatures and stats).
 
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not
@@ -26,9 +26,9 @@ class _TritonOps:
     needs Triton, and TRITON_INTERPRET is read when they are defined."""
 
     def __getattr__(self, name):
-        from ..kernels import oucl_score
+        from ..kernels import margins, score
 
-        return getattr(oucl_score, name)
+        return getattr(margins if name.startswith("margin_") else score, name)
 
 
 TRITON_OPS = _TritonOps()

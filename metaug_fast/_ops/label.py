@@ -1,5 +1,5 @@
 """Label-mode OUCL and InfoNCE on the C++ and CUDA backends, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
-(csrc/oucl_cpu.cpp, csrc/cuda/oucl_cuda.cu) tile the similarity matrix through ATen GEMMs and never store
+(csrc/cpu/label.cpp, csrc/cuda/label.cu) tile the similarity matrix through ATen GEMMs and never store
 B×M. The Functions take the ops' namespace as ``ops``, so the same code also drives the CUDA kernels under
 the SIMT emulator (``torch.ops.metaug_fast_simt``, tests/test_cuda_simt.py).
 
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from .. import reference
 from ..contract import SIMILARITIES, Form, LossParams, Stat
 from .margins import sigmas
-from .oucl_score import CPP_OPS, hinge_grad_grad_rows, third_order_error
+from .score import CPP_OPS, hinge_grad_grad_rows, third_order_error
 
 
 
@@ -165,13 +165,19 @@ class _LabelLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
         ctx.similarity, ctx.params, ctx.self_offset, ctx.ops = similarity, params, offset, ops
-        valid = stats[:, Stat.VALID] > 0
-        ctx.mark_non_differentiable(valid)
-        return rows, valid
+        return with_valid(ctx, rows, stats)
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_valid):
         return _label_grads(ctx, grad_rows, ctx.params, ctx.self_offset) + (None,) * 6
+
+
+def with_valid(ctx, rows: Tensor, stats: Tensor):
+    """A label Function's outputs: ``(rows, valid [B] bool)``, valid read from the stats and marked
+    non-differentiable."""
+    valid = stats[:, Stat.VALID] > 0
+    ctx.mark_non_differentiable(valid)
+    return rows, valid
 
 
 def _ref_grad(ctx, rn) -> bool:
@@ -186,7 +192,7 @@ def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction,
     return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
-def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+def oucl_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                         ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
                         beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
                         self_offset: Optional[int] = None, ref_unit: bool = False, ops=CPP_OPS) -> Tensor:
@@ -198,7 +204,7 @@ def oucl_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] =
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit, ops)
 
 
-def info_nce_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+def info_nce_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
                             reduction: str, self_offset: Optional[int] = None, ops=CPP_OPS) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
@@ -229,7 +235,7 @@ class _MarginLabel(torch.autograd.Function):
         return _label_grads(ctx, torch.stack([g_min, g_max], 1), MARGIN_PARAMS, offset) + (None,) * 4
 
 
-def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+def margin_statistics_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                                      ref_labels: Optional[Tensor] = None, *, similarity: str, ops=CPP_OPS):
     """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, on the fused label ops
     of ``ops``."""
@@ -237,7 +243,7 @@ def margin_statistics_embeddings_cpp(emb: Tensor, labels: Tensor, ref_emb: Optio
     return sigmas(p_min, n_max, valid, emb.dtype)
 
 
-def pairwise_similarity_cpp(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
+def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
     """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization, then one ATen GEMM with the similarity's affine
     map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine). Differentiable to
     any order by autograd."""

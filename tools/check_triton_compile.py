@@ -2,8 +2,8 @@
 the same compiler a GPU run uses (front end, TTIR/TTGIR/LLVM passes, ptxas), so CI catches what the
 interpreter cannot (globals that are not constexpr, unsupported ops, layout or register failures).
 
-    python -m bench.check_triton_compile            # every kernel, the dtypes and forms that matter
-    python -m bench.check_triton_compile --arch 80
+    python -m tools.check_triton_compile            # every kernel, the dtypes and forms that matter
+    python -m tools.check_triton_compile --arch 80
 
 Each kernel is compiled with the options its launcher uses (``COMPILE_OPTIONS`` of its module, the label
 kernels' default tile configuration with its warps and stages). Beyond compiling, two properties are
@@ -51,14 +51,14 @@ def _types(dtype: str) -> Dict[str, str]:
 
 
 def _label_config(dtype: str) -> dict:
-    """The label kernels' default GPU configuration for D = 128 (kernels/oucl_label.config)."""
+    """The label kernels' default GPU configuration for D = 128 (kernels/label.config)."""
     import torch
 
-    from metaug_fast.kernels import oucl_label
+    from metaug_fast.kernels import label
 
     interpreting = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return oucl_label.config(torch.empty(0, 128, dtype=getattr(torch, dtype)), 128).meta()
+        return label.config(torch.empty(0, 128, dtype=getattr(torch, dtype)), 128).meta()
     finally:
         if interpreting is not None:
             os.environ["TRITON_INTERPRET"] = interpreting
@@ -77,20 +77,20 @@ def jobs() -> List[Job]:
         for form in forms:
             for masks in ((True, True), (False, False)) if form == int(WEIGHTED) else ((True, True),):
                 flags = dict(FORM=form, HAS_PM=masks[0], HAS_NM=masks[1], **blocks)
-                out.append(Job("oucl_score", "_score_fwd_kernel", dtype, flags))
-                out.append(Job("oucl_score", "_score_bwd_kernel", dtype, flags))
+                out.append(Job("score", "_score_fwd_kernel", dtype, flags))
+                out.append(Job("score", "_score_bwd_kernel", dtype, flags))
                 if form != int(HINGE):
-                    out.append(Job("oucl_score", "_score_bwd_bwd_kernel", dtype, flags))
+                    out.append(Job("score", "_score_bwd_bwd_kernel", dtype, flags))
         for name in ("_margin_fwd_kernel", "_margin_bwd_kernel", "_margin_injection_fwd_kernel",
                      "_margin_injection_bwd_kernel"):
-            out.append(Job("oucl_score", name, dtype, dict(HAS_PM=True, HAS_NM=False, **blocks)))
+            out.append(Job("margins", name, dtype, dict(HAS_PM=True, HAS_NM=False, **blocks)))
         cfg = _label_config(dtype)
         fwd = {k: v for k, v in cfg.items() if k not in ("BDO", "GPREC")}
         for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
             for sweep in (0, 1) if form == int(INFONCE) else (0,):
-                out.append(Job("oucl_label", "_label_fwd_kernel", dtype, dict(FORM=form, SWEEP=sweep, SIM=0, **fwd)))
-            out.append(Job("oucl_label", "_label_bwd_rows_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
-            out.append(Job("oucl_label", "_label_bwd_cols_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SWEEP=sweep, SIM=0, **fwd)))
+            out.append(Job("label", "_label_bwd_rows_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+            out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
         sim = {k: v for k, v in fwd.items() if k not in ("FORM",)}
         out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
     return out
@@ -171,9 +171,9 @@ def check(job: Job, arch: int) -> List[str]:
     failures = []
     if "cubin" not in compiled.asm:
         failures.append(f"{job.label()}: no cubin")
-    if job.module == "oucl_score" and contractible(compiled.asm["ptx"]):
+    if job.module in ("score", "margins") and contractible(compiled.asm["ptx"]):
         failures.append(f"{job.label()}: {contractible(compiled.asm['ptx'])} multiplies/adds may be fused into FMAs")
-    if job.module == "oucl_label":
+    if job.module == "label":
         spilled = resources(compiled, arch)["spill_stores"]
         if spilled:
             failures.append(f"{job.label()}: {spilled} bytes of registers spilled per thread")

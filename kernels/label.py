@@ -9,7 +9,7 @@ returns (autograd then differentiates iz = 1/max(‖e‖, ε)).
 Forward: grid (row blocks, column splits). A program walks its column tiles, computes S = a·cos + b
 (a, b: the similarity's affine map), splits positives and negatives by comparing labels (the pair
 j = i + self_offset excluded when self_offset ≥ 0), and keeps per-row running statistics, written as a
-partial state ``part [splits, B, 6]`` that :mod:`metaug_fast._ops.triton_label` merges per row:
+partial state ``part [splits, B, 6]`` that :mod:`metaug_fast._ops.label_triton` merges per row:
 OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻, n⁺, n⁻) with Σ = Σ exp(e - max) (the online log-sum-exp); hinge
 (0, Σs⁺, 0, Σs⁻, n⁺, n⁻); InfoNCE sweep 0 like the OUCL forms on the negatives only, sweep 1 (given C)
 (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs), 0, 0, 0, 0); margins (min⁺, max⁻, ties⁺, ties⁻, NaN⁺, NaN⁻).
