@@ -198,3 +198,69 @@ def test_second_order_allocates_nothing_of_b_by_m(monkeypatch, op):
     with LargestAllocation() as rec:
         hvp(lambda e, r: fn(e, labels, r, ref_labels), xs, (torch.randn_like(emb), torch.randn_like(ref)))
     assert 16 * M <= rec.largest < B * M / 4  # the chunks' scores, never the whole matrix
+
+
+# Self mode (no reference set) runs over the tiles on and above the diagonal in 256-row blocks: 600 rows are
+# two full blocks and a partial one, so every round, the transposed halves and a partial diagonal tile run.
+SELF_N = 600
+
+
+def _self_fn(op, labels, backend):
+    if op == "info_nce":
+        return lambda e: F.info_nce_embeddings(e, labels, temperature=0.2, reduction="none", backend=backend)
+    if op == "margins":
+        return lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, backend=backend)).clamp(-5, 5)
+    return lambda e: F.oucl_embeddings(e, labels, form=op, beta=16.0, reduction="none", backend=backend, **PARAMS)
+
+
+@pytest.mark.parametrize("op", FORMS + ("info_nce", "margins"))
+def test_self_mode_symmetric_tiles_equal_reference(op):
+    emb, labels, _, _ = label_data(SELF_N, None, D=16, n_classes=40)
+    out = []
+    for backend in ("reference", "cpp"):
+        e = emb.clone().requires_grad_()
+        rows = _self_fn(op, labels, backend)(e)
+        (g,) = torch.autograd.grad((rows * torch.linspace(0.5, 1.5, rows.shape[-1], dtype=rows.dtype)).sum(), e)
+        out.append((rows, g))
+    for a, b in zip(*out):
+        assert rel_err(a, b) <= 1e-12, rel_err(a, b)
+
+
+def test_self_mode_hvp_crosses_blocks():
+    emb, labels, _, _ = label_data(SELF_N, None, D=8, n_classes=40)
+    vec = torch.randn_like(emb)
+    got, want = (hvp(lambda e: _self_fn("circle", labels, b)(e).sum(), (emb.clone().requires_grad_(),), (vec,))
+                 for b in ("cpp", "reference"))
+    for a, b in zip((got[0], *got[1], *got[2]), (want[0], *want[1], *want[2])):
+        assert rel_err(a, b) <= 1e-10, rel_err(a, b)
+
+
+def test_self_mode_gradient_equals_the_rectangular_path():
+    # The op with rn aliasing zn takes the symmetric path and returns the whole gradient first; with a copy of
+    # zn as the reference it takes the rectangular one: the sums of the two outputs agree.
+    zn = torch.nn.functional.normalize(torch.randn(SELF_N, 16, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 40, (SELF_N,))
+    args = (0, 0, 2, 16.0, 0.0, 0.0, 0.25, 0.0)
+    ops = torch.ops.metaug_fast
+    rows_s, stats_s = ops.oucl_label_fwd(zn, zn, labels, labels, *args)
+    rows_r, stats_r = ops.oucl_label_fwd(zn, zn.clone(), labels, labels.clone(), *args)
+    torch.testing.assert_close(rows_s, rows_r, rtol=1e-12, atol=0)
+    g = torch.rand(SELF_N, dtype=torch.float64)
+    gz_s, gr_s = ops.oucl_label_bwd(g, zn, zn, labels, labels, stats_s, *args)
+    gz_r, gr_r = ops.oucl_label_bwd(g, zn, zn.clone(), labels, labels.clone(), stats_r, *args)
+    assert gr_s.abs().max() == 0
+    torch.testing.assert_close(gz_s, gz_r + gr_r, rtol=1e-12, atol=1e-15)
+
+
+def test_self_mode_thread_count_independent():
+    emb, labels, _, _ = label_data(SELF_N, None, D=8, dtype=torch.float32, n_classes=40)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(_run("cpp", emb, labels, None, None, form="weighted", beta=32.0))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):  # only ATen's GEMMs may regroup sums across threads
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)

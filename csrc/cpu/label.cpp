@@ -8,7 +8,13 @@
 // O((B + M)·D) plus one tile per thread; B×M is never stored. Backward recomputes each tile and turns it
 // into G = ∂ℓ/∂S in place, twice: once by rows for G·rn and once by column tiles for Gᵀ·zn, so that every
 // output row has one owner and sums in a fixed order (no per-thread copies of the gradients, no atomics).
-// metaug_fast/_ops/label.py wraps the ops in autograd Functions.
+//
+// Self mode (the reference rows are the anchors themselves: rn is zn, self_offset 0, the same labels) uses
+// that S = zn·znᵀ is symmetric: only the tiles on and above the diagonal are computed, each feeding its rows
+// and, transposed, its columns; the backward forms H = G_IJ + G_JIᵀ per tile pair and takes dZ_I += H·Z_J,
+// dZ_J += Hᵀ·Z_I. Half the similarity GEMMs and half the gradient GEMMs; the whole gradient is returned
+// in the first output (the second is zero: callers add the two). metaug_fast/_ops/label.py wraps the ops
+// in autograd Functions.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -52,6 +58,24 @@ LabelPlan make_plan(int64_t B, int64_t M) {
   return p;
 }
 
+// Self mode: blocks of kSelfTile rows; tile (I, J), I <= J, is S_IJ = Z_I·Z_Jᵀ. Round r takes the tiles
+// (I, I + r) in parallel, each the one writer of its row block I; their transposed halves, which belong to
+// block I + r, are applied in a second step of the round, again one writer per block. So every row's state
+// and gradient accumulate in an order fixed by the shape alone.
+constexpr int64_t kSelfTile = 256;
+
+template <typename T>
+bool is_self(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a) {
+  return zn.data_ptr() == rn.data_ptr() && zn.sizes() == rn.sizes() && a.labels == a.ref_labels &&
+         a.exclude_self && a.self_offset == 0;
+}
+
+struct SelfBlock {
+  int64_t start, size;
+};
+
+inline SelfBlock self_block(int64_t I, int64_t N) { return {I * kSelfTile, std::min(kSelfTile, N - I * kSelfTile)}; }
+
 template <typename T>
 void label_forward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L,
                         T* tile, RowState<T>* states) {
@@ -92,32 +116,63 @@ void infonce_positive_tile(const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_
 
 // The CPU kernels of LabelOps.
 struct CpuLabel : CpuDevice {
+  // Rectangular sweep: every (row block, column tile), columns split into plan.splits ranges; `visit(r0, nr,
+  // c0, L, tile, states)` consumes a tile into per-split states, merged per row in split order.
+  template <typename T, typename Visit>
+  static std::vector<RowState<T>> rect_sweep(const at::Tensor& zn, const at::Tensor& rn, Visit&& visit) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    const LabelPlan plan = make_plan(B, M);
+    std::vector<RowState<T>> partial(plan.splits * B);
+    at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rb = item / plan.splits, split = item % plan.splits;
+        const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+        const at::Tensor zblk = zn.narrow(0, r0, nr);
+        for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
+          const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+          at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
+          visit(r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
+        }
+      }
+    });
+    std::vector<RowState<T>> merged(partial.begin(), partial.begin() + B);
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(merged[i], partial[sp * B + i]);
+    return merged;
+  }
+
+  // Self-mode sweep over the tiles on and above the diagonal (see kSelfTile); the same `visit`.
+  template <typename T, typename Visit>
+  static std::vector<RowState<T>> self_sweep(const at::Tensor& zn, Visit&& visit) {
+    const int64_t N = zn.size(0), nb = (N + kSelfTile - 1) / kSelfTile;
+    std::vector<RowState<T>> state(N), transposed(N);
+    for (int64_t r = 0; r < nb; ++r) {
+      at::parallel_for(0, nb - r, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t I = b0; I < b1; ++I) {
+          const SelfBlock bi = self_block(I, N), bj = self_block(I + r, N);
+          at::Tensor tile = at::mm(zn.narrow(0, bi.start, bi.size), zn.narrow(0, bj.start, bj.size).t()).contiguous();
+          // The transposed copy first: the epilogue overwrites its tile.
+          at::Tensor tile_t = r > 0 ? tile.t().contiguous() : at::Tensor();
+          visit(bi.start, bi.size, bj.start, bj.size, tile.data_ptr<T>(), state.data() + bi.start);
+          if (r == 0) continue;
+          std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, RowState<T>{});
+          visit(bj.start, bj.size, bi.start, bi.size, tile_t.data_ptr<T>(), transposed.data() + bj.start);
+        }
+      });
+      if (r == 0) continue;
+      at::parallel_for(r, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = self_block(b0, N).start; i < std::min(N, b1 * kSelfTile); ++i) merge_state(state[i], transposed[i]);
+      });
+    }
+    return state;
+  }
+
   template <typename T>
   static void forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, int64_t form, T* rows,
                       T* stats) {
-    const int64_t B = zn.size(0), M = rn.size(0);
-    const LabelPlan plan = make_plan(B, M);
-    // One sweep over all tiles; `visit(r0, nr, c0, L, tile, states)` consumes a tile into per-split states,
-    // which are then merged per row in split order.
-    auto sweep = [&](auto&& visit) {
-      std::vector<RowState<T>> partial(plan.splits * B);
-      at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
-        for (int64_t item = i0; item < i1; ++item) {
-          const int64_t rb = item / plan.splits, split = item % plan.splits;
-          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
-          const at::Tensor zblk = zn.narrow(0, r0, nr);
-          for (int64_t t = plan.tile_begin(split); t < plan.tile_end(split); ++t) {
-            const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
-            at::Tensor tile = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
-            visit(r0, nr, c0, L, tile.data_ptr<T>(), partial.data() + split * B + r0);
-          }
-        }
-      });
-      std::vector<RowState<T>> merged(partial.begin(), partial.begin() + B);
-      for (int64_t i = 0; i < B; ++i)
-        for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(merged[i], partial[sp * B + i]);
-      return merged;
-    };
+    const int64_t B = zn.size(0);
+    const bool self = is_self(zn, rn, a);
+    auto sweep = [&](auto&& visit) { return self ? self_sweep<T>(zn, visit) : rect_sweep<T>(zn, rn, visit); };
     std::vector<RowState<T>> state = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
       label_forward_tile<T>(form, a, r0, nr, c0, L, tile, st);
     });
@@ -136,9 +191,46 @@ struct CpuLabel : CpuDevice {
     for (int64_t i = 0; i < B; ++i) finalize_row(state[i], form, a.cfg, rows[i], stats + kStats * i);
   }
 
+  // Self-mode backward: per tile pair H = G_IJ + G_JIᵀ, dZ_I += H·Z_J, dZ_J += Hᵀ·Z_I (the diagonal tile:
+  // H = G_II + G_IIᵀ, dZ_I += H·Z_I), in the rounds of self_sweep.
+  template <typename T>
+  static void self_backward(const at::Tensor& zn, const LabelArgs<T>& a, int64_t form, const T* stats,
+                            const T* grad_rows, at::Tensor& gz) {
+    const int64_t N = zn.size(0), nb = (N + kSelfTile - 1) / kSelfTile;
+    std::vector<at::Tensor> held(nb);  // H of the tile (J - r, J), kept for block J's step
+    for (int64_t r = 0; r < nb; ++r) {
+      at::parallel_for(0, nb - r, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t I = b0; I < b1; ++I) {
+          const SelfBlock bi = self_block(I, N), bj = self_block(I + r, N);
+          const at::Tensor zi = zn.narrow(0, bi.start, bi.size), zj = zn.narrow(0, bj.start, bj.size);
+          at::Tensor g = at::mm(zi, zj.t()).contiguous();
+          at::Tensor g_t = r > 0 ? g.t().contiguous() : at::Tensor();
+          label_backward_tile<T>(form, a, bi.start, bi.size, bj.start, bj.size, g.data_ptr<T>(), stats, grad_rows);
+          if (r == 0) {
+            gz.narrow(0, bi.start, bi.size).addmm_(g + g.t(), zi);
+            continue;
+          }
+          label_backward_tile<T>(form, a, bj.start, bj.size, bi.start, bi.size, g_t.data_ptr<T>(), stats, grad_rows);
+          g.add_(g_t.t());
+          gz.narrow(0, bi.start, bi.size).addmm_(g, zj);
+          held[I + r] = g;
+        }
+      });
+      if (r == 0) continue;
+      at::parallel_for(r, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t J = b0; J < b1; ++J) {
+          const SelfBlock bi = self_block(J - r, N), bj = self_block(J, N);
+          gz.narrow(0, bj.start, bj.size).addmm_(held[J].t(), zn.narrow(0, bi.start, bi.size));
+          held[J] = at::Tensor();
+        }
+      });
+    }
+  }
+
   template <typename T>
   static void backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, int64_t form,
                        const T* stats, const T* grad_rows, at::Tensor& gz, at::Tensor& gr) {
+    if (is_self(zn, rn, a)) return self_backward<T>(zn, a, form, stats, grad_rows, gz);
     const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
     const LabelPlan plan = make_plan(B, M);
     at::Tensor gz_parts = at::zeros({plan.splits, B, D}, zn.options());
