@@ -21,6 +21,15 @@ FIELDS = ["op", "mode", "backend", "dtype", "size", "pass", "time_ms", "peak_mem
 _COMMAND = [""]
 
 
+# CSVs in bench/results that are not benchmark tables, with what draws them instead.
+OTHER_CSVS = {"train_digits_compare.csv": "metaug_fast.cli.compare", "gpu_static.csv": "tools.gpu_static"}
+
+
+def benchmark_csvs(results: Path) -> List[Path]:
+    """The benchmark tables (schema FIELDS) in ``results``, sorted by name."""
+    return sorted(p for p in results.glob("*.csv") if p.name not in OTHER_CSVS)
+
+
 def set_command(module: str, argv) -> None:
     """Records the command line that produced the rows (written in every row, for traceability)."""
     _COMMAND[0] = " ".join(["python -m", module] + list(argv if argv is not None else sys.argv[1:]))

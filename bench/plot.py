@@ -16,7 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List
 
-from .common import FIELDS
+from .common import FIELDS, benchmark_csvs
 
 
 def _read(path: Path) -> List[Dict[str, str]]:
@@ -133,8 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("csv", nargs="*", type=Path, help="default: bench/results/*.csv")
     ap.add_argument("--out-dir", type=Path, default=None, help="default: next to each CSV")
     args = ap.parse_args(argv)
-    paths = args.csv or sorted(Path("bench/results").glob("*.csv"))
-    paths = [p for p in paths if p.name != "train_digits_compare.csv"]  # drawn by metaug_fast.cli.compare
+    paths = args.csv or benchmark_csvs(Path("bench/results"))
     if not paths:
         ap.error("no CSV to plot")
     for p in paths:
