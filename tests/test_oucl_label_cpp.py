@@ -1,6 +1,6 @@
 """What is specific to fused label mode on the C++ backend (the shared grid is the contract suite, whose
-large-shape test crosses the 256-row / 512-column tiles): gradcheck, threads, the peer equivalence at
-N = 512, the second derivative in row chunks, and no B×M buffer."""
+large-shape test crosses the 256-row / 512-column tiles): gradcheck, threads, self mode's symmetric tiles,
+the peer equivalence at N = 512, the second derivative in row chunks, and no B×M buffer."""
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -52,19 +52,23 @@ def test_second_order_matches_reference_for_circle():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
-def test_thread_count_independent():
-    # A small batch against many columns: with 2 threads the columns are split, with 1 they are not.
-    emb, labels, ref, ref_labels = label_data(10, 3000, D=8, dtype=torch.float32)
+def _same_with_1_and_2_threads(run):
     threads = torch.get_num_threads()
     results = []
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            results.append(_run("cpp", emb, labels, ref, ref_labels, form="circle", beta=32.0))
+            results.append(run())
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*results):  # fp32 sums regrouped across threads: equal to 1e-6 of the tensor's scale
+    for a, b in zip(*results):  # only ATen's GEMMs may regroup fp32 sums across threads
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+
+
+def test_thread_count_independent():
+    # A small batch against many columns: with 2 threads the columns are split, with 1 they are not.
+    emb, labels, ref, ref_labels = label_data(10, 3000, D=8, dtype=torch.float32)
+    _same_with_1_and_2_threads(lambda: _run("cpp", emb, labels, ref, ref_labels, form="circle", beta=32.0))
 
 
 def test_circle_cosine_equals_pml_at_512():
@@ -254,13 +258,4 @@ def test_self_mode_gradient_equals_the_rectangular_path():
 
 def test_self_mode_thread_count_independent():
     emb, labels, _, _ = label_data(SELF_N, None, D=8, dtype=torch.float32, n_classes=40)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            results.append(_run("cpp", emb, labels, None, None, form="weighted", beta=32.0))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results):  # only ATen's GEMMs may regroup sums across threads
-        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+    _same_with_1_and_2_threads(lambda: _run("cpp", emb, labels, None, None, form="weighted", beta=32.0))
