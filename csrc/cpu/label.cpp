@@ -6,8 +6,8 @@
 // Work items are (block of kRowBlock rows) × (range of kColTile-column tiles): each takes an ATen GEMM
 // per tile into a [rows, tile] buffer and runs the fused epilogue (label_rows.inc) on it, so memory is
 // O((B + M)·D) plus one tile per thread; B×M is never stored. Backward recomputes each tile and turns it
-// into G = ∂ℓ/∂S in place, twice: once by rows for G·rn and once by column tiles for Gᵀ·zn, so that every
-// output row has one owner and sums in a fixed order (no per-thread copies of the gradients, no atomics).
+// into G = ∂ℓ/∂S in place once, and takes G·rn and (when the reference set needs a gradient) Gᵀ·zn from
+// it; every output row sums in an order fixed by the shape (no atomics, thread-count independent).
 //
 // Self mode (the reference rows are the anchors themselves: rn is zn, self_offset 0, the same labels) uses
 // that S = zn·znᵀ is symmetric: only the tiles on and above the diagonal are computed, each feeding its rows
@@ -44,6 +44,8 @@ constexpr int64_t kColTile = 512;
 // does not depend on how many threads run it. A batch with few row blocks (a small batch against a large
 // bank) also splits the columns into kColSplits ranges so that every thread has work.
 constexpr int64_t kColSplits = 8;
+// The most the backward's per-range ∂/∂zn partials may take.
+constexpr int64_t kPartialBytes = int64_t(1) << 27;
 
 struct LabelPlan {
   int64_t B, M, row_blocks, tiles, splits;
@@ -232,15 +234,41 @@ struct CpuLabel : CpuDevice {
                        const T* stats, const T* grad_rows, at::Tensor& gz, at::Tensor& gr) {
     if (is_self(zn, rn, a)) return self_backward<T>(zn, a, form, stats, grad_rows, gz);
     const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
-    const LabelPlan plan = make_plan(B, M);
-    at::Tensor gz_parts = at::zeros({plan.splits, B, D}, zn.options());
     // G tile = ∂(Σ_i grad_i ℓ_i)/∂S for rows [r0, r0 + nr) and columns [c0, c0 + L), recomputed from zn, rn.
     auto grad_tile = [&](int64_t r0, int64_t nr, int64_t c0, int64_t L) {
       at::Tensor tile = at::mm(zn.narrow(0, r0, nr), rn.narrow(0, c0, L).t()).contiguous();
       label_backward_tile<T>(form, a, r0, nr, c0, L, tile.data_ptr<T>(), stats, grad_rows);
       return tile;
     };
-    // Phase 1, ∂/∂zn = G·rn: items own (row block, column range), tiles of a range in order.
+    const LabelPlan plan = make_plan(B, M);
+    if (gr.size(0) > 0) {
+      // Both gradients from one recompute of each tile: items own a range of column tiles, their tiles in
+      // order and each tile's row blocks in order, so ∂/∂rn of a tile has one writer; ∂/∂zn has one partial
+      // per range, summed in range order. The number of ranges depends on the shape only (partials capped
+      // at kPartialBytes).
+      const int64_t cap = std::max<int64_t>(1, kPartialBytes / std::max<int64_t>(1, B * D * int64_t(sizeof(T))));
+      const int64_t splits = std::max<int64_t>(1, std::min({plan.tiles, kColSplits, cap}));
+      at::Tensor parts = at::zeros({splits, B, D}, zn.options());
+      at::parallel_for(0, splits, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t split = s0; split < s1; ++split) {
+          for (int64_t t = split * plan.tiles / splits; t < (split + 1) * plan.tiles / splits; ++t) {
+            const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
+            const at::Tensor r_tile = rn.narrow(0, c0, L);
+            at::Tensor g_r = gr.narrow(0, c0, L);
+            for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
+              const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
+              const at::Tensor g = grad_tile(r0, nr, c0, L);
+              parts[split].narrow(0, r0, nr).addmm_(g, r_tile);
+              g_r.addmm_(g.t(), zn.narrow(0, r0, nr));
+            }
+          }
+        }
+      });
+      at::sum_out(gz, parts, 0);
+      return;
+    }
+    // A constant reference set: ∂/∂zn = G·rn only; items own (row block, column range), tiles in order.
+    at::Tensor gz_parts = at::zeros({plan.splits, B, D}, zn.options());
     at::parallel_for(0, plan.row_blocks * plan.splits, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t rb = item / plan.splits, split = item % plan.splits;
@@ -253,17 +281,6 @@ struct CpuLabel : CpuDevice {
       }
     });
     at::sum_out(gz, gz_parts, 0);
-    // Phase 2, ∂/∂rn = Gᵀ·zn: items own a column tile, row blocks in order.
-    at::parallel_for(0, gr.size(0) > 0 ? plan.tiles : 0, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c0 = t * kColTile, L = std::min(kColTile, M - c0);
-        at::Tensor out = gr.narrow(0, c0, L);
-        for (int64_t rb = 0; rb < plan.row_blocks; ++rb) {
-          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, B - r0);
-          out.addmm_(grad_tile(r0, nr, c0, L).t(), zn.narrow(0, r0, nr));
-        }
-      }
-    });
   }
 };
 
