@@ -259,3 +259,39 @@ def test_self_mode_gradient_equals_the_rectangular_path():
 def test_self_mode_thread_count_independent():
     emb, labels, _, _ = label_data(SELF_N, None, D=8, dtype=torch.float32, n_classes=40)
     _same_with_1_and_2_threads(lambda: _run("cpp", emb, labels, None, None, form="weighted", beta=32.0))
+
+
+class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (a stream synchronization on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+        if func is torch.ops.aten.index.Tensor:  # a boolean index has a data-dependent size
+            self.count += any(i is not None and i.dtype == torch.bool for i in args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_label_hvp_reads_nothing_back_per_chunk(monkeypatch):
+    from metaug_fast._ops import label as label_ops
+
+    monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 64)  # many chunks
+    emb, labels, ref, ref_labels = label_data(40, 30, D=4)
+    for r in (None, ref):
+        e = emb.clone().requires_grad_()
+        with _Syncs() as syncs:
+            loss = F.oucl_embeddings(e, labels, r, None if r is None else ref_labels, backend="cpp")
+            (g,) = torch.autograd.grad(loss, e, create_graph=True)
+            torch.autograd.grad((g * g).sum(), e)
+        assert syncs.count == 0
+
+
+def test_second_derivative_chunks_scale_with_the_device():
+    from metaug_fast._ops import label as label_ops
+
+    assert label_ops.chunk_scores(torch.device("cpu")) == label_ops._CHUNK_SCORES
+    if torch.cuda.is_available():
+        assert label_ops.chunk_scores(torch.device("cuda")) >= 16 * label_ops._CHUNK_SCORES

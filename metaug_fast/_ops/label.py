@@ -36,17 +36,29 @@ def _label_masks(labels, ref_labels, self_offset, row0):
     return pm, nm
 
 
-# Scores per chunk of rows in the second-derivative path: about 8 MiB per [rows, M] buffer in fp64.
+# Scores per chunk of rows in the second-derivative path. On the CPU about 8 MiB per [rows, M] buffer in
+# fp64; a GPU takes 1/512 of its memory per buffer, up to _GPU_CHUNK_SCORES, so that each chunk's GEMMs and
+# kernels fill it (a chunk holds about six such buffers).
 _CHUNK_SCORES = 1 << 20
+_GPU_CHUNK_SCORES = 1 << 26
+
+
+def chunk_scores(device: torch.device) -> int:
+    """Scores per row chunk of the second-derivative path on ``device`` (read without synchronizing)."""
+    if device.type != "cuda":
+        return _CHUNK_SCORES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(_CHUNK_SCORES, min(_GPU_CHUNK_SCORES, total // 512))
 
 
 def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
-    _CHUNK_SCORES at a time: a row's loss depends on its own row of S only, so row chunks are exact and
-    only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
-    labels themselves without a reference set, with ``self_offset`` 0)."""
+    chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
+    and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
+    labels themselves without a reference set, with ``self_offset`` 0). Nothing here waits for the device:
+    the chunks are cut from the shapes."""
     B, M = zn.shape[0], rn.shape[0]
-    step = max(1, _CHUNK_SCORES // max(M, 1))
+    step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
         S = reference._apply_similarity(zn[rows] @ rn.T, similarity)
