@@ -41,8 +41,9 @@ def test_bench_bank_writes_csv(tmp_path):
     out = tmp_path / "bank.csv"
     assert bench_bank.main(["--b", "8", "--m", "300", "--chunk", "64", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
-    assert [r["backend"] for r in rows] == ["cpp", "reference", "cpp"] and list(rows[0]) == FIELDS
+    assert [r["backend"] for r in rows] == ["cpp", "reference", "cpp", "torch.mm"] and list(rows[0]) == FIELDS
     assert rows[2]["mode"] == "label,bank,sharded,world=2" and all(float(r["time_ms"]) > 0 for r in rows)
+    assert rows[3]["op"] == "gemm_floor" and rows[3]["pass"] == "one [B,D]x[D,M]"
 
 
 def test_triton_compile_check_covers_every_kernel():
