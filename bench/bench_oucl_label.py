@@ -7,7 +7,8 @@ side by side in one run.
 Rows written to bench/results/oucl_label_cpu.csv:
 - two views of 4096 (N = 8192), D = 128, fp32, forward+backward: reference, torch.compile(reference) and cpp
   (time, peak extra memory), and the GEMM floor: one [N,D]×[D,N] product (``gemm_floor``), so the fused
-  path is also given in one-GEMM times;
+  path is also given in one-GEMM times; then the two views of 4096 scored against each other (a reference
+  set that needs a gradient) with their own GEMM floor;
 - N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
 - N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
 - N = 2048: the Hessian-vector product against forward+backward on cpp;
@@ -105,6 +106,20 @@ def main(argv=None) -> int:
     ratios = [f"N={n_main}: cpp {ref[0] / cpp[0]:.1f}x faster, {ref[1] / max(cpp[1], 0.1):.0f}x less peak memory than reference",
               f"N={n_main}: cpp {comp[0] / cpp[0]:.2f}x faster than torch.compile(reference); cpp = {cpp[0] / floor[0]:.1f} "
               f"one-GEMM times (reference {ref[0] / floor[0]:.1f}, compile {comp[0] / floor[0]:.1f})"]
+
+    # 1b. Two views scored against each other (a reference set that needs a gradient), N/2 each.
+    half = n_main // 2
+    view_a, view_b = emb.detach()[:half].clone().requires_grad_(), emb.detach()[half:].clone().requires_grad_()
+    view_labels = torch.arange(half)
+
+    def two_views():
+        view_a.grad = view_b.grad = None
+        F.oucl_embeddings(view_a, view_labels, view_b, view_labels, backend="cpp").backward()
+
+    tv = record("oucl_weighted_two_views", "cpp", half, "forward+backward", _measure(two_views, args.repeats))
+    za, zb = view_a.detach(), view_b.detach()
+    tv_floor = record("gemm_floor", "torch.mm", half, "one [N,D]x[D,N]", _measure(lambda: torch.mm(za, zb.T), args.repeats))
+    ratios.append(f"two views of {half}: cpp = {tv[0] / tv_floor[0]:.1f} one-GEMM times")
 
     # 2. pytorch-metric-learning CircleLoss vs cpp circle/cosine, N = 4096.
     from pytorch_metric_learning.losses import CircleLoss
