@@ -143,29 +143,46 @@ struct CpuLabel : CpuDevice {
     return merged;
   }
 
-  // Self-mode sweep over the tiles on and above the diagonal (see kSelfTile); the same `visit`.
-  template <typename T, typename Visit>
-  static std::vector<RowState<T>> self_sweep(const at::Tensor& zn, Visit&& visit) {
+  // The schedule of self mode (see kSelfTile): in round r, `tile(bi, bj, S, S_t)` runs for every tile
+  // (I, I + r) in parallel, given S = Z_I·Z_Jᵀ and, off the diagonal, its transposed copy S_t (made first:
+  // the epilogues overwrite their tile); then, off the diagonal, `transposed(bi, bj)` runs for every block
+  // J = I + r in parallel, the one step that writes block J from the tile (I, J).
+  template <typename Tile, typename Transposed>
+  static void self_rounds(const at::Tensor& zn, Tile&& tile, Transposed&& transposed) {
     const int64_t N = zn.size(0), nb = (N + kSelfTile - 1) / kSelfTile;
-    std::vector<RowState<T>> state(N), transposed(N);
     for (int64_t r = 0; r < nb; ++r) {
       at::parallel_for(0, nb - r, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t I = b0; I < b1; ++I) {
           const SelfBlock bi = self_block(I, N), bj = self_block(I + r, N);
-          at::Tensor tile = at::mm(zn.narrow(0, bi.start, bi.size), zn.narrow(0, bj.start, bj.size).t()).contiguous();
-          // The transposed copy first: the epilogue overwrites its tile.
-          at::Tensor tile_t = r > 0 ? tile.t().contiguous() : at::Tensor();
-          visit(bi.start, bi.size, bj.start, bj.size, tile.data_ptr<T>(), state.data() + bi.start);
-          if (r == 0) continue;
-          std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, RowState<T>{});
-          visit(bj.start, bj.size, bi.start, bi.size, tile_t.data_ptr<T>(), transposed.data() + bj.start);
+          at::Tensor s = at::mm(zn.narrow(0, bi.start, bi.size), zn.narrow(0, bj.start, bj.size).t()).contiguous();
+          at::Tensor s_t = r > 0 ? s.t().contiguous() : at::Tensor();
+          tile(bi, bj, s, s_t);
         }
       });
       if (r == 0) continue;
       at::parallel_for(r, nb, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t i = self_block(b0, N).start; i < std::min(N, b1 * kSelfTile); ++i) merge_state(state[i], transposed[i]);
+        for (int64_t J = b0; J < b1; ++J) transposed(self_block(J - r, N), self_block(J, N));
       });
     }
+  }
+
+  // Self-mode sweep: the rows of each tile into their states, its columns into a per-block buffer merged
+  // in the round's second step; the same `visit` as rect_sweep.
+  template <typename T, typename Visit>
+  static std::vector<RowState<T>> self_sweep(const at::Tensor& zn, Visit&& visit) {
+    const int64_t N = zn.size(0);
+    std::vector<RowState<T>> state(N), transposed(N);
+    self_rounds(
+        zn,
+        [&](SelfBlock bi, SelfBlock bj, at::Tensor& s, at::Tensor& s_t) {
+          visit(bi.start, bi.size, bj.start, bj.size, s.data_ptr<T>(), state.data() + bi.start);
+          if (!s_t.defined()) return;
+          std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, RowState<T>{});
+          visit(bj.start, bj.size, bi.start, bi.size, s_t.data_ptr<T>(), transposed.data() + bj.start);
+        },
+        [&](SelfBlock, SelfBlock bj) {
+          for (int64_t i = bj.start; i < bj.start + bj.size; ++i) merge_state(state[i], transposed[i]);
+        });
     return state;
   }
 
@@ -194,39 +211,30 @@ struct CpuLabel : CpuDevice {
   }
 
   // Self-mode backward: per tile pair H = G_IJ + G_JIᵀ, dZ_I += H·Z_J, dZ_J += Hᵀ·Z_I (the diagonal tile:
-  // H = G_II + G_IIᵀ, dZ_I += H·Z_I), in the rounds of self_sweep.
+  // H = G_II + G_IIᵀ, dZ_I += H·Z_I), dZ_J in the round's second step.
   template <typename T>
   static void self_backward(const at::Tensor& zn, const LabelArgs<T>& a, int64_t form, const T* stats,
                             const T* grad_rows, at::Tensor& gz) {
-    const int64_t N = zn.size(0), nb = (N + kSelfTile - 1) / kSelfTile;
-    std::vector<at::Tensor> held(nb);  // H of the tile (J - r, J), kept for block J's step
-    for (int64_t r = 0; r < nb; ++r) {
-      at::parallel_for(0, nb - r, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t I = b0; I < b1; ++I) {
-          const SelfBlock bi = self_block(I, N), bj = self_block(I + r, N);
-          const at::Tensor zi = zn.narrow(0, bi.start, bi.size), zj = zn.narrow(0, bj.start, bj.size);
-          at::Tensor g = at::mm(zi, zj.t()).contiguous();
-          at::Tensor g_t = r > 0 ? g.t().contiguous() : at::Tensor();
+    std::vector<at::Tensor> held((zn.size(0) + kSelfTile - 1) / kSelfTile);  // H of the tile (I, J), for J's step
+    auto rows = [&](SelfBlock b) { return zn.narrow(0, b.start, b.size); };
+    self_rounds(
+        zn,
+        [&](SelfBlock bi, SelfBlock bj, at::Tensor& g, at::Tensor& g_t) {
           label_backward_tile<T>(form, a, bi.start, bi.size, bj.start, bj.size, g.data_ptr<T>(), stats, grad_rows);
-          if (r == 0) {
-            gz.narrow(0, bi.start, bi.size).addmm_(g + g.t(), zi);
-            continue;
+          if (!g_t.defined()) {
+            gz.narrow(0, bi.start, bi.size).addmm_(g + g.t(), rows(bi));
+            return;
           }
           label_backward_tile<T>(form, a, bj.start, bj.size, bi.start, bi.size, g_t.data_ptr<T>(), stats, grad_rows);
           g.add_(g_t.t());
-          gz.narrow(0, bi.start, bi.size).addmm_(g, zj);
-          held[I + r] = g;
-        }
-      });
-      if (r == 0) continue;
-      at::parallel_for(r, nb, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t J = b0; J < b1; ++J) {
-          const SelfBlock bi = self_block(J - r, N), bj = self_block(J, N);
-          gz.narrow(0, bj.start, bj.size).addmm_(held[J].t(), zn.narrow(0, bi.start, bi.size));
-          held[J] = at::Tensor();
-        }
-      });
-    }
+          gz.narrow(0, bi.start, bi.size).addmm_(g, rows(bj));
+          held[bj.start / kSelfTile] = g;
+        },
+        [&](SelfBlock bi, SelfBlock bj) {
+          at::Tensor& h = held[bj.start / kSelfTile];
+          gz.narrow(0, bj.start, bj.size).addmm_(h.t(), rows(bi));
+          h = at::Tensor();
+        });
   }
 
   template <typename T>
