@@ -295,6 +295,14 @@ LabelArgs<T> make_label_args(const at::Tensor& labels, const at::Tensor& ref_lab
   return a;
 }
 
+// Self mode: the reference rows are the anchors themselves (rn is zn, the same labels, self_offset 0), so
+// S = zn·znᵀ is symmetric and a backend may compute only the tiles on and above the diagonal.
+template <typename T>
+bool is_self(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a) {
+  return zn.data_ptr() == rn.data_ptr() && zn.sizes() == rn.sizes() && a.labels == a.ref_labels &&
+         a.exclude_self && a.self_offset == 0;
+}
+
 // The label-mode ops (torch.ops.metaug_fast.oucl_label_fwd, oucl_label_bwd) over a backend, which gives,
 // besides kName, kDevice, Guard and check_device (as for ScoreOps):
 //   forward<T>(zn, rn, args, form, rows, stats)   rows [B] and stats [B,kStats] of every row (B > 0);

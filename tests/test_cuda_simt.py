@@ -2,7 +2,8 @@
 csrc/cuda/simt/ (the kernel source compiled as host C++, every CUDA thread a fiber, warp shuffles and votes
 evaluated when the whole warp reaches them; a lane that skips or diverges is an error). The contract suite
 (test_contract.py, entry cuda_simt) runs these kernels through the whole grid; here: the emulator's own
-checks, label tiling across several tiles (1024 elements a tile here), the second derivative in row chunks,
+checks, label tiling across several tiles (1024 elements a tile here), self mode's square tiles, the second
+derivative in row chunks,
 and every emulated test again under AddressSanitizer. What they cannot cover: timing, memory coalescing,
 races between warps, and cuBLAS (the label GEMMs run on the CPU here); a GPU run does that."""
 import functools
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from metaug_fast import reference as R
+from metaug_fast.contract import Form
 from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
                                          oucl_embeddings_fused)
 
@@ -99,6 +101,24 @@ def test_label_mode_fp64_values_and_gradients(simt, op, shape):
     want = _label_run(_label_fn(op, None), emb, labels, ref, ref_labels)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("form", list(Form))
+def test_self_mode_square_tiles_equal_the_rectangular_path(simt, form):
+    # rn aliasing zn takes the symmetric path (square tiles of 32 rows here: 40 rows are a full block and a
+    # partial diagonal one) and returns the whole gradient first; a copy of zn takes the rectangular one.
+    zn = torch.nn.functional.normalize(torch.randn(40, 7, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 4, (40,))
+    args = (0, 0, form, 16.0, 0.1, -0.05, 0.25, 0.2)
+    rows_s, stats_s = simt.oucl_label_fwd(zn, zn, labels, labels, *args)
+    rows_r, stats_r = simt.oucl_label_fwd(zn, zn.clone(), labels, labels.clone(), *args)
+    torch.testing.assert_close(rows_s, rows_r, rtol=1e-12, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats_s, stats_r, rtol=1e-12, atol=1e-300, equal_nan=True)
+    g = torch.rand((40, 2) if form == Form.MARGIN else (40,), dtype=torch.float64)
+    gz_s, gr_s = simt.oucl_label_bwd(g, zn, zn, labels, labels, stats_s, *args)
+    gz_r, gr_r = simt.oucl_label_bwd(g, zn, zn.clone(), labels, labels.clone(), stats_r, *args)
+    assert gr_s.abs().max() == 0
+    torch.testing.assert_close(gz_s, gz_r + gr_r, rtol=1e-11, atol=1e-14)
 
 
 @pytest.mark.parametrize("op", ("squared", "info_nce"))

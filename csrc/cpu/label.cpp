@@ -66,12 +66,6 @@ LabelPlan make_plan(int64_t B, int64_t M) {
 // and gradient accumulate in an order fixed by the shape alone.
 constexpr int64_t kSelfTile = 256;
 
-template <typename T>
-bool is_self(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a) {
-  return zn.data_ptr() == rn.data_ptr() && zn.sizes() == rn.sizes() && a.labels == a.ref_labels &&
-         a.exclude_self && a.self_offset == 0;
-}
-
 struct SelfBlock {
   int64_t start, size;
 };

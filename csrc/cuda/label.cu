@@ -4,6 +4,12 @@
 // stream, so every row has one writer); B×M is never stored, only B × tile. The final states become rows
 // and stats through finalize_row, the CPU's own code. Backward recomputes each tile, turns it into
 // G = ∂ℓ/∂S in place (elementwise kernel) and accumulates G·rn and Gᵀ·zn with cuBLAS.
+//
+// Self mode (is_self: rn is zn) computes only the square tiles (I, J ≥ I) of S = zn·znᵀ: each feeds the
+// states of its rows and, through its transposed copy, of its columns; the backward forms
+// H = G_IJ + G_JIᵀ and takes dZ_I += H·Z_J, dZ_J += Hᵀ·Z_I, returning the whole gradient in gz (gr stays
+// zero: callers add the two). Half the similarity GEMMs and half the gradient GEMMs. Every kernel and GEMM
+// runs in one fixed order on one stream: deterministic, no atomics.
 // Compiles as host C++ for the SIMT emulator too (see score.cu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,9 +30,9 @@ namespace {
 
 template <typename T>
 struct LabelTileArgs : LabelArgs<T> {
-  int64_t B, c0, L;
+  int64_t r0, B, c0, L;   // the tile's rows [r0, r0 + B) and columns [c0, c0 + L)
   T* tile;                // [B, L]
-  RowState<T>* state;     // [B] (forward)
+  RowState<T>* state;     // [all rows] (forward)
   const T* stats;         // [B, kStats] (backward)
   const T* grad;          // [B] or [B, 2] (margins) (backward)
   int sweep;              // InfoNCE: 0 = negatives' LSE and the counts, 1 = positives' terms
@@ -40,11 +46,11 @@ __global__ void label_init_kernel(RowState<T>* state, int64_t B) {
 
 template <int FORM, typename T>
 __global__ void label_tile_forward_kernel(LabelTileArgs<T> a) {
-  const int64_t i = warp_row();
+  const int64_t il = warp_row(), i = a.r0 + il;
   const int lane = warp_lane();
-  if (i >= a.B) return;
+  if (il >= a.B) return;
   const int64_t li = a.labels[i];
-  const T* s = a.tile + i * a.L;
+  const T* s = a.tile + il * a.L;
   RowState<T>& st = a.state[i];
   const bool positives_sweep = FORM == kInfoNCE && a.sweep == 1;
   const T C = positives_sweep ? st.neg.value() : T(0);
@@ -101,7 +107,7 @@ template <int FORM, typename T>
 __global__ void label_tile_backward_kernel(LabelTileArgs<T> a) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= a.B * a.L) return;
-  const int64_t i = idx / a.L, j = a.c0 + idx % a.L;
+  const int64_t i = a.r0 + idx / a.L, j = a.c0 + idx % a.L;
   const T* st = a.stats + kStats * i;
   if (st[kValid] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
     a.tile[idx] = T(0);
@@ -140,36 +146,72 @@ int64_t tile_columns(int64_t B, int64_t M) {
   return std::max<int64_t>(1, std::min<int64_t>(M, kTileElems / std::max<int64_t>(B, 1)));
 }
 
+// Self mode's square tiles: the largest power of two whose square is at most kTileElems (4096 on a GPU).
+constexpr int64_t self_tile(int64_t side = 1) { return side * side * 4 > kTileElems ? side : self_tile(side * 2); }
+constexpr int64_t kSelfTile = self_tile();
+
 // The CUDA kernels of LabelOps.
 struct CudaLabel : device::Backend {
   template <typename T>
-  static LabelTileArgs<T> tile_args(const at::Tensor& zn, const LabelArgs<T>& args) {
+  static LabelTileArgs<T> tile_args(const LabelArgs<T>& args) {
     LabelTileArgs<T> a{};
     static_cast<LabelArgs<T>&>(a) = args;
-    a.B = zn.size(0);
     return a;
+  }
+
+  // The tile at rows [r0, r0 + nr), columns [c0, c0 + L) into the kernels' arguments.
+  template <typename T>
+  static void place(LabelTileArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, at::Tensor& tile) {
+    a.r0 = r0;
+    a.B = nr;
+    a.c0 = c0;
+    a.L = tile.size(1);
+    a.tile = tile.data_ptr<T>();
+  }
+
+  // `visit(r0, nr, c0, tile)` for every tile of S = zn·rnᵀ, the tile [nr, L] contiguous and the visitor's to
+  // overwrite. Self mode: the square tiles (I, J ≥ I) and, off the diagonal, their transposed copies as
+  // tile (J, I); otherwise row-wide tiles of tile_columns(B, M) columns.
+  template <typename Visit>
+  static void sweep(const at::Tensor& zn, const at::Tensor& rn, bool self, Visit&& visit) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    if (!self) {
+      const int64_t cols = tile_columns(B, M);
+      for (int64_t c0 = 0; c0 < M; c0 += cols) {
+        at::Tensor tile = at::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t()).contiguous();
+        visit(0, B, c0, tile);
+      }
+      return;
+    }
+    for (int64_t i0 = 0; i0 < B; i0 += kSelfTile) {
+      const int64_t ni = std::min(kSelfTile, B - i0);
+      for (int64_t j0 = i0; j0 < B; j0 += kSelfTile) {
+        const int64_t nj = std::min(kSelfTile, B - j0);
+        at::Tensor tile = at::mm(zn.narrow(0, i0, ni), zn.narrow(0, j0, nj).t()).contiguous();
+        at::Tensor tile_t = j0 > i0 ? tile.t().contiguous() : at::Tensor();
+        visit(i0, ni, j0, tile);
+        if (tile_t.defined()) visit(j0, nj, i0, tile_t);
+      }
+    }
   }
 
   template <typename T>
   static void forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args, int64_t form, T* rows,
                       T* stats) {
-    const int64_t B = zn.size(0), M = rn.size(0), tile_cols = tile_columns(B, M);
+    const int64_t B = zn.size(0);
     const cudaStream_t stream = device::current_stream();
     const at::Tensor state = at::empty({B * int64_t(sizeof(RowState<T>))}, zn.options().dtype(at::kByte));
-    auto a = tile_args(zn, args);
+    auto a = tile_args(args);
     a.state = reinterpret_cast<RowState<T>*>(state.data_ptr());
     device::launch(label_init_kernel<T>, dim3((B + 255) / 256), dim3(256), stream, a.state, B);
-    for (int sweep = 0; sweep < (form == kInfoNCE ? 2 : 1); ++sweep) {
-      a.sweep = sweep;
-      for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
-        a.c0 = c0;
-        a.L = std::min(tile_cols, M - c0);
-        at::Tensor tile = at::mm(zn, rn.narrow(0, c0, a.L).t()).contiguous();
-        a.tile = tile.data_ptr<T>();
+    for (int sweep_id = 0; sweep_id < (form == kInfoNCE ? 2 : 1); ++sweep_id) {
+      a.sweep = sweep_id;
+      sweep(zn, rn, is_self(zn, rn, args), [&](int64_t r0, int64_t nr, int64_t c0, at::Tensor& tile) {
+        place(a, r0, nr, c0, tile);
         with_form(form, [&](auto f) {
-          device::launch(label_tile_forward_kernel<decltype(f)::value, T>, warp_grid(B), warp_block(), stream, a);
+          device::launch(label_tile_forward_kernel<decltype(f)::value, T>, warp_grid(nr), warp_block(), stream, a);
         });
-      }
+      });
     }
     device::launch(label_finalize_kernel<T>, dim3((B + 255) / 256), dim3(256), stream,
                    static_cast<const RowState<T>*>(a.state), B, form, a.cfg, rows, stats);
@@ -178,24 +220,32 @@ struct CudaLabel : device::Backend {
   template <typename T>
   static void backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args, int64_t form,
                        const T* stats, const T* grad_rows, at::Tensor& gz, at::Tensor& gr) {
-    const int64_t B = zn.size(0), M = rn.size(0), tile_cols = tile_columns(B, M);
     const cudaStream_t stream = device::current_stream();
-    auto a = tile_args(zn, args);
+    const bool self = is_self(zn, rn, args);
+    auto a = tile_args(args);
     a.stats = stats;
     a.grad = grad_rows;
-    for (int64_t c0 = 0; c0 < M; c0 += tile_cols) {
-      a.c0 = c0;
-      a.L = std::min(tile_cols, M - c0);
-      const at::Tensor rtile = rn.narrow(0, c0, a.L);
-      at::Tensor tile = at::mm(zn, rtile.t()).contiguous();
-      a.tile = tile.data_ptr<T>();
-      const int64_t n = B * a.L;
+    at::Tensor held;  // self mode: G_IJ, until its transposed tile G_JI arrives
+    sweep(zn, rn, self, [&](int64_t r0, int64_t nr, int64_t c0, at::Tensor& tile) {
+      place(a, r0, nr, c0, tile);
+      const int64_t n = nr * a.L;
       with_form(form, [&](auto f) {
         device::launch(label_tile_backward_kernel<decltype(f)::value, T>, dim3((n + 255) / 256), dim3(256), stream, a);
       });
-      gz.addmm_(tile, rtile);
-      if (gr.size(0) > 0) gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
-    }
+      if (!self) {
+        gz.addmm_(tile, rn.narrow(0, c0, a.L));
+        if (gr.size(0) > 0) gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
+      } else if (r0 == c0) {  // diagonal: H = G_II + G_IIᵀ
+        gz.narrow(0, r0, nr).addmm_(tile + tile.t(), zn.narrow(0, r0, nr));
+      } else if (r0 < c0) {
+        held = tile;
+      } else {  // the transposed tile G_JI with r0 = J: H = G_IJ + G_JIᵀ, I = c0
+        held.add_(tile.t());
+        gz.narrow(0, c0, a.L).addmm_(held, zn.narrow(0, r0, nr));
+        gz.narrow(0, r0, nr).addmm_(held.t(), zn.narrow(0, c0, a.L));
+        held = at::Tensor();
+      }
+    });
   }
 };
 
