@@ -126,11 +126,10 @@ def tile_sweep(sink, n: int) -> None:
 
     emb = torch.randn(n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.arange(n // 2, device="cuda").repeat(2)
-    for bm, bn, bdo, warps in ((64, 32, 64, 8), (64, 64, 64, 8), (128, 64, 64, 8), (128, 32, 64, 8), (64, 64, 128, 4),
-                               (32, 32, 32, 4)):
-        name = f"N={n} BM={bm} BN={bn} BDO={bdo} warps={warps} fwd+bwd"
+    for fields in K.CANDIDATES:
+        name = f"N={n} " + " ".join(f"{k}={v}" for k, v in fields.items()) + " fwd+bwd"
         try:
-            with K.override(BM=bm, BN=bn, BDO=bdo, num_warps=warps):
+            with K.override(**fields):
                 sink("tiles", name, timed(lambda: F.oucl_embeddings(emb, labels, backend="triton").backward(),
                                           reps=3) * 1e3, "ms")
         except Exception as exc:  # noqa: BLE001 (a configuration that cannot run is a result too)

@@ -38,9 +38,11 @@ N_STATS = tl.constexpr(_N_STATS)
 ST_0, ST_1, ST_2, ST_3 = (tl.constexpr(int(s)) for s in (Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT,
                                                          Stat.NEG_LOG_SUM))
 ST_VALID = tl.constexpr(int(Stat.VALID))
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 N_PARTS = tl.constexpr(_N_PARTS)
 PT_0, PT_1, PT_2, PT_3, PT_4, PT_5 = (tl.constexpr(int(p)) for p in (Part.POS_MAX, Part.POS_SUM, Part.NEG_MAX,
-                                                                     Part.NEG_SUM, Part.N_POS, Part.N_NEG))
+                                                                     Part.NEG_SUM, Part.NAN_POS, Part.NAN_NEG))
 
 
 # CUDA's grid limits per axis (x, y, z).
@@ -171,36 +173,46 @@ def finite_or_zero(m):
 
 
 @triton.jit
-def rescale(run_max, new_shift):
-    """The factor that moves a running sum from the shift ``finite_or_zero(run_max)`` to ``new_shift``: 0
-    while the row is still empty (run_max = -inf), where exp(0 - new_shift) alone overflows for a first
-    exponent below about -88 in fp32 (β·score at β ≥ 128) and the empty sum 0 times it would be NaN."""
-    return tl.where(run_max == float("-inf"), 0.0, tl.exp(finite_or_zero(run_max) - new_shift))
+def exp_base(x, BASE2: tl.constexpr):
+    """2^x for exponents kept in log2 units (β·log2(e) folded into the scale: the GPU's ex2 without the
+    multiply that tl.exp adds), else e^x."""
+    if BASE2:
+        return tl.exp2(x)
+    return tl.exp(x)
 
 
 @triton.jit
-def lse_update(run_max, total, e):
+def rescale(run_max, new_shift, BASE2: tl.constexpr):
+    """The factor that moves a running sum from the shift ``finite_or_zero(run_max)`` to ``new_shift``: 0
+    while the row is still empty (run_max = -inf), where exp(0 - new_shift) alone overflows for a first
+    exponent below about -88 in fp32 (β·score at β ≥ 128) and the empty sum 0 times it would be NaN."""
+    return tl.where(run_max == float("-inf"), 0.0, exp_base(finite_or_zero(run_max) - new_shift, BASE2))
+
+
+@triton.jit
+def lse_update(run_max, total, e, BASE2: tl.constexpr):
     """Merge a block of exponents ``e [R, K]`` (-inf where absent) into the per-row running maximum (which
-    may be -inf) and sum Σ exp(e - finite_or_zero(run_max)), both ``[R]``. The maximum is kept apart from
-    the shift so that a row whose first blocks are empty still shifts by its true maximum later."""
+    may be -inf) and sum Σ exp(e - finite_or_zero(run_max)), both ``[R]`` (BASE2: exponents and maximum in
+    log2 units, Σ 2^(e - max), the same sum). The maximum is kept apart from the shift so that a row whose
+    first blocks are empty still shifts by its true maximum later."""
     new_max = tl.maximum(run_max, tl.max(e, axis=1))
     new_shift = finite_or_zero(new_max)
-    total = total * rescale(run_max, new_shift) + tl.sum(tl.exp(e - new_shift[:, None]), axis=1)
+    total = total * rescale(run_max, new_shift, BASE2) + tl.sum(exp_base(e - new_shift[:, None], BASE2), axis=1)
     return new_max, total
 
 
 @triton.jit
 def lse_pair_update(max_p, sum_p, max_n, sum_n, u, v, pos, neg):
     """Both running log-sum-exps of a tile whose entries are positives (exponent ``u``), negatives (``v``)
-    or neither, with one exp per entry: the exponential (the GPU's scarcest unit in this loop) is taken of
-    the entry's own side only."""
+    or neither, exponents and maxima in log2 units, with one exp2 per entry: the exponential (the GPU's
+    scarcest unit in this loop) is taken of the entry's own side only."""
     new_max_p = tl.maximum(max_p, tl.max(tl.where(pos, u, float("-inf")), axis=1))
     new_max_n = tl.maximum(max_n, tl.max(tl.where(neg, v, float("-inf")), axis=1))
     shift_p = finite_or_zero(new_max_p)
     shift_n = finite_or_zero(new_max_n)
-    ex = tl.exp(tl.where(pos, u - shift_p[:, None], tl.where(neg, v - shift_n[:, None], float("-inf"))))
-    sum_p = sum_p * rescale(max_p, shift_p) + tl.sum(tl.where(pos, ex, 0.0), axis=1)
-    sum_n = sum_n * rescale(max_n, shift_n) + tl.sum(tl.where(neg, ex, 0.0), axis=1)
+    ex = tl.exp2(tl.where(pos, u - shift_p[:, None], tl.where(neg, v - shift_n[:, None], float("-inf"))))
+    sum_p = sum_p * rescale(max_p, shift_p, True) + tl.sum(tl.where(pos, ex, 0.0), axis=1)
+    sum_n = sum_n * rescale(max_n, shift_n, True) + tl.sum(tl.where(neg, ex, 0.0), axis=1)
     return new_max_p, sum_p, new_max_n, sum_n
 
 

@@ -4,23 +4,33 @@ Inputs are the raw embeddings ``e [B, D]``, ``r [M, D]`` (fp16/bf16/fp32/fp64) w
 ``iz [B]``, ``ir [M]`` (1/max(‖x‖, ε), accumulation dtype), so a tile of raw dot products P = e·rᵀ runs
 on the tensor cores in the inputs' own dtype and cos = P·iz·ir is exact up to summation order; the
 normalization's Jacobian reaches the embeddings through the gradients of iz and ir, which the backward
-returns (autograd then differentiates iz = 1/max(‖e‖, ε)).
+returns (autograd then differentiates iz = 1/max(‖e‖, ε)). Labels are int32 class ids (one compare per pair;
+:func:`metaug_fast._ops.label_triton.dense_labels`), and the positive and negative counts come from class
+counts, not from the tiles.
+
+What keeps the loop short (flash-attention's structure): for D <= 256 (RESIDENT) a program loads its own
+block once (rows of e; in the column kernel, columns of r) and streams the other side, one tl.dot per tile;
+only EDGE tiles, the ragged last one and those crossing the excluded pairs j = i + self_offset, pay for
+bounds and exclusion masks (two loops per kernel, see _segments); exponents are kept in log2 units, β·log2(e)
+folded into the scale, so each entry costs one exp2.
 
 Forward: grid (row blocks, column splits). A program walks its column tiles, computes S = a·cos + b
-(a, b: the similarity's affine map), splits positives and negatives by comparing labels (the pair
-j = i + self_offset excluded when self_offset ≥ 0), and keeps per-row running statistics, written as a
-partial state ``part [splits, B, 6]`` that :mod:`metaug_fast._ops.label_triton` merges per row:
-OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻, n⁺, n⁻) with Σ = Σ exp(e - max) (the online log-sum-exp); hinge
-(0, Σs⁺, 0, Σs⁻, n⁺, n⁻); InfoNCE sweep 0 like the OUCL forms on the negatives only, sweep 1 (given C)
-(Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs), 0, 0, 0, 0); margins (min⁺, max⁻, ties⁺, ties⁻, NaN⁺, NaN⁻).
+(a, b: the similarity's affine map), splits positives and negatives by comparing labels, and keeps per-row
+running statistics, written as a partial state ``part [splits, B, 6]`` that
+:mod:`metaug_fast._ops.label_triton` merges per row: OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻) with Σ = Σ exp(e - max)
+(the online log-sum-exp; maxima stored in natural units); hinge (0, Σs⁺, 0, Σs⁻); InfoNCE sweep 0 like the
+OUCL forms on the negatives only, sweep 1 (given C) (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs), 0, 0); margins
+(min⁺, max⁻, ties⁺, ties⁻, NaN⁺, NaN⁻).
 
-Backward: two kernels recompute the tiles into G = ∂(Σ g_i ℓ_i)/∂cos and accumulate, deterministically
-(no atomics): per row block ∂e = iz·(G·ir)·r and ∂iz = Σ_j G·P·ir; per column block ∂r = ir·(G·iz)ᵀ·e and
-∂ir = Σ_i G·P·iz. A grid axis over chunks of D keeps the accumulators small for wide embeddings.
+Backward: two kernels recompute the tiles into G = ∂(Σ g_i ℓ_i)/∂cos from per-row factors
+(:func:`grad_factors`) and accumulate, deterministically (no atomics): per row block A = Σ_j G·ir·r, giving
+∂e = iz·A and ∂iz = e·A; per column block A' = Σ_i G·iz·e, giving ∂r = ir·A' and ∂ir = r·A'. One program
+covers all of D up to 256 (a grid axis over chunks of D beyond); the row kernel splits its columns when the
+row blocks are few (a small batch against a bank), partials summed in split order.
 
 ``tl.dot`` precision is explicit: ``ieee`` for fp32 inputs (no silent TF32), native with fp32
-accumulation for fp16/bf16 in the forward, and tf32 for the backward's G products on half inputs (G is
-fp32; tf32 keeps 10 mantissa bits where a cast to the inputs' dtype would keep 7).
+accumulation for fp16/bf16 in the similarity, and for the backward's G products on half inputs G rounded to
+the inputs' dtype (GPREC "input": tensor cores, fp32 accumulation).
 """
 import contextlib
 import os
@@ -30,14 +40,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (HINGE, INFONCE, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED, launch, load_cfg,
-                      load_stats, loss_args, lse_pair_update, lse_update, side_terms, sigmoid, softplus_sigmoid)
+from ..contract import Form, Stat
+from ._common import (HINGE, INFONCE, LN2, LOG2E, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED,
+                      launch, load_cfg, loss_args, lse_pair_update, lse_update, side_terms, softplus_sigmoid)
 
 
 @triton.jit
-def _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """P = e[rows]·r[cols]ᵀ, ``[BM, BN]`` in the accumulation dtype."""
+def _block(x_ptr, idx, imask, D, s_xb, s_xd, BD: tl.constexpr, UPCAST: tl.constexpr):
+    """x[idx, :BD] (zeros past D and where ``imask`` is false), the whole feature axis of a block held
+    resident while the other side streams (D <= BD)."""
+    d = tl.arange(0, BD)
+    x = tl.load(x_ptr + idx[:, None].to(tl.int64) * s_xb + d[None, :].to(tl.int64) * s_xd,
+                mask=imask[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:  # bf16 tl.dot is wrong in the interpreter: it runs in fp32 there
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _raw_dot(a_res, b_res, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             RESIDENT: tl.constexpr):
+    """P = e[rows]·r[cols]ᵀ, ``[BM, BN]`` in the accumulation dtype. RESIDENT (D <= BD): one product, with
+    whichever side the caller keeps resident (``a_res`` = e[rows] or ``b_res`` = r[cols], the other None)
+    and the other loaded here; otherwise a loop over chunks of BD features."""
+    if RESIDENT:
+        a = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if a_res is None else a_res
+        b = _block(r_ptr, cols, cmask, D, s_rb, s_rd, BD, UPCAST) if b_res is None else b_res
+        return tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=acc_ty)
     acc = tl.zeros((BM, BN), acc_ty)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
@@ -45,7 +75,7 @@ def _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, 
                     mask=rmask[:, None] & (d[None, :] < D), other=0.0)
         b = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + d[None, :].to(tl.int64) * s_rd,
                     mask=cmask[:, None] & (d[None, :] < D), other=0.0)
-        if UPCAST:  # bf16 tl.dot is wrong in the interpreter: it runs in fp32 there
+        if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc=acc, input_precision=PREC, out_dtype=acc_ty)
@@ -53,26 +83,47 @@ def _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, 
 
 
 @triton.jit
-def _tile(e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
-          SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-          PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One tile: raw dots P, scores s, positive and negative masks, the column indices and ir."""
+def _tile(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset, s_eb, s_ed,
+          s_rb, s_rd, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+          BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, RESIDENT: tl.constexpr, EDGE: tl.constexpr):
+    """One tile: raw dots P, scores s, positive and negative masks, the column indices and ir. Only an EDGE
+    tile (past the last full column tile, or crossing the excluded pairs j = i + self_offset) pays for the
+    bounds and the exclusion; elsewhere every column is inside and a pair is positive or negative by its
+    labels alone (rows past B are computed and never stored)."""
     cols = t * BN + tl.arange(0, BN)
     cmask = cols < M
     ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
-    P = _raw_dot(e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN, BD, PREC, UPCAST)
+    P = _raw_dot(a_res, b_res, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN,
+                 BD, PREC, UPCAST, RESIDENT)
     cos = P * iz[:, None] * ir[None, :]
     if SIM == 0:
         s = 0.5 * cos + 0.5
     else:
         s = cos
     rlab = tl.load(rlab_ptr + cols, mask=cmask, other=0)
-    inside = rmask[:, None] & cmask[None, :]
     same = lab_r[:, None] == rlab[None, :]
-    excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
-    pos = same & inside & (excluded == 0)
-    neg = (same == 0) & inside
+    if EDGE:
+        inside = rmask[:, None] & cmask[None, :]
+        excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
+        pos = same & inside & (excluded == 0)
+        neg = (same == 0) & inside
+    else:
+        pos = same
+        neg = same == 0
     return P, s, pos, neg, ir
+
+
+@triton.jit
+def _interior(k, t_begin, band_lo, band_hi):
+    """The k-th interior tile: from t_begin on, over the band."""
+    t = t_begin + k
+    return tl.where(t >= band_lo, t + (band_hi - band_lo), t)
+
+
+@triton.jit
+def _edge(k, band_lo, band_hi, last):
+    """The k-th edge tile: the band's, then the ragged last one."""
+    return tl.where(k < band_hi - band_lo, band_lo + k, last)
 
 
 @triton.jit
@@ -89,16 +140,54 @@ def _extremum_update(best, ties, nan, s, keep, MIN: tl.constexpr):
 
 
 @triton.jit
-def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
-                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, c_ptr, part_ptr, B, M, D,
-                      self_offset, tiles_per_split, s_eb, s_ed, s_rb, s_rd,
+def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, last, c, a_res, e_ptr, iz, r_ptr, ir_ptr,
+               lab_r, rlab_ptr, rows, rmask, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos,
+               gamma_neg, margin, FORM: tl.constexpr, SWEEP: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               RESIDENT: tl.constexpr, EDGE: tl.constexpr):
+    """The forward's running statistics over ``n_tiles`` tiles, interior ones or EDGE ones (see _segments)."""
+    for k in range(0, n_tiles):
+        if EDGE:
+            t = _edge(k, band_lo, band_hi, last)
+        else:
+            t = _interior(k, t_begin, band_lo, band_hi)
+        P, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
+                                   self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
+                                   RESIDENT, EDGE)
+        if FORM == MARGIN:
+            a0, a1, n_p = _extremum_update(a0, a1, n_p, s, pos, True)
+            a2, a3, n_n = _extremum_update(a2, a3, n_n, s, neg, False)
+        elif FORM == HINGE:
+            a1 += tl.sum(tl.where(pos, s, 0.0), axis=1)
+            a3 += tl.sum(tl.where(neg, s, 0.0), axis=1)
+        elif FORM == INFONCE and SWEEP == 1:
+            sp, sg = softplus_sigmoid(c[:, None] - beta * s)
+            a0 += tl.sum(tl.where(pos, sp, 0.0), axis=1)
+            a1 += tl.sum(tl.where(pos, sg, 0.0), axis=1)
+        elif FORM == INFONCE:
+            v, _, _ = side_terms(s, WEIGHTED, False, beta2, gamma_pos, gamma_neg, margin)
+            a2, a3 = lse_update(a2, a3, tl.where(neg, v, float("-inf")), True)
+        else:
+            u, _, _ = side_terms(s, FORM, True, beta2, gamma_pos, gamma_neg, margin)
+            v, _, _ = side_terms(s, FORM, False, beta2, gamma_pos, gamma_neg, margin)
+            a0, a1, a2, a3 = lse_pair_update(a0, a1, a2, a3, u, v, pos, neg)
+    return a0, a1, a2, a3, n_p, n_n
+
+
+@triton.jit
+def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64,
+                      gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, c_ptr,
+                      part_ptr, B, M, D, self_offset, tiles_per_split, s_eb, s_ed, s_rb, s_rd,
                       FORM: tl.constexpr, SWEEP: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                      BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                      RESIDENT: tl.constexpr):
     acc_ty = iz_ptr.dtype.element_ty
+    beta2 = tl.full((), beta * LOG2E, acc_ty)  # the exponents in log2 units: exp2 with no extra multiply
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
                                                                  acc_ty)
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    r0 = tl.program_id(0) * BM
+    rows = r0 + tl.arange(0, BM)
     rmask = rows < B
     iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
     lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
@@ -116,151 +205,255 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
         a2 = tl.full((BM,), float("-inf"), acc_ty)
     a1 = zero
     a3 = zero
-    n_p = tl.zeros((BM,), tl.int32)
+    n_p = tl.zeros((BM,), tl.int32)  # margins only: NaN counts (the pair counts come from label counts)
     n_n = tl.zeros((BM,), tl.int32)
-    if SWEEP == 1:
-        c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
-    for t in range(t_begin, t_end):
-        P, s, pos, neg, ir = _tile(e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset,
-                                   s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST)
-        if FORM == MARGIN:
-            a0, a1, n_p = _extremum_update(a0, a1, n_p, s, pos, True)
-            a2, a3, n_n = _extremum_update(a2, a3, n_n, s, neg, False)
-        elif FORM == HINGE:
-            a1 += tl.sum(tl.where(pos, s, 0.0), axis=1)
-            a3 += tl.sum(tl.where(neg, s, 0.0), axis=1)
-        elif FORM == INFONCE and SWEEP == 1:
-            sp, sg = softplus_sigmoid(c[:, None] - beta * s)
-            a0 += tl.sum(tl.where(pos, sp, 0.0), axis=1)
-            a1 += tl.sum(tl.where(pos, sg, 0.0), axis=1)
-        elif FORM == INFONCE:
-            v, _, _ = side_terms(s, WEIGHTED, False, beta, gamma_pos, gamma_neg, margin)
-            a2, a3 = lse_update(a2, a3, tl.where(neg, v, float("-inf")))
-        else:
-            u, _, _ = side_terms(s, FORM, True, beta, gamma_pos, gamma_neg, margin)
-            v, _, _ = side_terms(s, FORM, False, beta, gamma_pos, gamma_neg, margin)
-            a0, a1, a2, a3 = lse_pair_update(a0, a1, a2, a3, u, v, pos, neg)
-        if FORM != MARGIN:
-            n_p += tl.sum(pos.to(tl.int32), axis=1)
-            n_n += tl.sum(neg.to(tl.int32), axis=1)
+    c = tl.load(c_ptr + rows, mask=rmask, other=0.0) if SWEEP == 1 else zero
+    a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
+    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
+    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
+    band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
+    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_inner, t_begin, band_lo, band_hi, last, c, a_res,
+                                          e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, M, D, self_offset,
+                                          s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos, gamma_neg, margin, FORM,
+                                          SWEEP, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, False)
+    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_edge, t_begin, band_lo, band_hi, last, c, a_res,
+                                          e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, M, D, self_offset,
+                                          s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos, gamma_neg, margin, FORM,
+                                          SWEEP, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, True)
+    if FORM != MARGIN and FORM != HINGE and not (FORM == INFONCE and SWEEP == 1):
+        a0 = a0 * LN2  # maxima back to natural log units
+        a2 = a2 * LN2
     base = part_ptr + (split * B + rows).to(tl.int64) * N_PARTS
     tl.store(base + PT_0, a0, mask=rmask)
     tl.store(base + PT_1, a1, mask=rmask)
     tl.store(base + PT_2, a2, mask=rmask)
     tl.store(base + PT_3, a3, mask=rmask)
-    tl.store(base + PT_4, n_p.to(acc_ty), mask=rmask)
-    tl.store(base + PT_5, n_n.to(acc_ty), mask=rmask)
-
-
-@triton.jit
-def _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma_pos, gamma_neg, margin,
-               FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr):
-    """∂(Σ_i g_i ℓ_i)/∂cos for one tile, from the merged per-row stats (the C++ ops' layout)."""
-    st0, st1, st2, st3, valid = load_stats(stats_ptr, rows, rmask)
     if FORM == MARGIN:
-        g_min = tl.where(valid, tl.load(g_ptr + rows * 2, mask=rmask, other=0.0).to(acc_ty) / tl.maximum(st2, 1.0), 0.0)
-        g_max = tl.where(valid, tl.load(g_ptr + rows * 2 + 1, mask=rmask, other=0.0).to(acc_ty) / tl.maximum(st3, 1.0), 0.0)
-        gp = tl.where((st0 != st0)[:, None], float("nan"), tl.where(s == st0[:, None], g_min[:, None], 0.0))
-        gn = tl.where((st1 != st1)[:, None], float("nan"), tl.where(s == st1[:, None], g_max[:, None], 0.0))
-    else:
-        g = tl.where(valid, tl.load(g_ptr + rows, mask=rmask, other=0.0).to(acc_ty), 0.0)
-        # One exp per entry, of the entry's own side.
-        if FORM == HINGE:
-            on = tl.where(st0 > 0, g, 0.0)
-            gp = tl.zeros_like(s) - on[:, None]
-            gn = tl.zeros_like(s) + on[:, None]
-        elif FORM == INFONCE:
-            coef = g / tl.maximum(st3, 1.0)
-            c = (st0 + st1)[:, None]
-            v, d1, _ = side_terms(s, WEIGHTED, False, beta, gamma_pos, gamma_neg, margin)
-            ex = tl.exp(tl.where(pos, beta * s - c, v - c))  # positives: σ(C - βs) = 1/(1 + ex)
-            gp = -coef[:, None] * beta / (1.0 + ex)
-            gn = (coef * st2)[:, None] * ex * d1
-        else:
-            coef = g * inv_beta * sigmoid(st0 + st1 + st2 + st3)
-            u, du, _ = side_terms(s, FORM, True, beta, gamma_pos, gamma_neg, margin)
-            v, dv, _ = side_terms(s, FORM, False, beta, gamma_pos, gamma_neg, margin)
-            ex = tl.exp(tl.where(pos, u - (st0 + st1)[:, None], v - (st2 + st3)[:, None]))
-            gp = coef[:, None] * ex * du
-            gn = coef[:, None] * ex * dv
-    G = tl.where(pos, gp, tl.where(neg, gn, 0.0))
-    if SIM == 0:
-        G = 0.5 * G  # ∂s/∂cos of the shifted cosine
-    return G
+        tl.store(base + PT_4, n_p.to(acc_ty), mask=rmask)
+        tl.store(base + PT_5, n_n.to(acc_ty), mask=rmask)
 
 
 @triton.jit
-def _label_bwd_rows_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
-                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, de_ptr,
-                           diz_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
-                           FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                           UPCAST: tl.constexpr):
-    """∂e for a row block and one chunk of BDO features (and ∂iz from chunk 0), over every column tile."""
-    acc_ty = iz_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
-                                                                 acc_ty)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < B
-    dchunk = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
-    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
-    acc = tl.zeros((BM, BDO), acc_ty)
-    d_iz = tl.zeros((BM,), acc_ty)
-    for t in range(0, tl.cdiv(M, BN)):
-        P, s, pos, neg, ir = _tile(e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset,
-                                   s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST)
-        G = _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma_pos, gamma_neg, margin,
-                       FORM, SIM, acc_ty)
+def _load_factors(q_ptr, rows, rmask):
+    """The rows' (q0, q1, q2, q3) ``[BM]`` of :func:`grad_factors`."""
+    base = q_ptr + rows.to(tl.int64) * 4
+    return (tl.load(base, mask=rmask, other=0.0), tl.load(base + 1, mask=rmask, other=0.0),
+            tl.load(base + 2, mask=rmask, other=0.0), tl.load(base + 3, mask=rmask, other=0.0))
+
+
+@triton.jit
+def _grad_tile(s, pos, neg, q0, q1, q2, q3, beta2, gamma_pos, gamma_neg, margin, FORM: tl.constexpr):
+    """G = ∂(Σ_i g_i ℓ_i)/∂cos of one tile from the :func:`grad_factors` of the rows whose losses it
+    differentiates, shaped to broadcast over the tile (``[BM, 1]``: the tile's rows; ``[1, BN]``: its columns,
+    the transposed tile's rows): one exp2 per entry, of the entry's own side (d1 of side_terms at β·log2e is
+    log2e times the natural one: the ln2 is in q)."""
+    if FORM == MARGIN:
+        gp = tl.where((q0 != q0), float("nan"), tl.where(s == q0, q2, 0.0))
+        gn = tl.where((q1 != q1), float("nan"), tl.where(s == q1, q3, 0.0))
+    elif FORM == HINGE:
+        gp = tl.zeros_like(s) - q0
+        gn = tl.zeros_like(s) + q0
+    elif FORM == INFONCE:
+        v, d1, _ = side_terms(s, WEIGHTED, False, beta2, gamma_pos, gamma_neg, margin)
+        ex = tl.exp2(tl.where(pos, beta2 * s, v) - q1)  # positives: σ(C - βs) = 1/(1 + ex)
+        gp = -q0 / (1.0 + ex)
+        gn = q2 * ex * d1
+    else:
+        u, du, _ = side_terms(s, FORM, True, beta2, gamma_pos, gamma_neg, margin)
+        v, dv, _ = side_terms(s, FORM, False, beta2, gamma_pos, gamma_neg, margin)
+        ex = tl.exp2(tl.where(pos, u - q1, v - q2))
+        gp = q0 * ex * du
+        gn = q0 * ex * dv
+    return tl.where(pos, gp, tl.where(neg, gn, 0.0))
+
+
+@triton.jit
+def _grad_dot(G, x, acc, acc_ty: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + G·x with G in the accumulation dtype and x in the inputs' dtype. GPREC "input": G rounded to the
+    inputs' dtype, a tensor-core product in it (fp32 accumulation); otherwise x upcast and the product at
+    that tl.dot precision."""
+    if GPREC == "input":
+        if UPCAST:  # the interpreter's bf16 dot is wrong: the same rounded operands, multiplied in fp32
+            out = tl.dot(G.to(x.dtype).to(tl.float32), x.to(tl.float32), acc=acc, input_precision="ieee",
+                         out_dtype=acc_ty)
+        else:
+            out = tl.dot(G.to(x.dtype), x, acc=acc, out_dtype=acc_ty)
+    else:
+        out = tl.dot(G, x.to(acc_ty), acc=acc, input_precision=GPREC, out_dtype=acc_ty)
+    return out
+
+
+@triton.jit
+def _segments(lo, hi, t_begin, t_end, full):
+    """How a loop over tiles [t_begin, t_end) splits into interior tiles and EDGE ones, for :func:`_interior`
+    and :func:`_edge`: (band_lo, band_hi, last, n_inner, n_edge). The band [lo, hi) holds the tiles that
+    cross the excluded pairs (lo = hi: none); tiles from ``full`` on are ragged (past the last full one)."""
+    band_lo = tl.minimum(tl.maximum(lo, t_begin), t_end)
+    band_hi = tl.minimum(tl.maximum(hi, t_begin), t_end)
+    last = tl.maximum(full, t_begin)
+    last = tl.where((last >= t_end) | ((band_lo <= last) & (last < band_hi)), t_end, last)
+    f = tl.maximum(tl.minimum(t_end, full), t_begin)
+    n_inner = (f - t_begin) - (tl.minimum(band_hi, f) - tl.minimum(band_lo, f))
+    n_edge = (band_hi - band_lo) + (last < t_end).to(tl.int32)
+    return band_lo, band_hi, last, n_inner, n_edge
+
+
+@triton.jit
+def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr, ir_ptr,
+                lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
+                gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
+                RESIDENT: tl.constexpr, SELF: tl.constexpr, EDGE: tl.constexpr):
+    """acc + Σ_t (G·ir)·r[:, chunk] over ``n_tiles`` column tiles of the row block, interior or EDGE ones;
+    SELF: G + Gᵀ in place of G (see the row kernel)."""
+    for k in range(0, n_tiles):
+        if EDGE:
+            t = _edge(k, band_lo, band_hi, last)
+        else:
+            t = _interior(k, t_begin, band_lo, band_hi)
+        _, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
+                                   self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
+                                   RESIDENT, EDGE)
+        if SELF:  # H = G + Gᵀ: the columns' own losses at the same scores (S is symmetric)
+            cols = t * BN + tl.arange(0, BN)
+            c0, c1, c2, c3 = _load_factors(q_ptr, cols, cols < M)
+            if FORM == HINGE:  # G is ±q0, linear in the factor: one tile of the summed factors
+                G = _grad_tile(s, pos, neg, q0[:, None] + c0[None, :], q1[:, None], q2[:, None], q3[:, None], beta2,
+                               gamma_pos, gamma_neg, margin, FORM)
+            else:
+                G = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos,
+                               gamma_neg, margin, FORM)
+                G += _grad_tile(s, pos, neg, c0[None, :], c1[None, :], c2[None, :], c3[None, :], beta2, gamma_pos,
+                                gamma_neg, margin, FORM)
+        else:
+            G = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos,
+                           gamma_neg, margin, FORM)
         Gr = G * ir[None, :]
-        d_iz += tl.sum(Gr * P, axis=1)
         cols = t * BN + tl.arange(0, BN)
         r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd,
-                    mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0).to(acc_ty)
-        acc = tl.dot(Gr, r, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
-    out_mask = rmask[:, None] & (dchunk[None, :] < D)
-    tl.store(de_ptr + rows[:, None].to(tl.int64) * D + dchunk[None, :], acc * iz[:, None], mask=out_mask)
-    if tl.program_id(1) == 0:
-        tl.store(diz_ptr + rows, d_iz, mask=rmask)
+                    mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0)
+        acc = _grad_dot(Gr, r, acc, acc_ty, GPREC, UPCAST)
+    return acc
 
 
 @triton.jit
-def _label_bwd_cols_kernel(g_ptr, stats_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
-                      gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, dr_ptr,
-                           dir_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
-                           FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _label_bwd_rows_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
+                           inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                           lam: tl.float64, de_ptr, diz_ptr, B, M, D, self_offset, tiles_per_split, s_eb, s_ed, s_rb,
+                           s_rd, FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                           UPCAST: tl.constexpr):
-    """∂r for a column block and one chunk of BDO features (and ∂ir from chunk 0), over every row block.
-    The tiles are the forward's (same blocks, same order of the D loop), so ties of the margin
-    statistics are recognized exactly."""
+                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr, SELF: tl.constexpr):
+    """∂e for a row block and one chunk of BDO features over the column tiles of split program_id(2), and
+    that chunk's part of ∂iz: with A = Σ_j G_ij·ir_j·r_j (raw r), ∂e_i = iz_i·A_i and ∂iz_i = Σ_j G_ij·ir_j·P_ij
+    = e_i·A_i. Partials ``de [splits, B, D]`` and ``diz [splits·chunks, B]``, summed by the launcher.
+
+    SELF (the rows are the reference set, self_offset 0): S is symmetric, so row i's gradient through row j's
+    losses is G_ji at the same score; with H = G + Gᵀ the whole gradient of e comes from this kernel alone
+    (A = Σ_j H_ij·iz_j·e_j), and no column kernel runs: one recompute and one product instead of two each.
+    Not for margins, whose ties need the forward's own tile orientation."""
     acc_ty = iz_ptr.dtype.element_ty
+    beta2 = tl.full((), beta * LOG2E, acc_ty)
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
                                                                  acc_ty)
-    t = tl.program_id(0)
-    cols = t * BN + tl.arange(0, BN)
-    cmask = cols < M
+    r0 = tl.program_id(0) * BM
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < B
     dchunk = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    acc = tl.zeros((BN, BDO), acc_ty)
-    d_ir = tl.zeros((BN,), acc_ty)
-    for rb in range(0, tl.cdiv(B, BM)):
+    split = tl.program_id(2)
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(M, BN))
+    iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    q0, q1, q2, q3 = _load_factors(q_ptr, rows, rmask)
+    acc = tl.zeros((BM, BDO), acc_ty)
+    a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
+    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
+    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
+    band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
+    acc = _rows_tiles(acc, n_inner, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
+                      ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
+                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, SELF,
+                      False)
+    acc = _rows_tiles(acc, n_edge, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
+                      ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
+                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, SELF,
+                      True)
+    inside = rmask[:, None] & (dchunk[None, :] < D)
+    e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed, mask=inside,
+                other=0.0).to(acc_ty)
+    tl.store(diz_ptr + (split * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * B + rows,
+             tl.sum(acc * e, axis=1), mask=rmask)
+    out = split.to(tl.int64) * B + rows
+    tl.store(de_ptr + out[:, None] * D + dchunk[None, :], acc * iz[:, None], mask=inside)
+
+
+@triton.jit
+def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
+                q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin,
+                FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
+                RESIDENT: tl.constexpr, EDGE: tl.constexpr):
+    """acc + Σ_b (G·iz)ᵀ·e[:, chunk] over ``n_blocks`` row blocks of the column block, interior or EDGE ones."""
+    for k in range(0, n_blocks):
+        if EDGE:
+            rb = _edge(k, band_lo, band_hi, last)
+        else:
+            rb = _interior(k, b_begin, band_lo, band_hi)
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
         iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
         lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
-        P, s, pos, neg, ir = _tile(e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset,
-                                   s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST)
-        G = _grad_tile(s, pos, neg, rows, rmask, g_ptr, stats_ptr, beta, inv_beta, gamma_pos, gamma_neg, margin,
-                       FORM, SIM, acc_ty)
-        Gz = G * iz[:, None]
-        d_ir += tl.sum(Gz * P, axis=0)
+        q0, q1, q2, q3 = _load_factors(q_ptr, rows, rmask)
+        _, s, pos, neg, _ = _tile(None, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
+                                  self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
+                                  RESIDENT, EDGE)
+        Gz = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos, gamma_neg,
+                        margin, FORM) * iz[:, None]
         e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
-                    mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0).to(acc_ty)
-        acc = tl.dot(tl.trans(Gz), e, acc=acc, input_precision=GPREC, out_dtype=acc_ty)
+                    mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0)
+        acc = _grad_dot(tl.trans(Gz), e, acc, acc_ty, GPREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _label_bwd_cols_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
+                           inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                           lam: tl.float64, dr_ptr, dir_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
+                           FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr):
+    """∂r for a column block and one chunk of BDO features over every row block, and that chunk's part of
+    ∂ir (``dir [chunks, M]``), as the row kernel does by rows. The tiles are the forward's (same blocks, same
+    order of the D loop), so ties of the margin statistics are recognized exactly."""
+    acc_ty = iz_ptr.dtype.element_ty
+    beta2 = tl.full((), beta * LOG2E, acc_ty)
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
+    t = tl.program_id(0)
+    c0 = t * BN
+    cols = c0 + tl.arange(0, BN)
+    cmask = cols < M
+    dchunk = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    acc = tl.zeros((BN, BDO), acc_ty)
+    b_res = _block(r_ptr, cols, cmask, D, s_rb, s_rd, BD, UPCAST) if RESIDENT else None
+    blocks = tl.cdiv(B, BM)
+    # Row blocks whose rows i pair with these columns as j = i + self_offset (a negative numerator divides
+    # toward zero here: the band can only grow by a block, never miss one).
+    lo = tl.where(self_offset >= 0, (c0 - self_offset) // BM, blocks)
+    hi = tl.where(self_offset >= 0, (c0 + BN - 1 - self_offset) // BM + 1, blocks)
+    band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, 0, blocks, B // BM)
+    acc = _cols_tiles(acc, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
+                      q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg,
+                      margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, False)
+    acc = _cols_tiles(acc, n_edge, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
+                      q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg,
+                      margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, True)
+    inside = cmask[:, None] & (dchunk[None, :] < D)
+    r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd, mask=inside,
+                other=0.0).to(acc_ty)
+    tl.store(dir_ptr + tl.program_id(1).to(tl.int64) * M + cols, tl.sum(acc * r, axis=1), mask=cmask)
     ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
-    tl.store(dr_ptr + cols[:, None].to(tl.int64) * D + dchunk[None, :], acc * ir[:, None], mask=cmask[:, None] & (dchunk[None, :] < D))
-    if tl.program_id(1) == 0:
-        tl.store(dir_ptr + cols, d_ir, mask=cmask)
+    tl.store(dr_ptr + cols[:, None].to(tl.int64) * D + dchunk[None, :], acc * ir[:, None], mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -270,9 +463,11 @@ def _interpreting() -> bool:
 
 class Config(NamedTuple):
     """Tiles and dot precisions of the label kernels: BM rows × BN columns per tile, BD features per step
-    of the similarity's K loop, BDO features per program of the backward's outputs, the dot precisions of
-    the similarity (PREC) and of the backward's G products (GPREC), UPCAST (bf16 dots in fp32: the
-    interpreter's bf16 dot is wrong), and the launch's warps and pipeline stages."""
+    of the similarity's K loop (RESIDENT: one step, BD >= D, the row block held in registers while the
+    columns stream), BDO features per program of the backward's outputs, the dot precisions of the
+    similarity (PREC) and of the backward's G products (GPREC: a tl.dot precision, or "input": G rounded to
+    the inputs' fp16/bf16 for the tensor cores), UPCAST (bf16 dots in fp32: the interpreter's bf16 dot is
+    wrong), and the launch's warps and pipeline stages."""
 
     BM: int
     BN: int
@@ -281,6 +476,7 @@ class Config(NamedTuple):
     PREC: str
     GPREC: str
     UPCAST: bool
+    RESIDENT: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -289,6 +485,13 @@ class Config(NamedTuple):
 
 
 _OVERRIDE: dict = {}
+# The tile shapes a GPU run times for fp16/bf16 (bench/gpu_kernels.py, through override): every one compiles
+# for sm_90 without spilling; the first is the default, the one with the fewest SASS instructions per score
+# (tools/gpu_static.py).
+CANDIDATES = (dict(BM=128, BN=64, num_warps=8), dict(BM=128, BN=32, num_warps=8), dict(BM=64, BN=64, num_warps=4),
+              dict(BM=64, BN=32, num_warps=8))
+# The widest embedding whose row block stays resident in registers (RESIDENT: BD = D rounded up to a power of 2).
+_RESIDENT_D = 256
 
 
 @contextlib.contextmanager
@@ -320,32 +523,51 @@ def config(e: torch.Tensor, D: int) -> Config:
     half = e.dtype in (torch.float16, torch.bfloat16)
     prec = "tf32" if half else "ieee"  # fp16/bf16 dots ignore it; fp32 must not silently become TF32
     upcast = e.dtype == torch.bfloat16 and _interpreting()
-    bd = max(16, min(64, triton.next_power_of_2(D)))
+    resident = D <= _RESIDENT_D
+    bd = max(16, triton.next_power_of_2(D)) if resident else 64
     if _interpreting():
-        cfg = Config(16, 16, bd, bd, "ieee", "ieee", upcast)
+        cfg = Config(16, 16, bd, bd, "ieee", "ieee", upcast, resident)
     elif half:
-        cfg = Config(64, 32, bd, 64, prec, prec, upcast, num_warps=8)
-    else:
-        cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False)
-    return cfg._replace(**_OVERRIDE)
+        cfg = Config(CANDIDATES[0]["BM"], CANDIDATES[0]["BN"], bd, bd if resident else 64, prec, "input", upcast,
+                     resident, num_warps=CANDIDATES[0]["num_warps"])
+    else:  # fp32/fp64 dots run on FMA units from registers: a resident row block of 128 fp32 spills
+        cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False, False)
+    cfg = cfg._replace(**_OVERRIDE)
+    if cfg.RESIDENT and cfg.BD < D:
+        raise ValueError(f"RESIDENT needs BD >= D = {D}, got BD = {cfg.BD}")
+    return cfg
+
+
+def rows_meta(cfg: Config, form: int, fused_self: bool = False) -> dict:
+    """The backward row kernel's constexprs and launch options: the hinge's, whose G is constant per row and
+    side, spills registers when its loads are pipelined (one stage then)."""
+    meta = dict(FORM=form, SELF=fused_self, **cfg.meta())
+    if form == Form.HINGE:
+        meta["num_stages"] = 1
+    return meta
 
 
 def _args(e, r):
     return e.stride(0), e.stride(1), r.stride(0), r.stride(1)
 
 
+def _column_splits(tiles: int, programs: int, cap: int = 1 << 30):
+    """(splits, tiles per split): enough programs to fill the device when the other grid axes give few (a
+    small batch against a large bank), at most ``cap`` splits."""
+    want = 4 if _interpreting() else 264
+    splits = max(1, min(tiles, want // max(programs, 1), cap))
+    per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per_split), per_split
+
+
 def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, sweep=0, c=None):
     """``part [splits, B, 6]`` of one forward sweep (see the module docstring) in the accumulation dtype of
-    ``iz``; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ)."""
+    ``iz``; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ); labels int32 class ids."""
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
     row_blocks, tiles = triton.cdiv(B, cfg.BM), max(triton.cdiv(M, cfg.BN), 1)
-    # Enough programs to fill the device when B is small against M (a memory bank): split the columns.
-    want = 4 if _interpreting() else 264
-    splits = max(1, min(tiles, want // row_blocks))
-    per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, per_split)
+    splits, per_split = _column_splits(tiles, row_blocks)
     part = torch.empty(splits, B, int(N_PARTS), dtype=iz.dtype, device=e.device)
     meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
     launch(_label_fwd_kernel, (row_blocks, splits), e.device, e, iz, r, ir, labels, ref_labels, *loss_args(params),
@@ -354,8 +576,48 @@ def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, simila
     return part
 
 
-def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, ref_grad):
-    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``."""
+# The most the backward's per-split ∂e partials may take.
+_PARTIAL_BYTES = 1 << 28
+
+
+_LOG2E, _LN2 = LOG2E.value, LN2.value
+
+
+def grad_factors(stats: torch.Tensor, grad_rows: torch.Tensor, form: int, beta: float, similarity: int):
+    """``q [B, 4]`` per row, in the dtype of ``stats``: what the backward kernels need of each row's merged stats
+    and incoming gradient g, with ∂s/∂cos folded in and shifts in log2 units like the tiles' exponents.
+    Margins: (p_min, n_max, g⁺/ties⁺, g⁻/ties⁻); hinge: (g where active); InfoNCE: (g·β/n⁺, C·log2e,
+    g·Σσ/n⁺·ln2); the OUCL forms: (g/β·σ(A + C)·ln2, A·log2e, C·log2e)."""
+    slope = 0.5 if similarity == 0 else 1.0
+    valid = stats[:, Stat.VALID] != 0
+    st = {k: stats[:, k] for k in Stat}
+    zero = torch.zeros_like(valid, dtype=stats.dtype)
+    g = torch.where(valid[:, None] if form == Form.MARGIN else valid, grad_rows.to(stats.dtype), 0.0)
+    if form == Form.MARGIN:
+        g_min = g[:, 0] / st[Stat.TIES_POS].clamp(min=1.0)
+        g_max = g[:, 1] / st[Stat.TIES_NEG].clamp(min=1.0)
+        q = (st[Stat.P_MIN], st[Stat.N_MAX], slope * g_min, slope * g_max)
+    elif form == Form.HINGE:
+        on = slope * torch.where(st[Stat.HINGE_ARG] > 0, g, zero)
+        q = (on, zero, zero, zero)
+    elif form == Form.INFONCE:
+        coef = slope * g / st[Stat.NCE_N_POS].clamp(min=1.0)
+        q = (coef * beta, (st[Stat.NCE_SHIFT] + st[Stat.NCE_LOG_SUM]) * _LOG2E, coef * st[Stat.NCE_SIGMOID_SUM] * _LN2,
+             zero)
+    else:
+        a = st[Stat.POS_SHIFT] + st[Stat.POS_LOG_SUM]
+        c = st[Stat.NEG_SHIFT] + st[Stat.NEG_LOG_SUM]
+        q = (slope * g / beta * torch.sigmoid(a + c) * _LN2, a * _LOG2E, c * _LOG2E, zero)
+    return torch.stack(q, 1).contiguous()
+
+
+def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, ref_grad,
+              self_mode=False):
+    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``. The row
+    kernel splits the columns when the row blocks are few; partials are summed in split order
+    (deterministic). ``self_mode`` (r is e, ir is iz, the same labels, self_offset 0): every form but the
+    margins returns the whole gradient of e in (∂e, ∂iz) from the row kernel's H = G + Gᵀ, and None for the
+    reference's parts."""
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
@@ -363,15 +625,22 @@ def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_o
     if B == 0 or M == 0 or D == 0:  # nothing to launch: every gradient is zero
         zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
         return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad else (None, None))
-    de, diz = torch.empty(B, D, dtype=acc, device=e.device), torch.empty(B, dtype=acc, device=e.device)
     meta = dict(FORM=form, SIM=similarity, **cfg.meta())
-    args = (grad_rows.contiguous(), stats.contiguous(), e, iz, r, ir, labels, ref_labels, *loss_args(params))
-    d_chunks = triton.cdiv(D, cfg.BDO)
-    launch(_label_bwd_rows_kernel, (triton.cdiv(B, cfg.BM), d_chunks), e.device, *args, de, diz, B, M, D, self_offset,
-           *_args(e, r), **meta)
-    if not ref_grad:
+    q = grad_factors(stats, grad_rows, form, float(params[1]), similarity)
+    args = (q, e, iz, r, ir, labels, ref_labels, *loss_args(params))
+    d_chunks, row_blocks = triton.cdiv(D, cfg.BDO), triton.cdiv(B, cfg.BM)
+    cap = max(1, _PARTIAL_BYTES // (B * D * iz.element_size()))
+    splits, per_split = _column_splits(triton.cdiv(M, cfg.BN), row_blocks * d_chunks, cap)
+    de = torch.empty(splits, B, D, dtype=acc, device=e.device)
+    diz = torch.empty(splits * d_chunks, B, dtype=acc, device=e.device)
+    fused = self_mode and form != Form.MARGIN
+    launch(_label_bwd_rows_kernel, (row_blocks, d_chunks, splits), e.device, *args, de, diz, B, M, D, self_offset,
+           per_split, *_args(e, r), SIM=similarity, **rows_meta(cfg, form, fused))
+    de, diz = (de[0], diz[0]) if splits * d_chunks == 1 else (de.sum(0), diz.sum(0))
+    if not ref_grad or fused:
         return de, diz, None, None
-    dr, dir_ = torch.empty(M, D, dtype=acc, device=e.device), torch.empty(M, dtype=acc, device=e.device)
+    dr = torch.empty(M, D, dtype=acc, device=e.device)
+    dir_ = torch.empty(d_chunks, M, dtype=acc, device=e.device)
     launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, cfg.BN), 1), d_chunks), e.device, *args, dr, dir_, B, M, D,
            self_offset, *_args(e, r), **meta)
-    return de, diz, dr, dir_
+    return de, diz, dr, dir_.sum(0)

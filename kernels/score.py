@@ -32,7 +32,7 @@ def _side_lse(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, beta, gamma_
     for k0 in range(0, K, BLOCK_K):
         x, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         e, _, _ = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
-        run_max, total = lse_update(run_max, total, tl.where(keep, e, float("-inf")))
+        run_max, total = lse_update(run_max, total, tl.where(keep, e, float("-inf")), False)
         count += tl.sum(keep.to(tl.int32), axis=1)
     return finite_or_zero(run_max), tl.log(total), count
 

@@ -80,15 +80,14 @@ def stats_of(**slots):
 
 
 class Part(IntEnum):
-    """Running (max, Σ exp(e - max)) of each side and the counts; the hinge keeps plain sums in the Σ
-    slots; InfoNCE's second sweep keeps Σ softplus and Σ σ; margins keep extrema, ties and NaN counts."""
+    """Running (max, Σ exp(e - max)) of each side; the hinge keeps plain sums in the Σ slots; InfoNCE's
+    second sweep keeps Σ softplus and Σ σ; margins keep extrema, ties and NaN counts. (The pair counts come
+    from class counts, not from the tiles.)"""
 
     POS_MAX = 0
     POS_SUM = 1
     NEG_MAX = 2
     NEG_SUM = 3
-    N_POS = 4
-    N_NEG = 5
     NCE_SOFTPLUS_SUM = 0
     NCE_SIGMOID_SUM = 1
     P_MIN = 0

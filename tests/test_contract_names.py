@@ -45,8 +45,8 @@ def test_triton_constants_come_from_the_python_enums():
     assert [K.ST_0.value, K.ST_1.value, K.ST_2.value, K.ST_3.value, K.ST_VALID.value] == list(range(contract.N_STATS))
     assert K.N_STATS.value == contract.N_STATS and K.N_PARTS.value == contract.N_PARTS
     assert [p.value for p in (K.PT_0, K.PT_1, K.PT_2, K.PT_3, K.PT_4, K.PT_5)] == [
-        contract.Part.POS_MAX, contract.Part.POS_SUM, contract.Part.NEG_MAX, contract.Part.NEG_SUM, contract.Part.N_POS,
-        contract.Part.N_NEG]
+        contract.Part.POS_MAX, contract.Part.POS_SUM, contract.Part.NEG_MAX, contract.Part.NEG_SUM,
+        contract.Part.NAN_POS, contract.Part.NAN_NEG]
 
 
 def test_every_stats_slot_has_a_name_per_form():

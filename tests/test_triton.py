@@ -337,3 +337,41 @@ def test_label_tile_configuration_override():
     with pytest.raises(ValueError, match="BM must be a power of two >= 16"):
         with K.override(BM=48):
             pass
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_label_mode_streams_wide_rows_in_feature_chunks(with_ref):
+    # Rows wider than the resident limit (forced here: RESIDENT off, 16-feature steps) take the similarity's
+    # K loop (3 steps), and the backward's outputs come in 2 feature chunks whose ∂iz parts are summed; with
+    # one row block and 2 chunks, the row kernel also splits the 3 column tiles of the reference set in 2.
+    from metaug_fast.kernels import label as K
+
+    emb, labels, ref, ref_labels = label_data(13, 40 if with_ref else None, D=40)
+    for op in ("weighted", "info_nce", "margins"):
+        torch.manual_seed(1)
+        want = _label_run(_label_fn(op, "reference", labels, ref_labels), emb, ref)
+        with K.override(RESIDENT=False, BD=16, BDO=32):
+            torch.manual_seed(1)
+            got = _label_run(_label_fn(op, "triton", labels, ref_labels), emb, ref)
+        _close(got, want, 1e-10)
+    with pytest.raises(ValueError, match="RESIDENT needs BD >= D = 40"), K.override(BD=16):
+        K.config(emb, 40)
+
+
+def test_self_mode_backward_is_one_kernel_of_g_plus_g_transposed(monkeypatch):
+    # Without a reference set S is symmetric: the row kernel takes H = G + Gᵀ and the column kernel does not
+    # run (margins excepted: their ties need the forward's own tile orientation); results as reference.py.
+    from metaug_fast.kernels import label as K
+
+    launched = []
+    real = K.launch
+    monkeypatch.setattr(K, "launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw))[1])
+    emb, labels, _, _ = label_data(37, None, D=12)
+    for op in ("weighted", "hinge", "info_nce", "margins"):
+        launched.clear()
+        torch.manual_seed(1)
+        want = _label_run(_label_fn(op, "reference", labels, None), emb, None)
+        torch.manual_seed(1)
+        got = _label_run(_label_fn(op, "triton", labels, None), emb, None)
+        _close(got, want, 1e-10)
+        assert (K._label_bwd_cols_kernel in launched) == (op == "margins"), op

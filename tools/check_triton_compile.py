@@ -6,7 +6,8 @@ interpreter cannot (globals that are not constexpr, unsupported ops, layout or r
     python -m tools.check_triton_compile --arch 80
 
 Each kernel is compiled with the options its launcher uses (``COMPILE_OPTIONS`` of its module, the label
-kernels' default tile configuration with its warps and stages). Beyond compiling, two properties are
+kernels' default tile configuration with its warps and stages, and every candidate tile shape of the GPU
+sweep), the label and similarity kernels specialized as a launch on contiguous rows of D = 128 is. Beyond compiling, two properties are
 checked on the result, because the interpreter cannot show them: no score-mode kernel lets a multiply and
 an add be fused (their Hessian-vector products need exactly rounded products), and no label-mode kernel spills
 registers (a spill in the tile loop costs local-memory traffic per score). Exits 1 and names the kernel and
@@ -46,8 +47,8 @@ def _types(dtype: str) -> Dict[str, str]:
     x, acc = PTR[dtype], ACC[dtype]
     return dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", rows_ptr=acc, stats_ptr=acc, g_ptr=acc, gp_ptr=x,
                 gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x, sp_ptr=x, sn_ptr=x, gsp_ptr=acc,
-                gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i64", rlab_ptr="*i64", c_ptr=acc,
-                part_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
+                gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
+                part_ptr=acc, q_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
 
 
 def _label_config(dtype: str) -> dict:
@@ -67,6 +68,7 @@ def _label_config(dtype: str) -> dict:
 def jobs() -> List[Job]:
     """Every specialization checked: each kernel in fp32, bf16 and fp64, the forms that change its code."""
     from metaug_fast.contract import Form
+    from metaug_fast.kernels import label
     from metaug_fast.kernels._common import HINGE, INFONCE, MARGIN, WEIGHTED
 
     ids = [int(f) for f in Form if f != Form.MARGIN]  # every loss form: a new one is compiled too
@@ -89,8 +91,19 @@ def jobs() -> List[Job]:
         for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
             for sweep in (0, 1) if form == int(INFONCE) else (0,):
                 out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SWEEP=sweep, SIM=0, **fwd)))
-            out.append(Job("label", "_label_bwd_rows_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+            for fused_self in (False, True) if dtype == "bfloat16" and form != int(MARGIN) else (False,):
+                out.append(Job("label", "_label_bwd_rows_kernel", dtype,
+                               dict(SIM=0, **label.rows_meta(label.Config(**cfg), form, fused_self))))
             out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+        if dtype == "bfloat16":  # every tile shape a GPU run may sweep must compile without spills too
+            for fields in label.CANDIDATES[1:]:
+                alt = {**cfg, **fields}
+                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SWEEP=0, SIM=0,
+                                                                         **{k: v for k, v in alt.items()
+                                                                            if k not in ("BDO", "GPREC")})))
+                out.append(Job("label", "_label_bwd_rows_kernel", dtype,
+                               dict(SIM=0, **label.rows_meta(label.Config(**alt), int(WEIGHTED)))))
+                out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0, **alt)))
         sim = {k: v for k, v in fwd.items() if k not in ("FORM",)}
         out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
     return out
@@ -108,9 +121,17 @@ def compile_job(job: Job, arch: int = 90, **options):
     jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     params = list(inspect.signature(jit.fn).parameters)
     constexprs = {k: v for k, v in job.constexprs.items() if k not in LAUNCH_OPTIONS}
+    attrs = {}
+    if job.module in ("label", "similarity"):
+        # As a launch on contiguous [N, 128] rows specializes them: unit feature strides become constexpr 1,
+        # and pointers, D and the row strides are known multiples of 16 (vectorized loads).
+        constexprs = {"s_ed": 1, "s_rd": 1, **constexprs}
+        attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
+                 if p not in constexprs and (p.endswith("_ptr") or p in ("D", "s_eb", "s_rb"))}
     types = _types(job.dtype)
     signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
-    src = ASTSource(fn=jit, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn=jit, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     opts = {**getattr(mod, "COMPILE_OPTIONS", {}), **{k: v for k, v in job.constexprs.items() if k in LAUNCH_OPTIONS}}
     opts.update(options)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

@@ -11,8 +11,10 @@ in its loops per score: the instructions of its outermost loops, each body count
 scores one thread handles per iteration (BM·BN or BLOCK_B·BLOCK_K over the threads of a program for Triton;
 one score a lane per iteration in the CUDA kernels, where nvcc may unroll a loop, so theirs are per unrolled
 iteration: an upper bound). Static counts: a loop run twice counts once, and a kernel with several passes
-(positives, negatives, a second sweep) sums them; FFMA that remain with contraction off come from the math
-library's exp/log. For comparing versions of the same kernel, not for predicting time. Writes the CSV and a
+(positives, negatives, a second sweep) sums them, except the label kernels, which run each tile through an
+interior or an edge copy of one loop: theirs count the interior (leanest) copy, the one nearly every tile
+takes. FFMA that remain with contraction off come from the math library's exp/log. Triton kernels are
+compiled as check_triton_compile specializes them (label kernels: contiguous rows of D = 128). For comparing versions of the same kernel, not for predicting time. Writes the CSV and a
 chart beside it (``make gpu-static``).
 """
 from __future__ import annotations
@@ -106,9 +108,17 @@ def loops(insns: List[tuple]) -> List[tuple]:
     return sorted(set(outer))
 
 
-def row(source: str, kernel: str, dtype: str, spec: str, res: dict, insns: List[tuple], scores_per_iter: float) -> dict:
+def row(source: str, kernel: str, dtype: str, spec: str, res: dict, insns: List[tuple], scores_per_iter: float,
+        leanest: bool = False) -> dict:
+    """One CSV row. ``leanest``: per score over the outermost loop with the fewest instructions only (of
+    those with ten or more: a one-instruction loop is the kernel's final trap), for kernels that run every
+    tile through one of two copies of the same loop, an interior one and a masked one for edge tiles."""
     real = [(a, op) for a, op, _ in insns if op != ":label"]
     outer = loops(insns)
+    if leanest:
+        size = {r: sum(r[0] <= a <= r[1] for a, _ in real) for r in outer}
+        bodies = [r for r in outer if size[r] >= 10]
+        outer = [min(bodies, key=size.get)] if bodies else outer
     total = collections.Counter(classify(op) for _, op in real)
     in_loops = collections.Counter(classify(op) for a, op in real if any(s <= a <= e for s, e in outer))
     out = dict(source=source, kernel=kernel, dtype=dtype, spec=spec, instructions=len(real), loops=len(outer),
@@ -132,7 +142,7 @@ def _triton_row(job) -> dict:
     threads = 32 * c.get("num_warps", compiled.metadata.num_warps)
     tile = c["BM"] * c["BN"] if "BM" in c else c["BLOCK_B"] * c["BLOCK_K"]
     spec = ",".join(f"{k}={v}" for k, v in c.items())
-    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads)
+    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label")
 
 
 _CPP_TYPES = {"c10::Half": "float16", "c10::BFloat16": "bfloat16", "float": "float32", "double": "float64"}

@@ -36,8 +36,35 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
     return torch.where(has_nan, torch.full_like(value, float("nan")), value), torch.where(has_nan, torch.ones_like(count), count)
 
 
+def dense_labels(labels: Tensor, ref_labels: Tensor):
+    """(labels [B], ref_labels [M]) as int32 class ids in [0, B + M) (equal ids exactly where the labels are
+    equal: the kernels compare one 32-bit word per pair). A sort and a scan: nothing is read back to the host
+    (torch.unique would synchronize)."""
+    B = labels.shape[0]
+    both = torch.cat([labels.long(), ref_labels.long()])
+    values, order = torch.sort(both)
+    starts = (torch.diff(values, prepend=values[:1]) != 0).to(torch.int32)  # 1 where a new label begins
+    ids = torch.empty_like(starts).scatter_(0, order, torch.cumsum(starts, 0, dtype=torch.int32))
+    return ids[:B].contiguous(), ids[B:].contiguous()
+
+
+def _pair_counts(labels: Tensor, ref_labels: Tensor, self_offset: int, acc: torch.dtype):
+    """(positives [B], negatives [B]) per row of :func:`dense_labels` ids, from the reference rows of each class:
+    a row's positives are those of its class less the excluded pair j = i + self_offset when it shares the
+    label (the reference's rule: the excluded pair leaves the positives only), its negatives the others."""
+    B, M = labels.shape[0], ref_labels.shape[0]
+    counts = torch.zeros(B + M, dtype=torch.int32, device=labels.device)
+    counts.scatter_add_(0, ref_labels.long(), torch.ones_like(ref_labels))
+    same = counts[labels.long()]
+    n_neg = M - same
+    if self_offset >= 0 and B:
+        same = same - (ref_labels[self_offset:self_offset + B] == labels).to(same.dtype)
+    return same.to(acc), n_neg.to(acc)
+
+
 def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
-    """(output, stats [B, N_STATS] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins."""
+    """(output, stats [B, N_STATS] in the C++ ops' layout): output = rows [B], or [B, 2] extrema for margins.
+    ``labels``, ``ref_labels``: int32 class ids (:func:`dense_labels`)."""
     from ..kernels import label as K
 
     form = params[0]
@@ -52,7 +79,7 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
         stats = stats_of(p_min=p_min, n_max=n_max, ties_pos=ties_p, ties_neg=ties_n,
                          valid=((ties_p > 0) & (ties_n > 0)).to(p_min))
         return torch.stack([p_min, n_max], 1), stats
-    n_pos, n_neg = part[..., Part.N_POS].sum(0), part[..., Part.N_NEG].sum(0)
+    n_pos, n_neg = _pair_counts(labels, ref_labels, self_offset, iz.dtype)
     valid = (n_pos > 0) & (n_neg > 0)
     zero = torch.zeros_like(n_pos)
     if form == Form.HINGE:
@@ -105,9 +132,11 @@ class _TritonLabel(torch.autograd.Function):
         self_mode = r is None
         need_ref = self_mode or ctx.needs_input_grad[1]
         de, diz, dr, dir_ = K.label_bwd(grad_out, stats, e, iz, e if self_mode else r, ir, labels, ref_labels,
-                                        ctx.params, ctx.self_offset, ctx.sim_id, ctx.params[0], need_ref)
+                                        ctx.params, ctx.self_offset, ctx.sim_id, ctx.params[0], need_ref, self_mode)
         if self_mode:  # the rows are also the reference set: both parts belong to e
-            return (_through_norm(e, iz, de + dr, diz + dir_).to(e.dtype),) + (None,) * 7
+            if dr is not None:
+                de, diz = de + dr, diz + dir_
+            return (_through_norm(e, iz, de, diz).to(e.dtype),) + (None,) * 7
         g_r = None
         if need_ref:
             g_r = (dr if ctx.ref_unit else _through_norm(r, ir, dr, dir_)).to(r.dtype)
@@ -133,9 +162,12 @@ def _label_bwd_normalized(grad_rows, zn, rn, labels, ref_labels, stats, self_off
         # The backward finds the extrema's ties by equality with the forward's tiles: those came from the raw
         # rows and their inverse norms, so the extrema are found again from these inputs.
         _, stats = _forward(zn, ones_z, rn, ones_r, labels, ref_labels, params, sim_id, self_offset)
+    self_mode = rn is zn and self_offset == 0  # _differentiable_grads passes the same tensor
     dz, _, dr, _ = K.label_bwd(grad_rows, stats, zn, ones_z, rn, ones_r, labels, ref_labels,
-                               params, self_offset, sim_id, form, ref_grad)
-    return dz, dr if ref_grad else zn.new_zeros(0, zn.shape[1])
+                               params, self_offset, sim_id, form, ref_grad, self_mode)
+    if not ref_grad:
+        return dz, zn.new_zeros(0, zn.shape[1])
+    return dz, torch.zeros_like(rn) if dr is None else dr  # self mode: the whole gradient is dz (the C++ contract)
 
 
 class _TritonLabelOps:
@@ -190,9 +222,9 @@ def _inverse_norms(e: Tensor, r: Optional[Tensor], ref_unit: bool):
 def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False):
     """(output, valid) of the Triton label Function for the public contract's arguments; ``ref_unit``: the
     rows of ``ref_emb`` are unit vectors already (a memory bank), so their inverse norms are ones."""
-    rl = labels.long() if ref_emb is None else ref_labels.long()
+    lab, rlab = dense_labels(labels, labels if ref_emb is None else ref_labels)
     offset = 0 if ref_emb is None else self_offset
-    return _TritonLabel.apply(emb, ref_emb, labels.long(), rl, params, SIMILARITIES[similarity], offset, ref_unit)
+    return _TritonLabel.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity], offset, ref_unit)
 
 
 def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
