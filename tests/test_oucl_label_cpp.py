@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import metaug_fast.functional as F
 from metaug_fast import OUCLLoss
 from metaug_fast import reference as R
+from metaug_fast.contract import Form, Stat
 
 from conftest import requires_cpp
 from helpers import FORMS, LargestAllocation, hvp, label_data, rel_err
@@ -295,3 +296,31 @@ def test_second_derivative_chunks_scale_with_the_device():
     assert label_ops.chunk_scores(torch.device("cpu")) == label_ops._CHUNK_SCORES
     if torch.cuda.is_available():
         assert label_ops.chunk_scores(torch.device("cuda")) >= 16 * label_ops._CHUNK_SCORES
+
+
+@pytest.mark.parametrize("form", [Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE])
+def test_label_rows_double_backward_equals_the_score_mode_ops(form):
+    # The HVP's label-aware row kernel (one op, the pair's side from the labels) against the score-mode
+    # backward and double backward over positive and negative masks, which it replaces on the CPU: rows 5..11
+    # of a batch whose pair (i, i + 3) is excluded, one row with no positive (invalid), fp64.
+    torch.manual_seed(0)
+    R, M, row0, offset = 7, 300, 5, 3
+    S = torch.rand(R, M, dtype=torch.float64) * 1.4 - 0.4
+    U = torch.randn(R, M, dtype=torch.float64)
+    labels, ref_labels = torch.randint(0, 4, (R,)), torch.randint(0, 4, (M,))
+    labels[2] = 9  # no positive: an invalid row
+    pm = labels[:, None] == ref_labels[None, :]
+    nm = ~pm
+    pm[torch.arange(R), torch.arange(R) + row0 + offset] = False
+    params = (int(form), 20.0, 0.1 if form != Form.INFONCE else 0.0, -0.05 if form != Form.INFONCE else 0.0, 0.3, 0.2)
+    ops = torch.ops.metaug_fast
+    _, stats = ops.oucl_score_fwd(S, S, pm, nm, *params)
+    g = torch.rand(R, dtype=torch.float64)
+    gp, gn = ops.oucl_score_bwd(g, S, S, pm, nm, stats, *params)
+    d_g, hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, stats, *params)
+    got = ops.oucl_label_rows_bwd_bwd(g, U, S, labels, ref_labels, stats, row0, offset, *params)
+    assert stats[2, Stat.VALID] == 0 and got[1][2].abs().max() == 0
+    for a, b in zip(got, (d_g, gp + gn, hp + hn)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
+        ops.oucl_label_rows_bwd_bwd(g, U, S, labels, ref_labels, stats, row0, offset, int(Form.HINGE), *params[1:])

@@ -102,6 +102,75 @@ void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_
     });)
 }
 
+// The second derivative on rows [r0, r1) of a chunk of whole score rows (see label_hvp_row).
+template <typename T>
+void label_hvp_rows(int64_t form, const Cfg<T>& cfg, const int64_t* labels, const int64_t* ref_labels,
+                    int64_t self_k0, int64_t r0, int64_t r1, int64_t M, const T* s, const T* t, const T* stats,
+                    const T* grad_rows, T* d_g, T* G, T* W) {
+  METAUG_ISA_SWITCH(
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if constexpr (FORM == kSquared || FORM == kWeighted || FORM == kCircle || FORM == kInfoNCE) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* st = stats + kStats * r;
+          T* g_row = G + r * M;
+          T* w_row = W + r * M;
+          if (st[kValid] == T(0)) {
+            std::fill(g_row, g_row + M, T(0));
+            std::fill(w_row, w_row + M, T(0));
+            d_g[r] = T(0);
+            continue;
+          }
+          const int64_t self_k = self_k0 < 0 ? -1 : self_k0 + r;
+          if constexpr (FORM == kInfoNCE)
+            ns::infonce_label_hvp_row<T>(cfg, labels[r], ref_labels, self_k, s + r * M, t + r * M, M, st,
+                                         grad_rows[r], d_g[r], g_row, w_row);
+          else
+            ns::label_hvp_row<FORM, T>(cfg, labels[r], ref_labels, self_k, s + r * M, t + r * M, M, st,
+                                       grad_rows[r], d_g[r], g_row, w_row);
+        }
+      }
+    });)
+}
+
+// torch.ops.metaug_fast.oucl_label_rows_bwd_bwd: the label-mode HVP's kernel on a chunk of R whole rows of
+// scores s [R, M] (the similarity applied) with the cotangent t [R, M] on them, for the LSE forms and
+// InfoNCE (the hinge's Hessian is zero; margins are piecewise linear): (d_g [R], G [R, M], W [R, M]) =
+// (∂ℓ/∂s · t, ∂(g·ℓ)/∂s, g·H t) per row. Row r is row row0 + r of the batch (for the excluded pair
+// j = i + self_offset when self_offset >= 0). Rows are independent: one thread each.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_rows_bwd_bwd(
+    const at::Tensor& grad_rows, const at::Tensor& t, const at::Tensor& s, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const at::Tensor& stats, int64_t row0, int64_t self_offset, int64_t form,
+    double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+  const char* who = "oucl_label_rows_bwd_bwd";
+  TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes() && s.device().is_cpu() && t.device().is_cpu() &&
+                  s.scalar_type() == t.scalar_type() &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              who, ": s and t must be CPU [R, M] tensors of one dtype, float32 or float64");
+  const int64_t R = s.size(0), M = s.size(1);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({R, kStats}) && stats.scalar_type() == s.scalar_type() &&
+                  grad_rows.dim() == 1 && grad_rows.size(0) == R && grad_rows.scalar_type() == s.scalar_type(),
+              who, ": stats must be [R, ", kStats, "] and grad_rows [R], in the dtype of s");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong && labels.numel() == R &&
+                  ref_labels.numel() == M,
+              who, ": labels [R] and ref_labels [M] must be int64");
+  TORCH_CHECK(form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE, who,
+              ": form must be squared, weighted, circle or InfoNCE, got ", form);
+  const at::Tensor sc = s.contiguous(), tc = t.contiguous(), st = stats.contiguous(), g = grad_rows.contiguous();
+  const at::Tensor lab = labels.contiguous(), rlab = ref_labels.contiguous();
+  at::Tensor d_g = at::empty({R}, s.options()), G = at::empty_like(sc), W = at::empty_like(sc);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "oucl_label_rows_bwd_bwd", [&] {
+    const Cfg<scalar_t> cfg = make_cfg<scalar_t>(beta, gamma_pos, gamma_neg, margin, lam);
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      label_hvp_rows<scalar_t>(form, cfg, lab.data_ptr<int64_t>(), rlab.data_ptr<int64_t>(),
+                               self_offset >= 0 ? row0 + self_offset : -1, r0, r1, M, sc.data_ptr<scalar_t>(),
+                               tc.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                               d_g.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), W.data_ptr<scalar_t>());
+    });
+  });
+  return {d_g, G, W};
+}
+
 // InfoNCE's second forward sweep: the positives' terms, given each row's negative log-sum-exp C.
 template <typename T>
 void infonce_positive_tile(const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_t c0, int64_t L, const T* tile,
@@ -288,6 +357,15 @@ struct CpuLabel : CpuDevice {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) { LabelOps<CpuLabel>::impl(m); }
+TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
+  m.def("oucl_label_rows_bwd_bwd(Tensor grad_rows, Tensor t, Tensor s, Tensor labels, Tensor ref_labels, "
+        "Tensor stats, int row0, int self_offset, int form, float beta, float gamma_pos, float gamma_neg, "
+        "float margin, float lam) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
+  LabelOps<CpuLabel>::impl(m);
+  m.impl("oucl_label_rows_bwd_bwd", &label_rows_bwd_bwd);
+}
 
 }  // namespace metaug_fast

@@ -25,6 +25,11 @@ from .score import CPP_OPS, hinge_grad_grad_rows, third_order_error
 
 
 
+# The forms of torch.ops.metaug_fast.oucl_label_rows_bwd_bwd (the hinge's Hessian is zero, margins are
+# piecewise linear: both keep the score-mode path).
+_ROW_HVP_FORMS = (Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE)
+
+
 def _label_masks(labels, ref_labels, self_offset, row0):
     """Positive and negative masks ``[c,M]`` of rows ``row0 .. row0 + c`` (``labels`` holds those rows' labels);
     with ``self_offset >= 0`` the pair (i, i + self_offset) is neither."""
@@ -51,18 +56,18 @@ def chunk_scores(device: torch.device) -> int:
     return max(_CHUNK_SCORES, min(_GPU_CHUNK_SCORES, total // 512))
 
 
-def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
+def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
     chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
     and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
-    labels themselves without a reference set, with ``self_offset`` 0). Nothing here waits for the device:
-    the chunks are cut from the shapes."""
+    labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None.
+    Nothing here waits for the device: the chunks are cut from the shapes."""
     B, M = zn.shape[0], rn.shape[0]
     step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
         S = reference._apply_similarity(zn[rows] @ rn.T, similarity)
-        pm, nm = _label_masks(labels[rows], ref_labels, self_offset, r0)
+        pm, nm = _label_masks(labels[rows], ref_labels, self_offset, r0) if masks else (None, None)
         yield rows, S, pm, nm
 
 
@@ -97,13 +102,18 @@ class _LabelDoubleBackward(torch.autograd.Function):
         a = 0.5 if similarity == "shifted_cosine" else 1.0
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
-        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset):
+        # The C++ backend's label-aware row kernel: G, W and d_g in one op, no masks.
+        by_labels = ops is CPP_OPS and zn.device.type == "cpu" and params[0] in _ROW_HVP_FORMS
+        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels):
             z, g, st = zn[rows], grad_rows[rows], stats[rows]
             U = v_z[rows] @ rn.T
             if with_r:
                 U.addmm_(z, v_r.T)
             U.mul_(a)
-            if params[0] == Form.MARGIN:
+            if by_labels:
+                d_g[rows], G, W = ops.oucl_label_rows_bwd_bwd(g, U, S, labels[rows], ref_labels, st, rows.start,
+                                                              self_offset, *params)
+            elif params[0] == Form.MARGIN:
                 # Piecewise linear (no Hessian): G shares grad_rows among each extremum's ties, found again
                 # in this chunk's scores (they may differ from the fused op's tiles in the last bit).
                 st = ops.margin_score_fwd(S, S, pm, nm)
