@@ -350,7 +350,11 @@ def _label_bwd_rows_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_pt
     SELF (the rows are the reference set, self_offset 0): S is symmetric, so row i's gradient through row j's
     losses is G_ji at the same score; with H = G + Gᵀ the whole gradient of e comes from this kernel alone
     (A = Σ_j H_ij·iz_j·e_j), and no column kernel runs: one recompute and one product instead of two each.
-    Not for margins, whose ties need the forward's own tile orientation."""
+    Not for margins, whose ties need the forward's own tile orientation. Every tile, not only those on and
+    above the diagonal as the C++ and CUDA backends take: there, a tile's transposed half belongs to another
+    program's rows, and without atomics it would travel as a BN×D partial per tile pair, O(N²·D/BN) bytes
+    (17 GB at N = 65536, BN = 64), more than the recompute it saves; the exp2 per entry and side, the
+    epilogue's scarcest unit, is needed either way."""
     acc_ty = iz_ptr.dtype.element_ty
     beta2 = tl.full((), beta * LOG2E, acc_ty)
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
