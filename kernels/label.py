@@ -18,8 +18,9 @@ Forward: grid (row blocks, column splits). A program walks its column tiles, com
 (a, b: the similarity's affine map), splits positives and negatives by comparing labels, and keeps per-row
 running statistics, written as a partial state ``part [splits, B, 6]`` that
 :mod:`metaug_fast._ops.label_triton` merges per row: OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻) with Σ = Σ exp(e - max)
-(the online log-sum-exp; maxima stored in natural units); hinge (0, Σs⁺, 0, Σs⁻); InfoNCE sweep 0 like the
-OUCL forms on the negatives only, sweep 1 (given C) (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs), 0, 0); margins
+(the online log-sum-exp; maxima stored in natural units); hinge (0, Σs⁺, 0, Σs⁻); InfoNCE like the OUCL
+forms on the negatives only, then a second sweep given C (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs)) over the tiles
+that hold positives only, rows and reference rows taken in class order (:func:`label_positive_sums`); margins
 (min⁺, max⁻, ties⁺, ties⁻, NaN⁺, NaN⁻).
 
 Backward: two kernels recompute the tiles into G = ∂(Σ g_i ℓ_i)/∂cos from per-row factors
@@ -140,9 +141,9 @@ def _extremum_update(best, ties, nan, s, keep, MIN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, last, c, a_res, e_ptr, iz, r_ptr, ir_ptr,
+def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, last, a_res, e_ptr, iz, r_ptr, ir_ptr,
                lab_r, rlab_ptr, rows, rmask, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos,
-               gamma_neg, margin, FORM: tl.constexpr, SWEEP: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
+               gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                RESIDENT: tl.constexpr, EDGE: tl.constexpr):
     """The forward's running statistics over ``n_tiles`` tiles, interior ones or EDGE ones (see _segments)."""
@@ -160,10 +161,6 @@ def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, las
         elif FORM == HINGE:
             a1 += tl.sum(tl.where(pos, s, 0.0), axis=1)
             a3 += tl.sum(tl.where(neg, s, 0.0), axis=1)
-        elif FORM == INFONCE and SWEEP == 1:
-            sp, sg = softplus_sigmoid(c[:, None] - beta * s)
-            a0 += tl.sum(tl.where(pos, sp, 0.0), axis=1)
-            a1 += tl.sum(tl.where(pos, sg, 0.0), axis=1)
         elif FORM == INFONCE:
             v, _, _ = side_terms(s, WEIGHTED, False, beta2, gamma_pos, gamma_neg, margin)
             a2, a3 = lse_update(a2, a3, tl.where(neg, v, float("-inf")), True)
@@ -176,9 +173,9 @@ def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, las
 
 @triton.jit
 def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64,
-                      gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, c_ptr,
+                      gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64,
                       part_ptr, B, M, D, self_offset, tiles_per_split, s_eb, s_ed, s_rb, s_rd,
-                      FORM: tl.constexpr, SWEEP: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr,
+                      FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                       RESIDENT: tl.constexpr):
     acc_ty = iz_ptr.dtype.element_ty
@@ -197,7 +194,7 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
     if FORM == MARGIN:
         a0 = tl.full((BM,), float("inf"), acc_ty)
         a2 = tl.full((BM,), float("-inf"), acc_ty)
-    elif FORM == HINGE or (FORM == INFONCE and SWEEP == 1):
+    elif FORM == HINGE:
         a0 = zero
         a2 = zero
     else:
@@ -207,20 +204,19 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
     a3 = zero
     n_p = tl.zeros((BM,), tl.int32)  # margins only: NaN counts (the pair counts come from label counts)
     n_n = tl.zeros((BM,), tl.int32)
-    c = tl.load(c_ptr + rows, mask=rmask, other=0.0) if SWEEP == 1 else zero
     a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
     lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
     hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
-    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_inner, t_begin, band_lo, band_hi, last, c, a_res,
+    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_inner, t_begin, band_lo, band_hi, last, a_res,
                                           e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, M, D, self_offset,
                                           s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos, gamma_neg, margin, FORM,
-                                          SWEEP, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, False)
-    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_edge, t_begin, band_lo, band_hi, last, c, a_res,
+                                          SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, False)
+    a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_edge, t_begin, band_lo, band_hi, last, a_res,
                                           e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, M, D, self_offset,
                                           s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos, gamma_neg, margin, FORM,
-                                          SWEEP, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, True)
-    if FORM != MARGIN and FORM != HINGE and not (FORM == INFONCE and SWEEP == 1):
+                                          SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT, True)
+    if FORM != MARGIN and FORM != HINGE:
         a0 = a0 * LN2  # maxima back to natural log units
         a2 = a2 * LN2
     base = part_ptr + (split * B + rows).to(tl.int64) * N_PARTS
@@ -231,6 +227,46 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
     if FORM == MARGIN:
         tl.store(base + PT_4, n_p.to(acc_ty), mask=rmask)
         tl.store(base + PT_5, n_n.to(acc_ty), mask=rmask)
+
+
+@triton.jit
+def _label_positives_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64, inv_beta: tl.float64,
+                            gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64, lam: tl.float64, c_ptr,
+                            tiles_ptr, excl_ptr, softplus_ptr, sigmoid_ptr, B, M, D, s_eb, s_ed, s_rb, s_rd,
+                            SIM: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                            UPCAST: tl.constexpr, RESIDENT: tl.constexpr):
+    """InfoNCE's second sweep, Σ⁺ softplus(C - βs) and Σ⁺ σ(C - βs) per row ``[B]``, on rows and
+    reference rows sorted by class: a row block meets its positives in the column tiles
+    [tiles[b, 0], tiles[b, 1]) only, and ``excl [B]`` names each row's excluded column (-1: none)."""
+    acc_ty = iz_ptr.dtype.element_ty
+    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
+                                                                 acc_ty)
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < B
+    iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+    excl = tl.load(excl_ptr + rows, mask=rmask, other=-1)
+    a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
+    sp_sum = tl.zeros((BM,), acc_ty)
+    sg_sum = tl.zeros((BM,), acc_ty)
+    for t in range(tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)):
+        cols = t * BN + tl.arange(0, BN)
+        cmask = cols < M
+        ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
+        P = _raw_dot(a_res, None, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN,
+                     BD, PREC, UPCAST, RESIDENT)
+        cos = P * iz[:, None] * ir[None, :]
+        s = 0.5 * cos + 0.5 if SIM == 0 else cos
+        rlab = tl.load(rlab_ptr + cols, mask=cmask, other=-1)
+        pos = (lab_r[:, None] == rlab[None, :]) & rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
+        sp, sg = softplus_sigmoid(c[:, None] - beta * s)
+        sp_sum += tl.sum(tl.where(pos, sp, 0.0), axis=1)
+        sg_sum += tl.sum(tl.where(pos, sg, 0.0), axis=1)
+    tl.store(softplus_ptr + rows, sp_sum, mask=rmask)
+    tl.store(sigmoid_ptr + rows, sg_sum, mask=rmask)
 
 
 @triton.jit
@@ -564,8 +600,8 @@ def _column_splits(tiles: int, programs: int, cap: int = 1 << 30):
     return triton.cdiv(tiles, per_split), per_split
 
 
-def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, sweep=0, c=None):
-    """``part [splits, B, 6]`` of one forward sweep (see the module docstring) in the accumulation dtype of
+def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form):
+    """``part [splits, B, 6]`` of the forward sweep (see the module docstring) in the accumulation dtype of
     ``iz``; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ); labels int32 class ids."""
     B, D = e.shape
     M = r.shape[0]
@@ -575,9 +611,47 @@ def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, simila
     part = torch.empty(splits, B, int(N_PARTS), dtype=iz.dtype, device=e.device)
     meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
     launch(_label_fwd_kernel, (row_blocks, splits), e.device, e, iz, r, ir, labels, ref_labels, *loss_args(params),
-           iz if c is None else c, part, B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SWEEP=sweep,
-           SIM=similarity, **meta)
+           part, B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SIM=similarity, **meta)
     return part
+
+
+def positive_tiles(labels_sorted: torch.Tensor, ref_sorted: torch.Tensor, BM: int, BN: int) -> torch.Tensor:
+    """``[row blocks, 2]`` int32: the column tiles [first, end) where each block of BM class-sorted rows meets
+    the class-sorted reference rows of its classes (searchsorted on the device: nothing read back)."""
+    B = labels_sorted.shape[0]
+    first = labels_sorted[::BM].contiguous()
+    last = labels_sorted[torch.clamp(torch.arange(BM - 1, B + BM - 1, BM, device=labels_sorted.device), max=B - 1)]
+    lo = torch.searchsorted(ref_sorted, first, right=False)
+    hi = torch.searchsorted(ref_sorted, last, right=True)
+    return torch.stack([lo // BN, torch.maximum(lo // BN, (hi + BN - 1) // BN)], 1).to(torch.int32).contiguous()
+
+
+def label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, c):
+    """(Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs)) ``[B]`` each, InfoNCE's second sweep given each row's negative
+    log-sum-exp ``c [B]``, over the tiles that hold positives only: the rows and the reference rows are
+    taken in class order (permuted copies, O((B + M)·D)), so each block of rows finds its positives in one
+    range of column tiles (:func:`positive_tiles`), a few tiles for single-positive batches instead of all."""
+    B, D = e.shape
+    M = r.shape[0]
+    cfg = config(e, D)
+    sums = torch.zeros(2, B, dtype=iz.dtype, device=e.device)
+    if B == 0 or M == 0:
+        return sums[0], sums[1]
+    order_e, order_r = torch.argsort(labels, stable=True), torch.argsort(ref_labels, stable=True)
+    lab_s, rlab_s = labels[order_e].contiguous(), ref_labels[order_r].contiguous()
+    excl = torch.full((B,), -1, dtype=torch.int32, device=e.device)
+    if self_offset >= 0:  # the excluded pair (i, i + self_offset), in sorted positions
+        where_r = torch.empty_like(order_r).scatter_(0, order_r, torch.arange(M, device=e.device))
+        excl = where_r[order_e + self_offset].to(torch.int32)
+    sorted_sums = torch.empty(2, B, dtype=iz.dtype, device=e.device)
+    e_s, r_s = e[order_e], r[order_r]
+    meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
+    launch(_label_positives_kernel, (triton.cdiv(B, cfg.BM),), e.device, e_s, iz[order_e].contiguous(), r_s,
+           ir[order_r].contiguous(), lab_s, rlab_s, *loss_args(params), c[order_e].contiguous(),
+           positive_tiles(lab_s, rlab_s, cfg.BM, cfg.BN), excl, sorted_sums[0], sorted_sums[1], B, M, D,
+           *_args(e_s, r_s), SIM=similarity, **meta)
+    sums[:, order_e] = sorted_sums
+    return sums[0], sums[1]
 
 
 # The most the backward's per-split ∂e partials may take.

@@ -80,16 +80,13 @@ def stats_of(**slots):
 
 
 class Part(IntEnum):
-    """Running (max, Σ exp(e - max)) of each side; the hinge keeps plain sums in the Σ slots; InfoNCE's
-    second sweep keeps Σ softplus and Σ σ; margins keep extrema, ties and NaN counts. (The pair counts come
-    from class counts, not from the tiles.)"""
+    """Running (max, Σ exp(e - max)) of each side; the hinge keeps plain sums in the Σ slots; margins keep
+    extrema, ties and NaN counts. (The pair counts come from class counts, not from the tiles.)"""
 
     POS_MAX = 0
     POS_SUM = 1
     NEG_MAX = 2
     NEG_SUM = 3
-    NCE_SOFTPLUS_SUM = 0
-    NCE_SIGMOID_SUM = 1
     P_MIN = 0
     TIES_POS = 1
     N_MAX = 2

@@ -375,3 +375,21 @@ def test_self_mode_backward_is_one_kernel_of_g_plus_g_transposed(monkeypatch):
         got = _label_run(_label_fn(op, "triton", labels, None), emb, None)
         _close(got, want, 1e-10)
         assert (K._label_bwd_cols_kernel in launched) == (op == "margins"), op
+
+
+def test_info_nce_positive_sweep_visits_the_tiles_of_its_classes_only():
+    # Single-positive batches (two views): each block of class-sorted rows meets its positives in at most
+    # two column tiles of the class-sorted reference rows, against all of them before.
+    from metaug_fast._ops.label_triton import dense_labels
+    from metaug_fast.kernels import label as K
+
+    labels = torch.randperm(200)[:100].repeat(2)
+    lab, rlab = dense_labels(labels, labels)
+    lab_s, rlab_s = lab.sort().values, rlab.sort().values
+    tiles = K.positive_tiles(lab_s, rlab_s, 16, 16)
+    assert tiles.shape == (13, 2) and tiles.dtype == torch.int32
+    assert ((tiles[:, 1] - tiles[:, 0]) <= 2).all() and (tiles[:, 1] > tiles[:, 0]).all()
+    for b, (t0, t1) in enumerate(tiles.tolist()):  # every positive of the block lies inside its range
+        block = lab_s[16 * b:16 * b + 16]
+        cols = torch.nonzero(torch.isin(rlab_s, block)).flatten()
+        assert t0 * 16 <= cols.min() and cols.max() < t1 * 16

@@ -48,7 +48,7 @@ def _types(dtype: str) -> Dict[str, str]:
     return dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", rows_ptr=acc, stats_ptr=acc, g_ptr=acc, gp_ptr=x,
                 gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x, sp_ptr=x, sn_ptr=x, gsp_ptr=acc,
                 gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
-                part_ptr=acc, q_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
+                part_ptr=acc, q_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32", softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
 
 
 def _label_config(dtype: str) -> dict:
@@ -89,8 +89,9 @@ def jobs() -> List[Job]:
         cfg = _label_config(dtype)
         fwd = {k: v for k, v in cfg.items() if k not in ("BDO", "GPREC")}
         for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
-            for sweep in (0, 1) if form == int(INFONCE) else (0,):
-                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SWEEP=sweep, SIM=0, **fwd)))
+            out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **fwd)))
+            if form == int(INFONCE):
+                out.append(Job("label", "_label_positives_kernel", dtype, dict(SIM=0, **fwd)))
             for fused_self in (False, True) if dtype == "bfloat16" and form != int(MARGIN) else (False,):
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,
                                dict(SIM=0, **label.rows_meta(label.Config(**cfg), form, fused_self))))
@@ -98,7 +99,7 @@ def jobs() -> List[Job]:
         if dtype == "bfloat16":  # every tile shape a GPU run may sweep must compile without spills too
             for fields in label.CANDIDATES[1:]:
                 alt = {**cfg, **fields}
-                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SWEEP=0, SIM=0,
+                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0,
                                                                          **{k: v for k, v in alt.items()
                                                                             if k not in ("BDO", "GPREC")})))
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,

@@ -183,8 +183,7 @@ def chart(rows: List[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["dtype"] in ("bfloat16", "float32") and r["mma_per_score"] != "" and
-             ("FORM=2" in r["spec"] or "FORM" not in r["spec"]) and "HAS_PM=False" not in r["spec"]
-             and "SWEEP=1" not in r["spec"]]
+             ("FORM=2" in r["spec"] or "FORM" not in r["spec"]) and "HAS_PM=False" not in r["spec"]]
     labels = [f"{r['source']} {r['kernel'].strip('_')} {r['dtype']}" for r in shown]
     y = list(range(len(shown)))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.3 * len(shown) + 1.5), sharey=True,

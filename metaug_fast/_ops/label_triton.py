@@ -88,11 +88,11 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
         stats = stats_of(hinge_arg=arg, valid=valid.to(arg))
     elif form == Form.INFONCE:
         c_shift, c_log = _merge_lse(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
-        second = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form, sweep=1,
-                                  c=(c_shift + c_log).contiguous())
-        rows = second[..., Part.NCE_SOFTPLUS_SUM].sum(0) / n_pos.clamp(min=1)
-        stats = stats_of(nce_shift=c_shift, nce_log_sum=c_log, nce_sigmoid_sum=second[..., Part.NCE_SIGMOID_SUM].sum(0),
-                         nce_n_pos=n_pos, valid=valid.to(n_pos))
+        softplus_sum, sigmoid_sum = K.label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset,
+                                                          sim_id, (c_shift + c_log).contiguous())
+        rows = softplus_sum / n_pos.clamp(min=1)
+        stats = stats_of(nce_shift=c_shift, nce_log_sum=c_log, nce_sigmoid_sum=sigmoid_sum, nce_n_pos=n_pos,
+                         valid=valid.to(n_pos))
     else:
         a_shift, a_log = _merge_lse(part[..., Part.POS_MAX], part[..., Part.POS_SUM])
         c_shift, c_log = _merge_lse(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
