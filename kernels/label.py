@@ -84,6 +84,21 @@ def _raw_dot(a_res, b_res, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed
 
 
 @triton.jit
+def _scores(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, rows, rmask, t, M, D, s_eb, s_ed, s_rb, s_rd, SIM: tl.constexpr,
+            acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+            UPCAST: tl.constexpr, RESIDENT: tl.constexpr):
+    """Column tile t: raw dots P and scores s ``[BM, BN]``, the column indices, their bounds mask and ir."""
+    cols = t * BN + tl.arange(0, BN)
+    cmask = cols < M
+    ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
+    P = _raw_dot(a_res, b_res, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN,
+                 BD, PREC, UPCAST, RESIDENT)
+    cos = P * iz[:, None] * ir[None, :]
+    s = 0.5 * cos + 0.5 if SIM == 0 else cos
+    return P, s, cols, cmask, ir
+
+
+@triton.jit
 def _tile(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D, self_offset, s_eb, s_ed,
           s_rb, s_rd, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
           BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, RESIDENT: tl.constexpr, EDGE: tl.constexpr):
@@ -91,16 +106,8 @@ def _tile(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, 
     tile (past the last full column tile, or crossing the excluded pairs j = i + self_offset) pays for the
     bounds and the exclusion; elsewhere every column is inside and a pair is positive or negative by its
     labels alone (rows past B are computed and never stored)."""
-    cols = t * BN + tl.arange(0, BN)
-    cmask = cols < M
-    ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
-    P = _raw_dot(a_res, b_res, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN,
-                 BD, PREC, UPCAST, RESIDENT)
-    cos = P * iz[:, None] * ir[None, :]
-    if SIM == 0:
-        s = 0.5 * cos + 0.5
-    else:
-        s = cos
+    P, s, cols, cmask, ir = _scores(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, rows, rmask, t, M, D, s_eb, s_ed, s_rb,
+                                    s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT)
     rlab = tl.load(rlab_ptr + cols, mask=cmask, other=0)
     same = lab_r[:, None] == rlab[None, :]
     if EDGE:
@@ -119,6 +126,16 @@ def _interior(k, t_begin, band_lo, band_hi):
     """The k-th interior tile: from t_begin on, over the band."""
     t = t_begin + k
     return tl.where(t >= band_lo, t + (band_hi - band_lo), t)
+
+
+@triton.jit
+def _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE: tl.constexpr):
+    """The k-th tile of a loop's EDGE tiles, or of its interior ones."""
+    if EDGE:
+        t = _edge(k, band_lo, band_hi, last)
+    else:
+        t = _interior(k, t_begin, band_lo, band_hi)
+    return t
 
 
 @triton.jit
@@ -148,10 +165,7 @@ def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, las
                RESIDENT: tl.constexpr, EDGE: tl.constexpr):
     """The forward's running statistics over ``n_tiles`` tiles, interior ones or EDGE ones (see _segments)."""
     for k in range(0, n_tiles):
-        if EDGE:
-            t = _edge(k, band_lo, band_hi, last)
-        else:
-            t = _interior(k, t_begin, band_lo, band_hi)
+        t = _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE)
         P, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                    self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                    RESIDENT, EDGE)
@@ -253,13 +267,8 @@ def _label_positives_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, bet
     sp_sum = tl.zeros((BM,), acc_ty)
     sg_sum = tl.zeros((BM,), acc_ty)
     for t in range(tl.load(tiles_ptr + 2 * pid), tl.load(tiles_ptr + 2 * pid + 1)):
-        cols = t * BN + tl.arange(0, BN)
-        cmask = cols < M
-        ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
-        P = _raw_dot(a_res, None, e_ptr, r_ptr, rows, cols, rmask, cmask, D, s_eb, s_ed, s_rb, s_rd, acc_ty, BM, BN,
-                     BD, PREC, UPCAST, RESIDENT)
-        cos = P * iz[:, None] * ir[None, :]
-        s = 0.5 * cos + 0.5 if SIM == 0 else cos
+        _, s, cols, cmask, _ = _scores(a_res, None, e_ptr, iz, r_ptr, ir_ptr, rows, rmask, t, M, D, s_eb, s_ed, s_rb,
+                                       s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST, RESIDENT)
         rlab = tl.load(rlab_ptr + cols, mask=cmask, other=-1)
         pos = (lab_r[:, None] == rlab[None, :]) & rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
         sp, sg = softplus_sigmoid(c[:, None] - beta * s)
@@ -343,10 +352,7 @@ def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2
     """acc + Σ_t (G·ir)·r[:, chunk] over ``n_tiles`` column tiles of the row block, interior or EDGE ones;
     SELF: G + Gᵀ in place of G (see the row kernel)."""
     for k in range(0, n_tiles):
-        if EDGE:
-            t = _edge(k, band_lo, band_hi, last)
-        else:
-            t = _interior(k, t_begin, band_lo, band_hi)
+        t = _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE)
         _, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                    self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                    RESIDENT, EDGE)
@@ -435,10 +441,7 @@ def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz
                 RESIDENT: tl.constexpr, EDGE: tl.constexpr):
     """acc + Σ_b (G·iz)ᵀ·e[:, chunk] over ``n_blocks`` row blocks of the column block, interior or EDGE ones."""
     for k in range(0, n_blocks):
-        if EDGE:
-            rb = _edge(k, band_lo, band_hi, last)
-        else:
-            rb = _interior(k, b_begin, band_lo, band_hi)
+        rb = _nth_tile(k, b_begin, band_lo, band_hi, last, EDGE)
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B
         iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
