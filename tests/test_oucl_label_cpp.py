@@ -324,3 +324,55 @@ def test_label_rows_double_backward_equals_the_score_mode_ops(form):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
         ops.oucl_label_rows_bwd_bwd(g, U, S, labels, ref_labels, stats, row0, offset, int(Form.HINGE), *params[1:])
+
+
+@pytest.mark.parametrize("op, M", [(op, 700) for op in FORMS + ("info_nce",)] + [("weighted", 4500)])
+def test_constant_reference_takes_the_gradient_with_the_forward(op, M):
+    # A reference set without a gradient (a memory bank): the forward returns ∂/∂zn at unit grad_rows with
+    # the rows, and the backward only scales it; up to 4096 columns in one sweep (whole score rows finished
+    # in memory, one GEMM fewer), beyond through the tiled forward and backward (M = 4500). Equal to the op
+    # path and to reference.py; 600 rows cross several row blocks. A graph of the backward still takes the
+    # exact op path (the HVP tests above).
+    zn = torch.nn.functional.normalize(torch.randn(600, 16, dtype=torch.float64), dim=1)
+    rn = torch.nn.functional.normalize(torch.randn(M, 16, dtype=torch.float64), dim=1)
+    labels, ref_labels = torch.randint(0, 30, (600,)), torch.randint(0, 30, (M,))
+    form = Form.INFONCE if op == "info_nce" else Form[op.upper()]
+    args = (zn, rn, labels, ref_labels, 4, 0, int(form), 16.0, 0.1, -0.05, 0.3, 0.2)
+    ops = torch.ops.metaug_fast
+    with pytest.raises(RuntimeError, match="margin statistics have two outputs per row"):
+        ops.oucl_label_fwd_grad(*args[:6], int(Form.MARGIN), *args[7:])
+    rows, stats, dz = ops.oucl_label_fwd_grad(*args)
+    rows_w, stats_w = ops.oucl_label_fwd(*args)
+    torch.testing.assert_close(rows, rows_w, rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(stats, stats_w, rtol=1e-12, atol=1e-14, equal_nan=True)
+    dz_w, _ = ops.oucl_label_bwd(torch.ones(600, dtype=torch.float64), zn, rn, labels, ref_labels, stats_w, *args[4:],
+                                 False)
+    torch.testing.assert_close(dz, dz_w, rtol=1e-11, atol=1e-13)
+    emb, ref = torch.randn(600, 16, dtype=torch.float64), torch.randn(M, 16, dtype=torch.float64)
+    got, want = [], []
+    for backend, out in (("cpp", got), ("reference", want)):
+        e = emb.clone().requires_grad_()
+        with _OpNames() as seen:
+            if op == "info_nce":
+                loss = F.info_nce_embeddings(e, labels, ref, ref_labels, temperature=0.2, reduction="mean",
+                                             backend=backend)
+            else:
+                loss = F.oucl_embeddings(e, labels, ref, ref_labels, form=op, beta=16.0, reduction="mean",
+                                         backend=backend, **PARAMS)
+            out += [loss, *torch.autograd.grad(loss * 3.0, e)]
+        if backend == "cpp":
+            assert "metaug_fast::oucl_label_fwd_grad" in seen.names and "metaug_fast::oucl_label_bwd" not in seen.names
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-10, rel_err(a, b)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))

@@ -163,7 +163,7 @@ class _LabelBackward(torch.autograd.Function):
 
 def _label_grads(ctx, grad_rows, params, self_offset):
     """(∂/∂zn, ∂/∂rn or None) from the label backward op: differentiable when a graph is being built."""
-    zn, rn, labels, ref_labels, stats = ctx.saved_tensors
+    zn, rn, labels, ref_labels, stats = ctx.saved_tensors[:5]
     args = (grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats)
     if torch.is_grad_enabled():
         g_z, g_r = _LabelBackward.apply(*args, ctx.similarity, params, self_offset, ctx.ops, _ref_grad(ctx, rn))
@@ -182,15 +182,23 @@ class _LabelLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
         offset = 0 if rn is None else self_offset
-        rows, stats = ops.oucl_label_fwd(
-            *_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITIES[similarity], *params
-        )
-        ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
+        args = (*_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITIES[similarity], *params)
+        # A constant reference set on the CPU: the gradient comes with the forward, in one sweep.
+        one_sweep = (rn is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and ops is CPP_OPS
+                     and zn.device.type == "cpu")
+        if one_sweep:
+            rows, stats, dz = ops.oucl_label_fwd_grad(*args)
+        else:
+            (rows, stats), dz = ops.oucl_label_fwd(*args), None
+        ctx.save_for_backward(zn, rn, labels, ref_labels, stats, dz)
         ctx.similarity, ctx.params, ctx.self_offset, ctx.ops = similarity, params, offset, ops
         return with_valid(ctx, rows, stats)
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_valid):
+        dz = ctx.saved_tensors[5]
+        if dz is not None and not torch.is_grad_enabled():  # a graph of the backward takes the exact op path
+            return (grad_rows[:, None] * dz, None) + (None,) * 6
         return _label_grads(ctx, grad_rows, ctx.params, ctx.self_offset) + (None,) * 6
 
 
