@@ -526,6 +526,10 @@ class Config(NamedTuple):
     def meta(self) -> dict:
         return self._asdict()
 
+    def forward_meta(self) -> dict:
+        """:meth:`meta` less the backward's own fields (BDO, GPREC): what the forward kernels take."""
+        return {k: v for k, v in self._asdict().items() if k not in ("BDO", "GPREC")}
+
 
 _OVERRIDE: dict = {}
 # The tile shapes a GPU run times for fp16/bf16 (bench/gpu_kernels.py, through override): every one compiles
@@ -612,7 +616,7 @@ def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, simila
     row_blocks, tiles = triton.cdiv(B, cfg.BM), max(triton.cdiv(M, cfg.BN), 1)
     splits, per_split = _column_splits(tiles, row_blocks)
     part = torch.empty(splits, B, int(N_PARTS), dtype=iz.dtype, device=e.device)
-    meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
+    meta = cfg.forward_meta()
     launch(_label_fwd_kernel, (row_blocks, splits), e.device, e, iz, r, ir, labels, ref_labels, *loss_args(params),
            part, B, M, D, self_offset, per_split, *_args(e, r), FORM=form, SIM=similarity, **meta)
     return part
@@ -648,7 +652,7 @@ def label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset, s
         excl = where_r[order_e + self_offset].to(torch.int32)
     sorted_sums = torch.empty(2, B, dtype=iz.dtype, device=e.device)
     e_s, r_s = e[order_e], r[order_r]
-    meta = {k: v for k, v in cfg.meta().items() if k not in ("BDO", "GPREC")}
+    meta = cfg.forward_meta()
     launch(_label_positives_kernel, (triton.cdiv(B, cfg.BM),), e.device, e_s, iz[order_e].contiguous(), r_s,
            ir[order_r].contiguous(), lab_s, rlab_s, *loss_args(params), c[order_e].contiguous(),
            positive_tiles(lab_s, rlab_s, cfg.BM, cfg.BN), excl, sorted_sums[0], sorted_sums[1], B, M, D,

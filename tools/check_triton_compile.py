@@ -87,7 +87,7 @@ def jobs() -> List[Job]:
                      "_margin_injection_bwd_kernel"):
             out.append(Job("margins", name, dtype, dict(HAS_PM=True, HAS_NM=False, **blocks)))
         cfg = _label_config(dtype)
-        fwd = {k: v for k, v in cfg.items() if k not in ("BDO", "GPREC")}
+        fwd = label.Config(**cfg).forward_meta()
         for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
             out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **fwd)))
             if form == int(INFONCE):
@@ -99,9 +99,8 @@ def jobs() -> List[Job]:
         if dtype == "bfloat16":  # every tile shape a GPU run may sweep must compile without spills too
             for fields in label.CANDIDATES[1:]:
                 alt = {**cfg, **fields}
-                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0,
-                                                                         **{k: v for k, v in alt.items()
-                                                                            if k not in ("BDO", "GPREC")})))
+                out.append(Job("label", "_label_fwd_kernel", dtype,
+                               dict(FORM=int(WEIGHTED), SIM=0, **label.Config(**alt).forward_meta())))
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,
                                dict(SIM=0, **label.rows_meta(label.Config(**alt), int(WEIGHTED)))))
                 out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0, **alt)))

@@ -292,7 +292,7 @@ struct CpuLabel : CpuDevice {
     if (M > kOneSweepColumns) {
       forward<T>(zn, rn, a, form, rows, stats);
       at::Tensor no_ref_grad = at::empty({0, zn.size(1)}, zn.options());
-      if (M > 0) backward<T>(zn, rn, a, form, stats, ones.data(), dz, no_ref_grad);
+      backward<T>(zn, rn, a, form, stats, ones.data(), dz, no_ref_grad);
       return;
     }
     std::vector<T> C(B);
@@ -303,14 +303,9 @@ struct CpuLabel : CpuDevice {
         at::Tensor work = s.clone();  // the forward epilogue overwrites its tile with exponents
         std::vector<RowState<T>> st(nr);
         label_forward_tile<T>(form, a, r0, nr, 0, M, work.data_ptr<T>(), st.data());
-        if (form == kInfoNCE) {
-          std::vector<RowState<T>> terms(nr);
+        if (form == kInfoNCE) {  // the positives' sums add to the states, whose first sweep left them 0
           for (int64_t r = 0; r < nr; ++r) C[r0 + r] = st[r].neg.value();
-          infonce_positive_tile<T>(a, r0, nr, 0, M, s.data_ptr<T>(), C.data(), terms.data());
-          for (int64_t r = 0; r < nr; ++r) {
-            st[r].sum_pos = terms[r].sum_pos;
-            st[r].sum_neg = terms[r].sum_neg;
-          }
+          infonce_positive_tile<T>(a, r0, nr, 0, M, s.data_ptr<T>(), C.data(), st.data());
         }
         for (int64_t r = 0; r < nr; ++r) finalize_row(st[r], form, a.cfg, rows[r0 + r], stats + kStats * (r0 + r));
         label_backward_tile<T>(form, a, r0, nr, 0, M, s.data_ptr<T>(), stats, ones.data());

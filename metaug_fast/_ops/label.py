@@ -183,10 +183,11 @@ class _LabelLoss(torch.autograd.Function):
     def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
         offset = 0 if rn is None else self_offset
         args = (*_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITIES[similarity], *params)
-        # A constant reference set on the CPU: the gradient comes with the forward, in one sweep.
-        one_sweep = (rn is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and ops is CPP_OPS
-                     and zn.device.type == "cpu")
-        if one_sweep:
+        # A constant reference set on the CPU: the gradient comes with the forward (in one sweep while the
+        # score rows fit the caches, see oucl_label_fwd_grad), and the backward only scales it.
+        grad_with_forward = (rn is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+                             and ops is CPP_OPS and zn.device.type == "cpu")
+        if grad_with_forward:
             rows, stats, dz = ops.oucl_label_fwd_grad(*args)
         else:
             (rows, stats), dz = ops.oucl_label_fwd(*args), None
