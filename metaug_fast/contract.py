@@ -24,7 +24,7 @@ from numbers import Real
 from typing import NamedTuple
 
 __all__ = ["Form", "Similarity", "Stat", "N_STATS", "stats_of", "Part", "N_PARTS", "LossParams", "OpArgs", "OUCL_FORMS",
-           "SIMILARITIES"]
+           "SIMILARITIES", "normalizes", "slope"]
 
 
 class Form(IntEnum):
@@ -44,7 +44,18 @@ class Similarity(IntEnum):
     COSINE = 1
 
 
-SIMILARITIES = {"shifted_cosine": Similarity.SHIFTED_COSINE, "cosine": Similarity.COSINE}
+# "dot" is the inner product of the rows as given: the kernels see the cosine of rows that are not normalized.
+SIMILARITIES = {"shifted_cosine": Similarity.SHIFTED_COSINE, "cosine": Similarity.COSINE, "dot": Similarity.COSINE}
+
+
+def normalizes(similarity: str) -> bool:
+    """Whether label mode L2-normalizes the rows before their inner product (every similarity but "dot")."""
+    return similarity != "dot"
+
+
+def slope(similarity: str) -> float:
+    """a in d = a·⟨x, y⟩ + b: 1/2 for the shifted cosine, 1 otherwise."""
+    return 0.5 if similarity == "shifted_cosine" else 1.0
 
 
 class Stat(IntEnum):

@@ -10,7 +10,7 @@ optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -107,6 +107,25 @@ def _label_inputs(emb, labels, ref_emb, ref_labels) -> None:
         _labels(ref_labels, "ref_labels", ref_emb.shape[0], "ref_emb", ref_emb)
 
 
+def _temperature(temperature, like: Tensor, like_name: str):
+    """A positive finite float, or a 0-d float tensor on ``like``'s device (its value is not read: that
+    would wait for the device; it is the caller's to keep positive, as CLIP's exp(logit_scale) is)."""
+    if not isinstance(temperature, Tensor):
+        return _real(temperature, "temperature", positive=True)
+    if temperature.dim() != 0:
+        raise ValueError(f"temperature must be a 0-d tensor (or a float), got shape {tuple(temperature.shape)}")
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+    _same(temperature, like, "temperature", like_name, dtype=False)
+    return temperature
+
+
+def _info_nce_args(temperature, like: Tensor, like_name: str, reduction: str, average: str) -> dict:
+    return dict(temperature=_temperature(temperature, like, like_name),
+                reduction=_choice(reduction, "reduction", reference.REDUCTIONS),
+                average=_choice(average, "average", reference.AVERAGES))
+
+
 def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> dict:
     """The validated keyword arguments of the backends' OUCL implementations."""
     params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).kwargs()
@@ -167,11 +186,13 @@ def oucl_embeddings(
     """OUCL loss in label mode (SPEC.md section 2): pairs with equal labels are positives, others negatives.
 
     Args:
-        emb: ``[B, D]`` embeddings (normalized inside, gradients include the normalization).
+        emb: ``[B, D]`` embeddings (normalized inside, gradients include the normalization, except for the
+            ``"dot"`` similarity).
         labels: ``[B]`` integer labels.
         ref_emb, ref_labels: optional reference set ``[M, D]``, ``[M]`` (a memory bank or the other view);
             without it the reference is ``emb`` and the self-pair is excluded.
-        similarity: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``. Other arguments as :func:`oucl`.
+        similarity: ``"shifted_cosine"`` ((1 + cos)/2), ``"cosine"``, or ``"dot"`` (⟨x, y⟩ of the rows as
+            given). Other arguments as :func:`oucl`.
     Returns:
         Scalar (or ``[B]``) in ``emb.dtype``.
     """
@@ -183,7 +204,8 @@ def oucl_embeddings(
 
 
 def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine", backend: str = "auto") -> Tensor:
-    """d(a_i, b_j) for ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``; rows are L2-normalized first."""
+    """d(a_i, b_j) for ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``; rows are L2-normalized first
+    (except for ``"dot"``)."""
     _float_tensor(a, "a", 2)
     _float_tensor(b, "b", 2)
     _same(b, a, "b", "a")
@@ -263,21 +285,31 @@ def info_nce(
     pos: Tensor,
     neg: Tensor,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, Tensor] = 0.07,
     pos_mask: Optional[Tensor] = None,
     neg_mask: Optional[Tensor] = None,
     reduction: str = "mean",
+    average: str = "anchor",
     backend: str = "auto",
 ) -> Tensor:
     """InfoNCE in score mode (SPEC.md section 3): similarities ``pos [B,K⁺]``, ``neg [B,K⁻]``.
 
-    A row's loss is the mean over its positives of -log(e^{p/τ} / (e^{p/τ} + Σ_n e^{n/τ})).
+    The loss of a positive p of row i is -log(e^{p/τ} / (e^{p/τ} + Σ_n e^{n/τ})).
+
+    Args:
+        temperature: τ > 0, a float or a 0-d float tensor on the scores' device, which then gets its
+            gradient (a learned temperature, CLIP's 1/logit_scale).
+        average: ``"anchor"``: a row's loss is the mean over its positives and "mean" averages the valid
+            rows; ``"pair"``: a row's loss is the sum over its positives and "mean" divides by the number of
+            positive pairs (pytorch-metric-learning's NTXentLoss). The two agree with one positive per row.
+        pos_mask, neg_mask, reduction, backend: as :func:`oucl`.
+    Returns:
+        Scalar (or ``[B]`` for ``"none"``) in ``pos.dtype``.
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
-    temperature = _real(temperature, "temperature", positive=True)
-    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
+    args = _info_nce_args(temperature, pos, "pos", reduction, average)
     fn = _backend.resolve("info_nce", backend, pos.device)
-    return fn(pos, neg, temperature=temperature, pos_mask=pos_mask, neg_mask=neg_mask, reduction=reduction)
+    return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **args)
 
 
 def info_nce_embeddings(
@@ -286,15 +318,25 @@ def info_nce_embeddings(
     ref_emb: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, Tensor] = 0.07,
     similarity: str = "cosine",
     reduction: str = "mean",
+    average: str = "anchor",
     backend: str = "auto",
 ) -> Tensor:
-    """InfoNCE in label mode; for two views ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice is NT-Xent."""
+    """InfoNCE in label mode: pairs with equal labels are positives, the others negatives. For two views,
+    ``emb = cat(z1, z2)`` and ``labels = arange(B)`` twice, it is SimCLR's NT-Xent (one positive per anchor,
+    so both averages agree); with several positives per anchor, ``average="pair"`` is
+    pytorch-metric-learning's NTXentLoss.
+
+    Args:
+        emb, labels, ref_emb, ref_labels: as :func:`oucl_embeddings`.
+        similarity: ``"cosine"``, ``"shifted_cosine"`` or ``"dot"`` (the inner product of the rows as given,
+            CLIP's logits before the scale).
+        temperature, average, reduction, backend: as :func:`info_nce`.
+    """
     _label_inputs(emb, labels, ref_emb, ref_labels)
-    temperature = _real(temperature, "temperature", positive=True)
+    args = _info_nce_args(temperature, emb, "emb", reduction, average)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
     fn = _backend.resolve("info_nce_embeddings", backend, emb.device)
-    return fn(emb, labels, ref_emb, ref_labels, temperature=temperature, similarity=similarity, reduction=reduction)
+    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, **args)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .contract import OUCL_FORMS
 from .contract import SIMILARITIES as _SIMILARITY_IDS
-from .contract import LossParams
+from .contract import LossParams, normalizes, slope
 
 __all__ = [
     "FORMS",
@@ -32,6 +32,8 @@ __all__ = [
     "label_scores",
     "valid_rows",
     "reduce_rows",
+    "positive_counts",
+    "temperature_scale",
     "oucl",
     "oucl_embeddings",
     "info_nce",
@@ -45,6 +47,7 @@ FORMS = tuple(OUCL_FORMS)
 SIMILARITIES = tuple(_SIMILARITY_IDS)
 DEFAULTS = LossParams()
 REDUCTIONS = ("mean", "sum", "none")
+AVERAGES = ("anchor", "pair")
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -56,14 +59,19 @@ def _apply_similarity(cos: Tensor, similarity: str) -> Tensor:
     return (1.0 + cos) * 0.5 if similarity == "shifted_cosine" else cos
 
 
+def _rows(x: Tensor, similarity: str) -> Tensor:
+    """The rows whose inner products the similarity takes: L2-normalized, or as given for "dot"."""
+    return F.normalize(_acc(x), dim=1) if normalizes(similarity) else _acc(x)
+
+
 def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine") -> Tensor:
     """d(a_i, b_j) for every pair: ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``.
 
-    Rows are L2-normalized first (gradients include the normalization); a zero row has similarity
-    cos = 0 with everything.
+    Rows are L2-normalized first (gradients include the normalization; a zero row has similarity
+    cos = 0 with everything), except for ``"dot"``, the inner product of the rows as given.
     """
-    a_n = F.normalize(_acc(a), dim=1)
-    b_n = F.normalize(_acc(b), dim=1)
+    a_n = _rows(a, similarity)
+    b_n = _rows(b, similarity)
     return _apply_similarity(a_n @ b_n.T, similarity).to(a.dtype)
 
 
@@ -83,11 +91,11 @@ def label_scores(
     ``self_offset`` says that anchor i is reference row i + self_offset (a rank's rows inside a gathered
     batch), and that pair is excluded too.
     """
-    z = F.normalize(_acc(emb), dim=1)
+    z = _rows(emb, similarity)
     if ref_emb is None:
         r, ref_labels = z, labels
     else:
-        r = F.normalize(_acc(ref_emb), dim=1)
+        r = _rows(ref_emb, similarity)
     scores = _apply_similarity(z @ r.T, similarity)
     same = labels[:, None] == ref_labels[None, :]
     neg_mask = ~same
@@ -146,17 +154,52 @@ def _exponents(
     return -beta * gp * (p - (1.0 - margin)), beta * gn * (n - margin)
 
 
-def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, dtype: torch.dtype,
+                weights: Optional[Tensor] = None) -> Tensor:
     """Reduce per-row losses ``[B]``: "mean" averages over valid rows (0 when there are none). Invalid rows
-    (no positive or no negative) count 0, whatever their entry holds."""
+    (no positive or no negative) count 0, whatever their entry holds. With ``weights [B]`` (InfoNCE's pair
+    average: each row's number of positives) a row counts ``weights_i`` times, "none" returns the weighted
+    rows and "mean" divides by the sum of every row's weight."""
     rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if weights is not None:
+        rows = _acc(rows) * weights.to(_acc(rows).dtype)
     if reduction == "none":
         return rows.to(dtype)
     rows = _acc(rows)
     total = rows.sum()
     if reduction == "mean":
-        total = total / valid.sum().clamp(min=1)
+        total = total / (valid.sum() if weights is None else weights.sum()).clamp(min=1)
     return total.to(dtype)
+
+
+def positive_counts(labels: Tensor, ref_labels: Optional[Tensor] = None, self_offset: Optional[int] = None) -> Tensor:
+    """``[B]`` int64: each anchor's number of positives in label mode (as :func:`label_scores` masks them),
+    from a sort of the reference labels (O((B + M)·log M), never B×M)."""
+    ref = labels if ref_labels is None else ref_labels
+    ordered = torch.sort(ref.long()).values
+    lab = labels.long()
+    counts = torch.searchsorted(ordered, lab, right=True) - torch.searchsorted(ordered, lab)
+    offset = 0 if ref_labels is None else self_offset
+    if offset is not None and labels.shape[0]:
+        counts = counts - (ref[offset:offset + labels.shape[0]].long() == lab).long()
+    return counts
+
+
+def _pair_weights(average: str, pos: Tensor, pos_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The weights of :func:`reduce_rows` for InfoNCE's ``average``: None per anchor, positive counts per pair."""
+    if average == "anchor":
+        return None
+    if pos_mask is not None:
+        return pos_mask.sum(1)
+    return torch.full((pos.shape[0],), pos.shape[1], device=pos.device)
+
+
+def temperature_scale(temperature: Tensor, similarity: str) -> Tensor:
+    """c with InfoNCE(d / τ) = InfoNCE(⟨c·x, c·y⟩) at τ = 1 for rows x, y as the similarity takes them:
+    c = (a/τ)^½ with d = a·⟨x, y⟩ + b (b is dropped: a shift common to a row's scores leaves InfoNCE as it
+    is). How the fused backends take a temperature tensor: the scale is a torch op, so τ gets its gradient
+    from autograd, at every order."""
+    return (slope(similarity) / temperature).sqrt()
 
 
 def oucl(
@@ -224,15 +267,19 @@ def info_nce(
     pos: Tensor,
     neg: Tensor,
     *,
-    temperature: float = 0.07,
+    temperature=0.07,
     pos_mask: Optional[Tensor] = None,
     neg_mask: Optional[Tensor] = None,
     reduction: str = "mean",
+    average: str = "anchor",
 ) -> Tensor:
     """InfoNCE in score mode: ``pos [B,K⁺]``, ``neg [B,K⁻]`` similarities.
 
-    For positive k of row i: -log(e^{p_k/τ} / (e^{p_k/τ} + Σ_j e^{n_j/τ})) = softplus(LSE_j(n_j/τ) - p_k/τ);
-    the row's loss is the mean over its positives. Rows and reductions as in :func:`oucl`.
+    For positive k of row i: -log(e^{p_k/τ} / (e^{p_k/τ} + Σ_j e^{n_j/τ})) = softplus(LSE_j(n_j/τ) - p_k/τ).
+    ``average="anchor"``: the row's loss is the mean over its positives, reduced as in :func:`oucl`;
+    ``"pair"``: the row's loss is the sum over its positives and "mean" divides by the number of positive
+    pairs (pytorch-metric-learning's NT-Xent; a pair whose anchor has no negative has loss -log 1 = 0).
+    ``temperature``: a float or a 0-d tensor (which then gets its gradient).
     """
     valid, p, n = _score_rows(pos, neg, pos_mask, neg_mask)
     lse_neg = _row_lse(n / temperature, neg_mask, valid)
@@ -241,7 +288,7 @@ def info_nce(
         rows = per_pos.mean(1) if pos.shape[1] > 0 else per_pos.sum(1)
     else:
         rows = per_pos.sum(1) / pos_mask.sum(1).clamp(min=1)
-    return reduce_rows(rows, valid, reduction, pos.dtype)
+    return reduce_rows(rows, valid, reduction, pos.dtype, _pair_weights(average, pos, pos_mask))
 
 
 def info_nce_embeddings(
@@ -250,15 +297,17 @@ def info_nce_embeddings(
     ref_emb: Optional[Tensor] = None,
     ref_labels: Optional[Tensor] = None,
     *,
-    temperature: float = 0.07,
+    temperature=0.07,
     similarity: str = "cosine",
     reduction: str = "mean",
+    average: str = "anchor",
     self_offset: Optional[int] = None,
 ) -> Tensor:
     """InfoNCE in label mode (NT-Xent for two views: ``emb = cat(z1, z2)``, ``labels = arange(B)`` twice);
-    ``self_offset`` as in :func:`label_scores`."""
+    ``average`` and ``temperature`` as in :func:`info_nce`, ``self_offset`` as in :func:`label_scores`."""
     scores, pm, nm = label_scores(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset)
-    out = info_nce(scores, scores, temperature=temperature, pos_mask=pm, neg_mask=nm, reduction=reduction)
+    out = info_nce(scores, scores, temperature=temperature, pos_mask=pm, neg_mask=nm, reduction=reduction,
+                   average=average)
     return out.to(emb.dtype)
 
 

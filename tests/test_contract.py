@@ -287,6 +287,51 @@ def test_label_fp64_values_gradients_hvp(be, op, similarity, shape):
 
 
 @pytest.mark.parametrize("op", LABEL_OPS)
+def test_label_dot_similarity(be, op):
+    # "dot": the rows' inner products as given, no normalization (scaled rows, so that scores spread).
+    for shape in ((21, None), (19, 37)):
+        emb, labels, ref, ref_labels = _label_data(*shape)
+        inputs = tuple(0.4 * x for x in _label_inputs(emb, ref))
+        got = run(label_fn(be, op, labels, ref_labels, "dot"), inputs, be.device)
+        want = run(label_fn(reference, op, labels, ref_labels, "dot"), inputs)
+        assert_close(got, want, 1e-10, hv_from=1 + len(inputs), what=str(shape))
+
+
+@pytest.mark.parametrize("average", ["anchor", "pair"])
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine", "dot"])
+def test_info_nce_temperature_tensor_and_average(be, similarity, average):
+    # A 0-d temperature gets its gradient (and second derivatives); "pair" weights rows by their positives.
+    gen = torch.Generator().manual_seed(11)
+    tau = torch.tensor(0.2, dtype=torch.float64)
+    emb, labels, ref, ref_labels = _label_data(19, 23, n_classes=3)
+    for r, rl in ((None, None), (ref, ref_labels)):
+        inputs = _label_inputs(0.5 * emb, None if r is None else 0.5 * r) + (tau,)
+
+        def fn(impl):
+            def loss(e, *rest):
+                *rr, t = rest
+                return impl("info_nce_embeddings", e, labels.to(e.device), *(rr or [None]),
+                            None if rl is None else rl.to(e.device), temperature=t.to(e.device),
+                            similarity=similarity, reduction="mean", average=average)
+            return loss
+        got = run(fn(be), inputs, be.device)
+        assert_close(got, run(fn(reference), inputs), 1e-10, hv_from=1 + len(inputs))
+    if similarity != "shifted_cosine":
+        return
+    pos, neg = torch.rand(13, 4, generator=gen, dtype=torch.float64), torch.rand(13, 9, generator=gen, dtype=torch.float64)
+    pm, nm = torch.rand(13, 4, generator=gen) < 0.6, torch.rand(13, 9, generator=gen) < 0.8
+    pos[~pm] = float("nan")  # masked entries give τ no NaN
+
+    def score(impl):
+        return lambda p, n, t: impl("info_nce", p, n, temperature=t, pos_mask=pm.to(p.device),
+                                    neg_mask=nm.to(p.device), reduction="sum", average=average)
+    got = run(score(be), (pos, neg, tau), be.device)
+    want = run(score(reference), (pos, neg, tau))
+    assert all(torch.isfinite(w).all() for w in want[2:])
+    assert_close([torch.nan_to_num(g) for g in got], [torch.nan_to_num(w) for w in want], 1e-10, hv_from=4)
+
+
+@pytest.mark.parametrize("op", LABEL_OPS)
 @pytest.mark.parametrize("shape", [(300, 530), (3, 1100), (260, None), (4096, None), (64, 20000)])
 def test_label_large_shapes(be, op, shape):
     # Several tiles of every compiled backend (the C++ tiles are 256 rows × 512 columns, the GPU ones 64×64
@@ -415,7 +460,7 @@ def test_label_third_derivative_is_exact_or_raises(be):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine", "dot"])
 def test_pairwise_similarity(be, dtype, similarity):
     a, b = torch.randn(19, 7, dtype=torch.float64).to(dtype), torch.randn(23, 7, dtype=torch.float64).to(dtype)
     fn = lambda impl: lambda x, y: impl("pairwise_similarity", x, y, similarity=similarity)  # noqa: E731

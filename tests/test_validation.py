@@ -56,7 +56,7 @@ def test_oucl_bad_input(kwargs, exc, name):
         ((E, L, torch.randn(3, 7), torch.tensor([0, 1, 2])), {}, ValueError, "ref_emb"),
         ((E, L, torch.randn(3, 8), torch.tensor([0, 1])), {}, ValueError, "ref_labels"),
         ((E, L, torch.randn(3, 8).double(), torch.tensor([0, 1, 2])), {}, TypeError, "ref_emb"),
-        ((E, L), dict(similarity="dot"), ValueError, "similarity"),
+        ((E, L), dict(similarity="euclidean"), ValueError, "similarity"),
         ((E, L), dict(form="x"), ValueError, "form"),
     ],
 )
@@ -71,6 +71,14 @@ def test_label_mode_bad_input(args, kwargs, exc, name):
 def test_other_ops_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         F.info_nce(P, N, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be a 0-d tensor"):
+        F.info_nce(P, N, temperature=torch.ones(1))
+    with pytest.raises(TypeError, match="temperature must be a floating-point tensor"):
+        F.info_nce_embeddings(E, L, temperature=torch.tensor(1))
+    with pytest.raises(ValueError, match="temperature is on meta"):
+        F.info_nce_embeddings(E, L, temperature=torch.tensor(0.1, device="meta"))
+    with pytest.raises(ValueError, match="average"):
+        F.info_nce(P, N, average="positive")
     with pytest.raises(ValueError, match="pos_mask"):
         F.info_nce(P, N, pos_mask=torch.ones(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="b must have the feature size"):

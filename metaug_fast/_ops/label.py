@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import reference
-from ..contract import SIMILARITIES, Form, LossParams, Stat
+from ..contract import SIMILARITIES, Form, LossParams, Stat, normalizes, slope
 from .margins import sigmas
 from .score import CPP_OPS, hinge_grad_grad_rows, third_order_error
 
@@ -77,12 +77,16 @@ def _op_inputs(zn, rn, labels, ref_labels):
     return (zn, zn, labels, labels) if rn is None else (zn, rn, labels, ref_labels)
 
 
-def _normalized(emb, labels, ref_emb, ref_labels, ref_unit=False):
-    """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16) and int64 labels; ``ref_unit``:
-    the reference rows are unit vectors already and are used as they are (no M×D copy)."""
+def _normalized(emb, labels, ref_emb, ref_labels, similarity, ref_unit=False, scale=None):
+    """The rows the similarity takes (L2-normalized, or as given for "dot") in the accumulation dtype (fp32
+    for fp16/bf16), times ``scale`` when given, and int64 labels; ``ref_unit``: the reference rows are unit
+    vectors already and are used as they are (no M×D copy)."""
     acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    zn = F.normalize(emb.to(acc), dim=1)
-    rn = None if ref_emb is None else ref_emb.to(acc) if ref_unit else F.normalize(ref_emb.to(acc), dim=1)
+    unit = not normalizes(similarity)
+    zn = emb.to(acc) if unit else F.normalize(emb.to(acc), dim=1)
+    rn = None if ref_emb is None else ref_emb.to(acc) if ref_unit or unit else F.normalize(ref_emb.to(acc), dim=1)
+    if scale is not None:
+        zn, rn = zn * scale, None if rn is None else rn * scale
     return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
 
 
@@ -99,7 +103,7 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
-        a = 0.5 if similarity == "shifted_cosine" else 1.0
+        a = slope(similarity)
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
         # The C++ backend's label-aware row kernel: G, W and d_g in one op, no masks.
@@ -217,10 +221,13 @@ def _ref_grad(ctx, rn) -> bool:
     return rn is None or ctx.needs_input_grad[1]
 
 
-def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset, ref_unit, ops):
-    rows, valid = _LabelLoss.apply(*_normalized(emb, labels, ref_emb, ref_labels, ref_unit), similarity, params,
-                                   self_offset, ops)
-    return reference.reduce_rows(rows, valid, reduction, emb.dtype)
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset, ref_unit, ops,
+                scale=None, weights=None):
+    """The reduced loss; ``scale``: the rows are multiplied by it after the normalization and the op sees
+    their plain inner products (a temperature tensor, :func:`metaug_fast.reference.temperature_scale`)."""
+    inputs = _normalized(emb, labels, ref_emb, ref_labels, similarity, ref_unit, scale)
+    rows, valid = _LabelLoss.apply(*inputs, "dot" if scale is not None else similarity, params, self_offset, ops)
+    return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
 
 
 def oucl_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -236,12 +243,17 @@ def oucl_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor]
 
 
 def info_nce_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                            ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
-                            reduction: str, self_offset: Optional[int] = None, ops=CPP_OPS) -> Tensor:
+                            ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
+                            reduction: str, average: str = "anchor", self_offset: Optional[int] = None,
+                            ops=CPP_OPS) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
-    params = LossParams.info_nce(temperature)
+    scale = None
+    if isinstance(temperature, Tensor):
+        scale, temperature = reference.temperature_scale(temperature, similarity), 1.0
     offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, False, ops)
+    weights = None if average == "anchor" else reference.positive_counts(labels, ref_labels, self_offset)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, LossParams.info_nce(temperature), reduction,
+                       offset, False, ops, scale, weights)
 
 
 class _MarginLabel(torch.autograd.Function):
@@ -270,16 +282,16 @@ def margin_statistics_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Opt
                                      ref_labels: Optional[Tensor] = None, *, similarity: str, ops=CPP_OPS):
     """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, on the fused label ops
     of ``ops``."""
-    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels), similarity, ops)
+    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels, similarity), similarity,
+                                             ops)
     return sigmas(p_min, n_max, valid, emb.dtype)
 
 
 def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
-    """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization, then one ATen GEMM with the similarity's affine
+    """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization (but for "dot"), then one ATen GEMM with the similarity's affine
     map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine). Differentiable to
     any order by autograd."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    zn, rn = F.normalize(a.to(acc), dim=1), F.normalize(b.to(acc), dim=1)
-    if similarity == "cosine":
+    zn, rn = reference._rows(a, similarity), reference._rows(b, similarity)
+    if similarity != "shifted_cosine":
         return (zn @ rn.T).to(a.dtype)
     return torch.addmm(zn.new_full((), 0.5), zn, rn.T, alpha=0.5).to(a.dtype)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from ..chunked import merge_lse
-from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, stats_of
+from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
 from .margins import sigmas
 from .label import _LabelBackward, with_valid
 from .score import TRITON_OPS
@@ -115,11 +115,12 @@ class _TritonLabel(torch.autograd.Function):
     each to fp16 first would lose most of the result's digits."""
 
     @staticmethod
-    def forward(ctx, e, r, labels, ref_labels, params, sim_id, self_offset, ref_unit):
-        iz, ir = _inverse_norms(e, r, ref_unit)
+    def forward(ctx, e, r, labels, ref_labels, params, sim_id, self_offset, unit, ref_unit):
+        iz, ir = _inverse_norms(e, r, unit, ref_unit)
         out, stats = _forward(e, iz, e if r is None else r, ir, labels, ref_labels, params, sim_id, self_offset)
         ctx.save_for_backward(e, r, labels, ref_labels, stats, iz, ir)
-        ctx.params, ctx.sim_id, ctx.self_offset, ctx.ref_unit = params, sim_id, self_offset, ref_unit
+        ctx.params, ctx.sim_id, ctx.self_offset = params, sim_id, self_offset
+        ctx.unit, ctx.ref_unit = unit, ref_unit
         return with_valid(ctx, out, stats)
 
     @staticmethod
@@ -136,16 +137,19 @@ class _TritonLabel(torch.autograd.Function):
         if self_mode:  # the rows are also the reference set: both parts belong to e
             if dr is not None:
                 de, diz = de + dr, diz + dir_
-            return (_through_norm(e, iz, de, diz).to(e.dtype),) + (None,) * 7
+            return (_through_norm(e, iz, de, diz, ctx.unit).to(e.dtype),) + (None,) * 8
         g_r = None
         if need_ref:
-            g_r = (dr if ctx.ref_unit else _through_norm(r, ir, dr, dir_)).to(r.dtype)
-        return (_through_norm(e, iz, de, diz).to(e.dtype), g_r) + (None,) * 6
+            g_r = _through_norm(r, ir, dr, dir_, ctx.ref_unit).to(r.dtype)
+        return (_through_norm(e, iz, de, diz, ctx.unit).to(e.dtype), g_r) + (None,) * 7
 
 
-def _through_norm(x: Tensor, inv: Tensor, d_direct: Tensor, d_inv: Tensor) -> Tensor:
+def _through_norm(x: Tensor, inv: Tensor, d_direct: Tensor, d_inv: Tensor, unit: bool) -> Tensor:
     """∂L/∂x in the accumulation dtype from ∂L/∂x at fixed ``inv`` and ∂L/∂inv, ``inv = 1/max(‖x‖, ε)``:
-    ∂inv/∂x = -inv³·x where the norm exceeds ε, 0 where the clamp holds it. Differentiable (torch ops)."""
+    ∂inv/∂x = -inv³·x where the norm exceeds ε, 0 where the clamp holds it; ``unit``: inv is the constant 1
+    (rows taken as they are). Differentiable (torch ops)."""
+    if unit:
+        return d_direct
     radial = torch.where(inv < 1.0 / _EPS, d_inv * inv**3, torch.zeros_like(inv))
     return d_direct - radial[:, None] * x.to(inv.dtype)
 
@@ -180,7 +184,8 @@ class _TritonLabelOps:
         return getattr(TRITON_OPS, name)
 
 
-_SIMILARITY_NAMES = {v: k for k, v in SIMILARITIES.items()}
+# The op id's name for the chunked second derivative ("dot" shares the cosine's id and behaves alike there).
+_SIMILARITY_NAMES = {int(v): k for k, v in reversed(list(SIMILARITIES.items()))}
 
 
 def _differentiable_grads(ctx, grad_out):
@@ -190,7 +195,7 @@ def _differentiable_grads(ctx, grad_out):
     here, in grad mode, so that every order reaches it)."""
     e, r, labels, ref_labels, stats, _, _ = ctx.saved_tensors
     self_mode = r is None
-    iz, ir = _inverse_norms(e, r, ctx.ref_unit)
+    iz, ir = _inverse_norms(e, r, ctx.unit, ctx.ref_unit)
     en = _normalized(e, iz)
     rn = en if self_mode else _normalized(r, ir)
     ref_grad = self_mode or ctx.needs_input_grad[1]
@@ -199,32 +204,43 @@ def _differentiable_grads(ctx, grad_out):
                                       ref_grad)
     if self_mode:
         g_en = g_en + g_rn
-    g_e = _through_norm(e, iz, g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1)).to(e.dtype)
+    g_e = _through_norm(e, iz, g_en * iz[:, None], (g_en * e.to(iz.dtype)).sum(1), ctx.unit).to(e.dtype)
     if self_mode or not ref_grad:
-        return (g_e, None) + (None,) * 6
-    g_r = g_rn if ctx.ref_unit else _through_norm(r, ir, g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1))
-    return (g_e, g_r.to(r.dtype)) + (None,) * 6
+        return (g_e, None) + (None,) * 7
+    g_r = _through_norm(r, ir, g_rn * ir[:, None], (g_rn * r.to(ir.dtype)).sum(1), ctx.ref_unit)
+    return (g_e, g_r.to(r.dtype)) + (None,) * 7
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(reference._acc(x), dim=1).clamp(min=_EPS)
 
 
-def _inverse_norms(e: Tensor, r: Optional[Tensor], ref_unit: bool):
-    """(iz [B], ir [M]) of the rows and the reference rows: ir is iz itself without a reference set, ones
-    when the reference rows are unit vectors already. Torch ops: differentiable when grad mode is on."""
-    iz = _inverse_norm(e)
+def _inverse_norms(e: Tensor, r: Optional[Tensor], unit: bool, ref_unit: bool):
+    """(iz [B], ir [M]) of the rows and the reference rows: ir is iz itself without a reference set; ones for
+    rows taken as they are (``unit``: the rows; ``ref_unit``: the reference rows, unit vectors already, or
+    the "dot" similarity). Torch ops: differentiable when grad mode is on."""
+    acc = torch.float64 if e.dtype == torch.float64 else torch.float32
+    iz = e.new_ones(e.shape[0], dtype=acc) if unit else _inverse_norm(e)
     if r is None:
         return iz, iz
     return iz, iz.new_ones(r.shape[0]) if ref_unit else _inverse_norm(r)
 
 
-def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False):
+def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False, scale=None):
     """(output, valid) of the Triton label Function for the public contract's arguments; ``ref_unit``: the
-    rows of ``ref_emb`` are unit vectors already (a memory bank), so their inverse norms are ones."""
+    rows of ``ref_emb`` are unit vectors already (a memory bank), so their inverse norms are ones;
+    ``scale``: the normalized rows times it, taken as they are (a temperature tensor,
+    :func:`metaug_fast.reference.temperature_scale`)."""
     lab, rlab = dense_labels(labels, labels if ref_emb is None else ref_labels)
     offset = 0 if ref_emb is None else self_offset
-    return _TritonLabel.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity], offset, ref_unit)
+    unit = not normalizes(similarity)
+    if scale is not None:
+        emb = reference._rows(emb, similarity) * scale
+        if ref_emb is not None:
+            ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference._rows(ref_emb, similarity)) * scale
+        similarity, unit = "dot", True
+    return _TritonLabel.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity], offset, unit,
+                              ref_unit or unit)
 
 
 def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -240,12 +256,16 @@ def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor
 
 
 def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                               ref_labels: Optional[Tensor] = None, *, temperature: float, similarity: str,
-                               reduction: str, self_offset: Optional[int] = None) -> Tensor:
+                               ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
+                               reduction: str, average: str = "anchor", self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused in Triton."""
-    params = LossParams.info_nce(temperature)
-    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset)
-    return reference.reduce_rows(rows, valid, reduction, emb.dtype)
+    scale = None
+    if isinstance(temperature, Tensor):
+        scale, temperature = reference.temperature_scale(temperature, similarity), 1.0
+    rows, valid = _run(emb, labels, ref_emb, ref_labels, LossParams.info_nce(temperature), similarity,
+                       -1 if self_offset is None else self_offset, scale=scale)
+    weights = None if average == "anchor" else reference.positive_counts(labels, ref_labels, self_offset)
+    return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
 
 
 def margin_statistics_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -280,4 +300,6 @@ class _TritonSimilarity(torch.autograd.Function):
 def pairwise_similarity_triton(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.pairwise_similarity`: one Triton GEMM with the
     normalization and the affine map in its epilogue."""
-    return _TritonSimilarity.apply(a, _inverse_norm(a), b, _inverse_norm(b), SIMILARITIES[similarity], a.dtype)
+    unit = not normalizes(similarity)
+    ia, ib = _inverse_norms(a, None, unit, False)[0], _inverse_norms(b, None, unit, False)[0]
+    return _TritonSimilarity.apply(a, ia, b, ib, SIMILARITIES[similarity], a.dtype)

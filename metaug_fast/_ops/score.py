@@ -151,14 +151,20 @@ def info_nce_fused(
     pos: Tensor,
     neg: Tensor,
     *,
-    temperature: float,
+    temperature,
     pos_mask: Optional[Tensor],
     neg_mask: Optional[Tensor],
     reduction: str,
+    average: str = "anchor",
     ops=CPP_OPS,
 ) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.info_nce`, on the fused kernels of ``ops``."""
-    params = LossParams.info_nce(temperature)
-    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
+    """Same contract as :func:`metaug_fast.reference.info_nce`, on the fused kernels of ``ops``. A temperature
+    tensor divides the scores in torch (so that it gets its gradient) and the kernels run at τ = 1."""
+    if isinstance(temperature, Tensor):
+        # Masked entries may hold inf or NaN: zeroed first, they give τ no 0·inf term.
+        pos = reference._masked(pos, pos_mask, 0.0) / temperature
+        neg = reference._masked(neg, neg_mask, 0.0) / temperature
+        temperature = 1.0
+    rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, LossParams.info_nce(temperature), ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
-    return reference.reduce_rows(rows, valid, reduction, pos.dtype)
+    return reference.reduce_rows(rows, valid, reduction, pos.dtype, reference._pair_weights(average, pos, pos_mask))
