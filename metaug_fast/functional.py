@@ -126,6 +126,19 @@ def _info_nce_args(temperature, like: Tensor, like_name: str, reduction: str, av
                 average=_choice(average, "average", reference.AVERAGES))
 
 
+def _self_offset(self_offset, emb: Tensor, ref_emb: Optional[Tensor]) -> Optional[int]:
+    if self_offset is None:
+        return None
+    if isinstance(self_offset, bool) or not isinstance(self_offset, int):
+        raise TypeError(f"self_offset must be an int or None, got {type(self_offset).__name__}")
+    if ref_emb is None:
+        raise ValueError("self_offset needs ref_emb: without a reference set each row's own pair is excluded already")
+    if self_offset < 0 or self_offset + emb.shape[0] > ref_emb.shape[0]:
+        raise ValueError(f"self_offset must be in [0, {ref_emb.shape[0] - emb.shape[0]}] (anchor i is reference row "
+                         f"i + self_offset), got {self_offset}")
+    return self_offset
+
+
 def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> dict:
     """The validated keyword arguments of the backends' OUCL implementations."""
     params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).kwargs()
@@ -181,6 +194,7 @@ def oucl_embeddings(
     margin: float = DEFAULTS.margin,
     lam: float = DEFAULTS.lam,
     reduction: str = "mean",
+    self_offset: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """OUCL loss in label mode (SPEC.md section 2): pairs with equal labels are positives, others negatives.
@@ -193,14 +207,17 @@ def oucl_embeddings(
             without it the reference is ``emb`` and the self-pair is excluded.
         similarity: ``"shifted_cosine"`` ((1 + cos)/2), ``"cosine"``, or ``"dot"`` (⟨x, y⟩ of the rows as
             given). Other arguments as :func:`oucl`.
+        self_offset: with a reference set, anchor i is reference row i + self_offset and that pair is
+            neither positive nor negative (the reference set holds the anchors, e.g. a gathered batch).
     Returns:
         Scalar (or ``[B]``) in ``emb.dtype``.
     """
     _label_inputs(emb, labels, ref_emb, ref_labels)
+    self_offset = _self_offset(self_offset, emb, ref_emb)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
     params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
     fn = _backend.resolve("oucl_embeddings", backend, emb.device)
-    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, **params)
+    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **params)
 
 
 def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine", backend: str = "auto") -> Tensor:
@@ -322,6 +339,7 @@ def info_nce_embeddings(
     similarity: str = "cosine",
     reduction: str = "mean",
     average: str = "anchor",
+    self_offset: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """InfoNCE in label mode: pairs with equal labels are positives, the others negatives. For two views,
@@ -333,10 +351,12 @@ def info_nce_embeddings(
         emb, labels, ref_emb, ref_labels: as :func:`oucl_embeddings`.
         similarity: ``"cosine"``, ``"shifted_cosine"`` or ``"dot"`` (the inner product of the rows as given,
             CLIP's logits before the scale).
-        temperature, average, reduction, backend: as :func:`info_nce`.
+        temperature, average, reduction, backend: as :func:`info_nce`; self_offset: as
+            :func:`oucl_embeddings`.
     """
     _label_inputs(emb, labels, ref_emb, ref_labels)
+    self_offset = _self_offset(self_offset, emb, ref_emb)
     args = _info_nce_args(temperature, emb, "emb", reduction, average)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("info_nce_embeddings", backend, emb.device)
-    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, **args)
+    return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **args)
