@@ -14,6 +14,10 @@ try:
     ERROR: Optional[Exception] = None
 except ImportError as exc:  # the package must work without the extension
     ERROR = exc
+else:
+    from .._ops import fake
+
+    fake.register()
 
 # The label and score ops dispatch on the tensors' device: the CUDA backend registers the same functions.
 IMPLS = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,

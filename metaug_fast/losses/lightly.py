@@ -109,23 +109,30 @@ class NTXentLoss(nn.Module):
 
     def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
         z0, z1 = TF.normalize(out0, dim=1), TF.normalize(out1, dim=1)
-        negatives = self.bank.clone().detach().to(out0.device)
+        # The bank as it is before this call's write, [dim, size]. A transposed copy, not bank.clone(): in one
+        # graph with the write below, torch.compile (2.14) let the backward read the written buffer through a
+        # plain clone (wrong gradients, measured); a copy that changes the layout is kept.
+        negatives = self.bank.detach().T.contiguous().to(out0.device)
         if out0.requires_grad:
             self._enqueue(z1)
         pos = (z0 * z1).sum(1, keepdim=True)
-        return F.info_nce(pos, z0 @ negatives.T, temperature=self.temperature, backend=self.backend)
+        return F.info_nce(pos, z0 @ negatives, temperature=self.temperature, backend=self.backend)
 
     @torch.no_grad()
     def _enqueue(self, rows: Tensor) -> None:
+        """lightly's write: rows at bank_ptr onwards, what passes the end dropped and the pointer reset to 0
+        (if ptr + n >= size), else the pointer moved by n. In tensor ops, with no read of the pointer on the
+        host: the batch's first ``size`` rows go to (ptr + k) mod size, those past the end rewriting what the
+        bank already holds there (n ≤ size: the positions are distinct)."""
         if _distributed(self.gather_distributed):
             rows = gather_rows(rows.detach(), with_grad=False)[0]
-        n, ptr = rows.shape[0], int(self.bank_ptr)
-        if ptr + n >= self.size[0]:
-            self.bank[ptr:] = rows[: self.size[0] - ptr].detach()
-            self.bank_ptr.zero_()
-        else:
-            self.bank[ptr:ptr + n] = rows.detach()
-            self.bank_ptr[0] = ptr + n
+        size, n = self.size[0], rows.shape[0]
+        candidates = rows[:size].detach().to(self.bank.dtype)
+        position = self.bank_ptr + torch.arange(candidates.shape[0], device=self.bank.device)
+        index = position % size
+        kept = (position < size)[:, None]
+        self.bank.index_copy_(0, index, torch.where(kept, candidates, self.bank[index]))
+        self.bank_ptr.copy_(torch.where(self.bank_ptr + n >= size, torch.zeros_like(self.bank_ptr), self.bank_ptr + n))
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, memory_bank_size={self.size}, backend={self.backend!r}"

@@ -1,0 +1,77 @@
+"""Fake (meta) implementations of the C++/CUDA ops of ``torch.ops.metaug_fast``: the shapes, dtypes and
+devices of their outputs, without computing them. ``torch.compile`` traces the ops through these (with
+``fullgraph=True`` too), and ``torch.library.opcheck`` checks them against the real kernels
+(tests/test_compile.py). Registered once, when the extension is loaded (metaug_fast.backends.cpp)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..contract import N_STATS
+
+_NAMESPACE = "metaug_fast"
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """The accumulation dtype of the score ops' per-row outputs: fp32 for fp16/bf16 scores."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _rows_and_stats(x: Tensor, dtype: torch.dtype):
+    B = x.shape[0]
+    return x.new_empty((B,), dtype=dtype), x.new_empty((B, N_STATS), dtype=dtype)
+
+
+def _like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_neg, margin, lam):
+    return _rows_and_stats(pos, _acc(pos))
+
+
+def oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, form, beta, gamma_pos, gamma_neg, margin, lam):
+    return _like(pos), _like(neg)
+
+
+def oucl_score_bwd_bwd(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, form, beta, gamma_pos,
+                       gamma_neg, margin, lam):
+    return _like(grad_rows), _like(pos), _like(neg)
+
+
+def margin_score_fwd(pos, neg, pos_mask, neg_mask):
+    return _rows_and_stats(pos, _acc(pos))[1]
+
+
+def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
+    return _like(pos), _like(neg)
+
+
+def oucl_label_fwd(zn, rn, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg, margin,
+                   lam):
+    return _rows_and_stats(zn, zn.dtype)
+
+
+def oucl_label_bwd(grad_rows, zn, rn, labels, ref_labels, stats, self_offset, similarity, form, beta, gamma_pos,
+                   gamma_neg, margin, lam, ref_grad=True):
+    return _like(zn), zn.new_empty((rn.shape[0] if ref_grad else 0, zn.shape[1]))
+
+
+def oucl_label_fwd_grad(zn, rn, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
+                        margin, lam):
+    return (*_rows_and_stats(zn, zn.dtype), _like(zn))
+
+
+def oucl_label_rows_bwd_bwd(grad_rows, t, s, labels, ref_labels, stats, row0, self_offset, form, beta, gamma_pos,
+                            gamma_neg, margin, lam):
+    return _like(grad_rows), _like(s), _like(s)
+
+
+OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,
+       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd)
+
+
+def register() -> None:
+    """Registers every fake implementation (the ops must be defined: the extension is loaded)."""
+    for fn in OPS:
+        torch.library.register_fake(f"{_NAMESPACE}::{fn.__name__}", fn)
