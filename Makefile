@@ -34,10 +34,12 @@ test: install
 train: install
 	$(PY) -m metaug_fast.cli.compare --quiet
 
-# The CPU suite (every op, backend and baseline over a sweep of sizes, about 4 minutes), its charts, and
-# the README's tables regenerated from every CSV in bench/results/.
+# The CPU suite (every op, backend and baseline over a sweep of sizes, about 4 minutes), the drop-in classes
+# against the libraries they replace (about 3 minutes), their charts, and the README's tables regenerated
+# from every CSV in bench/results/.
 bench: install
 	$(PY) -m bench.sweep
+	$(PY) -m bench.sweep --suite drop_ins
 	$(PY) -m bench.plot
 	$(PY) -m bench.report
 

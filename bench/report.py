@@ -18,7 +18,7 @@ from .plot import _is_sweep, _read
 
 BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
 # The issue-specific measurements first, then the sweeps; CPU before GPU.
-ORDER = ["oucl_score_cpu", "oucl_label_cpu", "bank_cpu", "distributed_cpu", "sweep_cpu"]
+ORDER = ["oucl_score_cpu", "oucl_label_cpu", "bank_cpu", "distributed_cpu", "drop_ins_cpu", "sweep_cpu"]
 
 
 def _fmt(value: str, unit: str) -> str:
@@ -60,25 +60,28 @@ def table_rows(rows: List[Dict[str, str]]) -> List[str]:
 
 def sweep_rows(rows: List[Dict[str, str]]) -> List[str]:
     """Per op and backend: forward+backward time at each size, HVP time and forward+backward memory at the
-    largest size, and the speed-up against reference at the largest size."""
+    largest size, and the time and memory ratios against the baseline at the largest size (``reference``;
+    for the drop-ins, the ``peer`` library they replace)."""
     out = []
     for (op, dtype) in OrderedDict.fromkeys((r["op"], r["dtype"]) for r in rows):
         sub = [r for r in rows if r["op"] == op and r["dtype"] == dtype]
+        base = "reference" if any(r["backend"] == "reference" for r in sub) else "peer"
         sizes = sorted({int(r["size"]) for r in sub})
         top = str(sizes[-1])
         cell = {(r["backend"], r["size"], r["pass"]): r for r in sub}
         has_hvp = any(r["pass"] == "hvp" for r in sub)
         head = f"| {op} ({dtype}) | " + " | ".join(f"fwd+bwd, {s}" for s in sizes)
-        head += (f" | HVP, {top}" if has_hvp else "") + f" | memory fwd+bwd, {top} | fwd+bwd vs reference, {top} |"
+        head += (f" | HVP, {top}" if has_hvp else "") + f" | memory fwd+bwd, {top} | vs {base}, {top} (time, memory) |"
         out += [head, "|---" * (len(sizes) + (4 if has_hvp else 3)) + "|"]
         for backend in OrderedDict.fromkeys(r["backend"] for r in sub):
             get = lambda s, p, k: cell.get((backend, str(s), p), {}).get(k, "")  # noqa: E731
             line = f"| {backend} | " + " | ".join(_fmt(get(s, "forward+backward", "time_ms"), "ms") for s in sizes)
             if has_hvp:
                 line += f" | {_fmt(get(top, 'hvp', 'time_ms'), 'ms')}"
-            ref_t = cell.get(("reference", top, "forward+backward"), {}).get("time_ms", "")
-            line += (f" | {_fmt(get(top, 'forward+backward', 'peak_mem_mb'), 'MiB')} | "
-                     f"{'–' if backend == 'reference' else _ratio(ref_t, get(top, 'forward+backward', 'time_ms'))} |")
+            ref = cell.get((base, top, "forward+backward"), {})
+            vs = "–" if backend == base else (f"{_ratio(ref.get('time_ms', ''), get(top, 'forward+backward', 'time_ms'))}, "
+                                              f"{_ratio(ref.get('peak_mem_mb', ''), get(top, 'forward+backward', 'peak_mem_mb'))}")
+            line += f" | {_fmt(get(top, 'forward+backward', 'peak_mem_mb'), 'MiB')} | {vs} |"
             out.append(line)
         out.append("")
     return out

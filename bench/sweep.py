@@ -44,6 +44,7 @@ from metaug_fast import reference as R
 from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
 KP, KN, D = 6, 1536, 128
+BANK_BATCH = 256
 BETA_CIRCLE, TAU = 80.0, 0.1
 
 
@@ -173,6 +174,90 @@ def _ops(device: str) -> Dict[str, Op]:
     return ops
 
 
+def _official_outputs(p, n):
+    """The official criterion's six inputs [B, 1 + K, 1] (positive first) from pos [B, 6], neg [B, 6K]."""
+    k = n.shape[1] // 6
+    return [torch.cat([p[:, j:j + 1], n[:, j * k:(j + 1) * k]], 1)[..., None] for j in range(6)]
+
+
+def _official_as_written(*outs, gamma=16.0):
+    """The official MetAug criterion (NCE/NCECriterion.py, CircleLoss.forward, γ = 16, δ and Γ off) as its
+    code computes it: (s + 1)/2, the six positives and negatives concatenated, torch's softplus of the two
+    log-sum-exps, the mean over rows, then /γ·16."""
+    scores = [(o.squeeze(2) + 1) / 2 for o in outs]
+    p, n = torch.cat([s[:, :1] for s in scores], 1), torch.cat([s[:, 1:] for s in scores], 1)
+    rows = torch.nn.functional.softplus(torch.logsumexp(gamma * n, 1) + torch.logsumexp(-gamma * p, 1))
+    return rows.sum() / p.shape[0] / gamma * 16
+
+
+def _drop_ins(device: str) -> Dict[str, Op]:
+    """Each class of metaug_fast.losses against the library it replaces, same configuration, same inputs
+    (the peers that are not installed are left out)."""
+    from metaug_fast.losses import lightly as our_lightly
+    from metaug_fast.losses import official as our_official
+    from metaug_fast.losses import open_clip as our_open_clip
+    from metaug_fast.losses import pml as our_pml
+
+    sizes = {"cpu": (512, 2048, 4096), "cuda": (4096, 16384, 65536)}
+    ops = {}
+
+    def pair(name, make, peer, ours, op_sizes=sizes):
+        if peer is not None:
+            ops[name] = Op("drop-in", make, {"peer": peer, "metaug_fast": ours}, op_sizes, hvp=False)
+
+    def labelled(loss):
+        return lambda e: loss(e, _views(len(e), e.device))
+
+    try:
+        from pytorch_metric_learning import losses as pml
+
+        pair("pml.CircleLoss", _embeddings, labelled(pml.CircleLoss(m=0.25, gamma=BETA_CIRCLE)),
+             labelled(our_pml.CircleLoss(m=0.25, gamma=BETA_CIRCLE)))
+        pair("pml.NTXentLoss", _embeddings, labelled(pml.NTXentLoss(TAU)), labelled(our_pml.NTXentLoss(TAU)))
+    except ImportError:
+        pass
+    try:
+        from open_clip.loss import ClipLoss
+
+        def clip(loss):
+            return lambda a, b: loss(torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1),
+                                     1.0 / TAU)
+        pair("open_clip.ClipLoss", _two_sets, clip(ClipLoss()), clip(our_open_clip.ClipLoss()))
+    except ImportError:
+        pass
+    try:
+        import lightly.loss as peer_lightly
+
+        pair("lightly.NTXentLoss", _two_sets, peer_lightly.NTXentLoss(0.5), our_lightly.NTXentLoss(0.5))
+
+        def banked(module):
+            """MoCo-style: a batch of BANK_BATCH rows against a bank of ``size`` rows (one module per size)."""
+            cache = {}
+
+            def loss(a, b, bank):
+                key = (bank.shape[0], a.dtype, a.device)
+                if key not in cache:
+                    torch.manual_seed(0)
+                    cache[key] = module.NTXentLoss(0.1, memory_bank_size=(bank.shape[0], D)).to(a.device, a.dtype)
+                return cache[key](a, b)
+            return loss
+
+        def bank_inputs(size, dtype, device):
+            # The third tensor only carries the bank's size (the modules hold their banks).
+            return (*_two_sets(BANK_BATCH, dtype, device), torch.empty(size, 0, device=device, dtype=dtype))
+        pair("lightly.NTXentLoss_bank", bank_inputs, banked(peer_lightly), banked(our_lightly),
+             {"cpu": (4096, 16384, 65536), "cuda": (65536, 262144, 1048576)})
+    except ImportError:
+        pass
+    pair("official.CircleLoss", _scores, lambda p, n: _official_as_written(*_official_outputs(p, n)),
+         lambda p, n, loss=our_official.CircleLoss(): loss(*_official_outputs(p, n)), {"cpu": (512, 2048, 8192),
+                                                                                     "cuda": (4096, 16384, 65536)})
+    return ops
+
+
+SUITES = {"kernels": _ops, "drop_ins": _drop_ins}
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "memory" in str(exc).lower()
 
@@ -272,6 +357,8 @@ def run(ops: Dict[str, Op], device: str, dtypes: List[str], repeats: int, sizes:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--suite", default="kernels", choices=tuple(SUITES),
+                    help="kernels: every op x backend (default); drop_ins: each metaug_fast.losses class against its peer")
     ap.add_argument("--dtypes", nargs="+", default=None, help="default: float32 (CPU), bfloat16 float16 float32 (GPU)")
     ap.add_argument("--ops", nargs="+", default=None, help="default: all")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="default: each op's sweep for the device")
@@ -283,14 +370,15 @@ def main(argv=None) -> int:
     set_command("bench.sweep", argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
-    ops = _ops(args.device)
+    ops = SUITES[args.suite](args.device)
     unknown = set(args.ops or []) - set(ops)
     if unknown:
         ap.error(f"unknown ops {sorted(unknown)}; choose from {sorted(ops)}")
     if args.ops:
         ops = {k: v for k, v in ops.items() if k in args.ops}
     dtypes = args.dtypes or (["float32"] if args.device == "cpu" else ["bfloat16", "float16", "float32"])
-    out = args.out or Path(f"bench/results/sweep_{'gpu' if args.device == 'cuda' else 'cpu'}.csv")
+    stem = "sweep" if args.suite == "kernels" else args.suite
+    out = args.out or Path(f"bench/results/{stem}_{'gpu' if args.device == 'cuda' else 'cpu'}.csv")
     saved = resource.getrlimit(resource.RLIMIT_AS)
     if args.device == "cpu":
         resource.setrlimit(resource.RLIMIT_AS, (int(args.mem_gib * 2**30), saved[1]))

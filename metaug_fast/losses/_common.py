@@ -40,37 +40,29 @@ def gather_rows(x: Tensor, with_grad: bool, group=None) -> Tuple[Tensor, List[in
     return _gather_padded(x.detach(), sizes, group), sizes
 
 
-class _AllReduceGrad(torch.autograd.Function):
-    """Identity forward; the backward sums the gradient over ranks (a replicated parameter, such as a
-    learned temperature, whose loss is the sum of every rank's share)."""
+class _MapGrad(torch.autograd.Function):
+    """Identity forward; the backward passes the gradient through ``fn``."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return ctx.fn(grad), None
 
 
 def all_reduce_grad(x: Tensor, group=None) -> Tensor:
-    return _AllReduceGrad.apply(x, group)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
+    """``x`` whose gradient is summed over ranks (a replicated parameter, such as a learned temperature,
+    whose loss is the sum of every rank's share)."""
+    def summed(grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return _MapGrad.apply(x, summed)
 
 
 def scale_grad(x: Tensor, factor: float) -> Tensor:
     """``x`` whose gradient is multiplied by ``factor`` (a peer's gradient convention, value unchanged)."""
-    return _ScaleGrad.apply(x, factor)
+    return _MapGrad.apply(x, lambda grad: grad * factor)

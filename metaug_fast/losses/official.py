@@ -12,8 +12,9 @@ six positives into ``p [B, 6]`` and the negatives into ``n [B, 6K]``, and return
     (16/γ) · mean_i softplus(LSE_k γ·(n_ik − δ⁻) + LSE_k −γ·(p_ik − δ⁺))
 
 (its ``circle_loss_ite_de_to_softmax``), with δ⁺ = 1 − δ_m and δ⁻ = δ_m when ``delta_enable_gh == "yes"``,
-else 0. That is 16 times the library's weighted OUCL form at β = γ, γ⁺ = δ⁺, γ⁻ = δ⁻ ("mean" reduction): what
-this class computes, on the fused score-mode op. The official Γ weights are 1 whether ``alpha_enable_gh`` is
+else 0. That is 16 times the library's weighted OUCL form at β = γ, γ⁺ = δ⁺, γ⁻ = δ⁻ on the mapped scores ("mean"
+reduction), or, with the map folded into the parameters, 8 times the weighted form at β = γ/2, γ± = 2δ± − 1 on
+the scores as given: what this class computes, on the fused score-mode op. The official Γ weights are 1 whether ``alpha_enable_gh`` is
 "yes" or "no" (its "yes" branch computes the circle weights and then sets them to 1), so the α options change
 nothing there and change nothing here; they are checked as the official code checks them.
 """
@@ -83,13 +84,15 @@ class CircleLoss(nn.Module):
             if x.shape[0] != first.shape[0] or x.shape[1] < 1:
                 raise ValueError(f"{name} must be [B, K+1(, 1)] with B = {first.shape[0]} and the positive in column "
                                  f"0, got {tuple(x.shape)}")
-            scores.append((x + 1) / 2)
+            scores.append(x)
         pos = torch.cat([s[:, :1] for s in scores], 1)
         neg = torch.cat([s[:, 1:] for s in scores], 1)
         delta_p, delta_n = (1 - self.delta_m, self.delta_m) if self.delta_enable == "yes" else (0.0, 0.0)
-        loss = F.oucl(pos, neg, form="weighted", beta=self.gamma, gamma_pos=delta_p, gamma_neg=delta_n,
-                      reduction="mean", backend=self.backend)
-        return loss * 16
+        # γ·((s + 1)/2 − δ) = (γ/2)·(s − (2δ − 1)): the map to (s + 1)/2 folds into β and the γ±, so the scores
+        # go to the op as they are; (16/γ)·softplus = 8·(2/γ)·softplus.
+        loss = F.oucl(pos, neg, form="weighted", beta=self.gamma / 2, gamma_pos=2 * delta_p - 1,
+                      gamma_neg=2 * delta_n - 1, reduction="mean", backend=self.backend)
+        return loss * 8
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, delta_enable={self.delta_enable!r}, delta_m={self.delta_m}"
