@@ -175,6 +175,11 @@ def test_open_clip_raw_features_bias_and_dict():
                       lambda f, i, t, b: f(i, t, 1.7, logit_bias=b, output_dict=True)["contrastive_loss"])
     assert_same(peer[:3], ours[:3])
     torch.testing.assert_close(peer[3], ours[3], rtol=0, atol=1e-12)  # the bias cancels: ~0 and 0
+    empty, scale = torch.zeros(0, 5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    peer, ours = both(open_clip_loss.ClipLoss, our_open_clip.ClipLoss, [empty, empty, scale],
+                      lambda f, i, t, s: f(i, t, s))
+    assert torch.isnan(peer[0]) and torch.isnan(ours[0])  # open_clip's mean over no rows
+    assert_same(peer[1:], ours[1:])
     with pytest.raises(ValueError, match="use_horovod"):
         our_open_clip.ClipLoss(use_horovod=True)
     with pytest.raises(ValueError, match="text_features"):
@@ -228,6 +233,13 @@ def test_lightly_errors():
         our_lightly.NTXentLoss(temperature=0.0)
     with pytest.raises(ValueError, match="out1"):
         our_lightly.NTXentLoss()(torch.randn(3, 4), torch.randn(2, 4))
+    empty = torch.zeros(0, 4)
+    with pytest.raises(ValueError, match="empty"):  # lightly fails there too (a reshape of no logits)
+        our_lightly.NTXentLoss()(empty, empty)
+    with pytest.raises(RuntimeError):
+        lightly_loss.NTXentLoss()(empty, empty)
+    banked = [m.NTXentLoss(memory_bank_size=(8, 4))(empty, empty) for m in (lightly_loss, our_lightly)]
+    assert all(torch.isnan(x) for x in banked)
 
 
 # ------------------------------------------------------------------------------------------ official MetAug

@@ -11,7 +11,8 @@ and every bank row (the negatives), the fused score-mode InfoNCE over those scor
 rows written after each call whose ``out0`` requires a gradient, the wrap-around dropping what does not
 fit, exactly as lightly writes it).
 
-``gather_distributed=True`` under torch.distributed: without a bank, each rank's rows are scored against
+An empty batch raises without a bank and gives NaN with one, as lightly does. ``gather_distributed=True``
+under torch.distributed: without a bank, each rank's rows are scored against
 the rows of every rank and the loss is this rank's mean, its gradient summed over ranks through the gather
 (lightly's); with a bank, the rows of every rank are written to it.
 """
@@ -86,7 +87,12 @@ class NTXentLoss(nn.Module):
         if out1.shape != out0.shape:
             raise ValueError(f"out1 must have the shape of out0 {tuple(out0.shape)}, got {tuple(out1.shape)}")
         if self.size[0] == 0:
+            if out0.shape[0] == 0:
+                raise ValueError("out0 and out1 are empty: lightly's NTXentLoss fails on an empty batch without a "
+                                 "memory bank (it cannot reshape its logits), and so does this one")
             return self._in_batch(out0, out1)
+        if out0.shape[0] == 0:  # lightly's cross-entropy means over no rows: NaN
+            return self._with_bank(out0, out1) + float("nan")
         return self._with_bank(out0, out1)
 
     def _in_batch(self, out0: Tensor, out1: Tensor) -> Tensor:

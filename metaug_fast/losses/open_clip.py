@@ -20,7 +20,7 @@ when ``local_loss=False``. Values and gradients are open_clip's in all four sett
   this rank's own features, with their gradient, in their slot of the global logits: the gradient is the
   global loss's, which the gather's backward gives here).
 
-``logit_bias`` adds the same constant to every logit, which the cross-entropy cancels: accepted, with a zero
+An empty batch gives NaN, as open_clip's mean over no rows does. ``logit_bias`` adds the same constant to every logit, which the cross-entropy cancels: accepted, with a zero
 gradient. ``use_horovod=True`` raises (use torch.distributed).
 """
 from __future__ import annotations
@@ -80,6 +80,8 @@ class ClipLoss(nn.Module):
         else:
             loss = (self._direction(image_features, text_features, 0, temperature, "mean")
                     + self._direction(text_features, image_features, 0, temperature, "mean")) / 2
+        if image_features.shape[0] == 0:  # open_clip's cross-entropy means over no rows: NaN
+            loss = loss + float("nan")
         if logit_bias is not None:
             loss = loss + (logit_bias * 0).sum().to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
