@@ -18,7 +18,8 @@ from .plot import _is_sweep, _read
 
 BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
 # The issue-specific measurements first, then the sweeps; CPU before GPU.
-ORDER = ["oucl_score_cpu", "oucl_label_cpu", "bank_cpu", "distributed_cpu", "drop_ins_cpu", "sweep_cpu"]
+ORDER = ["oucl_score_cpu", "oucl_label_cpu", "bank_cpu", "distributed_cpu", "drop_ins_cpu", "large_batch_cpu",
+         "sweep_cpu"]
 
 
 def _fmt(value: str, unit: str) -> str:
@@ -65,7 +66,8 @@ def sweep_rows(rows: List[Dict[str, str]]) -> List[str]:
     out = []
     for (op, dtype) in OrderedDict.fromkeys((r["op"], r["dtype"]) for r in rows):
         sub = [r for r in rows if r["op"] == op and r["dtype"] == dtype]
-        base = "reference" if any(r["backend"] == "reference" for r in sub) else "peer"
+        present = {r["backend"] for r in sub}
+        base = next((b for b in ("reference", "peer", "plain") if b in present), sub[0]["backend"])
         sizes = sorted({int(r["size"]) for r in sub})
         top = str(sizes[-1])
         cell = {(r["backend"], r["size"], r["pass"]): r for r in sub}

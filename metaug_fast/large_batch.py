@@ -13,7 +13,8 @@ gradient-accumulation steps; but the loss only needs the embeddings, which are s
 The parameters' gradients are those of the plain step on the same chunks: equal to the one-big-batch step
 when the model treats samples independently (no BatchNorm), dropout and random augmentation included
 (the replayed state draws the same masks). Peak memory is one chunk's activations plus the embeddings and
-their gradients. The cost is one extra forward of the model.
+their gradients. The cost is one extra forward of the model; a batch of at most ``chunk_size`` rows is one
+chunk, and takes the plain step.
 
 >>> from metaug_fast import large_batch
 >>> loss = large_batch.cached_backward(model, (view1, view2), loss_fn, chunk_size=256)
@@ -97,7 +98,8 @@ def _check(inputs: Sequence[Tensor], chunk_size: int) -> int:
 
 
 def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], loss_fn: Callable[..., Tensor], *,
-                    chunk_size: int, scaler: Optional["torch.amp.GradScaler"] = None) -> Tensor:
+                    chunk_size: int, scaler: Optional["torch.amp.GradScaler"] = None,
+                    return_embeddings: bool = False):
     """One gradient-cached step: accumulates into the parameters' ``.grad`` the gradient of
     ``loss_fn(*model(*inputs))``, running ``model`` on ``chunk_size`` rows at a time.
 
@@ -111,10 +113,18 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
         chunk_size: rows per chunk; peak memory is one chunk's activations.
         scaler: a ``torch.amp.GradScaler`` when training with one (the gradients cached are those of
             ``scaler.scale(loss)``).
+        return_embeddings: also return the embeddings (detached, as ``model`` gave them), e.g. to write them
+            to a memory bank.
     Returns:
-        The loss, a scalar that carries no gradient (back-propagating it raises).
+        The loss, a scalar that carries no gradient (back-propagating it raises); with ``return_embeddings``,
+        ``(loss, embeddings)``, a tuple in ``model``'s output order.
     """
     B = _check(inputs, chunk_size)
+    if B <= chunk_size:  # one chunk: the plain step is the same computation, without the extra forward
+        outs = _as_tuple(model(*inputs), "model")
+        loss = _scalar(loss_fn(*outs))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return _result(loss, outs, return_embeddings)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     buffers = [b for b in module.buffers()] if isinstance(module, nn.Module) else []
     devices = sorted({x.device for x in inputs if x.device.type == "cuda"}, key=str)
@@ -134,9 +144,7 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
     embeddings = [torch.cat([p[k] for p in pieces]).detach().requires_grad_() for k in range(len(pieces[0]))]
 
     # 2. The loss on the whole batch, and its gradient with respect to every embedding.
-    loss = loss_fn(*embeddings)
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise ValueError("loss_fn must return a scalar tensor")
+    loss = _scalar(loss_fn(*embeddings))
     scaled = scaler.scale(loss) if scaler is not None else loss
     grads = torch.autograd.grad(scaled, embeddings, allow_unused=True)
     grads = [torch.zeros_like(e) if g is None else g for e, g in zip(embeddings, grads)]
@@ -152,4 +160,15 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     _set_rng_state(after, devices)
-    return _Spent.apply(torch.zeros((), requires_grad=True), loss)
+    return _result(loss, embeddings, return_embeddings)
+
+
+def _scalar(loss) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return a scalar tensor")
+    return loss
+
+
+def _result(loss: Tensor, embeddings: Sequence[Tensor], return_embeddings: bool):
+    spent = _Spent.apply(torch.zeros((), requires_grad=True), loss)
+    return (spent, tuple(e.detach() for e in embeddings)) if return_embeddings else spent

@@ -152,3 +152,23 @@ def test_lightly_memory_bank_compiles_with_fullgraph():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(modules[1].bank, modules[0].bank)
         assert modules[1].bank_ptr.tolist() == modules[0].bank_ptr.tolist()
+
+
+@requires_cpp
+def test_label_ops_under_autocast():
+    # Under bf16 autocast the label ops' GEMMs stay in the rows' fp32 (their autocast rule): the same loss,
+    # gradients and HVP as outside autocast.
+    gen = torch.Generator().manual_seed(5)
+    e, r = torch.randn(40, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    y, ry = torch.arange(40) % 6, torch.arange(30) % 7
+
+    def run(autocast):
+        x = e.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.oucl_embeddings(x, y) + F.info_nce_embeddings(x, y, r, ry) + F.oucl_embeddings(x, y, r, ry)
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            (h,) = torch.autograd.grad(g.square().sum(), x)
+        return loss.detach(), g.detach(), h
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -133,9 +133,15 @@ def test_bad_input_and_no_second_backward():
         large_batch.cached_backward(model, inputs[0], _simclr, chunk_size=4)
     with pytest.raises(ValueError, match="scalar"):
         large_batch.cached_backward(model, inputs, lambda z1, z2: z1.sum(1), chunk_size=4)
-    loss = large_batch.cached_backward(model, inputs, _simclr, chunk_size=4)
+    loss, (z1, z2) = large_batch.cached_backward(model, inputs, _simclr, chunk_size=4, return_embeddings=True)
+    want = model(*inputs)
+    torch.testing.assert_close((z1, z2), tuple(w.detach() for w in want))
+    assert not z1.requires_grad
     with pytest.raises(RuntimeError, match="already back-propagated"):
         loss.backward()
+    single = large_batch.cached_backward(model, inputs, _simclr, chunk_size=B)  # one chunk: the plain step
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        single.backward()
 
 
 # -------------------------------------------------------------------------------------- two processes
@@ -173,3 +179,51 @@ def test_two_processes_equal_one():
         want = torch.load(os.path.join(d, "1_0.pt"))
         for rank in range(2):
             _assert_equal(torch.load(os.path.join(d, f"2_{rank}.pt")), want)
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+@pytest.mark.parametrize("method", ["oucl", "infonce", "metaug"])
+def test_metaug_step_with_chunks(method):
+    # The encoder step with chunk_size equals the plain one (a model without BatchNorm); MetAug's meta step
+    # then runs on a sub-batch of chunk_size samples and moves the MAGs.
+    from metaug_fast.metaug.bank import MemoryBank
+    from metaug_fast.metaug.mag import MetaFeatureAugmenter
+    from metaug_fast.metaug.step import MetAugConfig, MetAugStep
+
+    inputs = _batch()
+    results = []
+    for chunk_size in (0, 5):
+        torch.manual_seed(3)
+        mags = nn.ModuleList([MetaFeatureAugmenter(D, 8), MetaFeatureAugmenter(D, 8)]).double()
+        bank = MemoryBank(40, D, generator=torch.Generator().manual_seed(4))
+        bank.features = bank.features.double()
+        model = TwoViews()
+        cfg = MetAugConfig(method=method, k_neg=7, chunk_size=chunk_size, eta=0.1, alpha=0.1)
+        step = MetAugStep(model, mags, bank, cfg)
+        mag_before = [p.detach().clone() for p in mags.parameters()]
+        out = step(*inputs, torch.arange(B) % 40, torch.Generator().manual_seed(5))
+        results.append((out, [p.detach().clone() for p in model.parameters()], bank.features.clone()))
+        if method == "metaug":
+            assert torch.isfinite(torch.tensor(out["meta"]))
+            assert any(not torch.equal(a, b) for a, b in zip(mag_before, mags.parameters()))
+    (out0, params0, bank0), (out1, params1, bank1) = results
+    assert out0["loss"] == pytest.approx(out1["loss"], rel=1e-12)
+    for a, b in zip(params1, params0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bank1, bank0, rtol=1e-10, atol=1e-12)
+
+
+def test_drop_in_losses_and_autocast():
+    # The drop-in classes as the loss; under bf16 autocast the cached step equals the plain one to bf16's
+    # precision (the same chunks of matrix products, rounded alike).
+    from metaug_fast.losses import open_clip, pml
+
+    model, inputs = TwoViews(), _batch()
+    circle, clip = pml.CircleLoss(), open_clip.ClipLoss()
+    for loss_fn in (lambda z1, z2: circle(torch.cat([z1, z2]), torch.arange(len(z1)).repeat(2)),
+                    lambda z1, z2: clip(z1, z2, 10.0)):
+        _assert_equal(_cached(model, inputs, loss_fn, 5), _plain(model, inputs, loss_fn), tol=5e-9)
+    model, inputs = TwoViews().float(), tuple(x.float() for x in _batch())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _cached(model, inputs, _simclr, 8), _plain(model, inputs, _simclr, chunk_size=8)
+    _assert_equal(got, want, tol=1e-2)

@@ -1,5 +1,6 @@
 """The MetAug trainer on 2 CPU processes: through torchrun (smoke run, checkpoint, exact resume) and through
-torch.multiprocessing.spawn (every rank ends with the same model, MAGs and bank)."""
+torch.multiprocessing.spawn (every rank ends with the same model, MAGs and bank, with and without gradient
+caching)."""
 import os
 import subprocess
 import sys
@@ -53,13 +54,14 @@ def test_torchrun_trains_writes_one_checkpoint_and_resumes_exactly(tmp_path):
         single.resume(str(tmp_path / "split" / "checkpoint.pt"))
 
 
-def _sync_worker(rank, world, init_file, out_dir):
+def _sync_worker(rank, world, init_file, out_dir, chunk_size):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
         cfg = TrainConfig(dataset="digits", epochs=1, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=3,
-                          probe_epochs=1, progress=False, out_dir=out_dir, metaug=MetAugConfig(k_neg=16))
+                          probe_epochs=1, progress=False, out_dir=out_dir,
+                          metaug=MetAugConfig(k_neg=16, chunk_size=chunk_size))
         trainer = Trainer(cfg)
         before = trainer.bank.features.clone()
         trainer.train_epoch()
@@ -77,6 +79,9 @@ def _sync_worker(rank, world, init_file, out_dir):
 
 
 @pytest.mark.timeout(300)
-def test_ranks_stay_in_sync():
+@pytest.mark.parametrize("chunk_size", [0, 6], ids=["plain", "gradient_cached"])
+def test_ranks_stay_in_sync(chunk_size):
+    # gradient_cached: the encoder step in chunks of 6 under DDP, the meta step on a sub-batch of 6 per rank.
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "run")), nprocs=2, join=True)
+        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "run"), chunk_size), nprocs=2,
+                 join=True)

@@ -1,7 +1,9 @@
 """Fake (meta) implementations of the C++/CUDA ops of ``torch.ops.metaug_fast``: the shapes, dtypes and
 devices of their outputs, without computing them. ``torch.compile`` traces the ops through these (with
 ``fullgraph=True`` too), and ``torch.library.opcheck`` checks them against the real kernels
-(tests/test_compile.py). Registered once, when the extension is loaded (metaug_fast.backends.cpp)."""
+(tests/test_compile.py). Also their autocast rule: the label ops run their GEMMs in their inputs' fp32/fp64,
+autocast off inside (under ``torch.autocast`` those GEMMs would otherwise come back in bf16/fp16 into fp32
+buffers). Registered once, when the extension is loaded (metaug_fast.backends.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -71,7 +73,18 @@ OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, mar
        oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd)
 
 
+# The ops that multiply matrices inside (ATen GEMMs), per device type they run on.
+_GEMM_OPS = {"cpu": (oucl_label_fwd, oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd),
+             "cuda": (oucl_label_fwd, oucl_label_bwd)}
+
+
 def register() -> None:
-    """Registers every fake implementation (the ops must be defined: the extension is loaded)."""
+    """Registers every fake implementation and the label ops' autocast rule (the ops must be defined: the
+    extension is loaded). Under autocast their fp16/bf16 inputs would be cast to fp32 (they take fp32/fp64
+    only), fp64 ones are left as they are, and the ops run with autocast off."""
     for fn in OPS:
         torch.library.register_fake(f"{_NAMESPACE}::{fn.__name__}", fn)
+    for device, ops in _GEMM_OPS.items():
+        if torch._C._is_autocast_available(device):
+            for fn in ops:
+                torch.library.register_autocast(f"{_NAMESPACE}::{fn.__name__}", device, torch.float32)

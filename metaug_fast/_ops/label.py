@@ -103,6 +103,12 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
+        with torch.autocast(zn.device.type, enabled=False):  # the chunks' GEMMs in the rows' fp32/fp64
+            return _LabelDoubleBackward._vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity,
+                                             params, self_offset, ops)
+
+    @staticmethod
+    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
         a = slope(similarity)
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, default=m.method)
     g.add_argument("--epochs", type=_positive_int, default=d.epochs)
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--chunk-size", type=int, default=m.chunk_size,
+                   help="gradient caching: run the encoder on this many samples at a time, so that any batch size "
+                        "fits in memory (0: off; MetAug's meta step then uses a sub-batch of this size)")
     g.add_argument("--lr", type=_positive_float, default=m.lr)
     g.add_argument("--lr-decay-epochs", type=_positive_int, nargs="*", default=list(d.lr_decay_epochs))
     g.add_argument("--lr-decay-rate", type=_positive_float, default=d.lr_decay_rate)
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     metaug = MetAugConfig(
         method=args.method, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         inner_lr=args.inner_lr, mag_lr=args.mag_lr, eta=args.eta, alpha=args.alpha, k_neg=args.k_neg,
+        chunk_size=args.chunk_size,
         bank_momentum=args.bank_momentum, form=args.form, beta=args.beta, margin=args.margin,
         similarity=args.similarity, temperature=args.temperature, detach_margin=args.detach_margin,
         backend=args.backend,

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 import metaug_fast.functional as MF
 from metaug_fast import distributed as D
+from metaug_fast import large_batch
 
 from metaug_fast.contract import LossParams
 
@@ -56,6 +57,7 @@ class MetAugConfig:
     temperature: float = 0.07  # InfoNCE baseline (on cosine similarity)
     detach_margin: bool = False
     backend: str = "auto"
+    chunk_size: int = 0  # > 0: the encoder step is gradient-cached in chunks of this many samples
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +70,8 @@ class MetAugConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.k_neg < 1:
             raise ValueError(f"k_neg must be >= 1, got {self.k_neg}")
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: no gradient caching), got {self.chunk_size}")
 
     def oucl_kwargs(self) -> dict:
         return dict(form=self.form, beta=self.beta, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg,
@@ -140,6 +144,13 @@ def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank,
 class MetAugStep:
     """One MetAug training iteration: encoder step, meta step, memory-bank update.
 
+    With ``cfg.chunk_size`` smaller than the batch, the encoder step is gradient-cached
+    (:func:`metaug_fast.large_batch.cached_backward`): the encoder runs ``chunk_size`` samples at a time and
+    its memory no longer grows with the batch; its update equals the plain step's on the same chunks. The
+    meta step, a second derivative through the whole encoder that no cache can give exactly, then runs on a
+    random sub-batch of ``chunk_size`` samples (the same negatives rows): an unbiased estimate of the
+    MAG gradient's batch mean at the memory of one chunk.
+
     Args:
         model: ``model(v1, v2) -> (z1, z2)``, normalized ``[B, D]`` features (encoder f_θ and head g_ϑ).
         mags: two :class:`MetaFeatureAugmenter` (ignored unless ``cfg.method == "metaug"``).
@@ -160,17 +171,31 @@ class MetAugStep:
 
     def __call__(self, v1: Tensor, v2: Tensor, index: Tensor, generator: torch.Generator) -> Dict[str, float]:
         cfg = self.cfg
-        neg_index = self.bank.sample(v1.shape[0], cfg.k_neg, generator)
+        B = v1.shape[0]
+        neg_index = self.bank.sample(B, cfg.k_neg, generator)
+        cached = 0 < cfg.chunk_size < B
+
+        def loss_of(z1, z2):
+            return objective(z1, z2, self.mags, self.bank, neg_index, cfg)[0]
+
         # 1. Encoder step on L(θ, ϑ, ω) with ω fixed.
-        z1, z2 = (self.data_parallel or self.model)(v1, v2)
-        loss, _ = objective(z1, z2, self.mags, self.bank, neg_index, cfg)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if cached:
+            loss, (z1, z2) = large_batch.cached_backward(self.data_parallel or self.model, (v1, v2), loss_of,
+                                                         chunk_size=cfg.chunk_size, return_embeddings=True)
+        else:
+            z1, z2 = (self.data_parallel or self.model)(v1, v2)
+            loss = loss_of(z1, z2)
+            loss.backward()
         self.opt.step()
         out = {"loss": loss.item()}
         # 2. Meta step on ω through the unrolled encoder step (second order).
         if cfg.method == "metaug":
-            grads, meta = meta_gradient(self.model, self.mags, self.bank, (v1, v2), neg_index, cfg)
+            views, negatives = (v1, v2), neg_index
+            if cached:
+                pick = torch.randperm(B, generator=generator)[:cfg.chunk_size].to(v1.device)
+                views, negatives = (v1[pick], v2[pick]), neg_index[pick]
+            grads, meta = meta_gradient(self.model, self.mags, self.bank, views, negatives, cfg)
             if self.data_parallel is not None:
                 grads = self._average(grads)
             self.mag_opt.zero_grad(set_to_none=True)
