@@ -156,14 +156,16 @@ def _worker(rank, world, init_file, out_dir):
         start = sum(SIZES[:rank]) if world == 2 else 0
         stop = start + (SIZES[rank] if world == 2 else sum(SIZES))
         labels = (torch.arange(sum(SIZES)) % 9)[start:stop]
-        loss_fn = metaug_fast.OUCLLoss(distributed="all_gather")
-        model = nn.parallel.DistributedDataParallel(TwoViews())
+        for mode in ("all_gather", "ring"):
+            loss_fn = metaug_fast.OUCLLoss(distributed=mode)
+            model = nn.parallel.DistributedDataParallel(TwoViews())
 
-        def loss_of(z1, z2):  # DDP averages over ranks: the world size undoes it
-            return world * loss_fn.embeddings(torch.cat([z1, z2]), torch.cat([labels, labels]))
+            def loss_of(z1, z2):  # DDP averages over ranks: the world size undoes it
+                return world * loss_fn.embeddings(torch.cat([z1, z2]), torch.cat([labels, labels]))
 
-        loss = large_batch.cached_backward(model, (x1[start:stop], x2[start:stop]), loss_of, chunk_size=4)
-        torch.save((loss.detach() / world, _grads(model.module)), os.path.join(out_dir, f"{world}_{rank}.pt"))
+            loss = large_batch.cached_backward(model, (x1[start:stop], x2[start:stop]), loss_of, chunk_size=4)
+            result = (loss.detach() / world, _grads(model.module))
+            torch.save(result, os.path.join(out_dir, f"{mode}_{world}_{rank}.pt"))
         dist.barrier()
     finally:
         shutdown()
@@ -171,14 +173,15 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.mark.timeout(180)
 def test_two_processes_equal_one():
-    # Both ranks' losses are the global one; under DDP both hold the same (averaged) gradients, which equal
+    # all_gather and ring modes. Both ranks' losses are the global one; under DDP both hold the same (averaged) gradients, which equal
     # those of one process on the concatenated batch.
     with tempfile.TemporaryDirectory() as d:
         for world in (1, 2):
             mp.spawn(_worker, args=(world, os.path.join(d, f"init{world}"), d), nprocs=world, join=True)
-        want = torch.load(os.path.join(d, "1_0.pt"))
-        for rank in range(2):
-            _assert_equal(torch.load(os.path.join(d, f"2_{rank}.pt")), want)
+        for mode in ("all_gather", "ring"):
+            want = torch.load(os.path.join(d, f"{mode}_1_0.pt"))
+            for rank in range(2):
+                _assert_equal(torch.load(os.path.join(d, f"{mode}_2_{rank}.pt")), want)
 
 
 # ------------------------------------------------------------------------------------------- the trainer
