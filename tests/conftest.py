@@ -3,14 +3,18 @@
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before the
 package is imported, to run Triton kernels on CPU tensors.
 """
+import contextlib
 import os
+from datetime import timedelta
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 import metaug_fast  # noqa: E402
+from metaug_fast.distributed import shutdown  # noqa: E402
 
 # CI must not skip the C++ tests because the build broke: only an explicit METAUG_NO_EXT=1 allows it.
 if os.environ.get("METAUG_NO_EXT", "0") != "1" and "cpp" not in metaug_fast.available_backends():
@@ -28,3 +32,17 @@ requires_cpp = pytest.mark.skipif(
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str, seconds: float = 60):
+    """A gloo process group for a spawned test worker: left with a barrier (metaug_fast.distributed.shutdown)
+    after a normal run, torn down at once after an error (the other ranks may never reach a barrier)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=seconds))
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    shutdown()

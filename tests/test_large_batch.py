@@ -4,18 +4,17 @@ graph with dropout (random state replayed) and with BatchNorm (statistics per ch
 updated once per chunk); with a memory bank, a GradScaler, and across 2 gloo processes under DDP."""
 import os
 import tempfile
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 import metaug_fast
 import metaug_fast.functional as F
 from metaug_fast import large_batch
-from metaug_fast.distributed import shutdown
+
+from conftest import gloo_group
 
 B, D_IN, D = 24, 10, 6
 
@@ -149,9 +148,7 @@ SIZES = (10, 14)
 
 
 def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, init_file):
         x1, x2 = _batch(sum(SIZES))
         start = sum(SIZES[:rank]) if world == 2 else 0
         stop = start + (SIZES[rank] if world == 2 else sum(SIZES))
@@ -166,9 +163,6 @@ def _worker(rank, world, init_file, out_dir):
             loss = large_batch.cached_backward(model, (x1[start:stop], x2[start:stop]), loss_of, chunk_size=4)
             result = (loss.detach() / world, _grads(model.module))
             torch.save(result, os.path.join(out_dir, f"{mode}_{world}_{rank}.pt"))
-        dist.barrier()
-    finally:
-        shutdown()
 
 
 @pytest.mark.timeout(180)

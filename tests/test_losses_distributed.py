@@ -3,19 +3,18 @@ peer's value and gradients (features and logit_scale) in each of open_clip's loc
 settings and with lightly's gather_distributed; the global ClipLoss also equals one process on the whole batch."""
 import os
 import tempfile
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metaug_fast.distributed import shutdown
 from metaug_fast.losses import lightly as our_lightly
 from metaug_fast.losses import open_clip as our_open_clip
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 lightly_loss = pytest.importorskip("lightly.loss")
+
+from conftest import gloo_group  # noqa: E402
 
 B, D, WORLD = 5, 8, 2
 
@@ -40,9 +39,7 @@ def _close(got, want, what):
 
 
 def _worker(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, WORLD, init_file):
         mine = slice(rank * B, (rank + 1) * B)
         whole = _run(open_clip_loss.ClipLoss(), slice(None), 1.3)
         for local_loss in (False, True):
@@ -62,9 +59,6 @@ def _worker(rank, init_file):
             loss = module.NTXentLoss(temperature=0.3, gather_distributed=True)(a, b)
             results.append([loss.detach(), *torch.autograd.grad(loss, (a, b))])
         _close(results[1], results[0], "lightly NTXentLoss gather_distributed")
-        dist.barrier()
-    finally:
-        shutdown()
 
 
 @pytest.mark.timeout(180)

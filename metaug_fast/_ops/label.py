@@ -248,18 +248,27 @@ def oucl_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor]
     return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit, ops)
 
 
+def info_nce_setup(temperature, similarity: str, average: str, labels: Tensor, ref_labels: Optional[Tensor],
+                   self_offset: Optional[int]):
+    """(op arguments, row scale or None, row weights or None) of label-mode InfoNCE on a fused backend: a
+    temperature tensor becomes a scale of the rows and the kernels run at τ = 1
+    (:func:`metaug_fast.reference.temperature_scale`); ``average="pair"`` weights each row by its positives."""
+    scale = None
+    if isinstance(temperature, Tensor):
+        scale, temperature = reference.temperature_scale(temperature, similarity), 1.0
+    weights = None if average == "anchor" else reference.positive_counts(labels, ref_labels, self_offset)
+    return LossParams.info_nce(temperature), scale, weights
+
+
 def info_nce_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
                             reduction: str, average: str = "anchor", self_offset: Optional[int] = None,
                             ops=CPP_OPS) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
-    scale = None
-    if isinstance(temperature, Tensor):
-        scale, temperature = reference.temperature_scale(temperature, similarity), 1.0
+    params, scale, weights = info_nce_setup(temperature, similarity, average, labels, ref_labels, self_offset)
     offset = -1 if self_offset is None else int(self_offset)
-    weights = None if average == "anchor" else reference.positive_counts(labels, ref_labels, self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, LossParams.info_nce(temperature), reduction,
-                       offset, False, ops, scale, weights)
+    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, False, ops, scale,
+                       weights)
 
 
 class _MarginLabel(torch.autograd.Function):

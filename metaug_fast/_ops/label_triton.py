@@ -18,7 +18,7 @@ from .. import reference
 from ..chunked import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
 from .margins import sigmas
-from .label import _LabelBackward, with_valid
+from .label import _LabelBackward, info_nce_setup, with_valid
 from .score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
@@ -211,7 +211,10 @@ def _differentiable_grads(ctx, grad_out):
     return (g_e, g_r.to(r.dtype)) + (None,) * 7
 
 
-def _inverse_norm(x: Tensor) -> Tensor:
+def _inverse_norm(x: Tensor, unit: bool) -> Tensor:
+    """1/max(‖x_i‖, ε) per row in the accumulation dtype, or ones for rows taken as they are (``unit``)."""
+    if unit:
+        return x.new_ones(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return 1.0 / torch.linalg.vector_norm(reference._acc(x), dim=1).clamp(min=_EPS)
 
 
@@ -219,11 +222,8 @@ def _inverse_norms(e: Tensor, r: Optional[Tensor], unit: bool, ref_unit: bool):
     """(iz [B], ir [M]) of the rows and the reference rows: ir is iz itself without a reference set; ones for
     rows taken as they are (``unit``: the rows; ``ref_unit``: the reference rows, unit vectors already, or
     the "dot" similarity). Torch ops: differentiable when grad mode is on."""
-    acc = torch.float64 if e.dtype == torch.float64 else torch.float32
-    iz = e.new_ones(e.shape[0], dtype=acc) if unit else _inverse_norm(e)
-    if r is None:
-        return iz, iz
-    return iz, iz.new_ones(r.shape[0]) if ref_unit else _inverse_norm(r)
+    iz = _inverse_norm(e, unit)
+    return (iz, iz) if r is None else (iz, _inverse_norm(r, ref_unit))
 
 
 def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_unit=False, scale=None):
@@ -259,12 +259,9 @@ def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Te
                                ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
                                reduction: str, average: str = "anchor", self_offset: Optional[int] = None) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, fused in Triton."""
-    scale = None
-    if isinstance(temperature, Tensor):
-        scale, temperature = reference.temperature_scale(temperature, similarity), 1.0
-    rows, valid = _run(emb, labels, ref_emb, ref_labels, LossParams.info_nce(temperature), similarity,
-                       -1 if self_offset is None else self_offset, scale=scale)
-    weights = None if average == "anchor" else reference.positive_counts(labels, ref_labels, self_offset)
+    params, scale, weights = info_nce_setup(temperature, similarity, average, labels, ref_labels, self_offset)
+    rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset,
+                       scale=scale)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
 
 
@@ -301,5 +298,5 @@ def pairwise_similarity_triton(a: Tensor, b: Tensor, *, similarity: str) -> Tens
     """Same contract as :func:`metaug_fast.reference.pairwise_similarity`: one Triton GEMM with the
     normalization and the affine map in its epilogue."""
     unit = not normalizes(similarity)
-    ia, ib = _inverse_norms(a, None, unit, False)[0], _inverse_norms(b, None, unit, False)[0]
-    return _TritonSimilarity.apply(a, ia, b, ib, SIMILARITIES[similarity], a.dtype)
+    return _TritonSimilarity.apply(a, _inverse_norm(a, unit), b, _inverse_norm(b, unit), SIMILARITIES[similarity],
+                                   a.dtype)
