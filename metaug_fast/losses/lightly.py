@@ -91,9 +91,8 @@ class NTXentLoss(nn.Module):
                 raise ValueError("out0 and out1 are empty: lightly's NTXentLoss fails on an empty batch without a "
                                  "memory bank (it cannot reshape its logits), and so does this one")
             return self._in_batch(out0, out1)
-        if out0.shape[0] == 0:  # lightly's cross-entropy means over no rows: NaN
-            return self._with_bank(out0, out1) + float("nan")
-        return self._with_bank(out0, out1)
+        loss = self._with_bank(out0, out1)
+        return loss + float("nan") if out0.shape[0] == 0 else loss  # lightly's mean over no rows: NaN
 
     def _in_batch(self, out0: Tensor, out1: Tensor) -> Tensor:
         b = out0.shape[0]
