@@ -24,7 +24,7 @@ import torch
 
 import metaug_fast.functional as F
 from metaug_fast import large_batch
-from metaug_fast.metaug.models import TwoViewModel
+from metaug_fast.metaug.models import MultiViewModel
 
 from .common import peak_extra_mb, row, set_command, write_csv
 
@@ -57,7 +57,7 @@ def run(models, sizes, chunk, mem_gib):
     for name in models:
         spec = MODELS[name]
         torch.manual_seed(0)
-        model = TwoViewModel(name, (spec["channels"],) * 2, 128, image_size=spec["image"]).train()
+        model = MultiViewModel(name, (spec["channels"],) * 2, 128, image_size=spec["image"]).train()
         out_of_memory, warmed = set(), set()
         print(f"\n{name}: SimCLR step, fp32")
         print(f"{'batch':>7} {'mode':<12} {'seconds':>9} {'peak MiB':>10}")

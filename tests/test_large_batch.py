@@ -198,7 +198,7 @@ def test_metaug_step_with_chunks(method):
         cfg = MetAugConfig(method=method, k_neg=7, chunk_size=chunk_size, eta=0.1, alpha=0.1)
         step = MetAugStep(model, mags, bank, cfg)
         mag_before = [p.detach().clone() for p in mags.parameters()]
-        out = step(*inputs, torch.arange(B) % 40, torch.Generator().manual_seed(5))
+        out = step(inputs, torch.arange(B) % 40, torch.Generator().manual_seed(5))
         results.append((out, [p.detach().clone() for p in model.parameters()], bank.features.clone()))
         if method == "metaug":
             assert torch.isfinite(torch.tensor(out["meta"]))

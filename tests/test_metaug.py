@@ -12,7 +12,7 @@ from torch.nn import functional as tF
 import metaug_fast
 from metaug_fast.cli import train as cli
 from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugConfig
-from metaug_fast.metaug.data import DatasetNotFoundError, TwoViews, load_split, rgb_to_lab
+from metaug_fast.metaug.data import DatasetNotFoundError, Views, load_split, rgb_to_lab
 from metaug_fast.metaug.step import margin_terms, meta_gradient, objective
 from metaug_fast.metaug.trainer import TrainConfig, Trainer, lr_at
 
@@ -225,7 +225,7 @@ def test_cifar_files_load_through_the_training_path(tmp_path, n_classes):
     name = "cifar10" if n_classes == 10 else "cifar100"
     train, test = load_split(name, str(tmp_path), True), load_split(name, str(tmp_path), False)
     assert len(train) == (20 if n_classes == 10 else 4) and len(test) == 4 and train.n_classes == n_classes
-    v1, v2, y, i = TwoViews(train, "lab", augment=True, image_size=32)[3]
+    v1, v2, y, i = Views(train, "lab", augment=True, image_size=32)[3]
     assert v1.shape == (1, 32, 32) and v2.shape == (2, 32, 32) and int(y) == 3 and i == 3
     if n_classes == 10:  # the whole trainer on the files: half AlexNet on L/ab, one step, probe
         cfg = TrainConfig(dataset=name, data_root=str(tmp_path), epochs=1, batch_size=4, mag_hidden=8, feat_dim=8,
@@ -319,22 +319,22 @@ def test_tiny_imagenet_layouts(tmp_path):
     (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
     train, val = load_split("tiny-imagenet", str(tmp_path), True), load_split("tiny-imagenet", str(tmp_path), False)
     assert len(train) == 4 and train.n_classes == 2 and val.labels.tolist() == [1]
-    v1, v2, _, _ = TwoViews(val, "lab", augment=False, image_size=64)[0]
+    v1, v2, _, _ = Views(val, "lab", augment=False, image_size=64)[0]
     assert v1.shape == (1, 64, 64) and v2.shape == (2, 64, 64)
 
 
 @pytest.mark.parametrize("arch, views, channels, dims", [
-    ("resnet18", "two_crops", (3, 3), (512, 512)),
+    ("resnet18", "crops", (3, 3), (512, 512)),
     ("alexnet_half", "lab", (1, 2), (2 * 512, 2 * 2048)),  # L and ab features concatenated: conv5, fc6
 ])
 def test_models_give_normalized_features_and_probe_layers(arch, views, channels, dims):
-    from metaug_fast.metaug.models import TwoViewModel
+    from metaug_fast.metaug.models import MultiViewModel
 
-    model = TwoViewModel(arch, channels, dim=16, shared=views != "lab", image_size=32)
+    model = MultiViewModel(arch, channels, dim=16, shared=views != "lab", image_size=32)
     v1, v2 = torch.randn(2, channels[0], 32, 32), torch.randn(2, channels[1], 32, 32)
     z1, z2 = model(v1, v2)
     torch.testing.assert_close(z1.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(z2.norm(dim=1), torch.ones(2))
     model.eval()
-    conv, fc = model.probe_features(v1, v2, "conv"), model.probe_features(v1, v2, "fc")
+    conv, fc = model.probe_features(v1, v2, layer="conv"), model.probe_features(v1, v2, layer="fc")
     assert conv.shape == (2, dims[0]) and fc.shape == (2, dims[1])

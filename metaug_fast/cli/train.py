@@ -13,7 +13,10 @@ Under torchrun (WORLD_SIZE > 1) the process group is initialized here (gloo on C
 ``--batch-size`` is per process. Rank 0 prints, probes and writes the checkpoint; ``--resume`` it with
 the same number of processes.
 
-Defaults are the official configuration (SPEC.md section 5). Bad arguments print a message and exit
+Defaults are this library's formulation of MetAug (the paper's loss on two views); ``--preset official``
+switches every default to the official code's configuration (three views, the CMC-style memory objective,
+the criterion at its own scale, the MAG optimizer with momentum, bank writes on every scoring, the official
+probe), and any option given after it still overrides. Bad arguments print a message and exit
 with status 2; a missing dataset says where its files go. Ctrl-C stops after saving nothing partial:
 the checkpoint of the last complete epoch stays usable with ``--resume``.
 """
@@ -30,7 +33,10 @@ import torch
 from .._backend import REGISTRY
 from ..metaug.data import DATASETS, DatasetNotFoundError
 from ..metaug.models import ARCHS
-from ..metaug.step import METHODS, MetAugConfig
+from ..metaug.bank import BANK_INITS
+from ..metaug.data import VIEWS
+from ..metaug.probe import PROTOCOLS
+from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, VARIANTS, MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
 from ..reference import FORMS, SIMILARITIES
 
@@ -56,14 +62,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d, m = TrainConfig(), MetAugConfig()
+PRESETS = ("default", "official")
+
+
+def build_parser(preset: str = "default") -> argparse.ArgumentParser:
+    """The command line, its defaults those of ``preset``."""
+    d = TrainConfig.official() if preset == "official" else TrainConfig()
+    m = d.metaug
     ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.train", description="MetAug training (OUCL + MAG + meta step)")
+    ap.add_argument("--preset", choices=PRESETS, default=preset,
+                    help="official: every default from the official code (TrainConfig.official())")
     g = ap.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     g.add_argument("--data-root", default=None, help="folder holding the dataset's files (never downloaded)")
     g.add_argument("--arch", choices=ARCHS, default=None, help="default: small_cnn for digits, alexnet_half otherwise")
-    g.add_argument("--views", choices=("lab", "two_crops"), default=None)
+    g.add_argument("--views", choices=VIEWS, default=None, help="default: crops for digits, lab otherwise")
+    g.add_argument("--n-views", type=int, choices=(2, 3), default=d.n_views,
+                   help="3: L, ab and Lab (lab), or three crops")
     g.add_argument("--image-size", type=_positive_int, default=None)
     g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim)
     g.add_argument("--mag-hidden", type=_positive_int, default=d.mag_hidden)
@@ -81,14 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=_non_negative_float, default=m.weight_decay)
     g.add_argument("--inner-lr", type=_positive_float, default=m.inner_lr)
     g.add_argument("--mag-lr", type=_positive_float, default=m.mag_lr)
+    g.add_argument("--mag-momentum", type=_non_negative_float, default=m.mag_momentum)
+    g.add_argument("--mag-weight-decay", type=_non_negative_float, default=m.mag_weight_decay)
+    g.add_argument("--variant", choices=VARIANTS, default=m.variant,
+                   help="lookahead: + a look-ahead encoder update; metaug2: train_MetAug2.py's loop")
+    g.add_argument("--matched-side-effects", action="store_true", default=m.matched_side_effects,
+                   help="with --method oucl: MetAug's extra forwards and bank writes, without a MAG (a control)")
     g.add_argument("--eta", type=_non_negative_float, default=m.eta)
     g.add_argument("--alpha", type=_non_negative_float, default=m.alpha)
+    g.add_argument("--margin-in", choices=MARGIN_IN, default=m.margin_in,
+                   help="meta: R_σ in the meta objective only; all: in the encoder's loss too")
+    g.add_argument("--margin-pos-weight", type=_non_negative_float, default=m.margin_pos_weight)
     g.add_argument("--k-neg", type=_positive_int, default=m.k_neg)
     g.add_argument("--bank-momentum", type=_non_negative_float, default=m.bank_momentum)
+    g.add_argument("--bank-init", choices=BANK_INITS, default=m.bank_init)
+    g.add_argument("--bank-writes", choices=BANK_WRITES, default=m.bank_writes)
+    g.add_argument("--objective", choices=OBJECTIVES, default=m.objective,
+                   help="features: the library's pairs; memory: the official CMC-style memory")
     g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
     g = ap.add_argument_group("loss")
     g.add_argument("--form", choices=FORMS, default=m.form)
     g.add_argument("--beta", type=_positive_float, default=m.beta)
+    g.add_argument("--gamma-pos", type=float, default=m.gamma_pos)
+    g.add_argument("--gamma-neg", type=float, default=m.gamma_neg)
+    g.add_argument("--loss-scale", type=_positive_float, default=m.loss_scale,
+                   help="multiplies the OUCL terms (the official criterion: 16)")
     g.add_argument("--margin", type=float, default=m.margin)
     g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity)
     g.add_argument("--temperature", type=_positive_float, default=m.temperature)
@@ -102,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-epochs", type=_positive_int, default=d.probe_epochs)
     g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr)
     g.add_argument("--probe-every", type=int, default=0)
+    g.add_argument("--probe-protocol", choices=PROTOCOLS, default=d.probe_protocol)
     g.add_argument("--threads", type=_positive_int, default=None)
     g.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
                    help="cuda: this process's GPU (LOCAL_RANK under torchrun)")
@@ -114,19 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     metaug = MetAugConfig(
         method=args.method, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        inner_lr=args.inner_lr, mag_lr=args.mag_lr, eta=args.eta, alpha=args.alpha, k_neg=args.k_neg,
-        chunk_size=args.chunk_size,
-        bank_momentum=args.bank_momentum, form=args.form, beta=args.beta, margin=args.margin,
+        inner_lr=args.inner_lr, mag_lr=args.mag_lr, mag_momentum=args.mag_momentum,
+        mag_weight_decay=args.mag_weight_decay, eta=args.eta, alpha=args.alpha,
+        margin_pos_weight=args.margin_pos_weight, margin_in=args.margin_in, k_neg=args.k_neg,
+        chunk_size=args.chunk_size, bank_momentum=args.bank_momentum, bank_init=args.bank_init,
+        bank_writes=args.bank_writes, objective=args.objective, loss_scale=args.loss_scale, variant=args.variant,
+        matched_side_effects=args.matched_side_effects, form=args.form, beta=args.beta,
+        gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg, margin=args.margin,
         similarity=args.similarity, temperature=args.temperature, detach_margin=args.detach_margin,
         backend=args.backend,
     )
     return TrainConfig(
-        dataset=args.dataset, data_root=args.data_root, arch=args.arch, views=args.views,
+        dataset=args.dataset, data_root=args.data_root, arch=args.arch, views=args.views, n_views=args.n_views,
         image_size=args.image_size, feat_dim=args.feat_dim, mag_hidden=args.mag_hidden,
         batch_size=args.batch_size, epochs=args.epochs, lr_decay_epochs=tuple(args.lr_decay_epochs),
         lr_decay_rate=args.lr_decay_rate, seed=args.seed, deterministic=not args.no_deterministic,
         out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
-        probe_every=args.probe_every, max_steps=args.max_steps, progress=not args.quiet, device=args.device,
+        probe_every=args.probe_every, probe_protocol=args.probe_protocol, max_steps=args.max_steps, progress=not args.quiet, device=args.device,
         metaug=metaug,
     )
 
@@ -145,7 +182,10 @@ def _init_distributed(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = build_parser()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=PRESETS, default="default")
+    known, _ = first.parse_known_args(argv)
+    ap = build_parser(known.preset)
     args = ap.parse_args(argv)
     if args.backend != "auto" and args.backend not in REGISTRY:
         ap.error(f"--backend must be auto or one of {', '.join(REGISTRY)}, got {args.backend!r}")
@@ -191,7 +231,7 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     if "probe_conv" in last:
         print(f"epoch {last['epoch']}: loss {last['loss']:.4f}; linear probe top-1: conv {last['probe_conv']:.2f} %, "
-              f"fc {last['probe_fc']:.2f} %")
+              f"fc {last['probe_fc']:.2f} %; k-NN on fc {last['probe_knn']:.2f} %")
     print(f"metrics: {cfg.out_dir}/metrics.csv, plot: {cfg.out_dir}/metrics.png, checkpoint: {trainer.ckpt_path}")
     return 0
 

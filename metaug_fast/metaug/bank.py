@@ -1,4 +1,4 @@
-"""A memory bank of every training sample's features (SPEC.md section 5)."""
+"""A memory bank of every training sample's features."""
 from __future__ import annotations
 
 import math
@@ -16,6 +16,8 @@ from metaug_fast import reference as R
 from metaug_fast.contract import LossParams
 from metaug_fast.reference import SIMILARITIES
 
+BANK_INITS = ("normal", "uniform")
+
 
 def _momentum_update(rows: Tensor, index: Tensor, z: Tensor, momentum: float) -> None:
     """rows[index] ← normalize(m·rows[index] + (1 - m)·z), in place."""
@@ -30,17 +32,26 @@ class MemoryBank:
         n_data: number of training samples; dim: feature size; views: number of views (one bank each).
         momentum: m in bank_j ← normalize(m·bank_j + (1 - m)·z_j) (0.5 in the paper).
         generator: the random source for initialization and sampling (reproducible runs).
+        init: ``"normal"``, Gaussian rows normalized to unit length, or ``"uniform"``, the official code's
+            rows uniform in ±1/√(dim/3) (unit length on average, not normalized).
     """
 
     def __init__(self, n_data: int, dim: int, views: int = 2, momentum: float = 0.5,
-                 generator: Optional[torch.Generator] = None, device="cpu") -> None:
+                 generator: Optional[torch.Generator] = None, device="cpu", init: str = "normal") -> None:
         if n_data < 1 or dim < 1 or views < 1:
             raise ValueError(f"n_data, dim and views must be positive, got {n_data}, {dim}, {views}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if init not in BANK_INITS:
+            raise ValueError(f"init must be one of {BANK_INITS}, got {init!r}")
         self.momentum = momentum
-        init = torch.randn(views, n_data, dim, generator=generator)
-        self.features = F.normalize(init, dim=2).to(device)
+        self.unit_rows = init == "normal"  # "uniform" rows are unit length only once written
+        if init == "normal":
+            rows = F.normalize(torch.randn(views, n_data, dim, generator=generator), dim=2)
+        else:
+            bound = 1.0 / math.sqrt(dim / 3)
+            rows = torch.rand(views, n_data, dim, generator=generator) * (2 * bound) - bound
+        self.features = rows.to(device)
 
     @property
     def n_data(self) -> int:
@@ -77,8 +88,9 @@ class MemoryBank:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         fused = MF._backend.resolve("oucl_embeddings", backend, z.device)
-        if fused is not R.oucl_embeddings:  # the bank's rows are unit vectors: no normalized copy of the bank
-            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=True, reduction=reduction,
+        if fused is not R.oucl_embeddings:  # with unit rows, no normalized copy of the bank
+            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=self.unit_rows,
+                         reduction=reduction,
                          **loss_params.kwargs())
         return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
                                        params=loss_params, reduction=reduction)

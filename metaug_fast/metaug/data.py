@@ -7,7 +7,8 @@ readers are this module's own, so files are not rejected for a checksum, and tes
 images in the same format.
 
 Views: ``"lab"`` (CMC/MetAug) converts one augmented RGB image to Lab and gives L (1 channel) and ab
-(2 channels) as the two views; ``"two_crops"`` gives two independent augmentations of the image.
+(2 channels) as two views, and the whole Lab image as a third (MetAug's); ``"crops"`` gives independent
+augmentations of the image.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny-imagenet")
+VIEWS = ("lab", "crops")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -185,17 +187,23 @@ def image_augment(size: int, color: bool) -> Callable[[Tensor], Tensor]:
     return v2.Compose(ops)
 
 
-class TwoViews(Dataset):
-    """(v1, v2, label, index) per sample; ``augment=False`` gives the deterministic views the probe uses."""
+class Views(Dataset):
+    """(v1, ..., vV, label, index) per sample; ``augment=False`` gives the deterministic views the probe uses.
 
-    def __init__(self, split: Split, views: str, augment: bool, image_size: int) -> None:
-        if views not in ("lab", "two_crops"):
-            raise ValueError(f"views must be 'lab' or 'two_crops', got {views!r}")
-        self.split, self.views, self.augment = split, views, augment
+    ``views="lab"``: L and ab of one augmented image, and with ``n_views=3`` its whole Lab image too (the
+    official code's third view); ``views="crops"``: ``n_views`` independent augmentations of the image.
+    """
+
+    def __init__(self, split: Split, views: str, augment: bool, image_size: int, n_views: int = 2) -> None:
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+        if n_views not in (2, 3):
+            raise ValueError(f"n_views must be 2 or 3, got {n_views}")
+        self.split, self.views, self.augment, self.n_views = split, views, augment, n_views
         self.is_digits = isinstance(split.images, Tensor) and split.images.shape[-1] == 8
         self.transform = None
         if augment and not self.is_digits:
-            self.transform = image_augment(image_size, color=views == "two_crops")
+            self.transform = image_augment(image_size, color=views == "crops")
         self.resize = None
         if not self.is_digits:
             from torchvision.transforms import v2
@@ -210,11 +218,17 @@ class TwoViews(Dataset):
             return x if self.resize is None else self.resize(x)
         return digits_augment(x) if self.is_digits else self.transform(x)
 
-    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor, Tensor, int]:
+    def channels(self) -> Tuple[int, ...]:
+        """Channels of each view."""
+        if self.views == "lab":
+            return (1, 2, 3)[:self.n_views]
+        return (self.split.image(0).shape[0],) * self.n_views
+
+    def __getitem__(self, i: int) -> tuple:
         x = self.split.image(i)
         if self.views == "lab":
             lab = rgb_to_lab(self._aug(x))
-            v1, v2 = lab[:1], lab[1:]
+            out = (lab[:1], lab[1:], lab)[:self.n_views]
         else:
-            v1, v2 = self._aug(x), self._aug(x)
-        return v1, v2, self.split.labels[i], i
+            out = tuple(self._aug(x) for _ in range(self.n_views))
+        return (*out, self.split.labels[i], i)

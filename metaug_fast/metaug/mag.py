@@ -1,4 +1,4 @@
-"""The meta feature augmentation generator (MAG) of SPEC.md section 5."""
+"""The meta feature augmentation generator (MAG)."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -23,3 +23,7 @@ class MetaFeatureAugmenter(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return F.normalize(self.net(z), dim=1)
+
+    def hidden(self, z: Tensor) -> Tensor:
+        """The second hidden layer's activations ``[B, h]`` (the official probe reads them)."""
+        return self.net[:6](z)

@@ -1,8 +1,9 @@
-"""Encoders f_θ with projection heads g_ϑ for two views, and the layers the linear probe reads.
+"""Encoders f_θ with projection heads g_ϑ for two or three views, and the layers the linear probe reads.
 
-Every model maps ``(v1, v2)`` to L2-normalized ``(z1, z2)`` and exposes ``probe_features(v1, v2, layer)``
-with ``layer`` in ``("conv", "fc")``: the last convolutional block and the first fully connected layer,
-the paper's conv5/fc6 protocol (for two-encoder models the two views' features are concatenated).
+Every model maps its views ``(v1, ..., vV)`` to L2-normalized features ``(z1, ..., zV)`` and exposes
+``probe_features(*views, layer=...)`` with ``layer`` in ``("conv", "fc")``: the last convolutional block
+and the first fully connected layer, the paper's conv5/fc6 protocol (with one encoder per view the views'
+features are concatenated).
 """
 from __future__ import annotations
 
@@ -75,15 +76,18 @@ def resnet18(in_ch: int, dim: int, small_input: bool = True) -> _Encoder:
     return _Encoder(net, 512, (512,), dim)
 
 
-class TwoViewModel(nn.Module):
-    """One encoder shared by both views (``shared=True``) or one encoder per view (CMC's L/ab)."""
+class MultiViewModel(nn.Module):
+    """One encoder shared by every view (``shared=True``) or one encoder per view (CMC's L/ab, MetAug's
+    L/ab/Lab). ``in_channels`` has one entry per view (2 or 3 views)."""
 
-    def __init__(self, arch: str, in_channels: Tuple[int, int], dim: int = 128, shared: bool = True,
+    def __init__(self, arch: str, in_channels: Tuple[int, ...], dim: int = 128, shared: bool = True,
                  image_size: int = 32) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-        if shared and in_channels[0] != in_channels[1]:
+        if len(in_channels) not in (2, 3):
+            raise ValueError(f"in_channels needs one entry per view (2 or 3 views), got {in_channels}")
+        if shared and len(set(in_channels)) != 1:
             raise ValueError(f"a shared encoder needs views with equal channels, got {in_channels}")
 
         def make(ch: int) -> _Encoder:
@@ -93,19 +97,22 @@ class TwoViewModel(nn.Module):
                 return alexnet_half(ch, dim)
             return resnet18(ch, dim, small_input=image_size <= 64)
 
-        self.shared = shared
+        self.shared, self.n_views = shared, len(in_channels)
         self.encoders = nn.ModuleList([make(in_channels[0])] if shared else [make(c) for c in in_channels])
 
     def _enc(self, view: int) -> _Encoder:
         return self.encoders[0 if self.shared else view]
 
-    def forward(self, v1: Tensor, v2: Tensor) -> Tuple[Tensor, Tensor]:
-        return self._enc(0)(v1), self._enc(1)(v2)
+    def forward(self, *views: Tensor) -> Tuple[Tensor, ...]:
+        if len(views) != self.n_views:
+            raise ValueError(f"the model takes {self.n_views} views, got {len(views)}")
+        return tuple(self._enc(v)(x) for v, x in enumerate(views))
 
     @torch.no_grad()
-    def probe_features(self, v1: Tensor, v2: Tensor, layer: str) -> Tensor:
+    def probe_features(self, *views: Tensor, layer: str) -> Tensor:
+        """``layer`` of the first view's encoder (shared) or every encoder's, concatenated: ``[B, F]``."""
         if layer not in ("conv", "fc"):
             raise ValueError(f"layer must be 'conv' or 'fc', got {layer!r}")
         if self.shared:
-            return self._enc(0).features(v1, layer)
-        return torch.cat([self._enc(0).features(v1, layer), self._enc(1).features(v2, layer)], 1)
+            return self._enc(0).features(views[0], layer)
+        return torch.cat([self._enc(v).features(x, layer) for v, x in enumerate(views)], 1)

@@ -1,19 +1,30 @@
-"""The MetAug objective and one training iteration (SPEC.md section 5).
+"""The MetAug objective and one training iteration, in two formulations.
 
-Scores. Each sample i has two views with original features z1, z2 and augmented features ẑ1 = a_ω1(z1),
-ẑ2 = a_ω2(z2) (all ``[B, D]``, L2-normalized). A directed pair (x → y) scores the anchor x_i against its
-positive y_i and against K negatives drawn from the memory bank of y's view (the same K indices for every
-pair of a step). The original rows use the 2 pairs (z1→z2, z2→z1): ``pos [B,2]``, ``neg [B,2K]``. The
-augmented rows use the 6 pairs in which one or both views are augmented (ẑ1→z2, z2→ẑ1, z1→ẑ2, ẑ2→z1,
-ẑ1→ẑ2, ẑ2→ẑ1): ``pos [B,6]``, ``neg [B,6K]``, the paper's K⁺ = 6, K⁻ = 6·K.
+``objective="features"`` (this library's default). Each sample has two views with original features z1, z2
+and augmented features ẑ1 = a_ω1(z1), ẑ2 = a_ω2(z2) (all ``[B, D]``, L2-normalized). A directed pair
+(x → y) scores the anchor x_i against its positive y_i and against K negatives drawn from the memory bank
+of y's view (the same K indices for every pair of a step). The original rows use the 2 pairs (z1→z2,
+z2→z1): ``pos [B,2]``, ``neg [B,2K]``. The augmented rows use the 6 pairs in which one or both views are
+augmented (ẑ1→z2, z2→ẑ1, z1→ẑ2, ẑ2→z1, ẑ1→ẑ2, ẑ2→ẑ1): ``pos [B,6]``, ``neg [B,6K]``, the paper's K⁺ = 6,
+K⁻ = 6·K. L(θ, ϑ, ω) = OUCL(original rows) + η·OUCL(augmented rows).
 
-L(θ, ϑ, ω) = OUCL(original rows) + η·OUCL(augmented rows). Margin statistics σ come from the original
-rows and R_σ from the augmented rows.
+``objective="memory"`` (the official code's CMC-style memory, :meth:`MetAugConfig.official`). V views (2 or
+3: L, ab and, with three, Lab). One *memory call* scores anchors ``x_v [B, D]`` (one per view) against the
+bank: for every directed pair (a → b) of views, the positive of x_a[i] is bank_b[index_i], the other view's
+bank row at the sample's own index (detached), and its K negatives are bank_b rows drawn afresh for that
+call. The six pairs of three views, in the official order, are ab→l, l→ab, Lab→l, l→Lab, ab→Lab, Lab→ab.
+
+    L = s·C(call(z)) + η·s·Σ_v C(call(z with z_v replaced by ẑ_v)) + η·s·C(call(ẑ)) [+ α·R_σ]
+
+where C is OUCL over the call's rows and s is ``loss_scale``. Augmented features enter only as anchors.
+
+In both, margin statistics σ come from original-feature scores and R_σ from the augmented rows (see
+:func:`margin_terms`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,16 +37,26 @@ from metaug_fast import large_batch
 
 from metaug_fast.contract import LossParams
 
-from .bank import MemoryBank
+from .bank import BANK_INITS, MemoryBank
 
 DEFAULTS = LossParams()
 
 METHODS = ("metaug", "oucl", "infonce")
+OBJECTIVES = ("features", "memory")
+BANK_WRITES = ("after_step", "every_scoring")
+MARGIN_IN = ("meta", "all")
+VARIANTS = ("metaug", "lookahead", "metaug2")
+
+# (anchor view, bank view) of a memory call, in the official order: ab→l, l→ab, Lab→l, l→Lab, ab→Lab, Lab→ab.
+MEMORY_PAIRS = ((1, 0), (0, 1), (2, 0), (0, 2), (1, 2), (2, 1))
+
+Writer = Optional[Callable[[Sequence[Tensor]], None]]
 
 
 @dataclass
 class MetAugConfig:
-    """Every hyper-parameter of the official configuration, with the paper's values as defaults."""
+    """Every hyper-parameter of the MetAug step. The defaults are this library's formulation (the paper's
+    loss, ``objective="features"``); :meth:`official` gives the official code's configuration."""
 
     method: str = "metaug"  # "metaug" | "oucl" (only OUCL, no MAG) | "infonce" (the baseline)
     lr: float = 0.03  # encoder SGD
@@ -43,10 +64,20 @@ class MetAugConfig:
     weight_decay: float = 1e-4
     inner_lr: float = 0.001  # ℓ, the meta step's inner step on θ
     mag_lr: float = 0.03  # ℓ′, MAG SGD
+    mag_momentum: float = 0.0
+    mag_weight_decay: float = 0.0
     eta: float = 1e-5  # weight of the augmented OUCL terms
     alpha: float = 1e-11  # weight of R_σ
-    k_neg: int = 1024  # negatives sampled from the bank per step (with replacement)
+    margin_pos_weight: float = 1.0  # the weight of R_σ's positive half (official: 1e-4)
+    margin_in: str = "meta"  # "meta": R_σ in the meta objective only; "all": in the encoder's loss too
+    k_neg: int = 1024  # negatives sampled from the bank per step ("features") or per call ("memory")
     bank_momentum: float = 0.5
+    bank_init: str = "normal"  # or "uniform", the official code's (see MemoryBank)
+    objective: str = "features"
+    bank_writes: str = "after_step"  # or "every_scoring": after every scoring of the original features
+    loss_scale: float = 1.0  # s: the official criterion is 16·ℓ (β·ℓ at β = 16)
+    variant: str = "metaug"  # "lookahead": + a look-ahead encoder update; "metaug2": train_MetAug2.py's loop
+    matched_side_effects: bool = False  # "oucl" only: MetAug's extra forwards and bank writes, no MAG
     form: str = DEFAULTS.form
     beta: float = DEFAULTS.beta
     gamma_pos: float = DEFAULTS.gamma_pos
@@ -60,18 +91,51 @@ class MetAugConfig:
     chunk_size: int = 0  # > 0: the encoder step is gradient-cached in chunks of this many samples
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lr", "inner_lr", "mag_lr", "beta", "temperature"):
+        for name, choices in (("method", METHODS), ("objective", OBJECTIVES), ("bank_writes", BANK_WRITES),
+                              ("margin_in", MARGIN_IN), ("variant", VARIANTS),
+                              ("bank_init", BANK_INITS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("lr", "inner_lr", "mag_lr", "beta", "temperature", "loss_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eta", "alpha", "weight_decay"):
-            if getattr(self, name) < 0:
+        for name in ("eta", "alpha", "weight_decay", "momentum", "mag_momentum", "mag_weight_decay",
+                     "margin_pos_weight"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.k_neg < 1:
             raise ValueError(f"k_neg must be >= 1, got {self.k_neg}")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0: no gradient caching), got {self.chunk_size}")
+        if self.matched_side_effects and self.method != "oucl":
+            raise ValueError("matched_side_effects is the only-OUCL control: it needs method='oucl', "
+                             f"got {self.method!r}")
+        if self.variant != "metaug" and self.method != "metaug":
+            raise ValueError(f"variant={self.variant!r} changes the MAG update: it needs method='metaug'")
+        if self.chunk_size and (self.objective != "features" or self.bank_writes != "after_step"
+                                or self.variant != "metaug" or self.matched_side_effects):
+            raise ValueError("chunk_size (gradient caching) supports objective='features', "
+                             "bank_writes='after_step', variant='metaug' without matched_side_effects")
+
+    @classmethod
+    def official(cls, **overrides) -> "MetAugConfig":
+        """The configuration of the official code (github.com/jiangmengli/metaug, train_MetAug.py), with
+        ``overrides`` applied: the CMC-style memory objective, the criterion at its own scale (16·ℓ of the
+        weighted form, β = 16, on (s + 1)/2), the MAG optimizer with momentum 0.9 and weight decay 1e-4,
+        R_σ (α = 1e-11, its positive half × 1e-4) in every loss, the bank written on every scoring of the
+        original features (three times per iteration)."""
+        base = dict(method="metaug", lr=0.03, momentum=0.9, weight_decay=1e-4, inner_lr=0.001, mag_lr=0.03,
+                    mag_momentum=0.9, mag_weight_decay=1e-4, eta=1e-5, alpha=1e-11, margin_pos_weight=1e-4,
+                    margin_in="all", k_neg=1024, bank_momentum=0.5, bank_init="uniform", objective="memory",
+                    bank_writes="every_scoring", loss_scale=16.0, variant="metaug", form="weighted", beta=16.0,
+                    gamma_pos=0.0, gamma_neg=0.0, similarity="shifted_cosine")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown MetAugConfig fields: {sorted(unknown)}")
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes) -> "MetAugConfig":
+        return replace(self, **changes)
 
     def oucl_kwargs(self) -> dict:
         return dict(form=self.form, beta=self.beta, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg,
@@ -92,57 +156,180 @@ def _rows(pairs: Sequence[Tuple[Tensor, Tensor, Tensor]], similarity: str) -> Tu
     return torch.cat([p for p, _ in scored], 1), torch.cat([n for _, n in scored], 1)
 
 
-def objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], bank: MemoryBank, neg_index: Tensor,
-              cfg: MetAugConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """L(θ, ϑ, ω) for features ``z1, z2 [B,D]`` and bank indices ``neg_index [B,K]``.
+def _criterion(pos: Tensor, neg: Tensor, cfg: MetAugConfig) -> Tensor:
+    if cfg.method == "infonce":
+        return MF.info_nce(pos, neg, temperature=cfg.temperature)
+    return cfg.loss_scale * MF.oucl(pos, neg, **cfg.oucl_kwargs())
 
+
+def _similarity(cfg: MetAugConfig) -> str:
+    return "cosine" if cfg.method == "infonce" else cfg.similarity
+
+
+def _with_margin(loss: Tensor, scores: Dict[str, Tensor], cfg: MetAugConfig) -> Tensor:
+    if cfg.method == "metaug" and cfg.margin_in == "all":
+        return loss + cfg.alpha * margin_terms(scores, cfg)
+    return loss
+
+
+def objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], bank: MemoryBank, neg_index: Tensor,
+              cfg: MetAugConfig, write: Writer = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """L(θ, ϑ, ω) of the ``"features"`` formulation for ``z1, z2 [B,D]`` and bank indices ``neg_index [B,K]``.
+
+    ``write(zs)``, when given, is called once the original rows are scored (``bank_writes="every_scoring"``).
     Returns the loss and the score tensors (``orig_pos``, ``orig_neg`` and, for MetAug, ``aug_pos``,
     ``aug_neg``) that :func:`margin_terms` uses.
     """
     n1, n2 = bank.gather(0, neg_index), bank.gather(1, neg_index)
-    sim = "cosine" if cfg.method == "infonce" else cfg.similarity
+    sim = _similarity(cfg)
     orig_pos, orig_neg = _rows([(z1, z2, n2), (z2, z1, n1)], sim)
+    if write is not None:
+        write((z1, z2))
     scores = {"orig_pos": orig_pos, "orig_neg": orig_neg}
-    if cfg.method == "infonce":
-        return MF.info_nce(orig_pos, orig_neg, temperature=cfg.temperature), scores
-    loss = MF.oucl(orig_pos, orig_neg, **cfg.oucl_kwargs())
+    loss = _criterion(orig_pos, orig_neg, cfg)
     if cfg.method == "metaug":
         a1, a2 = mags[0](z1), mags[1](z2)
         aug_pos, aug_neg = _rows(
             [(a1, z2, n2), (z2, a1, n1), (z1, a2, n2), (a2, z1, n1), (a1, a2, n2), (a2, a1, n1)], sim
         )
         scores.update(aug_pos=aug_pos, aug_neg=aug_neg)
-        loss = loss + cfg.eta * MF.oucl(aug_pos, aug_neg, **cfg.oucl_kwargs())
-    return loss, scores
+        loss = loss + cfg.eta * _criterion(aug_pos, aug_neg, cfg)
+    return _with_margin(loss, scores, cfg), scores
+
+
+def memory_call(anchors: Sequence[Tensor], bank: MemoryBank, index: Tensor, k_neg: int,
+                generator: Optional[torch.Generator], similarity: str) -> Dict[Tuple[int, int], Tuple[Tensor, Tensor]]:
+    """One CMC memory call: ``{(a, b): (pos [B,1], neg [B,K])}`` for every pair of :data:`MEMORY_PAIRS`
+    within ``len(anchors)`` views. The K negatives (one draw of ``[B, K]`` indices) are shared by the pairs
+    of this call and drawn afresh by the next."""
+    views = len(anchors)
+    neg_index = bank.sample(anchors[0].shape[0], k_neg, generator)
+    own = [bank.gather(v, index) for v in range(views)]
+    negs = [bank.gather(v, neg_index) for v in range(views)]
+    out = {}
+    for a, b in MEMORY_PAIRS:
+        if a < views and b < views:
+            x = anchors[a]
+            pos = (x * own[b]).sum(1, keepdim=True)
+            neg = torch.einsum("bd,bkd->bk", x, negs[b])
+            if similarity == "shifted_cosine":
+                pos, neg = (1 + pos) / 2, (1 + neg) / 2
+            out[(a, b)] = pos, neg
+    return out
+
+
+def _cat(scored: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    return torch.cat([p for p, _ in scored], 1), torch.cat([n for _, n in scored], 1)
+
+
+def memory_objective(zs: Sequence[Tensor], mags: Sequence[nn.Module], bank: MemoryBank, index: Tensor,
+                     cfg: MetAugConfig, generator: Optional[torch.Generator],
+                     write: Writer = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """L of the ``"memory"`` formulation (the official code's) for features ``zs``, V × ``[B, D]``, of the
+    samples ``index [B]``.
+
+    The calls are made in the official order: the original features (then ``write(zs)``, when given), each
+    view augmented in turn, all views augmented. The margin statistics σ take, for every pair, the original
+    scores of the last call that left both of its views original (the official code reuses its variable
+    names that way); R_σ takes the pairs that involve the augmented view of the per-view calls.
+    """
+    sim = _similarity(cfg)
+    orig = memory_call(zs, bank, index, cfg.k_neg, generator, sim)
+    if write is not None:
+        write(zs)
+    loss = _criterion(*_cat(list(orig.values())), cfg)
+    scores = dict(zip(("orig_pos", "orig_neg"), _cat(list(orig.values()))))
+    if cfg.method != "metaug":
+        return loss, scores
+    augs = [mag(z) for mag, z in zip(mags, zs)]
+    latest, involved = dict(orig), []
+    for v in range(len(zs)):
+        out = memory_call([augs[u] if u == v else zs[u] for u in range(len(zs))], bank, index, cfg.k_neg,
+                          generator, sim)
+        loss = loss + cfg.eta * _criterion(*_cat(list(out.values())), cfg)
+        for pair, scored in out.items():
+            if v in pair:
+                involved.append(scored)
+            else:
+                latest[pair] = scored
+    out = memory_call(augs, bank, index, cfg.k_neg, generator, sim)
+    loss = loss + cfg.eta * _criterion(*_cat(list(out.values())), cfg)
+    scores["orig_pos"], scores["orig_neg"] = _cat(list(latest.values()))
+    scores["aug_pos"], scores["aug_neg"] = _cat(involved)
+    return _with_margin(loss, scores, cfg), scores
 
 
 def margin_terms(scores: Dict[str, Tensor], cfg: MetAugConfig) -> Tensor:
-    """R_σ: σ from the original rows, applied to the augmented rows (SPEC.md section 4)."""
+    """R_σ: σ from ``orig_pos``/``orig_neg``, applied to ``aug_pos``/``aug_neg``, the positive half weighted by
+    ``cfg.margin_pos_weight``."""
     sigma_pos, sigma_neg = MF.margin_statistics(scores["orig_pos"], scores["orig_neg"], backend=cfg.backend)
+    args = (scores["aug_pos"], scores["aug_neg"], sigma_pos, sigma_neg)
     # margin_injection_loss is elementwise PyTorch (reference) on every backend.
-    return MF.margin_injection_loss(scores["aug_pos"], scores["aug_neg"], sigma_pos, sigma_neg,
-                                    detach_margin=cfg.detach_margin)
+    if cfg.margin_pos_weight == 1.0:
+        return MF.margin_injection_loss(*args, detach_margin=cfg.detach_margin)
+    # Each half alone: a row whose entries are all masked out contributes 0 to that half.
+    no_pos = torch.zeros_like(scores["aug_pos"], dtype=torch.bool)
+    no_neg = torch.zeros_like(scores["aug_neg"], dtype=torch.bool)
+    pos_half = MF.margin_injection_loss(*args, detach_margin=cfg.detach_margin, neg_mask=no_neg)
+    neg_half = MF.margin_injection_loss(*args, detach_margin=cfg.detach_margin, pos_mask=no_pos)
+    return cfg.margin_pos_weight * pos_half + neg_half
+
+
+def _virtual(model: nn.Module, params: Dict[str, Tensor], views: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``model`` at virtual parameters: BatchNorm uses the batch's statistics and its running statistics are
+    left as they are (the official code's fast-weight forward does the same)."""
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return functional_call(model, {**params, **buffers}, tuple(views))
+
+
+def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], loss_of: Callable, inner_lr: float,
+                       wrt: Sequence[Tensor], create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
+    """∇_wrt L̂ with L̂ = ``loss_of(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``loss_of(model(views))`` (graph kept when
+    ``create_graph``: second order). ``loss_of(zs) -> (loss, scores)``; the meta objective adds α·R_σ
+    where the configuration says so, inside ``loss_of``. Returns the gradients and L̂'s value."""
+    theta = dict(model.named_parameters())
+    loss = loss_of(model(*views))
+    grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph, allow_unused=True)
+    theta_hat = {k: p if g is None else p - inner_lr * g for (k, p), g in zip(theta.items(), grads)}
+    if not create_graph:
+        theta_hat = {k: p.detach() for k, p in theta_hat.items()}
+    loss_hat = loss_of(_virtual(model, theta_hat, views))
+    if not wrt:
+        return [], loss_hat.detach()
+    return list(torch.autograd.grad(loss_hat, list(wrt))), loss_hat.detach()
 
 
 def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank, views: Tuple[Tensor, Tensor],
                   neg_index: Tensor, cfg: MetAugConfig) -> Tuple[List[Tensor], Tensor]:
-    """∇_ω [L(θ̂, ϑ̂, ω) + α·R_σ] with θ̂ = θ - ℓ·∇_θ L(θ, ϑ, ω), the graph of ∇_θ L kept (second order).
+    """∇_ω [L(θ̂, ϑ̂, ω) + α·R_σ] with θ̂ = θ - ℓ·∇_θ L(θ, ϑ, ω), the graph of ∇_θ L kept (second order), for
+    the ``"features"`` formulation with fixed ``neg_index`` and no bank writes.
 
     ``model(v1, v2) -> (z1, z2)`` holds θ and ϑ. Returns the gradients, in the order of
     ``[p for m in mags for p in m.parameters()]``, and the meta objective's value.
     """
-    theta = dict(model.named_parameters())
-    loss, _ = objective(*functional_call(model, theta, views), mags, bank, neg_index, cfg)
-    grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True, allow_unused=True)
-    theta_hat = {k: p if g is None else p - cfg.inner_lr * g for (k, p), g in zip(theta.items(), grads)}
-    loss_hat, scores = objective(*functional_call(model, theta_hat, views), mags, bank, neg_index, cfg)
-    meta = loss_hat + cfg.alpha * margin_terms(scores, cfg)
+    calls = iter((False, True))
+
+    def loss_of(zs):
+        loss, scores = objective(*zs, mags, bank, neg_index, cfg)
+        if next(calls) and cfg.margin_in == "meta":
+            loss = loss + cfg.alpha * margin_terms(scores, cfg)
+        return loss
+
     omega = [p for m in mags for p in m.parameters()]
-    return list(torch.autograd.grad(meta, omega, allow_unused=False)), meta.detach()
+    return lookahead_gradient(model, views, loss_of, cfg.inner_lr, omega)
 
 
 class MetAugStep:
     """One MetAug training iteration: encoder step, meta step, memory-bank update.
+
+    With ``cfg.variant``:
+
+    - ``"metaug"``: (θ, ϑ) ← SGD on L; ω ← SGD on ∇_ω [L(θ̂, ω) + α·R_σ], θ̂ = θ - ℓ·∇_θ L (train_MetAug.py);
+    - ``"lookahead"``: then a second encoder update on ∇_θ L(θ̂(θ), ω) with the new ω;
+    - ``"metaug2"``: (θ, ϑ) ← SGD on L; ω ← SGD on ∇_ω L(θ, ω̂), ω̂ = ω - ℓ·∇_ω L(θ, ω) (each MAG on its own
+      gradient); then the look-ahead encoder update (train_MetAug2.py).
+
+    ``cfg.matched_side_effects`` (only-OUCL) runs the meta step's forwards and bank writes without a MAG.
 
     With ``cfg.chunk_size`` smaller than the batch, the encoder step is gradient-cached
     (:func:`metaug_fast.large_batch.cached_backward`): the encoder runs ``chunk_size`` samples at a time and
@@ -152,9 +339,9 @@ class MetAugStep:
     MAG gradient's batch mean at the memory of one chunk.
 
     Args:
-        model: ``model(v1, v2) -> (z1, z2)``, normalized ``[B, D]`` features (encoder f_θ and head g_ϑ).
-        mags: two :class:`MetaFeatureAugmenter` (ignored unless ``cfg.method == "metaug"``).
-        bank: the :class:`MemoryBank` (two views).
+        model: ``model(*views) -> features``, one normalized ``[B, D]`` per view (encoders and heads).
+        mags: one :class:`MetaFeatureAugmenter` per view (unused unless ``cfg.method == "metaug"``).
+        bank: the :class:`MemoryBank`, one bank per view.
         data_parallel: the model wrapped in ``DistributedDataParallel`` (whose backward averages θ, ϑ
             gradients over ranks); the encoder step runs through it. With it, the MAG gradients of the meta
             step are averaged over the ranks of ``group`` too, and every rank's features update the bank,
@@ -163,52 +350,119 @@ class MetAugStep:
 
     def __init__(self, model: nn.Module, mags: nn.ModuleList, bank: MemoryBank, cfg: MetAugConfig,
                  data_parallel: Optional[nn.Module] = None, group=None) -> None:
+        views = bank.features.shape[0]
+        if cfg.objective == "features" and views != 2:
+            raise ValueError(f"objective='features' is defined for 2 views, the bank has {views}: "
+                             "use objective='memory' for 3")
+        if views not in (2, 3):
+            raise ValueError(f"MetAugStep takes 2 or 3 views, the bank has {views}")
+        if cfg.method == "metaug" and len(mags) != views:
+            raise ValueError(f"one MAG per view: {views} views, {len(mags)} MAGs")
         self.model, self.mags, self.bank, self.cfg = model, mags, bank, cfg
         self.data_parallel, self.group = data_parallel, group
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
-        self.mag_opt = torch.optim.SGD(mags.parameters(), lr=cfg.mag_lr)
+        self.mag_opt = torch.optim.SGD(mags.parameters(), lr=cfg.mag_lr, momentum=cfg.mag_momentum,
+                                       weight_decay=cfg.mag_weight_decay)
 
-    def __call__(self, v1: Tensor, v2: Tensor, index: Tensor, generator: torch.Generator) -> Dict[str, float]:
-        cfg = self.cfg
-        B = v1.shape[0]
-        neg_index = self.bank.sample(B, cfg.k_neg, generator)
+    def __call__(self, views: Sequence[Tensor], index: Tensor, generator: torch.Generator) -> Dict[str, float]:
+        """One iteration on ``views`` (one ``[B, ...]`` input per view) of the samples ``index [B]``; negatives
+        are drawn from ``generator``. Returns ``{"loss": ..., "meta": ...}`` (floats)."""
+        cfg, views = self.cfg, tuple(views)
+        B = views[0].shape[0]
+        neg_index = self.bank.sample(B, cfg.k_neg, generator) if cfg.objective == "features" else None
         cached = 0 < cfg.chunk_size < B
+        writes = cfg.bank_writes == "every_scoring"
 
-        def loss_of(z1, z2):
-            return objective(z1, z2, self.mags, self.bank, neg_index, cfg)[0]
+        def loss_fn(zs, write: Writer = None, index=index, neg_index=neg_index, mags=self.mags):
+            if cfg.objective == "features":
+                return objective(*zs, mags, self.bank, neg_index, cfg, write=write)
+            return memory_objective(zs, mags, self.bank, index, cfg, generator, write=write)
+
+        def writer(idx):
+            return (lambda zs: self._write(idx, zs)) if writes else None
 
         # 1. Encoder step on L(θ, ϑ, ω) with ω fixed.
         self.opt.zero_grad(set_to_none=True)
         if cached:
-            loss, (z1, z2) = large_batch.cached_backward(self.data_parallel or self.model, (v1, v2), loss_of,
-                                                         chunk_size=cfg.chunk_size, return_embeddings=True)
+            loss, zs = large_batch.cached_backward(self.data_parallel or self.model, views,
+                                                   lambda *zs: loss_fn(zs)[0], chunk_size=cfg.chunk_size,
+                                                   return_embeddings=True)
         else:
-            z1, z2 = (self.data_parallel or self.model)(v1, v2)
-            loss = loss_of(z1, z2)
+            zs = (self.data_parallel or self.model)(*views)
+            loss = loss_fn(zs, writer(index))[0]
             loss.backward()
         self.opt.step()
         out = {"loss": loss.item()}
-        # 2. Meta step on ω through the unrolled encoder step (second order).
-        if cfg.method == "metaug":
-            views, negatives = (v1, v2), neg_index
+        # 2. Meta step on ω, or the control's forwards.
+        if cfg.method == "metaug" or cfg.matched_side_effects:
+            sub_views, sub_index, sub_negs = views, index, neg_index
             if cached:
-                pick = torch.randperm(B, generator=generator)[:cfg.chunk_size].to(v1.device)
-                views, negatives = (v1[pick], v2[pick]), neg_index[pick]
-            grads, meta = meta_gradient(self.model, self.mags, self.bank, views, negatives, cfg)
-            if self.data_parallel is not None:
-                grads = self._average(grads)
-            self.mag_opt.zero_grad(set_to_none=True)
-            for p, g in zip(self.mags.parameters(), grads):
-                p.grad = g
-            self.mag_opt.step()
+                pick = torch.randperm(B, generator=generator)[:cfg.chunk_size].to(views[0].device)
+                sub_views, sub_index, sub_negs = tuple(v[pick] for v in views), index[pick], neg_index[pick]
+            if cfg.variant == "metaug2":
+                grads, meta = self._mag_lookahead(sub_views, sub_index, loss_fn, writer)
+            else:
+                grads, meta = self._meta(sub_views, sub_index, sub_negs, loss_fn, writer)
+            if grads:
+                self._apply(self.mag_opt, self.mags.parameters(), grads)
             out["meta"] = meta.item()
-        # 3. Memory bank: momentum update with this step's (pre-update) features, after scoring.
-        if self.data_parallel is not None:
-            index, z1, z2 = D.gather_all([index.to(z1.device), z1, z2], self.group)
-        self.bank.update(0, index, z1)
-        self.bank.update(1, index, z2)
+        # 3. The variants' look-ahead encoder update.
+        if cfg.variant in ("lookahead", "metaug2"):
+            params = list(self.model.parameters())
+            grads, _ = lookahead_gradient(self.model, views, lambda zs: loss_fn(zs, writer(index))[0],
+                                          cfg.inner_lr, params)
+            self._apply(self.opt, params, grads)
+        # 4. Memory bank: momentum update with this step's (pre-update) features, after scoring.
+        if not writes:
+            self._write(index, zs)
         return out
+
+    def _meta(self, views, index, neg_index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
+        """∇_ω of the meta objective (MetAug), or the control's forwards and writes with no gradient."""
+        cfg = self.cfg
+        calls = iter((False, True))
+
+        def loss_of(zs):
+            loss, scores = loss_fn(zs, writer(index), index=index, neg_index=neg_index)
+            if next(calls) and cfg.method == "metaug" and cfg.margin_in == "meta":
+                loss = loss + cfg.alpha * margin_terms(scores, cfg)
+            return loss
+
+        omega = list(self.mags.parameters()) if cfg.method == "metaug" else []
+        return lookahead_gradient(self.model, views, loss_of, cfg.inner_lr, omega, create_graph=bool(omega))
+
+    def _mag_lookahead(self, views, index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
+        """train_MetAug2.py's MAG update: ∇_ω L(θ, ω̂) with ω̂ = ω - ℓ·∇_ω L(θ, ω), features from a second
+        forward at θ."""
+        cfg = self.cfg
+        loss = loss_fn(self.model(*views), writer(index))[0]
+        zs = self.model(*views)
+        virtual = []
+        for mag in self.mags:
+            omega = dict(mag.named_parameters())
+            grads = torch.autograd.grad(loss, list(omega.values()), create_graph=True)
+            omega_hat = {k: p - cfg.inner_lr * g for (k, p), g in zip(omega.items(), grads)}
+            virtual.append(lambda z, m=mag, w=omega_hat: _virtual(m, w, (z,)))
+        loss_hat, scores = loss_fn(zs, writer(index), mags=virtual)
+        if cfg.margin_in == "meta":
+            loss_hat = loss_hat + cfg.alpha * margin_terms(scores, cfg)
+        return list(torch.autograd.grad(loss_hat, list(self.mags.parameters()))), loss_hat.detach()
+
+    def _apply(self, opt: torch.optim.Optimizer, params, grads: List[Tensor]) -> None:
+        if self.data_parallel is not None:
+            grads = self._average(grads)
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+
+    def _write(self, index: Tensor, zs: Sequence[Tensor]) -> None:
+        """bank_v[index] ← normalize(m·bank_v[index] + (1 - m)·z_v) for every view (every rank's rows)."""
+        if self.data_parallel is not None:
+            index, *zs = D.gather_all([index.to(zs[0].device), *[z.detach() for z in zs]], self.group)
+        for v, z in enumerate(zs):
+            self.bank.update(v, index, z)
 
     def _average(self, grads: List[Tensor]) -> List[Tensor]:
         """The mean over ranks of ``grads`` (one all-reduce of their concatenation)."""

@@ -30,22 +30,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .bank import MemoryBank
-from .data import DATASETS, TwoViews, load_split
+from .data import DATASETS, VIEWS, Views, load_split
 from .mag import MetaFeatureAugmenter
-from .models import ARCHS, TwoViewModel
-from .probe import linear_probe
+from .models import ARCHS, MultiViewModel
+from .probe import PROTOCOLS, linear_probe
 from .step import MetAugConfig, MetAugStep
 
 # Per dataset: (architecture, views, image size) unless the command line says otherwise.
 DEFAULTS = {
-    "digits": ("small_cnn", "two_crops", 8),
+    "digits": ("small_cnn", "crops", 8),
     "cifar10": ("alexnet_half", "lab", 32),
     "cifar100": ("alexnet_half", "lab", 32),
     "stl10": ("alexnet_half", "lab", 64),
     "tiny-imagenet": ("alexnet_half", "lab", 64),
 }
 # Fields that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("dataset", "arch", "views", "image_size", "feat_dim", "mag_hidden", "batch_size", "seed")
+_RESUME_KEYS = ("dataset", "arch", "views", "n_views", "image_size", "feat_dim", "mag_hidden", "batch_size", "seed")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class TrainConfig:
     data_root: Optional[str] = None
     arch: Optional[str] = None  # None: the dataset's default
     views: Optional[str] = None
+    n_views: int = 2
     image_size: Optional[int] = None
     feat_dim: int = 128
     mag_hidden: int = 2048
@@ -67,6 +68,7 @@ class TrainConfig:
     probe_epochs: int = 60
     probe_lr: float = 0.1
     probe_every: int = 0  # 0: only after the last epoch
+    probe_protocol: str = "standard"  # or "official" (see metaug_fast.metaug.probe)
     max_steps: int = 0  # per epoch; 0: the whole training split
     progress: bool = True
     device: str = "cpu"  # "cuda": this process's GPU (LOCAL_RANK under torchrun)
@@ -81,8 +83,14 @@ class TrainConfig:
         self.image_size = self.image_size or size
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.dataset == "digits" and (self.views != "two_crops" or self.arch != "small_cnn"):
-            raise ValueError("digits are 8×8 grayscale: use --arch small_cnn with --views two_crops")
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {self.views!r}")
+        if self.dataset == "digits" and (self.views != "crops" or self.arch != "small_cnn"):
+            raise ValueError("digits are 8×8 grayscale: use --arch small_cnn with --views crops")
+        if self.n_views not in (2, 3):
+            raise ValueError(f"n_views must be 2 or 3, got {self.n_views}")
+        if self.probe_protocol not in PROTOCOLS:
+            raise ValueError(f"probe_protocol must be one of {PROTOCOLS}, got {self.probe_protocol!r}")
         for name in ("feat_dim", "mag_hidden", "batch_size", "epochs", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,6 +101,15 @@ class TrainConfig:
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm needs two samples)")
         self.lr_decay_epochs = tuple(int(e) for e in self.lr_decay_epochs)
+
+    @classmethod
+    def official(cls, metaug: Optional[MetAugConfig] = None, **overrides) -> "TrainConfig":
+        """The official code's run: three views (L, ab, Lab, one encoder each on Lab data), batch 64, 300
+        epochs with lr ×0.1 at 120/160/200, MAGs 128 → 2048 → 2048 → 128, the official probe protocol, and
+        ``metaug`` (default :meth:`MetAugConfig.official`)."""
+        base = dict(n_views=3, batch_size=64, epochs=300, lr_decay_epochs=(120, 160, 200), lr_decay_rate=0.1,
+                    feat_dim=128, mag_hidden=2048, probe_epochs=60, probe_lr=0.1, probe_protocol="official")
+        return cls(**{**base, **overrides, "metaug": metaug or MetAugConfig.official()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,15 +151,17 @@ class Trainer:
         if cfg.views == "lab" and train_split.image(0).shape[0] != 3:
             raise ValueError("views='lab' needs RGB images")
         self.n_classes = train_split.n_classes
-        self.train_data = TwoViews(train_split, cfg.views, augment=True, image_size=cfg.image_size)
-        self.probe_train = TwoViews(train_split, cfg.views, augment=False, image_size=cfg.image_size)
-        self.probe_test = TwoViews(test_split, cfg.views, augment=False, image_size=cfg.image_size)
-        channels = (1, 2) if cfg.views == "lab" else (train_split.image(0).shape[0],) * 2
-        self.model = TwoViewModel(cfg.arch, channels, cfg.feat_dim, shared=cfg.views != "lab",
-                                  image_size=cfg.image_size).to(self.device)
-        self.mags = nn.ModuleList([MetaFeatureAugmenter(cfg.feat_dim, cfg.mag_hidden) for _ in range(2)]).to(self.device)
-        self.bank = MemoryBank(len(train_split), cfg.feat_dim, views=2, momentum=cfg.metaug.bank_momentum,
-                               generator=torch.Generator().manual_seed(cfg.seed), device=self.device)
+        views = dict(views=cfg.views, image_size=cfg.image_size, n_views=cfg.n_views)
+        self.train_data = Views(train_split, augment=True, **views)
+        self.probe_train = Views(train_split, augment=False, **views)
+        self.probe_test = Views(test_split, augment=False, **views)
+        self.model = MultiViewModel(cfg.arch, self.train_data.channels(), cfg.feat_dim, shared=cfg.views != "lab",
+                                    image_size=cfg.image_size).to(self.device)
+        self.mags = nn.ModuleList([MetaFeatureAugmenter(cfg.feat_dim, cfg.mag_hidden)
+                                   for _ in range(cfg.n_views)]).to(self.device)
+        self.bank = MemoryBank(len(train_split), cfg.feat_dim, views=cfg.n_views, momentum=cfg.metaug.bank_momentum,
+                               generator=torch.Generator().manual_seed(cfg.seed), device=self.device,
+                               init=cfg.metaug.bank_init)
         ddp = None
         if self.world > 1:
             ddp = DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
@@ -223,14 +242,15 @@ class Trainer:
             loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                 generator=self.loader_gen, num_workers=0)
         total = {"loss": 0.0, "meta": 0.0}
+        mag_start = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach().clone()
         steps = 0
         t0 = time.perf_counter()
         n = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
         bar = tqdm(loader, total=n, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.metaug.method}]",
                    disable=not (cfg.progress and self.is_main), leave=False)
-        for v1, v2, _, index in bar:
-            v1, v2, index = v1.to(self.device), v2.to(self.device), index.to(self.device)
-            out = self.step(v1, v2, index, self.sample_gen)
+        for *views, _, index in bar:
+            views, index = [v.to(self.device) for v in views], index.to(self.device)
+            out = self.step(views, index, self.sample_gen)
             for k, v in out.items():
                 total[k] += v
             steps += 1
@@ -242,13 +262,18 @@ class Trainer:
             sums = torch.tensor([total["loss"], total["meta"], steps], dtype=torch.float64, device=self.device)
             dist.all_reduce(sums)
             total["loss"], total["meta"], steps = sums[0].item(), sums[1].item(), int(sums[2].item())
+        # How far the MAGs moved this epoch, relative to where they started (0 without a meta step).
+        mag_end = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach()
+        mag_change = ((mag_end - mag_start).norm() / mag_start.norm().clamp(min=1e-30)).item()
         return {"epoch": self.epoch + 1, "lr": lr, "loss": total["loss"] / max(steps, 1),
-                "meta": total["meta"] / max(steps, 1), "seconds": time.perf_counter() - t0}
+                "meta": total["meta"] / max(steps, 1), "mag_change": mag_change,
+                "seconds": time.perf_counter() - t0}
 
     def probe(self) -> Dict[str, float]:
         return linear_probe(self.model, self.probe_train, self.probe_test, self.n_classes,
                             epochs=self.cfg.probe_epochs, lr=self.cfg.probe_lr, seed=self.cfg.seed,
-                            device=self.device)
+                            device=self.device, protocol=self.cfg.probe_protocol, mags=self.mags,
+                            augmented_train=self.train_data)
 
     def fit(self) -> Dict[str, float]:
         """Train to ``cfg.epochs`` (from wherever a resumed run stopped); returns the last metrics row."""
@@ -262,7 +287,7 @@ class Trainer:
             last = self.epoch == cfg.epochs
             if self.is_main and (last or (cfg.probe_every and self.epoch % cfg.probe_every == 0)):
                 acc = self.probe()
-                row.update(probe_conv=acc["conv"], probe_fc=acc["fc"])
+                row.update(probe_conv=acc["conv"], probe_fc=acc["fc"], probe_knn=acc["knn"])
             self.metrics.append(row)
             state = self.state_dict()  # collective: the other ranks wait here while rank 0 probes
             if self.is_main:
@@ -271,7 +296,7 @@ class Trainer:
         return self.metrics[-1] if self.metrics else {}
 
     def write_metrics(self) -> None:
-        keys = ["epoch", "lr", "loss", "meta", "seconds", "probe_conv", "probe_fc"]
+        keys = ["epoch", "lr", "loss", "meta", "mag_change", "seconds", "probe_conv", "probe_fc", "probe_knn"]
         path = os.path.join(self.cfg.out_dir, "metrics.csv")
         with open(path + ".tmp", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
