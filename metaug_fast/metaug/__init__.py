@@ -1,4 +1,4 @@
-"""MetAug training (shared SPEC.md section 5): the meta feature augmenter, the memory bank, the
+"""MetAug training: the meta feature augmenter, the memory bank, the
 second-order meta step, models, data, the linear probe and the trainer behind ``python -m metaug_fast.cli.train``."""
 from .bank import MemoryBank, ShardedMemoryBank
 from .mag import MetaFeatureAugmenter

@@ -10,9 +10,10 @@ Protocols of the linear probe (SGD, lr 0.1, momentum 0.9, batch 256, on conv5 "c
   each MAG reads the feature it was trained on, the encoder's output.
 
 The k-NN probe classifies each test image by the 20 training images whose features are most
-cosine-similar (centred on the training mean), by majority vote. On 8×8 digits, where a linear probe on
-a random encoder's features already reaches 98 %, it is the probe that separates trained encoders from
-untrained ones.
+cosine-similar (centred on the training mean), by majority vote. The few-label probe trains the standard
+linear probe on a few labeled images per class. On 8×8 digits a linear probe with every label reaches
+98 % on a random encoder's features, and the k-NN probe 95 %; with 3 labels per class the random encoder
+falls to about 64 % and trained ones reach 80-85 %: that is the probe ``make train`` reports.
 """
 from __future__ import annotations
 
@@ -103,6 +104,22 @@ def knn_accuracy(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     votes = torch.zeros(len(b), n_classes).scatter_add_(1, y_train[nearest], torch.ones(nearest.shape))
     return (votes.argmax(1) == y_test).float().mean().item()
+
+
+def few_label_accuracy(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, n_classes: int, *,
+                       per_class: int = 3, draws: int = 5, epochs: int = 100, seed: int = 0) -> float:
+    """Mean top-1 accuracy (fraction) of the standard linear probe trained on ``per_class`` labeled images of
+    each class, over ``draws`` random draws of those images (the same draws for every encoder of a seed)."""
+    accs = []
+    for d in range(draws):
+        gen = torch.Generator().manual_seed(seed * 1000 + d)
+        keep = []
+        for c in range(n_classes):
+            rows = (y_train == c).nonzero()[:, 0]
+            keep.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
+        keep = torch.cat(keep)
+        accs.append(fit_linear(x_train[keep], y_train[keep], x_test, y_test, n_classes, epochs=epochs, seed=seed + d))
+    return sum(accs) / len(accs)
 
 
 def linear_probe(model: nn.Module, train: Views, test: Views, n_classes: int, *, epochs: int = 60,
