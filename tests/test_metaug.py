@@ -164,18 +164,22 @@ def test_bank_checkpoint_round_trip_and_full_scoring(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ trainer
-def _tiny_cfg(tmp_path, name, epochs, **kw):
-    metaug = MetAugConfig(k_neg=16, method=kw.pop("method", "metaug"))
-    return TrainConfig(dataset="digits", epochs=epochs, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=2,
-                       probe_epochs=1, progress=False, out_dir=str(tmp_path / name), metaug=metaug, **kw)
+def _tiny_cfg(tmp_path, name, epochs, preset="default", **kw):
+    official = preset == "official"
+    metaug = (MetAugConfig.official if official else MetAugConfig)(k_neg=16, method=kw.pop("method", "metaug"))
+    return (TrainConfig.official if official else TrainConfig)(
+        dataset="digits", epochs=epochs, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=2, probe_epochs=1,
+        progress=False, out_dir=str(tmp_path / name), metaug=metaug, **kw)
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = Trainer(_tiny_cfg(tmp_path, "straight", 3))
+@pytest.mark.parametrize("preset", ["default", "official"])
+def test_resume_continues_exactly(tmp_path, preset):
+    # official: three views, MAG optimizer momentum, bank writes on every scoring, the official probe
+    straight = Trainer(_tiny_cfg(tmp_path, "straight", 3, preset))
     straight.fit()
-    first = Trainer(_tiny_cfg(tmp_path, "split", 2))
+    first = Trainer(_tiny_cfg(tmp_path, "split", 2, preset))
     first.fit()
-    resumed = Trainer(_tiny_cfg(tmp_path, "split", 3))
+    resumed = Trainer(_tiny_cfg(tmp_path, "split", 3, preset))
     resumed.resume(first.ckpt_path)
     assert resumed.epoch == 2
     resumed.fit()
@@ -233,6 +237,13 @@ def test_cifar_files_load_through_the_training_path(tmp_path, n_classes):
                           metaug=MetAugConfig(k_neg=4))
         last = Trainer(cfg).fit()
         assert 0 <= last["probe_conv"] <= 100 and cfg.arch == "alexnet_half"
+        # The official preset's three views of a Lab image: L, ab and Lab, one encoder each.
+        official = TrainConfig.official(dataset=name, data_root=str(tmp_path), epochs=1, batch_size=4, mag_hidden=8,
+                                        feat_dim=8, max_steps=1, probe_epochs=1, progress=False,
+                                        out_dir=str(tmp_path / "official"), metaug=MetAugConfig.official(k_neg=4))
+        trainer = Trainer(official)
+        assert trainer.train_data.channels() == (1, 2, 3) and len(trainer.model.encoders) == 3
+        assert 0 <= trainer.fit()["probe_fc"] <= 100
 
 
 def test_stl10_binary_files(tmp_path):

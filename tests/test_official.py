@@ -334,10 +334,62 @@ def test_compare_reports_every_method(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(compare, "RUNS", [("MetAug (official)", {}), ("only-OUCL, matched",
                         {"method": "oucl", "matched_side_effects": True}), ("random init", None)])
-    assert compare.main(["--epochs", "1", "--seeds", "0", "1", "--k-neg", "8", "--mag-hidden", "8", "--quiet",
-                         "--out", str(tmp_path)]) == 0
+    assert compare.main(["--epochs", "1", "--max-steps", "2", "--probe-epochs", "5", "--seeds", "0", "1", "--k-neg",
+                         "8", "--mag-hidden", "8", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| MetAug (official) |" in out and "| random init |" in out and " ± " in out
+    with pytest.raises(SystemExit):
+        compare.main(["--probe-epochs", "0"])
     rows = list(__import__("csv").DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 6 and all(0 < float(r["fc@3"]) <= 100 for r in rows)
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_official_probe_protocol_reads_mags_and_augmented_images():
+    from metaug_fast.metaug.data import Views, load_split
+    from metaug_fast.metaug.models import MultiViewModel
+    from metaug_fast.metaug.probe import extract, fit_linear
+
+    split = load_split("digits", None, train=True)
+    data = Views(split, "crops", augment=False, image_size=8, n_views=3)
+    model = MultiViewModel("small_cnn", data.channels(), dim=8)
+    mags = nn.ModuleList(MetaFeatureAugmenter(8, 6) for _ in range(3))
+    plain, _ = extract(model, data, "fc")
+    with_mags, y = extract(model, data, "fc", mags=mags)
+    assert with_mags.shape[1] == plain.shape[1] + 3 * 6
+    torch.testing.assert_close(with_mags[:, :plain.shape[1]], plain)
+    assert model.training and all(m.training for m in mags)  # modes restored
+
+    calls = []
+
+    def epoch_features(epoch):
+        calls.append(epoch)
+        return with_mags, y
+
+    acc = fit_linear(with_mags, y, with_mags[:100], y[:100], 10, epochs=4, protocol="official",
+                     train_features=epoch_features)
+    assert calls == [0, 1, 2, 3] and 0 <= acc <= 1
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        fit_linear(plain, y, plain, y, 10, epochs=1, protocol="paper")
+
+
+def test_memory_objective_with_two_views():
+    # Two views (L and ab): the two pairs, the margin's σ from the original call (no pair is left original
+    # by a one-view call), and the MAGs move.
+    cfg = MetAugConfig.official(k_neg=K, eta=0.5, alpha=0.5, backend="reference")
+    torch.manual_seed(0)
+    encoders = ThreeEncoders().double()
+    mags = nn.ModuleList(MetaFeatureAugmenter(D, 8) for _ in range(2)).double()
+    bank = MemoryBank(N, D, views=2, init="uniform", generator=torch.Generator().manual_seed(1))
+    bank.features = bank.features.double()
+    from metaug_fast.metaug.step import memory_objective
+
+    zs = encoders(*(torch.randn(B, IN, dtype=f64) for _ in range(3)))[:2]
+    loss, scores = memory_objective(zs, mags, bank, torch.arange(B), cfg, torch.Generator().manual_seed(2))
+    assert scores["orig_pos"].shape == (B, 2) and scores["aug_pos"].shape == (B, 4)
+    assert scores["aug_neg"].shape == (B, 4 * K) and torch.isfinite(loss)
+    own = [bank.features[v][torch.arange(B)] for v in range(2)]
+    expected = torch.stack([(zs[1] * own[0]).sum(1), (zs[0] * own[1]).sum(1)], 1)  # ab→l, l→ab
+    torch.testing.assert_close(scores["orig_pos"], (1 + expected) / 2)
+    grads = torch.autograd.grad(loss, list(mags.parameters()), allow_unused=True)
+    assert all(g is not None and g.abs().max() > 0 for g in grads)

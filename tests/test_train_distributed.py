@@ -1,6 +1,6 @@
 """The MetAug trainer on 2 CPU processes: through torchrun (smoke run, checkpoint, exact resume) and through
 torch.multiprocessing.spawn (every rank ends with the same model, MAGs and bank, with and without gradient
-caching)."""
+caching, and under the official preset)."""
 import os
 import subprocess
 import sys
@@ -54,14 +54,24 @@ def test_torchrun_trains_writes_one_checkpoint_and_resumes_exactly(tmp_path):
         single.resume(str(tmp_path / "split" / "checkpoint.pt"))
 
 
-def _sync_worker(rank, world, init_file, out_dir, chunk_size):
+SETTINGS = {
+    "plain": lambda **kw: TrainConfig(metaug=MetAugConfig(k_neg=16), **kw),
+    # the encoder step in chunks of 6 under DDP, the meta step on a sub-batch of 6 per rank
+    "gradient_cached": lambda **kw: TrainConfig(metaug=MetAugConfig(k_neg=16, chunk_size=6), **kw),
+    # three views, bank writes inside every scoring (gathered from every rank), the look-ahead encoder
+    # update (its gradient averaged over ranks)
+    "official_lookahead": lambda **kw: TrainConfig.official(
+        metaug=MetAugConfig.official(k_neg=16, variant="lookahead"), **kw),
+}
+
+
+def _sync_worker(rank, world, init_file, out_dir, setting):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
-        cfg = TrainConfig(dataset="digits", epochs=1, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=3,
-                          probe_epochs=1, progress=False, out_dir=out_dir,
-                          metaug=MetAugConfig(k_neg=16, chunk_size=chunk_size))
+        cfg = SETTINGS[setting](dataset="digits", epochs=1, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=3,
+                                probe_epochs=1, progress=False, out_dir=out_dir)
         trainer = Trainer(cfg)
         before = trainer.bank.features.clone()
         trainer.train_epoch()
@@ -71,17 +81,16 @@ def _sync_worker(rank, world, init_file, out_dir, chunk_size):
         states = [torch.empty_like(state) for _ in range(world)]
         dist.all_gather(states, state)
         assert torch.equal(states[0], states[1])  # the same model, MAGs and bank on every rank
-        # 3 steps × 2 ranks × 16 samples, two views: every rank's features reached the bank.
+        # 3 steps × 2 ranks × 16 samples, every view: every rank's features reached the bank.
         changed = (trainer.bank.features != before).any(2).sum(1)
-        assert changed.tolist() == [96, 96]
+        assert changed.tolist() == [96] * cfg.n_views
     finally:
         shutdown()
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("chunk_size", [0, 6], ids=["plain", "gradient_cached"])
-def test_ranks_stay_in_sync(chunk_size):
-    # gradient_cached: the encoder step in chunks of 6 under DDP, the meta step on a sub-batch of 6 per rank.
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_ranks_stay_in_sync(setting):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "run"), chunk_size), nprocs=2,
+        mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "run"), setting), nprocs=2,
                  join=True)
