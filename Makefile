@@ -10,7 +10,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train bench bench-headline bench-micro check-cuda check-triton gpu-static clean
+.PHONY: all install test train docs bench bench-headline bench-micro check-cuda check-triton gpu-static clean
 
 all: test
 
@@ -22,7 +22,7 @@ $(VENV)/.torch-stamp:
 
 # --no-build-isolation: build against the torch installed above instead of fetching another one.
 $(VENV)/.install-stamp: $(VENV)/.torch-stamp $(SOURCES)
-	$(PIP) install -e '.[test,bench,train]' --no-build-isolation
+	$(PIP) install -e '.[test,bench,train,docs]' --no-build-isolation
 	$(PY) -c "import metaug_fast; print('backends:', metaug_fast.available_backends())"
 	touch $@
 
@@ -34,16 +34,21 @@ test: install
 train: install
 	$(PY) -m metaug_fast.cli.compare --quiet
 
+# The documentation site into build/site, strictly: a broken link or anchor, or a docstring the API reference
+# cannot parse, fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 # The CPU suite (every op, backend and baseline over a sweep of sizes, about 4 minutes), the drop-in classes
-# against the libraries they replace (about 3 minutes), their charts, and the README's tables regenerated
-# from every CSV in bench/results/.
+# against the libraries they replace (about 3 minutes), their charts, and docs/benchmarks.md's tables
+# regenerated from every CSV in bench/results/.
 bench: install
 	$(PY) -m bench.sweep
 	$(PY) -m bench.sweep --suite drop_ins
 	$(PY) -m bench.plot
 	$(PY) -m bench.report
 
-# The issues' headline measurements (about 17 minutes): score mode at B=4096, label mode up to N=65536,
+# The headline measurements (about 17 minutes): score mode at B=4096, label mode up to N=65536,
 # distributed memory per rank, a 1M-row memory bank, large batches with and without gradient caching.
 bench-headline: install
 	$(PY) -m bench.bench_oucl_score

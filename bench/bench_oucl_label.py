@@ -1,7 +1,7 @@
 """Label-mode OUCL on the CPU: the fused C++ backend against reference.py and pytorch-metric-learning,
 side by side in one run.
 
-    python -m bench.bench_oucl_label            # the issue's sizes (about 3 minutes on 2 cores)
+    python -m bench.bench_oucl_label            # the headline sizes (about 3 minutes on 2 cores)
     python -m bench.bench_oucl_label --quick    # small sizes, for a smoke run
 
 Rows written to bench/results/oucl_label_cpu.csv:

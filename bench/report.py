@@ -1,9 +1,11 @@
-"""Write the README's benchmark tables from the CSVs in bench/results/ (between the README's
+"""Write the benchmark page's tables from the CSVs in bench/results/ (between the page's
 ``<!-- bench-report:begin -->`` and ``<!-- bench-report:end -->`` markers), so that every number there
 comes from a CSV row that names its command, machine, torch/Triton versions and commit.
 
-    python -m bench.report                    # rewrites README.md's generated section
+    python -m bench.report                    # rewrites docs/benchmarks.md's generated section
     python -m bench.report --print            # prints it instead
+
+The page reaches the charts through ``docs/results``, a link to ``bench/results``.
 """
 from __future__ import annotations
 
@@ -100,26 +102,26 @@ def build(results: Path) -> str:
         lines += [f"**{path.stem}** ({path.name}): {_provenance(rows)}", ""]
         lines += sweep_rows(rows) if _is_sweep(rows) else table_rows(rows) + [""]
         pngs = sorted(results.glob(f"{path.stem}*.png"))
-        lines += [" ".join(f"![{p.stem}](bench/results/{p.name})" for p in pngs), ""] if pngs else []
+        lines += [" ".join(f"![{p.stem}](results/{p.name})" for p in pngs), ""] if pngs else []
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
-    ap.add_argument("--readme", type=Path, default=Path("README.md"))
-    ap.add_argument("--print", action="store_true", help="print the section instead of writing the README")
+    ap.add_argument("--page", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--print", action="store_true", help="print the section instead of writing the page")
     args = ap.parse_args(argv)
     section = build(args.results)
     if args.print:
         print(section)
         return 0
-    text = args.readme.read_text()
+    text = args.page.read_text()
     if BEGIN not in text or END not in text:
-        ap.error(f"{args.readme} has no {BEGIN} … {END} markers")
+        ap.error(f"{args.page} has no {BEGIN} … {END} markers")
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    args.readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}{END}", text))
-    print(f"wrote the benchmark section of {args.readme} from {args.results}")
+    args.page.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}{END}", text))
+    print(f"wrote the benchmark section of {args.page} from {args.results}")
     return 0
 
 

@@ -104,7 +104,7 @@ struct LabelArgs {
 };
 
 // u(p), v(n) and their first and second derivatives per form. The circle form's Γ weights are
-// constants for differentiation (SPEC.md), so its u'' and v'' are zero like the weighted form's.
+// constants for differentiation (docs/mathematics.md#circle-weights), so its u'' and v'' are zero like the weighted form's.
 template <int FORM, typename T>
 struct Terms;
 

@@ -115,7 +115,7 @@ def load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, acc_ty: tl.const
 @triton.jit
 def side_terms(x, FORM: tl.constexpr, POS: tl.constexpr, beta, gamma_pos, gamma_neg, margin):
     """(e, e', e'') of one side at scores ``x``: e = u(x) for positives, v(x) for negatives. The circle
-    form's Γ weights are constants for differentiation (SPEC.md), so its e'' is 0 like the weighted form's."""
+    form's Γ weights are constants for differentiation (docs/mathematics.md#circle-weights), so its e'' is 0 like the weighted form's."""
     zero = tl.zeros_like(x)
     if FORM == SQUARED:
         if POS:

@@ -3,8 +3,8 @@
 >>> from metaug_fast import OUCLLoss
 >>> import metaug_fast.functional as F
 
-The mathematics is in shared SPEC.md; ``metaug_fast.reference`` is its executable form and every
-backend is tested against it.
+The mathematics is docs/mathematics.md#mathematics; ``metaug_fast.reference`` is its executable form and
+every backend is tested against it.
 """
 from . import functional, reference
 from ._backend import BackendUnavailableError, available_backends

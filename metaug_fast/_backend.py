@@ -56,7 +56,13 @@ def add(backend: Backend) -> Backend:
 
 
 def available_backends() -> List[str]:
-    """Names of the backends usable in this process, e.g. ``['reference', 'cpp']``."""
+    """Names of the backends usable in this process, e.g. ``['reference', 'cpp']``.
+
+    Example:
+        >>> import metaug_fast
+        >>> "reference" in metaug_fast.available_backends()
+        True
+    """
     return [name for name, b in REGISTRY.items() if b.available()]
 
 

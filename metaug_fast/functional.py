@@ -1,7 +1,7 @@
 """Public functions of metaug_fast: validate the inputs, pick a backend, run it.
 
-Every function has the meaning given in shared SPEC.md and the contract in shared DESIGN.md; the
-pure-PyTorch versions in :mod:`metaug_fast.reference` define the results. Bad input raises a
+Every function has the meaning given in docs/mathematics.md#mathematics and the design in
+docs/design.md#backends; the pure-PyTorch versions in :mod:`metaug_fast.reference` define the results. Bad input raises a
 ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
 
 Shapes: score mode takes ``pos [B,K⁺]`` and ``neg [B,K⁻]`` (float16/bfloat16/float32/float64) with
@@ -161,18 +161,31 @@ def oucl(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
-    """OUCL loss in score mode (SPEC.md section 3).
+    """OUCL loss in score mode (docs/mathematics.md#oucl-forms).
 
     Args:
-        pos: ``[B, K⁺]`` positive scores; neg: ``[B, K⁻]`` negative scores; same float dtype and device.
+        pos: ``[B, K⁺]`` positive scores, float16/bfloat16/float32/float64.
+        neg: ``[B, K⁻]`` negative scores, the same dtype and device.
         form: ``"hinge" | "squared" | "weighted" | "circle"``.
-        beta: inverse temperature β > 0; gamma_pos, gamma_neg: γ⁺, γ⁻ of the weighted form;
-            margin: m of the circle and squared forms; lam: λ of the hinge form.
-        pos_mask, neg_mask: optional bool ``[B,K⁺]``/``[B,K⁻]``, True = the entry counts.
+        beta: inverse temperature β > 0.
+        gamma_pos: γ⁺ of the weighted form.
+        gamma_neg: γ⁻ of the weighted form.
+        margin: m of the circle and squared forms.
+        lam: λ of the hinge form.
+        pos_mask: optional bool ``[B, K⁺]``, True = the entry counts.
+        neg_mask: optional bool ``[B, K⁻]``.
         reduction: ``"mean"`` over rows with a positive and a negative, ``"sum"``, or ``"none"`` (``[B]``).
         backend: ``"auto"``, ``"reference"`` or ``"cpp"`` (see :func:`metaug_fast.available_backends`).
     Returns:
         Scalar (or ``[B]`` for ``"none"``) in ``pos.dtype``; fp16/bf16 accumulate in fp32.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> pos, neg = torch.rand(8, 6), torch.rand(8, 60)
+        >>> F.oucl(pos, neg).shape
+        torch.Size([])
+        >>> F.oucl(pos, neg, form="circle", beta=80.0, reduction="none").shape
+        torch.Size([8])
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
@@ -197,20 +210,30 @@ def oucl_embeddings(
     self_offset: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """OUCL loss in label mode (SPEC.md section 2): pairs with equal labels are positives, others negatives.
+    """OUCL loss in label mode (docs/mathematics.md#modes): pairs with equal labels are positives, others negatives.
 
     Args:
         emb: ``[B, D]`` embeddings (normalized inside, gradients include the normalization, except for the
             ``"dot"`` similarity).
         labels: ``[B]`` integer labels.
-        ref_emb, ref_labels: optional reference set ``[M, D]``, ``[M]`` (a memory bank or the other view);
-            without it the reference is ``emb`` and the self-pair is excluded.
+        ref_emb: optional reference set ``[M, D]`` (a memory bank or the other view); without it the
+            reference is ``emb`` and the self-pair is excluded.
+        ref_labels: ``[M]`` integer labels of the reference set.
         similarity: ``"shifted_cosine"`` ((1 + cos)/2), ``"cosine"``, or ``"dot"`` (⟨x, y⟩ of the rows as
             given). Other arguments as :func:`oucl`.
         self_offset: with a reference set, anchor i is reference row i + self_offset and that pair is
             neither positive nor negative (the reference set holds the anchors, e.g. a gathered batch).
     Returns:
         Scalar (or ``[B]``) in ``emb.dtype``.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> emb, labels = torch.randn(16, 32), torch.arange(8).repeat(2)   # two views of 8 samples
+        >>> F.oucl_embeddings(emb, labels).shape
+        torch.Size([])
+        >>> bank, bank_labels = torch.randn(100, 32), torch.randint(0, 8, (100,))
+        >>> F.oucl_embeddings(emb, labels, bank, bank_labels, reduction="none").shape
+        torch.Size([16])
     """
     _label_inputs(emb, labels, ref_emb, ref_labels)
     self_offset = _self_offset(self_offset, emb, ref_emb)
@@ -222,7 +245,13 @@ def oucl_embeddings(
 
 def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine", backend: str = "auto") -> Tensor:
     """d(a_i, b_j) for ``a [B,D]``, ``b [M,D]`` -> ``[B,M]`` in ``a.dtype``; rows are L2-normalized first
-    (except for ``"dot"``)."""
+    (except for ``"dot"``).
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> F.pairwise_similarity(torch.randn(4, 8), torch.randn(5, 8)).shape
+        torch.Size([4, 5])
+    """
     _float_tensor(a, "a", 2)
     _float_tensor(b, "b", 2)
     _same(b, a, "b", "a")
@@ -240,10 +269,16 @@ def margin_statistics(
     *,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    """``(sigma_pos [B], sigma_neg [B])`` of SPEC.md section 4 from the original features' scores.
+    """``(sigma_pos [B], sigma_neg [B])`` (docs/mathematics.md#margins) from the original features' scores.
 
     σ⁺ = min(p_min, n_max), σ⁻ = max(p_min, n_max); a row without a positive or a negative gets
     (+inf, -inf), which constrains nothing in :func:`margin_injection_loss`.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> sigma_pos, sigma_neg = F.margin_statistics(torch.rand(8, 6), torch.rand(8, 60))
+        >>> sigma_pos.shape, bool((sigma_pos <= sigma_neg).all())
+        (torch.Size([8]), True)
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     return _backend.resolve("margin_statistics", backend, pos.device)(pos, neg, pos_mask, neg_mask)
@@ -258,7 +293,17 @@ def margin_statistics_embeddings(
     similarity: str = "shifted_cosine",
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`margin_statistics` in label mode, the scores fused with the similarity (no B×M on ``cpp``)."""
+    """:func:`margin_statistics` in label mode, the scores fused with the similarity (no B×M on ``cpp``).
+
+    ``emb [B, D]``, integer ``labels [B]`` and the optional reference set ``ref_emb [M, D]``, ``ref_labels [M]``
+    as :func:`oucl_embeddings`; returns ``(sigma_pos [B], sigma_neg [B])`` in ``emb.dtype``.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> sigma_pos, sigma_neg = F.margin_statistics_embeddings(torch.randn(16, 32), torch.arange(8).repeat(2))
+        >>> sigma_pos.shape
+        torch.Size([16])
+    """
     _label_inputs(emb, labels, ref_emb, ref_labels)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("margin_statistics_embeddings", backend, emb.device)
@@ -277,10 +322,16 @@ def margin_injection_loss(
     neg_mask: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """R_σ of SPEC.md section 4 on augmented scores ``pos_aug [B,K̂⁺]``, ``neg_aug [B,K̂⁻]``.
+    """R_σ (docs/mathematics.md#margins) on augmented scores ``pos_aug [B,K̂⁺]``, ``neg_aug [B,K̂⁻]``.
 
     ``sigma_pos``/``sigma_neg`` are ``[B]`` (from :func:`margin_statistics`); gradients flow into them
     unless ``detach_margin``. ``reduction`` is over all B rows.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> sigma_pos, sigma_neg = F.margin_statistics(torch.rand(8, 6), torch.rand(8, 60))
+        >>> F.margin_injection_loss(torch.rand(8, 36), torch.rand(8, 360), sigma_pos, sigma_neg).shape
+        torch.Size([])
     """
     pos_mask, neg_mask = _scores(pos_aug, neg_aug, pos_mask, neg_mask, "pos_aug", "neg_aug")
     for name, sigma in (("sigma_pos", sigma_pos), ("sigma_neg", sigma_neg)):
@@ -309,7 +360,7 @@ def info_nce(
     average: str = "anchor",
     backend: str = "auto",
 ) -> Tensor:
-    """InfoNCE in score mode (SPEC.md section 3): similarities ``pos [B,K⁺]``, ``neg [B,K⁻]``.
+    """InfoNCE in score mode (docs/mathematics.md#infonce): similarities ``pos [B,K⁺]``, ``neg [B,K⁻]``.
 
     The loss of a positive p of row i is -log(e^{p/τ} / (e^{p/τ} + Σ_n e^{n/τ})).
 
@@ -319,9 +370,21 @@ def info_nce(
         average: ``"anchor"``: a row's loss is the mean over its positives and "mean" averages the valid
             rows; ``"pair"``: a row's loss is the sum over its positives and "mean" divides by the number of
             positive pairs (pytorch-metric-learning's NTXentLoss). The two agree with one positive per row.
-        pos_mask, neg_mask, reduction, backend: as :func:`oucl`.
+        pos_mask: as :func:`oucl`.
+        neg_mask: as :func:`oucl`.
+        reduction: as :func:`oucl`.
+        backend: as :func:`oucl`.
     Returns:
         Scalar (or ``[B]`` for ``"none"``) in ``pos.dtype``.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> F.info_nce(torch.rand(8, 1), torch.rand(8, 60), temperature=0.1).shape
+        torch.Size([])
+        >>> tau = torch.tensor(0.07, requires_grad=True)   # a learned temperature gets its gradient
+        >>> F.info_nce(torch.rand(8, 1), torch.rand(8, 60), temperature=tau).backward()
+        >>> tau.grad.shape
+        torch.Size([])
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     args = _info_nce_args(temperature, pos, "pos", reduction, average)
@@ -348,11 +411,23 @@ def info_nce_embeddings(
     pytorch-metric-learning's NTXentLoss.
 
     Args:
-        emb, labels, ref_emb, ref_labels: as :func:`oucl_embeddings`.
+        emb: ``[B, D]`` embeddings, as :func:`oucl_embeddings`.
+        labels: ``[B]`` integer labels.
+        ref_emb: optional reference set ``[M, D]``.
+        ref_labels: ``[M]`` labels of the reference set.
         similarity: ``"cosine"``, ``"shifted_cosine"`` or ``"dot"`` (the inner product of the rows as given,
             CLIP's logits before the scale).
-        temperature, average, reduction, backend: as :func:`info_nce`; self_offset: as
-            :func:`oucl_embeddings`.
+        temperature: as :func:`info_nce`.
+        average: as :func:`info_nce`.
+        reduction: as :func:`info_nce`.
+        backend: as :func:`info_nce`.
+        self_offset: as :func:`oucl_embeddings`.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> z1, z2 = torch.randn(8, 32), torch.randn(8, 32)
+        >>> F.info_nce_embeddings(torch.cat([z1, z2]), torch.arange(8).repeat(2), temperature=0.1).shape
+        torch.Size([])
     """
     _label_inputs(emb, labels, ref_emb, ref_labels)
     self_offset = _self_offset(self_offset, emb, ref_emb)

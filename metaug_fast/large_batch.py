@@ -118,6 +118,21 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
     Returns:
         The loss, a scalar that carries no gradient (back-propagating it raises); with ``return_embeddings``,
         ``(loss, embeddings)``, a tuple in ``model``'s output order.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> from metaug_fast import large_batch
+        >>> class TwoViews(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.enc = torch.nn.Linear(10, 8)
+        ...     def forward(self, v1, v2):
+        ...         return self.enc(v1), self.enc(v2)
+        >>> model, labels = TwoViews(), torch.arange(64).repeat(2)
+        >>> loss_fn = lambda z1, z2: F.info_nce_embeddings(torch.cat([z1, z2]), labels, temperature=0.1)
+        >>> loss = large_batch.cached_backward(model, (torch.randn(64, 10), torch.randn(64, 10)), loss_fn, chunk_size=16)
+        >>> model.enc.weight.grad.shape   # the gradient of the whole batch, 16 rows of activations at a time
+        torch.Size([8, 10])
     """
     B = _check(inputs, chunk_size)
     if B <= chunk_size:  # one chunk: the plain step is the same computation, without the extra forward

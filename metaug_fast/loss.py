@@ -13,18 +13,27 @@ DEFAULTS = LossParams()
 
 
 class OUCLLoss(nn.Module):
-    """Optimization-driven unified contrastive loss (shared SPEC.md section 3).
+    """Optimization-driven unified contrastive loss (docs/mathematics.md#oucl-forms).
 
-    Example::
-
-        loss_fn = OUCLLoss(form="circle", beta=80.0, margin=0.25, similarity="cosine")
-        loss = loss_fn(pos, neg)                      # score mode: pos [B,K⁺], neg [B,K⁻]
-        loss = loss_fn.embeddings(emb, labels)        # label mode: emb [B,D], labels [B]
+    Example:
+        >>> import torch
+        >>> from metaug_fast import OUCLLoss
+        >>> loss_fn = OUCLLoss(form="circle", beta=80.0, margin=0.25, similarity="cosine")
+        >>> pos, neg = torch.rand(8, 6), torch.rand(8, 60)     # score mode: pos [B,K⁺], neg [B,K⁻]
+        >>> loss_fn(pos, neg).shape
+        torch.Size([])
+        >>> emb, labels = torch.randn(16, 32), torch.arange(8).repeat(2)   # label mode: emb [B,D], labels [B]
+        >>> loss_fn.embeddings(emb, labels).shape
+        torch.Size([])
 
     Args:
-        form, beta, gamma_pos, gamma_neg, margin, lam: the loss form and its parameters, as
-            :func:`metaug_fast.functional.oucl` (default: the weighted form, ℓ = (1/β)·log(1 + ΣΣ e^{β(n−p)})
-            with γ = 0, β = 16).
+        form: the loss form, as :func:`metaug_fast.functional.oucl` (default: the weighted form,
+            ℓ = (1/β)·log(1 + ΣΣ e^{β(n−p)}) with γ = 0, β = 16).
+        beta: β > 0.
+        gamma_pos: γ⁺ of the weighted form.
+        gamma_neg: γ⁻ of the weighted form.
+        margin: m of the circle and squared forms.
+        lam: λ of the hinge form.
         similarity: used by :meth:`embeddings`: ``"shifted_cosine"`` ((1 + cos)/2) or ``"cosine"``.
         reduction: ``"mean"`` (over rows with a positive and a negative), ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.

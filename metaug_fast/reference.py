@@ -1,8 +1,8 @@
-"""Pure-PyTorch implementation of shared SPEC.md, sections 1-4.
+"""Pure-PyTorch implementation of docs/mathematics.md#mathematics.
 
 This module is the oracle every fused backend is tested against and the portable fallback that works on
 any device. It is written for clarity and exactness, not speed, but it is not deliberately slow: it uses
-the factorization of SPEC.md section 3 (two row-wise log-sum-exps instead of the K⁺×K⁻ pair matrix), so a
+the factorization of docs/mathematics.md#factorization (two row-wise log-sum-exps instead of the K⁺×K⁻ pair matrix), so a
 row costs O(K⁺ + K⁻). Everything here is differentiable to second order with plain autograd.
 
 Conventions shared by every function:
@@ -143,7 +143,7 @@ def _softplus(x: Tensor) -> Tensor:
 def _exponents(
     p: Tensor, n: Tensor, form: str, beta: float, gamma_pos: float, gamma_neg: float, margin: float
 ) -> Tuple[Tensor, Tensor]:
-    """u(p) and v(n) of SPEC.md section 3: the pair term is exp(u(p) + v(n))."""
+    """u(p) and v(n) of docs/mathematics.md#factorization: the pair term is exp(u(p) + v(n))."""
     if form == "squared":
         return beta * (p - 1.0) ** 2, beta * (n * n - 2.0 * margin * margin)
     if form == "weighted":
@@ -216,12 +216,13 @@ def oucl(
     neg_mask: Optional[Tensor] = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """OUCL loss in score mode (SPEC.md section 3).
+    """OUCL loss in score mode (docs/mathematics.md#oucl-forms).
 
     Args:
         pos: ``[B, K⁺]`` positive scores, float16/bfloat16/float32/float64.
         neg: ``[B, K⁻]`` negative scores, same dtype and device.
-        pos_mask, neg_mask: optional bool masks of the same shapes (True = the entry counts).
+        pos_mask: optional bool mask of ``pos``'s shape (True = the entry counts).
+        neg_mask: optional bool mask of ``neg``'s shape.
     Returns:
         A scalar for ``"mean"``/``"sum"``, ``[B]`` for ``"none"`` (0 for invalid rows), in ``pos.dtype``.
     """
@@ -314,7 +315,7 @@ def info_nce_embeddings(
 def margin_statistics(
     pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor] = None, neg_mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
-    """σ⁺ = min(p_min, n_max) and σ⁻ = max(p_min, n_max) per row (SPEC.md section 4), ``[B]`` each.
+    """σ⁺ = min(p_min, n_max) and σ⁻ = max(p_min, n_max) per row (docs/mathematics.md#margins), ``[B]`` each.
 
     Gradients reach the arg-min/arg-max entries (split evenly between ties, as torch.amin/amax do). A row
     without a positive or a negative gets σ⁺ = +inf and σ⁻ = -inf: it puts no constraint on the
@@ -364,13 +365,16 @@ def margin_injection_loss(
     pos_mask: Optional[Tensor] = None,
     neg_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """R_σ of SPEC.md section 4.
+    """R_σ (docs/mathematics.md#margins).
 
     Args:
-        pos_aug: ``[B, K̂⁺]`` scores of augmented positives; neg_aug: ``[B, K̂⁻]`` of augmented negatives.
-        sigma_pos, sigma_neg: ``[B]`` from :func:`margin_statistics` on the original features.
-        pos_mask, neg_mask: optional bool masks over the augmented scores; a row's mean is over the
-            entries kept (a row with none contributes 0 for that term).
+        pos_aug: ``[B, K̂⁺]`` scores of augmented positives.
+        neg_aug: ``[B, K̂⁻]`` scores of augmented negatives.
+        sigma_pos: ``[B]`` σ⁺ from :func:`margin_statistics` on the original features.
+        sigma_neg: ``[B]`` σ⁻.
+        pos_mask: optional bool mask over ``pos_aug``; a row's mean is over the entries kept (a row with
+            none contributes 0 for that term).
+        neg_mask: optional bool mask over ``neg_aug``.
     Returns:
         ``mean_i(mean_k [P̂_ik - σ⁺_i]_+ + mean_k [σ⁻_i - N̂_ik]_+)`` over all B rows for ``"mean"``,
         the sum for ``"sum"``, ``[B]`` for ``"none"``; in ``pos_aug.dtype``.

@@ -83,10 +83,10 @@ def test_sweep_writes_the_schema_plots_and_report(tmp_path):
     assert all(float(r["time_ms"]) > 0 for r in rows)
     pngs = plot.plot_sweep(out, tmp_path / "results")
     assert sorted(p.name for p in pngs) == ["sweep_cpu_oucl_label.png", "sweep_cpu_oucl_score.png"]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
-    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    assert report.main(["--results", str(tmp_path / "results"), "--page", str(page)]) == 0
+    text = page.read_text()
     assert "old" not in text and "rest" in text and "oucl_label (float32)" in text and "naive_pairs" in text
     # Out of memory is a row, not a crash: under an 8 GiB address space (3.4 of it are torch's libraries) the
     # inputs of B = 2^18 rows fit (1.6 GB) and the naive pair tensor (9.7 GB) does not.

@@ -113,7 +113,7 @@ def close_views(B, D, gen, noise=0.05):
 
 
 def low_precision_bound(got, low_ref, exact, dtype, fp32_tol):
-    """The documented tolerance (README, Accuracy): fp32 within ``fp32_tol``; fp16/bf16 within twice
+    """The documented tolerance (docs/accuracy.md#accuracy): fp32 within ``fp32_tol``; fp16/bf16 within twice
     reference.py's own error in that dtype plus one ulp."""
     for i, (g, r, w) in enumerate(zip(got, low_ref, exact)):
         assert g.dtype == dtype, (i, g.dtype)

@@ -1,4 +1,4 @@
-"""The reason double backward exists: a MetAug-style meta step (SPEC.md section 5) through an encoder,
+"""The reason double backward exists: a MetAug-style meta step (docs/mathematics.md#metaug-step) through an encoder,
 OUCL and a feature augmenter gives the same second-order gradient on the cpp backend as on reference."""
 import pytest
 import torch

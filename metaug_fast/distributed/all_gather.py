@@ -29,6 +29,14 @@ def oucl_embeddings_all_gather(
         reduction: ``"mean"`` (over all valid rows of all ranks) or ``"sum"``; both return the global value
             on every rank.
         params: similarity, form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> emb = torch.randn(16, 32)
+        >>> labels = torch.arange(8).repeat(2) + 8 * torch.distributed.get_rank()
+        >>> distributed.oucl_embeddings_all_gather(emb, labels, form="circle", beta=80.0).shape
+        torch.Size([])
     """
     similarity, checked = _checked_params("oucl_embeddings_all_gather", emb, labels, reduction, params)
     return _all_gather_loss("oucl_embeddings", emb, labels, group, reduction, backend, similarity=similarity,
@@ -47,7 +55,17 @@ def info_nce_embeddings_all_gather(
 ) -> Tensor:
     """Label-mode InfoNCE (NT-Xent for two views) over the global batch of all ranks of ``group``, like
     :func:`oucl_embeddings_all_gather`: the global loss on every rank, each rank's gradient that of one
-    process holding the whole batch; first derivatives only."""
+    process holding the whole batch; first derivatives only. ``emb [b, D]`` and ``labels [b]`` as
+    :func:`oucl_embeddings_all_gather`.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> z1, z2 = torch.randn(8, 32), torch.randn(8, 32)   # this rank's two views
+        >>> labels = torch.arange(8).repeat(2) + 8 * torch.distributed.get_rank()
+        >>> distributed.info_nce_embeddings_all_gather(torch.cat([z1, z2]), labels, temperature=0.1).shape
+        torch.Size([])
+    """
     _check_call("info_nce_embeddings_all_gather", reduction)
     F._label_inputs(emb, labels, None, None)
     temperature = F._real(temperature, "temperature", positive=True)

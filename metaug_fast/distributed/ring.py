@@ -89,7 +89,17 @@ def oucl_embeddings_ring(
     """Label-mode OUCL over the global batch like :func:`oucl_embeddings_all_gather`, but the other ranks'
     embeddings visit one at a time around the ring instead of being gathered: per-rank memory
     O((b + largest rank's b)·D) instead of O(Σ b · D). Same loss and gradients; first derivatives only.
-    Needs the fused label op of the tensors' device (cpp on CPU)."""
+    Needs the fused label op of the tensors' device (cpp on CPU). ``emb [b, D]`` and ``labels [b]`` as
+    :func:`oucl_embeddings_all_gather`.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> emb = torch.randn(16, 32)
+        >>> labels = torch.arange(8).repeat(2) + 8 * torch.distributed.get_rank()
+        >>> distributed.oucl_embeddings_ring(emb, labels).shape
+        torch.Size([])
+    """
     similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
                                           dict(params, similarity=similarity))
     ops, sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked)

@@ -30,6 +30,12 @@ def oucl_global(
     sits in the backward).
 
     params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl`.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> distributed.oucl_global(torch.rand(8, 6), torch.rand(8, 60)).shape   # the mean over every rank's rows
+        torch.Size([])
     """
     _check_call("oucl_global", reduction)
     rows = F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, reduction="none", backend=backend, **params)

@@ -67,6 +67,15 @@ def oucl_embeddings_sharded(
         shard_unit: the shard's rows are unit vectors already (a memory bank keeps them so): they are used as
             they are instead of through a normalized m×D copy.
         params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> shard = torch.nn.functional.normalize(torch.randn(500, 32), dim=1)   # this rank's rows of the bank
+        >>> shard_labels = torch.randint(0, 10, (500,))
+        >>> emb, labels = torch.randn(16, 32), torch.randint(0, 10, (16,))
+        >>> distributed.oucl_embeddings_sharded(emb, labels, shard, shard_labels, shard_unit=True).shape
+        torch.Size([])
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
                                           dict(params, similarity=similarity), ref=(shard, shard_labels))

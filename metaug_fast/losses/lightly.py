@@ -60,6 +60,12 @@ class NTXentLoss(nn.Module):
     Forward: ``out0 [B, D]``, ``out1 [B, D]`` (one float dtype); returns a scalar in their dtype.
 
     Buffers ``bank [num_features, dim]`` (fp32, like lightly's; ``.double()`` converts it) and ``bank_ptr``.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.losses.lightly import NTXentLoss
+        >>> NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32)).shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,

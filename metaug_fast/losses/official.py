@@ -47,11 +47,22 @@ class CircleLoss(nn.Module):
         args: an object with the official options as attributes (``gama_gh``, ``delta_m_gh``,
             ``delta_enable_gh``, ``alpha_m_gh``, ``alpha_de_gh``, ``alpha_enable_gh``), e.g. the official
             argparse namespace; missing attributes take the defaults below.
-        gamma, delta_m, delta_enable, alpha_m, alpha_de, alpha_enable: the same options as keywords
-            (override ``args``).
+        gamma: ``gama_gh`` as a keyword (overrides ``args``); likewise the next five.
+        delta_m: ``delta_m_gh``.
+        delta_enable: ``delta_enable_gh``.
+        alpha_m: ``alpha_m_gh``.
+        alpha_de: ``alpha_de_gh``.
+        alpha_enable: ``alpha_enable_gh``.
         backend: metaug_fast's backend choice.
     Forward: six float tensors ``[B, K+1, 1]`` or ``[B, K+1]`` of one dtype and device (K may differ between
     them); returns a scalar in their dtype.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.losses.official import CircleLoss
+        >>> outs = [torch.rand(4, 17, 1) * 2 - 1 for _ in range(6)]   # [B, K+1, 1], the positive in column 0
+        >>> CircleLoss()(*outs).shape
+        torch.Size([])
     """
 
     def __init__(self, args=None, *, gamma: Optional[float] = None, delta_m: Optional[float] = None,

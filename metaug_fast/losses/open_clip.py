@@ -41,12 +41,26 @@ class ClipLoss(nn.Module):
     """open_clip's ``ClipLoss``, fused.
 
     Args:
-        local_loss, gather_with_grad, cache_labels, rank, world_size: open_clip's (``cache_labels`` only
-            caches open_clip's label tensor: it changes nothing here). ``use_horovod``: must be False.
+        local_loss: open_clip's: each rank scores only its own rows against the gathered features.
+        gather_with_grad: open_clip's: the gathered features carry gradients to their ranks.
+        cache_labels: open_clip's (it only caches open_clip's label tensor: it changes nothing here).
+        rank: this process's rank.
+        world_size: the number of processes.
+        use_horovod: must be False.
         backend: metaug_fast's backend choice.
     Forward: ``image_features [B, D]``, ``text_features [B, D]`` (one float dtype), ``logit_scale`` a float
     or 0-d tensor (the learned ``exp(logit_scale)``), optional ``logit_bias``; returns a scalar in the
     features' dtype, or ``{"contrastive_loss": loss}`` with ``output_dict=True``.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.losses.open_clip import ClipLoss
+        >>> image = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+        >>> text = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+        >>> logit_scale = torch.tensor(100.0, requires_grad=True)
+        >>> ClipLoss()(image, text, logit_scale).backward()
+        >>> logit_scale.grad.shape
+        torch.Size([])
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,

@@ -121,12 +121,19 @@ class CircleLoss(_PairLoss):
     """pytorch-metric-learning's ``CircleLoss(m=0.4, gamma=80)`` on the fused circle form.
 
     Args:
-        m: the relaxation margin; gamma: the scale (the library's β).
-        distance, reducer, embedding_regularizer, embedding_reg_weight, collect_stats: PML's; only their
-            defaults (or ``CosineSimilarity()``, ``AvgNonZeroReducer()``) are accepted.
-        backend: metaug_fast's backend choice (``"auto"``, ``"cpp"``, ...).
+        m: the relaxation margin.
+        gamma: the scale (the library's β).
+        **kwargs: PML's ``distance``, ``reducer``, ``embedding_regularizer``, ``embedding_reg_weight``,
+            ``collect_stats``: only their defaults (or ``CosineSimilarity()``, ``AvgNonZeroReducer()``) are
+            accepted; ``backend``: metaug_fast's backend choice (``"auto"``, ``"cpp"``, ...).
     Forward: ``embeddings [B, D]`` float, ``labels [B]`` integer, optional ``ref_emb [M, D]``,
     ``ref_labels [M]``; returns a scalar in ``embeddings.dtype``.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.losses.pml import CircleLoss
+        >>> CircleLoss(m=0.25, gamma=256)(torch.randn(16, 32), torch.randint(0, 4, (16,))).shape
+        torch.Size([])
     """
 
     _default_reducer = "AvgNonZeroReducer"
@@ -155,9 +162,17 @@ class NTXentLoss(_PairLoss):
 
     Args:
         temperature: τ (a float, or a 0-d tensor that gets its gradient).
-        distance: ``None``/``CosineSimilarity()`` (cosine), or ``DotProductSimilarity(normalize_embeddings=
-            False)`` (plain inner products); reducer etc.: PML's defaults only. backend: as :class:`CircleLoss`.
-    Forward as :class:`CircleLoss`.
+        **kwargs: ``distance``: ``None``/``CosineSimilarity()`` (cosine), or
+            ``DotProductSimilarity(normalize_embeddings=False)`` (plain inner products); ``reducer`` etc.: PML's
+            defaults only; ``backend``: as :class:`CircleLoss`.
+    Forward as :class:`CircleLoss`: ``embeddings [B, D]``, ``labels [B]``, optional ``ref_emb [M, D]``,
+    ``ref_labels [M]``; returns a scalar.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.losses.pml import NTXentLoss
+        >>> NTXentLoss(temperature=0.1)(torch.randn(16, 32), torch.arange(8).repeat(2)).shape
+        torch.Size([])
     """
 
     _default_reducer = "MeanReducer"

@@ -26,7 +26,8 @@ def _momentum_update(rows: Tensor, index: Tensor, z: Tensor, momentum: float) ->
 
 
 class MemoryBank:
-    """``n_data × dim`` L2-normalized features per view, updated with momentum after scoring.
+    """``[views, n_data, dim]`` L2-normalized features (``features``), one bank per view, updated with momentum
+    after scoring.
 
     Args:
         n_data: number of training samples; dim: feature size; views: number of views (one bank each).
@@ -34,6 +35,15 @@ class MemoryBank:
         generator: the random source for initialization and sampling (reproducible runs).
         init: ``"normal"``, Gaussian rows normalized to unit length, or ``"uniform"``, the official code's
             rows uniform in ±1/√(dim/3) (unit length on average, not normalized).
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.metaug import MemoryBank
+        >>> bank = MemoryBank(1000, 128, views=2, momentum=0.5)
+        >>> index = bank.sample(64, 1024)   # [64, 1024] rows, uniform with replacement
+        >>> bank.gather(0, index).shape
+        torch.Size([64, 1024, 128])
+        >>> bank.update(0, torch.arange(4), torch.nn.functional.normalize(torch.randn(4, 128), dim=1))
     """
 
     def __init__(self, n_data: int, dim: int, views: int = 2, momentum: float = 0.5,
@@ -119,6 +129,12 @@ class ShardedMemoryBank:
     Args:
         n_data: rows per view; dim: feature size; views: number of views; momentum: as :class:`MemoryBank`.
         seed: the initial bank's seed; group: the process group (default: the world).
+
+    Example:
+        >>> from metaug_fast.metaug import ShardedMemoryBank
+        >>> bank = ShardedMemoryBank(1000, 128, views=2)   # every rank, once the process group is initialized
+        >>> bank.full(0).shape
+        torch.Size([1000, 128])
     """
 
     _INIT_BLOCK = 4096

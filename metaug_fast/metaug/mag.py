@@ -9,6 +9,13 @@ class MetaFeatureAugmenter(nn.Module):
     """a_ω: an MLP D → h → h → D with BatchNorm and ReLU between layers and an L2-normalized output.
 
     The paper's size is 128 → 2048 → 2048 → 128; one MAG per view. Input and output ``[B, D]`` float.
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast.metaug import MetaFeatureAugmenter
+        >>> mag = MetaFeatureAugmenter(dim=128, hidden=2048)
+        >>> mag(torch.randn(64, 128)).shape, mag.hidden(torch.randn(64, 128)).shape
+        (torch.Size([64, 128]), torch.Size([64, 2048]))
     """
 
     def __init__(self, dim: int = 128, hidden: int = 2048) -> None:

@@ -56,7 +56,13 @@ Writer = Optional[Callable[[Sequence[Tensor]], None]]
 @dataclass
 class MetAugConfig:
     """Every hyper-parameter of the MetAug step. The defaults are this library's formulation (the paper's
-    loss, ``objective="features"``); :meth:`official` gives the official code's configuration."""
+    loss, ``objective="features"``); :meth:`official` gives the official code's configuration.
+
+    Example:
+        >>> from metaug_fast.metaug import MetAugConfig
+        >>> MetAugConfig().objective, MetAugConfig.official().objective, MetAugConfig.official(eta=1.0).eta
+        ('features', 'memory', 1.0)
+    """
 
     method: str = "metaug"  # "metaug" | "oucl" (only OUCL, no MAG) | "infonce" (the baseline)
     lr: float = 0.03  # encoder SGD
@@ -346,6 +352,22 @@ class MetAugStep:
             gradients over ranks); the encoder step runs through it. With it, the MAG gradients of the meta
             step are averaged over the ranks of ``group`` too, and every rank's features update the bank,
             so the replicated bank, the model and the MAGs stay identical on every rank.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugConfig, MetAugStep
+        >>> class Model(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.enc = nn.Linear(10, 8)
+        ...     def forward(self, v1, v2):
+        ...         return tuple(nn.functional.normalize(self.enc(v), dim=1) for v in (v1, v2))
+        >>> mags = nn.ModuleList(MetaFeatureAugmenter(8, 16) for _ in range(2))
+        >>> step = MetAugStep(Model(), mags, MemoryBank(100, 8, views=2), MetAugConfig(k_neg=32))
+        >>> views, index = (torch.randn(4, 10), torch.randn(4, 10)), torch.arange(4)
+        >>> sorted(step(views, index, torch.Generator().manual_seed(0)))
+        ['loss', 'meta']
     """
 
     def __init__(self, model: nn.Module, mags: nn.ModuleList, bank: MemoryBank, cfg: MetAugConfig,

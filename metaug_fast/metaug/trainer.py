@@ -50,6 +50,18 @@ _RESUME_KEYS = ("dataset", "arch", "views", "n_views", "image_size", "feat_dim",
 
 @dataclass
 class TrainConfig:
+    """A training run: data, views, model, schedule, probe, output, and the step's :class:`MetAugConfig`.
+
+    ``arch``, ``views`` and ``image_size`` default to the dataset's (:data:`DEFAULTS`); :meth:`official` is the
+    official code's run.
+
+    Example:
+        >>> from metaug_fast.metaug.trainer import TrainConfig
+        >>> cfg = TrainConfig.official(dataset="digits", epochs=1)
+        >>> cfg.n_views, cfg.views, cfg.metaug.objective
+        (3, 'crops', 'memory')
+    """
+
     dataset: str = "digits"
     data_root: Optional[str] = None
     arch: Optional[str] = None  # None: the dataset's default
@@ -138,6 +150,19 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 
 
 class Trainer:
+    """Builds the data, model, MAGs, bank and step of ``cfg`` and trains them: :meth:`fit` runs the epochs,
+    probes, writes ``metrics.csv``/``metrics.png`` and a checkpoint per epoch; :meth:`resume` continues one.
+
+    Example:
+        >>> import tempfile
+        >>> from metaug_fast.metaug.trainer import TrainConfig, Trainer
+        >>> cfg = TrainConfig(dataset="digits", epochs=1, max_steps=2, mag_hidden=16, probe_epochs=1,
+        ...                   progress=False, out_dir=tempfile.mkdtemp())
+        >>> last = Trainer(cfg).fit()
+        >>> sorted(k for k in last if k.startswith("probe"))
+        ['probe_conv', 'probe_fc', 'probe_knn']
+    """
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         distributed = dist.is_available() and dist.is_initialized()
