@@ -19,7 +19,7 @@ from .common import benchmark_csvs
 from .plot import _is_sweep, _read
 
 BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
-# The issue-specific measurements first, then the sweeps; CPU before GPU.
+# The headline measurements first, then the sweeps; CPU before GPU.
 ORDER = ["oucl_score_cpu", "oucl_label_cpu", "bank_cpu", "distributed_cpu", "drop_ins_cpu", "large_batch_cpu",
          "sweep_cpu"]
 
