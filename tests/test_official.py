@@ -393,3 +393,13 @@ def test_memory_objective_with_two_views():
     torch.testing.assert_close(scores["orig_pos"], (1 + expected) / 2)
     grads = torch.autograd.grad(loss, list(mags.parameters()), allow_unused=True)
     assert all(g is not None and g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("variant", ["lookahead", "metaug2"])
+def test_a_parameter_the_loss_does_not_reach_is_left_alone(variant):
+    # As after backward(), a parameter without a gradient is skipped by the optimizer (no weight decay).
+    cfg = MetAugConfig.official(k_neg=K, variant=variant, backend="reference")
+    model, mags, bank, batches = _setup(cfg)
+    model.unused = nn.Parameter(torch.ones(3, dtype=f64))
+    MetAugStep(model, mags, bank, cfg)(*batches[0], torch.Generator().manual_seed(3))
+    assert torch.equal(model.unused, torch.ones(3, dtype=f64))

@@ -291,8 +291,9 @@ def _virtual(model: nn.Module, params: Dict[str, Tensor], views: Sequence[Tensor
 def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], loss_of: Callable, inner_lr: float,
                        wrt: Sequence[Tensor], create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
     """∇_wrt L̂ with L̂ = ``loss_of(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``loss_of(model(views))`` (graph kept when
-    ``create_graph``: second order). ``loss_of(zs) -> (loss, scores)``; the meta objective adds α·R_σ
-    where the configuration says so, inside ``loss_of``. Returns the gradients and L̂'s value."""
+    ``create_graph``: second order). ``loss_of(zs)`` returns the scalar loss (the meta objective adds α·R_σ
+    inside it where the configuration says so). Returns the gradients, ``None`` for a tensor of ``wrt`` that
+    L̂ does not reach (an optimizer then skips it, as after ``backward()``), and L̂'s value."""
     theta = dict(model.named_parameters())
     loss = loss_of(model(*views))
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph, allow_unused=True)
@@ -302,7 +303,7 @@ def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], loss_of: Calla
     loss_hat = loss_of(_virtual(model, theta_hat, views))
     if not wrt:
         return [], loss_hat.detach()
-    return list(torch.autograd.grad(loss_hat, list(wrt))), loss_hat.detach()
+    return list(torch.autograd.grad(loss_hat, list(wrt), allow_unused=True)), loss_hat.detach()
 
 
 def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank, views: Tuple[Tensor, Tensor],
@@ -463,15 +464,15 @@ class MetAugStep:
         virtual = []
         for mag in self.mags:
             omega = dict(mag.named_parameters())
-            grads = torch.autograd.grad(loss, list(omega.values()), create_graph=True)
-            omega_hat = {k: p - cfg.inner_lr * g for (k, p), g in zip(omega.items(), grads)}
+            grads = torch.autograd.grad(loss, list(omega.values()), create_graph=True, allow_unused=True)
+            omega_hat = {k: p if g is None else p - cfg.inner_lr * g for (k, p), g in zip(omega.items(), grads)}
             virtual.append(lambda z, m=mag, w=omega_hat: _virtual(m, w, (z,)))
         loss_hat, scores = loss_fn(zs, writer(index), mags=virtual)
         if cfg.margin_in == "meta":
             loss_hat = loss_hat + cfg.alpha * margin_terms(scores, cfg)
-        return list(torch.autograd.grad(loss_hat, list(self.mags.parameters()))), loss_hat.detach()
+        return list(torch.autograd.grad(loss_hat, list(self.mags.parameters()), allow_unused=True)), loss_hat.detach()
 
-    def _apply(self, opt: torch.optim.Optimizer, params, grads: List[Tensor]) -> None:
+    def _apply(self, opt: torch.optim.Optimizer, params, grads: List[Optional[Tensor]]) -> None:
         if self.data_parallel is not None:
             grads = self._average(grads)
         opt.zero_grad(set_to_none=True)
@@ -486,12 +487,15 @@ class MetAugStep:
         for v, z in enumerate(zs):
             self.bank.update(v, index, z)
 
-    def _average(self, grads: List[Tensor]) -> List[Tensor]:
-        """The mean over ranks of ``grads`` (one all-reduce of their concatenation)."""
-        flat = torch.cat([g.reshape(-1) for g in grads])
+    def _average(self, grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        """The mean over ranks of ``grads`` (one all-reduce of their concatenation); ``None`` entries (the same
+        on every rank: the model is) stay ``None``."""
+        present = [g for g in grads if g is not None]
+        flat = torch.cat([g.reshape(-1) for g in present])
         dist.all_reduce(flat, group=self.group)
         flat /= dist.get_world_size(self.group)
-        return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        averaged = iter(part.view_as(g) for part, g in zip(flat.split([g.numel() for g in present]), present))
+        return [None if g is None else next(averaged) for g in grads]
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "mag_opt": self.mag_opt.state_dict()}
