@@ -8,6 +8,7 @@ forward. One or two iterations on a tiny three-view model in fp64 must leave the
 statistics, MAGs and memory bank as :class:`MetAugStep` under :meth:`MetAugConfig.official`.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -232,7 +233,7 @@ def test_the_official_margin_is_in_every_loss_and_its_positive_half_weighted():
     params = []
     for cfg in cfgs:
         model, mags, bank, batches = _setup(cfg)
-        MetAugStep(model, mags, bank, cfg.replace(mag_lr=1e-12))(*batches[0], torch.Generator().manual_seed(3))
+        MetAugStep(model, mags, bank, dataclasses.replace(cfg, mag_lr=1e-12))(*batches[0], torch.Generator().manual_seed(3))
         params.append([p.detach().clone() for p in model.parameters()])
     assert any((a - b).abs().max() > 1e-9 for a, b in zip(*params))
 

@@ -23,7 +23,7 @@ In both, margin statistics σ come from original-feature scores and R_σ from th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -140,9 +140,6 @@ class MetAugConfig:
             raise TypeError(f"unknown MetAugConfig fields: {sorted(unknown)}")
         return cls(**{**base, **overrides})
 
-    def replace(self, **changes) -> "MetAugConfig":
-        return replace(self, **changes)
-
     def oucl_kwargs(self) -> dict:
         return dict(form=self.form, beta=self.beta, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg,
                     margin=self.margin, lam=self.lam, backend=self.backend)
@@ -157,9 +154,13 @@ def _pair_scores(x: Tensor, y: Tensor, negatives: Tensor, similarity: str) -> Tu
     return pos, neg
 
 
-def _rows(pairs: Sequence[Tuple[Tensor, Tensor, Tensor]], similarity: str) -> Tuple[Tensor, Tensor]:
-    scored = [_pair_scores(x, y, negs, similarity) for x, y, negs in pairs]
+def _cat(scored: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """(pos, neg) pairs side by side: ``pos [B, ΣK⁺]``, ``neg [B, ΣK⁻]``."""
     return torch.cat([p for p, _ in scored], 1), torch.cat([n for _, n in scored], 1)
+
+
+def _rows(pairs: Sequence[Tuple[Tensor, Tensor, Tensor]], similarity: str) -> Tuple[Tensor, Tensor]:
+    return _cat([_pair_scores(x, y, negs, similarity) for x, y, negs in pairs])
 
 
 def _criterion(pos: Tensor, neg: Tensor, cfg: MetAugConfig) -> Tensor:
@@ -172,8 +173,10 @@ def _similarity(cfg: MetAugConfig) -> str:
     return "cosine" if cfg.method == "infonce" else cfg.similarity
 
 
-def _with_margin(loss: Tensor, scores: Dict[str, Tensor], cfg: MetAugConfig) -> Tensor:
-    if cfg.method == "metaug" and cfg.margin_in == "all":
+def _with_margin(loss: Tensor, scores: Dict[str, Tensor], cfg: MetAugConfig, place: str) -> Tensor:
+    """``loss`` + α·R_σ when ``cfg.margin_in`` puts R_σ at ``place``: ``"all"`` (every loss, added by the
+    objectives) or ``"meta"`` (the meta objective only, added by the meta step)."""
+    if cfg.method == "metaug" and cfg.margin_in == place:
         return loss + cfg.alpha * margin_terms(scores, cfg)
     return loss
 
@@ -200,7 +203,7 @@ def objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], bank: MemoryBan
         )
         scores.update(aug_pos=aug_pos, aug_neg=aug_neg)
         loss = loss + cfg.eta * _criterion(aug_pos, aug_neg, cfg)
-    return _with_margin(loss, scores, cfg), scores
+    return _with_margin(loss, scores, cfg, "all"), scores
 
 
 def memory_call(anchors: Sequence[Tensor], bank: MemoryBank, index: Tensor, k_neg: int,
@@ -212,20 +215,8 @@ def memory_call(anchors: Sequence[Tensor], bank: MemoryBank, index: Tensor, k_ne
     neg_index = bank.sample(anchors[0].shape[0], k_neg, generator)
     own = [bank.gather(v, index) for v in range(views)]
     negs = [bank.gather(v, neg_index) for v in range(views)]
-    out = {}
-    for a, b in MEMORY_PAIRS:
-        if a < views and b < views:
-            x = anchors[a]
-            pos = (x * own[b]).sum(1, keepdim=True)
-            neg = torch.einsum("bd,bkd->bk", x, negs[b])
-            if similarity == "shifted_cosine":
-                pos, neg = (1 + pos) / 2, (1 + neg) / 2
-            out[(a, b)] = pos, neg
-    return out
-
-
-def _cat(scored: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-    return torch.cat([p for p, _ in scored], 1), torch.cat([n for _, n in scored], 1)
+    return {(a, b): _pair_scores(anchors[a], own[b], negs[b], similarity)
+            for a, b in MEMORY_PAIRS if a < views and b < views}
 
 
 def memory_objective(zs: Sequence[Tensor], mags: Sequence[nn.Module], bank: MemoryBank, index: Tensor,
@@ -243,8 +234,9 @@ def memory_objective(zs: Sequence[Tensor], mags: Sequence[nn.Module], bank: Memo
     orig = memory_call(zs, bank, index, cfg.k_neg, generator, sim)
     if write is not None:
         write(zs)
-    loss = _criterion(*_cat(list(orig.values())), cfg)
-    scores = dict(zip(("orig_pos", "orig_neg"), _cat(list(orig.values()))))
+    orig_pos, orig_neg = _cat(list(orig.values()))
+    loss = _criterion(orig_pos, orig_neg, cfg)
+    scores = {"orig_pos": orig_pos, "orig_neg": orig_neg}
     if cfg.method != "metaug":
         return loss, scores
     augs = [mag(z) for mag, z in zip(mags, zs)]
@@ -262,7 +254,7 @@ def memory_objective(zs: Sequence[Tensor], mags: Sequence[nn.Module], bank: Memo
     loss = loss + cfg.eta * _criterion(*_cat(list(out.values())), cfg)
     scores["orig_pos"], scores["orig_neg"] = _cat(list(latest.values()))
     scores["aug_pos"], scores["aug_neg"] = _cat(involved)
-    return _with_margin(loss, scores, cfg), scores
+    return _with_margin(loss, scores, cfg, "all"), scores
 
 
 def margin_terms(scores: Dict[str, Tensor], cfg: MetAugConfig) -> Tensor:
@@ -288,19 +280,19 @@ def _virtual(model: nn.Module, params: Dict[str, Tensor], views: Sequence[Tensor
     return functional_call(model, {**params, **buffers}, tuple(views))
 
 
-def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], loss_of: Callable, inner_lr: float,
-                       wrt: Sequence[Tensor], create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
-    """∇_wrt L̂ with L̂ = ``loss_of(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``loss_of(model(views))`` (graph kept when
-    ``create_graph``: second order). ``loss_of(zs)`` returns the scalar loss (the meta objective adds α·R_σ
-    inside it where the configuration says so). Returns the gradients, ``None`` for a tensor of ``wrt`` that
-    L̂ does not reach (an optimizer then skips it, as after ``backward()``), and L̂'s value."""
+def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], inner: Callable, outer: Callable,
+                       inner_lr: float, wrt: Sequence[Tensor], create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
+    """∇_wrt L̂ with L̂ = ``outer(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``inner(model(views))`` (graph kept when
+    ``create_graph``: second order). ``inner(zs)`` and ``outer(zs)`` map the features to a scalar loss (the
+    meta objective is ``outer``). Returns the gradients, ``None`` for a tensor of ``wrt`` that L̂ does not
+    reach (an optimizer then skips it, as after ``backward()``), and L̂'s value."""
     theta = dict(model.named_parameters())
-    loss = loss_of(model(*views))
+    loss = inner(model(*views))
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph, allow_unused=True)
     theta_hat = {k: p if g is None else p - inner_lr * g for (k, p), g in zip(theta.items(), grads)}
     if not create_graph:
         theta_hat = {k: p.detach() for k, p in theta_hat.items()}
-    loss_hat = loss_of(_virtual(model, theta_hat, views))
+    loss_hat = outer(_virtual(model, theta_hat, views))
     if not wrt:
         return [], loss_hat.detach()
     return list(torch.autograd.grad(loss_hat, list(wrt), allow_unused=True)), loss_hat.detach()
@@ -314,16 +306,14 @@ def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank,
     ``model(v1, v2) -> (z1, z2)`` holds θ and ϑ. Returns the gradients, in the order of
     ``[p for m in mags for p in m.parameters()]``, and the meta objective's value.
     """
-    calls = iter((False, True))
+    def inner(zs):
+        return objective(*zs, mags, bank, neg_index, cfg)[0]
 
-    def loss_of(zs):
-        loss, scores = objective(*zs, mags, bank, neg_index, cfg)
-        if next(calls) and cfg.margin_in == "meta":
-            loss = loss + cfg.alpha * margin_terms(scores, cfg)
-        return loss
+    def outer(zs):
+        return _with_margin(*objective(*zs, mags, bank, neg_index, cfg), cfg, "meta")
 
     omega = [p for m in mags for p in m.parameters()]
-    return lookahead_gradient(model, views, loss_of, cfg.inner_lr, omega)
+    return lookahead_gradient(model, views, inner, outer, cfg.inner_lr, omega)
 
 
 class MetAugStep:
@@ -433,8 +423,8 @@ class MetAugStep:
         # 3. The variants' look-ahead encoder update.
         if cfg.variant in ("lookahead", "metaug2"):
             params = list(self.model.parameters())
-            grads, _ = lookahead_gradient(self.model, views, lambda zs: loss_fn(zs, writer(index))[0],
-                                          cfg.inner_lr, params)
+            loss_of = lambda zs: loss_fn(zs, writer(index))[0]  # noqa: E731
+            grads, _ = lookahead_gradient(self.model, views, loss_of, loss_of, cfg.inner_lr, params)
             self._apply(self.opt, params, grads)
         # 4. Memory bank: momentum update with this step's (pre-update) features, after scoring.
         if not writes:
@@ -444,16 +434,14 @@ class MetAugStep:
     def _meta(self, views, index, neg_index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
         """∇_ω of the meta objective (MetAug), or the control's forwards and writes with no gradient."""
         cfg = self.cfg
-        calls = iter((False, True))
 
-        def loss_of(zs):
-            loss, scores = loss_fn(zs, writer(index), index=index, neg_index=neg_index)
-            if next(calls) and cfg.method == "metaug" and cfg.margin_in == "meta":
-                loss = loss + cfg.alpha * margin_terms(scores, cfg)
-            return loss
+        def scored(zs):
+            return loss_fn(zs, writer(index), index=index, neg_index=neg_index)
 
         omega = list(self.mags.parameters()) if cfg.method == "metaug" else []
-        return lookahead_gradient(self.model, views, loss_of, cfg.inner_lr, omega, create_graph=bool(omega))
+        return lookahead_gradient(self.model, views, lambda zs: scored(zs)[0],
+                                  lambda zs: _with_margin(*scored(zs), cfg, "meta"), cfg.inner_lr, omega,
+                                  create_graph=bool(omega))
 
     def _mag_lookahead(self, views, index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
         """train_MetAug2.py's MAG update: ∇_ω L(θ, ω̂) with ω̂ = ω - ℓ·∇_ω L(θ, ω), features from a second
@@ -467,9 +455,7 @@ class MetAugStep:
             grads = torch.autograd.grad(loss, list(omega.values()), create_graph=True, allow_unused=True)
             omega_hat = {k: p if g is None else p - cfg.inner_lr * g for (k, p), g in zip(omega.items(), grads)}
             virtual.append(lambda z, m=mag, w=omega_hat: _virtual(m, w, (z,)))
-        loss_hat, scores = loss_fn(zs, writer(index), mags=virtual)
-        if cfg.margin_in == "meta":
-            loss_hat = loss_hat + cfg.alpha * margin_terms(scores, cfg)
+        loss_hat = _with_margin(*loss_fn(zs, writer(index), mags=virtual), cfg, "meta")
         return list(torch.autograd.grad(loss_hat, list(self.mags.parameters()), allow_unused=True)), loss_hat.detach()
 
     def _apply(self, opt: torch.optim.Optimizer, params, grads: List[Optional[Tensor]]) -> None:
