@@ -57,6 +57,13 @@ def _op_cases(device, dtype):
                 s = z @ r.T * 0.5 + 0.5
                 cases.append(("oucl_label_rows_bwd_bwd", (g_label, torch.rand_like(s), s, lab, rlab, stats, 0,
                                                           offset, *params)))
+        if device == "cpu":  # cross mode has C++ kernels only
+            args = (zn, rn, labels, ref_labels, 0, *params)
+            _, stats_z, _, stats_r = ops.oucl_label_cross_fwd(*args)
+            g_ref = torch.rand(13, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            cases += [("oucl_label_cross_fwd", args),
+                      ("oucl_label_cross_bwd", (g_label, g_ref, zn, rn, labels, ref_labels, stats_z, stats_r, 0,
+                                                *params))]
     return cases
 
 

@@ -13,8 +13,17 @@
 // that S = zn·znᵀ is symmetric: only the tiles on and above the diagonal are computed, each feeding its rows
 // and, transposed, its columns; the backward forms H = G_IJ + G_JIᵀ per tile pair and takes dZ_I += H·Z_J,
 // dZ_J += Hᵀ·Z_I. Half the similarity GEMMs and half the gradient GEMMs; the whole gradient is returned
-// in the first output (the second is zero: callers add the two). metaug_fast/_ops/label.py wraps the ops
-// in autograd Functions.
+// in the first output (the second is zero: callers add the two).
+//
+// Cross mode (oucl_label_cross_fwd/bwd) takes both directions of two sets at once, each row of zn against
+// rn and each row of rn against zn (CLIP's two cross-entropies): every tile of S = zn·rnᵀ is multiplied
+// once and feeds its rows' states and, transposed, its columns' states; the backward forms
+// H = G_rows + G_colsᵀ per tile and takes dZ += H·R, dR += Hᵀ·Z. Four GEMM-equivalents for both directions,
+// where two label-mode calls take six (eight for InfoNCE).
+//
+// InfoNCE's positives' terms need each row's final negative log-sum-exp, so they come after the first
+// sweep: by one dot product per positive pair when positives are sparse (one or a few per anchor, the
+// contrastive case), else by a second sweep. metaug_fast/_ops/label.py wraps the ops in autograd Functions.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +33,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../oucl_common.h"
@@ -52,6 +63,9 @@ constexpr int64_t kColTile = 512;
 constexpr int64_t kColSplits = 8;
 // The most the backward's per-range ∂/∂zn partials may take.
 constexpr int64_t kPartialBytes = int64_t(1) << 27;
+// InfoNCE takes its positives' scores by dot products when there are at most B·M/kSparsePositives positive
+// pairs: a scattered dot costs a few times a GEMM's multiply-add per entry, and a second sweep costs B·M.
+constexpr int64_t kSparsePositives = 32;
 
 struct LabelPlan {
   int64_t B, M, row_blocks, tiles, splits;
@@ -106,6 +120,47 @@ void label_backward_tile(int64_t form, const LabelArgs<T>& a, int64_t r0, int64_
         else ns::label_backward_row<FORM, T>(a, r0 + r, c0, L, row, st, grad_rows[r0 + r]);
       }
     });)
+}
+
+// The states of n rows from `splits` partial states each ([splits, n], split-major), merged in split order.
+template <typename T>
+std::vector<RowState<T>> merge_partials(const std::vector<RowState<T>>& partial, int64_t splits, int64_t n) {
+  std::vector<RowState<T>> merged(n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t sp = 0; sp < splits; ++sp) merge_state(merged[i], partial[sp * n + i]);
+  return merged;
+}
+
+// InfoNCE's second sweep's sums into the first sweep's states.
+template <typename T>
+void take_positive_terms(std::vector<RowState<T>>& state, const std::vector<RowState<T>>& terms) {
+  for (size_t i = 0; i < state.size(); ++i) {
+    state[i].sum_pos = terms[i].sum_pos;
+    state[i].sum_neg = terms[i].sum_neg;
+  }
+}
+
+// Cross mode's work items: row blocks cut into rsplits ranges, column tiles into csplits ranges; item
+// (rs, cs) takes its row blocks in order and, in each, its column tiles in order. So the rows have one
+// partial per column range and the columns one per row range, each accumulated in an order fixed by the
+// shape. Ranges shrink while the partials would pass kPartialBytes (`row_bytes` per row and partial).
+struct CrossPlan {
+  int64_t B, M, row_blocks, tiles, rsplits, csplits;
+  int64_t block_begin(int64_t rs) const { return rs * row_blocks / rsplits; }
+  int64_t block_end(int64_t rs) const { return (rs + 1) * row_blocks / rsplits; }
+  int64_t tile_begin(int64_t cs) const { return cs * tiles / csplits; }
+  int64_t tile_end(int64_t cs) const { return (cs + 1) * tiles / csplits; }
+};
+
+CrossPlan cross_plan(int64_t B, int64_t M, int64_t row_bytes) {
+  CrossPlan p{B, M, (B + kRowBlock - 1) / kRowBlock, (M + kColTile - 1) / kColTile, 0, 0};
+  p.rsplits = std::min(p.row_blocks, kColSplits);
+  p.csplits = std::min(p.tiles, kColSplits);
+  while ((p.csplits * B + p.rsplits * M) * row_bytes > kPartialBytes && (p.rsplits > 1 || p.csplits > 1)) {
+    if (p.rsplits >= p.csplits) p.rsplits /= 2;
+    else p.csplits /= 2;
+  }
+  return p;
 }
 
 // The second derivative on rows [r0, r1) of a chunk of whole score rows (see label_hvp_row).
@@ -185,6 +240,43 @@ void infonce_positive_tile(const LabelArgs<T>& a, int64_t r0, int64_t nr, int64_
       for (int64_t r = 0; r < nr; ++r) ns::infonce_label_pos_row<T>(a, r0 + r, c0, L, tile + r * L, C[r0 + r], states[r]);)
 }
 
+// Row i's positive columns by a stable sort of the reference labels: cols[lo_i .. hi_i), ascending.
+struct PositiveIndex {
+  at::Tensor keys, cols;
+  PositiveIndex(const int64_t* ref_labels, int64_t M) {
+    const at::Tensor labels = at::from_blob(const_cast<int64_t*>(ref_labels), {M}, at::kLong);
+    std::tie(keys, cols) = at::sort(labels, /*stable=*/true, 0, /*descending=*/false);
+  }
+  std::pair<int64_t, int64_t> range(int64_t label) const {
+    const int64_t *k = keys.data_ptr<int64_t>(), *end = k + keys.numel();
+    return {std::lower_bound(k, end, label) - k, std::upper_bound(k, end, label) - k};
+  }
+};
+
+template <typename T>
+bool sparse_positives(const std::vector<RowState<T>>& state, int64_t M) {
+  int64_t pairs = 0;
+  for (const RowState<T>& st : state) pairs += st.n_pos;
+  return pairs * kSparsePositives <= int64_t(state.size()) * M;
+}
+
+// InfoNCE's positives' terms of every row of zn against rn by dot products (state: the first sweep's, C
+// read from it, the terms added to it).
+template <typename T>
+void positive_dots(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, std::vector<RowState<T>>& state) {
+  const int64_t B = zn.size(0), D = zn.size(1);
+  const PositiveIndex index(a.ref_labels, rn.size(0));
+  const int64_t* cols = index.cols.data_ptr<int64_t>();
+  const T *z = zn.data_ptr<T>(), *r = rn.data_ptr<T>();
+  at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
+    METAUG_ISA_SWITCH(for (int64_t i = i0; i < i1; ++i) {
+      const auto span = index.range(a.labels[i]);
+      ns::infonce_label_pos_dots<T>(a, i, z + i * D, r, D, cols + span.first, span.second - span.first,
+                                    state[i].neg.value(), state[i]);
+    })
+  });
+}
+
 // The CPU kernels of LabelOps.
 struct CpuLabel : CpuDevice {
   // Rectangular sweep: every (row block, column tile), columns split into plan.splits ranges; `visit(r0, nr,
@@ -206,10 +298,7 @@ struct CpuLabel : CpuDevice {
         }
       }
     });
-    std::vector<RowState<T>> merged(partial.begin(), partial.begin() + B);
-    for (int64_t i = 0; i < B; ++i)
-      for (int64_t sp = 1; sp < plan.splits; ++sp) merge_state(merged[i], partial[sp * B + i]);
-    return merged;
+    return merge_partials(partial, plan.splits, B);
   }
 
   // The schedule of self mode (see kSelfTile): in round r, `tile(bi, bj, S, S_t)` runs for every tile
@@ -264,17 +353,16 @@ struct CpuLabel : CpuDevice {
     std::vector<RowState<T>> state = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
       label_forward_tile<T>(form, a, r0, nr, c0, L, tile, st);
     });
-    if (form == kInfoNCE) {
+    if (form == kInfoNCE && sparse_positives(state, rn.size(0))) {
+      positive_dots<T>(zn, rn, a, state);
+    } else if (form == kInfoNCE) {
       std::vector<T> C(B);
       for (int64_t i = 0; i < B; ++i) C[i] = state[i].neg.value();
       const std::vector<RowState<T>> terms = sweep([&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile,
                                                        RowState<T>* st) {
         infonce_positive_tile<T>(a, r0, nr, c0, L, tile, C.data(), st);
       });
-      for (int64_t i = 0; i < B; ++i) {
-        state[i].sum_pos = terms[i].sum_pos;
-        state[i].sum_neg = terms[i].sum_neg;
-      }
+      take_positive_terms(state, terms);
     }
     for (int64_t i = 0; i < B; ++i) finalize_row(state[i], form, a.cfg, rows[i], stats + kStats * i);
   }
@@ -340,6 +428,91 @@ struct CpuLabel : CpuDevice {
           gz.narrow(0, bj.start, bj.size).addmm_(h.t(), rows(bi));
           h = at::Tensor();
         });
+  }
+
+  // Cross mode: every tile of S = zn·rnᵀ in the items of `p`, as `tile(rs, cs, r0, nr, c0, L, s)`.
+  template <typename Tile>
+  static void cross_tiles(const at::Tensor& zn, const at::Tensor& rn, const CrossPlan& p, Tile&& tile) {
+    at::parallel_for(0, p.rsplits * p.csplits, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rs = item / p.csplits, cs = item % p.csplits;
+        for (int64_t rb = p.block_begin(rs); rb < p.block_end(rs); ++rb) {
+          const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, p.B - r0);
+          const at::Tensor zblk = zn.narrow(0, r0, nr);
+          for (int64_t t = p.tile_begin(cs); t < p.tile_end(cs); ++t) {
+            const int64_t c0 = t * kColTile, L = std::min(kColTile, p.M - c0);
+            at::Tensor s = at::mm(zblk, rn.narrow(0, c0, L).t()).contiguous();
+            tile(rs, cs, r0, nr, c0, L, s);
+          }
+        }
+      }
+    });
+  }
+
+  // Cross-mode sweep: `visit(side, args, r0, nr, c0, L, tile, states)` (rect_sweep's, with the direction)
+  // consumes each tile into its rows' states (side 0, args a) and its transposed copy into its columns'
+  // states (side 1, args a_t: the labels swapped) -> (rows' states [B], columns' states [M]).
+  template <typename T, typename Visit>
+  static std::pair<std::vector<RowState<T>>, std::vector<RowState<T>>> cross_sweep(
+      const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const LabelArgs<T>& a_t, Visit&& visit) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    const CrossPlan p = cross_plan(B, M, sizeof(RowState<T>));
+    std::vector<RowState<T>> zp(p.csplits * B), rp(p.rsplits * M);
+    cross_tiles(zn, rn, p, [&](int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t c0, int64_t L, at::Tensor& s) {
+      at::Tensor s_t = s.t().contiguous();  // first: the epilogues overwrite their tile
+      visit(0, a, r0, nr, c0, L, s.data_ptr<T>(), zp.data() + cs * B + r0);
+      visit(1, a_t, c0, L, r0, nr, s_t.data_ptr<T>(), rp.data() + rs * M + c0);
+    });
+    return {merge_partials(zp, p.csplits, B), merge_partials(rp, p.rsplits, M)};
+  }
+
+  // Cross-mode forward: rows and stats of zn's rows against rn (a) and of rn's rows against zn (a_t).
+  template <typename T>
+  static void cross_forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const LabelArgs<T>& a_t,
+                            int64_t form, T* rows_z, T* stats_z, T* rows_r, T* stats_r) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    auto states = cross_sweep<T>(zn, rn, a, a_t, [&](int, const LabelArgs<T>& args, int64_t r0, int64_t nr,
+                                                     int64_t c0, int64_t L, T* tile, RowState<T>* st) {
+      label_forward_tile<T>(form, args, r0, nr, c0, L, tile, st);
+    });
+    std::vector<RowState<T>>&sz = states.first, &sr = states.second;
+    if (form == kInfoNCE && sparse_positives(sz, M)) {  // as many positive pairs seen from either side
+      positive_dots<T>(zn, rn, a, sz);
+      positive_dots<T>(rn, zn, a_t, sr);
+    } else if (form == kInfoNCE) {
+      std::vector<T> C(B + M);  // the rows' C, then the columns'
+      for (int64_t i = 0; i < B; ++i) C[i] = sz[i].neg.value();
+      for (int64_t j = 0; j < M; ++j) C[B + j] = sr[j].neg.value();
+      const auto terms = cross_sweep<T>(zn, rn, a, a_t, [&](int side, const LabelArgs<T>& args, int64_t r0,
+                                                           int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
+        infonce_positive_tile<T>(args, r0, nr, c0, L, tile, C.data() + (side == 0 ? 0 : B), st);
+      });
+      take_positive_terms(sz, terms.first);
+      take_positive_terms(sr, terms.second);
+    }
+    for (int64_t i = 0; i < B; ++i) finalize_row(sz[i], form, a.cfg, rows_z[i], stats_z + kStats * i);
+    for (int64_t j = 0; j < M; ++j) finalize_row(sr[j], form, a.cfg, rows_r[j], stats_r + kStats * j);
+  }
+
+  // Cross-mode backward: per tile H = G_rows + G_colsᵀ, dZ += H·R (a partial per column range), dR += Hᵀ·Z
+  // (a partial per row range), the partials summed in range order.
+  template <typename T>
+  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a,
+                             const LabelArgs<T>& a_t, int64_t form, const T* stats_z, const T* grad_z,
+                             const T* stats_r, const T* grad_r, at::Tensor& gz, at::Tensor& gr) {
+    const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
+    const CrossPlan p = cross_plan(B, M, D * int64_t(sizeof(T)));
+    at::Tensor pz = at::zeros({p.csplits, B, D}, zn.options()), pr = at::zeros({p.rsplits, M, D}, zn.options());
+    cross_tiles(zn, rn, p, [&](int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t c0, int64_t L, at::Tensor& g) {
+      at::Tensor g_t = g.t().contiguous();
+      label_backward_tile<T>(form, a, r0, nr, c0, L, g.data_ptr<T>(), stats_z, grad_z);
+      label_backward_tile<T>(form, a_t, c0, L, r0, nr, g_t.data_ptr<T>(), stats_r, grad_r);
+      g.add_(g_t.t());
+      pz[cs].narrow(0, r0, nr).addmm_(g, rn.narrow(0, c0, L));
+      pr[rs].narrow(0, c0, L).addmm_(g.t(), zn.narrow(0, r0, nr));
+    });
+    at::sum_out(gz, pz, 0);
+    at::sum_out(gr, pr, 0);
   }
 
   template <typename T>
@@ -421,6 +594,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_fwd_grad(const at::Tensor& 
   return {rows, stats, dz};
 }
 
+// Cross mode's inputs: checked (zn [B,D], rn [M,D], labels [B], ref_labels [M], a loss form), detached and
+// contiguous, with each direction's label arguments (no pair excluded).
+struct CrossInputs : LabelInputs<CpuLabel> {
+  CrossInputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
+              int64_t similarity, int64_t form)
+      : LabelInputs<CpuLabel>(zn, rn, labels, ref_labels, form, similarity) {
+    TORCH_CHECK(form != kMargin, "oucl_label_cross (cpp): margin statistics are not a cross-mode form");
+  }
+  template <typename T>
+  std::pair<LabelArgs<T>, LabelArgs<T>> args(int64_t similarity, double beta, double gamma_pos, double gamma_neg,
+                                             double margin, double lam) const {
+    return {make_label_args<T>(labels, ref_labels, -1, similarity, beta, gamma_pos, gamma_neg, margin, lam),
+            make_label_args<T>(ref_labels, labels, -1, similarity, beta, gamma_pos, gamma_neg, margin, lam)};
+  }
+};
+
+// torch.ops.metaug_fast.oucl_label_cross_fwd -> (rows_z [B], stats_z [B,kStats], rows_r [M], stats_r [M,kStats]):
+// the loss of each row of zn against the rows of rn, and of each row of rn against the rows of zn.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_cross_fwd(
+    const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
+    int64_t similarity, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+  const CrossInputs in(zn, rn, labels, ref_labels, similarity, form);
+  const int64_t B = in.zn.size(0), M = in.rn.size(0);
+  at::Tensor rows_z = at::empty({B}, in.zn.options()), stats_z = at::empty({B, kStats}, in.zn.options());
+  at::Tensor rows_r = at::empty({M}, in.zn.options()), stats_r = at::empty({M, kStats}, in.zn.options());
+  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_fwd", [&] {
+    const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
+    CpuLabel::cross_forward<scalar_t>(in.zn, in.rn, a.first, a.second, form, rows_z.data_ptr<scalar_t>(),
+                                      stats_z.data_ptr<scalar_t>(), rows_r.data_ptr<scalar_t>(),
+                                      stats_r.data_ptr<scalar_t>());
+  });
+  return {rows_z, stats_z, rows_r, stats_r};
+}
+
+// torch.ops.metaug_fast.oucl_label_cross_bwd -> (∂/∂zn [B,D], ∂/∂rn [M,D]) of Σ_i grad_z[i]·ℓ_i + Σ_j grad_r[j]·ℓ'_j.
+std::tuple<at::Tensor, at::Tensor> label_cross_bwd(
+    const at::Tensor& grad_z, const at::Tensor& grad_r, const at::Tensor& zn, const at::Tensor& rn,
+    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats_z, const at::Tensor& stats_r,
+    int64_t similarity, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+  const CrossInputs in(zn, rn, labels, ref_labels, similarity, form);
+  const auto z_side = label_backward_inputs<CpuLabel>(stats_z, grad_z, in.zn, form);
+  const auto r_side = label_backward_inputs<CpuLabel>(stats_r, grad_r, in.rn, form);
+  at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros_like(in.rn);
+  if (in.zn.size(0) == 0 || in.rn.size(0) == 0) return {gz, gr};
+  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
+    const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
+    CpuLabel::cross_backward<scalar_t>(in.zn, in.rn, a.first, a.second, form, std::get<0>(z_side).data_ptr<scalar_t>(),
+                                       std::get<1>(z_side).data_ptr<scalar_t>(), std::get<0>(r_side).data_ptr<scalar_t>(),
+                                       std::get<1>(r_side).data_ptr<scalar_t>(), gz, gr);
+  });
+  return {gz, gr};
+}
+
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_rows_bwd_bwd(Tensor grad_rows, Tensor t, Tensor s, Tensor labels, Tensor ref_labels, "
         "Tensor stats, int row0, int self_offset, int form, float beta, float gamma_pos, float gamma_neg, "
@@ -428,12 +654,19 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_fwd_grad(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, "
         "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("oucl_label_cross_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int similarity, int form, "
+        "float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("oucl_label_cross_bwd(Tensor grad_z, Tensor grad_r, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, "
+        "Tensor stats_z, Tensor stats_r, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
+        "float margin, float lam) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
   LabelOps<CpuLabel>::impl(m);
   m.impl("oucl_label_rows_bwd_bwd", &label_rows_bwd_bwd);
   m.impl("oucl_label_fwd_grad", &label_fwd_grad);
+  m.impl("oucl_label_cross_fwd", &label_cross_fwd);
+  m.impl("oucl_label_cross_bwd", &label_cross_bwd);
 }
 
 }  // namespace metaug_fast
