@@ -29,6 +29,7 @@ __all__ = [
     "margin_injection_loss",
     "info_nce",
     "info_nce_embeddings",
+    "symmetric_info_nce",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -435,3 +436,56 @@ def info_nce_embeddings(
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("info_nce_embeddings", backend, emb.device)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **args)
+
+
+def symmetric_info_nce(
+    emb: Tensor,
+    ref_emb: Tensor,
+    labels: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.07,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+    average: str = "anchor",
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE both ways between two sets, CLIP's loss: the mean of :func:`info_nce_embeddings` of ``emb``
+    against ``ref_emb`` and of ``ref_emb`` against ``emb``. Without labels, row i of ``emb`` and row i of
+    ``ref_emb`` are a pair (``labels = arange``): with ``similarity="dot"`` and ``temperature =
+    1/logit_scale`` this is open_clip's ``ClipLoss``. The C++ backend takes both directions in one sweep of
+    the similarity tiles, each multiplied once (docs/design.md#cross-mode).
+
+    Args:
+        emb: ``[B, D]`` float embeddings (images).
+        ref_emb: ``[M, D]`` embeddings of the other set (texts), ``emb``'s dtype and device.
+        labels: ``[B]`` integer labels, or None for ``arange(B)``; pairs with equal labels across the two
+            sets are positives.
+        ref_labels: ``[M]`` labels of ``ref_emb``, given with ``labels`` (None for ``arange(M)``).
+        temperature: as :func:`info_nce` (a float, or a 0-d tensor that gets its gradient).
+        similarity: as :func:`info_nce_embeddings`.
+        reduction: ``"mean"`` or ``"sum"``, applied to each direction before their mean.
+        average: as :func:`info_nce`.
+        backend: as :func:`info_nce`.
+
+    Example:
+        >>> import torch, metaug_fast.functional as F
+        >>> image, text = torch.randn(8, 32), torch.randn(8, 32)
+        >>> F.symmetric_info_nce(image, text, temperature=0.07, similarity="dot").shape
+        torch.Size([])
+    """
+    _float_tensor(emb, "emb", 2)
+    _float_tensor(ref_emb, "ref_emb", 2)
+    if (labels is None) != (ref_labels is None):
+        raise ValueError("labels and ref_labels must be given together (or both left None: pairs i <-> i)")
+    if labels is None:
+        labels = torch.arange(emb.shape[0], device=emb.device)
+        ref_labels = torch.arange(ref_emb.shape[0], device=emb.device)
+    _label_inputs(emb, labels, ref_emb, ref_labels)
+    args = _info_nce_args(temperature, emb, "emb", reduction, average)
+    if args["reduction"] == "none":
+        raise ValueError("reduction must be 'mean' or 'sum' (the two directions have B and M rows); for per-row "
+                         "losses call info_nce_embeddings once per direction")
+    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    fn = _backend.resolve("symmetric_info_nce", backend, emb.device)
+    return fn(emb, ref_emb, labels, ref_labels, similarity=similarity, **args)

@@ -14,7 +14,7 @@ Conventions shared by every function:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -310,6 +310,31 @@ def info_nce_embeddings(
     out = info_nce(scores, scores, temperature=temperature, pos_mask=pm, neg_mask=nm, reduction=reduction,
                    average=average)
     return out.to(emb.dtype)
+
+
+def symmetric_info_nce(
+    emb: Tensor,
+    ref_emb: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor,
+    *,
+    temperature=0.07,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+    average: str = "anchor",
+) -> Tensor:
+    """InfoNCE both ways between two sets (CLIP's loss): the mean of :func:`info_nce_embeddings` of ``emb``
+    against ``ref_emb`` and of ``ref_emb`` against ``emb``, each reduced by ``reduction`` ("mean" or "sum")."""
+    return two_way(info_nce_embeddings)(emb, ref_emb, labels, ref_labels, temperature=temperature,
+                                        similarity=similarity, reduction=reduction, average=average)
+
+
+def two_way(info_nce_embeddings_impl: Callable) -> Callable:
+    """:func:`symmetric_info_nce` from a backend's ``info_nce_embeddings``, called once per direction."""
+    def symmetric(emb, ref_emb, labels, ref_labels, **kw):
+        return (info_nce_embeddings_impl(emb, labels, ref_emb, ref_labels, **kw)
+                + info_nce_embeddings_impl(ref_emb, ref_labels, emb, labels, **kw)) / 2
+    return symmetric
 
 
 def margin_statistics(

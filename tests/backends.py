@@ -20,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 import metaug_fast
-from metaug_fast import _backend
+from metaug_fast import _backend, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,7 @@ def _simt_impls() -> Dict[str, Callable]:
              "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
              "margin_statistics_embeddings": margin_statistics_embeddings_fused}
     out = {op: functools.partial(fn, ops=ops) for op, fn in impls.items()}
+    out["symmetric_info_nce"] = reference.two_way(out["info_nce_embeddings"])  # as the CUDA backend registers it
     # The CUDA backend's similarity is ATen (cuBLAS on a GPU): no kernel of its own to emulate.
     out["pairwise_similarity"] = pairwise_similarity_fused
     return out

@@ -443,6 +443,115 @@ def test_label_empty_batch_and_reference_set(be):
                      what=op)
 
 
+# InfoNCE's positives by dot products (the C++ backend, when a row has few positives among many columns)
+def _sparse_views(B, M, D=12, seed=5):
+    """Two close views of B samples (one positive per anchor) and, with M, a reference set whose rows
+    0 .. B-1 are third views of them and the rest other samples."""
+    gen = torch.Generator().manual_seed(seed)
+    emb, labels = close_views(B, D, gen)
+    if M is None:
+        return emb, labels, None, None
+    ref = torch.cat([emb[:B] + 0.05 * torch.randn(B, D, generator=gen, dtype=torch.float64),
+                     torch.randn(M - B, D, generator=gen, dtype=torch.float64)])
+    return emb, labels, ref, torch.cat([torch.arange(B), torch.arange(B, M)])
+
+
+@pytest.mark.parametrize("shape", [(40, None), (24, 300), (3, 100)])
+def test_info_nce_sparse_positives(be, shape):
+    if be.interpreted and shape[1] == 300:
+        pytest.skip("too large for this backend here")
+    emb, labels, ref, ref_labels = _sparse_views(*shape)
+    for average in ("anchor", "pair"):
+        got = run(label_fn(be, "info_nce", labels, ref_labels, average=average), _label_inputs(emb, ref), be.device)
+        want = run(label_fn(reference, "info_nce", labels, ref_labels, average=average), _label_inputs(emb, ref))
+        assert_close(got, want, 1e-10, hv_from=1 + len(_label_inputs(emb, ref)), what=average)
+    if ref is not None:  # a rank's rows inside a gathered batch: the self-pair among the positive columns
+        emb, labels = ref[5:5 + 2 * shape[0]], ref_labels[5:5 + 2 * shape[0]].clone()
+        got = run(label_fn(be, "info_nce", labels, ref_labels, self_offset=5), (emb, ref), be.device, order=1)
+        want = run(label_fn(reference, "info_nce", labels, ref_labels, self_offset=5), (emb, ref), order=1)
+        assert_close(got, want, 1e-10, what="self_offset")
+
+
+# ------------------------------------------------------------- symmetric InfoNCE (CLIP: both directions)
+def symmetric_fn(impl, labels, ref_labels, similarity="cosine", beta=16.0, reduction="mean", average="anchor"):
+    """symmetric_info_nce as a function of (emb, ref_emb[, temperature])."""
+    def fn(e, r, t=None):
+        lab, rlab = ((torch.arange(e.shape[0]), torch.arange(r.shape[0])) if labels is None  # pairs i <-> i
+                     else (labels, ref_labels))
+        lab, rlab = lab.to(e.device), rlab.to(e.device)
+        return impl("symmetric_info_nce", e, r, lab, rlab, temperature=1.0 / beta if t is None else t.to(e.device),
+                    similarity=similarity, reduction=reduction, average=average)
+    return fn
+
+
+def _pairs(B, M, n_classes=None, D=6, seed=3):
+    """(emb, ref_emb, labels, ref_labels): close pairs i <-> i (labels None: arange), or random classes."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    ref = torch.randn(M, D, generator=gen, dtype=torch.float64)
+    n = min(B, M)
+    ref[:n] = emb[:n] + 0.3 * ref[:n]
+    if n_classes is None:
+        return emb, ref, None, None
+    return emb, ref, torch.randint(0, n_classes, (B,), generator=gen), torch.randint(0, n_classes, (M,), generator=gen)
+
+
+@pytest.mark.parametrize("average", ["anchor", "pair"])
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine", "dot"])
+@pytest.mark.parametrize("shape", [(1, 1, None), (19, 37, None), (21, 17, 3)])
+def test_symmetric_info_nce_fp64(be, shape, similarity, average):
+    if be.interpreted and (similarity, average) != ("dot", "pair"):
+        # Their symmetric_info_nce is info_nce_embeddings once per direction, which the label grid covers.
+        pytest.skip("one setting checks the wiring of the interpreted backends")
+    emb, ref, labels, ref_labels = _pairs(*shape)
+    tau = torch.tensor(0.25, dtype=torch.float64)
+    for reduction in ("mean", "sum"):
+        for inputs in ((emb, ref), (emb, ref, tau)):
+            fn = symmetric_fn(be, labels, ref_labels, similarity, reduction=reduction, average=average)
+            got = run(fn, inputs, be.device)
+            want = run(symmetric_fn(reference, labels, ref_labels, similarity, reduction=reduction, average=average),
+                       inputs)
+            assert_close(got, want, 1e-10, hv_from=1 + len(inputs), what=f"{reduction} {len(inputs)}")
+    # one side constant (a frozen text tower): its gradient is not taken
+    got = run(symmetric_fn(be, labels, ref_labels, similarity), (emb, ref), be.device, requires=(True, False))
+    want = run(symmetric_fn(reference, labels, ref_labels, similarity), (emb, ref), requires=(True, False))
+    assert_close(got, want, 1e-10, hv_from=2)
+
+
+@pytest.mark.parametrize("shape", [(600, 530, None), (300, 1100, 5), (3, 1100, None), (1100, 3, None)])
+def test_symmetric_info_nce_large_shapes(be, shape):
+    # Several 256×512 tiles with partial ones at both edges; dense positives (5 classes) take the second sweep.
+    if be.interpreted:
+        pytest.skip("too large for this backend here")
+    emb, ref, labels, ref_labels = _pairs(*shape, D=24)  # (B, M, classes)
+    got = run(symmetric_fn(be, labels, ref_labels), (emb, ref), be.device, order=1)
+    assert_close(got, run(symmetric_fn(reference, labels, ref_labels), (emb, ref), order=1), 1e-10)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("beta", BETAS)
+def test_symmetric_info_nce_low_precision(be, beta, dtype):
+    # CLIP at τ down to 1/256 on close pairs, normalized (cosine) and raw (dot) features.
+    gen = torch.Generator().manual_seed(6)
+    n = 12 if be.interpreted else 70
+    emb = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+    ref = emb + 0.05 * torch.randn(n, 16, generator=gen, dtype=torch.float64)
+    for similarity, scale in (("cosine", 1.0), ("dot", 0.25)):
+        low = tuple((scale * x).to(dtype) for x in (emb, ref))
+        fn = lambda impl: symmetric_fn(impl, None, None, similarity, beta=beta)  # noqa: E731
+        exact = run(fn(reference), tuple(x.double() for x in low), order=1)
+        low_ref = run(fn(reference), low, order=1)
+        got = run(fn(be), low, be.device, order=1)
+        low_precision_bound(got, low_ref, exact, dtype, 1e-4)
+
+
+def test_symmetric_info_nce_empty_sides(be):
+    emb, ref, _, _ = _pairs(5, 4)
+    for e, r in ((emb[:0], ref), (emb, ref[:0]), (emb[:0], ref[:0])):
+        got = run(symmetric_fn(be, None, None), (e, r), be.device, order=1)
+        assert_close(got, run(symmetric_fn(reference, None, None), (e, r), order=1), 0.0)
+
+
 def test_label_third_derivative_is_exact_or_raises(be):
     emb, labels, _, _ = _label_data(6, None, D=3)
     results = []

@@ -72,6 +72,66 @@ def test_thread_count_independent():
     _same_with_1_and_2_threads(lambda: _run("cpp", emb, labels, ref, ref_labels, form="circle", beta=32.0))
 
 
+# ------------------------------------------------------------------ cross mode (both directions at once)
+def _cross_cases():
+    """(zn [600,D], rn [530,D], labels, ref_labels): 3×2 tiles with partial ones, random classes."""
+    gen = torch.Generator().manual_seed(9)
+    zn = torch.nn.functional.normalize(torch.randn(600, 8, generator=gen, dtype=torch.float64), dim=1)
+    rn = torch.nn.functional.normalize(torch.randn(530, 8, generator=gen, dtype=torch.float64), dim=1)
+    return zn, rn, torch.randint(0, 7, (600,), generator=gen), torch.randint(0, 8, (530,), generator=gen)
+
+
+@pytest.mark.parametrize("form", FORMS + ("info_nce",))
+def test_cross_ops_equal_two_label_calls(form):
+    # Every loss form: the cross op's rows, stats and gradients are those of one label op per direction.
+    from metaug_fast.contract import LossParams
+    ops = torch.ops.metaug_fast
+    params = LossParams.info_nce(0.1) if form == "info_nce" else LossParams(form, 16.0, **PARAMS).op_args()
+    zn, rn, lab, rlab = _cross_cases()
+    gen = torch.Generator().manual_seed(1)
+    g_z, g_r = torch.rand(600, generator=gen, dtype=torch.float64), torch.rand(530, generator=gen, dtype=torch.float64)
+    rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, *params)
+    want_z, want_sz = ops.oucl_label_fwd(zn, rn, lab, rlab, -1, 0, *params)
+    want_r, want_sr = ops.oucl_label_fwd(rn, zn, rlab, lab, -1, 0, *params)
+    for got, want in ((rows_z, want_z), (stats_z, want_sz), (rows_r, want_r), (stats_r, want_sr)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gz, gr = ops.oucl_label_cross_bwd(g_z, g_r, zn, rn, lab, rlab, stats_z, stats_r, 0, *params)
+    a_z, a_r = ops.oucl_label_bwd(g_z, zn, rn, lab, rlab, stats_z, -1, 0, *params)
+    b_r, b_z = ops.oucl_label_bwd(g_r, rn, zn, rlab, lab, stats_r, -1, 0, *params)
+    torch.testing.assert_close(gz, a_z + b_z, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(gr, a_r + b_r, rtol=1e-11, atol=1e-12)
+
+
+def test_cross_ops_reject_margins():
+    zn, rn, lab, rlab = _cross_cases()
+    with pytest.raises(RuntimeError, match="margin statistics are not a cross-mode form"):
+        torch.ops.metaug_fast.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, int(Form.MARGIN), 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _clip(B, M, D):
+    gen = torch.Generator().manual_seed(2)
+    image, text = torch.randn(B, D, generator=gen), torch.randn(M, D, generator=gen)
+
+    def run():
+        a, b = image.clone().requires_grad_(), text.clone().requires_grad_()
+        loss = F.symmetric_info_nce(a, b, temperature=0.05, similarity="dot", backend="cpp")
+        return (loss.detach(), *torch.autograd.grad(loss, (a, b)))
+    return run
+
+
+def test_symmetric_info_nce_thread_count_independent():
+    # Cross mode: 2 threads split rows and columns into items, 1 runs them in turn.
+    _same_with_1_and_2_threads(_clip(1300, 1100, 32))
+
+
+def test_symmetric_info_nce_stays_far_below_b_by_m():
+    from bench.common import peak_extra_mb
+
+    run = _clip(4096, 4096, 16)
+    run()
+    assert peak_extra_mb(run) < 4096 * 4096 * 4 / 2**20 / 4  # a quarter of one fp32 B×M matrix
+
+
 def test_circle_cosine_equals_pml_at_512():
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     emb = torch.randn(512, 16, dtype=torch.float64)

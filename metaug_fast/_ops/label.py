@@ -271,6 +271,50 @@ def info_nce_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Ten
                        weights)
 
 
+class _CrossLoss(torch.autograd.Function):
+    """(zn [B,D], rn [M,D]) -> (rows [B], valid [B]) of each row of zn against rn, then (rows [M], valid [M])
+    of each row of rn against zn, by the cross-mode ops (one tile sweep for both directions). Under
+    ``create_graph`` the backward is each direction's differentiable label backward (_LabelBackward), so
+    second derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, ops):
+        rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, labels, ref_labels,
+                                                                    SIMILARITIES[similarity], *params)
+        ctx.save_for_backward(zn, rn, labels, ref_labels, stats_z, stats_r)
+        ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
+        valid_z, valid_r = stats_z[:, Stat.VALID] > 0, stats_r[:, Stat.VALID] > 0
+        ctx.mark_non_differentiable(valid_z, valid_r)
+        return rows_z, valid_z, rows_r, valid_r
+
+    @staticmethod
+    def backward(ctx, grad_z, _gvz, grad_r, _gvr):
+        zn, rn, labels, ref_labels, stats_z, stats_r = ctx.saved_tensors
+        grad_z, grad_r = grad_z.contiguous(), grad_r.contiguous()
+        if torch.is_grad_enabled():
+            args = (ctx.similarity, ctx.params, -1, ctx.ops, True)
+            gz, gr = _LabelBackward.apply(grad_z, zn, rn, labels, ref_labels, stats_z, *args)
+            gr_t, gz_t = _LabelBackward.apply(grad_r, rn, zn, ref_labels, labels, stats_r, *args)
+            gz, gr = gz + gz_t, gr + gr_t
+        else:
+            gz, gr = ctx.ops.oucl_label_cross_bwd(grad_z, grad_r, zn, rn, labels, ref_labels, stats_z, stats_r,
+                                                  SIMILARITIES[ctx.similarity], *ctx.params)
+        return gz, gr if ctx.needs_input_grad[1] else None, None, None, None, None, None
+
+
+def symmetric_info_nce_fused(emb: Tensor, ref_emb: Tensor, labels: Tensor, ref_labels: Tensor, *, temperature,
+                             similarity: str, reduction: str, average: str = "anchor", ops=CPP_OPS) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.symmetric_info_nce`, both directions in one sweep of the
+    cross-mode ops of ``ops``."""
+    params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
+    w_r = None if w_z is None else reference.positive_counts(ref_labels, labels)
+    zn, rn, lab, rlab = _normalized(emb, labels, ref_emb, ref_labels, similarity, scale=scale)
+    rows_z, valid_z, rows_r, valid_r = _CrossLoss.apply(zn, rn, lab, rlab, "dot" if scale is not None else similarity,
+                                                        params, ops)
+    return (reference.reduce_rows(rows_z, valid_z, reduction, emb.dtype, w_z)
+            + reference.reduce_rows(rows_r, valid_r, reduction, emb.dtype, w_r)) / 2
+
+
 class _MarginLabel(torch.autograd.Function):
     """(zn [B,D], rn [M,D] or None) -> (p_min [B], n_max [B], valid [B]) over label-mode scores; the gradient
     goes to the entries attaining the extremum, shared equally among ties (as torch.amin/amax share it)."""

@@ -5,7 +5,7 @@ from typing import Optional
 from .._backend import Backend, add
 from .._ops.margins import margin_statistics_fused
 from .._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused, oucl_embeddings_fused,
-                               pairwise_similarity_fused)
+                          pairwise_similarity_fused, symmetric_info_nce_fused)
 from .._ops.score import CPP_OPS, info_nce_fused, oucl_fused
 
 try:
@@ -23,7 +23,7 @@ else:
 IMPLS = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
          "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
          "margin_statistics_embeddings": margin_statistics_embeddings_fused,
-         "pairwise_similarity": pairwise_similarity_fused}
+         "pairwise_similarity": pairwise_similarity_fused, "symmetric_info_nce": symmetric_info_nce_fused}
 
 
 def unavailable() -> Optional[str]:

@@ -4,9 +4,10 @@
 >>> loss = ClipLoss()(image_features, text_features, model.logit_scale.exp())
 
 The loss is the symmetric cross-entropy of ``logit_scale · image_features @ text_features.T`` with the
-matching pairs on the diagonal: label-mode InfoNCE with the ``"dot"`` similarity (the features as given:
-open_clip does not normalize them here either), labels ``arange``, the temperature ``1/logit_scale``, once
-per direction. ``logit_scale`` may be a tensor and gets its gradient. The B×B logits are never formed.
+matching pairs on the diagonal: :func:`metaug_fast.functional.symmetric_info_nce` with the ``"dot"`` similarity
+(the features as given: open_clip does not normalize them here either), pairs i ↔ i, the temperature
+``1/logit_scale``: on the C++ backend one sweep of the similarity tiles feeds both directions.
+``logit_scale`` may be a tensor and gets its gradient. The B×B logits are never formed.
 
 Several processes (``world_size > 1``, torch.distributed initialized, any backend): each rank scores only its
 own rows against the gathered features of every rank, where open_clip builds the global logits on every rank
@@ -92,8 +93,8 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             loss = self._distributed(image_features, text_features, temperature)
         else:
-            loss = (self._direction(image_features, text_features, 0, temperature, "mean")
-                    + self._direction(text_features, image_features, 0, temperature, "mean")) / 2
+            loss = F.symmetric_info_nce(image_features, text_features, temperature=temperature, similarity="dot",
+                                        backend=self.backend)
         if image_features.shape[0] == 0:  # open_clip's cross-entropy means over no rows: NaN
             loss = loss + float("nan")
         if logit_bias is not None:
