@@ -73,39 +73,45 @@ def test_thread_count_independent():
 
 
 # ------------------------------------------------------------------ cross mode (both directions at once)
-def _cross_cases():
-    """(zn [600,D], rn [530,D], labels, ref_labels): 3×2 tiles with partial ones, random classes."""
+def _cross_case(n_classes):
+    """(zn [600,D], rn [530,D], labels, ref_labels): 3×2 tiles with partial ones; n_classes None: pairs
+    i <-> i (sparse positives), else random classes (dense)."""
     gen = torch.Generator().manual_seed(9)
     zn = torch.nn.functional.normalize(torch.randn(600, 8, generator=gen, dtype=torch.float64), dim=1)
     rn = torch.nn.functional.normalize(torch.randn(530, 8, generator=gen, dtype=torch.float64), dim=1)
-    return zn, rn, torch.randint(0, 7, (600,), generator=gen), torch.randint(0, 8, (530,), generator=gen)
+    if n_classes is None:
+        return zn, rn, torch.arange(600), torch.arange(530)
+    return zn, rn, torch.randint(0, n_classes, (600,), generator=gen), torch.randint(0, n_classes + 1, (530,), generator=gen)
 
 
-@pytest.mark.parametrize("form", FORMS + ("info_nce",))
-def test_cross_ops_equal_two_label_calls(form):
-    # Every loss form: the cross op's rows, stats and gradients are those of one label op per direction.
+@pytest.mark.parametrize("n_classes", [None, 7])
+@pytest.mark.parametrize("tau", [0.5, 1 / 256])
+def test_cross_ops_equal_two_label_calls(n_classes, tau):
+    # The cross op's rows, stats and gradients are those of one label op per direction, with invalid rows
+    # (a class absent from the other side) and both ways of taking the positives.
     from metaug_fast.contract import LossParams
     ops = torch.ops.metaug_fast
-    params = LossParams.info_nce(0.1) if form == "info_nce" else LossParams(form, 16.0, **PARAMS).op_args()
-    zn, rn, lab, rlab = _cross_cases()
+    params = LossParams.info_nce(tau)
+    zn, rn, lab, rlab = _cross_case(n_classes)
     gen = torch.Generator().manual_seed(1)
     g_z, g_r = torch.rand(600, generator=gen, dtype=torch.float64), torch.rand(530, generator=gen, dtype=torch.float64)
-    rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, *params)
-    want_z, want_sz = ops.oucl_label_fwd(zn, rn, lab, rlab, -1, 0, *params)
-    want_r, want_sr = ops.oucl_label_fwd(rn, zn, rlab, lab, -1, 0, *params)
+    rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, lab, rlab, 1, *params)
+    want_z, want_sz = ops.oucl_label_fwd(zn, rn, lab, rlab, -1, 1, *params)
+    want_r, want_sr = ops.oucl_label_fwd(rn, zn, rlab, lab, -1, 1, *params)
+    assert not (torch.cat([stats_z, stats_r])[:, Stat.VALID] > 0).all()
     for got, want in ((rows_z, want_z), (stats_z, want_sz), (rows_r, want_r), (stats_r, want_sr)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    gz, gr = ops.oucl_label_cross_bwd(g_z, g_r, zn, rn, lab, rlab, stats_z, stats_r, 0, *params)
-    a_z, a_r = ops.oucl_label_bwd(g_z, zn, rn, lab, rlab, stats_z, -1, 0, *params)
-    b_r, b_z = ops.oucl_label_bwd(g_r, rn, zn, rlab, lab, stats_r, -1, 0, *params)
+    gz, gr = ops.oucl_label_cross_bwd(g_z, g_r, zn, rn, lab, rlab, stats_z, stats_r, 1, *params)
+    a_z, a_r = ops.oucl_label_bwd(g_z, zn, rn, lab, rlab, stats_z, -1, 1, *params)
+    b_r, b_z = ops.oucl_label_bwd(g_r, rn, zn, rlab, lab, stats_r, -1, 1, *params)
     torch.testing.assert_close(gz, a_z + b_z, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(gr, a_r + b_r, rtol=1e-11, atol=1e-12)
 
 
-def test_cross_ops_reject_margins():
-    zn, rn, lab, rlab = _cross_cases()
-    with pytest.raises(RuntimeError, match="margin statistics are not a cross-mode form"):
-        torch.ops.metaug_fast.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, int(Form.MARGIN), 1.0, 0.0, 0.0, 0.0, 0.0)
+def test_cross_ops_run_infonce_only():
+    zn, rn, lab, rlab = _cross_case(None)
+    with pytest.raises(RuntimeError, match="cross mode runs InfoNCE"):
+        torch.ops.metaug_fast.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, int(Form.CIRCLE), 16.0, 0.0, 0.0, 0.2, 0.0)
 
 
 def _clip(B, M, D):

@@ -15,11 +15,12 @@
 // dZ_J += Hᵀ·Z_I. Half the similarity GEMMs and half the gradient GEMMs; the whole gradient is returned
 // in the first output (the second is zero: callers add the two).
 //
-// Cross mode (oucl_label_cross_fwd/bwd) takes both directions of two sets at once, each row of zn against
-// rn and each row of rn against zn (CLIP's two cross-entropies): every tile of S = zn·rnᵀ is multiplied
-// once and feeds its rows' states and, transposed, its columns' states; the backward forms
-// H = G_rows + G_colsᵀ per tile and takes dZ += H·R, dR += Hᵀ·Z. Four GEMM-equivalents for both directions,
-// where two label-mode calls take six (eight for InfoNCE).
+// Cross mode (oucl_label_cross_fwd/bwd, InfoNCE) takes both directions of two sets at once, each row of zn
+// against rn and each row of rn against zn (CLIP's two cross-entropies): every tile of S = zn·rnᵀ is
+// multiplied once and read along its rows and along its columns (label_rows.inc: the column passes run
+// across the columns, no transposed copy); the backward turns each tile into H = ∂/∂S of both directions
+// in one pass and takes dZ += H·R, dR += Hᵀ·Z. Four GEMM-equivalents for both directions, where two
+// label-mode calls took eight.
 //
 // InfoNCE's positives' terms need each row's final negative log-sum-exp, so they come after the first
 // sweep: by one dot product per positive pair when positives are sparse (one or a few per anchor, the
@@ -449,67 +450,83 @@ struct CpuLabel : CpuDevice {
     });
   }
 
-  // Cross-mode sweep: `visit(side, args, r0, nr, c0, L, tile, states)` (rect_sweep's, with the direction)
-  // consumes each tile into its rows' states (side 0, args a) and its transposed copy into its columns'
-  // states (side 1, args a_t: the labels swapped) -> (rows' states [B], columns' states [M]).
+  // Cross-mode sweep: `visit(a, r0, nr, c0, L, tile, row_states, col_states, scratch)` reads each tile of
+  // S = zn·rnᵀ into its rows' and its columns' states (partials of this item's column and row ranges)
+  // -> (rows' states [B], columns' states [M]). scratch: [3, kColTile] per item.
   template <typename T, typename Visit>
-  static std::pair<std::vector<RowState<T>>, std::vector<RowState<T>>> cross_sweep(
-      const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const LabelArgs<T>& a_t, Visit&& visit) {
+  static std::pair<std::vector<RowState<T>>, std::vector<RowState<T>>> cross_sweep(const at::Tensor& zn,
+                                                                                   const at::Tensor& rn, Visit&& visit) {
     const int64_t B = zn.size(0), M = rn.size(0);
     const CrossPlan p = cross_plan(B, M, sizeof(RowState<T>));
     std::vector<RowState<T>> zp(p.csplits * B), rp(p.rsplits * M);
+    std::vector<T> scratch(p.rsplits * p.csplits * 3 * kColTile);
     cross_tiles(zn, rn, p, [&](int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t c0, int64_t L, at::Tensor& s) {
-      at::Tensor s_t = s.t().contiguous();  // first: the epilogues overwrite their tile
-      visit(0, a, r0, nr, c0, L, s.data_ptr<T>(), zp.data() + cs * B + r0);
-      visit(1, a_t, c0, L, r0, nr, s_t.data_ptr<T>(), rp.data() + rs * M + c0);
+      visit(r0, nr, c0, L, s.data_ptr<T>(), zp.data() + cs * B + r0, rp.data() + rs * M + c0,
+            scratch.data() + (rs * p.csplits + cs) * 3 * kColTile);
     });
     return {merge_partials(zp, p.csplits, B), merge_partials(rp, p.rsplits, M)};
   }
 
-  // Cross-mode forward: rows and stats of zn's rows against rn (a) and of rn's rows against zn (a_t).
+  // Cross-mode forward (InfoNCE): rows and stats of zn's rows against rn and of rn's rows against zn. The
+  // column passes read each tile before the row epilogue overwrites it.
   template <typename T>
-  static void cross_forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const LabelArgs<T>& a_t,
-                            int64_t form, T* rows_z, T* stats_z, T* rows_r, T* stats_r) {
+  static void cross_forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a,
+                            const LabelArgs<T>& a_t, T* rows_z, T* stats_z, T* rows_r, T* stats_r) {
     const int64_t B = zn.size(0), M = rn.size(0);
-    auto states = cross_sweep<T>(zn, rn, a, a_t, [&](int, const LabelArgs<T>& args, int64_t r0, int64_t nr,
-                                                     int64_t c0, int64_t L, T* tile, RowState<T>* st) {
-      label_forward_tile<T>(form, args, r0, nr, c0, L, tile, st);
+    auto states = cross_sweep<T>(zn, rn, [&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* sz,
+                                             RowState<T>* sr, T* scratch) {
+      METAUG_ISA_SWITCH(
+        ns::infonce_cross_cols_lse<T>(a, r0, nr, c0, L, tile, sr, scratch, scratch + kColTile, scratch + 2 * kColTile);
+        for (int64_t r = 0; r < nr; ++r) ns::infonce_label_lse_row<T>(a, r0 + r, c0, L, tile + r * L, sz[r]);)
     });
     std::vector<RowState<T>>&sz = states.first, &sr = states.second;
-    if (form == kInfoNCE && sparse_positives(sz, M)) {  // as many positive pairs seen from either side
+    if (sparse_positives(sz, M)) {  // as many positive pairs seen from either side
       positive_dots<T>(zn, rn, a, sz);
       positive_dots<T>(rn, zn, a_t, sr);
-    } else if (form == kInfoNCE) {
+    } else {
       std::vector<T> C(B + M);  // the rows' C, then the columns'
       for (int64_t i = 0; i < B; ++i) C[i] = sz[i].neg.value();
       for (int64_t j = 0; j < M; ++j) C[B + j] = sr[j].neg.value();
-      const auto terms = cross_sweep<T>(zn, rn, a, a_t, [&](int side, const LabelArgs<T>& args, int64_t r0,
-                                                           int64_t nr, int64_t c0, int64_t L, T* tile, RowState<T>* st) {
-        infonce_positive_tile<T>(args, r0, nr, c0, L, tile, C.data() + (side == 0 ? 0 : B), st);
+      const auto terms = cross_sweep<T>(zn, rn, [&](int64_t r0, int64_t nr, int64_t c0, int64_t L, T* tile,
+                                                    RowState<T>* tz, RowState<T>* tr, T*) {
+        METAUG_ISA_SWITCH(ns::infonce_cross_cols_pos<T>(a, r0, nr, c0, L, tile, C.data() + B + c0, tr);)
+        infonce_positive_tile<T>(a, r0, nr, c0, L, tile, C.data(), tz);
       });
       take_positive_terms(sz, terms.first);
       take_positive_terms(sr, terms.second);
     }
-    for (int64_t i = 0; i < B; ++i) finalize_row(sz[i], form, a.cfg, rows_z[i], stats_z + kStats * i);
-    for (int64_t j = 0; j < M; ++j) finalize_row(sr[j], form, a.cfg, rows_r[j], stats_r + kStats * j);
+    for (int64_t i = 0; i < B; ++i) finalize_row(sz[i], kInfoNCE, a.cfg, rows_z[i], stats_z + kStats * i);
+    for (int64_t j = 0; j < M; ++j) finalize_row(sr[j], kInfoNCE, a.cfg, rows_r[j], stats_r + kStats * j);
   }
 
-  // Cross-mode backward: per tile H = G_rows + G_colsᵀ, dZ += H·R (a partial per column range), dR += Hᵀ·Z
-  // (a partial per row range), the partials summed in range order.
+  // Cross-mode backward (InfoNCE): per tile H = G_rows + G_cols in one pass over it, dZ += H·R (a partial per
+  // column range), dR += Hᵀ·Z (a partial per row range), the partials summed in range order.
   template <typename T>
-  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a,
-                             const LabelArgs<T>& a_t, int64_t form, const T* stats_z, const T* grad_z,
-                             const T* stats_r, const T* grad_r, at::Tensor& gz, at::Tensor& gr) {
+  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const T* stats_z,
+                             const T* grad_z, const T* stats_r, const T* grad_r, at::Tensor& gz, at::Tensor& gr) {
     const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
     const CrossPlan p = cross_plan(B, M, D * int64_t(sizeof(T)));
     at::Tensor pz = at::zeros({p.csplits, B, D}, zn.options()), pr = at::zeros({p.rsplits, M, D}, zn.options());
-    cross_tiles(zn, rn, p, [&](int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t c0, int64_t L, at::Tensor& g) {
-      at::Tensor g_t = g.t().contiguous();
-      label_backward_tile<T>(form, a, r0, nr, c0, L, g.data_ptr<T>(), stats_z, grad_z);
-      label_backward_tile<T>(form, a_t, c0, L, r0, nr, g_t.data_ptr<T>(), stats_r, grad_r);
-      g.add_(g_t.t());
-      pz[cs].narrow(0, r0, nr).addmm_(g, rn.narrow(0, c0, L));
-      pr[rs].narrow(0, c0, L).addmm_(g.t(), zn.narrow(0, r0, nr));
+    // The columns' constants, once: C's parts, coef = g·a·β/n⁺, neg_coef = coef·Σσ, valid.
+    std::vector<T> shift(M), log_sum(M), coef(M), neg_coef(M), valid(M);
+    for (int64_t j = 0; j < M; ++j) {
+      const T* st = stats_r + kStats * j;
+      const bool v = st[kValid] != T(0);
+      valid[j] = v ? T(1) : T(0);
+      shift[j] = v ? st[kNceShift] : T(0);
+      log_sum[j] = v ? st[kNceLogSum] : T(0);
+      coef[j] = v ? grad_r[j] * a.sim_a * a.cfg.beta / st[kNceNPos] : T(0);
+      neg_coef[j] = v ? coef[j] * st[kNceSigmoidSum] : T(0);
+    }
+    cross_tiles(zn, rn, p, [&](int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t c0, int64_t L, at::Tensor& h) {
+      T* tile = h.data_ptr<T>();
+      METAUG_ISA_SWITCH(
+        const ns::CrossCols<T> cc{shift.data() + c0, log_sum.data() + c0, coef.data() + c0, neg_coef.data() + c0,
+                                  valid.data() + c0};
+        for (int64_t r = 0; r < nr; ++r) ns::infonce_cross_backward_row<T>(a, r0 + r, c0, L, tile + r * L,
+                                                                           stats_z + kStats * (r0 + r), grad_z[r0 + r], cc);)
+      pz[cs].narrow(0, r0, nr).addmm_(h, rn.narrow(0, c0, L));
+      pr[rs].narrow(0, c0, L).addmm_(h.t(), zn.narrow(0, r0, nr));
     });
     at::sum_out(gz, pz, 0);
     at::sum_out(gr, pr, 0);
@@ -600,7 +617,8 @@ struct CrossInputs : LabelInputs<CpuLabel> {
   CrossInputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
               int64_t similarity, int64_t form)
       : LabelInputs<CpuLabel>(zn, rn, labels, ref_labels, form, similarity) {
-    TORCH_CHECK(form != kMargin, "oucl_label_cross (cpp): margin statistics are not a cross-mode form");
+    TORCH_CHECK(form == kInfoNCE, "oucl_label_cross (cpp): cross mode runs InfoNCE (form ", int64_t(kInfoNCE),
+                "), got form ", form);
   }
   template <typename T>
   std::pair<LabelArgs<T>, LabelArgs<T>> args(int64_t similarity, double beta, double gamma_pos, double gamma_neg,
@@ -621,7 +639,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_cross_fwd(
   at::Tensor rows_r = at::empty({M}, in.zn.options()), stats_r = at::empty({M, kStats}, in.zn.options());
   AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_fwd", [&] {
     const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
-    CpuLabel::cross_forward<scalar_t>(in.zn, in.rn, a.first, a.second, form, rows_z.data_ptr<scalar_t>(),
+    CpuLabel::cross_forward<scalar_t>(in.zn, in.rn, a.first, a.second, rows_z.data_ptr<scalar_t>(),
                                       stats_z.data_ptr<scalar_t>(), rows_r.data_ptr<scalar_t>(),
                                       stats_r.data_ptr<scalar_t>());
   });
@@ -640,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor> label_cross_bwd(
   if (in.zn.size(0) == 0 || in.rn.size(0) == 0) return {gz, gr};
   AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
     const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
-    CpuLabel::cross_backward<scalar_t>(in.zn, in.rn, a.first, a.second, form, std::get<0>(z_side).data_ptr<scalar_t>(),
+    CpuLabel::cross_backward<scalar_t>(in.zn, in.rn, a.first, std::get<0>(z_side).data_ptr<scalar_t>(),
                                        std::get<1>(z_side).data_ptr<scalar_t>(), std::get<0>(r_side).data_ptr<scalar_t>(),
                                        std::get<1>(r_side).data_ptr<scalar_t>(), gz, gr);
   });
