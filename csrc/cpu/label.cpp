@@ -144,7 +144,9 @@ void take_positive_terms(std::vector<RowState<T>>& state, const std::vector<RowS
 // Cross mode's work items: row blocks cut into rsplits ranges, column tiles into csplits ranges; item
 // (rs, cs) takes its row blocks in order and, in each, its column tiles in order. So the rows have one
 // partial per column range and the columns one per row range, each accumulated in an order fixed by the
-// shape. Ranges shrink while the partials would pass kPartialBytes (`row_bytes` per row and partial).
+// shape. The plan takes kColSplits items (or every tile, when there are fewer) with the fewest partial
+// rows csplits·B + rsplits·M, and fewer items while the partials would pass kPartialBytes (`row_bytes`
+// per partial row).
 struct CrossPlan {
   int64_t B, M, row_blocks, tiles, rsplits, csplits;
   int64_t block_begin(int64_t rs) const { return rs * row_blocks / rsplits; }
@@ -155,11 +157,16 @@ struct CrossPlan {
 
 CrossPlan cross_plan(int64_t B, int64_t M, int64_t row_bytes) {
   CrossPlan p{B, M, (B + kRowBlock - 1) / kRowBlock, (M + kColTile - 1) / kColTile, 0, 0};
-  p.rsplits = std::min(p.row_blocks, kColSplits);
-  p.csplits = std::min(p.tiles, kColSplits);
-  while ((p.csplits * B + p.rsplits * M) * row_bytes > kPartialBytes && (p.rsplits > 1 || p.csplits > 1)) {
-    if (p.rsplits >= p.csplits) p.rsplits /= 2;
-    else p.csplits /= 2;
+  if (p.row_blocks == 0 || p.tiles == 0) return p;
+  for (int64_t items = std::min(kColSplits, p.row_blocks * p.tiles); items >= 1; items /= 2) {
+    int64_t best = -1;
+    for (int64_t rs = 1; rs <= std::min(p.row_blocks, items); ++rs) {
+      const int64_t cs = std::min(p.tiles, (items + rs - 1) / rs);
+      if (rs * cs < items) continue;
+      const int64_t rows = cs * B + rs * M;
+      if (best < 0 || rows < best) best = rows, p.rsplits = rs, p.csplits = cs;
+    }
+    if (best >= 0 && (best * row_bytes <= kPartialBytes || items == 1)) return p;
   }
   return p;
 }
@@ -450,7 +457,7 @@ struct CpuLabel : CpuDevice {
     });
   }
 
-  // Cross-mode sweep: `visit(a, r0, nr, c0, L, tile, row_states, col_states, scratch)` reads each tile of
+  // Cross-mode sweep: `visit(r0, nr, c0, L, tile, row_states, col_states, scratch)` reads each tile of
   // S = zn·rnᵀ into its rows' and its columns' states (partials of this item's column and row ranges)
   // -> (rows' states [B], columns' states [M]). scratch: [3, kColTile] per item.
   template <typename T, typename Visit>
