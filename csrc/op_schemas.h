@@ -30,6 +30,13 @@ inline void define_kernel_ops(torch::Library& m) {
       "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
       "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
       "float lam, bool ref_grad=True) -> (Tensor, Tensor)");
+  m.def(
+      "oucl_label_cross_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int similarity, int form, "
+      "float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "oucl_label_cross_bwd(Tensor grad_z, Tensor grad_r, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, "
+      "Tensor stats_z, Tensor stats_r, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
+      "float margin, float lam) -> (Tensor, Tensor)");
 }
 
 }  // namespace metaug_fast

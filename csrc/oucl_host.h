@@ -12,6 +12,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "oucl_common.h"
 
@@ -357,6 +358,74 @@ struct LabelOps {
   static void impl(torch::Library& m) {
     m.impl("oucl_label_fwd", &fwd);
     m.impl("oucl_label_bwd", &bwd);
+  }
+};
+
+// Cross mode (torch.ops.metaug_fast.oucl_label_cross_fwd, oucl_label_cross_bwd; InfoNCE): each row of zn
+// against the rows of rn and each row of rn against the rows of zn, no pair excluded, over a backend that
+// gives
+//   cross_forward<T>(zn, rn, a, a_t, rows_z, stats_z, rows_r, stats_r)
+//   cross_backward<T>(zn, rn, a, a_t, stats_z, grad_z, stats_r, grad_r, gz, gr)   (B > 0, M > 0)
+// with a the label arguments of zn's rows and a_t those of rn's (the labels swapped).
+template <typename Backend>
+struct CrossOps {
+  using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+  using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+  struct Inputs : LabelInputs<Backend> {
+    Inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
+           int64_t similarity, int64_t form)
+        : LabelInputs<Backend>(zn, rn, labels, ref_labels, form, similarity) {
+      TORCH_CHECK(form == kInfoNCE, "oucl_label_cross (", Backend::kName, "): cross mode runs InfoNCE (form ",
+                  int64_t(kInfoNCE), "), got form ", form);
+    }
+    template <typename T>
+    std::pair<LabelArgs<T>, LabelArgs<T>> args(int64_t similarity, double beta) const {
+      return {make_label_args<T>(this->labels, this->ref_labels, -1, similarity, beta, 0, 0, 0, 0),
+              make_label_args<T>(this->ref_labels, this->labels, -1, similarity, beta, 0, 0, 0, 0)};
+    }
+  };
+
+  // -> (rows_z [B], stats_z [B,kStats], rows_r [M], stats_r [M,kStats]) in the dtype of zn.
+  static Tensors4 fwd(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
+                      const at::Tensor& ref_labels, int64_t similarity, int64_t form, double beta, double,
+                      double, double, double) {
+    const Inputs in(zn, rn, labels, ref_labels, similarity, form);
+    const int64_t B = in.zn.size(0), M = in.rn.size(0);
+    at::Tensor rows_z = at::empty({B}, in.zn.options()), stats_z = at::empty({B, kStats}, in.zn.options());
+    at::Tensor rows_r = at::empty({M}, in.zn.options()), stats_r = at::empty({M, kStats}, in.zn.options());
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_fwd", [&] {
+      const auto a = in.template args<scalar_t>(similarity, beta);
+      Backend::template cross_forward<scalar_t>(in.zn, in.rn, a.first, a.second, rows_z.data_ptr<scalar_t>(),
+                                                stats_z.data_ptr<scalar_t>(), rows_r.data_ptr<scalar_t>(),
+                                                stats_r.data_ptr<scalar_t>());
+    });
+    return {rows_z, stats_z, rows_r, stats_r};
+  }
+
+  // -> (∂/∂zn [B,D], ∂/∂rn [M,D]) of Σ_i grad_z[i]·ℓ_i + Σ_j grad_r[j]·ℓ'_j.
+  static Tensors2 bwd(const at::Tensor& grad_z, const at::Tensor& grad_r, const at::Tensor& zn, const at::Tensor& rn,
+                      const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats_z,
+                      const at::Tensor& stats_r, int64_t similarity, int64_t form, double beta, double, double, double,
+                      double) {
+    const Inputs in(zn, rn, labels, ref_labels, similarity, form);
+    const auto z_side = label_backward_inputs<Backend>(stats_z, grad_z, in.zn, form);
+    const auto r_side = label_backward_inputs<Backend>(stats_r, grad_r, in.rn, form);
+    at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros_like(in.rn);
+    if (in.zn.size(0) == 0 || in.rn.size(0) == 0) return {gz, gr};
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
+      const auto a = in.template args<scalar_t>(similarity, beta);
+      Backend::template cross_backward<scalar_t>(
+          in.zn, in.rn, a.first, a.second, std::get<0>(z_side).template data_ptr<scalar_t>(),
+          std::get<1>(z_side).template data_ptr<scalar_t>(), std::get<0>(r_side).template data_ptr<scalar_t>(),
+          std::get<1>(r_side).template data_ptr<scalar_t>(), gz, gr);
+    });
+    return {gz, gr};
+  }
+
+  static void impl(torch::Library& m) {
+    m.impl("oucl_label_cross_fwd", &fwd);
+    m.impl("oucl_label_cross_bwd", &bwd);
   }
 };
 

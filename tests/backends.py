@@ -20,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 
 import metaug_fast
-from metaug_fast import _backend, reference
+from metaug_fast import _backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,15 +69,16 @@ def _registered(name: str) -> Dict[str, Callable]:
 def _simt_impls() -> Dict[str, Callable]:
     from metaug_fast._ops.margins import margin_statistics_fused
     from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
-                                             oucl_embeddings_fused, pairwise_similarity_fused)
+                                             oucl_embeddings_fused, pairwise_similarity_fused,
+                                             symmetric_info_nce_fused)
     from metaug_fast._ops.score import info_nce_fused, oucl_fused
 
     ops = simt_ops()
     impls = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
              "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
-             "margin_statistics_embeddings": margin_statistics_embeddings_fused}
+             "margin_statistics_embeddings": margin_statistics_embeddings_fused,
+             "symmetric_info_nce": symmetric_info_nce_fused}
     out = {op: functools.partial(fn, ops=ops) for op, fn in impls.items()}
-    out["symmetric_info_nce"] = reference.two_way(out["info_nce_embeddings"])  # as the CUDA backend registers it
     # The CUDA backend's similarity is ATen (cuBLAS on a GPU): no kernel of its own to emulate.
     out["pairwise_similarity"] = pairwise_similarity_fused
     return out

@@ -509,7 +509,8 @@ struct CpuLabel : CpuDevice {
   // Cross-mode backward (InfoNCE): per tile H = G_rows + G_cols in one pass over it, dZ += H·R (a partial per
   // column range), dR += Hᵀ·Z (a partial per row range), the partials summed in range order.
   template <typename T>
-  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a, const T* stats_z,
+  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a,
+                             const LabelArgs<T>& /*a_t: the columns' terms come from their stats*/, const T* stats_z,
                              const T* grad_z, const T* stats_r, const T* grad_r, at::Tensor& gz, at::Tensor& gr) {
     const int64_t B = zn.size(0), M = rn.size(0), D = zn.size(1);
     const CrossPlan p = cross_plan(B, M, D * int64_t(sizeof(T)));
@@ -618,60 +619,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_fwd_grad(const at::Tensor& 
   return {rows, stats, dz};
 }
 
-// Cross mode's inputs: checked (zn [B,D], rn [M,D], labels [B], ref_labels [M], a loss form), detached and
-// contiguous, with each direction's label arguments (no pair excluded).
-struct CrossInputs : LabelInputs<CpuLabel> {
-  CrossInputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
-              int64_t similarity, int64_t form)
-      : LabelInputs<CpuLabel>(zn, rn, labels, ref_labels, form, similarity) {
-    TORCH_CHECK(form == kInfoNCE, "oucl_label_cross (cpp): cross mode runs InfoNCE (form ", int64_t(kInfoNCE),
-                "), got form ", form);
-  }
-  template <typename T>
-  std::pair<LabelArgs<T>, LabelArgs<T>> args(int64_t similarity, double beta, double gamma_pos, double gamma_neg,
-                                             double margin, double lam) const {
-    return {make_label_args<T>(labels, ref_labels, -1, similarity, beta, gamma_pos, gamma_neg, margin, lam),
-            make_label_args<T>(ref_labels, labels, -1, similarity, beta, gamma_pos, gamma_neg, margin, lam)};
-  }
-};
-
-// torch.ops.metaug_fast.oucl_label_cross_fwd -> (rows_z [B], stats_z [B,kStats], rows_r [M], stats_r [M,kStats]):
-// the loss of each row of zn against the rows of rn, and of each row of rn against the rows of zn.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_cross_fwd(
-    const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
-    int64_t similarity, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
-  const CrossInputs in(zn, rn, labels, ref_labels, similarity, form);
-  const int64_t B = in.zn.size(0), M = in.rn.size(0);
-  at::Tensor rows_z = at::empty({B}, in.zn.options()), stats_z = at::empty({B, kStats}, in.zn.options());
-  at::Tensor rows_r = at::empty({M}, in.zn.options()), stats_r = at::empty({M, kStats}, in.zn.options());
-  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_fwd", [&] {
-    const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
-    CpuLabel::cross_forward<scalar_t>(in.zn, in.rn, a.first, a.second, rows_z.data_ptr<scalar_t>(),
-                                      stats_z.data_ptr<scalar_t>(), rows_r.data_ptr<scalar_t>(),
-                                      stats_r.data_ptr<scalar_t>());
-  });
-  return {rows_z, stats_z, rows_r, stats_r};
-}
-
-// torch.ops.metaug_fast.oucl_label_cross_bwd -> (∂/∂zn [B,D], ∂/∂rn [M,D]) of Σ_i grad_z[i]·ℓ_i + Σ_j grad_r[j]·ℓ'_j.
-std::tuple<at::Tensor, at::Tensor> label_cross_bwd(
-    const at::Tensor& grad_z, const at::Tensor& grad_r, const at::Tensor& zn, const at::Tensor& rn,
-    const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats_z, const at::Tensor& stats_r,
-    int64_t similarity, int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
-  const CrossInputs in(zn, rn, labels, ref_labels, similarity, form);
-  const auto z_side = label_backward_inputs<CpuLabel>(stats_z, grad_z, in.zn, form);
-  const auto r_side = label_backward_inputs<CpuLabel>(stats_r, grad_r, in.rn, form);
-  at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros_like(in.rn);
-  if (in.zn.size(0) == 0 || in.rn.size(0) == 0) return {gz, gr};
-  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
-    const auto a = in.args<scalar_t>(similarity, beta, gamma_pos, gamma_neg, margin, lam);
-    CpuLabel::cross_backward<scalar_t>(in.zn, in.rn, a.first, std::get<0>(z_side).data_ptr<scalar_t>(),
-                                       std::get<1>(z_side).data_ptr<scalar_t>(), std::get<0>(r_side).data_ptr<scalar_t>(),
-                                       std::get<1>(r_side).data_ptr<scalar_t>(), gz, gr);
-  });
-  return {gz, gr};
-}
-
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_rows_bwd_bwd(Tensor grad_rows, Tensor t, Tensor s, Tensor labels, Tensor ref_labels, "
         "Tensor stats, int row0, int self_offset, int form, float beta, float gamma_pos, float gamma_neg, "
@@ -679,19 +626,13 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_fwd_grad(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, "
         "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("oucl_label_cross_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int similarity, int form, "
-        "float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("oucl_label_cross_bwd(Tensor grad_z, Tensor grad_r, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, "
-        "Tensor stats_z, Tensor stats_r, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
-        "float margin, float lam) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
   LabelOps<CpuLabel>::impl(m);
   m.impl("oucl_label_rows_bwd_bwd", &label_rows_bwd_bwd);
   m.impl("oucl_label_fwd_grad", &label_fwd_grad);
-  m.impl("oucl_label_cross_fwd", &label_cross_fwd);
-  m.impl("oucl_label_cross_bwd", &label_cross_bwd);
+  CrossOps<CpuLabel>::impl(m);
 }
 
 }  // namespace metaug_fast

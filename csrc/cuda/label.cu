@@ -5,6 +5,9 @@
 // and stats through finalize_row, the CPU's own code. Backward recomputes each tile, turns it into
 // G = ∂ℓ/∂S in place (elementwise kernel) and accumulates G·rn and Gᵀ·zn with cuBLAS.
 //
+// Cross mode (CrossOps, InfoNCE both ways between zn and rn) reads each tile twice, as it is for zn's rows
+// and through a transposed copy for rn's, and the backward forms H = G_rows + G_colsᵀ per tile.
+//
 // Self mode (is_self: rn is zn) computes only the square tiles (I, J ≥ I) of S = zn·znᵀ: each feeds the
 // states of its rows and, through its transposed copy, of its columns; the backward forms
 // H = G_IJ + G_JIᵀ and takes dZ_I += H·Z_J, dZ_J += Hᵀ·Z_I, returning the whole gradient in gz (gr stays
@@ -247,11 +250,81 @@ struct CudaLabel : device::Backend {
       }
     });
   }
+
+  // Cross mode (InfoNCE): `visit(c0, tile, tile_t)` for every column tile of S = zn·rnᵀ (the row-wide tiles
+  // of sweep) with its transposed copy, whose rows are rn's rows c0 .. c0 + L against every row of zn.
+  template <typename Visit>
+  static void cross_sweep(const at::Tensor& zn, const at::Tensor& rn, Visit&& visit) {
+    const int64_t B = zn.size(0), M = rn.size(0), cols = tile_columns(B, M);
+    if (B == 0) return;
+    for (int64_t c0 = 0; c0 < M; c0 += cols) {
+      at::Tensor tile = at::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t()).contiguous();
+      at::Tensor tile_t = tile.t().contiguous();  // made first: the kernels overwrite their tile
+      visit(c0, tile, tile_t);
+    }
+  }
+
+  // Cross-mode forward: the forward kernels of both directions on each tile and its transposed copy (each
+  // of rn's rows sees all of zn in one tile), twice for InfoNCE's two sweeps.
+  template <typename T>
+  static void cross_forward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args,
+                            const LabelArgs<T>& args_t, T* rows_z, T* stats_z, T* rows_r, T* stats_r) {
+    const int64_t B = zn.size(0), M = rn.size(0);
+    const cudaStream_t stream = device::current_stream();
+    const at::Tensor states = at::empty({(B + M) * int64_t(sizeof(RowState<T>))}, zn.options().dtype(at::kByte));
+    auto a = tile_args(args), a_t = tile_args(args_t);
+    a.state = reinterpret_cast<RowState<T>*>(states.data_ptr());
+    a_t.state = a.state + B;
+    if (B + M > 0) device::launch(label_init_kernel<T>, dim3((B + M + 255) / 256), dim3(256), stream, a.state, B + M);
+    for (int sweep_id = 0; sweep_id < 2; ++sweep_id) {
+      a.sweep = a_t.sweep = sweep_id;
+      cross_sweep(zn, rn, [&](int64_t c0, at::Tensor& tile, at::Tensor& tile_t) {
+        place(a, 0, B, c0, tile);
+        device::launch(label_tile_forward_kernel<kInfoNCE, T>, warp_grid(B), warp_block(), stream, a);
+        place(a_t, c0, tile_t.size(0), 0, tile_t);
+        device::launch(label_tile_forward_kernel<kInfoNCE, T>, warp_grid(a_t.B), warp_block(), stream, a_t);
+      });
+    }
+    if (B > 0)
+      device::launch(label_finalize_kernel<T>, dim3((B + 255) / 256), dim3(256), stream,
+                     static_cast<const RowState<T>*>(a.state), B, int64_t(kInfoNCE), a.cfg, rows_z, stats_z);
+    if (M > 0)
+      device::launch(label_finalize_kernel<T>, dim3((M + 255) / 256), dim3(256), stream,
+                     static_cast<const RowState<T>*>(a_t.state), M, int64_t(kInfoNCE), a.cfg, rows_r, stats_r);
+  }
+
+  // Cross-mode backward: G_rows on each tile, G_cols on its transposed copy, H = G_rows + G_colsᵀ,
+  // dZ += H·R_tile and dR_tile += Hᵀ·Z.
+  template <typename T>
+  static void cross_backward(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& args,
+                             const LabelArgs<T>& args_t, const T* stats_z, const T* grad_z, const T* stats_r,
+                             const T* grad_r, at::Tensor& gz, at::Tensor& gr) {
+    const int64_t B = zn.size(0);
+    const cudaStream_t stream = device::current_stream();
+    auto a = tile_args(args), a_t = tile_args(args_t);
+    a.stats = stats_z;
+    a.grad = grad_z;
+    a_t.stats = stats_r;
+    a_t.grad = grad_r;
+    cross_sweep(zn, rn, [&](int64_t c0, at::Tensor& tile, at::Tensor& tile_t) {
+      const int64_t L = tile.size(1), n = B * L;
+      place(a, 0, B, c0, tile);
+      device::launch(label_tile_backward_kernel<kInfoNCE, T>, dim3((n + 255) / 256), dim3(256), stream, a);
+      place(a_t, c0, L, 0, tile_t);
+      device::launch(label_tile_backward_kernel<kInfoNCE, T>, dim3((n + 255) / 256), dim3(256), stream, a_t);
+      tile.add_(tile_t.t());
+      gz.addmm_(tile, rn.narrow(0, c0, L));
+      gr.narrow(0, c0, L).addmm_(tile.t(), zn);
+    });
+  }
 };
 
 }  // namespace
 
 // The CUDA kernels of the label-mode ops whose schemas define_kernel_ops gives.
-void impl_label_ops(torch::Library& m) { LabelOps<CudaLabel>::impl(m); }
+void impl_label_ops(torch::Library& m) {
+  LabelOps<CudaLabel>::impl(m);
+  CrossOps<CudaLabel>::impl(m);
+}
 
 }  // namespace metaug_fast

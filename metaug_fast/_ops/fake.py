@@ -85,7 +85,7 @@ OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, mar
 # The ops that multiply matrices inside (ATen GEMMs), per device type they run on.
 _GEMM_OPS = {"cpu": (oucl_label_fwd, oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd,
                      oucl_label_cross_fwd, oucl_label_cross_bwd),
-             "cuda": (oucl_label_fwd, oucl_label_bwd)}
+             "cuda": (oucl_label_fwd, oucl_label_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd)}
 
 
 def register() -> None:

@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 
-from .. import reference
 from .._backend import Backend, add
 from .._ops.score import CPP_OPS
 from . import cpp
@@ -35,7 +34,4 @@ def unavailable() -> Optional[str]:
 
 
 BACKEND = add(Backend("cuda", where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
-                      unavailable=unavailable,
-                      # the cross-mode ops have no CUDA kernels yet: one label-mode call per direction
-                      impls={**cpp.IMPLS, "symmetric_info_nce": reference.two_way(cpp.IMPLS["info_nce_embeddings"])},
-                      label_ops=CPP_OPS))
+                      unavailable=unavailable, impls=dict(cpp.IMPLS), label_ops=CPP_OPS))
