@@ -1,5 +1,5 @@
-"""Label-mode OUCL on the CPU: the fused C++ backend against reference.py and pytorch-metric-learning,
-side by side in one run.
+"""Label-mode OUCL and InfoNCE on the CPU: the fused C++ backend against reference.py, pytorch-metric-learning
+and open_clip, side by side in one run.
 
     python -m bench.bench_oucl_label            # the headline sizes (about 3 minutes on 2 cores)
     python -m bench.bench_oucl_label --quick    # small sizes, for a smoke run
@@ -9,6 +9,8 @@ Rows written to bench/results/oucl_label_cpu.csv:
   (time, peak extra memory), and the GEMM floor: one [N,D]×[D,N] product (``gemm_floor``), so the fused
   path is also given in one-GEMM times; then the two views of 4096 scored against each other (a reference
   set that needs a gradient) with their own GEMM floor;
+- InfoNCE on the same inputs: NT-Xent over N = 8192, and CLIP's loss both ways between the two views
+  (``symmetric_info_nce``) against open_clip's ``ClipLoss``;
 - N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
 - N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
 - N = 2048: the Hessian-vector product against forward+backward on cpp;
@@ -120,6 +122,34 @@ def main(argv=None) -> int:
     za, zb = view_a.detach(), view_b.detach()
     tv_floor = record("gemm_floor", "torch.mm", half, "one [N,D]x[D,N]", _measure(lambda: torch.mm(za, zb.T), args.repeats))
     ratios.append(f"two views of {half}: cpp = {tv[0] / tv_floor[0]:.1f} one-GEMM times")
+
+    # 1c. InfoNCE: NT-Xent on the two views (one positive per anchor: its terms by dot products, no second
+    # sweep), and CLIP's loss both ways between them (cross mode: one sweep for both directions) against
+    # open_clip's ClipLoss, which holds the N/2 × N/2 logits.
+    emb.grad = None
+
+    def nt_xent():
+        emb.grad = None
+        F.info_nce_embeddings(emb, labels, temperature=0.1, backend="cpp").backward()
+
+    nce = record("info_nce", "cpp", n_main, "forward+backward", _measure(nt_xent, args.repeats))
+    ratios.append(f"N={n_main}: NT-Xent on cpp = {nce[0] / floor[0]:.1f} one-GEMM times")
+
+    def clip(fn):
+        def run():
+            view_a.grad = view_b.grad = None
+            fn().backward()
+        return run
+
+    ours = record("symmetric_info_nce", "cpp", half, "forward+backward", _measure(clip(
+        lambda: F.symmetric_info_nce(view_a, view_b, temperature=0.01, similarity="dot", backend="cpp")), args.repeats))
+    from open_clip.loss import ClipLoss
+
+    peer = record("symmetric_info_nce", "open_clip.ClipLoss", half, "forward+backward",
+                  _measure(clip(lambda: ClipLoss()(view_a, view_b, 100.0)), args.repeats))
+    ratios.append(f"CLIP, {half} pairs: cpp = {ours[0] / tv_floor[0]:.1f} one-GEMM times, {peer[0] / ours[0]:.1f}x "
+                  f"faster and {peer[1] / max(ours[1], 0.1):.0f}x less peak memory than open_clip's ClipLoss "
+                  f"({peer[0] / tv_floor[0]:.1f} one-GEMM times)")
 
     # 2. pytorch-metric-learning CircleLoss vs cpp circle/cosine, N = 4096.
     from pytorch_metric_learning.losses import CircleLoss
