@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     if has_gpu:
         build = step_build(c)
         step_ceilings(c)
-        step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py", "-k", "triton"],
+        step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py", "tests/test_triton_ops.py", "-k",
+                                 "triton"],
                    60 if args.quick else 200)
         if args.quick:  # the Triton kernels only: no waiting for the extensions
             step_kernels(c)

@@ -26,6 +26,8 @@ from typing import Callable, Sequence, Tuple, Union
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
+from torch.library import triton_op, wrap_triton
 
 from ..contract import N_PARTS as _N_PARTS
 from ..contract import N_STATS as _N_STATS
@@ -67,14 +69,32 @@ def device_guard(device: torch.device):
 
 def launch(kernel, grid: Union[Sequence[int], Callable], device: torch.device, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` on ``device``, with the grid checked (a callable grid, as autotuned
-    kernels take, is checked when Triton evaluates it)."""
+    kernels take, is checked when Triton evaluates it).
+
+    Every launcher runs inside a ``torch.library.triton_op`` (:func:`op`). Called eagerly,
+    the op launches the kernel. Traced (fake tensors, ``torch.compile``, AOT dispatch), the launch goes
+    through ``wrap_triton`` and becomes a node of the graph; nothing runs, so no device is made current."""
     if callable(grid):
         make = grid
         grid = lambda meta: check_grid(make(meta))  # noqa: E731
     else:
         grid = check_grid(grid)
-    with device_guard(device):
-        kernel[grid](*args, **kwargs)
+    traced = is_wrap_triton_enabled()
+    with contextlib.nullcontext() if traced else device_guard(device):
+        (wrap_triton(kernel) if traced else kernel)[grid](*args, **kwargs)
+
+
+# The namespace of the Triton launchers as torch operators: torch.ops.metaug_fast_triton.<launcher>.
+NAMESPACE = "metaug_fast_triton"
+
+
+def op(launcher: Callable) -> Callable:
+    """``launcher`` registered as the operator ``torch.ops.metaug_fast_triton.<its name>`` with
+    ``torch.library.triton_op``, its schema inferred from its annotations. The launcher itself is the fake
+    implementation (it allocates its outputs with torch ops and records its launches: :func:`launch`), and
+    ``torch.compile`` sees each kernel it launches as a node of the graph, so ``fullgraph=True`` traces the
+    Triton backend without a break. Outputs are new tensors: none aliases an input or another output."""
+    return triton_op(f"{NAMESPACE}::{launcher.__name__}", launcher, mutates_args=())
 
 
 def loss_args(params) -> Tuple[float, ...]:
@@ -241,8 +261,10 @@ def tuned(kernel):
 @triton.jit
 def load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.constexpr, BLOCK_K: tl.constexpr,
               acc_ty: tl.constexpr):
-    """A ``[BLOCK_B, BLOCK_K]`` block of one side: scores in the accumulation dtype, which entries count,
-    and the column indices."""
+    """A ``[BLOCK_B, BLOCK_K]`` block of one side, columns ``k0 + arange(BLOCK_K)``: scores in the accumulation
+    dtype and which entries count. A kernel that stores at those columns computes them itself: torch's
+    analysis of what a kernel writes (``torch.compile``) follows a store's address back through the calls
+    it comes from, so columns returned from here would count the scores as written."""
     cols = k0 + tl.arange(0, BLOCK_K)
     inb = rmask[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xb + cols[None, :].to(tl.int64) * s_xk, mask=inb,
@@ -251,7 +273,7 @@ def load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M: t
     if HAS_M:
         offsets = rows[:, None].to(tl.int64) * s_mb + cols[None, :].to(tl.int64) * s_mk
         keep = keep & (tl.load(m_ptr + offsets, mask=inb, other=0) != 0)
-    return x, keep, cols
+    return x, keep
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:

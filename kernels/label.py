@@ -35,15 +35,16 @@ the inputs' dtype (GPREC "input": tensor cores, fp32 accumulation).
 """
 import contextlib
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ..contract import Form, Stat
 from ._common import (HINGE, INFONCE, LN2, LOG2E, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED,
-                      launch, load_cfg, loss_args, lse_pair_update, lse_update, side_terms, softplus_sigmoid)
+                      launch, load_cfg, loss_args, lse_pair_update, op, lse_update, side_terms, softplus_sigmoid)
 
 
 @triton.jit
@@ -607,9 +608,13 @@ def _column_splits(tiles: int, programs: int, cap: int = 1 << 30):
     return triton.cdiv(tiles, per_split), per_split
 
 
-def label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form):
+@op
+def label_partials(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor, form: int,
+                   beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float, self_offset: int,
+                   similarity: int) -> Tensor:
     """``part [splits, B, 6]`` of the forward sweep (see the module docstring) in the accumulation dtype of
-    ``iz``; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ); labels int32 class ids."""
+    ``iz``; (form, β, γ⁺, γ⁻, m, λ) as the C++ ops take them; labels int32 class ids."""
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
@@ -633,17 +638,21 @@ def positive_tiles(labels_sorted: torch.Tensor, ref_sorted: torch.Tensor, BM: in
     return torch.stack([lo // BN, torch.maximum(lo // BN, (hi + BN - 1) // BN)], 1).to(torch.int32).contiguous()
 
 
-def label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, c):
-    """(Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs)) ``[B]`` each, InfoNCE's second sweep given each row's negative
-    log-sum-exp ``c [B]``, over the tiles that hold positives only: the rows and the reference rows are
-    taken in class order (permuted copies, O((B + M)·D)), so each block of rows finds its positives in one
+@op
+def label_positive_sums(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor, form: int,
+                        beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float, self_offset: int,
+                        similarity: int, c: Tensor) -> Tensor:
+    """``[2, B]``: (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs)) per row, InfoNCE's second sweep given each row's
+    negative log-sum-exp ``c [B]``, over the tiles that hold positives only: the rows and the reference rows
+    are taken in class order (permuted copies, O((B + M)·D)), so each block of rows finds its positives in one
     range of column tiles (:func:`positive_tiles`), a few tiles for single-positive batches instead of all."""
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
     sums = torch.zeros(2, B, dtype=iz.dtype, device=e.device)
     if B == 0 or M == 0:
-        return sums[0], sums[1]
+        return sums
     order_e, order_r = torch.argsort(labels, stable=True), torch.argsort(ref_labels, stable=True)
     lab_s, rlab_s = labels[order_e].contiguous(), ref_labels[order_r].contiguous()
     excl = torch.full((B,), -1, dtype=torch.int32, device=e.device)
@@ -658,7 +667,7 @@ def label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset, s
            positive_tiles(lab_s, rlab_s, cfg.BM, cfg.BN), excl, sorted_sums[0], sorted_sums[1], B, M, D,
            *_args(e_s, r_s), SIM=similarity, **meta)
     sums[:, order_e] = sorted_sums
-    return sums[0], sums[1]
+    return sums
 
 
 # The most the backward's per-split ∂e partials may take.
@@ -698,18 +707,35 @@ def grad_factors(stats: torch.Tensor, grad_rows: torch.Tensor, form: int, beta: 
 
 def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, ref_grad,
               self_mode=False):
-    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``. The row
-    kernel splits the columns when the row blocks are few; partials are summed in split order
-    (deterministic). ``self_mode`` (r is e, ir is iz, the same labels, self_offset 0): every form but the
-    margins returns the whole gradient of e in (∂e, ∂iz) from the row kernel's H = G + Gᵀ, and None for the
-    reference's parts."""
+    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``, by
+    :func:`label_grads`; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ)."""
+    de, diz, dr, dir_ = label_grads(grad_rows, stats, e, iz, r, ir, labels, ref_labels, *params, self_offset,
+                                    similarity, ref_grad, self_mode)
+    if not ref_grad or (self_mode and form != Form.MARGIN):
+        return de, diz, None, None
+    return de, diz, dr, dir_
+
+
+@op
+def label_grads(grad_rows: Tensor, stats: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor,
+                ref_labels: Tensor, form: int, beta: float, gamma_pos: float, gamma_neg: float, margin: float,
+                lam: float, self_offset: int, similarity: int, ref_grad: bool,
+                self_mode: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(∂e [B, D], ∂iz [B], ∂r [M, D], ∂ir [M]) in the accumulation dtype of ``iz``. The row kernel splits the
+    columns when the row blocks are few; partials are summed in split order (deterministic). ``self_mode``
+    (r is e, ir is iz, the same labels, self_offset 0): every form but the margins returns the whole gradient
+    of e in (∂e, ∂iz) from the row kernel's H = G + Gᵀ. The reference's parts are empty ([0, D], [0]) when
+    not computed: without ``ref_grad``, and in self mode but for the margins."""
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
     acc = iz.dtype
+    zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
+    fused = self_mode and form != Form.MARGIN
+    none = (zeros(0, D), zeros(0))
     if B == 0 or M == 0 or D == 0:  # nothing to launch: every gradient is zero
-        zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
-        return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad else (None, None))
+        return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad and not fused else none)
     meta = dict(FORM=form, SIM=similarity, **cfg.meta())
     q = grad_factors(stats, grad_rows, form, float(params[1]), similarity)
     args = (q, e, iz, r, ir, labels, ref_labels, *loss_args(params))
@@ -718,12 +744,11 @@ def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_o
     splits, per_split = _column_splits(triton.cdiv(M, cfg.BN), row_blocks * d_chunks, cap)
     de = torch.empty(splits, B, D, dtype=acc, device=e.device)
     diz = torch.empty(splits * d_chunks, B, dtype=acc, device=e.device)
-    fused = self_mode and form != Form.MARGIN
     launch(_label_bwd_rows_kernel, (row_blocks, d_chunks, splits), e.device, *args, de, diz, B, M, D, self_offset,
            per_split, *_args(e, r), SIM=similarity, **rows_meta(cfg, form, fused))
     de, diz = (de[0], diz[0]) if splits * d_chunks == 1 else (de.sum(0), diz.sum(0))
     if not ref_grad or fused:
-        return de, diz, None, None
+        return de, diz, *none
     dr = torch.empty(M, D, dtype=acc, device=e.device)
     dir_ = torch.empty(d_chunks, M, dtype=acc, device=e.device)
     launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, cfg.BN), 1), d_chunks), e.device, *args, dr, dir_, B, M, D,

@@ -6,12 +6,15 @@ ties_p, ties_n, valid), NaN sticky as torch.amin/amax; the backward shares ∂/�
 ties. ``margin_injection_{fwd,bwd}`` give the margin-injection regularizer R_σ per row and its gradients
 (metaug_fast/_ops/margins.py).
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import COMPILE_OPTIONS  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
-from ._common import acc_dtype, load_rows, load_stats, mask_flags, run_rows, score_args, store_stats, tuned
+from ._common import acc_dtype, load_rows, load_stats, mask_flags, op, run_rows, score_args, store_stats, tuned
 
 # ------------------------------------------------------------------------------------ margin statistics
 @triton.jit
@@ -24,7 +27,7 @@ def _side_extremum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, MIN: tl
     ties = tl.zeros((BLOCK_B,), acc_ty)
     has_nan = tl.zeros((BLOCK_B,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         has_nan += tl.sum((keep & (x != x)).to(tl.int32), axis=1)
         ok = keep & (x == x)
         if MIN:
@@ -59,7 +62,8 @@ def _side_extremum_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb,
     torch.amin/amax's 0/0)."""
     nan = best != best
     for k0 in range(0, K, BLOCK_K):
-        x, keep, cols = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         grad = tl.where(nan[:, None], float("nan"), tl.where(x == best[:, None], share[:, None], 0.0))
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, grad, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
@@ -92,7 +96,7 @@ def _hinge_mean(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, sigma, SIG
     total = tl.zeros((BLOCK_B,), acc_ty)
     count = tl.zeros((BLOCK_B,), acc_ty)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         d = SIGN * (x - sigma[:, None])
         total += tl.sum(tl.where(keep & ((d > 0) | (d != d)), d, 0.0), axis=1)
         count += tl.sum(keep.to(acc_ty), axis=1)
@@ -123,12 +127,13 @@ def _hinge_mean_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
     """Writes ∂/∂x = SIGN·g/count on the kept entries where SIGN·(x - σ) > 0; returns ∂/∂σ per row."""
     count = tl.zeros((BLOCK_B,), acc_ty)
     for k0 in range(0, K, BLOCK_K):
-        _, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        _, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         count += tl.sum(keep.to(acc_ty), axis=1)
     share = SIGN * g / tl.maximum(count, 1.0)
     d_sigma = tl.zeros((BLOCK_B,), acc_ty)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, cols = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         on = keep & (SIGN * (x - sigma[:, None]) > 0)
         grad = tl.where(on, share[:, None], 0.0)
         d_sigma -= tl.sum(grad, axis=1)
@@ -157,7 +162,8 @@ def _margin_injection_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, sp_ptr
     tl.store(gsn_ptr + rows, dsn, mask=rmask)
 
 
-def margin_score_fwd(pos, neg, pos_mask, neg_mask):
+@op
+def margin_score_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor]) -> Tensor:
     """stats [B, 5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     stats = torch.empty(B, 5, dtype=acc_dtype(pos), device=pos.device)
@@ -165,7 +171,9 @@ def margin_score_fwd(pos, neg, pos_mask, neg_mask):
     return stats
 
 
-def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
+@op
+def margin_score_bwd(grad: Tensor, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor],
+                     stats: Tensor) -> Tuple[Tensor, Tensor]:
     """(grad_pos, grad_neg) from ``grad [B, 2]`` = (∂/∂p_min, ∂/∂n_max) per row."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
@@ -174,7 +182,9 @@ def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
     return gp, gn
 
 
-def margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
+@op
+def margin_injection_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor],
+                         sigma_pos: Tensor, sigma_neg: Tensor) -> Tensor:
     """Per-row R_σ ``[B]`` in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     rows = torch.empty(B, dtype=acc_dtype(pos), device=pos.device)
@@ -183,7 +193,10 @@ def margin_injection_fwd(pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
     return rows
 
 
-def margin_injection_bwd(grad_rows, pos, neg, pos_mask, neg_mask, sigma_pos, sigma_neg):
+@op
+def margin_injection_bwd(grad_rows: Tensor, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor],
+                         neg_mask: Optional[Tensor], sigma_pos: Tensor,
+                         sigma_neg: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(∂pos [B, K̂⁺], ∂neg [B, K̂⁻] in the input dtype, ∂σ⁺ [B], ∂σ⁻ [B] in the accumulation dtype)."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)

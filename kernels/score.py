@@ -12,13 +12,17 @@ take and return, including the per-row ``stats [B, 5]`` layout, so the same auto
 Sums and exponentials run in fp32 for fp16/bf16 inputs (fp64 for fp64); gradients are written in the
 input dtype.
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import COMPILE_OPTIONS  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
 from ._common import (HINGE, INFONCE, WEIGHTED, acc_dtype, finite_or_zero, load_cfg, load_rows, load_stats, loss_args,
-                      lse_update, mask_flags, run_rows, score_args, side_terms, sigmoid, softplus, store_stats, tuned)
+                      lse_update, mask_flags, op, run_rows, score_args, side_terms, sigmoid, softplus, store_stats,
+                      tuned)
 
 
 @triton.jit
@@ -30,7 +34,7 @@ def _side_lse(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, beta, gamma_
     total = tl.zeros((BLOCK_B,), acc_ty)
     count = tl.zeros((BLOCK_B,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         e, _, _ = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         run_max, total = lse_update(run_max, total, tl.where(keep, e, float("-inf")), False)
         count += tl.sum(keep.to(tl.int32), axis=1)
@@ -44,7 +48,7 @@ def _side_sum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
     total = tl.zeros((BLOCK_B,), acc_ty)
     count = tl.zeros((BLOCK_B,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, _ = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         total += tl.sum(tl.where(keep, x, 0.0), axis=1)
         count += tl.sum(keep.to(tl.int32), axis=1)
     return total, count
@@ -81,8 +85,8 @@ def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_be
         sig_sum = zero
         n_p = tl.zeros((BLOCK_B,), tl.int32)
         for k0 in range(0, KP, BLOCK_K):
-            x, keep, _ = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
-                               acc_ty)
+            x, keep = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
+                                acc_ty)
             t = c[:, None] - beta * x
             loss_sum += tl.sum(tl.where(keep, softplus(t), 0.0), axis=1)
             sig_sum += tl.sum(tl.where(keep, sigmoid(t), 0.0), axis=1)
@@ -128,8 +132,9 @@ def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64,
         coef_p = g * inv_beta * sigmoid(st0 + st1 + st2 + st3)
         coef_n = coef_p
     for k0 in range(0, KP, BLOCK_K):
-        x, keep, cols = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
-                              acc_ty)
+        x, keep = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
+                            acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         if FORM == HINGE:
             grad = coef_p[:, None] + tl.zeros_like(x)
         elif FORM == INFONCE:
@@ -140,8 +145,9 @@ def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64,
         out = gp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :]
         tl.store(out, tl.where(keep, grad, 0.0).to(gp_ptr.dtype.element_ty), mask=rmask[:, None] & (cols[None, :] < KP))
     for k0 in range(0, KN, BLOCK_K):
-        x, keep, cols = load_rows(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
-                              acc_ty)
+        x, keep = load_rows(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
+                            acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         if FORM == HINGE:
             grad = coef_n[:, None] + tl.zeros_like(x)
         elif FORM == INFONCE:
@@ -160,7 +166,8 @@ def _side_dot(x_ptr, m_ptr, t_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, shift
     """Σ_k w_k e'_k t_k per row: the side's share of the directional derivative along t ([B, K] contiguous)."""
     acc = tl.zeros((BLOCK_B,), acc_ty)
     for k0 in range(0, K, BLOCK_K):
-        x, keep, cols = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, _ = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         acc += tl.sum(tl.where(keep, tl.exp(e - shift[:, None] - log_sum[:, None]) * d1 * t, 0.0), axis=1)
@@ -174,7 +181,8 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
     """H t of one side: c1·w·e' + c2·w·(e'·(e'·t - t_side) + e''·t). Grouping e'·t - t_side makes a side
     with one entry, where the two cancel, give exactly 0 as autograd does."""
     for k0 in range(0, K, BLOCK_K):
-        x, keep, cols = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
+        cols = k0 + tl.arange(0, BLOCK_K)
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, d2 = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         w = tl.exp(e - shift[:, None] - log_sum[:, None])
@@ -211,8 +219,9 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
         dsig = zero
         dsig_t = zero
         for k0 in range(0, KP, BLOCK_K):
-            x, keep, cols = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
-                                  acc_ty)
+            x, keep = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
+                                acc_ty)
+            cols = k0 + tl.arange(0, BLOCK_K)
             t = tl.load(tp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             xs = c[:, None] - beta * x
             s = sigmoid(xs)
@@ -223,8 +232,9 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
         ggo = tl.where(valid, beta / n_p * (st2 * wt - sig_t), zero)
         coef = g * beta * beta / n_p
         for k0 in range(0, KP, BLOCK_K):
-            x, keep, cols = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
-                                  acc_ty)
+            x, keep = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
+                                acc_ty)
+            cols = k0 + tl.arange(0, BLOCK_K)
             t = tl.load(tp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             xs = c[:, None] - beta * x
             h = coef[:, None] * sigmoid(xs) * sigmoid(-xs) * (t - wt[:, None])
@@ -232,8 +242,9 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
                      mask=rmask[:, None] & (cols[None, :] < KP))
         k_0 = wt * dsig - dsig_t - st2 * wt
         for k0 in range(0, KN, BLOCK_K):
-            x, keep, cols = load_rows(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
-                                  acc_ty)
+            x, keep = load_rows(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
+                                acc_ty)
+            cols = k0 + tl.arange(0, BLOCK_K)
             t = tl.load(tn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             w = tl.exp(beta * x - st0[:, None] - st1[:, None])
             h = coef[:, None] * w * (st2[:, None] * t + k_0[:, None])
@@ -259,7 +270,9 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_neg, margin, lam):
+@op
+def oucl_score_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor], form: int,
+                   beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float) -> Tuple[Tensor, Tensor]:
     """(rows [B], stats [B, 5]) in the accumulation dtype, as ``torch.ops.metaug_fast.oucl_score_fwd``."""
     acc = acc_dtype(pos)
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
@@ -270,7 +283,10 @@ def oucl_score_fwd(pos, neg, pos_mask, neg_mask, form, beta, gamma_pos, gamma_ne
     return rows, stats
 
 
-def oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, form, beta, gamma_pos, gamma_neg, margin, lam):
+@op
+def oucl_score_bwd(grad_rows: Tensor, pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor],
+                   stats: Tensor, form: int, beta: float, gamma_pos: float, gamma_neg: float, margin: float,
+                   lam: float) -> Tuple[Tensor, Tensor]:
     """(grad_pos [B, K⁺], grad_neg [B, K⁻]) in the input dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
@@ -280,8 +296,10 @@ def oucl_score_bwd(grad_rows, pos, neg, pos_mask, neg_mask, stats, form, beta, g
     return gp, gn
 
 
-def oucl_score_bwd_bwd(grad_rows, gg_pos, gg_neg, pos, neg, pos_mask, neg_mask, stats, form, beta, gamma_pos,
-                       gamma_neg, margin, lam):
+@op
+def oucl_score_bwd_bwd(grad_rows: Tensor, gg_pos: Tensor, gg_neg: Tensor, pos: Tensor, neg: Tensor,
+                       pos_mask: Optional[Tensor], neg_mask: Optional[Tensor], stats: Tensor, form: int, beta: float,
+                       gamma_pos: float, gamma_neg: float, margin: float, lam: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad of grad_rows [B], hv_pos [B, K⁺], hv_neg [B, K⁻]); not for the hinge form (zero Hessian)."""
     if form == 0:
         raise ValueError("the hinge form has a zero Hessian: its double backward needs no kernel")

@@ -4,8 +4,9 @@ definition; nothing else is."""
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from ._common import launch
+from ._common import launch, op
 from .label import _raw_dot, config
 
 
@@ -32,8 +33,9 @@ def _similarity_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, out_ptr, B, M, D, s_eb, s_e
              mask=rmask[:, None] & cmask[None, :])
 
 
-def pairwise_similarity(e: torch.Tensor, iz: torch.Tensor, r: torch.Tensor, ir: torch.Tensor, similarity: int,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+@op
+def pairwise_similarity(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, similarity: int,
+                        out_dtype: torch.dtype) -> Tensor:
     """``[B, M]`` similarities of the rows of ``e`` and ``r`` given their inverse norms ``iz``, ``ir``."""
     B, D = e.shape
     M = r.shape[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 import metaug_fast
 import metaug_fast.functional as F
@@ -220,8 +221,9 @@ def test_launch_makes_the_tensors_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
     recorder = _Recorder()
-    _common.launch(recorder, (2, 3), torch.device("cuda", 1))
-    _common.launch(recorder, (4,), torch.device("cpu"))  # the interpreter: no guard
+    with set_wrap_triton_enabled(False):  # as inside an operator's eager call, where the kernel launches
+        _common.launch(recorder, (2, 3), torch.device("cuda", 1))
+        _common.launch(recorder, (4,), torch.device("cpu"))  # the interpreter: no guard
     assert entered == [torch.device("cuda", 1)] and recorder.grids == [(2, 3), (4,)]
 
 

@@ -72,7 +72,7 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
     stats = torch.zeros(B, N_STATS, dtype=iz.dtype, device=e.device)
     if B == 0:
         return (torch.zeros(B, 2) if form == Form.MARGIN else torch.zeros(B)).to(stats), stats
-    part = K.label_partials(e, iz, r, ir, labels, ref_labels, params, self_offset, sim_id, form)
+    part = K.label_partials(e, iz, r, ir, labels, ref_labels, *params, self_offset, sim_id)
     if form == Form.MARGIN:
         p_min, ties_p = _merge_extremum(part[..., Part.P_MIN], part[..., Part.TIES_POS], part[..., Part.NAN_POS], True)
         n_max, ties_n = _merge_extremum(part[..., Part.N_MAX], part[..., Part.TIES_NEG], part[..., Part.NAN_NEG], False)
@@ -88,8 +88,8 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, self_offset):
         stats = stats_of(hinge_arg=arg, valid=valid.to(arg))
     elif form == Form.INFONCE:
         c_shift, c_log = _merge_lse(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
-        softplus_sum, sigmoid_sum = K.label_positive_sums(e, iz, r, ir, labels, ref_labels, params, self_offset,
-                                                          sim_id, (c_shift + c_log).contiguous())
+        softplus_sum, sigmoid_sum = K.label_positive_sums(e, iz, r, ir, labels, ref_labels, *params, self_offset,
+                                                          sim_id, (c_shift + c_log).contiguous()).unbind(0)
         rows = softplus_sum / n_pos.clamp(min=1)
         stats = stats_of(nce_shift=c_shift, nce_log_sum=c_log, nce_sigmoid_sum=sigmoid_sum, nce_n_pos=n_pos,
                          valid=valid.to(n_pos))

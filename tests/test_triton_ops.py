@@ -1,0 +1,107 @@
+"""The Triton launchers as torch operators (``torch.library.triton_op``, namespace ``metaug_fast_triton``).
+
+Without a GPU: tests/triton_trace.py traces every operator and every public function on the Triton backend
+on fake CUDA tensors through AOT dispatch (what torch.compile runs after Dynamo), in a process without the
+interpreter (whose kernels cannot be traced: ``wrap_triton`` hands interpreted kernels back unwrapped). Each
+kernel must be a node of the graph, no kernel may write a graph input, and the fake outputs must have the
+shapes and dtypes the interpreter's real outputs have. A backward on fake CUDA tensors needs a CUDA device
+(the autograd engine starts one thread per device), so the backward Functions are covered here through their
+operators only, and whole on a GPU, where ``torch.library.opcheck`` runs on every operator and the public
+functions compile with ``fullgraph=True`` to eager's values and gradients."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import metaug_fast
+from triton_cases import op_cases, public_cases
+
+DTYPES = ("bfloat16", "float32")
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(HERE / "triton_trace.py"), *DTYPES], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return {(case["dtype"], case["name"]): case for case in lines}
+
+
+def _cases(dtype):
+    return op_cases("cpu", getattr(torch, dtype)) + public_cases("cpu", getattr(torch, dtype))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_kernel_is_a_graph_node_that_writes_no_input(traced, dtype):
+    names = [name for name, _, _ in _cases(dtype)]
+    assert sorted(name for d, name in traced if d == dtype) == sorted(names)
+    for name in names:
+        case = traced[dtype, name]
+        assert case["kernels"] >= 1 and case["opaque"] == [], case
+        assert case["inputs_written"] == [], case
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_outputs_are_the_interpreters(traced, dtype):
+    # The fake implementation (the launcher run on fake tensors) against the real outputs under the
+    # interpreter. label_partials' first dimension counts column splits, which the GPU's tile configuration
+    # sets (the interpreter uses smaller tiles): only that one is allowed to differ.
+    for name, fn, args in _cases(dtype):
+        out = fn(*args)
+        real = [[list(x.shape), str(x.dtype)] for x in (out if isinstance(out, (tuple, list)) else (out,))]
+        fake = traced[dtype, name]["outputs"]
+        if name.startswith("label_partials"):
+            real, fake = [[s[1:], d] for s, d in real], [[s[1:], d] for s, d in fake]
+        assert fake == real, name
+
+
+def test_every_launcher_is_an_operator_with_cases():
+    # Every Triton launcher is registered, and op_cases calls each: the trace above and opcheck on a GPU
+    # leave none out.
+    from torch._library.custom_ops import CustomOpDef
+
+    from metaug_fast.kernels import _common, label, margins, score, similarity
+
+    launchers = {value._qualname for module in (label, margins, score, similarity) for value in vars(module).values()
+                 if isinstance(value, CustomOpDef)}
+    assert len(launchers) == 11 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
+    assert launchers == {fn._qualname for _, fn, _ in op_cases("cpu", torch.float32)}
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                         or "triton" not in metaug_fast.available_backends(),
+                         reason="needs a GPU, Triton, and TRITON_INTERPRET=0")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_operator_passes_opcheck(dtype):
+    for name, fn, args in op_cases("cuda", dtype):
+        result = torch.library.opcheck(fn._opoverload, args)
+        assert set(result.values()) == {"SUCCESS"}, (name, result)
+
+
+@pytest.mark.gpu
+@gpu
+def test_public_functions_compile_with_fullgraph():
+    for name, fn, args in public_cases("cuda", torch.float32):
+        torch._dynamo.reset()
+        outs = []
+        for f in (fn, torch.compile(fn, fullgraph=True)):
+            leaves = [a.detach().clone().requires_grad_() for a in args]
+            out = f(*leaves)
+            loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+            outs.append([loss.detach(), *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)])
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
