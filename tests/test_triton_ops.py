@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import metaug_fast
-from triton_cases import op_cases, public_cases
+from triton_cases import N_OP_CASES, N_PUBLIC_CASES, op_cases, public_cases
 
 DTYPES = ("bfloat16", "float32")
 HERE = Path(__file__).parent
@@ -74,7 +74,9 @@ def test_every_launcher_is_an_operator_with_cases():
     launchers = {value._qualname for module in (label, margins, score, similarity) for value in vars(module).values()
                  if isinstance(value, CustomOpDef)}
     assert len(launchers) == 11 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
-    assert launchers == {fn._qualname for _, fn, _ in op_cases("cpu", torch.float32)}
+    cases = op_cases("cpu", torch.float32)
+    assert launchers == {fn._qualname for _, fn, _ in cases}
+    assert (len(cases), len(public_cases("cpu", torch.float32))) == (N_OP_CASES, N_PUBLIC_CASES)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -83,25 +85,28 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON
                          reason="needs a GPU, Triton, and TRITON_INTERPRET=0")
 
 
+# One test per case: compiling takes seconds each, and bench/gpu_check.sh gives a test 90 s.
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_operator_passes_opcheck(dtype):
-    for name, fn, args in op_cases("cuda", dtype):
-        result = torch.library.opcheck(fn._opoverload, args)
-        assert set(result.values()) == {"SUCCESS"}, (name, result)
+@pytest.mark.parametrize("index", range(N_OP_CASES))
+def test_every_operator_passes_opcheck(index, dtype):
+    name, fn, args = op_cases("cuda", dtype)[index]
+    result = torch.library.opcheck(fn._opoverload, args)
+    assert set(result.values()) == {"SUCCESS"}, (name, result)
 
 
 @pytest.mark.gpu
 @gpu
-def test_public_functions_compile_with_fullgraph():
-    for name, fn, args in public_cases("cuda", torch.float32):
-        torch._dynamo.reset()
-        outs = []
-        for f in (fn, torch.compile(fn, fullgraph=True)):
-            leaves = [a.detach().clone().requires_grad_() for a in args]
-            out = f(*leaves)
-            loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
-            outs.append([loss.detach(), *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)])
-        for got, want in zip(outs[1], outs[0]):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
+@pytest.mark.parametrize("index", range(N_PUBLIC_CASES))
+def test_public_functions_compile_with_fullgraph(index):
+    name, fn, args = public_cases("cuda", torch.float32)[index]
+    torch._dynamo.reset()
+    outs = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        out = f(*leaves)
+        loss = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+        outs.append([loss.detach(), *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -12,6 +12,9 @@ import metaug_fast.functional as F
 from metaug_fast.contract import N_STATS, SIMILARITIES, LossParams
 
 Case = Tuple[str, Callable, tuple]
+# How many cases each list holds, so that GPU tests can be parametrized by index without building them
+# (building op_cases runs forwards).
+N_OP_CASES, N_PUBLIC_CASES = 16, 11
 
 
 def op_cases(device, dtype: torch.dtype) -> List[Case]:
