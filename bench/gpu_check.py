@@ -15,7 +15,8 @@ a failing step does not stop the others:
    HBM copy bandwidth;
 4. the GPU contract suite and GPU tests, Triton first (pytest-xdist when installed, per-test time limits
    when pytest-timeout is, never stopping at the first failure), each into a junit XML; the CUDA entries
-   once the background build is done;
+   once the background build is done; then the Triton operators under ``torch.library.opcheck`` and
+   ``torch.compile(fullgraph=True)`` (full mode only);
 5. the kernel timings of ``bench.gpu_kernels`` (forward, backward, HVP at N = 16k and 64k, controls, the
    1024 × 1M bank, a sweep of label tile configurations, autotuning choices, registers and spills, a
    torch.profiler table).
@@ -221,8 +222,7 @@ def main(argv=None) -> int:
     if has_gpu:
         build = step_build(c)
         step_ceilings(c)
-        step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py", "tests/test_triton_ops.py", "-k",
-                                 "triton"],
+        step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py", "-k", "triton"],
                    60 if args.quick else 200)
         if args.quick:  # the Triton kernels only: no waiting for the extensions
             step_kernels(c)
@@ -237,6 +237,9 @@ def main(argv=None) -> int:
             c.record("build", "extensions (C++, CUDA)", code, status="ok" if code == 0 else "failed")
             if code == 0:
                 step_tests(c, "cuda", ["tests/test_contract.py", "tests/test_cuda.py", "-k", "cuda and not triton"], 90)
+            # The Triton operators under opcheck and torch.compile: after the contract suites, so that a slow
+            # compile cannot cost their results.
+            step_tests(c, "triton_ops", ["tests/test_triton_ops.py"], 75)
             step_kernels(c)
     elif not args.dry_run:
         c.log("no CUDA device: nothing to check (use --dry-run on a CPU)")
