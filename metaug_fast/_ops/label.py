@@ -66,9 +66,17 @@ def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=Tru
     step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
-        S = reference._apply_similarity(zn[rows] @ rn.T, similarity)
+        S = _similarities(zn[rows], rn, similarity)
         pm, nm = _label_masks(labels[rows], ref_labels, self_offset, r0) if masks else (None, None)
         yield rows, S, pm, nm
+
+
+def _similarities(z: Tensor, rn: Tensor, similarity: str) -> Tensor:
+    """d(z_i, rn_j) ``[c, M]`` of rows as the similarity takes them, its affine map folded into the GEMM
+    (``addmm``: no pass of its own over the chunk)."""
+    if similarity != "shifted_cosine":
+        return z @ rn.T
+    return torch.addmm(z.new_full((), 0.5), z, rn.T, alpha=0.5)
 
 
 def _op_inputs(zn, rn, labels, ref_labels):
@@ -114,12 +122,13 @@ class _LabelDoubleBackward(torch.autograd.Function):
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
         # The C++ backend's label-aware row kernel: G, W and d_g in one op, no masks.
         by_labels = ops is CPP_OPS and zn.device.type == "cpu" and params[0] in _ROW_HVP_FORMS
+        # U is taken without its factor a: d_g and W are linear in it, so a scales them afterwards instead of
+        # costing a pass over each chunk.
         for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels):
             z, g, st = zn[rows], grad_rows[rows], stats[rows]
             U = v_z[rows] @ rn.T
             if with_r:
                 U.addmm_(z, v_r.T)
-            U.mul_(a)
             if by_labels:
                 d_g[rows], G, W = ops.oucl_label_rows_bwd_bwd(g, U, S, labels[rows], ref_labels, st, rows.start,
                                                               self_offset, *params)
@@ -138,11 +147,13 @@ class _LabelDoubleBackward(torch.autograd.Function):
                 else:
                     d_g[rows], hp, hn = ops.oucl_score_bwd_bwd(g, U, U, S, S, pm, nm, st, *params)
                     W = hp + hn
+            if a != 1.0:
+                d_g[rows] *= a
             dz = G @ v_r if with_r else torch.zeros_like(z)
             dr = G.T @ v_z[rows]
             if W is not None:
-                dz.addmm_(W, rn)
-                dr.addmm_(W.T, z)
+                dz.addmm_(W, rn, alpha=a)
+                dr.addmm_(W.T, z, alpha=a)
             d_z[rows] = a * dz
             d_r.add_(dr, alpha=a)
         return d_g, d_z, d_r
