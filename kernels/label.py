@@ -345,21 +345,21 @@ def _segments(lo, hi, t_begin, t_end, full):
 
 
 @triton.jit
-def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr, ir_ptr,
+def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr, ir_ptr,
                 lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
                 gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
-                RESIDENT: tl.constexpr, SELF: tl.constexpr, EDGE: tl.constexpr):
+                RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
     """acc + Σ_t (G·ir)·r[:, chunk] over ``n_tiles`` column tiles of the row block, interior or EDGE ones;
-    SELF: G + Gᵀ in place of G (see the row kernel)."""
+    TWO_WAY: H = G + the columns' own G at the same scores, from their factors ``qc`` (see the row kernel)."""
     for k in range(0, n_tiles):
         t = _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE)
         _, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                    self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                    RESIDENT, EDGE)
-        if SELF:  # H = G + Gᵀ: the columns' own losses at the same scores (S is symmetric)
+        if TWO_WAY:  # H = G + G': the columns' own losses at the same scores
             cols = t * BN + tl.arange(0, BN)
-            c0, c1, c2, c3 = _load_factors(q_ptr, cols, cols < M)
+            c0, c1, c2, c3 = _load_factors(qc_ptr, cols, cols < M)
             if FORM == HINGE:  # G is ±q0, linear in the factor: one tile of the summed factors
                 G = _grad_tile(s, pos, neg, q0[:, None] + c0[None, :], q1[:, None], q2[:, None], q3[:, None], beta2,
                                gamma_pos, gamma_neg, margin, FORM)
@@ -380,20 +380,23 @@ def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2
 
 
 @triton.jit
-def _label_bwd_rows_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
+def _label_bwd_rows_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
                            inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                            lam: tl.float64, de_ptr, diz_ptr, B, M, D, self_offset, tiles_per_split, s_eb, s_ed, s_rb,
                            s_rd, FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr, SELF: tl.constexpr):
+                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr):
     """∂e for a row block and one chunk of BDO features over the column tiles of split program_id(2), and
     that chunk's part of ∂iz: with A = Σ_j G_ij·ir_j·r_j (raw r), ∂e_i = iz_i·A_i and ∂iz_i = Σ_j G_ij·ir_j·P_ij
     = e_i·A_i. Partials ``de [splits, B, D]`` and ``diz [splits·chunks, B]``, summed by the launcher.
 
-    SELF (the rows are the reference set, self_offset 0): S is symmetric, so row i's gradient through row j's
-    losses is G_ji at the same score; with H = G + Gᵀ the whole gradient of e comes from this kernel alone
-    (A = Σ_j H_ij·iz_j·e_j), and no column kernel runs: one recompute and one product instead of two each.
-    Not for margins, whose ties need the forward's own tile orientation. Every tile, not only those on and
+    TWO_WAY: the columns have losses of their own against the rows, at the same scores (S' = Sᵀ for the
+    similarities here), with factors ``qc [M, 4]``; the rows' gradient takes H = G + G' in place of G, G'_ij
+    the gradient of column j's loss at S_ij. Self mode (the rows are the reference set, self_offset 0,
+    qc = q): H = G + Gᵀ is the whole gradient of e (A = Σ_j H_ij·iz_j·e_j), and no column kernel runs: one
+    recompute and one product instead of two each. Cross mode (the rows of e against r and of r against e,
+    :func:`label_cross_grads`): the column kernel takes the same H. Not for margins, whose ties need the
+    forward's own tile orientation. Every tile, not only those on and
     above the diagonal as the C++ and CUDA backends take: there, a tile's transposed half belongs to another
     program's rows, and without atomics it would travel as a BN×D partial per tile pair, O(N²·D/BN) bytes
     (17 GB at N = 65536, BN = 64), more than the recompute it saves; the exp2 per entry and side, the
@@ -417,14 +420,14 @@ def _label_bwd_rows_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_pt
     lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
     hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
-    acc = _rows_tiles(acc, n_inner, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
+    acc = _rows_tiles(acc, n_inner, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
                       ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
-                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, SELF,
-                      False)
-    acc = _rows_tiles(acc, n_edge, t_begin, band_lo, band_hi, last, q_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
+                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT,
+                      TWO_WAY, False)
+    acc = _rows_tiles(acc, n_edge, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
                       ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
-                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, SELF,
-                      True)
+                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT,
+                      TWO_WAY, True)
     inside = rmask[:, None] & (dchunk[None, :] < D)
     e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed, mask=inside,
                 other=0.0).to(acc_ty)
@@ -436,11 +439,12 @@ def _label_bwd_rows_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_pt
 
 @triton.jit
 def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin,
-                FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
-                RESIDENT: tl.constexpr, EDGE: tl.constexpr):
-    """acc + Σ_b (G·iz)ᵀ·e[:, chunk] over ``n_blocks`` row blocks of the column block, interior or EDGE ones."""
+                q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
+                gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
+                RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
+    """acc + Σ_b (G·iz)ᵀ·e[:, chunk] over ``n_blocks`` row blocks of the column block, interior or EDGE ones;
+    TWO_WAY: H = G + G' in place of G, G' from the columns' factors (f0, f1, f2, f3) ``[BN]``."""
     for k in range(0, n_blocks):
         rb = _nth_tile(k, b_begin, band_lo, band_hi, last, EDGE)
         rows = rb * BM + tl.arange(0, BM)
@@ -451,8 +455,12 @@ def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz
         _, s, pos, neg, _ = _tile(None, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                   self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                   RESIDENT, EDGE)
-        Gz = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos, gamma_neg,
-                        margin, FORM) * iz[:, None]
+        G = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos, gamma_neg,
+                       margin, FORM)
+        if TWO_WAY:
+            G += _grad_tile(s, pos, neg, f0[None, :], f1[None, :], f2[None, :], f3[None, :], beta2, gamma_pos,
+                            gamma_neg, margin, FORM)
+        Gz = G * iz[:, None]
         e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
                     mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0)
         acc = _grad_dot(tl.trans(Gz), e, acc, acc_ty, GPREC, UPCAST)
@@ -460,15 +468,16 @@ def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz
 
 
 @triton.jit
-def _label_bwd_cols_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
+def _label_bwd_cols_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.float64,
                            inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                            lam: tl.float64, dr_ptr, dir_ptr, B, M, D, self_offset, s_eb, s_ed, s_rb, s_rd,
                            FORM: tl.constexpr, SIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr):
+                           UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr):
     """∂r for a column block and one chunk of BDO features over every row block, and that chunk's part of
-    ∂ir (``dir [chunks, M]``), as the row kernel does by rows. The tiles are the forward's (same blocks, same
-    order of the D loop), so ties of the margin statistics are recognized exactly."""
+    ∂ir (``dir [chunks, M]``), as the row kernel does by rows; TWO_WAY: with the row kernel's H (cross mode).
+    The tiles are the forward's (same blocks, same order of the D loop), so ties of the margin statistics are
+    recognized exactly."""
     acc_ty = iz_ptr.dtype.element_ty
     beta2 = tl.full((), beta * LOG2E, acc_ty)
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
@@ -480,6 +489,11 @@ def _label_bwd_cols_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_pt
     dchunk = tl.program_id(1) * BDO + tl.arange(0, BDO)
     acc = tl.zeros((BN, BDO), acc_ty)
     b_res = _block(r_ptr, cols, cmask, D, s_rb, s_rd, BD, UPCAST) if RESIDENT else None
+    if TWO_WAY:
+        f0, f1, f2, f3 = _load_factors(qc_ptr, cols, cmask)
+    else:  # qc may have fewer rows than there are columns: not read
+        f0 = tl.zeros((BN,), acc_ty)
+        f1, f2, f3 = f0, f0, f0
     blocks = tl.cdiv(B, BM)
     # Row blocks whose rows i pair with these columns as j = i + self_offset (a negative numerator divides
     # toward zero here: the band can only grow by a block, never miss one).
@@ -487,11 +501,11 @@ def _label_bwd_cols_kernel(q_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_pt
     hi = tl.where(self_offset >= 0, (c0 + BN - 1 - self_offset) // BM + 1, blocks)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, 0, blocks, B // BM)
     acc = _cols_tiles(acc, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                      q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg,
-                      margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, False)
+                      q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
+                      gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, TWO_WAY, False)
     acc = _cols_tiles(acc, n_edge, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                      q_ptr, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos, gamma_neg,
-                      margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, True)
+                      q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
+                      gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, TWO_WAY, True)
     inside = cmask[:, None] & (dchunk[None, :] < D)
     r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd, mask=inside,
                 other=0.0).to(acc_ty)
@@ -586,12 +600,22 @@ def config(e: torch.Tensor, D: int) -> Config:
     return cfg
 
 
-def rows_meta(cfg: Config, form: int, fused_self: bool = False) -> dict:
+def rows_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
     """The backward row kernel's constexprs and launch options: the hinge's, whose G is constant per row and
     side, spills registers when its loads are pipelined (one stage then)."""
-    meta = dict(FORM=form, SELF=fused_self, **cfg.meta())
+    meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
     if form == Form.HINGE:
         meta["num_stages"] = 1
+    return meta
+
+
+def cols_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
+    """The backward column kernel's constexprs and launch options: cross mode's (TWO_WAY), which takes both
+    directions' factors and exponentials per entry, spills registers at a resident block of 64 columns (8
+    bytes per thread for bf16 at 128×64 with 8 warps): half as many columns per program then."""
+    meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
+    if two_way and cfg.RESIDENT:
+        meta["BN"] = max(16, cfg.BN // 2)
     return meta
 
 
@@ -727,30 +751,59 @@ def label_grads(grad_rows: Tensor, stats: Tensor, e: Tensor, iz: Tensor, r: Tens
     of e in (∂e, ∂iz) from the row kernel's H = G + Gᵀ. The reference's parts are empty ([0, D], [0]) when
     not computed: without ``ref_grad``, and in self mode but for the margins."""
     params = (form, beta, gamma_pos, gamma_neg, margin, lam)
+    fused = self_mode and form != Form.MARGIN
+    q = grad_factors(stats, grad_rows, form, beta, similarity) if e.numel() and r.numel() else None
+    return _grads(q, q, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, fused,
+                  ref_grad and not fused)
+
+
+@op
+def label_cross_grads(grad_z: Tensor, stats_z: Tensor, grad_r: Tensor, stats_r: Tensor, e: Tensor, iz: Tensor,
+                      r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor, form: int, beta: float,
+                      gamma_pos: float, gamma_neg: float, margin: float, lam: float,
+                      similarity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cross mode's backward: (∂e [B, D], ∂iz [B], ∂r [M, D], ∂ir [M]) of Σ_i g_i ℓ_i + Σ_j g'_j ℓ'_j, ℓ the
+    losses of the rows of e against r (``grad_z``, ``stats_z``) and ℓ' those of the rows of r against e
+    (``grad_r``, ``stats_r``), each score S_ij shared by ℓ_i and ℓ'_j. One recompute per kernel for both
+    directions: the row and column kernels take H = G + G' (TWO_WAY), where one label-mode backward per
+    direction would recompute every tile four times. Not for margins (their ties need each direction's own
+    tiles)."""
+    if form == Form.MARGIN:
+        raise ValueError("label_cross_grads: margin statistics have no cross mode")
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
+    q = qc = None
+    if e.numel() and r.numel():
+        q = grad_factors(stats_z, grad_z, form, beta, similarity)
+        qc = grad_factors(stats_r, grad_r, form, beta, similarity)
+    return _grads(q, qc, e, iz, r, ir, labels, ref_labels, params, -1, similarity, True, True)
+
+
+def _grads(q, qc, e, iz, r, ir, labels, ref_labels, params, self_offset: int, similarity: int, two_way: bool,
+           columns: bool):
+    """The backward kernels' (∂e, ∂iz, ∂r, ∂ir) for the rows' factors ``q`` and the columns' ``qc`` (used when
+    ``two_way``); ``columns``: run the column kernel, else the reference's parts are empty."""
+    form = params[0]
     B, D = e.shape
     M = r.shape[0]
     cfg = config(e, D)
     acc = iz.dtype
     zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
-    fused = self_mode and form != Form.MARGIN
-    none = (zeros(0, D), zeros(0))
-    if B == 0 or M == 0 or D == 0:  # nothing to launch: every gradient is zero
-        return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if ref_grad and not fused else none)
-    meta = dict(FORM=form, SIM=similarity, **cfg.meta())
-    q = grad_factors(stats, grad_rows, form, float(params[1]), similarity)
-    args = (q, e, iz, r, ir, labels, ref_labels, *loss_args(params))
+    if q is None:  # nothing to launch: every gradient is zero
+        return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if columns else (zeros(0, D), zeros(0)))
+    args = (q, qc, e, iz, r, ir, labels, ref_labels, *loss_args(params))
     d_chunks, row_blocks = triton.cdiv(D, cfg.BDO), triton.cdiv(B, cfg.BM)
     cap = max(1, _PARTIAL_BYTES // (B * D * iz.element_size()))
     splits, per_split = _column_splits(triton.cdiv(M, cfg.BN), row_blocks * d_chunks, cap)
     de = torch.empty(splits, B, D, dtype=acc, device=e.device)
     diz = torch.empty(splits * d_chunks, B, dtype=acc, device=e.device)
     launch(_label_bwd_rows_kernel, (row_blocks, d_chunks, splits), e.device, *args, de, diz, B, M, D, self_offset,
-           per_split, *_args(e, r), SIM=similarity, **rows_meta(cfg, form, fused))
+           per_split, *_args(e, r), SIM=similarity, **rows_meta(cfg, form, two_way))
     de, diz = (de[0], diz[0]) if splits * d_chunks == 1 else (de.sum(0), diz.sum(0))
-    if not ref_grad or fused:
-        return de, diz, *none
+    if not columns:
+        return de, diz, zeros(0, D), zeros(0)
     dr = torch.empty(M, D, dtype=acc, device=e.device)
     dir_ = torch.empty(d_chunks, M, dtype=acc, device=e.device)
-    launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, cfg.BN), 1), d_chunks), e.device, *args, dr, dir_, B, M, D,
-           self_offset, *_args(e, r), **meta)
+    meta = cols_meta(cfg, form, two_way)
+    launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, meta["BN"]), 1), d_chunks), e.device, *args, dr, dir_, B, M,
+           D, self_offset, *_args(e, r), SIM=similarity, **meta)
     return de, diz, dr, dir_.sum(0)

@@ -14,7 +14,7 @@ from metaug_fast.contract import N_STATS, SIMILARITIES, LossParams
 Case = Tuple[str, Callable, tuple]
 # How many cases each list holds, so that GPU tests can be parametrized by index without building them
 # (building op_cases runs forwards).
-N_OP_CASES, N_PUBLIC_CASES = 16, 11
+N_OP_CASES, N_PUBLIC_CASES = 17, 11
 
 
 def op_cases(device, dtype: torch.dtype) -> List[Case]:
@@ -58,6 +58,8 @@ def op_cases(device, dtype: torch.dtype) -> List[Case]:
                (g_rows, l_stats, e, iz, e, iz, lab, lab, *weighted, 0, cos, True, True)),
               ("label_grads (margins)", label.label_grads,
                (rand(37, 2, dt=acc), l_stats, e, iz, r, ir, lab, rlab, *LossParams.margins(), -1, cos, True, False)),
+              ("label_cross_grads", label.label_cross_grads,
+               (g_rows, l_stats, rand(53, dt=acc), rand(53, N_STATS, dt=acc), e, iz, r, ir, lab, rlab, *nce, cos)),
               ("pairwise_similarity", similarity.pairwise_similarity, (e, iz, r, ir, cos, dtype))]
     return cases
 

@@ -48,7 +48,7 @@ def _types(dtype: str) -> Dict[str, str]:
     return dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", rows_ptr=acc, stats_ptr=acc, g_ptr=acc, gp_ptr=x,
                 gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x, sp_ptr=x, sn_ptr=x, gsp_ptr=acc,
                 gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
-                part_ptr=acc, q_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32", softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
+                part_ptr=acc, q_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32", softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
 
 
 def _label_config(dtype: str) -> dict:
@@ -92,10 +92,16 @@ def jobs() -> List[Job]:
             out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **fwd)))
             if form == int(INFONCE):
                 out.append(Job("label", "_label_positives_kernel", dtype, dict(SIM=0, **fwd)))
-            for fused_self in (False, True) if dtype == "bfloat16" and form != int(MARGIN) else (False,):
+            # TWO_WAY: self mode's single row kernel; with the column kernel, cross mode (InfoNCE).
+            for two_way in (False, True) if dtype == "bfloat16" and form != int(MARGIN) else (False,):
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,
-                               dict(SIM=0, **label.rows_meta(label.Config(**cfg), form, fused_self))))
-            out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=form, SIM=0, **cfg)))
+                               dict(SIM=0, **label.rows_meta(label.Config(**cfg), form, two_way))))
+            for two_way in (False, True) if form == int(INFONCE) else (False,):
+                out.append(Job("label", "_label_bwd_cols_kernel", dtype,
+                               dict(SIM=0, **label.cols_meta(label.Config(**cfg), form, two_way))))
+        if dtype != "bfloat16":  # cross mode's column kernel in this dtype's configuration
+            out.append(Job("label", "_label_bwd_cols_kernel", dtype,
+                           dict(SIM=0, **label.cols_meta(label.Config(**cfg), int(INFONCE), True))))
         if dtype == "bfloat16":  # every tile shape a GPU run may sweep must compile without spills too
             for fields in label.CANDIDATES[1:]:
                 alt = {**cfg, **fields}
@@ -103,7 +109,9 @@ def jobs() -> List[Job]:
                                dict(FORM=int(WEIGHTED), SIM=0, **label.Config(**alt).forward_meta())))
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,
                                dict(SIM=0, **label.rows_meta(label.Config(**alt), int(WEIGHTED)))))
-                out.append(Job("label", "_label_bwd_cols_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0, **alt)))
+                for form, two_way in ((int(WEIGHTED), False), (int(INFONCE), True)):
+                    out.append(Job("label", "_label_bwd_cols_kernel", dtype,
+                                   dict(SIM=0, **label.cols_meta(label.Config(**alt), form, two_way))))
         sim = {k: v for k, v in fwd.items() if k not in ("FORM",)}
         out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
     return out

@@ -9,6 +9,7 @@ score-mode kernels over row chunks of the scores: exact, and never B×M.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from .. import reference
 from ..chunked import merge_lse
-from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
+from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, Stat, normalizes, stats_of
 from .margins import sigmas
 from .label import _LabelBackward, info_nce_setup, with_valid
 from .score import TRITON_OPS
@@ -263,6 +264,63 @@ def info_nce_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Te
     rows, valid = _run(emb, labels, ref_emb, ref_labels, params, similarity, -1 if self_offset is None else self_offset,
                        scale=scale)
     return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
+
+
+class _TritonCross(torch.autograd.Function):
+    """(e [B,D], r [M,D]) -> (rows [B], valid [B], rows' [M], valid' [M]): InfoNCE of each row of e against r
+    and of each row of r against e (cross mode). The forward is one label-mode sweep per direction; the
+    backward runs both directions at once (``label_cross_grads``: two recomputes of the tiles, not four).
+    Under ``create_graph`` each direction takes its differentiable path (:func:`_differentiable_grads`)."""
+
+    @staticmethod
+    def forward(ctx, e, r, labels, ref_labels, params, sim_id, unit):
+        iz, ir = _inverse_norms(e, r, unit, unit)
+        rows_z, stats_z = _forward(e, iz, r, ir, labels, ref_labels, params, sim_id, -1)
+        rows_r, stats_r = _forward(r, ir, e, iz, ref_labels, labels, params, sim_id, -1)
+        ctx.save_for_backward(e, r, labels, ref_labels, stats_z, stats_r, iz, ir)
+        ctx.params, ctx.sim_id, ctx.unit = params, sim_id, unit
+        valid_z, valid_r = stats_z[:, Stat.VALID] > 0, stats_r[:, Stat.VALID] > 0
+        ctx.mark_non_differentiable(valid_z, valid_r)
+        return rows_z, valid_z, rows_r, valid_r
+
+    @staticmethod
+    def backward(ctx, grad_z, _gvz, grad_r, _gvr):
+        e, r, labels, ref_labels, stats_z, stats_r, iz, ir = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            g_e, g_r = _differentiable_grads(_direction(ctx, e, r, labels, ref_labels, stats_z), grad_z)[:2]
+            g_r2, g_e2 = _differentiable_grads(_direction(ctx, r, e, ref_labels, labels, stats_r), grad_r)[:2]
+            return (g_e + g_e2, g_r + g_r2) + (None,) * 5
+        from ..kernels import label as K
+
+        de, diz, dr, dir_ = K.label_cross_grads(grad_z.contiguous(), stats_z, grad_r.contiguous(), stats_r, e, iz, r,
+                                                ir, labels, ref_labels, *ctx.params, ctx.sim_id)
+        g_e = _through_norm(e, iz, de, diz, ctx.unit).to(e.dtype)
+        return (g_e, _through_norm(r, ir, dr, dir_, ctx.unit).to(r.dtype)) + (None,) * 5
+
+
+def _direction(ctx, e, r, labels, ref_labels, stats):
+    """The saved state of one direction of :class:`_TritonCross` as :func:`_differentiable_grads` reads a
+    :class:`_TritonLabel` context (rows ``e`` against ``r``, both needing gradients)."""
+    return SimpleNamespace(saved_tensors=(e, r, labels, ref_labels, stats, None, None), unit=ctx.unit,
+                           ref_unit=ctx.unit, params=ctx.params, sim_id=ctx.sim_id, self_offset=-1,
+                           needs_input_grad=(True, True))
+
+
+def symmetric_info_nce_triton(emb: Tensor, ref_emb: Tensor, labels: Tensor, ref_labels: Tensor, *, temperature,
+                              similarity: str, reduction: str, average: str = "anchor") -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.symmetric_info_nce`, in Triton: the two directions'
+    backward in one pass of the backward kernels (:class:`_TritonCross`)."""
+    params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
+    w_r = None if w_z is None else reference.positive_counts(ref_labels, labels)
+    lab, rlab = dense_labels(labels, ref_labels)
+    unit = not normalizes(similarity)
+    if scale is not None:
+        emb, ref_emb = reference._rows(emb, similarity) * scale, reference._rows(ref_emb, similarity) * scale
+        similarity, unit = "dot", True
+    rows_z, valid_z, rows_r, valid_r = _TritonCross.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity],
+                                                          unit)
+    return (reference.reduce_rows(rows_z, valid_z, reduction, emb.dtype, w_z)
+            + reference.reduce_rows(rows_r, valid_r, reduction, emb.dtype, w_r)) / 2
 
 
 def margin_statistics_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

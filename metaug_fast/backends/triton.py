@@ -8,12 +8,11 @@ from typing import Optional
 
 import torch
 
-from .. import reference
 from .._backend import Backend, add
 from .._ops.margins import margin_injection_loss_triton, margin_statistics_fused
 from .._ops.score import TRITON_OPS, info_nce_fused, oucl_fused
 from .._ops.label_triton import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
-                                 oucl_embeddings_triton, pairwise_similarity_triton)
+                                 oucl_embeddings_triton, pairwise_similarity_triton, symmetric_info_nce_triton)
 
 try:
     import triton  # noqa: F401
@@ -45,7 +44,6 @@ BACKEND = add(Backend(
            "margin_statistics": functools.partial(margin_statistics_fused, ops=TRITON_OPS),
            "margin_injection_loss": margin_injection_loss_triton,
            "oucl_embeddings": oucl_embeddings_triton, "info_nce_embeddings": info_nce_embeddings_triton,
-           # no cross-mode kernels yet: one label-mode call per direction
-           "symmetric_info_nce": reference.two_way(info_nce_embeddings_triton),
+           "symmetric_info_nce": symmetric_info_nce_triton,
            "margin_statistics_embeddings": margin_statistics_embeddings_triton,
            "pairwise_similarity": pairwise_similarity_triton}))
