@@ -232,6 +232,14 @@ def with_valid(ctx, rows: Tensor, stats: Tensor):
     return rows, valid
 
 
+def with_valids(ctx, rows_z: Tensor, stats_z: Tensor, rows_r: Tensor, stats_r: Tensor):
+    """A cross-mode Function's outputs: ``(rows_z, valid_z, rows_r, valid_r)``, both valid masks marked
+    non-differentiable in one call (a second call would replace the first)."""
+    valid_z, valid_r = stats_z[:, Stat.VALID] > 0, stats_r[:, Stat.VALID] > 0
+    ctx.mark_non_differentiable(valid_z, valid_r)
+    return rows_z, valid_z, rows_r, valid_r
+
+
 def _ref_grad(ctx, rn) -> bool:
     """Whether the backward needs ∂/∂(reference rows): without a reference set they are zn itself; a
     constant reference set (a memory bank) skips that half of the backward's GEMMs."""
@@ -294,9 +302,7 @@ class _CrossLoss(torch.autograd.Function):
                                                                     SIMILARITIES[similarity], *params)
         ctx.save_for_backward(zn, rn, labels, ref_labels, stats_z, stats_r)
         ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
-        valid_z, valid_r = stats_z[:, Stat.VALID] > 0, stats_r[:, Stat.VALID] > 0
-        ctx.mark_non_differentiable(valid_z, valid_r)
-        return rows_z, valid_z, rows_r, valid_r
+        return with_valids(ctx, rows_z, stats_z, rows_r, stats_r)
 
     @staticmethod
     def backward(ctx, grad_z, _gvz, grad_r, _gvr):

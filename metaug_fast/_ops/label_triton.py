@@ -17,9 +17,9 @@ from torch import Tensor
 
 from .. import reference
 from ..chunked import merge_lse
-from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, Stat, normalizes, stats_of
+from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
 from .margins import sigmas
-from .label import _LabelBackward, info_nce_setup, with_valid
+from .label import _LabelBackward, info_nce_setup, with_valid, with_valids
 from .score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
@@ -279,9 +279,7 @@ class _TritonCross(torch.autograd.Function):
         rows_r, stats_r = _forward(r, ir, e, iz, ref_labels, labels, params, sim_id, -1)
         ctx.save_for_backward(e, r, labels, ref_labels, stats_z, stats_r, iz, ir)
         ctx.params, ctx.sim_id, ctx.unit = params, sim_id, unit
-        valid_z, valid_r = stats_z[:, Stat.VALID] > 0, stats_r[:, Stat.VALID] > 0
-        ctx.mark_non_differentiable(valid_z, valid_r)
-        return rows_z, valid_z, rows_r, valid_r
+        return with_valids(ctx, rows_z, stats_z, rows_r, stats_r)
 
     @staticmethod
     def backward(ctx, grad_z, _gvz, grad_r, _gvr):
