@@ -502,6 +502,9 @@ def _pairs(B, M, n_classes=None, D=6, seed=3):
 def test_symmetric_info_nce_fp64(be, shape, similarity, average):
     if be.interpreted and average != "pair":
         pytest.skip("the average is a weighting in PyTorch: the compiled backends cover both")
+    if be.name == "triton" and shape == (19, 37, None) and similarity != "cosine":
+        # The similarity changes one constexpr (its affine map), which the other shapes run for each one.
+        pytest.skip("the interpreter's slowest shape runs one similarity")
     emb, ref, labels, ref_labels = _pairs(*shape)
     tau = torch.tensor(0.25, dtype=torch.float64)
     for reduction in ("mean", "sum"):
