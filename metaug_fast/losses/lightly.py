@@ -120,10 +120,14 @@ class NTXentLoss(nn.Module):
 
     def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
         z0, z1 = TF.normalize(out0, dim=1), TF.normalize(out1, dim=1)
-        # The bank as it is before this call's write, [dim, size]. A transposed copy, not bank.clone(): in one
-        # graph with the write below, torch.compile (2.14) let the backward read the written buffer through a
-        # plain clone (wrong gradients, measured); a copy that changes the layout is kept.
-        negatives = self.bank.detach().T.contiguous().to(out0.device)
+        # The bank as it is before this call's write. Eagerly a plain copy; under torch.compile a transposed
+        # one: in one graph with the write below, torch.compile (2.14) let the backward read the written buffer
+        # through a plain clone (wrong gradients, measured), and a copy that changes the layout is kept. The
+        # transposed copy costs 0.5 ms against 0.07 ms for a plain one at 4096 x 128 rows here.
+        if torch.compiler.is_compiling():
+            negatives = self.bank.detach().T.contiguous().to(out0.device)
+        else:
+            negatives = self.bank.detach().to(out0.device, copy=True).T
         if out0.requires_grad:
             self._enqueue(z1)
         pos = (z0 * z1).sum(1, keepdim=True)
