@@ -126,8 +126,6 @@ def main(argv=None) -> int:
     # 1c. InfoNCE: NT-Xent on the two views (one positive per anchor: its terms by dot products, no second
     # sweep), and CLIP's loss both ways between them (cross mode: one sweep for both directions) against
     # open_clip's ClipLoss, which holds the N/2 × N/2 logits.
-    emb.grad = None
-
     def nt_xent():
         emb.grad = None
         F.info_nce_embeddings(emb, labels, temperature=0.1, backend="cpp").backward()

@@ -35,7 +35,7 @@ the inputs' dtype (GPREC "input": tensor cores, fp32 accumulation).
 """
 import contextlib
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..contract import Form, Stat
 from ._common import (HINGE, INFONCE, LN2, LOG2E, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED,
-                      launch, load_cfg, loss_args, lse_pair_update, op, lse_update, side_terms, softplus_sigmoid)
+                      launch, load_cfg, loss_args, lse_pair_update, lse_update, op, side_terms, softplus_sigmoid)
 
 
 @triton.jit
@@ -735,9 +735,15 @@ def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_o
     :func:`label_grads`; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ)."""
     de, diz, dr, dir_ = label_grads(grad_rows, stats, e, iz, r, ir, labels, ref_labels, *params, self_offset,
                                     similarity, ref_grad, self_mode)
-    if not ref_grad or (self_mode and form != Form.MARGIN):
+    if not _reference_parts(form, ref_grad, self_mode):
         return de, diz, None, None
     return de, diz, dr, dir_
+
+
+def _reference_parts(form: int, ref_grad: bool, self_mode: bool) -> bool:
+    """Whether the backward computes the reference rows' parts (the column kernel): only with ``ref_grad``,
+    and in self mode only for the margins (the other forms take the whole gradient in the row kernel)."""
+    return ref_grad and not (self_mode and form != Form.MARGIN)
 
 
 @op
@@ -751,10 +757,9 @@ def label_grads(grad_rows: Tensor, stats: Tensor, e: Tensor, iz: Tensor, r: Tens
     of e in (∂e, ∂iz) from the row kernel's H = G + Gᵀ. The reference's parts are empty ([0, D], [0]) when
     not computed: without ``ref_grad``, and in self mode but for the margins."""
     params = (form, beta, gamma_pos, gamma_neg, margin, lam)
-    fused = self_mode and form != Form.MARGIN
     q = grad_factors(stats, grad_rows, form, beta, similarity) if e.numel() and r.numel() else None
-    return _grads(q, q, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, fused,
-                  ref_grad and not fused)
+    return _grads(q, q, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity,
+                  self_mode and form != Form.MARGIN, _reference_parts(form, ref_grad, self_mode))
 
 
 @op

@@ -558,6 +558,15 @@ def test_symmetric_info_nce_empty_sides(be):
         assert_close(got, run(symmetric_fn(reference, None, None), (e, r), order=1), 0.0)
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_symmetric_info_nce_keeps_the_input_dtype(be, dtype):
+    # A temperature tensor scales the rows in the accumulation dtype: the loss still comes back in the inputs'.
+    emb, ref, _, _ = _pairs(5, 4)
+    got = symmetric_fn(be, None, None)(emb.to(dtype).to(be.device), ref.to(dtype).to(be.device),
+                                       torch.tensor(0.2, dtype=dtype))
+    assert got.dtype == dtype
+
+
 def test_label_third_derivative_is_exact_or_raises(be):
     emb, labels, _, _ = _label_data(6, None, D=3)
     results = []

@@ -323,13 +323,24 @@ def symmetric_info_nce_fused(emb: Tensor, ref_emb: Tensor, labels: Tensor, ref_l
                              similarity: str, reduction: str, average: str = "anchor", ops=CPP_OPS) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.symmetric_info_nce`, both directions in one sweep of the
     cross-mode ops of ``ops``."""
-    params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
-    w_r = None if w_z is None else reference.positive_counts(ref_labels, labels)
+    params, scale, w_z, w_r = symmetric_setup(temperature, similarity, average, labels, ref_labels)
     zn, rn, lab, rlab = _normalized(emb, labels, ref_emb, ref_labels, similarity, scale=scale)
-    rows_z, valid_z, rows_r, valid_r = _CrossLoss.apply(zn, rn, lab, rlab, "dot" if scale is not None else similarity,
-                                                        params, ops)
-    return (reference.reduce_rows(rows_z, valid_z, reduction, emb.dtype, w_z)
-            + reference.reduce_rows(rows_r, valid_r, reduction, emb.dtype, w_r)) / 2
+    outputs = _CrossLoss.apply(zn, rn, lab, rlab, "dot" if scale is not None else similarity, params, ops)
+    return reduce_both(*outputs, reduction, emb.dtype, w_z, w_r)
+
+
+def symmetric_setup(temperature, similarity: str, average: str, labels: Tensor, ref_labels: Tensor):
+    """:func:`info_nce_setup` for both directions of cross mode: (op arguments, row scale or None, weights of
+    the rows of emb, weights of the rows of ref_emb), the weights None but for ``average="pair"``."""
+    params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
+    return params, scale, w_z, None if w_z is None else reference.positive_counts(ref_labels, labels)
+
+
+def reduce_both(rows_z: Tensor, valid_z: Tensor, rows_r: Tensor, valid_r: Tensor, reduction: str,
+                dtype: torch.dtype, w_z: Optional[Tensor], w_r: Optional[Tensor]) -> Tensor:
+    """The mean of the two directions' reduced losses (:func:`metaug_fast.reference.reduce_rows` each)."""
+    return (reference.reduce_rows(rows_z, valid_z, reduction, dtype, w_z)
+            + reference.reduce_rows(rows_r, valid_r, reduction, dtype, w_r)) / 2
 
 
 class _MarginLabel(torch.autograd.Function):
@@ -367,7 +378,4 @@ def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tenso
     """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization (but for "dot"), then one ATen GEMM with the similarity's affine
     map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine). Differentiable to
     any order by autograd."""
-    zn, rn = reference._rows(a, similarity), reference._rows(b, similarity)
-    if similarity != "shifted_cosine":
-        return (zn @ rn.T).to(a.dtype)
-    return torch.addmm(zn.new_full((), 0.5), zn, rn.T, alpha=0.5).to(a.dtype)
+    return _similarities(reference._rows(a, similarity), reference._rows(b, similarity), similarity).to(a.dtype)

@@ -19,7 +19,7 @@ from .. import reference
 from ..chunked import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
 from .margins import sigmas
-from .label import _LabelBackward, info_nce_setup, with_valid, with_valids
+from .label import _LabelBackward, info_nce_setup, reduce_both, symmetric_setup, with_valid, with_valids
 from .score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
@@ -234,14 +234,21 @@ def _run(emb, labels, ref_emb, ref_labels, params, similarity, self_offset, ref_
     :func:`metaug_fast.reference.temperature_scale`)."""
     lab, rlab = dense_labels(labels, labels if ref_emb is None else ref_labels)
     offset = 0 if ref_emb is None else self_offset
-    unit = not normalizes(similarity)
-    if scale is not None:
-        emb = reference._rows(emb, similarity) * scale
-        if ref_emb is not None:
-            ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference._rows(ref_emb, similarity)) * scale
-        similarity, unit = "dot", True
+    emb, ref_emb, similarity, unit = _scaled(emb, ref_emb, similarity, scale, ref_unit)
     return _TritonLabel.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity], offset, unit,
                               ref_unit or unit)
+
+
+def _scaled(emb, ref_emb, similarity: str, scale, ref_unit: bool = False):
+    """(rows, reference rows, similarity, unit) as the Triton Functions take them: with a row ``scale``, the
+    rows as the similarity takes them times it, under "dot" with unit inverse norms (``ref_unit``: the
+    reference rows are unit vectors already); without, the inputs as they are, unit for "dot" only."""
+    if scale is None:
+        return emb, ref_emb, similarity, not normalizes(similarity)
+    emb = reference._rows(emb, similarity) * scale
+    if ref_emb is not None:
+        ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference._rows(ref_emb, similarity)) * scale
+    return emb, ref_emb, "dot", True
 
 
 def oucl_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -308,17 +315,12 @@ def symmetric_info_nce_triton(emb: Tensor, ref_emb: Tensor, labels: Tensor, ref_
                               similarity: str, reduction: str, average: str = "anchor") -> Tensor:
     """Same contract as :func:`metaug_fast.reference.symmetric_info_nce`, in Triton: the two directions'
     backward in one pass of the backward kernels (:class:`_TritonCross`)."""
-    params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
-    w_r = None if w_z is None else reference.positive_counts(ref_labels, labels)
+    params, scale, w_z, w_r = symmetric_setup(temperature, similarity, average, labels, ref_labels)
     lab, rlab = dense_labels(labels, ref_labels)
-    unit = not normalizes(similarity)
-    if scale is not None:
-        emb, ref_emb = reference._rows(emb, similarity) * scale, reference._rows(ref_emb, similarity) * scale
-        similarity, unit = "dot", True
-    rows_z, valid_z, rows_r, valid_r = _TritonCross.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity],
-                                                          unit)
-    return (reference.reduce_rows(rows_z, valid_z, reduction, emb.dtype, w_z)
-            + reference.reduce_rows(rows_r, valid_r, reduction, emb.dtype, w_r)) / 2
+    dtype = emb.dtype
+    emb, ref_emb, similarity, unit = _scaled(emb, ref_emb, similarity, scale)
+    outputs = _TritonCross.apply(emb, ref_emb, lab, rlab, params, SIMILARITIES[similarity], unit)
+    return reduce_both(*outputs, reduction, dtype, w_z, w_r)
 
 
 def margin_statistics_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
