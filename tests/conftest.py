@@ -8,6 +8,12 @@ import os
 from datetime import timedelta
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist each worker gets its share of the cores (make test: 2 workers, 2 cores, one thread each),
+# it and the processes it starts: OpenMP threads that outnumber the cores spin against each other, and the
+# training tests then took 2-4 times as long as alone. Tests that compare thread counts set them themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                     // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
