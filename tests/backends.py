@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict
@@ -27,6 +29,30 @@ ROOT = Path(__file__).resolve().parents[1]
 # METAUG_SIMT_ASAN=1: the emulated kernels are built with AddressSanitizer (test_cuda_simt.py reruns the
 # CUDA-specific tests and the contract suite's cuda_simt entries so, in a subprocess).
 ASAN = os.environ.get("METAUG_SIMT_ASAN", "0") == "1"
+ASAN_TEST = "test_cuda_simt.py::test_kernels_stay_in_bounds"
+
+
+def runs_emulated_kernels(item) -> bool:
+    """Whether the test ``item`` runs the emulated CUDA kernels: every test of test_cuda_simt.py but the
+    AddressSanitizer run itself, and the contract suite's cuda_simt entries. The sanitizer run repeats
+    exactly these."""
+    path, name = item.nodeid.split("::", 1)
+    if path.endswith("test_cuda_simt.py"):
+        return not item.nodeid.endswith(ASAN_TEST)
+    return path.endswith("test_contract.py") and re.search(r"\[cuda_simt[-\]]", name) is not None
+
+
+def _gcc_library(name):
+    path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) else None
+
+
+@functools.lru_cache(maxsize=None)
+def asan_preload():
+    """The LD_PRELOAD of gcc's AddressSanitizer runtime and of libstdc++ (ASan must see it before Triton's
+    extension throws its first exception), or None where the runtime is not installed."""
+    libs = [_gcc_library("libasan.so"), _gcc_library("libstdc++.so.6")]
+    return None if None in libs else " ".join(libs)
 
 
 @dataclass(frozen=True)
