@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 import metaug_fast
 from triton_cases import N_OP_CASES, N_PUBLIC_CASES, op_cases, public_cases
@@ -24,14 +25,27 @@ DTYPES = ("bfloat16", "float32")
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def traced():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(HERE / "triton_trace.py"), *DTYPES], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    return {(case["dtype"], case["name"]): case for case in lines}
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A directory of this test session that its pytest-xdist workers share (their base temp's parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _traced(dtype: str, shared: Path):
+    """tests/triton_trace.py's records for ``dtype`` by case name. The trace costs about 20 s a dtype, so it
+    runs once a session: the first worker that needs it writes it to ``shared``, the others read it."""
+    path = shared / f"triton_trace_{dtype}.jsonl"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            run = subprocess.run([sys.executable, str(HERE / "triton_trace.py"), dtype], env=env, capture_output=True,
+                                 text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-4000:]
+            path.write_text(run.stdout)
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    assert {case["dtype"] for case in lines} == {dtype}
+    return {case["name"]: case for case in lines}
 
 
 def _cases(dtype):
@@ -40,25 +54,27 @@ def _cases(dtype):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_kernel_is_a_graph_node_that_writes_no_input(traced, dtype):
+def test_every_kernel_is_a_graph_node_that_writes_no_input(shared_dir, dtype):
+    traced = _traced(dtype, shared_dir)
     names = [name for name, _, _ in _cases(dtype)]
-    assert sorted(name for d, name in traced if d == dtype) == sorted(names)
+    assert sorted(traced) == sorted(names)
     for name in names:
-        case = traced[dtype, name]
+        case = traced[name]
         assert case["kernels"] >= 1 and case["opaque"] == [], case
         assert case["inputs_written"] == [], case
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fake_outputs_are_the_interpreters(traced, dtype):
+def test_fake_outputs_are_the_interpreters(shared_dir, dtype):
     # The fake implementation (the launcher run on fake tensors) against the real outputs under the
     # interpreter. label_partials' first dimension counts column splits, which the GPU's tile configuration
     # sets (the interpreter uses smaller tiles): only that one is allowed to differ.
+    traced = _traced(dtype, shared_dir)
     for name, fn, args in _cases(dtype):
         out = fn(*args)
         real = [[list(x.shape), str(x.dtype)] for x in (out if isinstance(out, (tuple, list)) else (out,))]
-        fake = traced[dtype, name]["outputs"]
+        fake = traced[name]["outputs"]
         if name.startswith("label_partials"):
             real, fake = [[s[1:], d] for s, d in real], [[s[1:], d] for s, d in fake]
         assert fake == real, name
