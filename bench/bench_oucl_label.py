@@ -13,7 +13,9 @@ Rows written to bench/results/oucl_label_cpu.csv:
   (``symmetric_info_nce``) against open_clip's ``ClipLoss``;
 - N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
 - N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
-- N = 2048: the Hessian-vector product against forward+backward on cpp;
+- N = 2048: the Hessian-vector product against forward+backward on cpp, and its floor: the gradient with
+  ``create_graph`` (forward and first backward) plus the second sweep's GEMMs alone (``gemm_floor``), on
+  the chunk shapes the second sweep uses;
 - N = 16384: the Hessian-vector product on cpp, whose peak memory stays below one B×M matrix.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 
 import metaug_fast.functional as F
 from metaug_fast import reference
+from metaug_fast._ops.label import chunk_scores
 
 from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
@@ -58,10 +62,43 @@ def _measure(fn, repeats: int):
         return "OOM", "OOM"
 
 
+def _side_by_side(fns, rounds: int):
+    """[(median ms, peak extra MiB)] of each of ``fns``: one warm-up and one memory run each, then ``rounds``
+    rounds in which each is timed once, in turn."""
+    for fn in fns:
+        fn()
+    mems = [peak_extra_mb(fn) for fn in fns]
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+    return [(statistics.median(ts), mem) for ts, mem in zip(times, mems)]
+
+
 def _fwd_bwd(backend: str, emb, labels, **kw):
     def run():
         emb.grad = None
         F.oucl_embeddings(emb, labels, backend=backend, **kw).backward()
+    return run
+
+
+def _hvp_gemms(z, v):
+    """The GEMMs of the label HVP's second sweep in self mode, as plain products on its chunk shapes: per chunk
+    of rows I, S_I = z_I·zᵀ and U_I = v_I·zᵀ + z_I·vᵀ, then two [c,N] matrices (the sweep's G and W) times z
+    and v, and transposed times z_I and v_I. Seven GEMM-equivalents that no implementation of this sweep
+    avoids (it needs whole rows of S and U, so the symmetric tiles of the first order do not apply)."""
+    step = max(1, chunk_scores(z.device) // z.shape[0])
+
+    def run():
+        d_z, d_r = torch.empty_like(z), torch.zeros_like(z)
+        for r0 in range(0, z.shape[0], step):
+            zi, vi = z[r0:r0 + step], v[r0:r0 + step]
+            S, U = zi @ z.T, vi @ z.T
+            U.addmm_(zi, v.T)
+            d_z[r0:r0 + step] = (S @ v).addmm_(U, z)
+            d_r.addmm_(S.T, vi).addmm_(U.T, zi)
     return run
 
 
@@ -181,13 +218,23 @@ def main(argv=None) -> int:
     emb, labels = _inputs(n_hvp)
     vec = torch.randn_like(emb)
 
-    def hvp():
-        (g,) = torch.autograd.grad(F.oucl_embeddings(emb, labels, backend="cpp"), emb, create_graph=True)
-        torch.autograd.grad((g * vec).sum(), emb)
+    def grad_with_graph():
+        return torch.autograd.grad(F.oucl_embeddings(emb, labels, backend="cpp"), emb, create_graph=True)[0]
 
-    fb = record("oucl_weighted", "cpp", n_hvp, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), args.repeats))
-    hv = record("oucl_weighted", "cpp", n_hvp, "hvp", _measure(hvp, args.repeats))
-    ratios.append(f"N={n_hvp}: HVP costs {hv[0] / fb[0]:.1f}x forward+backward on cpp")
+    def hvp():
+        torch.autograd.grad((grad_with_graph() * vec).sum(), emb)
+
+    # Four runs whose ratios are the point: timed in turn, round after round, so that this machine's drift
+    # falls on all of them alike.
+    fb, hv, cg, sweep = _side_by_side([_fwd_bwd("cpp", emb, labels), hvp, grad_with_graph,
+                                       _hvp_gemms(emb.detach(), vec)], 3 * args.repeats)
+    record("oucl_weighted", "cpp", n_hvp, "forward+backward", fb)
+    record("oucl_weighted", "cpp", n_hvp, "hvp", hv)
+    record("oucl_weighted", "cpp", n_hvp, "grad create_graph", cg)
+    record("gemm_floor", "torch.mm", n_hvp, "HVP sweep's GEMMs", sweep)
+    ratios.append(f"N={n_hvp}: HVP costs {hv[0] / fb[0]:.1f}x forward+backward on cpp; its floor (the gradient "
+                  f"with create_graph plus the second sweep's GEMMs alone) is {(cg[0] + sweep[0]) / fb[0]:.1f}x, "
+                  f"the HVP is {hv[0] / (cg[0] + sweep[0]):.2f}x its floor")
 
     # 5. The HVP at a size where B×M matters: the second derivative runs in row chunks, never B×M.
     emb, labels = _inputs(n_hvp_big)

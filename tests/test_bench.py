@@ -20,6 +20,20 @@ def test_bench_oucl_score_writes_csv(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out or len({r["backend"] for r in rows}) == 1
 
 
+def test_bench_oucl_label_writes_every_row_and_the_hvp_floor(tmp_path, capsys):
+    from bench import bench_oucl_label
+
+    out = tmp_path / "l.csv"
+    assert bench_oucl_label.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and list(rows[0]) == FIELDS
+    assert all(r["time_ms"] == "OOM" or float(r["time_ms"]) > 0 for r in rows)
+    at_256 = {(r["op"], r["pass"]) for r in rows if r["size"] == "N=256,D=128"}
+    assert {("oucl_weighted", "forward+backward"), ("oucl_weighted", "hvp"), ("oucl_weighted", "grad create_graph"),
+            ("gemm_floor", "HVP sweep's GEMMs")} <= at_256
+    assert "the HVP is" in capsys.readouterr().out
+
+
 def test_plot_draws_every_csv_including_oom(tmp_path):
     from bench import plot
     from bench.common import row, write_csv
