@@ -611,10 +611,11 @@ def rows_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
 
 def cols_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
     """The backward column kernel's constexprs and launch options: cross mode's (TWO_WAY), which takes both
-    directions' factors and exponentials per entry, spills registers at a resident block of 64 columns (8
-    bytes per thread for bf16 at 128×64 with 8 warps): half as many columns per program then."""
+    directions' factors and exponentials per entry, gets half as many columns per program. At full width it
+    spilled 8 bytes per thread for bf16 at 128×64 with 8 warps (Triton 3.8), and for fp32 at 32×32 with
+    feature chunks of 16 (Triton 3.6, the GPU machine's; 3.8 did not)."""
     meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
-    if two_way and cfg.RESIDENT:
+    if two_way:
         meta["BN"] = max(16, cfg.BN // 2)
     return meta
 
