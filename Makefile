@@ -10,7 +10,8 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
 CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
 
-.PHONY: all install test train docs bench bench-headline bench-micro check-cuda check-triton gpu-static clean
+.PHONY: all install test train docs bench bench-headline bench-micro check-cuda check-triton check-triton-gpu-stack \
+	gpu-static clean
 
 all: test
 
@@ -76,6 +77,22 @@ check-cuda: install
 # what the interpreter used by the tests cannot.
 check-triton: install
 	env -u TRITON_INTERPRET $(PY) -m tools.check_triton_compile
+
+# check-triton again with the GPU machine's compiler: its torch 2.11.0 brings Triton 3.6.0, here in a venv of
+# its own (about 2 minutes and 5 GB the first time; the package without its C++ extension). A kernel that
+# compiled without spills under this venv's Triton spilled under 3.6 (see kernels/label.py, cols_meta).
+GPU_STACK      := torch==2.11.0
+GPU_STACK_VENV := .venv-gpu-stack
+
+$(GPU_STACK_VENV)/.stamp:
+	$(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_VENV)/bin/pip install --no-cache-dir --upgrade pip "setuptools>=77,<82" wheel
+	$(GPU_STACK_VENV)/bin/pip install --no-cache-dir $(GPU_STACK) numpy
+	METAUG_NO_EXT=1 $(GPU_STACK_VENV)/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e .
+	touch $@
+
+check-triton-gpu-stack: $(GPU_STACK_VENV)/.stamp
+	env -u TRITON_INTERPRET $(GPU_STACK_VENV)/bin/python -m tools.check_triton_compile
 
 # Static GPU evidence without a GPU: every Triton kernel and (after check-cuda) every CUDA kernel compiled for
 # sm_90 and disassembled into bench/results/gpu_static.csv and its chart.
