@@ -34,8 +34,9 @@ requires_cpp = pytest.mark.skipif(
 )
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the sanitizer run must really be selected
 def pytest_collection_modifyitems(config, items):
-    """The emulated CUDA kernels' tests run once. Where test_kernels_stay_in_bounds is collected and gcc's
+    """The emulated CUDA kernels' tests run once. Where test_kernels_stay_in_bounds is selected and gcc's
     AddressSanitizer runtime is installed, that test runs them all in a subprocess with the kernels built
     with the sanitizer, so here they are skipped; that subprocess (METAUG_SIMT_ASAN=1) collects them alone."""
     from backends import ASAN, ASAN_TEST, asan_preload, runs_emulated_kernels
