@@ -31,7 +31,7 @@ import torch
 
 import metaug_fast.functional as F
 from metaug_fast import reference
-from metaug_fast._ops.label import chunk_scores
+from metaug_fast._ops.label import chunk_rows
 
 from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
@@ -89,7 +89,7 @@ def _hvp_gemms(z, v):
     of rows I, S_I = z_I·zᵀ and U_I = v_I·zᵀ + z_I·vᵀ, then two [c,N] matrices (the sweep's G and W) times z
     and v, and transposed times z_I and v_I. Seven GEMM-equivalents that no implementation of this sweep
     avoids (it needs whole rows of S and U, so the symmetric tiles of the first order do not apply)."""
-    step = max(1, chunk_scores(z.device) // z.shape[0])
+    step = chunk_rows(z.device, z.shape[0])
 
     def run():
         d_z, d_r = torch.empty_like(z), torch.zeros_like(z)

@@ -56,14 +56,18 @@ def chunk_scores(device: torch.device) -> int:
     return max(_CHUNK_SCORES, min(_GPU_CHUNK_SCORES, total // 512))
 
 
+def chunk_rows(device: torch.device, M: int) -> int:
+    """Rows per chunk of the second-derivative path against ``M`` reference rows: chunk_scores(device) scores."""
+    return max(1, chunk_scores(device) // max(M, 1))
+
+
 def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
     chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
     and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
     labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None.
     Nothing here waits for the device: the chunks are cut from the shapes."""
-    B, M = zn.shape[0], rn.shape[0]
-    step = max(1, chunk_scores(zn.device) // max(M, 1))
+    B, step = zn.shape[0], chunk_rows(zn.device, rn.shape[0])
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
         S = _similarities(zn[rows], rn, similarity)
