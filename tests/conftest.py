@@ -42,8 +42,10 @@ def pytest_collection_modifyitems(config, items):
     from backends import ASAN, ASAN_TEST, asan_preload, runs_emulated_kernels
 
     if ASAN:
-        keep = [item for item in items if runs_emulated_kernels(item)]
-        config.hook.pytest_deselected(items=[item for item in items if not runs_emulated_kernels(item)])
+        keep, drop = [], []
+        for item in items:
+            (keep if runs_emulated_kernels(item) else drop).append(item)
+        config.hook.pytest_deselected(items=drop)
         items[:] = keep
     elif any(item.nodeid.endswith(ASAN_TEST) for item in items) and asan_preload() is not None:
         skip = pytest.mark.skip(reason=f"run under AddressSanitizer by {ASAN_TEST}")
