@@ -57,6 +57,8 @@ def _op_cases(device, dtype):
                 s = z @ r.T * 0.5 + 0.5
                 cases.append(("oucl_label_rows_bwd_bwd", (g_label, torch.rand_like(s), s, lab, rlab, stats, 0,
                                                           offset, *params)))
+                if offset == 0:
+                    cases.append(("oucl_label_self_bwd_bwd", (g_label, z, torch.randn_like(z), lab, stats, 0, *params)))
         if params[0] == Form.INFONCE:  # cross mode runs InfoNCE
             args = (zn, rn, labels, ref_labels, 0, *params)
             _, stats_z, _, stats_r = ops.oucl_label_cross_fwd(*args)

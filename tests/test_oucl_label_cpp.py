@@ -297,13 +297,84 @@ def test_self_mode_symmetric_tiles_equal_reference(op):
         assert rel_err(a, b) <= 1e-12, rel_err(a, b)
 
 
-def test_self_mode_hvp_crosses_blocks():
+@pytest.mark.parametrize("op", FORMS + ("info_nce",))
+def test_self_mode_hvp_crosses_blocks(op):
+    # The meta step in self mode: the second derivative over the symmetric tiles (oucl_label_self_bwd_bwd;
+    # the hinge keeps the row chunks), with weighted rows and a singleton class (an invalid row).
     emb, labels, _, _ = label_data(SELF_N, None, D=8, n_classes=40)
-    vec = torch.randn_like(emb)
-    got, want = (hvp(lambda e: _self_fn("circle", labels, b)(e).sum(), (emb.clone().requires_grad_(),), (vec,))
+    labels[5] = 1000
+    vec, w = torch.randn_like(emb), torch.linspace(0.5, 1.5, SELF_N, dtype=emb.dtype)
+    got, want = (hvp(lambda e: (_self_fn(op, labels, b)(e) * w).sum(), (emb.clone().requires_grad_(),), (vec,))  # noqa: B023
                  for b in ("cpp", "reference"))
     for a, b in zip((got[0], *got[1], *got[2]), (want[0], *want[1], *want[2])):
         assert rel_err(a, b) <= 1e-10, rel_err(a, b)
+
+
+class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the metaug_fast ops that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", [Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE])
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
+    # The symmetric op against the row-chunk path on the same inputs (the reference rows a copy of zn, so
+    # that the chunks run): d_g, and ∂/∂zn as the sum of the chunks' two outputs.
+    from metaug_fast._ops import label as label_ops
+    from metaug_fast.contract import SIMILARITIES
+
+    torch.manual_seed(0)
+    zn = torch.nn.functional.normalize(torch.randn(SELF_N, 16, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 40, (SELF_N,))
+    labels[7] = 1000  # no positive: an invalid row
+    params = (int(form), 20.0, 0.1 if form != Form.INFONCE else 0.0, -0.05 if form != Form.INFONCE else 0.0, 0.3, 0.2)
+    ops = torch.ops.metaug_fast
+    _, stats = ops.oucl_label_fwd(zn, zn, labels, labels, 0, SIMILARITIES[similarity], *params)
+    g, v = torch.rand(SELF_N, dtype=torch.float64), torch.randn_like(zn)
+    with _OpCalls() as calls:
+        d_g, d_z, d_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn, v, v, labels, labels, stats, similarity, params,
+                                                            0, ops)
+    assert "metaug_fast::oucl_label_self_bwd_bwd" in calls.names and d_r.abs().max() == 0
+    want_g, want_z, want_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn.clone(), v, v, labels, labels.clone(), stats,
+                                                                 similarity, params, 0, ops)
+    assert d_g[7] == 0
+    torch.testing.assert_close(d_g, want_g, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(d_z, want_z + want_r, rtol=1e-11, atol=1e-13)
+
+
+def test_self_mode_second_derivative_thread_count_independent():
+    emb, labels, _, _ = label_data(SELF_N, None, D=8, dtype=torch.float32, n_classes=40)
+    vec = torch.randn_like(emb)
+
+    def run():
+        e = emb.clone().requires_grad_()
+        (g,) = torch.autograd.grad(F.oucl_embeddings(e, labels, form="weighted", beta=32.0, backend="cpp"), e,
+                                   create_graph=True)
+        return torch.autograd.grad((g * vec).sum(), e)
+
+    _same_with_1_and_2_threads(run)
+
+
+def test_self_mode_second_derivative_checks_its_arguments():
+    zn = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    params = (int(Form.WEIGHTED), 16.0, 0.0, 0.0, 0.25, 0.0)
+    ops = torch.ops.metaug_fast
+    _, stats = ops.oucl_label_fwd(zn, zn, labels, labels, 0, 0, *params)
+    g = torch.ones(6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
+        ops.oucl_label_self_bwd_bwd(g, zn, zn, labels, stats, 0, int(Form.HINGE), *params[1:])
+    with pytest.raises(RuntimeError, match="v must be a CPU tensor of zn's shape and dtype"):
+        ops.oucl_label_self_bwd_bwd(g, zn, zn[:5], labels, stats, 0, *params)
+    with pytest.raises(RuntimeError, match="stats must be"):
+        ops.oucl_label_self_bwd_bwd(g, zn, zn, labels, stats[:5], 0, *params)
 
 
 def test_self_mode_gradient_equals_the_rectangular_path():

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -43,6 +44,18 @@
 #include "isa.h"
 
 namespace metaug_fast {
+
+// Per row, the sums of the cotangent that the second derivative's Hessian-vector product needs over the
+// whole row before any entry of W (label_rows.inc, label_hvp_sums); partial sums over segments of a row add.
+template <typename T>
+struct HvpSums {
+  T a = T(0), b = T(0), c = T(0), d = T(0);
+  HvpSums& operator+=(const HvpSums& o) {
+    a += o.a, b += o.b, c += o.c, d += o.d;
+    return *this;
+  }
+};
+
 #define METAUG_ROWS "label_rows.inc"
 #include "compile_per_isa.inc"
 #undef METAUG_ROWS
@@ -171,32 +184,87 @@ CrossPlan cross_plan(int64_t B, int64_t M, int64_t row_bytes) {
   return p;
 }
 
-// The second derivative on rows [r0, r1) of a chunk of whole score rows (see label_hvp_row).
+// The forms with a label-aware second derivative (the hinge's Hessian is zero; margins are piecewise linear).
+constexpr bool is_hvp_form(int64_t form) {
+  return form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE;
+}
+
+// nr rows of the second derivative's scores s and cotangent t [nr, L] (row stride L): the rows' labels
+// [nr] against the columns' ref_labels [L], row r's excluded pair at column self_k0 + r (none when
+// self_k0 < 0), the rows' stats [nr, kStats] and grad_rows [nr].
 template <typename T>
-void label_hvp_rows(int64_t form, const Cfg<T>& cfg, const int64_t* labels, const int64_t* ref_labels,
-                    int64_t self_k0, int64_t r0, int64_t r1, int64_t M, const T* s, const T* t, const T* stats,
-                    const T* grad_rows, T* d_g, T* G, T* W) {
+struct HvpBlock {
+  const int64_t *labels, *ref_labels;
+  int64_t nr, L, self_k0;
+  const T *s, *t, *stats, *grad_rows;
+};
+
+// The first pass over a block (label_rows.inc): each valid row's part of its sums, added to sums [nr].
+template <typename T>
+void hvp_sums_block(int64_t form, const Cfg<T>& cfg, const HvpBlock<T>& b, HvpSums<T>* sums) {
   METAUG_ISA_SWITCH(
     with_form(form, [&](auto f) {
       constexpr int FORM = decltype(f)::value;
-      if constexpr (FORM == kSquared || FORM == kWeighted || FORM == kCircle || FORM == kInfoNCE) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* st = stats + kStats * r;
-          T* g_row = G + r * M;
-          T* w_row = W + r * M;
+      if constexpr (is_hvp_form(FORM)) {
+        for (int64_t r = 0; r < b.nr; ++r) {
+          const T* st = b.stats + kStats * r;
+          if (st[kValid] == T(0)) continue;
+          const int64_t self_k = b.self_k0 < 0 ? -1 : b.self_k0 + r;
+          const T *s = b.s + r * b.L, *t = b.t + r * b.L;
+          if constexpr (FORM == kInfoNCE)
+            ns::infonce_label_hvp_sums<T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, sums[r]);
+          else
+            ns::label_hvp_sums<FORM, T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, sums[r]);
+        }
+      }
+    });)
+}
+
+// The second pass: G and W [nr, L] of a block from its rows' whole sums (zero on invalid rows).
+template <typename T>
+void hvp_apply_block(int64_t form, const Cfg<T>& cfg, const HvpBlock<T>& b, const HvpSums<T>* sums, T* G, T* W) {
+  METAUG_ISA_SWITCH(
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if constexpr (is_hvp_form(FORM)) {
+        for (int64_t r = 0; r < b.nr; ++r) {
+          const T* st = b.stats + kStats * r;
+          T *g_row = G + r * b.L, *w_row = W + r * b.L;
           if (st[kValid] == T(0)) {
-            std::fill(g_row, g_row + M, T(0));
-            std::fill(w_row, w_row + M, T(0));
-            d_g[r] = T(0);
+            std::fill(g_row, g_row + b.L, T(0));
+            std::fill(w_row, w_row + b.L, T(0));
             continue;
           }
-          const int64_t self_k = self_k0 < 0 ? -1 : self_k0 + r;
+          const int64_t self_k = b.self_k0 < 0 ? -1 : b.self_k0 + r;
+          const T *s = b.s + r * b.L, *t = b.t + r * b.L;
           if constexpr (FORM == kInfoNCE)
-            ns::infonce_label_hvp_row<T>(cfg, labels[r], ref_labels, self_k, s + r * M, t + r * M, M, st,
-                                         grad_rows[r], d_g[r], g_row, w_row);
+            ns::infonce_label_hvp_apply<T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, b.grad_rows[r],
+                                           sums[r], g_row, w_row);
           else
-            ns::label_hvp_row<FORM, T>(cfg, labels[r], ref_labels, self_k, s + r * M, t + r * M, M, st,
-                                       grad_rows[r], d_g[r], g_row, w_row);
+            ns::label_hvp_apply<FORM, T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, b.grad_rows[r],
+                                         sums[r], g_row, w_row);
+        }
+      }
+    });)
+}
+
+// d_g [n] = ∂ℓ/∂s · t of n rows from their whole sums, times `scale` (zero on invalid rows).
+template <typename T>
+void hvp_dg_rows(int64_t form, const Cfg<T>& cfg, int64_t n, const T* stats, const HvpSums<T>* sums, T scale,
+                 T* d_g) {
+  METAUG_ISA_SWITCH(
+    with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if constexpr (is_hvp_form(FORM)) {
+        for (int64_t r = 0; r < n; ++r) {
+          const T* st = stats + kStats * r;
+          if (st[kValid] == T(0)) {
+            d_g[r] = T(0);
+          } else if constexpr (FORM == kInfoNCE) {
+            d_g[r] = scale * ns::infonce_label_hvp_dg<T>(cfg, st, sums[r]);
+          } else {
+            d_g[r] = scale * ns::label_hvp_dg<FORM, T>(cfg, st, sums[r]);
+          }
         }
       }
     });)
@@ -223,18 +291,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_rows_bwd_bwd(
   TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong && labels.numel() == R &&
                   ref_labels.numel() == M,
               who, ": labels [R] and ref_labels [M] must be int64");
-  TORCH_CHECK(form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE, who,
-              ": form must be squared, weighted, circle or InfoNCE, got ", form);
+  TORCH_CHECK(is_hvp_form(form), who, ": form must be squared, weighted, circle or InfoNCE, got ", form);
   const at::Tensor sc = s.contiguous(), tc = t.contiguous(), st = stats.contiguous(), g = grad_rows.contiguous();
   const at::Tensor lab = labels.contiguous(), rlab = ref_labels.contiguous();
   at::Tensor d_g = at::empty({R}, s.options()), G = at::empty_like(sc), W = at::empty_like(sc);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "oucl_label_rows_bwd_bwd", [&] {
     const Cfg<scalar_t> cfg = make_cfg<scalar_t>(beta, gamma_pos, gamma_neg, margin, lam);
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-      label_hvp_rows<scalar_t>(form, cfg, lab.data_ptr<int64_t>(), rlab.data_ptr<int64_t>(),
-                               self_offset >= 0 ? row0 + self_offset : -1, r0, r1, M, sc.data_ptr<scalar_t>(),
-                               tc.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                               d_g.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), W.data_ptr<scalar_t>());
+      for (int64_t r = r0; r < r1; ++r) {  // both passes per row, while the row is in cache
+        const HvpBlock<scalar_t> b{lab.data_ptr<int64_t>() + r, rlab.data_ptr<int64_t>(), 1, M,
+                                   self_offset >= 0 ? row0 + self_offset + r : -1, sc.data_ptr<scalar_t>() + r * M,
+                                   tc.data_ptr<scalar_t>() + r * M, st.data_ptr<scalar_t>() + kStats * r,
+                                   g.data_ptr<scalar_t>() + r};
+        HvpSums<scalar_t> sums;
+        hvp_sums_block<scalar_t>(form, cfg, b, &sums);
+        hvp_apply_block<scalar_t>(form, cfg, b, &sums, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M);
+        hvp_dg_rows<scalar_t>(form, cfg, 1, b.stats, &sums, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
+      }
     });
   });
   return {d_g, G, W};
@@ -309,27 +382,28 @@ struct CpuLabel : CpuDevice {
     return merge_partials(partial, plan.splits, B);
   }
 
-  // The schedule of self mode (see kSelfTile): in round r, `tile(bi, bj, S, S_t)` runs for every tile
-  // (I, I + r) in parallel, given S = Z_I·Z_Jᵀ and, off the diagonal, its transposed copy S_t (made first:
-  // the epilogues overwrite their tile); then, off the diagonal, `transposed(bi, bj)` runs for every block
-  // J = I + r in parallel, the one step that writes block J from the tile (I, J).
+  // The schedule of self mode (see kSelfTile) over N rows: in round r, `tile(bi, bj)` runs for every tile
+  // (I, I + r) in parallel; then, off the diagonal, `transposed(bi, bj)` runs for every block J = I + r in
+  // parallel, the one step that writes block J from the tile (I, J).
   template <typename Tile, typename Transposed>
-  static void self_rounds(const at::Tensor& zn, Tile&& tile, Transposed&& transposed) {
-    const int64_t N = zn.size(0), nb = (N + kSelfTile - 1) / kSelfTile;
+  static void self_rounds(int64_t N, Tile&& tile, Transposed&& transposed) {
+    const int64_t nb = (N + kSelfTile - 1) / kSelfTile;
     for (int64_t r = 0; r < nb; ++r) {
       at::parallel_for(0, nb - r, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t I = b0; I < b1; ++I) {
-          const SelfBlock bi = self_block(I, N), bj = self_block(I + r, N);
-          at::Tensor s = at::mm(zn.narrow(0, bi.start, bi.size), zn.narrow(0, bj.start, bj.size).t()).contiguous();
-          at::Tensor s_t = r > 0 ? s.t().contiguous() : at::Tensor();
-          tile(bi, bj, s, s_t);
-        }
+        for (int64_t I = b0; I < b1; ++I) tile(self_block(I, N), self_block(I + r, N));
       });
       if (r == 0) continue;
       at::parallel_for(r, nb, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t J = b0; J < b1; ++J) transposed(self_block(J - r, N), self_block(J, N));
       });
     }
+  }
+
+  // S = Z_I·Z_Jᵀ of the tile (I, J) and, off the diagonal, its transposed copy (made first: the epilogues
+  // overwrite their tile).
+  static std::pair<at::Tensor, at::Tensor> self_scores(const at::Tensor& zn, SelfBlock bi, SelfBlock bj) {
+    at::Tensor s = at::mm(zn.narrow(0, bi.start, bi.size), zn.narrow(0, bj.start, bj.size).t()).contiguous();
+    return {s, bi.start != bj.start ? s.t().contiguous() : at::Tensor()};
   }
 
   // Self-mode sweep: the rows of each tile into their states, its columns into a per-block buffer merged
@@ -339,8 +413,9 @@ struct CpuLabel : CpuDevice {
     const int64_t N = zn.size(0);
     std::vector<RowState<T>> state(N), transposed(N);
     self_rounds(
-        zn,
-        [&](SelfBlock bi, SelfBlock bj, at::Tensor& s, at::Tensor& s_t) {
+        N,
+        [&](SelfBlock bi, SelfBlock bj) {
+          auto [s, s_t] = self_scores(zn, bi, bj);
           visit(bi.start, bi.size, bj.start, bj.size, s.data_ptr<T>(), state.data() + bi.start);
           if (!s_t.defined()) return;
           std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, RowState<T>{});
@@ -419,8 +494,9 @@ struct CpuLabel : CpuDevice {
     std::vector<at::Tensor> held((zn.size(0) + kSelfTile - 1) / kSelfTile);  // H of the tile (I, J), for J's step
     auto rows = [&](SelfBlock b) { return zn.narrow(0, b.start, b.size); };
     self_rounds(
-        zn,
-        [&](SelfBlock bi, SelfBlock bj, at::Tensor& g, at::Tensor& g_t) {
+        zn.size(0),
+        [&](SelfBlock bi, SelfBlock bj) {
+          auto [g, g_t] = self_scores(zn, bi, bj);
           label_backward_tile<T>(form, a, bi.start, bi.size, bj.start, bj.size, g.data_ptr<T>(), stats, grad_rows);
           if (!g_t.defined()) {
             gz.narrow(0, bi.start, bi.size).addmm_(g + g.t(), rows(bi));
@@ -436,6 +512,76 @@ struct CpuLabel : CpuDevice {
           gz.narrow(0, bj.start, bj.size).addmm_(h.t(), rows(bi));
           h = at::Tensor();
         });
+  }
+
+  // Self-mode second derivative (oucl_label_self_bwd_bwd): the cotangent v [N,D] of the gradient a·(G + Gᵀ)·Z
+  // puts U = v·Zᵀ + Z·vᵀ on the scores, symmetric like S. Each row's sums need its whole row of S and U
+  // (label_hvp_sums), so two rounds of the tiles I <= J: the first reads each tile pair's S and U along
+  // their rows and, transposed, along their columns into the rows' sums; the second takes G and W of both
+  // orientations, H_G = G_IJ + G_JIᵀ and H_W = W_IJ + W_JIᵀ, and dZ_I += H_G·v_J + a·H_W·Z_J,
+  // dZ_J += H_Gᵀ·v_I + a·H_Wᵀ·Z_I. Five GEMM-equivalents (S twice and U, [v Z]·[Z v]ᵀ, twice over half the
+  // tiles; four products over half the tiles), where row chunks of S and U take seven.
+  template <typename T>
+  static void self_hvp(const at::Tensor& zn, const at::Tensor& v, const LabelArgs<T>& a, int64_t form,
+                       const T* stats, const T* grad_rows, T* d_g, at::Tensor& dz) {
+    const int64_t N = zn.size(0);
+    const at::Tensor vz = at::cat({v, zn}, 1), zv = at::cat({zn, v}, 1);
+    auto rows = [](const at::Tensor& x, SelfBlock b) { return x.narrow(0, b.start, b.size); };
+    // S (the similarity applied) and U of the tile (I, J), and off the diagonal their transposes.
+    auto tiles = [&](SelfBlock bi, SelfBlock bj) {
+      auto [s, s_t] = self_scores(zn, bi, bj);
+      at::Tensor u = at::mm(rows(vz, bi), rows(zv, bj).t());
+      if (a.sim_a != T(1) || a.sim_b != T(0)) {
+        s.mul_(a.sim_a).add_(a.sim_b);
+        if (s_t.defined()) s_t.mul_(a.sim_a).add_(a.sim_b);
+      }
+      return std::array<at::Tensor, 4>{s, u, s_t, s_t.defined() ? u.t().contiguous() : at::Tensor()};
+    };
+    auto block = [&](SelfBlock rb, SelfBlock cb, const at::Tensor& s, const at::Tensor& t) {
+      return HvpBlock<T>{a.labels + rb.start, a.labels + cb.start, rb.size, cb.size, rb.start == cb.start ? 0 : -1,
+                         s.data_ptr<T>(), t.data_ptr<T>(), stats + kStats * rb.start, grad_rows + rb.start};
+    };
+    std::vector<HvpSums<T>> sums(N), transposed(N);
+    self_rounds(
+        N,
+        [&](SelfBlock bi, SelfBlock bj) {
+          const auto st = tiles(bi, bj);
+          hvp_sums_block<T>(form, a.cfg, block(bi, bj, st[0], st[1]), sums.data() + bi.start);
+          if (!st[2].defined()) return;
+          std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, HvpSums<T>{});
+          hvp_sums_block<T>(form, a.cfg, block(bj, bi, st[2], st[3]), transposed.data() + bj.start);
+        },
+        [&](SelfBlock, SelfBlock bj) {
+          for (int64_t i = bj.start; i < bj.start + bj.size; ++i) sums[i] += transposed[i];
+        });
+    std::vector<std::pair<at::Tensor, at::Tensor>> held((N + kSelfTile - 1) / kSelfTile);  // (H_G, H_W) for J's step
+    self_rounds(
+        N,
+        [&](SelfBlock bi, SelfBlock bj) {
+          const auto st = tiles(bi, bj);
+          at::Tensor g = at::empty_like(st[0]), w = at::empty_like(st[0]);
+          hvp_apply_block<T>(form, a.cfg, block(bi, bj, st[0], st[1]), sums.data() + bi.start, g.data_ptr<T>(),
+                             w.data_ptr<T>());
+          at::Tensor out = rows(dz, bi);
+          if (!st[2].defined()) {
+            out.addmm_(g + g.t(), rows(v, bi)).addmm_(w + w.t(), rows(zn, bi), 1, a.sim_a);
+            return;
+          }
+          at::Tensor g_t = at::empty_like(st[2]), w_t = at::empty_like(st[2]);
+          hvp_apply_block<T>(form, a.cfg, block(bj, bi, st[2], st[3]), sums.data() + bj.start, g_t.data_ptr<T>(),
+                             w_t.data_ptr<T>());
+          g.add_(g_t.t());
+          w.add_(w_t.t());
+          out.addmm_(g, rows(v, bj)).addmm_(w, rows(zn, bj), 1, a.sim_a);
+          held[bj.start / kSelfTile] = {g, w};
+        },
+        [&](SelfBlock bi, SelfBlock bj) {
+          auto& h = held[bj.start / kSelfTile];
+          rows(dz, bj).addmm_(h.first.t(), rows(v, bi)).addmm_(h.second.t(), rows(zn, bi), 1, a.sim_a);
+          h = {};
+        });
+    dz.mul_(a.sim_a);
+    hvp_dg_rows<T>(form, a.cfg, N, stats, sums.data(), a.sim_a, d_g);
   }
 
   // Cross mode: every tile of S = zn·rnᵀ in the items of `p`, as `tile(rs, cs, r0, nr, c0, L, s)`.
@@ -619,10 +765,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_fwd_grad(const at::Tensor& 
   return {rows, stats, dz};
 }
 
+// torch.ops.metaug_fast.oucl_label_self_bwd_bwd: the second derivative of self mode (no reference set: the
+// reference rows are zn itself, each anchor's own pair excluded), for the LSE forms and InfoNCE. With
+// oucl_label_bwd's gradient a·(G + Gᵀ)·zn and its cotangent v [N,D]: (d_g [N], d_z [N,D]) = the gradients of
+// ⟨v, a·(G + Gᵀ)·zn⟩ with respect to grad_rows [N] and zn [N,D], over the tiles on and above the diagonal
+// (CpuLabel::self_hvp); every sum in an order fixed by the shape.
+std::tuple<at::Tensor, at::Tensor> label_self_bwd_bwd(const at::Tensor& grad_rows, const at::Tensor& zn,
+                                                      const at::Tensor& v, const at::Tensor& labels,
+                                                      const at::Tensor& stats, int64_t similarity, int64_t form,
+                                                      double beta, double gamma_pos, double gamma_neg, double margin,
+                                                      double lam) {
+  const char* who = "oucl_label_self_bwd_bwd";
+  const LabelInputs<CpuLabel> in(zn, zn, labels, labels, form, similarity);
+  TORCH_CHECK(is_hvp_form(form), who, ": form must be squared, weighted, circle or InfoNCE, got ", form);
+  TORCH_CHECK(v.sizes() == in.zn.sizes() && v.scalar_type() == in.zn.scalar_type() && v.device().is_cpu(), who,
+              ": v must be a CPU tensor of zn's shape and dtype");
+  const auto checked = label_backward_inputs<CpuLabel>(stats, grad_rows, in.zn, form);
+  const int64_t N = in.zn.size(0);
+  at::Tensor d_g = at::zeros({N}, in.zn.options()), d_z = at::zeros_like(in.zn);
+  if (N == 0) return {d_g, d_z};
+  const at::Tensor vc = v.detach().contiguous();
+  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_self_bwd_bwd", [&] {
+    const auto a = make_label_args<scalar_t>(in.labels, in.labels, 0, similarity, beta, gamma_pos, gamma_neg, margin,
+                                             lam);
+    CpuLabel::self_hvp<scalar_t>(in.zn, vc, a, form, std::get<0>(checked).data_ptr<scalar_t>(),
+                                 std::get<1>(checked).data_ptr<scalar_t>(), d_g.data_ptr<scalar_t>(), d_z);
+  });
+  return {d_g, d_z};
+}
+
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_rows_bwd_bwd(Tensor grad_rows, Tensor t, Tensor s, Tensor labels, Tensor ref_labels, "
         "Tensor stats, int row0, int self_offset, int form, float beta, float gamma_pos, float gamma_neg, "
         "float margin, float lam) -> (Tensor, Tensor, Tensor)");
+  m.def("oucl_label_self_bwd_bwd(Tensor grad_rows, Tensor zn, Tensor v, Tensor labels, Tensor stats, int similarity, "
+        "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
   m.def("oucl_label_fwd_grad(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, "
         "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
         "-> (Tensor, Tensor, Tensor)");
@@ -631,6 +808,7 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
   LabelOps<CpuLabel>::impl(m);
   m.impl("oucl_label_rows_bwd_bwd", &label_rows_bwd_bwd);
+  m.impl("oucl_label_self_bwd_bwd", &label_self_bwd_bwd);
   m.impl("oucl_label_fwd_grad", &label_fwd_grad);
   CrossOps<CpuLabel>::impl(m);
 }

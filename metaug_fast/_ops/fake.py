@@ -69,6 +69,11 @@ def oucl_label_rows_bwd_bwd(grad_rows, t, s, labels, ref_labels, stats, row0, se
     return _like(grad_rows), _like(s), _like(s)
 
 
+def oucl_label_self_bwd_bwd(grad_rows, zn, v, labels, stats, similarity, form, beta, gamma_pos, gamma_neg, margin,
+                            lam):
+    return _like(grad_rows), _like(zn)
+
+
 def oucl_label_cross_fwd(zn, rn, labels, ref_labels, similarity, form, beta, gamma_pos, gamma_neg, margin, lam):
     return (*_rows_and_stats(zn, zn.dtype), *_rows_and_stats(rn, rn.dtype))
 
@@ -79,12 +84,13 @@ def oucl_label_cross_bwd(grad_z, grad_r, zn, rn, labels, ref_labels, stats_z, st
 
 
 OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,
-       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd)
+       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_self_bwd_bwd, oucl_label_cross_fwd,
+       oucl_label_cross_bwd)
 
 
 # The ops that multiply matrices inside (ATen GEMMs), per device type they run on.
 _GEMM_OPS = {"cpu": (oucl_label_fwd, oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd,
-                     oucl_label_cross_fwd, oucl_label_cross_bwd),
+                     oucl_label_self_bwd_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd),
              "cuda": (oucl_label_fwd, oucl_label_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd)}
 
 
