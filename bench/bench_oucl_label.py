@@ -31,7 +31,6 @@ import torch
 
 import metaug_fast.functional as F
 from metaug_fast import reference
-from metaug_fast._ops.label import chunk_rows
 
 from .common import median_ms, peak_extra_mb, row, set_command, write_csv
 
@@ -85,20 +84,15 @@ def _fwd_bwd(backend: str, emb, labels, **kw):
 
 
 def _hvp_gemms(z, v):
-    """The GEMMs of the label HVP's second sweep in self mode, as plain products on its chunk shapes: per chunk
-    of rows I, S_I = z_I·zᵀ and U_I = v_I·zᵀ + z_I·vᵀ, then two [c,N] matrices (the sweep's G and W) times z
-    and v, and transposed times z_I and v_I. Seven GEMM-equivalents that no implementation of this sweep
-    avoids (it needs whole rows of S and U, so the symmetric tiles of the first order do not apply)."""
-    step = chunk_rows(z.device, z.shape[0])
+    """The GEMMs of the label HVP's second sweep in self mode (oucl_label_self_bwd_bwd) as whole-matrix
+    products with the same multiply-adds: over the tiles on and above the diagonal it takes S = Z·Zᵀ and
+    U = [v Z]·[Z v]ᵀ in each of its two rounds (one whole S and U), and H_G·v, H_W·Z and their transposes
+    (two [N,N]×[N,D] products). Five GEMM-equivalents, at the rate of whole matrices: a bound from below."""
+    vz, zv = torch.cat([v, z], 1), torch.cat([z, v], 1)
 
     def run():
-        d_z, d_r = torch.empty_like(z), torch.zeros_like(z)
-        for r0 in range(0, z.shape[0], step):
-            zi, vi = z[r0:r0 + step], v[r0:r0 + step]
-            S, U = zi @ z.T, vi @ z.T
-            U.addmm_(zi, v.T)
-            d_z[r0:r0 + step] = (S @ v).addmm_(U, z)
-            d_r.addmm_(S.T, vi).addmm_(U.T, zi)
+        S, U = z @ z.T, vz @ zv.T
+        (S @ v).addmm_(U, z)
     return run
 
 
@@ -236,7 +230,7 @@ def main(argv=None) -> int:
                   f"with create_graph plus the second sweep's GEMMs alone) is {(cg[0] + sweep[0]) / fb[0]:.1f}x, "
                   f"the HVP is {hv[0] / (cg[0] + sweep[0]):.2f}x its floor")
 
-    # 5. The HVP at a size where B×M matters: the second derivative runs in row chunks, never B×M.
+    # 5. The HVP at a size where B×M matters: the second derivative runs over tiles, never B×M.
     emb, labels = _inputs(n_hvp_big)
     vec = torch.randn_like(emb)
     big_hv = record("oucl_weighted", "cpp", n_hvp_big, "hvp", _measure(hvp, 1))

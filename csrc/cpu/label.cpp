@@ -56,6 +56,16 @@ struct HvpSums {
   }
 };
 
+// Per-anchor constants of the second derivative as its kernels read them: arrays indexed by anchor from a
+// block's first row (or a tile's first column), so that a tile's column side reads them as vectors. The
+// log-sum-exps' (shift, log_sum) of the positives and negatives (InfoNCE: the negatives only) and valid
+// (1/0) for the first pass; for the second the coefficients of G and W and the row's whole sums
+// (HvpLanes::second fills them). Invalid anchors hold zeros.
+template <typename T>
+struct Lanes {
+  const T *pos_shift, *pos_log, *neg_shift, *neg_log, *valid, *coef, *c1, *sa, *sb, *s_sig;
+};
+
 #define METAUG_ROWS "label_rows.inc"
 #include "compile_per_isa.inc"
 #undef METAUG_ROWS
@@ -189,64 +199,102 @@ constexpr bool is_hvp_form(int64_t form) {
   return form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE;
 }
 
-// nr rows of the second derivative's scores s and cotangent t [nr, L] (row stride L): the rows' labels
-// [nr] against the columns' ref_labels [L], row r's excluded pair at column self_k0 + r (none when
-// self_k0 < 0), the rows' stats [nr, kStats] and grad_rows [nr].
+// The Lanes of n anchors (label_rows.inc): first() from their stats, second() once their sums are whole.
 template <typename T>
-struct HvpBlock {
-  const int64_t *labels, *ref_labels;
-  int64_t nr, L, self_k0;
-  const T *s, *t, *stats, *grad_rows;
+struct HvpLanes {
+  std::vector<T> pos_shift, pos_log, neg_shift, neg_log, valid, coef, c1, sa, sb, s_sig;
+
+  HvpLanes(int64_t form, int64_t n, const T* stats)
+      : pos_shift(n), pos_log(n), neg_shift(n), neg_log(n), valid(n), coef(n), c1(n), sa(n), sb(n), s_sig(n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* st = stats + kStats * i;
+      if (st[kValid] == T(0)) continue;
+      valid[i] = T(1);
+      if (form == kInfoNCE) {
+        neg_shift[i] = st[kNceShift], neg_log[i] = st[kNceLogSum];
+      } else {
+        pos_shift[i] = st[kPosShift], pos_log[i] = st[kPosLogSum];
+        neg_shift[i] = st[kNegShift], neg_log[i] = st[kNegLogSum];
+      }
+    }
+  }
+
+  // Anchor i's second-pass constants (label_hvp_apply_tile and its InfoNCE twin say which).
+  void second(int64_t form, const Cfg<T>& c, int64_t i, const T* st, T g, const HvpSums<T>& s) {
+    if (valid[i] == T(0)) return;
+    if (form == kInfoNCE) {
+      const T n_p = st[kNceNPos], S_sig = st[kNceSigmoidSum];
+      coef[i] = g / n_p, c1[i] = g * c.beta * c.beta / n_p, s_sig[i] = S_sig;
+      sa[i] = s.a, sb[i] = s.a * s.c - s.d - S_sig * s.a;
+      return;
+    }
+    const T y = stat_lse(st, kPosShift, kPosLogSum).value() + stat_lse(st, kNegShift, kNegLogSum).value();
+    coef[i] = g * c.inv_beta * sigmoid(y);
+    c1[i] = coef[i] * sigmoid(-y) * (s.a + s.b);  // sigmoid(-y), not 1 - sigmoid(y): no cancellation
+    sa[i] = s.a, sb[i] = s.b;
+  }
+
+  Lanes<T> at(int64_t i) const {
+    return {pos_shift.data() + i, pos_log.data() + i, neg_shift.data() + i, neg_log.data() + i, valid.data() + i,
+            coef.data() + i, c1.data() + i, sa.data() + i, sb.data() + i, s_sig.data() + i};
+  }
 };
 
-// The first pass over a block (label_rows.inc): each valid row's part of its sums, added to sums [nr].
+// A tile of the second derivative: rows of labels `row_labels` against columns of labels `col_labels`,
+// s, t [nr, L], row r's excluded pair at column self_k0 + r (none when self_k0 < 0), the rows' and (two-way)
+// the columns' Lanes.
 template <typename T>
-void hvp_sums_block(int64_t form, const Cfg<T>& cfg, const HvpBlock<T>& b, HvpSums<T>* sums) {
-  METAUG_ISA_SWITCH(
-    with_form(form, [&](auto f) {
-      constexpr int FORM = decltype(f)::value;
-      if constexpr (is_hvp_form(FORM)) {
-        for (int64_t r = 0; r < b.nr; ++r) {
-          const T* st = b.stats + kStats * r;
-          if (st[kValid] == T(0)) continue;
-          const int64_t self_k = b.self_k0 < 0 ? -1 : b.self_k0 + r;
-          const T *s = b.s + r * b.L, *t = b.t + r * b.L;
-          if constexpr (FORM == kInfoNCE)
-            ns::infonce_label_hvp_sums<T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, sums[r]);
-          else
-            ns::label_hvp_sums<FORM, T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, sums[r]);
-        }
-      }
-    });)
+struct HvpTile {
+  const int64_t *row_labels, *col_labels;
+  int64_t nr, L, self_k0;
+  const T *s, *t;
+  Lanes<T> rows, cols;
+};
+
+// Runs the statements after the first two arguments with FORM and TWO_WAY constants and `ns` the ISA
+// namespace, for the forms with a label-aware second derivative.
+#define METAUG_HVP_DISPATCH(form, two_way, ...)                                    \
+  METAUG_ISA_SWITCH(with_form(form, [&](auto f) {                                  \
+    constexpr int FORM = decltype(f)::value;                                       \
+    if constexpr (is_hvp_form(FORM)) {                                             \
+      if (two_way) {                                                               \
+        constexpr bool TWO_WAY = true;                                             \
+        __VA_ARGS__                                                                \
+      } else {                                                                     \
+        constexpr bool TWO_WAY = false;                                            \
+        __VA_ARGS__                                                                \
+      }                                                                            \
+    }                                                                              \
+  });)
+
+// The first pass over a tile (label_rows.inc): the valid rows' parts of their sums added to row_sums [nr];
+// two-way, the columns' parts to col_sums [4][L].
+template <typename T>
+void hvp_sums_tile(int64_t form, const Cfg<T>& cfg, bool two_way, const HvpTile<T>& b, HvpSums<T>* row_sums,
+                   T* col_sums) {
+  METAUG_HVP_DISPATCH(form, two_way, {
+    if constexpr (FORM == kInfoNCE)
+      ns::infonce_label_hvp_sums_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
+                                                  b.rows, b.cols, row_sums, col_sums);
+    else
+      ns::label_hvp_sums_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
+                                                b.rows, b.cols, row_sums, col_sums);
+  })
 }
 
-// The second pass: G and W [nr, L] of a block from its rows' whole sums (zero on invalid rows).
+// The second pass: G and W [nr, L] of a tile from the whole rows' sums in the Lanes (two-way: H of both).
 template <typename T>
-void hvp_apply_block(int64_t form, const Cfg<T>& cfg, const HvpBlock<T>& b, const HvpSums<T>* sums, T* G, T* W) {
-  METAUG_ISA_SWITCH(
-    with_form(form, [&](auto f) {
-      constexpr int FORM = decltype(f)::value;
-      if constexpr (is_hvp_form(FORM)) {
-        for (int64_t r = 0; r < b.nr; ++r) {
-          const T* st = b.stats + kStats * r;
-          T *g_row = G + r * b.L, *w_row = W + r * b.L;
-          if (st[kValid] == T(0)) {
-            std::fill(g_row, g_row + b.L, T(0));
-            std::fill(w_row, w_row + b.L, T(0));
-            continue;
-          }
-          const int64_t self_k = b.self_k0 < 0 ? -1 : b.self_k0 + r;
-          const T *s = b.s + r * b.L, *t = b.t + r * b.L;
-          if constexpr (FORM == kInfoNCE)
-            ns::infonce_label_hvp_apply<T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, b.grad_rows[r],
-                                           sums[r], g_row, w_row);
-          else
-            ns::label_hvp_apply<FORM, T>(cfg, b.labels[r], b.ref_labels, self_k, s, t, b.L, st, b.grad_rows[r],
-                                         sums[r], g_row, w_row);
-        }
-      }
-    });)
+void hvp_apply_tile(int64_t form, const Cfg<T>& cfg, bool two_way, const HvpTile<T>& b, T* G, T* W) {
+  METAUG_HVP_DISPATCH(form, two_way, {
+    if constexpr (FORM == kInfoNCE)
+      ns::infonce_label_hvp_apply_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
+                                                   b.rows, b.cols, G, W);
+    else
+      ns::label_hvp_apply_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
+                                                 b.rows, b.cols, G, W);
+  })
 }
+#undef METAUG_HVP_DISPATCH
 
 // d_g [n] = ∂ℓ/∂s · t of n rows from their whole sums, times `scale` (zero on invalid rows).
 template <typename T>
@@ -297,16 +345,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_rows_bwd_bwd(
   at::Tensor d_g = at::empty({R}, s.options()), G = at::empty_like(sc), W = at::empty_like(sc);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "oucl_label_rows_bwd_bwd", [&] {
     const Cfg<scalar_t> cfg = make_cfg<scalar_t>(beta, gamma_pos, gamma_neg, margin, lam);
+    const scalar_t* stp = st.data_ptr<scalar_t>();
+    HvpLanes<scalar_t> lanes(form, R, stp);
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {  // both passes per row, while the row is in cache
-        const HvpBlock<scalar_t> b{lab.data_ptr<int64_t>() + r, rlab.data_ptr<int64_t>(), 1, M,
-                                   self_offset >= 0 ? row0 + self_offset + r : -1, sc.data_ptr<scalar_t>() + r * M,
-                                   tc.data_ptr<scalar_t>() + r * M, st.data_ptr<scalar_t>() + kStats * r,
-                                   g.data_ptr<scalar_t>() + r};
+        const HvpTile<scalar_t> row{lab.data_ptr<int64_t>() + r, rlab.data_ptr<int64_t>(), 1, M,
+                                    self_offset >= 0 ? row0 + self_offset + r : -1, sc.data_ptr<scalar_t>() + r * M,
+                                    tc.data_ptr<scalar_t>() + r * M, lanes.at(r), lanes.at(r)};
         HvpSums<scalar_t> sums;
-        hvp_sums_block<scalar_t>(form, cfg, b, &sums);
-        hvp_apply_block<scalar_t>(form, cfg, b, &sums, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M);
-        hvp_dg_rows<scalar_t>(form, cfg, 1, b.stats, &sums, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
+        hvp_sums_tile<scalar_t>(form, cfg, false, row, &sums, nullptr);
+        lanes.second(form, cfg, r, stp + kStats * r, g.data_ptr<scalar_t>()[r], sums);
+        hvp_apply_tile<scalar_t>(form, cfg, false, row, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M);
+        hvp_dg_rows<scalar_t>(form, cfg, 1, stp + kStats * r, &sums, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
       }
     });
   });
@@ -516,69 +566,62 @@ struct CpuLabel : CpuDevice {
 
   // Self-mode second derivative (oucl_label_self_bwd_bwd): the cotangent v [N,D] of the gradient a·(G + Gᵀ)·Z
   // puts U = v·Zᵀ + Z·vᵀ on the scores, symmetric like S. Each row's sums need its whole row of S and U
-  // (label_hvp_sums), so two rounds of the tiles I <= J: the first reads each tile pair's S and U along
-  // their rows and, transposed, along their columns into the rows' sums; the second takes G and W of both
-  // orientations, H_G = G_IJ + G_JIᵀ and H_W = W_IJ + W_JIᵀ, and dZ_I += H_G·v_J + a·H_W·Z_J,
-  // dZ_J += H_Gᵀ·v_I + a·H_Wᵀ·Z_I. Five GEMM-equivalents (S twice and U, [v Z]·[Z v]ᵀ, twice over half the
-  // tiles; four products over half the tiles), where row chunks of S and U take seven.
+  // (label_rows.inc), so two rounds of the tiles I <= J, each tile read two-way (along its rows for block I,
+  // along its columns for block J, no transposed copy): the first adds both blocks' parts of their sums,
+  // the second forms H_G = G_IJ + G_JIᵀ and H_W = W_IJ + W_JIᵀ in one pass and takes
+  // dZ_I += H_G·v_J + a·H_W·Z_J, dZ_J += H_Gᵀ·v_I + a·H_Wᵀ·Z_I. Five GEMM-equivalents (S and U =
+  // [v Z]·[Z v]ᵀ twice over half the tiles; four products over half the tiles), where row chunks of S and
+  // U take seven.
   template <typename T>
   static void self_hvp(const at::Tensor& zn, const at::Tensor& v, const LabelArgs<T>& a, int64_t form,
                        const T* stats, const T* grad_rows, T* d_g, at::Tensor& dz) {
     const int64_t N = zn.size(0);
     const at::Tensor vz = at::cat({v, zn}, 1), zv = at::cat({zn, v}, 1);
     auto rows = [](const at::Tensor& x, SelfBlock b) { return x.narrow(0, b.start, b.size); };
-    // S (the similarity applied) and U of the tile (I, J), and off the diagonal their transposes.
-    auto tiles = [&](SelfBlock bi, SelfBlock bj) {
-      auto [s, s_t] = self_scores(zn, bi, bj);
-      at::Tensor u = at::mm(rows(vz, bi), rows(zv, bj).t());
-      if (a.sim_a != T(1) || a.sim_b != T(0)) {
-        s.mul_(a.sim_a).add_(a.sim_b);
-        if (s_t.defined()) s_t.mul_(a.sim_a).add_(a.sim_b);
-      }
-      return std::array<at::Tensor, 4>{s, u, s_t, s_t.defined() ? u.t().contiguous() : at::Tensor()};
+    HvpLanes<T> lanes(form, N, stats);
+    // S (the similarity applied) and U of the tile (I, J), and the tile as the kernels take it.
+    auto scores = [&](SelfBlock bi, SelfBlock bj) {
+      at::Tensor s = at::mm(rows(zn, bi), rows(zn, bj).t());
+      if (a.sim_a != T(1) || a.sim_b != T(0)) s.mul_(a.sim_a).add_(a.sim_b);
+      return std::make_pair(s, at::mm(rows(vz, bi), rows(zv, bj).t()));
     };
-    auto block = [&](SelfBlock rb, SelfBlock cb, const at::Tensor& s, const at::Tensor& t) {
-      return HvpBlock<T>{a.labels + rb.start, a.labels + cb.start, rb.size, cb.size, rb.start == cb.start ? 0 : -1,
-                         s.data_ptr<T>(), t.data_ptr<T>(), stats + kStats * rb.start, grad_rows + rb.start};
+    auto tile = [&](SelfBlock bi, SelfBlock bj, const at::Tensor& s, const at::Tensor& u) {
+      return HvpTile<T>{a.labels + bi.start, a.labels + bj.start, bi.size, bj.size, bi.start == bj.start ? 0 : -1,
+                        s.data_ptr<T>(), u.data_ptr<T>(), lanes.at(bi.start), lanes.at(bj.start)};
     };
-    std::vector<HvpSums<T>> sums(N), transposed(N);
+    std::vector<HvpSums<T>> sums(N);
+    std::vector<std::vector<T>> col_sums((N + kSelfTile - 1) / kSelfTile);  // block J's part, for J's step
     self_rounds(
         N,
         [&](SelfBlock bi, SelfBlock bj) {
-          const auto st = tiles(bi, bj);
-          hvp_sums_block<T>(form, a.cfg, block(bi, bj, st[0], st[1]), sums.data() + bi.start);
-          if (!st[2].defined()) return;
-          std::fill(transposed.begin() + bj.start, transposed.begin() + bj.start + bj.size, HvpSums<T>{});
-          hvp_sums_block<T>(form, a.cfg, block(bj, bi, st[2], st[3]), transposed.data() + bj.start);
+          const auto su = scores(bi, bj);
+          const bool two_way = bi.start != bj.start;  // the diagonal tile's rows are its columns
+          std::vector<T>& cs = col_sums[bj.start / kSelfTile];
+          if (two_way) cs.assign(4 * bj.size, T(0));
+          hvp_sums_tile<T>(form, a.cfg, two_way, tile(bi, bj, su.first, su.second), sums.data() + bi.start, cs.data());
         },
         [&](SelfBlock, SelfBlock bj) {
-          for (int64_t i = bj.start; i < bj.start + bj.size; ++i) sums[i] += transposed[i];
+          const T* cs = col_sums[bj.start / kSelfTile].data();
+          for (int64_t k = 0; k < bj.size; ++k)
+            sums[bj.start + k] += HvpSums<T>{cs[k], cs[bj.size + k], cs[2 * bj.size + k], cs[3 * bj.size + k]};
         });
-    std::vector<std::pair<at::Tensor, at::Tensor>> held((N + kSelfTile - 1) / kSelfTile);  // (H_G, H_W) for J's step
+    for (int64_t i = 0; i < N; ++i) lanes.second(form, a.cfg, i, stats + kStats * i, grad_rows[i], sums[i]);
+    // dZ_J's part from the tile (I, J), [|J|, D], for J's step: smaller than the tile's H_G and H_W.
+    std::vector<at::Tensor> held((N + kSelfTile - 1) / kSelfTile);
     self_rounds(
         N,
         [&](SelfBlock bi, SelfBlock bj) {
-          const auto st = tiles(bi, bj);
-          at::Tensor g = at::empty_like(st[0]), w = at::empty_like(st[0]);
-          hvp_apply_block<T>(form, a.cfg, block(bi, bj, st[0], st[1]), sums.data() + bi.start, g.data_ptr<T>(),
-                             w.data_ptr<T>());
-          at::Tensor out = rows(dz, bi);
-          if (!st[2].defined()) {
-            out.addmm_(g + g.t(), rows(v, bi)).addmm_(w + w.t(), rows(zn, bi), 1, a.sim_a);
-            return;
-          }
-          at::Tensor g_t = at::empty_like(st[2]), w_t = at::empty_like(st[2]);
-          hvp_apply_block<T>(form, a.cfg, block(bj, bi, st[2], st[3]), sums.data() + bj.start, g_t.data_ptr<T>(),
-                             w_t.data_ptr<T>());
-          g.add_(g_t.t());
-          w.add_(w_t.t());
-          out.addmm_(g, rows(v, bj)).addmm_(w, rows(zn, bj), 1, a.sim_a);
-          held[bj.start / kSelfTile] = {g, w};
+          const auto su = scores(bi, bj);
+          at::Tensor g = at::empty_like(su.first), w = at::empty_like(su.first);
+          hvp_apply_tile<T>(form, a.cfg, true, tile(bi, bj, su.first, su.second), g.data_ptr<T>(), w.data_ptr<T>());
+          rows(dz, bi).addmm_(g, rows(v, bj)).addmm_(w, rows(zn, bj), 1, a.sim_a);
+          if (bi.start != bj.start)
+            held[bj.start / kSelfTile] = at::mm(g.t(), rows(v, bi)).addmm_(w.t(), rows(zn, bi), 1, a.sim_a);
         },
-        [&](SelfBlock bi, SelfBlock bj) {
-          auto& h = held[bj.start / kSelfTile];
-          rows(dz, bj).addmm_(h.first.t(), rows(v, bi)).addmm_(h.second.t(), rows(zn, bi), 1, a.sim_a);
-          h = {};
+        [&](SelfBlock, SelfBlock bj) {
+          at::Tensor& h = held[bj.start / kSelfTile];
+          rows(dz, bj).add_(h);
+          h = at::Tensor();
         });
     dz.mul_(a.sim_a);
     hvp_dg_rows<T>(form, a.cfg, N, stats, sums.data(), a.sim_a, d_g);
