@@ -362,6 +362,14 @@ def test_self_mode_second_derivative_thread_count_independent():
     _same_with_1_and_2_threads(run)
 
 
+def test_self_mode_second_derivative_allocates_nothing_of_n_by_n():
+    # What autograd and the Functions allocate around the op (its tiles live inside it, one per thread).
+    emb, labels, _, _ = label_data(SELF_N, None, D=8, n_classes=40)
+    with LargestAllocation() as rec:
+        hvp(lambda e: _self_fn("weighted", labels, "cpp")(e).sum(), (emb.requires_grad_(),), (torch.randn_like(emb),))
+    assert rec.largest < SELF_N**2 / 4
+
+
 def test_self_mode_second_derivative_checks_its_arguments():
     zn = torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
