@@ -310,18 +310,6 @@ def test_self_mode_hvp_crosses_blocks(op):
         assert rel_err(a, b) <= 1e-10, rel_err(a, b)
 
 
-class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the names of the metaug_fast ops that run."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("form", [Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE])
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
@@ -338,7 +326,7 @@ def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
     ops = torch.ops.metaug_fast
     _, stats = ops.oucl_label_fwd(zn, zn, labels, labels, 0, SIMILARITIES[similarity], *params)
     g, v = torch.rand(SELF_N, dtype=torch.float64), torch.randn_like(zn)
-    with _OpCalls() as calls:
+    with _OpNames() as calls:
         d_g, d_z, d_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn, v, v, labels, labels, stats, similarity, params,
                                                             0, ops)
     assert "metaug_fast::oucl_label_self_bwd_bwd" in calls.names and d_r.abs().max() == 0

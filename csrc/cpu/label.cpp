@@ -251,50 +251,44 @@ struct HvpTile {
   Lanes<T> rows, cols;
 };
 
-// Runs the statements after the first two arguments with FORM and TWO_WAY constants and `ns` the ISA
-// namespace, for the forms with a label-aware second derivative.
-#define METAUG_HVP_DISPATCH(form, two_way, ...)                                    \
-  METAUG_ISA_SWITCH(with_form(form, [&](auto f) {                                  \
-    constexpr int FORM = decltype(f)::value;                                       \
-    if constexpr (is_hvp_form(FORM)) {                                             \
-      if (two_way) {                                                               \
-        constexpr bool TWO_WAY = true;                                             \
-        __VA_ARGS__                                                                \
-      } else {                                                                     \
-        constexpr bool TWO_WAY = false;                                            \
-        __VA_ARGS__                                                                \
-      }                                                                            \
-    }                                                                              \
-  });)
-
-// The first pass over a tile (label_rows.inc): the valid rows' parts of their sums added to row_sums [nr];
-// two-way, the columns' parts to col_sums [4][L].
+// One pass of the second derivative over a tile (label_rows.inc). The first (apply false) adds the valid
+// rows' parts of their sums to row_sums [nr] and, two-way, the columns' parts to col_sums [4][L]; the
+// second writes G and W [nr, L] from the whole rows' sums in the Lanes (two-way: H of rows and columns).
 template <typename T>
-void hvp_sums_tile(int64_t form, const Cfg<T>& cfg, bool two_way, const HvpTile<T>& b, HvpSums<T>* row_sums,
-                   T* col_sums) {
-  METAUG_HVP_DISPATCH(form, two_way, {
-    if constexpr (FORM == kInfoNCE)
-      ns::infonce_label_hvp_sums_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
-                                                  b.rows, b.cols, row_sums, col_sums);
-    else
-      ns::label_hvp_sums_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
-                                                b.rows, b.cols, row_sums, col_sums);
-  })
+struct HvpOut {
+  HvpSums<T>* row_sums;
+  T *col_sums, *G, *W;
+};
+
+template <typename T>
+void hvp_pass(int64_t form, const Cfg<T>& cfg, bool two_way, bool apply, const HvpTile<T>& b, const HvpOut<T>& out) {
+  auto run = [&](auto two_way_c) {
+    constexpr bool TWO_WAY = decltype(two_way_c)::value;
+    METAUG_ISA_SWITCH(with_form(form, [&](auto f) {
+      constexpr int FORM = decltype(f)::value;
+      if constexpr (FORM == kInfoNCE) {
+        if (apply)
+          ns::infonce_label_hvp_apply_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s,
+                                                       b.t, b.rows, b.cols, out.G, out.W);
+        else
+          ns::infonce_label_hvp_sums_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s,
+                                                      b.t, b.rows, b.cols, out.row_sums, out.col_sums);
+      } else if constexpr (is_hvp_form(FORM)) {
+        if (apply)
+          ns::label_hvp_apply_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s,
+                                                     b.t, b.rows, b.cols, out.G, out.W);
+        else
+          ns::label_hvp_sums_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s,
+                                                    b.t, b.rows, b.cols, out.row_sums, out.col_sums);
+      }
+    });)
+  };
+  if (two_way)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 }
 
-// The second pass: G and W [nr, L] of a tile from the whole rows' sums in the Lanes (two-way: H of both).
-template <typename T>
-void hvp_apply_tile(int64_t form, const Cfg<T>& cfg, bool two_way, const HvpTile<T>& b, T* G, T* W) {
-  METAUG_HVP_DISPATCH(form, two_way, {
-    if constexpr (FORM == kInfoNCE)
-      ns::infonce_label_hvp_apply_tile<TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
-                                                   b.rows, b.cols, G, W);
-    else
-      ns::label_hvp_apply_tile<FORM, TWO_WAY, T>(cfg, b.row_labels, b.col_labels, b.nr, b.L, b.self_k0, b.s, b.t,
-                                                 b.rows, b.cols, G, W);
-  })
-}
-#undef METAUG_HVP_DISPATCH
 
 // d_g [n] = ∂ℓ/∂s · t of n rows from their whole sums, times `scale` (zero on invalid rows).
 template <typename T>
@@ -353,9 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_rows_bwd_bwd(
                                     self_offset >= 0 ? row0 + self_offset + r : -1, sc.data_ptr<scalar_t>() + r * M,
                                     tc.data_ptr<scalar_t>() + r * M, lanes.at(r), lanes.at(r)};
         HvpSums<scalar_t> sums;
-        hvp_sums_tile<scalar_t>(form, cfg, false, row, &sums, nullptr);
+        hvp_pass<scalar_t>(form, cfg, false, false, row, {&sums, nullptr, nullptr, nullptr});
         lanes.second(form, cfg, r, stp + kStats * r, g.data_ptr<scalar_t>()[r], sums);
-        hvp_apply_tile<scalar_t>(form, cfg, false, row, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M);
+        hvp_pass<scalar_t>(form, cfg, false, true, row,
+                           {nullptr, nullptr, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M});
         hvp_dg_rows<scalar_t>(form, cfg, 1, stp + kStats * r, &sums, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
       }
     });
@@ -598,7 +593,8 @@ struct CpuLabel : CpuDevice {
           const bool two_way = bi.start != bj.start;  // the diagonal tile's rows are its columns
           std::vector<T>& cs = col_sums[bj.start / kSelfTile];
           if (two_way) cs.assign(4 * bj.size, T(0));
-          hvp_sums_tile<T>(form, a.cfg, two_way, tile(bi, bj, su.first, su.second), sums.data() + bi.start, cs.data());
+          hvp_pass<T>(form, a.cfg, two_way, false, tile(bi, bj, su.first, su.second),
+                      {sums.data() + bi.start, cs.data(), nullptr, nullptr});
         },
         [&](SelfBlock, SelfBlock bj) {
           const T* cs = col_sums[bj.start / kSelfTile].data();
@@ -613,7 +609,8 @@ struct CpuLabel : CpuDevice {
         [&](SelfBlock bi, SelfBlock bj) {
           const auto su = scores(bi, bj);
           at::Tensor g = at::empty_like(su.first), w = at::empty_like(su.first);
-          hvp_apply_tile<T>(form, a.cfg, true, tile(bi, bj, su.first, su.second), g.data_ptr<T>(), w.data_ptr<T>());
+          hvp_pass<T>(form, a.cfg, true, true, tile(bi, bj, su.first, su.second),
+                      {nullptr, nullptr, g.data_ptr<T>(), w.data_ptr<T>()});
           rows(dz, bi).addmm_(g, rows(v, bj)).addmm_(w, rows(zn, bj), 1, a.sim_a);
           if (bi.start != bj.start)
             held[bj.start / kSelfTile] = at::mm(g.t(), rows(v, bi)).addmm_(w.t(), rows(zn, bi), 1, a.sim_a);
