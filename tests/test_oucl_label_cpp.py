@@ -337,6 +337,25 @@ def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
     torch.testing.assert_close(d_z, want_z + want_r, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("op", ["weighted", "info_nce"])
+def test_self_mode_second_derivative_fp32_at_beta_256(op):
+    # Realistic scores (two noisy views of each sample) at the sharpest β, in fp32 across tiles: finite, and
+    # within fp32's reach of the fp64 reference (5.7e-5 for InfoNCE, 2.5e-5 weighted, as the row chunks).
+    torch.manual_seed(0)
+    base = torch.randn(SELF_N // 2, 32, dtype=torch.float64)
+    emb = torch.cat([base + 0.3 * torch.randn_like(base), base + 0.3 * torch.randn_like(base)])
+    labels, vec = torch.arange(SELF_N // 2).repeat(2), torch.randn_like(emb)
+
+    def fn(backend):
+        if op == "info_nce":
+            return lambda e: F.info_nce_embeddings(e, labels, temperature=1 / 256, backend=backend)
+        return lambda e: F.oucl_embeddings(e, labels, form=op, beta=256.0, backend=backend)
+
+    want = hvp(fn("reference"), (emb.clone().requires_grad_(),), (vec,))[2][0]
+    got = hvp(fn("cpp"), (emb.float().requires_grad_(),), (vec.float(),))[2][0]
+    assert torch.isfinite(got).all() and rel_err(got.double(), want) <= 2e-4, rel_err(got.double(), want)
+
+
 def test_self_mode_second_derivative_thread_count_independent():
     emb, labels, _, _ = label_data(SELF_N, None, D=8, dtype=torch.float32, n_classes=40)
     vec = torch.randn_like(emb)

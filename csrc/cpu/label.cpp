@@ -22,6 +22,10 @@
 // in one pass and takes dZ += H·R, dR += Hᵀ·Z. Four GEMM-equivalents for both directions, where two
 // label-mode calls took eight.
 //
+// The meta step's second derivative (the Hessian of each row's loss applied to the scores' change along a
+// direction) has its own ops: oucl_label_rows_bwd_bwd on row chunks of the scores that Python cuts, and in
+// self mode oucl_label_self_bwd_bwd over the symmetric tiles in two rounds (CpuLabel::self_hvp).
+//
 // InfoNCE's positives' terms need each row's final negative log-sum-exp, so they come after the first
 // sweep: by one dot product per positive pair when positives are sparse (one or a few per anchor, the
 // contrastive case), else by a second sweep. metaug_fast/_ops/label.py wraps the ops in autograd Functions.
@@ -32,10 +36,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -46,7 +50,7 @@
 namespace metaug_fast {
 
 // Per row, the sums of the cotangent that the second derivative's Hessian-vector product needs over the
-// whole row before any entry of W (label_rows.inc, label_hvp_sums); partial sums over segments of a row add.
+// whole row before any entry of W (label_rows.inc, label_hvp_sums_tile); parts over a row's tiles add.
 template <typename T>
 struct HvpSums {
   T a = T(0), b = T(0), c = T(0), d = T(0);
@@ -199,7 +203,8 @@ constexpr bool is_hvp_form(int64_t form) {
   return form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE;
 }
 
-// The Lanes of n anchors (label_rows.inc): first() from their stats, second() once their sums are whole.
+// The Lanes of n anchors: the first pass's from their stats, the second's by second() once their sums are
+// whole.
 template <typename T>
 struct HvpLanes {
   std::vector<T> pos_shift, pos_log, neg_shift, neg_log, valid, coef, c1, sa, sb, s_sig;
@@ -288,7 +293,6 @@ void hvp_pass(int64_t form, const Cfg<T>& cfg, bool two_way, bool apply, const H
   else
     run(std::false_type{});
 }
-
 
 // d_g [n] = ∂ℓ/∂s · t of n rows from their whole sums, times `scale` (zero on invalid rows).
 template <typename T>

@@ -8,7 +8,8 @@ Function maps normalized ``zn [B,D]`` and ``rn [M,D]`` (or ``zn`` itself) to per
 backward runs the fused backward op; when a graph of the backward is requested (``create_graph=True``, the
 MetAug meta step), that op is wrapped in a Function of its own whose backward, the second derivative, runs
 the score-mode backward and double-backward ops over row chunks of the scores: exact, and B×M is never
-stored (one chunk of about a million scores at a time).
+stored (one chunk of about a million scores at a time). The C++ backend takes one label-aware kernel over
+the chunks instead, and in self mode the symmetric tiles (oucl_label_self_bwd_bwd).
 """
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ class _LabelDoubleBackward(torch.autograd.Function):
     vector-Jacobian product for cotangents (v_z, v_r). With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change of S along
     the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian applied to
     its row of U, the score-mode double-backward op) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z).
-    Computed over row chunks of S and U: never B×M. A third derivative raises."""
+    Computed over row chunks of S and U, or, in self mode on the C++ backend, over the symmetric tiles of
+    both (oucl_label_self_bwd_bwd): never B×M. A third derivative raises."""
 
     @staticmethod
     def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
@@ -128,10 +130,7 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
-        a = slope(similarity)
-        with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
-        d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
-        # The C++ backend's label-aware row kernel: G, W and d_g in one op, no masks.
+        # The C++ backend's label-aware kernels: G, W and d_g in one op, no masks.
         by_labels = ops is CPP_OPS and zn.device.type == "cpu" and params[0] in _ROW_HVP_FORMS
         if by_labels and _is_self(zn, rn, labels, ref_labels, self_offset):
             # The backward op returned the whole gradient a·(G + Gᵀ)·zn as ∂/∂zn and zeros as ∂/∂rn, so v_r
@@ -139,6 +138,9 @@ class _LabelDoubleBackward(torch.autograd.Function):
             d_g, d_z = ops.oucl_label_self_bwd_bwd(grad_rows, zn, v_z, labels, stats, SIMILARITIES[similarity],
                                                    *params)
             return d_g, d_z, torch.zeros_like(rn)
+        a = slope(similarity)
+        with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
+        d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
         # U is taken without its factor a: d_g and W are linear in it, so a scales them afterwards instead of
         # costing a pass over each chunk.
         for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels):
