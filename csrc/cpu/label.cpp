@@ -578,10 +578,14 @@ struct CpuLabel : CpuDevice {
     const at::Tensor vz = at::cat({v, zn}, 1), zv = at::cat({zn, v}, 1);
     auto rows = [](const at::Tensor& x, SelfBlock b) { return x.narrow(0, b.start, b.size); };
     HvpLanes<T> lanes(form, N, stats);
-    // S (the similarity applied) and U of the tile (I, J), and the tile as the kernels take it.
+    // S (the similarity applied) and U of the tile (I, J), and the tile as the kernels take it. The affine
+    // map rides in the GEMM (addmm with a broadcast offset, as _ops/label.py's _similarities): no pass of its
+    // own over the tile.
+    const bool affine = a.sim_a != T(1) || a.sim_b != T(0);
+    const at::Tensor offset = at::scalar_tensor(a.sim_b, zn.options());
     auto scores = [&](SelfBlock bi, SelfBlock bj) {
-      at::Tensor s = at::mm(rows(zn, bi), rows(zn, bj).t());
-      if (a.sim_a != T(1) || a.sim_b != T(0)) s.mul_(a.sim_a).add_(a.sim_b);
+      const at::Tensor zi = rows(zn, bi), zj_t = rows(zn, bj).t();
+      at::Tensor s = affine ? at::addmm(offset, zi, zj_t, 1, a.sim_a) : at::mm(zi, zj_t);
       return std::make_pair(s, at::mm(rows(vz, bi), rows(zv, bj).t()));
     };
     auto tile = [&](SelfBlock bi, SelfBlock bj, const at::Tensor& s, const at::Tensor& u) {
