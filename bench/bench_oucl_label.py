@@ -14,8 +14,8 @@ Rows written to bench/results/oucl_label_cpu.csv:
 - N = 4096: pytorch-metric-learning CircleLoss vs cpp circle/cosine (the same loss up to the factor β);
 - N = 65536: cpp, and reference in a subprocess limited to 20 GiB (recorded as OOM when it cannot);
 - N = 2048: the Hessian-vector product against forward+backward on cpp, and its floor: the gradient with
-  ``create_graph`` (forward and first backward) plus the second sweep's GEMMs alone (``gemm_floor``), on
-  the chunk shapes the second sweep uses;
+  ``create_graph`` (forward and first backward) plus the second sweep's GEMMs alone (``gemm_floor``), as
+  whole-matrix products with the multiply-adds of its symmetric tiles;
 - N = 16384: the Hessian-vector product on cpp, whose peak memory stays below one B×M matrix.
 """
 from __future__ import annotations

@@ -57,11 +57,6 @@ def chunk_scores(device: torch.device) -> int:
     return max(_CHUNK_SCORES, min(_GPU_CHUNK_SCORES, total // 512))
 
 
-def chunk_rows(device: torch.device, M: int) -> int:
-    """Rows per chunk of the second-derivative path against ``M`` reference rows: chunk_scores(device) scores."""
-    return max(1, chunk_scores(device) // max(M, 1))
-
-
 def _is_self(zn, rn, labels, ref_labels, self_offset) -> bool:
     """Whether the label ops see self mode (as csrc/oucl_host.h's is_self): the reference rows and labels are
     the anchors' own tensors and each anchor's own pair is excluded."""
@@ -75,7 +70,8 @@ def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=Tru
     and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
     labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None.
     Nothing here waits for the device: the chunks are cut from the shapes."""
-    B, step = zn.shape[0], chunk_rows(zn.device, rn.shape[0])
+    B, M = zn.shape[0], rn.shape[0]
+    step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
         S = _similarities(zn[rows], rn, similarity)
