@@ -4,14 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
-# The CUDA toolkit root: /usr/local/cuda where it exists (here /usr/local/bin/nvcc is a wrapper script
-# around it), else the directory above the bin/ that holds nvcc.
-CUDA_ROOT ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
-	else dirname $$(dirname $$(readlink -f $$(which nvcc))); fi)
+SOURCES := setup.py pyproject.toml MANIFEST.in $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*)
+# The CUDA toolkit root, by the rule the GPU check uses too (tools/cuda_home.py).
+CUDA_ROOT ?= $(shell $(PYTHON) tools/cuda_home.py)
 
 .PHONY: all install test train docs bench bench-headline bench-micro check-cuda check-triton check-triton-gpu-stack \
-	gpu-static clean
+	check-install gpu-static clean
 
 all: test
 
@@ -66,6 +64,12 @@ bench-headline: install
 bench-micro: install
 	$(PY) -m pytest bench/micro --benchmark-only --benchmark-autosave -q
 
+# The package as a user installs it (about 6 minutes): a wheel and an sdist built, each installed into a fresh
+# environment and smoke-tested from outside the tree, and an editable install under the oldest setuptools
+# that pyproject.toml allows (tools/check_install.py).
+check-install: install
+	$(PY) -m tools.check_install
+
 # Compiles the CUDA extension (sm_90) into build/check-cuda without installing it: catches CUDA build
 # breaks on machines without a GPU. Nothing CUDA runs here.
 check-cuda: install
@@ -80,7 +84,7 @@ check-triton: install
 
 # check-triton again with the GPU machine's compiler: its torch 2.11.0 brings Triton 3.6.0, here in a venv of
 # its own (about 2 minutes and 5 GB the first time; the package without its C++ extension). A kernel that
-# compiled without spills under this venv's Triton spilled under 3.6 (see kernels/label.py, cols_meta).
+# compiled without spills under this venv's Triton spilled under 3.6 (see metaug_fast/kernels/label.py, cols_meta).
 GPU_STACK      := torch==2.11.0
 GPU_STACK_VENV := .venv-gpu-stack
 

@@ -1,4 +1,4 @@
-"""Build metaug_fast: the Python package, its Triton kernels (shipped as metaug_fast.kernels), the C++ CPU
+"""Build metaug_fast: the Python package (found by setuptools' discovery, pyproject.toml), the C++ CPU
 extension metaug_fast._C and, when a GPU is present or METAUG_BUILD_CUDA=1, the CUDA extension
 metaug_fast._C_cuda.
 
@@ -9,11 +9,17 @@ Install with ``pip install -e . --no-build-isolation`` so the build uses the tor
 import glob
 import os
 
+import setuptools
 from setuptools import setup
 
-packages = ["metaug_fast", "metaug_fast._ops", "metaug_fast.backends", "metaug_fast.cli", "metaug_fast.distributed",
-            "metaug_fast.metaug", "metaug_fast.kernels"]
-package_dir = {"metaug_fast": "metaug_fast", "metaug_fast.kernels": "kernels"}
+LICENSE = "Apache-2.0"
+
+
+def _license_metadata() -> dict:
+    # A PEP 639 license expression is read from setuptools 77 on; older ones (down to the 64 that
+    # pyproject.toml allows) take the same identifier as the legacy License field.
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
 
 
 def _want_cuda() -> bool:
@@ -36,7 +42,11 @@ def _cuda_include_dirs():
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("METAUG_NO_EXT", "0") != "1":
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    # csrc/build_info.h stores it in each library, so that a torch mismatch is caught before loading.
+    torch_version = [f"-DMETAUG_TORCH_VERSION={torch.__version__}"]
 
     if os.environ.get("METAUG_CUDA_ONLY", "0") != "1":
         # -fopenmp at compile and link time, or at::parallel_for runs on one thread.
@@ -51,8 +61,8 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
             CppExtension(
                 "metaug_fast._C",
                 sources=["csrc/module.cpp", "csrc/cpu/score.cpp", "csrc/cpu/label.cpp"],
-                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", *glob.glob("csrc/cpu/*.[hi]*")],
-                extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", "csrc/build_info.h", *glob.glob("csrc/cpu/*.[hi]*")],
+                extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *torch_version],
                 extra_link_args=["-fopenmp"],
             )
         )
@@ -61,11 +71,12 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
             CUDAExtension(
                 "metaug_fast._C_cuda",
                 sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/score.cu", "csrc/cuda/label.cu"],
-                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/cuda/device.h", "csrc/cuda/warp.cuh"],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/build_info.h", "csrc/cuda/device.h",
+                         "csrc/cuda/warp.cuh"],
                 include_dirs=_cuda_include_dirs(),
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
+                extra_compile_args={"cxx": ["-O3", *torch_version], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
             )
         )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **_license_metadata())

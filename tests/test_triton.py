@@ -192,7 +192,7 @@ def test_similarity_grid_fits_cuda_limits_for_millions_of_reference_rows(monkeyp
 
 def test_every_kernel_launch_goes_through_the_device_guard():
     # Triton launches on the current CUDA device: a kernel subscripted directly (kernel[grid](...)) would run
-    # on cuda:0 for tensors on cuda:1. Only kernels/_common.launch may subscript a kernel.
+    # on cuda:0 for tensors on cuda:1. Only metaug_fast/kernels/_common.launch may subscript a kernel.
     root = Path(metaug_fast.kernels.__file__).parent
     direct = []
     for path in sorted(root.glob("*.py")):

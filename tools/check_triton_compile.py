@@ -52,7 +52,7 @@ def _types(dtype: str) -> Dict[str, str]:
 
 
 def _label_config(dtype: str) -> dict:
-    """The label kernels' default GPU configuration for D = 128 (kernels/label.config)."""
+    """The label kernels' default GPU configuration for D = 128 (metaug_fast/kernels/label.config)."""
     import torch
 
     from metaug_fast.kernels import label

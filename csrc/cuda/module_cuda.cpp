@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../build_info.h"
+
 namespace metaug_fast {
 void impl_score_ops(torch::Library& m);
 void impl_label_ops(torch::Library& m);

@@ -1,4 +1,4 @@
-"""Label mode and pairwise similarity on the Triton backend (kernels/label.py, kernels/similarity.py).
+"""Label mode and pairwise similarity on the Triton backend (metaug_fast/kernels/label.py, similarity.py).
 
 The autograd Function takes the raw embeddings and their inverse norms ``iz = 1/max(‖e‖, ε)`` (computed
 here with PyTorch ops, so autograd differentiates the normalization at every order) and returns per-row

@@ -1,27 +1,28 @@
 """The ``cuda`` backend: the CUDA kernels of csrc/cuda, registered for the same ``torch.ops.metaug_fast`` ops
 as the C++ backend (dispatch by the tensors' device), so the same autograd Functions run them. Not picked
 by ``backend="auto"`` until it has passed the contract suite on a real GPU."""
-import importlib.util
+import warnings
 from typing import Optional
 
 import torch
 
+from .. import _extension
 from .._backend import Backend, add
 from .._ops.score import CPP_OPS
 from . import cpp
 
 ERROR: Optional[Exception]
 if cpp.ERROR is not None:
-    ERROR = ImportError("metaug_fast._C (which defines the ops) is not built")
-elif importlib.util.find_spec("metaug_fast._C_cuda") is None:
-    ERROR = ImportError("metaug_fast._C_cuda is not built")
+    ERROR = ImportError(f"metaug_fast._C, which defines the ops, is unusable: {cpp.ERROR}")
 else:
     try:
-        from .. import _C_cuda  # noqa: F401  (registers the CUDA kernels of the same ops)
+        _extension.load("_C_cuda")  # registers the CUDA kernels of the same ops
 
         ERROR = None
     except ImportError as exc:
         ERROR = exc
+        if isinstance(exc, _extension.TorchMismatchError):
+            warnings.warn(f"metaug_fast's CUDA backend is off: {exc}.", RuntimeWarning, stacklevel=2)
 
 
 def unavailable() -> Optional[str]:
