@@ -5,8 +5,9 @@ side by side, D = 128, forward+backward, from N = 8192 up to N = 1,048,576 (two 
     python -m bench.bench_label_gpu --sizes 8192 65536 --dtype float32
 
 Also measured in the same run: a plain bf16 GEMM (8192³) for the achievable tensor-core rate, against
-which the fused pass's rate is reported (a forward+backward does five N×N×D products: the forward's
-scores, and each backward kernel recomputes them and multiplies G by the other side), and the
+which the fused pass's rate is reported (a self-mode forward+backward does three N×N×D products, 6·N²·D:
+the forward's scores, then one TWO_WAY backward kernel that recomputes them and multiplies G + Gᵀ by the
+rows), and the
 Hessian-vector product against forward+backward at N = 8192. Out-of-memory is recorded as OOM.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                 F.oucl_embeddings(emb, labels, backend=backend).backward()
 
             ms, mem = _measure(run, repeats)
-            flops = 5 * 2 * n * n * D
+            flops = 3 * 2 * n * n * D  # self mode: the work the kernels do (module docstring)
             rate = "" if ms == "OOM" else flops / (ms * 1e-3) / 1e12
             rows.append(row(op="oucl_weighted", mode="label", backend=backend, dtype=args.dtype, size=f"N={n},D={D}",
                             time_ms=ms if ms == "OOM" else round(ms, 3), peak_mem_mb=mem if mem == "OOM" else round(mem, 1),

@@ -384,6 +384,29 @@ def test_label_low_precision(be, op, beta, dtype):
         low_precision_bound(got, low_ref, exact, dtype, 1e-4)  # 1e-4: the GEMM reorders sums
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("op", FORMS + ("info_nce",))
+def test_label_low_precision_interior_tiles(be, op, dtype):
+    # The fast path as a real run takes it: half inputs over many interior tiles (on a GPU, N = 2048 in self
+    # mode and a 600 × 3000 reference set at D = 128: wgmma tiles, resident rows, TWO_WAY, G rounded to the
+    # input dtype), loss and gradients against fp64 within the documented bound. Smaller where the kernels
+    # are interpreted or on the CPU (whose tiles are 256 rows: two full blocks and a partial one).
+    if be.name == "reference":
+        pytest.skip("reference.py against itself: test_label_low_precision covers its bound")
+    gen = torch.Generator().manual_seed(5)
+    n, (b, m), d = ((24, (20, 60), 32) if be.interpreted else (1024, (600, 3000), 128) if be.device == "cuda"
+                    else (300, (150, 700), 64))
+    emb, labels = close_views(n, d, gen)
+    queries, query_labels = torch.randn(b, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (b,), generator=gen)
+    ref, ref_labels = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (m,), generator=gen)
+    for inputs, lab, rl in (((emb,), labels, None), ((queries, ref), query_labels, ref_labels)):
+        low = tuple(x.to(dtype) for x in inputs)
+        exact = run(label_fn(reference, op, lab, rl), tuple(x.double() for x in low), order=1)
+        low_ref = run(label_fn(reference, op, lab, rl), low, order=1)
+        got = run(label_fn(be, op, lab, rl), low, be.device, order=1)
+        low_precision_bound(got, low_ref, exact, dtype, 1e-4)
+
+
 @pytest.mark.parametrize("op", FORMS + ("info_nce",))
 def test_label_self_offset_and_constant_reference(be, op):
     # A rank's rows inside a gathered batch: anchor i is reference row i + 13 (its own pair excluded); a

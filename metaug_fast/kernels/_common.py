@@ -247,9 +247,13 @@ def softplus_sigmoid(x):
 # ------------------------------------------------------------------ score mode: blocks of rows, streamed
 def row_configs():
     """A small autotuning space (rows per program × columns per step × warps), tuned per (K⁺, K⁻, dtype);
-    one configuration under the interpreter, where timing them would only cost time."""
+    one configuration under the interpreter, where timing them would only cost time, and under
+    ``METAUG_TRITON_ONE_CONFIG=1``, a switch for tests (the GPU check sets it: its correctness runs would
+    otherwise spend most of their time compiling and timing eight configurations per kernel and shape)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 64})]
+    if os.environ.get("METAUG_TRITON_ONE_CONFIG", "0") == "1":
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 128}, num_warps=4)]
     return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
             for bb in (4, 16) for bk in (128, 512) for w in (4, 8)]
 
