@@ -8,11 +8,11 @@ signature every backend shares (arguments validated by :mod:`metaug_fast.functio
 given). Dispatch, ``available_backends``, the distributed modes and the tests read this registry; a new
 backend is a new module.
 
-``backend="auto"`` picks, per op and device: ``METAUG_BACKEND`` when set, else the first available
-backend whose record lists the device type in ``auto_on`` (the C++ backend for CPU tensors; CUDA tensors
-stay on ``reference`` until the GPU backends have passed their tests on a real GPU), else ``reference``.
-Where the chosen backend does not provide the op, ``auto`` runs ``reference``; an explicit ``backend=``
-never falls back, it raises.
+``backend="auto"`` picks, per op, device and dtype: ``METAUG_BACKEND`` when set, else the first available
+backend that provides the op, lists the device type in ``auto_on`` and passes its ``self_check`` (the C++
+backend for CPU tensors; for CUDA tensors Triton, then CUDA, each once its check against the reference has
+passed in this process: :mod:`metaug_fast._selfcheck`), else ``reference``. An explicit ``backend=`` never
+falls back, it raises.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class BackendUnavailableError(RuntimeError):
 @dataclass
 class Backend:
     """One backend. ``runs_on(device)``: whether it runs tensors on ``device`` (``where`` says it in words);
-    ``unavailable()``: None when usable in this process, else why not and how to get it."""
+    ``unavailable()``: None when usable in this process, else why not and how to get it;
+    ``self_check(backend, device, dtype, op)``: whether ``auto`` may pick it there (None: always)."""
 
     name: str
     where: str
@@ -42,6 +43,7 @@ class Backend:
     impls: Dict[str, Callable] = field(default_factory=dict)
     auto_on: Tuple[str, ...] = ()
     label_ops: Optional[object] = None
+    self_check: Optional[Callable[["Backend", torch.device, Optional[torch.dtype], str], bool]] = None
 
     def available(self) -> bool:
         return self.unavailable() is None
@@ -71,27 +73,27 @@ def _check_name(name: str, argument: str) -> None:
         raise ValueError(f"{argument} must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
 
 
-def _auto(op: str, device: torch.device) -> Callable:
+def _auto(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Callable:
     preferred = os.environ.get("METAUG_BACKEND", "").strip()
     if preferred and preferred != "auto":
         _check_name(preferred, "METAUG_BACKEND")
         reason = REGISTRY[preferred].unavailable()
         if reason:
             raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {reason}")
-    else:
-        preferred = next((name for name, b in REGISTRY.items() if device.type in b.auto_on and b.available()),
-                         "reference")
-    chosen = REGISTRY[preferred]
-    if op in chosen.impls and chosen.runs_on(device):
-        return chosen.impls[op]
+        chosen = REGISTRY[preferred]
+        return chosen.impls[op] if op in chosen.impls and chosen.runs_on(device) else REGISTRY["reference"].impls[op]
+    for b in REGISTRY.values():
+        if device.type in b.auto_on and op in b.impls and b.runs_on(device) and b.available() and (
+                b.self_check is None or b.self_check(b, device, dtype, op)):
+            return b.impls[op]
     return REGISTRY["reference"].impls[op]
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` that ``backend`` selects for tensors on ``device``."""
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The implementation of ``op`` that ``backend`` selects for tensors of ``dtype`` on ``device``."""
     _check_name(backend, "backend")
     if backend == "auto":
-        return _auto(op, device)
+        return _auto(op, device, dtype)
     chosen = REGISTRY[backend]
     reason = chosen.unavailable()
     if reason:

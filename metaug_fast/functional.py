@@ -190,7 +190,7 @@ def oucl(
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
-    fn = _backend.resolve("oucl", backend, pos.device)
+    fn = _backend.resolve("oucl", backend, pos.device, pos.dtype)
     return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **params)
 
 
@@ -240,7 +240,7 @@ def oucl_embeddings(
     self_offset = _self_offset(self_offset, emb, ref_emb)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
     params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
-    fn = _backend.resolve("oucl_embeddings", backend, emb.device)
+    fn = _backend.resolve("oucl_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **params)
 
 
@@ -259,7 +259,7 @@ def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosi
     if b.shape[1] != a.shape[1]:
         raise ValueError(f"b must have the feature size of a ({a.shape[1]}), got {b.shape[1]}")
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    return _backend.resolve("pairwise_similarity", backend, a.device)(a, b, similarity=similarity)
+    return _backend.resolve("pairwise_similarity", backend, a.device, a.dtype)(a, b, similarity=similarity)
 
 
 def margin_statistics(
@@ -282,7 +282,7 @@ def margin_statistics(
         (torch.Size([8]), True)
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
-    return _backend.resolve("margin_statistics", backend, pos.device)(pos, neg, pos_mask, neg_mask)
+    return _backend.resolve("margin_statistics", backend, pos.device, pos.dtype)(pos, neg, pos_mask, neg_mask)
 
 
 def margin_statistics_embeddings(
@@ -307,7 +307,7 @@ def margin_statistics_embeddings(
     """
     _label_inputs(emb, labels, ref_emb, ref_labels)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    fn = _backend.resolve("margin_statistics_embeddings", backend, emb.device)
+    fn = _backend.resolve("margin_statistics_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity)
 
 
@@ -343,7 +343,7 @@ def margin_injection_loss(
     if not isinstance(detach_margin, bool):
         raise TypeError(f"detach_margin must be a bool, got {type(detach_margin).__name__}")
     reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
-    fn = _backend.resolve("margin_injection_loss", backend, pos_aug.device)
+    fn = _backend.resolve("margin_injection_loss", backend, pos_aug.device, pos_aug.dtype)
     return fn(
         pos_aug, neg_aug, sigma_pos, sigma_neg, detach_margin=detach_margin, reduction=reduction,
         pos_mask=pos_mask, neg_mask=neg_mask,
@@ -389,7 +389,7 @@ def info_nce(
     """
     pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
     args = _info_nce_args(temperature, pos, "pos", reduction, average)
-    fn = _backend.resolve("info_nce", backend, pos.device)
+    fn = _backend.resolve("info_nce", backend, pos.device, pos.dtype)
     return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **args)
 
 
@@ -434,7 +434,7 @@ def info_nce_embeddings(
     self_offset = _self_offset(self_offset, emb, ref_emb)
     args = _info_nce_args(temperature, emb, "emb", reduction, average)
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    fn = _backend.resolve("info_nce_embeddings", backend, emb.device)
+    fn = _backend.resolve("info_nce_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **args)
 
 
@@ -487,5 +487,5 @@ def symmetric_info_nce(
         raise ValueError("reduction must be 'mean' or 'sum' (the two directions have B and M rows); for per-row "
                          "losses call info_nce_embeddings once per direction")
     similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    fn = _backend.resolve("symmetric_info_nce", backend, emb.device)
+    fn = _backend.resolve("symmetric_info_nce", backend, emb.device, emb.dtype)
     return fn(emb, ref_emb, labels, ref_labels, similarity=similarity, **args)

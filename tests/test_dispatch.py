@@ -67,6 +67,20 @@ def test_missing_extension_explains_how_to_build(monkeypatch):
     torch.testing.assert_close(F.oucl(P, N), metaug_fast.reference.oucl(P, N))
 
 
-def test_auto_keeps_cuda_tensors_on_reference_until_verified(monkeypatch):
+def test_auto_takes_a_gpu_backend_only_after_its_self_check(monkeypatch):
+    # For CUDA tensors auto tries triton, then cuda, each only if its self-check passes for the call's
+    # device, dtype and op (tests/test_selfcheck.py runs the real check); otherwise the reference.
+    import dataclasses
+
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
-    assert _backend.resolve("oucl", "auto", torch.device("cuda")) is metaug_fast.reference.oucl
+    asked = []
+    for verdict in (False, True):
+        registry = {name: dataclasses.replace(b, unavailable=lambda: None,
+                                              self_check=lambda b, d, t, op, v=verdict: asked.append((b.name, t, op)) or v)
+                    if name in ("triton", "cuda") else b for name, b in _backend.REGISTRY.items()}
+        monkeypatch.setattr(_backend, "REGISTRY", registry)
+        chosen = _backend.resolve("oucl", "auto", torch.device("cuda"), torch.bfloat16)
+        want = registry["triton"].impls["oucl"] if verdict else metaug_fast.reference.oucl
+        assert chosen is want
+    assert asked == [("triton", torch.bfloat16, "oucl"), ("cuda", torch.bfloat16, "oucl"),
+                     ("triton", torch.bfloat16, "oucl")]

@@ -1,12 +1,13 @@
 """The ``cuda`` backend: the CUDA kernels of csrc/cuda, registered for the same ``torch.ops.metaug_fast`` ops
-as the C++ backend (dispatch by the tensors' device), so the same autograd Functions run them. Not picked
-by ``backend="auto"`` until it has passed the contract suite on a real GPU."""
+as the C++ backend (dispatch by the tensors' device), so the same autograd Functions run them.
+``backend="auto"`` picks it for CUDA tensors after Triton (where Triton is missing or failed its check),
+once its own self-check has passed (:mod:`metaug_fast._selfcheck`)."""
 import warnings
 from typing import Optional
 
 import torch
 
-from .. import _extension
+from .. import _extension, _selfcheck
 from .._backend import Backend, add
 from .._ops.score import CPP_OPS
 from . import cpp
@@ -35,4 +36,5 @@ def unavailable() -> Optional[str]:
 
 
 BACKEND = add(Backend("cuda", where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
-                      unavailable=unavailable, impls=dict(cpp.IMPLS), label_ops=CPP_OPS))
+                      unavailable=unavailable, impls=dict(cpp.IMPLS), label_ops=CPP_OPS, auto_on=("cuda",),
+                      self_check=_selfcheck.passes))

@@ -1,13 +1,15 @@
 """The ``triton`` backend: the Triton kernels of metaug_fast.kernels on CUDA tensors, and on CPU tensors in
-Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the import (the tests use it). Not picked
-by ``backend="auto"`` until it has passed the contract suite on a real GPU, nor for CPU tensors (the
-interpreter is for tests, not speed)."""
+Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the import (the tests use it).
+``backend="auto"`` picks it first for CUDA tensors once its self-check has passed on that device, dtype and
+mode family (:mod:`metaug_fast._selfcheck`); never for CPU tensors (the interpreter is for tests, not
+speed)."""
 import functools
 import os
 from typing import Optional
 
 import torch
 
+from .. import _selfcheck
 from .._backend import Backend, add
 from .._ops.margins import margin_injection_loss_triton, margin_statistics_fused
 from .._ops.score import TRITON_OPS, info_nce_fused, oucl_fused
@@ -38,7 +40,7 @@ def unavailable() -> Optional[str]:
 BACKEND = add(Backend(
     "triton", where="CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
     runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and interpreting()),
-    unavailable=unavailable,
+    unavailable=unavailable, auto_on=("cuda",), self_check=_selfcheck.passes,
     impls={"oucl": functools.partial(oucl_fused, ops=TRITON_OPS),
            "info_nce": functools.partial(info_nce_fused, ops=TRITON_OPS),
            "margin_statistics": functools.partial(margin_statistics_fused, ops=TRITON_OPS),

@@ -82,7 +82,7 @@ def _all_gather_loss(op: str, emb: Tensor, labels: Tensor, group, global_reducti
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     all_emb = _GatherRows.apply(emb, sizes, rank, group)
     all_labels = _gather_padded(labels.long(), sizes, group)
-    impl = _backend.resolve(op, backend, emb.device)
+    impl = _backend.resolve(op, backend, emb.device, emb.dtype)
     rows = impl(emb, labels, all_emb, all_labels, self_offset=sum(sizes[:rank]), **kwargs)
     return _global_loss(rows, _valid_rows(labels.long(), all_labels), global_reduction, group)
 
