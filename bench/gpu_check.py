@@ -267,9 +267,17 @@ def finish_build(c: Check, build: subprocess.Popen) -> bool:
 
 
 def _last_error(log: Path) -> str:
-    """The install log's most telling line, short enough for the summary."""
+    """The install log's most telling line, short enough for the summary: inside pip's report of the build
+    backend's output ("╰─> [N lines of output]" … "[end of output]") the last line that names an error, or
+    its last line; else the log's last line that names one."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
-    telling = [ln for ln in lines if "error" in ln.lower()] or lines or ["no output"]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("╰─> [") and "lines of output" in ln]
+    if starts:
+        block = lines[starts[-1] + 1:]
+        block = block[:next((i for i, ln in enumerate(block) if ln == "[end of output]"), len(block))] or ["?"]
+        telling = [ln for ln in block if "error" in ln.lower()] or block
+    else:
+        telling = [ln for ln in lines if "error" in ln.lower()] or lines or ["no output"]
     return telling[-1][:200]
 
 

@@ -161,6 +161,21 @@ def test_stop_kills_the_whole_process_group(tmp_path):
         pytest.fail("the build's child outlived stop()")
 
 
+def test_a_failed_install_says_why_and_the_tree_still_runs(tmp_path, monkeypatch):
+    # As on a GPU machine whose setuptools cannot read the project: the install step fails, the summary
+    # gives the cause, and the steps after it import the package from the source tree.
+    src = check_install.copy_source(tmp_path / "src")
+    (src / "setup.py").write_text('raise SystemExit("this setuptools cannot build metaug_fast")\n')
+    monkeypatch.setattr(gpu_check, "ROOT", src)
+    c = gpu_check.Check(tmp_path / "out", "quick", dry_run=True)
+    gpu_check.step_install(c)
+    rows = {r["name"]: r for r in c.rows}
+    assert rows["package (no extensions)"]["status"] == "failed"
+    assert "cannot build metaug_fast" in rows["install error"]["value"]
+    assert rows["metaug_fast.kernels imported from"]["status"] == "ok"
+    assert rows["metaug_fast.kernels imported from"]["value"].startswith(str(src))
+
+
 def test_outputs_survive_an_error(tmp_path, monkeypatch):
     def broken(c):
         c.record("build", "package (no extensions)", 0)
