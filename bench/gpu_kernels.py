@@ -36,9 +36,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from metaug_fast._selfcheck import ULP, rel_err
+
 FIELDS = ("group", "name", "value", "unit")
 D = 128
-ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 HVP_TOL = 1e-3
 
 
@@ -120,20 +121,15 @@ class Bench:
         """Records the largest relative error of ``got`` against ``exact`` (tuples of tensors) and whether
         it is within ``tol``, or, given the reference's own output in the low dtype, within twice its error
         plus one ulp of that dtype."""
-        errs = [_rel_err(g, w) for g, w in zip(got, exact)]
+        errs = [rel_err(g, w) for g, w in zip(got, exact)]
         if tol is None:
             dtype = got[0].dtype
-            tol = max(2 * _rel_err(r, w) + ULP[dtype] for r, w in zip(low_ref, exact))
+            tol = max(2 * rel_err(r, w) + ULP[dtype] for r, w in zip(low_ref, exact))
         finite = all(bool(torch.isfinite(g).all()) for g in got)
         ok = finite and max(errs) <= tol
         self.sink("check", f"{name} vs fp64 reference", f"{max(errs):.3g} (bound {tol:.3g})", "rel. error",
                   status="ok" if ok else "failed")
         return ok
-
-
-def _rel_err(x, ref) -> float:
-    x, ref = x.double(), ref.double()
-    return (x - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
 
 
 def _finite(*tensors) -> bool:

@@ -110,7 +110,8 @@ def _cases(family: str, device: torch.device) -> List[Tuple[str, Callable, Tuple
             ("score InfoNCE", lambda be: lambda p, q: F.info_nce(p, q, backend=be), (pos, neg))]
 
 
-def _rel_err(x: Tensor, ref: Tensor) -> float:
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    """max |x - ref| / max |ref|."""
     x, ref = x.double(), ref.double()
     return (x - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
 
@@ -134,7 +135,7 @@ def _compare(got: List[Tensor], exact: List[Tensor], bounds: List[float], order:
     for name, g, w, bound in zip(names, got, exact, bounds):
         if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(w).all()):
             return f"{name} not finite"
-        err = _rel_err(g, w)
+        err = rel_err(g, w)
         if not err <= bound:
             return f"{name} relative error {err:.3g} > {bound:.3g}"
     return None
@@ -148,7 +149,7 @@ def _first_order(fn, inputs, name: str, dtype: torch.dtype) -> Optional[str]:
         bounds = [FIRST_ORDER_TOL[dtype]] * len(got)
     else:
         own = _outputs(fn("reference"), low, 1)
-        bounds = [2 * _rel_err(r, w) + ULP[dtype] for r, w in zip(own, exact)]
+        bounds = [2 * rel_err(r, w) + ULP[dtype] for r, w in zip(own, exact)]
     problem = _compare(got, exact, bounds, 1)
     return f"{problem} in {str(dtype).replace('torch.', '')}" if problem else None
 

@@ -139,6 +139,36 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
         assert all(rel_err(g, w) <= (1e-10 if dtype == torch.float64 else 1e-5) for g, w in zip(got[:3], want[:3]))
 
 
+@pytest.mark.parametrize("case", ["tiny gradient", "tiny-norm row"])
+def test_fp16_backward_keeps_g_within_fp16_range(case):
+    # The backward rounds each tile of G (the gradient per pair, times the reference row's inverse norm) to
+    # fp16 for the tensor-core product, as on a GPU (GPREC "input", which the interpreter takes too). At large
+    # N the per-pair entries are about 1/N², 2.3e-10 at N = 65536, below fp16's smallest subnormal: a
+    # gradient of 2^-40 per row stands in for them here. A row of norm 2^-14 makes G·ir overflow instead.
+    # Scaled per row by a power of two, the kernels' fp32 gradient matches the same kernels on the same
+    # values in fp32 to fp16's rounding of G (2^-11).
+    from metaug_fast._ops import label_triton as LT
+    from metaug_fast.contract import LossParams
+    from metaug_fast.kernels import label as K
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 16, generator=gen, dtype=torch.float64)
+    e = torch.cat([z, z + 0.1 * torch.randn(20, 16, generator=gen, dtype=torch.float64)])
+    if case == "tiny-norm row":
+        e[3] *= 2.0**-14
+    e16 = e.half()
+    labels, _ = LT.dense_labels(torch.arange(20).repeat(2), torch.arange(20).repeat(2))
+    params = LossParams("weighted", 16.0, 0.0, 0.0, 0.25, 0.0).op_args()
+    iz = LT._inverse_norms(e16, None, False, False)[0]
+    _, stats = LT._forward(e16, iz, e16, iz, labels, labels, params, 0, 0)
+    g = torch.full((40,), 2.0**-40 if case == "tiny gradient" else 1.0, dtype=iz.dtype)
+    assert K.config(e16, 16).GPREC == "input"
+    de = {dtype: K.label_bwd(g, stats, e16.to(dtype), iz, e16.to(dtype), iz, labels, labels, params, 0, 0, params[0],
+                             True, True)[0] for dtype in (torch.float16, torch.float32)}
+    assert torch.isfinite(de[torch.float16]).all() and (de[torch.float16] != 0).all()
+    assert rel_err(de[torch.float16], de[torch.float32]) <= 2.0**-10
+
+
 @pytest.mark.parametrize("block_b, block_k", [(4, 128), (16, 512)])
 def test_score_mode_with_the_gpu_block_sizes(monkeypatch, block_b, block_k):
     # Each configuration of the GPU autotuning space, forced on every score-mode kernel and run by the

@@ -114,6 +114,17 @@ def jobs() -> List[Job]:
                                    dict(SIM=0, **label.cols_meta(label.Config(**alt), form, two_way))))
         sim = {k: v for k, v in fwd.items() if k not in ("FORM",)}
         out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
+    # fp16's label kernels, every form: its backward scales G per row before the cast (kernels/label.py,
+    # _grad_dot), in tiles of its own. Its score kernels are bf16's with another load type.
+    cfg = label.Config(**_label_config("float16"))
+    for form in ids + [int(MARGIN)]:
+        out.append(Job("label", "_label_fwd_kernel", "float16", dict(FORM=form, SIM=0, **cfg.forward_meta())))
+        for two_way in (False, True) if form != int(MARGIN) else (False,):
+            out.append(Job("label", "_label_bwd_rows_kernel", "float16", dict(SIM=0, **label.rows_meta(cfg, form,
+                                                                                                     two_way))))
+        for two_way in (False, True) if form == int(INFONCE) else (False,):
+            out.append(Job("label", "_label_bwd_cols_kernel", "float16", dict(SIM=0, **label.cols_meta(cfg, form,
+                                                                                                     two_way))))
     return out
 
 

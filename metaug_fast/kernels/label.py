@@ -314,19 +314,50 @@ def _grad_tile(s, pos, neg, q0, q1, q2, q3, beta2, gamma_pos, gamma_neg, margin,
 
 
 @triton.jit
-def _grad_dot(G, x, acc, acc_ty: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + G·x with G in the accumulation dtype and x in the inputs' dtype. GPREC "input": G rounded to the
-    inputs' dtype, a tensor-core product in it (fp32 accumulation); otherwise x upcast and the product at
-    that tl.dot precision."""
+def _pow2(k):
+    """2^(k - 127) for integer ``k`` in [1, 254]: a normal fp32 power of two built from its exponent bits."""
+    return (k << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _grad_dot(G, x, acc, k_run, acc_ty: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(acc + G·x, k_run) with G in the accumulation dtype and x in the inputs' dtype. GPREC "input": G rounded
+    to the inputs' dtype, a tensor-core product in it (fp32 accumulation); otherwise x upcast and the product
+    at that tl.dot precision.
+
+    fp16 (bf16 has fp32's exponent range) keeps each row's accumulator at a running scale 2^(k_run - 127),
+    a power of two chosen so that the row's largest |G| seen so far lands in [2^14, 2^15) when G is scaled by
+    it before the cast: entries keep fp16's 11 bits down to 2^-38 of that largest one. Unscaled, the per-pair
+    entries of a large batch (about 1/N², 2.3e-10 at N = 65536) fall below fp16's smallest subnormal and
+    become 0, and a row of tiny norm (G holds its inverse norm) overflows. When a tile needs a smaller scale,
+    the accumulator is rescaled first, as flash-attention rescales its output; every factor is a power of two
+    (exact), and :func:`_unscale` divides the scale out at the end. ``k_run`` starts at 253; other dtypes
+    pass it through."""
     if GPREC == "input":
-        if UPCAST:  # the interpreter's bf16 dot is wrong: the same rounded operands, multiplied in fp32
+        if x.dtype == tl.float16:
+            m = tl.max(tl.abs(G), axis=1).to(tl.float32)
+            biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF  # 0 for a row of zeros: k stays, product 0
+            k = tl.minimum(k_run, tl.minimum(tl.maximum(268 - biased, 1), 253))
+            acc = acc * _pow2(tl.maximum(127 + k - k_run, 1))[:, None]
+            out = tl.dot((G * _pow2(k)[:, None]).to(x.dtype), x, acc=acc, out_dtype=acc_ty)
+            k_run = k
+        elif UPCAST:  # the interpreter's bf16 dot is wrong: the same rounded operands, multiplied in fp32
             out = tl.dot(G.to(x.dtype).to(tl.float32), x.to(tl.float32), acc=acc, input_precision="ieee",
                          out_dtype=acc_ty)
         else:
             out = tl.dot(G.to(x.dtype), x, acc=acc, out_dtype=acc_ty)
     else:
         out = tl.dot(G, x.to(acc_ty), acc=acc, input_precision=GPREC, out_dtype=acc_ty)
-    return out
+    return out, k_run
+
+
+@triton.jit
+def _unscale(acc, k_run, x_ty: tl.constexpr, GPREC: tl.constexpr):
+    """The accumulator of :func:`_grad_dot` without its running scale."""
+    if GPREC == "input":
+        if x_ty == tl.float16:
+            acc = acc * _pow2(254 - k_run)[:, None]
+    return acc
 
 
 @triton.jit
@@ -345,13 +376,14 @@ def _segments(lo, hi, t_begin, t_end, full):
 
 
 @triton.jit
-def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr, ir_ptr,
-                lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
-                gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
-                RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
-    """acc + Σ_t (G·ir)·r[:, chunk] over ``n_tiles`` column tiles of the row block, interior or EDGE ones;
-    TWO_WAY: H = G + the columns' own G at the same scores, from their factors ``qc`` (see the row kernel)."""
+def _rows_tiles(acc, k_run, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
+                ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
+                gamma_pos, gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
+    """(acc + Σ_t (G·ir)·r[:, chunk], k_run) over ``n_tiles`` column tiles of the row block, interior or EDGE
+    ones (``k_run``: :func:`_grad_dot`'s scale); TWO_WAY: H = G + the columns' own G at the same scores, from
+    their factors ``qc`` (see the row kernel)."""
     for k in range(0, n_tiles):
         t = _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE)
         _, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
@@ -375,8 +407,8 @@ def _rows_tiles(acc, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q
         cols = t * BN + tl.arange(0, BN)
         r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd,
                     mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0)
-        acc = _grad_dot(Gr, r, acc, acc_ty, GPREC, UPCAST)
-    return acc
+        acc, k_run = _grad_dot(Gr, r, acc, k_run, acc_ty, GPREC, UPCAST)
+    return acc, k_run
 
 
 @triton.jit
@@ -420,14 +452,16 @@ def _label_bwd_rows_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
     lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
     hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
-    acc = _rows_tiles(acc, n_inner, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
-                      ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
-                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT,
-                      TWO_WAY, False)
-    acc = _rows_tiles(acc, n_edge, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr, iz, r_ptr,
-                      ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
-                      gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT,
-                      TWO_WAY, True)
+    k_run = tl.full((BM,), 253, tl.int32)
+    acc, k_run = _rows_tiles(acc, k_run, n_inner, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr,
+                             iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed,
+                             s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, False)
+    acc, k_run = _rows_tiles(acc, k_run, n_edge, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr,
+                             iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed,
+                             s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, True)
+    acc = _unscale(acc, k_run, e_ptr.dtype.element_ty, GPREC)
     inside = rmask[:, None] & (dchunk[None, :] < D)
     e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed, mask=inside,
                 other=0.0).to(acc_ty)
@@ -438,13 +472,13 @@ def _label_bwd_rows_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
 
 
 @triton.jit
-def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
-                gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr, UPCAST: tl.constexpr,
-                RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
-    """acc + Σ_b (G·iz)ᵀ·e[:, chunk] over ``n_blocks`` row blocks of the column block, interior or EDGE ones;
-    TWO_WAY: H = G + G' in place of G, G' from the columns' factors (f0, f1, f2, f3) ``[BN]``."""
+def _cols_tiles(acc, k_run, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
+                rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
+                gamma_pos, gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
+    """(acc + Σ_b (G·iz)ᵀ·e[:, chunk], k_run) over ``n_blocks`` row blocks of the column block, interior or
+    EDGE ones; TWO_WAY: H = G + G' in place of G, G' from the columns' factors (f0, f1, f2, f3) ``[BN]``."""
     for k in range(0, n_blocks):
         rb = _nth_tile(k, b_begin, band_lo, band_hi, last, EDGE)
         rows = rb * BM + tl.arange(0, BM)
@@ -463,8 +497,8 @@ def _cols_tiles(acc, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_ptr, iz
         Gz = G * iz[:, None]
         e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
                     mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0)
-        acc = _grad_dot(tl.trans(Gz), e, acc, acc_ty, GPREC, UPCAST)
-    return acc
+        acc, k_run = _grad_dot(tl.trans(Gz), e, acc, k_run, acc_ty, GPREC, UPCAST)
+    return acc, k_run
 
 
 @triton.jit
@@ -500,12 +534,16 @@ def _label_bwd_cols_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
     lo = tl.where(self_offset >= 0, (c0 - self_offset) // BM, blocks)
     hi = tl.where(self_offset >= 0, (c0 + BN - 1 - self_offset) // BM + 1, blocks)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, 0, blocks, B // BM)
-    acc = _cols_tiles(acc, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                      q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
-                      gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, TWO_WAY, False)
-    acc = _cols_tiles(acc, n_edge, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr,
-                      q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2, gamma_pos,
-                      gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC, GPREC, UPCAST, RESIDENT, TWO_WAY, True)
+    k_run = tl.full((BN,), 253, tl.int32)
+    acc, k_run = _cols_tiles(acc, k_run, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr,
+                             lab_ptr, rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed,
+                             s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, False)
+    acc, k_run = _cols_tiles(acc, k_run, n_edge, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr,
+                             lab_ptr, rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed,
+                             s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, True)
+    acc = _unscale(acc, k_run, e_ptr.dtype.element_ty, GPREC)
     inside = cmask[:, None] & (dchunk[None, :] < D)
     r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd, mask=inside,
                 other=0.0).to(acc_ty)
@@ -587,11 +625,12 @@ def config(e: torch.Tensor, D: int) -> Config:
     upcast = e.dtype == torch.bfloat16 and _interpreting()
     resident = D <= _RESIDENT_D
     bd = max(16, triton.next_power_of_2(D)) if resident else 64
-    if _interpreting():
-        cfg = Config(16, 16, bd, bd, "ieee", "ieee", upcast, resident)
-    elif half:
-        cfg = Config(CANDIDATES[0]["BM"], CANDIDATES[0]["BN"], bd, bd if resident else 64, prec, "input", upcast,
-                     resident, num_warps=CANDIDATES[0]["num_warps"])
+    if _interpreting():  # the GPU's precisions, G rounded to half inputs included (bf16 through UPCAST)
+        cfg = Config(16, 16, bd, bd, "ieee", "input" if half else "ieee", upcast, resident)
+    elif half:  # fp16's per-row scaling of G (_grad_dot) needs registers: its narrower tiles do not spill
+        tiles = CANDIDATES[1] if e.dtype == torch.float16 else CANDIDATES[0]
+        cfg = Config(tiles["BM"], tiles["BN"], bd, bd if resident else 64, prec, "input", upcast, resident,
+                     num_warps=tiles["num_warps"])
     else:  # fp32/fp64 dots run on FMA units from registers: a resident row block of 128 fp32 spills
         cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False, False)
     cfg = cfg._replace(**_OVERRIDE)
