@@ -139,6 +139,30 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
         assert all(rel_err(g, w) <= (1e-10 if dtype == torch.float64 else 1e-5) for g, w in zip(got[:3], want[:3]))
 
 
+def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch):
+    # D in (128, 256] on a GPU: 64 × 32 tiles, the row block resident at 256 features, and fp16's outputs in
+    # two chunks of 128 (kernels/label.config), run by the interpreter (whose fp16 dot is right) against the
+    # reference, loss and gradients, self mode and a reference set.
+    from metaug_fast.kernels import label as K
+
+    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    cfg = K.config(torch.empty(1, 200, dtype=torch.float16), 200)
+    assert (cfg.BM, cfg.BN, cfg.BD, cfg.BDO, cfg.RESIDENT) == (64, 32, 256, 128, True)
+    emb, labels, ref, ref_labels = label_data(70, 90, D=200, dtype=torch.float64)
+    def first_order(backend, rl, *inputs):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        loss = _label_fn("weighted", backend, labels, rl)(*xs).sum()
+        return [loss.detach(), *torch.autograd.grad(loss, xs)]
+
+    for r, rl in ((None, None), (ref, ref_labels)):
+        inputs = [x.half() for x in ((emb,) if r is None else (emb, r))]
+        want = first_order("reference", rl, *inputs)
+        exact = first_order("reference", rl, *(x.double() for x in inputs))
+        got = first_order("triton", rl, *inputs)
+        for g, w, x in zip(got, want, exact):
+            assert g.dtype == torch.float16 and rel_err(g, x) <= 2 * rel_err(w, x) + 2.0**-10
+
+
 @pytest.mark.parametrize("case", ["tiny gradient", "tiny-norm row"])
 def test_fp16_backward_keeps_g_within_fp16_range(case):
     # The backward rounds each tile of G (the gradient per pair, times the reference row's inverse norm) to

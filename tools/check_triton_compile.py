@@ -10,8 +10,10 @@ kernels' default tile configuration with its warps and stages, and every candida
 sweep), the label and similarity kernels specialized as a launch on contiguous rows of D = 128 is. Beyond compiling, two properties are
 checked on the result, because the interpreter cannot show them: no score-mode kernel lets a multiply and
 an add be fused (their Hessian-vector products need exactly rounded products), and no label-mode kernel spills
-registers (a spill in the tile loop costs local-memory traffic per score). Exits 1 and names the kernel and
-specialization that failed. Runs with TRITON_INTERPRET unset (the interpreter replaces the compiler).
+registers (a spill in the tile loop costs local-memory traffic per score) or uses more shared memory than
+the target has (SHARED_BUDGET); the half dtypes' label kernels are compiled at every width whose tiles
+differ (WIDTHS). Exits 1 and names the kernel and specialization that failed. Runs with TRITON_INTERPRET
+unset (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
@@ -37,10 +39,19 @@ class Job(NamedTuple):
     kernel: str
     dtype: str
     constexprs: Dict[str, object]
+    D: int = 128  # the embedding width whose configuration it is (a runtime argument of the kernel)
 
     def label(self) -> str:
         spec = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        return f"{self.module}.{self.kernel}[{self.dtype}; {spec}]"
+        return f"{self.module}.{self.kernel}[{self.dtype}, D={self.D}; {spec}]"
+
+
+# Shared memory one program may use, by target: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB, sm_86/sm_89
+# (RTX 30/40, A10, L4) 99 KiB.
+SHARED_BUDGET = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+# The label kernels' widths beyond D = 128 whose configurations differ (kernels/label.config): resident row
+# blocks of 32, 64 and 256 features, and D = 512 in 64-feature chunks.
+WIDTHS = (32, 64, 256, 512)
 
 
 def _types(dtype: str) -> Dict[str, str]:
@@ -51,15 +62,15 @@ def _types(dtype: str) -> Dict[str, str]:
                 part_ptr=acc, q_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32", softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
 
 
-def _label_config(dtype: str) -> dict:
-    """The label kernels' default GPU configuration for D = 128 (metaug_fast/kernels/label.config)."""
+def _label_config(dtype: str, D: int = 128) -> dict:
+    """The label kernels' default GPU configuration for width D (metaug_fast/kernels/label.config)."""
     import torch
 
     from metaug_fast.kernels import label
 
     interpreting = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return label.config(torch.empty(0, 128, dtype=getattr(torch, dtype)), 128).meta()
+        return label.config(torch.empty(0, D, dtype=getattr(torch, dtype)), D).meta()
     finally:
         if interpreting is not None:
             os.environ["TRITON_INTERPRET"] = interpreting
@@ -125,6 +136,18 @@ def jobs() -> List[Job]:
         for two_way in (False, True) if form == int(INFONCE) else (False,):
             out.append(Job("label", "_label_bwd_cols_kernel", "float16", dict(SIM=0, **label.cols_meta(cfg, form,
                                                                                                      two_way))))
+    # Every other width's configuration, in the half dtypes whose tiles depend on it.
+    for dtype in ("bfloat16", "float16"):
+        for D in WIDTHS:
+            cfg = label.Config(**_label_config(dtype, D))
+            out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0, **cfg.forward_meta()),
+                           D))
+            for form, two_way in ((int(WEIGHTED), False), (int(WEIGHTED), True)):
+                out.append(Job("label", "_label_bwd_rows_kernel", dtype,
+                               dict(SIM=0, **label.rows_meta(cfg, form, two_way)), D))
+            for form, two_way in ((int(WEIGHTED), False), (int(INFONCE), True)):
+                out.append(Job("label", "_label_bwd_cols_kernel", dtype,
+                               dict(SIM=0, **label.cols_meta(cfg, form, two_way)), D))
     return out
 
 
@@ -214,9 +237,12 @@ def check(job: Job, arch: int) -> List[str]:
     if job.module in ("score", "margins") and contractible(compiled.asm["ptx"]):
         failures.append(f"{job.label()}: {contractible(compiled.asm['ptx'])} multiplies/adds may be fused into FMAs")
     if job.module == "label":
-        spilled = resources(compiled, arch)["spill_stores"]
-        if spilled:
-            failures.append(f"{job.label()}: {spilled} bytes of registers spilled per thread")
+        used = resources(compiled, arch)
+        if used["spill_stores"]:
+            failures.append(f"{job.label()}: {used['spill_stores']} bytes of registers spilled per thread")
+        if used["shared"] > SHARED_BUDGET.get(arch, SHARED_BUDGET[90]):
+            failures.append(f"{job.label()}: {used['shared']} bytes of shared memory, over sm_{arch}'s "
+                            f"{SHARED_BUDGET.get(arch, SHARED_BUDGET[90])}")
     return failures
 
 
@@ -234,8 +260,8 @@ def main(argv=None) -> int:
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)
     print(f"Triton: {len(todo)} kernel specializations compiled to sm_{args.arch} cubins in "
-          f"{time.perf_counter() - t0:.0f} s; {len(failures)} failures (compile, FMA in score kernels, spills in "
-          "label kernels)")
+          f"{time.perf_counter() - t0:.0f} s; {len(failures)} failures (compile, FMA in score kernels, spills or "
+          "shared memory over budget in label kernels)")
     return 1 if failures else 0
 
 

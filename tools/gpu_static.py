@@ -14,7 +14,7 @@ iteration: an upper bound). Static counts: a loop run twice counts once, and a k
 (positives, negatives, a second sweep) sums them, except the label kernels, which run each tile through an
 interior or an edge copy of one loop: theirs count the interior (leanest) copy, the one nearly every tile
 takes. FFMA that remain with contraction off come from the math library's exp/log. Triton kernels are
-compiled as check_triton_compile specializes them (label kernels: contiguous rows of D = 128). For comparing versions of the same kernel, not for predicting time. Writes the CSV and a
+compiled as check_triton_compile specializes them (label kernels: contiguous rows of width D, in spec). For comparing versions of the same kernel, not for predicting time. Writes the CSV and a
 chart beside it (``make gpu-static``).
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _triton_row(job) -> dict:
     c = job.constexprs
     threads = 32 * c.get("num_warps", compiled.metadata.num_warps)
     tile = c["BM"] * c["BN"] if "BM" in c else c["BLOCK_B"] * c["BLOCK_K"]
-    spec = ",".join(f"{k}={v}" for k, v in c.items())
+    spec = ",".join(f"{k}={v}" for k, v in ({"D": job.D, **c} if job.module in ("label", "similarity") else c).items())
     return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label")
 
 

@@ -54,7 +54,13 @@ def _block(x_ptr, idx, imask, D, s_xb, s_xd, BD: tl.constexpr, UPCAST: tl.conste
     d = tl.arange(0, BD)
     x = tl.load(x_ptr + idx[:, None].to(tl.int64) * s_xb + d[None, :].to(tl.int64) * s_xd,
                 mask=imask[:, None] & (d[None, :] < D), other=0.0)
-    if UPCAST:  # bf16 tl.dot is wrong in the interpreter: it runs in fp32 there
+    return _upcast(x, UPCAST)
+
+
+@triton.jit
+def _upcast(x, UPCAST: tl.constexpr):
+    """``x`` as :func:`_block` returns it: in fp32 under UPCAST (the interpreter's bf16 dot is wrong)."""
+    if UPCAST:
         x = x.to(tl.float32)
     return x
 
@@ -380,17 +386,24 @@ def _rows_tiles(acc, k_run, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0
                 ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
                 gamma_pos, gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
+                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr,
+                ONCE: tl.constexpr):
     """(acc + Σ_t (G·ir)·r[:, chunk], k_run) over ``n_tiles`` column tiles of the row block, interior or EDGE
     ones (``k_run``: :func:`_grad_dot`'s scale); TWO_WAY: H = G + the columns' own G at the same scores, from
-    their factors ``qc`` (see the row kernel)."""
+    their factors ``qc`` (see the row kernel). ONCE (resident rows, one chunk of features): each column
+    block is loaded once and feeds both the score product and the gradient product."""
     for k in range(0, n_tiles):
         t = _nth_tile(k, t_begin, band_lo, band_hi, last, EDGE)
-        _, s, pos, neg, ir = _tile(a_res, None, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
+        cols = t * BN + tl.arange(0, BN)
+        if ONCE:
+            r = _block(r_ptr, cols, cols < M, D, s_rb, s_rd, BD, False)
+            b = _upcast(r, UPCAST)
+        else:
+            b = None
+        _, s, pos, neg, ir = _tile(a_res, b, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                    self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                    RESIDENT, EDGE)
         if TWO_WAY:  # H = G + G': the columns' own losses at the same scores
-            cols = t * BN + tl.arange(0, BN)
             c0, c1, c2, c3 = _load_factors(qc_ptr, cols, cols < M)
             if FORM == HINGE:  # G is ±q0, linear in the factor: one tile of the summed factors
                 G = _grad_tile(s, pos, neg, q0[:, None] + c0[None, :], q1[:, None], q2[:, None], q3[:, None], beta2,
@@ -404,9 +417,9 @@ def _rows_tiles(acc, k_run, n_tiles, t_begin, band_lo, band_hi, last, qc_ptr, q0
             G = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos,
                            gamma_neg, margin, FORM)
         Gr = G * ir[None, :]
-        cols = t * BN + tl.arange(0, BN)
-        r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd,
-                    mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0)
+        if not ONCE:
+            r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd,
+                        mask=(cols[:, None] < M) & (dchunk[None, :] < D), other=0.0)
         acc, k_run = _grad_dot(Gr, r, acc, k_run, acc_ty, GPREC, UPCAST)
     return acc, k_run
 
@@ -456,11 +469,11 @@ def _label_bwd_rows_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
     acc, k_run = _rows_tiles(acc, k_run, n_inner, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr,
                              iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed,
                              s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
-                             GPREC, UPCAST, RESIDENT, TWO_WAY, False)
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, False, RESIDENT and BDO == BD)
     acc, k_run = _rows_tiles(acc, k_run, n_edge, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr,
                              iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, dchunk, M, D, self_offset, s_eb, s_ed,
                              s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
-                             GPREC, UPCAST, RESIDENT, TWO_WAY, True)
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, True, RESIDENT and BDO == BD)
     acc = _unscale(acc, k_run, e_ptr.dtype.element_ty, GPREC)
     inside = rmask[:, None] & (dchunk[None, :] < D)
     e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed, mask=inside,
@@ -476,9 +489,11 @@ def _cols_tiles(acc, k_run, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_
                 rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed, s_rb, s_rd, beta2,
                 gamma_pos, gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
-                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr):
+                UPCAST: tl.constexpr, RESIDENT: tl.constexpr, TWO_WAY: tl.constexpr, EDGE: tl.constexpr,
+                ONCE: tl.constexpr):
     """(acc + Σ_b (G·iz)ᵀ·e[:, chunk], k_run) over ``n_blocks`` row blocks of the column block, interior or
-    EDGE ones; TWO_WAY: H = G + G' in place of G, G' from the columns' factors (f0, f1, f2, f3) ``[BN]``."""
+    EDGE ones; TWO_WAY: H = G + G' in place of G, G' from the columns' factors (f0, f1, f2, f3) ``[BN]``.
+    ONCE: each row block is loaded once for both products (see :func:`_rows_tiles`)."""
     for k in range(0, n_blocks):
         rb = _nth_tile(k, b_begin, band_lo, band_hi, last, EDGE)
         rows = rb * BM + tl.arange(0, BM)
@@ -486,7 +501,12 @@ def _cols_tiles(acc, k_run, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_
         iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
         lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
         q0, q1, q2, q3 = _load_factors(q_ptr, rows, rmask)
-        _, s, pos, neg, _ = _tile(None, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
+        if ONCE:
+            e = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, False)
+            a = _upcast(e, UPCAST)
+        else:
+            a = None
+        _, s, pos, neg, _ = _tile(a, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, t, M, D,
                                   self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                   RESIDENT, EDGE)
         G = _grad_tile(s, pos, neg, q0[:, None], q1[:, None], q2[:, None], q3[:, None], beta2, gamma_pos, gamma_neg,
@@ -495,8 +515,9 @@ def _cols_tiles(acc, k_run, n_blocks, b_begin, band_lo, band_hi, last, b_res, e_
             G += _grad_tile(s, pos, neg, f0[None, :], f1[None, :], f2[None, :], f3[None, :], beta2, gamma_pos,
                             gamma_neg, margin, FORM)
         Gz = G * iz[:, None]
-        e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
-                    mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0)
+        if not ONCE:
+            e = tl.load(e_ptr + rows[:, None].to(tl.int64) * s_eb + dchunk[None, :].to(tl.int64) * s_ed,
+                        mask=rmask[:, None] & (dchunk[None, :] < D), other=0.0)
         acc, k_run = _grad_dot(tl.trans(Gz), e, acc, k_run, acc_ty, GPREC, UPCAST)
     return acc, k_run
 
@@ -538,11 +559,11 @@ def _label_bwd_cols_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
     acc, k_run = _cols_tiles(acc, k_run, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr,
                              lab_ptr, rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed,
                              s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
-                             GPREC, UPCAST, RESIDENT, TWO_WAY, False)
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, False, RESIDENT and BDO == BD)
     acc, k_run = _cols_tiles(acc, k_run, n_edge, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr,
                              lab_ptr, rlab_ptr, q_ptr, f0, f1, f2, f3, t, B, M, D, dchunk, self_offset, s_eb, s_ed,
                              s_rb, s_rd, beta2, gamma_pos, gamma_neg, margin, FORM, SIM, acc_ty, BM, BN, BD, PREC,
-                             GPREC, UPCAST, RESIDENT, TWO_WAY, True)
+                             GPREC, UPCAST, RESIDENT, TWO_WAY, True, RESIDENT and BDO == BD)
     acc = _unscale(acc, k_run, e_ptr.dtype.element_ty, GPREC)
     inside = cmask[:, None] & (dchunk[None, :] < D)
     r = tl.load(r_ptr + cols[:, None].to(tl.int64) * s_rb + dchunk[None, :].to(tl.int64) * s_rd, mask=inside,
@@ -627,10 +648,16 @@ def config(e: torch.Tensor, D: int) -> Config:
     bd = max(16, triton.next_power_of_2(D)) if resident else 64
     if _interpreting():  # the GPU's precisions, G rounded to half inputs included (bf16 through UPCAST)
         cfg = Config(16, 16, bd, bd, "ieee", "input" if half else "ieee", upcast, resident)
-    elif half:  # fp16's per-row scaling of G (_grad_dot) needs registers: its narrower tiles do not spill
-        tiles = CANDIDATES[1] if e.dtype == torch.float16 else CANDIDATES[0]
-        cfg = Config(tiles["BM"], tiles["BN"], bd, bd if resident else 64, prec, "input", upcast, resident,
-                     num_warps=tiles["num_warps"])
+    elif half:
+        # D in (128, 256]: a resident row block and a [BM, D] accumulator; 128-row blocks spill there (76-172
+        # bytes per thread), 64 × 32 tiles do not (fp16, whose per-row scaling of G in _grad_dot needs
+        # registers, with its outputs in two chunks of 128 features: 64 bytes spilled under Triton 3.6
+        # otherwise). At D <= 128 fp16 takes the narrower of the 128-row tiles for the same reason.
+        wide = 128 < D <= _RESIDENT_D
+        fp16 = e.dtype == torch.float16
+        tiles = CANDIDATES[3] if wide else CANDIDATES[1] if fp16 else CANDIDATES[0]
+        bdo = 128 if wide and fp16 else bd if resident else 64
+        cfg = Config(tiles["BM"], tiles["BN"], bd, bdo, prec, "input", upcast, resident, num_warps=tiles["num_warps"])
     else:  # fp32/fp64 dots run on FMA units from registers: a resident row block of 128 fp32 spills
         cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False, False)
     cfg = cfg._replace(**_OVERRIDE)
