@@ -14,8 +14,9 @@ iteration: an upper bound). Static counts: a loop run twice counts once, and a k
 (positives, negatives, a second sweep) sums them, except the label kernels, which run each tile through an
 interior or an edge copy of one loop: theirs count the interior (leanest) copy, the one nearly every tile
 takes. FFMA that remain with contraction off come from the math library's exp/log. Triton kernels are
-compiled as check_triton_compile specializes them (label kernels: contiguous rows of width D, in spec). For comparing versions of the same kernel, not for predicting time. Writes the CSV and a
-chart beside it (``make gpu-static``).
+compiled as check_triton_compile specializes them (label kernels: contiguous rows of width D, in spec). For
+comparing versions of the same kernel, not for predicting time. Writes the CSV and a chart beside it
+(``make gpu-static``).
 """
 from __future__ import annotations
 
@@ -176,15 +177,24 @@ def cuda_rows(lib_dir: Path) -> List[dict]:
 
 def chart(rows: List[dict], path: Path) -> None:
     """Instruction mix per score (stacked by class) and registers per thread, one bar per kernel: the weighted
-    form and the form-independent kernels in bf16 and fp32 (the CSV has every specialization)."""
+    form and the form-independent kernels in bf16 and fp32, label kernels at D = 128 with their tiles (the
+    CSV has every specialization, every width)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["dtype"] in ("bfloat16", "float32") and r["mma_per_score"] != "" and
-             ("FORM=2" in r["spec"] or "FORM" not in r["spec"]) and "HAS_PM=False" not in r["spec"]]
-    labels = [f"{r['source']} {r['kernel'].strip('_')} {r['dtype']}" for r in shown]
+             ("FORM=2" in r["spec"] or "FORM" not in r["spec"]) and "HAS_PM=False" not in r["spec"] and
+             ("D=" not in r["spec"] or "D=128," in r["spec"])]
+
+    def name(r):
+        spec = dict(kv.split("=", 1) for kv in r["spec"].split(",") if "=" in kv)
+        tiles = f" {spec['BM']}×{spec['BN']}" if "BM" in spec else ""
+        return f"{r['source']} {r['kernel'].strip('_')} {r['dtype']}{tiles}" + (
+            " two-way" if spec.get("TWO_WAY") == "True" else "")
+
+    labels = [name(r) for r in shown]
     y = list(range(len(shown)))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.3 * len(shown) + 1.5), sharey=True,
                                   gridspec_kw=dict(width_ratios=[3, 1]))
@@ -197,7 +207,8 @@ def chart(rows: List[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("SASS instructions per score in the kernel's loops (static, sm_90)")
     ax.legend(ncol=5, fontsize=8, loc="lower right")
-    ax.set_title("Weighted form and form-independent kernels, bf16 and fp32 (all specializations: the CSV)")
+    ax.set_title("Weighted form and form-independent kernels, bf16 and fp32, label kernels at D = 128 "
+                 "(the rest: the CSV)")
     ax2.barh(y, [int(r["registers"] or 0) for r in shown], color="grey")
     for i, r in enumerate(shown):
         if r["spill_stores"] not in ("", 0, "0"):
