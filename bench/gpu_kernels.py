@@ -36,7 +36,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from metaug_fast._selfcheck import ULP, rel_err
+# Nothing of metaug_fast is imported here at module level: --dry-run sets TRITON_INTERPRET in main(), and
+# every Triton kernel must be defined after that (a kernel defined before it is compiled, not interpreted).
 
 FIELDS = ("group", "name", "value", "unit")
 D = 128
@@ -121,6 +122,8 @@ class Bench:
         """Records the largest relative error of ``got`` against ``exact`` (tuples of tensors) and whether
         it is within ``tol``, or, given the reference's own output in the low dtype, within twice its error
         plus one ulp of that dtype."""
+        from metaug_fast._selfcheck import ULP, rel_err
+
         errs = [rel_err(g, w) for g, w in zip(got, exact)]
         if tol is None:
             dtype = got[0].dtype

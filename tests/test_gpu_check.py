@@ -203,6 +203,16 @@ def test_long_summaries_keep_every_problem_within_100_lines(tmp_path):
     assert any("more rows in summary.csv" in line for line in lines)
 
 
+def test_kernel_timings_import_no_kernel_before_the_dry_run_says_how():
+    # --dry-run sets TRITON_INTERPRET in main(); a kernel defined at import, before that, would be compiled,
+    # not interpreted, and every interpreted kernel calling it fails ("Cannot call @triton.jit'd outside of
+    # the scope of a kernel").
+    run = subprocess.run([sys.executable, "-c", "import sys, bench.gpu_kernels; "
+                          "print(sorted(m for m in sys.modules if m.startswith('metaug_fast')))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr[-2000:]
+
+
 def test_kernel_timings_need_a_gpu_or_a_dry_run():
     run = subprocess.run([sys.executable, "-m", "bench.gpu_kernels", "--out", "x.csv"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
