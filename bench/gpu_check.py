@@ -215,10 +215,13 @@ def step_install(c: Check) -> None:
     c.record("build", "package (no extensions)", code, status="ok" if code == 0 else "failed")
     if code:  # every later step runs from the source tree all the same (PYTHONPATH): say why it failed
         c.record("build", "install error", _last_error(c.work / "install.log"), status="failed")
-    where = subprocess.run([sys.executable, "-c", "import metaug_fast.kernels as k; print(k.__file__)"], cwd=ROOT,
-                           env=source_env(TRITON_ENV), capture_output=True, text=True, timeout=120)
-    c.record("build", "metaug_fast.kernels imported from", (where.stdout.strip() or where.stderr[-200:]),
-             status="ok" if where.returncode == 0 else "failed")
+    probe = ("import metaug_fast.kernels as k, metaug_fast.backends.cpp as c; print(k.__file__); "
+             "print('unavailable: ' + str(c.ERROR) if c.ERROR else 'loaded')")
+    where = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=source_env(TRITON_ENV), capture_output=True,
+                           text=True, timeout=120)
+    lines = where.stdout.strip().splitlines() if where.returncode == 0 else [where.stderr[-200:], ""]
+    c.record("build", "metaug_fast.kernels imported from", lines[0], status="ok" if where.returncode == 0 else "failed")
+    c.record("build", "C++ extension", lines[-1][:200])
     c.record("build", "CUDA_HOME", build_env().get("CUDA_HOME", "none (no nvcc)"))
 
 
@@ -415,8 +418,10 @@ def run_steps(c: Check) -> None:
         step_ceilings(c)
         if full:
             if c.dry_run or finish_build(c, build):
+                # The dry run builds nothing: its collection of the CUDA step declares the extension absent.
+                env = {"TRITON_INTERPRET": "0", **({"METAUG_NO_EXT": "1"} if c.dry_run else {})}
                 step_tests(c, "cuda", ["tests/test_contract.py", "tests/test_cuda.py", "-k", "cuda and not triton"],
-                           CUDA_TESTS_S, {"TRITON_INTERPRET": "0"})
+                           CUDA_TESTS_S, env)
         step_kernels(c)
         if full:
             step_tests(c, "triton_ops", ["tests/test_triton_ops.py"], OPS_TESTS_S, TRITON_ENV)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import mmap
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -48,6 +49,11 @@ def load(name: str) -> ModuleType:
     spec = importlib.util.find_spec(full)
     if spec is None or spec.origin is None:
         raise ImportError(f"{full} is not built")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.dirname(os.path.abspath(spec.origin)) != here:
+        # An import hook of another copy's editable install can hand over that copy's build.
+        raise ImportError(f"{full} is not built in {here} (the one found, {spec.origin}, belongs to another copy "
+                          "of metaug_fast)")
     version = built_with(spec.origin)
     if version is None:
         raise TorchMismatchError(f"{full} ({spec.origin}) does not record the torch it was built against (built "

@@ -82,6 +82,8 @@ def test_dry_run_runs_every_step_from_the_fresh_tree(dry_run):
     where = {r["name"]: r["value"] for r in rows if r["step"] == "build"}
     assert where["package (no extensions)"] == "0"
     assert where["metaug_fast.kernels imported from"].startswith(str(src))
+    # Not even through the editable install of the tree the suite runs from (metaug_fast._extension.load).
+    assert where["C++ extension"].startswith("unavailable"), where["C++ extension"]
     assert not list((src / "metaug_fast").glob("*.so")), "the dry run must build nothing"
     collected = {r["name"]: r["value"] for r in rows if r["step"] == "tests"}
     assert set(collected) == set(TEST_STEPS[mode])
