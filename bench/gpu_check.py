@@ -228,8 +228,9 @@ def step_install(c: Check) -> None:
 def build_env() -> dict:
     env = source_env({"METAUG_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
                       "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))})
-    if "CUDA_HOME" not in env and cuda_home():
-        env["CUDA_HOME"] = cuda_home()
+    found = cuda_home()
+    if "CUDA_HOME" not in env and found:
+        env["CUDA_HOME"] = found
     return env
 
 

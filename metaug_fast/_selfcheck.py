@@ -116,7 +116,7 @@ def rel_err(x: Tensor, ref: Tensor) -> float:
     return (x - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
 
 
-def _outputs(fn: Callable, inputs, order: int) -> List[Tensor]:
+def outputs(fn: Callable, inputs, order: int) -> List[Tensor]:
     """(loss, gradients) or (loss, gradients, Hessian-vector products along fixed directions)."""
     xs = [x.detach().clone().requires_grad_() for x in inputs]
     loss = fn(*xs)
@@ -127,6 +127,12 @@ def _outputs(fn: Callable, inputs, order: int) -> List[Tensor]:
     vecs = [torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x) for x in xs]
     hvs = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vecs)), xs)
     return [loss.detach(), *(g.detach() for g in grads), *hvs]
+
+
+def low_precision_bounds(own: List[Tensor], exact: List[Tensor], dtype: torch.dtype) -> List[float]:
+    """The documented bound of each fp16/bf16 output (docs/accuracy.md#accuracy): twice the error of the
+    reference's own output in that dtype (``own``) against fp64 (``exact``), plus one ulp."""
+    return [2 * rel_err(r, w) + ULP[dtype] for r, w in zip(own, exact)]
 
 
 def _compare(got: List[Tensor], exact: List[Tensor], bounds: List[float], order: int) -> Optional[str]:
@@ -143,13 +149,12 @@ def _compare(got: List[Tensor], exact: List[Tensor], bounds: List[float], order:
 
 def _first_order(fn, inputs, name: str, dtype: torch.dtype) -> Optional[str]:
     low = tuple(x.to(dtype) for x in inputs)
-    exact = _outputs(fn("reference"), tuple(x.double() for x in low), 1)
-    got = _outputs(fn(name), low, 1)
+    exact = outputs(fn("reference"), tuple(x.double() for x in low), 1)
+    got = outputs(fn(name), low, 1)
     if dtype in FIRST_ORDER_TOL:
         bounds = [FIRST_ORDER_TOL[dtype]] * len(got)
     else:
-        own = _outputs(fn("reference"), low, 1)
-        bounds = [2 * rel_err(r, w) + ULP[dtype] for r, w in zip(own, exact)]
+        bounds = low_precision_bounds(outputs(fn("reference"), low, 1), exact, dtype)
     problem = _compare(got, exact, bounds, 1)
     return f"{problem} in {str(dtype).replace('torch.', '')}" if problem else None
 
@@ -157,8 +162,8 @@ def _first_order(fn, inputs, name: str, dtype: torch.dtype) -> Optional[str]:
 def _second_order(fn, inputs, name: str, dtype: torch.dtype) -> Optional[str]:
     hdtype = torch.float64 if dtype == torch.float64 else torch.float32
     xs = tuple(x.to(hdtype) for x in inputs)
-    exact = _outputs(fn("reference"), tuple(x.double() for x in xs), 2)
-    got = _outputs(fn(name), xs, 2)
+    exact = outputs(fn("reference"), tuple(x.double() for x in xs), 2)
+    got = outputs(fn(name), xs, 2)
     problem = _compare(got, exact, [HVP_TOL[hdtype]] * len(got), 2)
     return f"{problem} in {str(hdtype).replace('torch.', '')}" if problem else None
 

@@ -607,8 +607,8 @@ class Config(NamedTuple):
 
 _OVERRIDE: dict = {}
 # The tile shapes a GPU run times for fp16/bf16 (bench/gpu_kernels.py, through override): every one compiles
-# for sm_90 without spilling; the first is the default, the one with the fewest SASS instructions per score
-# (tools/gpu_static.py).
+# for sm_90 without spilling; the first is bf16's default at D <= 128, the one with the fewest SASS
+# instructions per score (tools/gpu_static.py); config() picks the others for fp16 and for D in (128, 256].
 CANDIDATES = (dict(BM=128, BN=64, num_warps=8), dict(BM=128, BN=32, num_warps=8), dict(BM=64, BN=64, num_warps=4),
               dict(BM=64, BN=32, num_warps=8))
 # The widest embedding whose row block stays resident in registers (RESIDENT: BD = D rounded up to a power of 2).
