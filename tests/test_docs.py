@@ -1,6 +1,7 @@
 """The documentation: every citation resolves, nothing cites a document outside the repository, every public
 name has its shapes and an example that runs, and the site builds strictly."""
 import doctest
+import fnmatch
 import importlib
 import os
 import re
@@ -14,10 +15,18 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for pattern in ("*.py", "*.h", "*.cuh", "*.cu", "*.cpp", "*.inc", "*.md", "*.sh", "*.yml", "*.toml",
-                             "Makefile")
-           for p in ROOT.rglob(pattern)
-           if not {".venv", "build", ".git", "site"} & set(p.relative_to(ROOT).parts)]
+PATTERNS = ("*.py", "*.h", "*.cuh", "*.cu", "*.cpp", "*.inc", "*.md", "*.sh", "*.yml", "*.toml", "Makefile")
+
+
+def _sources():
+    """The project's own files: not its build outputs, nor hidden folders (.git, and every virtual environment
+    the Makefile makes: .venv, .venv-gpu-stack), which are not even walked."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("build", "site"))
+        yield from (Path(folder) / f for f in sorted(files) if any(fnmatch.fnmatch(f, p) for p in PATTERNS))
+
+
+SOURCES = list(_sources())
 CITATION = re.compile(r"docs/([\w/.-]+\.md)#([\w-]+)")
 MD_LINK = re.compile(r"\]\(([^)\s]+\.md)(?:#([\w-]+))?\)")
 
