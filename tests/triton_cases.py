@@ -14,13 +14,13 @@ from metaug_fast.contract import N_STATS, SIMILARITIES, LossParams
 Case = Tuple[str, Callable, tuple]
 # How many cases each list holds, so that GPU tests can be parametrized by index without building them
 # (building op_cases runs forwards).
-N_OP_CASES, N_PUBLIC_CASES = 17, 11
+N_OP_CASES, N_PUBLIC_CASES = 19, 11
 
 
 def op_cases(device, dtype: torch.dtype) -> List[Case]:
     """(name, operator, arguments) for each Triton operator: score mode 7 rows × (3, 11) with masks, label mode
     37 rows against 53 reference rows (and against themselves) at D = 70."""
-    from metaug_fast.kernels import label, margins, score, similarity
+    from metaug_fast.kernels import label, margins, matmul, score, similarity
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rand = lambda *s, dt=dtype: torch.rand(*s, device=device, dtype=dt)  # noqa: E731
@@ -60,7 +60,9 @@ def op_cases(device, dtype: torch.dtype) -> List[Case]:
                (rand(37, 2, dt=acc), l_stats, e, iz, r, ir, lab, rlab, *LossParams.margins(), -1, cos, True, False)),
               ("label_cross_grads", label.label_cross_grads,
                (g_rows, l_stats, rand(53, dt=acc), rand(53, N_STATS, dt=acc), e, iz, r, ir, lab, rlab, *nce, cos)),
-              ("pairwise_similarity", similarity.pairwise_similarity, (e, iz, r, ir, cos, dtype))]
+              ("pairwise_similarity", similarity.pairwise_similarity, (e, iz, r, ir, cos, dtype)),
+              ("mm", matmul.mm, (rand(37, 53, dt=acc), rand(70, 53, dt=acc).T, rand(37, 70, dt=acc), 0.5, 0.25)),
+              ("mm (no c)", matmul.mm, (rand(37, 53, dt=acc), rand(53, 70, dt=acc), None, 1.0, 0.0))]
     return cases
 
 

@@ -1,5 +1,6 @@
 // Label-mode ops on CUDA (oucl_label_fwd, oucl_label_bwd), the CPU design (csrc/cpu/label.cpp) on the
-// GPU: column tiles of S = zn · rn[cols]ᵀ from cuBLAS (at::mm), each consumed by a fused epilogue kernel
+// GPU: column tiles of S = zn · rn[cols]ᵀ from cuBLAS (gemm.h: IEEE fp32 whatever torch's TF32 flags say),
+// each consumed by a fused epilogue kernel
 // that merges the tile into each row's RowState (oucl_common.h; one warp per row, tiles in order on one
 // stream, so every row has one writer); B×M is never stored, only B × tile. The final states become rows
 // and stats through finalize_row, the CPU's own code. Backward recomputes each tile, turns it into
@@ -26,6 +27,7 @@
 #include "../oucl_common.h"
 #include "../oucl_host.h"
 #include "device.h"
+#include "gemm.h"
 #include "warp.cuh"
 
 namespace metaug_fast {
@@ -181,7 +183,7 @@ struct CudaLabel : device::Backend {
     if (!self) {
       const int64_t cols = tile_columns(B, M);
       for (int64_t c0 = 0; c0 < M; c0 += cols) {
-        at::Tensor tile = at::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t()).contiguous();
+        at::Tensor tile = device::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t());
         visit(0, B, c0, tile);
       }
       return;
@@ -190,7 +192,7 @@ struct CudaLabel : device::Backend {
       const int64_t ni = std::min(kSelfTile, B - i0);
       for (int64_t j0 = i0; j0 < B; j0 += kSelfTile) {
         const int64_t nj = std::min(kSelfTile, B - j0);
-        at::Tensor tile = at::mm(zn.narrow(0, i0, ni), zn.narrow(0, j0, nj).t()).contiguous();
+        at::Tensor tile = device::mm(zn.narrow(0, i0, ni), zn.narrow(0, j0, nj).t());
         at::Tensor tile_t = j0 > i0 ? tile.t().contiguous() : at::Tensor();
         visit(i0, ni, j0, tile);
         if (tile_t.defined()) visit(j0, nj, i0, tile_t);
@@ -236,16 +238,16 @@ struct CudaLabel : device::Backend {
         device::launch(label_tile_backward_kernel<decltype(f)::value, T>, dim3((n + 255) / 256), dim3(256), stream, a);
       });
       if (!self) {
-        gz.addmm_(tile, rn.narrow(0, c0, a.L));
-        if (gr.size(0) > 0) gr.narrow(0, c0, a.L).addmm_(tile.t(), zn);
+        device::addmm_(gz, tile, rn.narrow(0, c0, a.L));
+        if (gr.size(0) > 0) device::addmm_(gr.narrow(0, c0, a.L), tile.t(), zn);
       } else if (r0 == c0) {  // diagonal: H = G_II + G_IIᵀ
-        gz.narrow(0, r0, nr).addmm_(tile + tile.t(), zn.narrow(0, r0, nr));
+        device::addmm_(gz.narrow(0, r0, nr), tile + tile.t(), zn.narrow(0, r0, nr));
       } else if (r0 < c0) {
         held = tile;
       } else {  // the transposed tile G_JI with r0 = J: H = G_IJ + G_JIᵀ, I = c0
         held.add_(tile.t());
-        gz.narrow(0, c0, a.L).addmm_(held, zn.narrow(0, r0, nr));
-        gz.narrow(0, r0, nr).addmm_(held.t(), zn.narrow(0, c0, a.L));
+        device::addmm_(gz.narrow(0, c0, a.L), held, zn.narrow(0, r0, nr));
+        device::addmm_(gz.narrow(0, r0, nr), held.t(), zn.narrow(0, c0, a.L));
         held = at::Tensor();
       }
     });
@@ -258,7 +260,7 @@ struct CudaLabel : device::Backend {
     const int64_t B = zn.size(0), M = rn.size(0), cols = tile_columns(B, M);
     if (B == 0) return;
     for (int64_t c0 = 0; c0 < M; c0 += cols) {
-      at::Tensor tile = at::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t()).contiguous();
+      at::Tensor tile = device::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t());
       at::Tensor tile_t = tile.t().contiguous();  // made first: the kernels overwrite their tile
       visit(c0, tile, tile_t);
     }
@@ -313,8 +315,8 @@ struct CudaLabel : device::Backend {
       place(a_t, c0, L, 0, tile_t);
       device::launch(label_tile_backward_kernel<kInfoNCE, T>, dim3((n + 255) / 256), dim3(256), stream, a_t);
       tile.add_(tile_t.t());
-      gz.addmm_(tile, rn.narrow(0, c0, L));
-      gr.narrow(0, c0, L).addmm_(tile.t(), zn);
+      device::addmm_(gz, tile, rn.narrow(0, c0, L));
+      device::addmm_(gr.narrow(0, c0, L), tile.t(), zn);
     });
   }
 };

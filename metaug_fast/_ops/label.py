@@ -64,27 +64,48 @@ def _is_self(zn, rn, labels, ref_labels, self_offset) -> bool:
             and labels.data_ptr() == ref_labels.data_ptr())
 
 
-def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True):
+def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True, mm=None):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
     chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
     and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
-    labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None.
-    Nothing here waits for the device: the chunks are cut from the shapes."""
+    labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None;
+    ``mm``: the GEMM (:func:`_gemm`). Nothing here waits for the device: the chunks are cut from the shapes."""
     B, M = zn.shape[0], rn.shape[0]
     step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
         rows = slice(r0, min(B, r0 + step))
-        S = _similarities(zn[rows], rn, similarity)
+        S = _similarities(zn[rows], rn, similarity, mm)
         pm, nm = _label_masks(labels[rows], ref_labels, self_offset, r0) if masks else (None, None)
         yield rows, S, pm, nm
 
 
-def _similarities(z: Tensor, rn: Tensor, similarity: str) -> Tensor:
+def _similarities(z: Tensor, rn: Tensor, similarity: str, mm=None) -> Tensor:
     """d(z_i, rn_j) ``[c, M]`` of rows as the similarity takes them, its affine map folded into the GEMM
-    (``addmm``: no pass of its own over the chunk)."""
-    if similarity != "shifted_cosine":
-        return z @ rn.T
-    return torch.addmm(z.new_full((), 0.5), z, rn.T, alpha=0.5)
+    (no pass of its own over the chunk); ``mm``: the GEMM (:func:`_gemm`), torch's by default."""
+    shifted = similarity == "shifted_cosine"
+    return (mm or _torch_mm)(z, rn.T, None, 0.5 if shifted else 1.0, 0.5 if shifted else 0.0)
+
+
+def _torch_mm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, alpha: float = 1.0, offset: float = 0.0) -> Tensor:
+    """``offset + alpha·a·b (+ c)`` by torch: the CPU's GEMM, whose fp32 stays IEEE under torch's matmul
+    precision flags unless the CPU has bf16 matrix units and the precision is set to "medium"."""
+    if c is None and offset == 0.0:
+        return a @ b if alpha == 1.0 else torch.mm(a, b).mul_(alpha)
+    base = a.new_full((), offset) if c is None else c if offset == 0.0 else c + offset
+    return torch.addmm(base, a, b, alpha=alpha)
+
+
+def _gemm(ops, device: torch.device):
+    """The GEMM of the second derivative's chunks, as ``mm(a, b, c, alpha, offset)``: in IEEE fp32/fp64
+    whatever torch's global flags say. On CUDA, for every backend, Triton's (kernels/matmul.py): torch.mm
+    there follows allow_tf32 / set_float32_matmul_precision("high"), whose TF32 error (1e-3 relative) is the
+    whole tolerance of an fp32 Hessian-vector product. The Triton ops take it on the CPU too (the
+    interpreter's tests); the C++ ops there take torch's."""
+    if device.type == "cuda" or getattr(ops, "triton_gemm", False):
+        from ..kernels.matmul import mm
+
+        return mm
+    return _torch_mm
 
 
 def _op_inputs(zn, rn, labels, ref_labels):
@@ -137,13 +158,14 @@ class _LabelDoubleBackward(torch.autograd.Function):
         a = slope(similarity)
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
+        mm = _gemm(ops, zn.device)
+        # U = v_z·rnᵀ + zn·v_rᵀ as one GEMM over 2D features ([v_z | zn]·[rn | v_r]ᵀ): no second [c, M] pass.
+        right = torch.cat([rn, v_r], 1).T if with_r else rn.T
         # U is taken without its factor a: d_g and W are linear in it, so a scales them afterwards instead of
         # costing a pass over each chunk.
-        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels):
+        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels, mm):
             z, g, st = zn[rows], grad_rows[rows], stats[rows]
-            U = v_z[rows] @ rn.T
-            if with_r:
-                U.addmm_(z, v_r.T)
+            U = mm(torch.cat([v_z[rows], z], 1) if with_r else v_z[rows], right, None, 1.0, 0.0)
             if by_labels:
                 d_g[rows], G, W = ops.oucl_label_rows_bwd_bwd(g, U, S, labels[rows], ref_labels, st, rows.start,
                                                               self_offset, *params)
@@ -164,11 +186,13 @@ class _LabelDoubleBackward(torch.autograd.Function):
                     W = hp + hn
             if a != 1.0:
                 d_g[rows] *= a
-            dz = G @ v_r if with_r else torch.zeros_like(z)
-            dr = G.T @ v_z[rows]
+            dz = mm(G, v_r, None, 1.0, 0.0) if with_r else None
+            dr = mm(G.T, v_z[rows], None, 1.0, 0.0)
             if W is not None:
-                dz.addmm_(W, rn, alpha=a)
-                dr.addmm_(W.T, z, alpha=a)
+                dz = mm(W, rn, dz, a, 0.0)
+                dr = mm(W.T, z, dr, a, 0.0)
+            if dz is None:
+                dz = torch.zeros_like(z)
             d_z[rows] = a * dz
             d_r.add_(dr, alpha=a)
         return d_g, d_z, d_r

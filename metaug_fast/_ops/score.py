@@ -23,7 +23,10 @@ CPP_OPS = torch.ops.metaug_fast
 
 class _TritonOps:
     """The Triton launchers under the C++ ops' names. The kernels are imported on first use: importing them
-    needs Triton, and TRITON_INTERPRET is read when they are defined."""
+    needs Triton, and TRITON_INTERPRET is read when they are defined. ``triton_gemm``: the label-mode second
+    derivative takes Triton's GEMM with these ops on any device (_ops/label.py, _gemm)."""
+
+    triton_gemm = True
 
     def __getattr__(self, name):
         from ..kernels import margins, score

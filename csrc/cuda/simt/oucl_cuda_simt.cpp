@@ -2,7 +2,8 @@
 // CPU tensors, registered as torch.ops.metaug_fast_simt.* with the schemas of torch.ops.metaug_fast.*: the
 // autograd Functions take either namespace, so tests/test_cuda_simt.py checks these kernels against
 // reference.py (values, gradients, Hessian-vector products) on a machine without a GPU. The label ops'
-// cuBLAS GEMMs (at::mm) run on the CPU here; everything else is the kernel source as nvcc compiles it.
+// cuBLAS GEMMs run on the CPU here through an emulated cublasGemmEx (gemm.h), behind the same row-major to
+// column-major translation; everything else is the kernel source as nvcc compiles it.
 #include "simt.h"
 
 // Small label tiles, so that small tests cross several tiles and a ragged last one.
