@@ -79,8 +79,11 @@ check-cuda: install
 
 # Compiles every Triton kernel to sm_90 cubins with Triton's own compiler and ptxas (no GPU needed): catches
 # what the interpreter used by the tests cannot.
+# sm_90 (H100/H200, what the tiles are tuned for), then the A100's sm_80 and the L4/RTX 40's sm_89 budgets.
 check-triton: install
 	env -u TRITON_INTERPRET $(PY) -m tools.check_triton_compile
+	env -u TRITON_INTERPRET $(PY) -m tools.check_triton_compile --arch 80
+	env -u TRITON_INTERPRET $(PY) -m tools.check_triton_compile --arch 89
 
 # check-triton again with the GPU machine's compiler: its torch 2.11.0 brings Triton 3.6.0, here in a venv of
 # its own (about 2 minutes and 5 GB the first time; the package without its C++ extension). A kernel that

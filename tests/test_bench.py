@@ -69,11 +69,37 @@ def test_triton_compile_check_covers_every_kernel():
 
     checked = {(job.module, job.kernel) for job in jobs()}
     modules = [m.name for m in pkgutil.iter_modules(metaug_fast.kernels.__path__) if not m.name.startswith("_")]
-    assert sorted(modules) == ["label", "margins", "score", "similarity"]
+    assert sorted(modules) == ["label", "margins", "matmul", "score", "similarity"]
     for module in modules:
         mod = importlib.import_module(f"metaug_fast.kernels.{module}")
         kernels = {name for name in vars(mod) if name.startswith("_") and name.endswith("_kernel")}
         assert kernels and {(module, k) for k in kernels} <= checked, kernels
+        for name in kernels:  # a score-mode kernel: every configuration it may autotune to is compiled
+            tuner = getattr(mod, name)
+            for dtype in ("float32", "bfloat16", "float64") if hasattr(tuner, "space") else ():
+                compiled = {(j.constexprs["BLOCK_B"], j.constexprs["BLOCK_K"], j.constexprs["num_warps"])
+                            for j in jobs() if j.kernel == name and j.dtype == dtype}
+                want = tuner.space_fp64 if dtype == "float64" else tuner.space
+                assert compiled == set(want), (name, dtype, compiled, want)
+
+
+def test_row_kernels_autotune_over_their_own_space(monkeypatch):
+    # Each score-mode kernel tunes over its own spill-free space, fp64 over its own; the GPU check's switch
+    # keeps the space's first.
+    import torch
+
+    from metaug_fast.kernels import _common, score
+
+    tuner = score._score_fwd_kernel
+    assert tuner.space != tuner.space_fp64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = _common.row_configs(list(dict.fromkeys(tuner.space + tuner.space_fp64)))
+    for dtype, want in ((torch.bfloat16, tuner.space), (torch.float32, tuner.space), (torch.float64, tuner.space_fp64)):
+        args = {"pos_ptr": torch.empty(0, dtype=dtype), "B": 3}
+        assert [_common._shape(c) for c in tuner.early_config_prune(configs, args)] == list(want)
+        monkeypatch.setenv("METAUG_TRITON_ONE_CONFIG", "1")
+        assert [_common._shape(c) for c in tuner.early_config_prune(configs, args)] == [want[0]]
+        monkeypatch.delenv("METAUG_TRITON_ONE_CONFIG")
 
 
 def test_sweep_writes_the_schema_plots_and_report(tmp_path):

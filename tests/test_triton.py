@@ -110,7 +110,8 @@ def test_label_mode_second_order_in_row_chunks(monkeypatch, op, with_ref):
     with LargestAllocation() as mode:
         got = _label_run(_label_fn(op, "triton", labels, ref_labels), emb, ref)
     _close(got, want, 1e-10)
-    assert mode.largest <= max(B, M) * 6 < B * M  # the rows' gradients, never the scores
+    # The rows' gradients and the [M, 2D] operand of U = [v_z | zn]·[rn | v_r]ᵀ, never the scores.
+    assert mode.largest <= 2 * max(B, M) * 6 < B * M
 
 
 def test_backend_rules():
@@ -139,16 +140,18 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
         assert all(rel_err(g, w) <= (1e-10 if dtype == torch.float64 else 1e-5) for g, w in zip(got[:3], want[:3]))
 
 
-def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch):
+@pytest.mark.parametrize("D,tiles", [(200, (64, 32, 256, 128, True)), (300, (64, 32, 64, 256, False))])
+def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch, D, tiles):
     # D in (128, 256] on a GPU: 64 × 32 tiles, the row block resident at 256 features, and fp16's outputs in
-    # two chunks of 128 (kernels/label.config), run by the interpreter (whose fp16 dot is right) against the
+    # two chunks of 128; D > 256: the scores in 64-feature steps, the outputs in chunks of 256 (the second one
+    # ragged here) (kernels/label.config). Run by the interpreter (whose fp16 dot is right) against the
     # reference, loss and gradients, self mode and a reference set.
     from metaug_fast.kernels import label as K
 
     monkeypatch.setattr(K, "_interpreting", lambda: False)
-    cfg = K.config(torch.empty(1, 200, dtype=torch.float16), 200)
-    assert (cfg.BM, cfg.BN, cfg.BD, cfg.BDO, cfg.RESIDENT) == (64, 32, 256, 128, True)
-    emb, labels, ref, ref_labels = label_data(70, 90, D=200, dtype=torch.float64)
+    cfg = K.config(torch.empty(1, D, dtype=torch.float16), D)
+    assert (cfg.BM, cfg.BN, cfg.BD, cfg.BDO, cfg.RESIDENT) == tiles
+    emb, labels, ref, ref_labels = label_data(70, 90, D=D, dtype=torch.float64)
     def first_order(backend, rl, *inputs):
         xs = [x.clone().requires_grad_() for x in inputs]
         loss = _label_fn("weighted", backend, labels, rl)(*xs).sum()
@@ -343,27 +346,29 @@ def test_memory_bank_scores_with_triton():
                                bank.score_all(0, z, labels, bank_labels, backend="reference", **kw), rtol=1e-5, atol=1e-6)
 
 
-def _fusable_in_ptx(kernels, fp_fusion):
-    """How many multiplies/adds of each fp32 score kernel (weighted form, masks), compiled for sm_90 without
-    a GPU, are fused or may be fused into FMAs; ``fp_fusion`` None compiles with its launcher's options.
-    Compiled in a subprocess: the interpreter, on in this process, replaces the compiler."""
+def _compiled(code: str) -> dict:
+    """``code`` run with tools.check_triton_compile in a subprocess (the interpreter, on in this process,
+    replaces the compiler); each line it prints is a name and a value."""
     import os
     import subprocess
     import sys
 
-    code = (
-        "from tools.check_triton_compile import Job, compile_job, contractible\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", "from tools.check_triton_compile import *\n" + code], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(line.split() for line in run.stdout.splitlines())
+
+
+def _fusable_in_ptx(kernels, fp_fusion):
+    """How many multiplies/adds of each fp32 score kernel (weighted form, masks), compiled for sm_90 without
+    a GPU, are fused or may be fused into FMAs; ``fp_fusion`` None compiles with its launcher's options."""
+    return _compiled(
         f"for k in {list(kernels)!r}:\n"
         "    job = Job('score', k, 'float32', dict(FORM=2, HAS_PM=True, HAS_NM=True, BLOCK_B=16, BLOCK_K=128))\n"
         f"    opts = {{}} if {fp_fusion!r} is None else dict(enable_fp_fusion={fp_fusion!r})\n"
         "    ptx = compile_job(job, 90, **opts).asm['ptx']\n"
-        "    print(k, contractible(ptx) + ptx.count('fma.rn.f32'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 0, run.stderr[-3000:]
-    return dict(line.split() for line in run.stdout.splitlines())
+        "    print(k, contractible(ptx) + ptx.count('fma.rn.f32'))\n")
 
 
 def test_score_kernels_are_compiled_without_fused_multiply_adds():
@@ -371,6 +376,20 @@ def test_score_kernels_are_compiled_without_fused_multiply_adds():
     kernels = ("_score_fwd_kernel", "_score_bwd_kernel", "_score_bwd_bwd_kernel")
     assert int(_fusable_in_ptx(kernels[2:], True)[kernels[2]]) > 100  # what Triton does by default
     assert _fusable_in_ptx(kernels, None) == {k: "0" for k in kernels}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_hvp_products_stay_rounded_when_compiled_with_fusion(dtype):
+    # torch.compile before torch 2.14 launches a traced kernel without its enable_fp_fusion=False: the
+    # double backward's cancellation-critical products (kernels/_common.mul_rn, inline PTX) must stay
+    # separately rounded there. libdevice's mul_rn, tried first, came out as 0 here: LLVM makes it a plain
+    # multiply and contracts it. Per thread: 2 entries of a 4 × 128 block on 256 threads, 2 sites per side.
+    counts = _compiled(
+        f"for form in (2, 4):\n"
+        f"    job = Job('score', '_score_bwd_bwd_kernel', {dtype!r}, dict(FORM=form, HAS_PM=True, HAS_NM=True,\n"
+        "              BLOCK_B=4, BLOCK_K=128, num_warps=8))\n"
+        "    print(form, pinned(compile_job(job, 90, enable_fp_fusion=True).asm['ptx']))\n")
+    assert int(counts["2"]) >= 8 and int(counts["4"]) >= 4, counts
 
 
 def test_label_tile_configuration_override():
@@ -393,6 +412,41 @@ def test_label_tile_configuration_override():
     with pytest.raises(ValueError, match="BM must be a power of two >= 16"):
         with K.override(BM=48):
             pass
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_hinge_row_kernel_takes_its_own_row_blocks(with_ref):
+    # The hinge's backward row kernel runs 64-row blocks with 8 warps under 128-row tiles (it sat at the
+    # register cap with 128): its grid follows its own BM and BN, the forward keeps 128, results unchanged.
+    from metaug_fast.contract import Form
+    from metaug_fast.kernels import label as K
+
+    emb, labels, ref, ref_labels = label_data(150, 70 if with_ref else None, D=12)
+    torch.manual_seed(1)
+    want = _label_run(_label_fn("hinge", "reference", labels, ref_labels), emb, ref)
+    with K.override(BM=128, BN=32, num_warps=4):
+        cfg = K.config(emb, 12)
+        assert (K.rows_meta(cfg, Form.HINGE)["BM"], K.rows_meta(cfg, Form.HINGE)["num_warps"]) == (64, 8)
+        assert K.rows_meta(cfg, Form.WEIGHTED)["BM"] == 128
+        torch.manual_seed(1)
+        got = _label_run(_label_fn("hinge", "triton", labels, ref_labels), emb, ref)
+    _close(got, want, 1e-10)
+
+
+def test_backward_kernels_take_fewer_columns_where_they_ran_out_of_registers():
+    # The GPU configurations the compile check found at the register cap or spilling (Triton 3.6): fp32/fp64
+    # self-mode row kernels (TWO_WAY) and resident blocks wider than 128 features in the column kernel take
+    # half the columns; margins keep the forward's (their ties need its tiles). The launchers size their
+    # grids from these metas (test_hinge_row_kernel_takes_its_own_row_blocks, the fp16 wide-row test).
+    from metaug_fast.contract import Form
+    from metaug_fast.kernels import label as K
+
+    fp32 = K.Config(32, 32, 16, 32, "ieee", "ieee", False, False)
+    assert K.rows_meta(fp32, Form.WEIGHTED, True)["BN"] == 16 and K.rows_meta(fp32, Form.WEIGHTED)["BN"] == 32
+    wide = K.Config(64, 32, 256, 128, "tf32", "input", False, True, num_warps=8)
+    assert K.cols_meta(wide, Form.WEIGHTED)["BN"] == 16 and K.cols_meta(wide, Form.MARGIN)["BN"] == 32
+    narrow = wide._replace(BM=128, BD=128)
+    assert K.cols_meta(narrow, Form.WEIGHTED)["BN"] == 32 and K.cols_meta(narrow, Form.INFONCE, True)["BN"] == 16
 
 
 @pytest.mark.parametrize("with_ref", [False, True])
@@ -449,3 +503,28 @@ def test_info_nce_positive_sweep_visits_the_tiles_of_its_classes_only():
         block = lab_s[16 * b:16 * b + 16]
         cols = torch.nonzero(torch.isin(rlab_s, block)).flatten()
         assert t0 * 16 <= cols.min() and cols.max() < t1 * 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ieee_gemm_of_the_second_derivative(dtype):
+    # kernels/matmul.mm: offset + α·a·b (+ c) with IEEE products, any strides (the chunk loop passes Gᵀ and
+    # rnᵀ as views), ragged tiles, an empty K; what _ops/label.py's second derivative takes on CUDA for every
+    # backend and for the Triton ops everywhere, and torch's GEMM for the C++ ops on the CPU.
+    from metaug_fast._ops import label as label_ops
+    from metaug_fast._ops.score import CPP_OPS, TRITON_OPS
+    from metaug_fast.kernels.matmul import mm
+
+    a, b, c = torch.randn(37, 50, dtype=dtype), torch.randn(29, 50, dtype=dtype).T, torch.randn(29, 37, dtype=dtype).T
+    want = 0.25 + 0.5 * (a.double() @ b.double()) + c.double()
+    got = mm(a, b, c, 0.5, 0.25)
+    assert got.dtype == dtype and got.is_contiguous() and rel_err(got, want) <= (1e-6 if dtype == torch.float32
+                                                                                 else 1e-14)
+    assert torch.equal(mm(a[:, :0], b[:0], None, 1.0, 0.5), torch.full((37, 29), 0.5, dtype=dtype))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        mm(a.bfloat16(), b.bfloat16(), None, 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"a \[M, K\] and b \[K, N\]"):
+        mm(a, a, None, 1.0, 0.0)
+    assert label_ops._gemm(TRITON_OPS, torch.device("cpu")) is mm
+    assert label_ops._gemm(CPP_OPS, torch.device("cuda")) is mm
+    assert label_ops._gemm(CPP_OPS, torch.device("cpu")) is label_ops._torch_mm
+    torch.testing.assert_close(label_ops._torch_mm(a, b, c, 0.5, 0.25), got, rtol=1e-5, atol=1e-5)

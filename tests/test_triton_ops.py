@@ -85,11 +85,11 @@ def test_every_launcher_is_an_operator_with_cases():
     # leave none out.
     from torch._library.custom_ops import CustomOpDef
 
-    from metaug_fast.kernels import _common, label, margins, score, similarity
+    from metaug_fast.kernels import _common, label, margins, matmul, score, similarity
 
-    launchers = {value._qualname for module in (label, margins, score, similarity) for value in vars(module).values()
-                 if isinstance(value, CustomOpDef)}
-    assert len(launchers) == 12 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
+    launchers = {value._qualname for module in (label, margins, matmul, score, similarity)
+                 for value in vars(module).values() if isinstance(value, CustomOpDef)}
+    assert len(launchers) == 13 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
     cases = op_cases("cpu", torch.float32)
     assert launchers == {fn._qualname for _, fn, _ in cases}
     assert (len(cases), len(public_cases("cpu", torch.float32))) == (N_OP_CASES, N_PUBLIC_CASES)
@@ -126,3 +126,35 @@ def test_public_functions_compile_with_fullgraph(index):
         outs.append([loss.detach(), *torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)])
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_double_backward_rounds_as_eager(dtype):
+    # Inductor before torch 2.14 launches a traced kernel without its enable_fp_fusion=False. The double
+    # backward's cancellation-critical products (kernels/_common.mul_rn) stay rounded there: rows dominated
+    # by one entry per side (β = 256), where a fused product leaves about an ulp times β², match eager.
+    from metaug_fast.kernels import score
+
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, K = 64, 40
+    pos = torch.rand(B, K, device="cuda", dtype=dtype, generator=gen) * 0.1
+    neg = torch.rand(B, K, device="cuda", dtype=dtype, generator=gen) * 0.1
+    pos[:, 0], neg[:, 0] = 0.9, 0.95  # one entry dominates each side's log-sum-exp at β = 256
+    tp, tn = torch.randn_like(pos), torch.randn_like(neg)
+    g = torch.rand(B, device="cuda", dtype=dtype, generator=gen)
+    for form in (2, 4):  # the weighted OUCL form and InfoNCE
+        params = (form, 256.0, 0.1, -0.05, 0.3, 0.2)
+        _, stats = score.oucl_score_fwd(pos, neg, None, None, *params)
+
+        def hvp(g, tp, tn, pos, neg, stats):
+            return score.oucl_score_bwd_bwd(g, tp, tn, pos, neg, None, None, stats, *params)
+
+        eager = hvp(g, tp, tn, pos, neg, stats)
+        compiled = torch.compile(hvp, fullgraph=True)(g, tp, tn, pos, neg, stats)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+        for got, want in zip(compiled, eager):
+            scale = want.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(got / scale, want / scale, **tol)

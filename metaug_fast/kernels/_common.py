@@ -245,21 +245,42 @@ def softplus_sigmoid(x):
 
 
 # ------------------------------------------------------------------ score mode: blocks of rows, streamed
-def row_configs():
-    """A small autotuning space (rows per program × columns per step × warps), tuned per (K⁺, K⁻, dtype);
-    one configuration under the interpreter, where timing them would only cost time, and under
-    ``METAUG_TRITON_ONE_CONFIG=1``, a switch for tests (the GPU check sets it: its correctness runs would
-    otherwise spend most of their time compiling and timing eight configurations per kernel and shape)."""
+def row_configs(space: Sequence[Tuple[int, int, int]]) -> list:
+    """Autotuning configurations from a ``space`` of (rows per program, columns per step, warps); one small
+    configuration under the interpreter, where timing them would only cost time."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 64})]
-    if os.environ.get("METAUG_TRITON_ONE_CONFIG", "0") == "1":
-        return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 128}, num_warps=4)]
-    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w)
-            for bb in (4, 16) for bk in (128, 512) for w in (4, 8)]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w) for bb, bk, w in space]
 
 
-def tuned(kernel):
-    return triton.autotune(configs=row_configs(), key=["KP", "KN"])(kernel)
+def _shape(config) -> Tuple[int, int, int]:
+    return config.kwargs["BLOCK_B"], config.kwargs["BLOCK_K"], config.num_warps
+
+
+def tuned(*space: Tuple[int, int, int], fp64: Sequence[Tuple[int, int, int]] = ()):
+    """Decorator: the kernel autotuned per (K⁺, K⁻, dtype) over ``space``, or over ``fp64`` (default: the
+    same) when its tensors are fp64. Each space holds only shapes that compile without spilling registers in
+    its dtypes and every form, under this project's Triton and the GPU machine's (``make check-triton`` and
+    ``make check-triton-gpu-stack`` compile them all and fail on a spill: 16 rows × 512 columns spilled
+    0.2-7 KiB per thread; the compilers disagree on small shapes, whence fp64's own spaces). Under
+    ``METAUG_TRITON_ONE_CONFIG=1``, a switch for tests, only the space's first (the GPU check sets it: its
+    correctness runs would otherwise spend most of their time compiling and timing every configuration).
+    The spaces are kept as the kernel's ``space`` and ``space_fp64`` for the compile check."""
+    fp64 = tuple(fp64) or space
+
+    def prune(configs, named_args, **_):
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return configs
+        wide = any(getattr(arg, "dtype", None) == torch.float64 for arg in named_args.values())
+        keep = [c for shape in (fp64 if wide else space) for c in configs if _shape(c) == shape]
+        return keep[:1] if os.environ.get("METAUG_TRITON_ONE_CONFIG", "0") == "1" else keep
+
+    def wrap(kernel):
+        tuner = triton.autotune(configs=row_configs(list(dict.fromkeys(space + fp64))), key=["KP", "KN"],
+                                prune_configs_by={"early_config_prune": prune})(kernel)
+        tuner.space, tuner.space_fp64 = space, fp64
+        return tuner
+    return wrap
 
 
 @triton.jit
@@ -289,6 +310,27 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 # products round alike (a fused one leaves about an ulp times β², 1e-3 relative in fp32). These kernels are
 # memory-bound: the separate multiply costs no time.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+# A launch option is not enough where the cancellation happens: torch.compile before torch 2.14 (Inductor's
+# launch of a traced kernel) drops it and compiles with contraction on. Those products go through mul_rn, a
+# PTX mul.rn in inline assembly, which neither LLVM nor ptxas fuses into an add (libdevice's mul_rn does not
+# survive: LLVM turns it into a plain multiply, which it then contracts). The interpreter runs no assembly,
+# and numpy rounds every product anyway.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    @triton.jit
+    def mul_rn(a, b):
+        """a·b, rounded to the operands' fp32/fp64."""
+        return a * b
+else:
+    @triton.jit
+    def mul_rn(a, b):
+        """a·b, rounded to the operands' fp32/fp64 and never fused into an add."""
+        if a.dtype == tl.float64:
+            return tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=l,l,l", [a, b], dtype=tl.float64,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
 
 
 def run_rows(kernel, B: int, device: torch.device, *args, **kwargs) -> None:

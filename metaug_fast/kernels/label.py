@@ -653,10 +653,13 @@ def config(e: torch.Tensor, D: int) -> Config:
         # bytes per thread), 64 × 32 tiles do not (fp16, whose per-row scaling of G in _grad_dot needs
         # registers, with its outputs in two chunks of 128 features: 64 bytes spilled under Triton 3.6
         # otherwise). At D <= 128 fp16 takes the narrower of the 128-row tiles for the same reason.
+        # D > 256 (CLIP's 512, 768, 1024): the scores in 64-feature steps, recomputed once per 256 output
+        # features (twice at D = 512, where 64-feature outputs recomputed them 8 times); 64 × 32 tiles hold
+        # the [64, 256] accumulator without spilling (137-202 registers at D = 512).
         wide = 128 < D <= _RESIDENT_D
         fp16 = e.dtype == torch.float16
-        tiles = CANDIDATES[3] if wide else CANDIDATES[1] if fp16 else CANDIDATES[0]
-        bdo = 128 if wide and fp16 else bd if resident else 64
+        tiles = CANDIDATES[3] if wide or not resident else CANDIDATES[1] if fp16 else CANDIDATES[0]
+        bdo = 128 if wide and fp16 else bd if resident else 256
         cfg = Config(tiles["BM"], tiles["BN"], bd, bdo, prec, "input", upcast, resident, num_warps=tiles["num_warps"])
     else:  # fp32/fp64 dots run on FMA units from registers: a resident row block of 128 fp32 spills
         cfg = Config(32, 32, 16, 32 if e.dtype == torch.float32 else 16, "ieee", "ieee", False, False)
@@ -667,11 +670,20 @@ def config(e: torch.Tensor, D: int) -> Config:
 
 
 def rows_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
-    """The backward row kernel's constexprs and launch options: the hinge's, whose G is constant per row and
-    side, spills registers when its loads are pipelined (one stage then)."""
+    """The backward row kernel's constexprs and launch options. The hinge's G is constant per row and side, so
+    its tiles need not match the forward's: it spilled registers with pipelined loads (one stage here), and
+    with 128-row blocks (or 64 rows and 4 warps) it sat at the 255-register cap in fp16/bf16; 64 rows and
+    8 warps take 169-226. The launcher sizes the grid from these BM and BN."""
     meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
     if form == Form.HINGE:
         meta["num_stages"] = 1
+        if cfg.BM >= 64:
+            meta.update(BM=64, num_warps=max(cfg.num_warps, 8))
+    if two_way and cfg.GPREC == "ieee":
+        # fp32/fp64 G products from registers, both directions' factors per entry: at 32 columns and 4 warps
+        # fp32 spilled 8 bytes and fp64 took 251 registers (Triton 3.6), fp64 at 16 columns still spilled 8
+        # bytes (3.8); 16 columns and 8 warps take 80 and 110-126 under both.
+        meta.update(BN=max(16, cfg.BN // 2), num_warps=max(cfg.num_warps, 8))
     return meta
 
 
@@ -679,9 +691,12 @@ def cols_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
     """The backward column kernel's constexprs and launch options: cross mode's (TWO_WAY), which takes both
     directions' factors and exponentials per entry, gets half as many columns per program. At full width it
     spilled 8 bytes per thread for bf16 at 128×64 with 8 warps (Triton 3.8), and for fp32 at 32×32 with
-    feature chunks of 16 (Triton 3.6, the GPU machine's; 3.8 did not)."""
+    feature chunks of 16 (Triton 3.6, the GPU machine's; 3.8 did not). So does a resident block of more
+    than 128 features, whose [BN, D] accumulator sat at the 255-register cap in fp16 at D = 256 with 32
+    columns (Triton 3.6; 176 with 16). Margins keep the forward's columns: their ties are found again
+    by equality with the forward's tiles."""
     meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
-    if two_way:
+    if two_way or (cfg.RESIDENT and cfg.BD > 128 and form != Form.MARGIN):
         meta["BN"] = max(16, cfg.BN // 2)
     return meta
 
@@ -863,13 +878,14 @@ def _grads(q, qc, e, iz, r, ir, labels, ref_labels, params, self_offset: int, si
     if q is None:  # nothing to launch: every gradient is zero
         return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if columns else (zeros(0, D), zeros(0)))
     args = (q, qc, e, iz, r, ir, labels, ref_labels, *loss_args(params))
-    d_chunks, row_blocks = triton.cdiv(D, cfg.BDO), triton.cdiv(B, cfg.BM)
+    meta = rows_meta(cfg, form, two_way)
+    d_chunks, row_blocks = triton.cdiv(D, cfg.BDO), triton.cdiv(B, meta["BM"])
     cap = max(1, _PARTIAL_BYTES // (B * D * iz.element_size()))
-    splits, per_split = _column_splits(triton.cdiv(M, cfg.BN), row_blocks * d_chunks, cap)
+    splits, per_split = _column_splits(triton.cdiv(M, meta["BN"]), row_blocks * d_chunks, cap)
     de = torch.empty(splits, B, D, dtype=acc, device=e.device)
     diz = torch.empty(splits * d_chunks, B, dtype=acc, device=e.device)
     launch(_label_bwd_rows_kernel, (row_blocks, d_chunks, splits), e.device, *args, de, diz, B, M, D, self_offset,
-           per_split, *_args(e, r), SIM=similarity, **rows_meta(cfg, form, two_way))
+           per_split, *_args(e, r), SIM=similarity, **meta)
     de, diz = (de[0], diz[0]) if splits * d_chunks == 1 else (de.sum(0), diz.sum(0))
     if not columns:
         return de, diz, zeros(0, D), zeros(0)

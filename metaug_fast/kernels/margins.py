@@ -40,7 +40,7 @@ def _side_extremum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, MIN: tl
     return tl.where(nan, float("nan"), best), tl.where(nan, 1.0, ties)
 
 
-@tuned
+@tuned((16, 128, 8), (4, 256, 4), (4, 512, 4), (4, 128, 8))
 @triton.jit
 def _margin_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk,
                        s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
@@ -69,7 +69,7 @@ def _side_extremum_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb,
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
-@tuned
+@tuned((16, 128, 8), (4, 256, 4), (4, 512, 4), (4, 128, 4))
 @triton.jit
 def _margin_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
                        s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr,
@@ -103,7 +103,7 @@ def _hinge_mean(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, sigma, SIG
     return total / tl.maximum(count, 1.0), count
 
 
-@tuned
+@tuned((4, 256, 4), (4, 512, 8), (16, 128, 8), (4, 128, 4))
 @triton.jit
 def _margin_injection_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, sp_ptr, sn_ptr, rows_ptr, B, KP, KN,
                                  s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk, HAS_PM: tl.constexpr,
@@ -142,7 +142,7 @@ def _hinge_mean_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
     return d_sigma
 
 
-@tuned
+@tuned((4, 128, 4), (4, 512, 8), (16, 128, 8), (4, 256, 8))
 @triton.jit
 def _margin_injection_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, sp_ptr, sn_ptr, gp_ptr, gn_ptr, gsp_ptr,
                                  gsn_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,

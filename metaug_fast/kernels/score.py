@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._common import COMPILE_OPTIONS  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
 from ._common import (HINGE, INFONCE, WEIGHTED, acc_dtype, finite_or_zero, load_cfg, load_rows, load_stats, loss_args,
-                      lse_update, mask_flags, op, run_rows, score_args, side_terms, sigmoid, softplus, store_stats,
+                      lse_update, mask_flags, mul_rn, op, run_rows, score_args, side_terms, sigmoid, softplus, store_stats,
                       tuned)
 
 
@@ -54,7 +54,7 @@ def _side_sum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
     return total, count
 
 
-@tuned
+@tuned((4, 256, 4), (4, 128, 8), (8, 128, 8), (2, 512, 4), fp64=((2, 256, 4),))
 @triton.jit
 def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, rows_ptr, stats_ptr, B, KP, KN,
@@ -107,7 +107,7 @@ def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_be
     store_stats(stats_ptr, rows, rmask, st0, st1, st2, st3, valid)
 
 
-@tuned
+@tuned((4, 256, 4), (4, 512, 8), (16, 128, 8), (8, 256, 8))
 @triton.jit
 def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
@@ -170,7 +170,7 @@ def _side_dot(x_ptr, m_ptr, t_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, shift
         cols = k0 + tl.arange(0, BLOCK_K)
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, _ = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
-        acc += tl.sum(tl.where(keep, tl.exp(e - shift[:, None] - log_sum[:, None]) * d1 * t, 0.0), axis=1)
+        acc += tl.sum(tl.where(keep, mul_rn(tl.exp(e - shift[:, None] - log_sum[:, None]) * d1, t), 0.0), axis=1)
     return acc
 
 
@@ -179,19 +179,20 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
               beta, gamma_pos, gamma_neg, margin, FORM: tl.constexpr, POS: tl.constexpr, HAS_M: tl.constexpr,
               BLOCK_K: tl.constexpr, acc_ty: tl.constexpr):
     """H t of one side: c1·w·e' + c2·w·(e'·(e'·t - t_side) + e''·t). Grouping e'·t - t_side makes a side
-    with one entry, where the two cancel, give exactly 0 as autograd does."""
+    with one entry, where the two cancel, give exactly 0 as autograd does: both products rounded alike
+    (mul_rn here and in _side_dot, whatever the compile options)."""
     for k0 in range(0, K, BLOCK_K):
         x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         cols = k0 + tl.arange(0, BLOCK_K)
         t = tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=keep, other=0.0).to(acc_ty)
         e, d1, d2 = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         w = tl.exp(e - shift[:, None] - log_sum[:, None])
-        h = w * d1 * c1[:, None] + c2[:, None] * w * (d1 * (d1 * t - t_side[:, None]) + d2 * t)
+        h = w * d1 * c1[:, None] + c2[:, None] * w * (d1 * (mul_rn(d1, t) - t_side[:, None]) + d2 * t)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, h, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
-@tuned
+@tuned((4, 256, 8), (8, 256, 8), (4, 128, 8), fp64=((4, 256, 8), (8, 128, 8), (2, 512, 4)))
 @triton.jit
 def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, stats_ptr,
@@ -229,7 +230,7 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
             sig_t += tl.sum(tl.where(keep, s * t, 0.0), axis=1)
             dsig += tl.sum(tl.where(keep, ds, 0.0), axis=1)
             dsig_t += tl.sum(tl.where(keep, ds * t, 0.0), axis=1)
-        ggo = tl.where(valid, beta / n_p * (st2 * wt - sig_t), zero)
+        ggo = tl.where(valid, beta / n_p * (mul_rn(st2, wt) - sig_t), zero)
         coef = g * beta * beta / n_p
         for k0 in range(0, KP, BLOCK_K):
             x, keep = load_rows(pos_ptr, pm_ptr, rows, rmask, k0, KP, s_pb, s_pk, s_pmb, s_pmk, HAS_PM, BLOCK_K,
@@ -240,14 +241,14 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
             h = coef[:, None] * sigmoid(xs) * sigmoid(-xs) * (t - wt[:, None])
             tl.store(hp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], tl.where(keep, h, 0.0).to(hp_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KP))
-        k_0 = wt * dsig - dsig_t - st2 * wt
+        k_0 = mul_rn(wt, dsig) - dsig_t - mul_rn(st2, wt)
         for k0 in range(0, KN, BLOCK_K):
             x, keep = load_rows(neg_ptr, nm_ptr, rows, rmask, k0, KN, s_nb, s_nk, s_nmb, s_nmk, HAS_NM, BLOCK_K,
                                 acc_ty)
             cols = k0 + tl.arange(0, BLOCK_K)
             t = tl.load(tn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             w = tl.exp(beta * x - st0[:, None] - st1[:, None])
-            h = coef[:, None] * w * (st2[:, None] * t + k_0[:, None])
+            h = coef[:, None] * w * (mul_rn(st2[:, None] + tl.zeros_like(t), t) + k_0[:, None])
             tl.store(hn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], tl.where(keep, h, 0.0).to(hn_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KN))
     else:
