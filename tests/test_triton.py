@@ -528,3 +528,15 @@ def test_ieee_gemm_of_the_second_derivative(dtype):
     assert label_ops._gemm(CPP_OPS, torch.device("cuda")) is mm
     assert label_ops._gemm(CPP_OPS, torch.device("cpu")) is label_ops._torch_mm
     torch.testing.assert_close(label_ops._torch_mm(a, b, c, 0.5, 0.25), got, rtol=1e-5, atol=1e-5)
+
+
+def test_ieee_gemm_is_differentiable_at_every_order():
+    # The similarity's backward takes the IEEE GEMM and must stay differentiable (second order through it).
+    from metaug_fast.kernels.matmul import mm
+
+    a, b, c = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((7, 5), (5, 9), (7, 9)))
+    torch.autograd.gradcheck(lambda a, b, c: mm(a, b, c, 0.5, 0.25), (a, b, c))
+    torch.autograd.gradgradcheck(lambda a, b, c: mm(a, b, c, 0.5, 0.25), (a, b, c))
+    sim = lambda x, y: F.pairwise_similarity(x, y, similarity="cosine", backend="triton")  # noqa: E731
+    x, y = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    torch.autograd.gradgradcheck(sim, (x, y))

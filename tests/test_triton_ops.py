@@ -95,6 +95,16 @@ def test_every_launcher_is_an_operator_with_cases():
     assert (len(cases), len(public_cases("cpu", torch.float32))) == (N_OP_CASES, N_PUBLIC_CASES)
 
 
+def test_inductor_types_float_arguments_fp64():
+    # Under torch.compile Inductor launches the traced kernels itself and types each Python float argument:
+    # fp64, as the kernels annotate the loss parameters, only while this switch is on (it is, outside fbcode,
+    # in torch 2.11 and 2.14); off, fp64 kernels would get fp32 parameters. On a GPU,
+    # test_compiled_double_backward_rounds_as_eager holds fp64 to 1e-12 through it.
+    from torch._inductor import config
+
+    assert config._use_fp64_for_unbacked_floats
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
                          or "triton" not in metaug_fast.available_backends(),

@@ -331,7 +331,8 @@ def margin_statistics_embeddings_triton(emb: Tensor, labels: Tensor, ref_emb: Op
 
 
 class _TritonSimilarity(torch.autograd.Function):
-    """(e, iz, r, ir) -> d(e_i, r_j) ``[B, M]``; the backward is PyTorch GEMMs (differentiable again)."""
+    """(e, iz, r, ir) -> d(e_i, r_j) ``[B, M]``; the backward is the IEEE GEMM of kernels/matmul.py, which
+    torch's TF32 flags do not change, differentiable again."""
 
     @staticmethod
     def forward(ctx, e, iz, r, ir, sim_id, out_dtype):
@@ -347,7 +348,9 @@ class _TritonSimilarity(torch.autograd.Function):
         acc = iz.dtype
         g = grad.to(acc) * (0.5 if ctx.sim_id == 0 else 1.0)
         en, rn = e.to(acc) * iz[:, None], r.to(acc) * ir[:, None]
-        d_en, d_rn = g @ rn, g.T @ en
+        from ..kernels.matmul import mm
+
+        d_en, d_rn = mm(g, rn, None, 1.0, 0.0), mm(g.T, en, None, 1.0, 0.0)
         return ((d_en * iz[:, None]).to(e.dtype), (d_en * e.to(acc)).sum(1), (d_rn * ir[:, None]).to(r.dtype),
                 (d_rn * r.to(acc)).sum(1), None, None)
 

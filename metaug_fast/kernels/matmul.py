@@ -76,3 +76,20 @@ def mm(a: Tensor, b: Tensor, c: Optional[Tensor], alpha: float, offset: float) -
                a if c is None else c, out, float(alpha), float(offset), M, N, K, *a.stride(), *b.stride(), *cs,
                HAS_C=c is not None, **t)
     return out
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, c, alpha, _ = inputs
+    ctx.save_for_backward(a, b)
+    ctx.alpha, ctx.with_c = alpha, c is not None
+
+
+def _backward(ctx, grad):
+    """∂/∂a = α·g·bᵀ, ∂/∂b = α·aᵀ·g, ∂/∂c = g: through :func:`mm` again, so every order stays IEEE."""
+    a, b = ctx.saved_tensors
+    da = mm(grad, b.T, None, ctx.alpha, 0.0) if ctx.needs_input_grad[0] else None
+    db = mm(a.T, grad, None, ctx.alpha, 0.0) if ctx.needs_input_grad[1] else None
+    return da, db, grad if ctx.with_c else None, None, None
+
+
+mm.register_autograd(_backward, setup_context=_setup_context)
