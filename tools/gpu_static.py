@@ -190,7 +190,8 @@ def chart(rows: List[dict], path: Path) -> None:
 
     def name(r):
         spec = dict(kv.split("=", 1) for kv in r["spec"].split(",") if "=" in kv)
-        tiles = f" {spec['BM']}×{spec['BN']}" if "BM" in spec else ""
+        tiles = (f" {spec['BM']}×{spec['BN']}" if "BM" in spec else
+                 f" {spec['BLOCK_B']}×{spec['BLOCK_K']}, {spec['num_warps']} warps" if "BLOCK_B" in spec else "")
         return f"{r['source']} {r['kernel'].strip('_')} {r['dtype']}{tiles}" + (
             " two-way" if spec.get("TWO_WAY") == "True" else "")
 
