@@ -140,10 +140,10 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
         assert all(rel_err(g, w) <= (1e-10 if dtype == torch.float64 else 1e-5) for g, w in zip(got[:3], want[:3]))
 
 
-@pytest.mark.parametrize("D,tiles", [(200, (64, 32, 256, 128, True)), (300, (64, 32, 64, 256, False))])
+@pytest.mark.parametrize("D,tiles", [(200, (64, 16, 256, 128, True)), (300, (64, 32, 64, 256, False))])
 def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch, D, tiles):
-    # D in (128, 256] on a GPU: 64 × 32 tiles, the row block resident at 256 features, and fp16's outputs in
-    # two chunks of 128; D > 256: the scores in 64-feature steps, the outputs in chunks of 256 (the second one
+    # D in (128, 256] on a GPU: 64 × 16 tiles in fp16, the row block resident at 256 features, and the
+    # outputs in two chunks of 128; D > 256: the scores in 64-feature steps, the outputs in chunks of 256 (the second one
     # ragged here) (kernels/label.config). Run by the interpreter (whose fp16 dot is right) against the
     # reference, loss and gradients, self mode and a reference set.
     from metaug_fast.kernels import label as K
@@ -435,18 +435,17 @@ def test_hinge_row_kernel_takes_its_own_row_blocks(with_ref):
 
 def test_backward_kernels_take_fewer_columns_where_they_ran_out_of_registers():
     # The GPU configurations the compile check found at the register cap or spilling (Triton 3.6): fp32/fp64
-    # self-mode row kernels (TWO_WAY) and resident blocks wider than 128 features in the column kernel take
-    # half the columns; margins keep the forward's (their ties need its tiles). The launchers size their
-    # grids from these metas (test_hinge_row_kernel_takes_its_own_row_blocks, the fp16 wide-row test).
+    # self-mode row kernels (TWO_WAY) take half the columns and 8 warps, cross mode's column kernel half
+    # the columns. The launchers size their grids from these metas
+    # (test_hinge_row_kernel_takes_its_own_row_blocks, the fp16 wide-row test).
     from metaug_fast.contract import Form
     from metaug_fast.kernels import label as K
 
     fp32 = K.Config(32, 32, 16, 32, "ieee", "ieee", False, False)
-    assert K.rows_meta(fp32, Form.WEIGHTED, True)["BN"] == 16 and K.rows_meta(fp32, Form.WEIGHTED)["BN"] == 32
-    wide = K.Config(64, 32, 256, 128, "tf32", "input", False, True, num_warps=8)
-    assert K.cols_meta(wide, Form.WEIGHTED)["BN"] == 16 and K.cols_meta(wide, Form.MARGIN)["BN"] == 32
-    narrow = wide._replace(BM=128, BD=128)
-    assert K.cols_meta(narrow, Form.WEIGHTED)["BN"] == 32 and K.cols_meta(narrow, Form.INFONCE, True)["BN"] == 16
+    assert (K.rows_meta(fp32, Form.WEIGHTED, True)["BN"], K.rows_meta(fp32, Form.WEIGHTED, True)["num_warps"]) == (16, 8)
+    assert K.rows_meta(fp32, Form.WEIGHTED)["BN"] == 32
+    half = K.Config(128, 64, 128, 128, "tf32", "input", False, True, num_warps=8)
+    assert K.cols_meta(half, Form.WEIGHTED)["BN"] == 64 and K.cols_meta(half, Form.INFONCE, True)["BN"] == 32
 
 
 @pytest.mark.parametrize("with_ref", [False, True])

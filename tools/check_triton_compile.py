@@ -166,12 +166,12 @@ def jobs() -> List[Job]:
     for dtype in ("bfloat16", "float16"):
         for D in WIDTHS:
             cfg = label.Config(**_label_config(dtype, D))
-            out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=int(WEIGHTED), SIM=0, **cfg.forward_meta()),
-                           D))
-            for form, two_way in ((int(WEIGHTED), False), (int(WEIGHTED), True)):
+            for form in (int(WEIGHTED), int(MARGIN)):
+                out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **cfg.forward_meta()), D))
+            for form, two_way in ((int(WEIGHTED), False), (int(WEIGHTED), True), (int(MARGIN), False)):
                 out.append(Job("label", "_label_bwd_rows_kernel", dtype,
                                dict(SIM=0, **label.rows_meta(cfg, form, two_way)), D))
-            for form, two_way in ((int(WEIGHTED), False), (int(INFONCE), True)):
+            for form, two_way in ((int(WEIGHTED), False), (int(INFONCE), True), (int(MARGIN), False)):
                 out.append(Job("label", "_label_bwd_cols_kernel", dtype,
                                dict(SIM=0, **label.cols_meta(cfg, form, two_way)), D))
     return out

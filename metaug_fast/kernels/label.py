@@ -659,6 +659,8 @@ def config(e: torch.Tensor, D: int) -> Config:
         wide = 128 < D <= _RESIDENT_D
         fp16 = e.dtype == torch.float16
         tiles = CANDIDATES[3] if wide or not resident else CANDIDATES[1] if fp16 else CANDIDATES[0]
+        if wide and fp16:  # its column kernel's [BN, 256] accumulator sat at 255 registers with 32 (Triton 3.6)
+            tiles = dict(tiles, BN=16)
         bdo = 128 if wide and fp16 else bd if resident else 256
         cfg = Config(tiles["BM"], tiles["BN"], bd, bdo, prec, "input", upcast, resident, num_warps=tiles["num_warps"])
     else:  # fp32/fp64 dots run on FMA units from registers: a resident row block of 128 fp32 spills
@@ -691,12 +693,9 @@ def cols_meta(cfg: Config, form: int, two_way: bool = False) -> dict:
     """The backward column kernel's constexprs and launch options: cross mode's (TWO_WAY), which takes both
     directions' factors and exponentials per entry, gets half as many columns per program. At full width it
     spilled 8 bytes per thread for bf16 at 128×64 with 8 warps (Triton 3.8), and for fp32 at 32×32 with
-    feature chunks of 16 (Triton 3.6, the GPU machine's; 3.8 did not). So does a resident block of more
-    than 128 features, whose [BN, D] accumulator sat at the 255-register cap in fp16 at D = 256 with 32
-    columns (Triton 3.6; 176 with 16). Margins keep the forward's columns: their ties are found again
-    by equality with the forward's tiles."""
+    feature chunks of 16 (Triton 3.6, the GPU machine's; 3.8 did not)."""
     meta = dict(FORM=form, TWO_WAY=two_way, **cfg.meta())
-    if two_way or (cfg.RESIDENT and cfg.BD > 128 and form != Form.MARGIN):
+    if two_way:
         meta["BN"] = max(16, cfg.BN // 2)
     return meta
 
