@@ -107,9 +107,23 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
     return chosen.impls[op]
 
 
-def fused_label_ops(what: str, device: torch.device):
-    """The fused label ops (``oucl_label_fwd``/``_bwd``) for tensors on ``device``, from the first available
-    backend that has them there; ``what`` names the caller in the error when none has."""
+def fused_label_ops(what: str, device: torch.device, backend: str = "auto"):
+    """The fused label ops (``oucl_label_fwd``/``_bwd``) for tensors on ``device``: the named ``backend``'s,
+    or with ``"auto"`` the first available backend's that has them there; ``what`` names the caller in the
+    errors. An explicit backend without them is refused, never replaced by another."""
+    _check_name(backend, "backend")
+    if backend != "auto":
+        chosen = REGISTRY[backend]
+        if chosen.label_ops is None:
+            having = sorted(name for name, b in REGISTRY.items() if b.label_ops is not None)
+            raise ValueError(f"{what} runs the fused label ops, which backend={backend!r} does not have; backends "
+                             f"that do: {having} (or backend='auto')")
+        reason = chosen.unavailable()
+        if reason:
+            raise BackendUnavailableError(f"backend={backend!r}: {reason}")
+        if not chosen.runs_on(device):
+            raise ValueError(f"backend={backend!r} runs on {chosen.where} only, got tensors on {device}")
+        return chosen.label_ops
     candidates = [b for b in REGISTRY.values() if b.label_ops is not None and b.runs_on(device)]
     for b in candidates:
         if b.available():

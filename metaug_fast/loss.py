@@ -92,7 +92,7 @@ class OUCLLoss(nn.Module):
             params = {k: v for k, v in self.params.items() if k != "reduction"}
             if self.distributed == "ring":
                 return D.oucl_embeddings_ring(emb, labels, group=self.process_group, reduction=self.params["reduction"],
-                                              similarity=self.similarity, **params)
+                                              similarity=self.similarity, backend=self.backend, **params)
             return D.oucl_embeddings_all_gather(emb, labels, group=self.process_group,
                                                 reduction=self.params["reduction"], backend=self.backend,
                                                 similarity=self.similarity, **params)

@@ -56,6 +56,23 @@ def test_explicit_backend_never_falls_back(monkeypatch):
             F.oucl(P.to("meta"), N.to("meta"), backend="cpp")
 
 
+def test_fused_label_ops_honour_an_explicit_backend():
+    # Ring mode and sharded scoring take the fused label ops: an explicit backend is used or refused, never
+    # replaced by another's (OUCLLoss(backend="reference", distributed="ring") used to run the C++ kernels).
+    cpu = torch.device("cpu")
+    for name in ("reference", "triton"):
+        with pytest.raises(ValueError, match=f"ring mode runs the fused label ops, which backend='{name}' does not"):
+            _backend.fused_label_ops("ring mode", cpu, name)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        _backend.fused_label_ops("ring mode", cpu, "bogus")
+    if "cpp" in metaug_fast.available_backends():
+        assert _backend.fused_label_ops("ring mode", cpu, "cpp") is _backend.REGISTRY["cpp"].label_ops
+        assert _backend.fused_label_ops("ring mode", cpu) is _backend.REGISTRY["cpp"].label_ops
+    if "cuda" not in metaug_fast.available_backends():
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="backend='cuda'"):
+            _backend.fused_label_ops("ring mode", cpu, "cuda")
+
+
 def test_missing_extension_explains_how_to_build(monkeypatch):
     monkeypatch.setattr(metaug_fast.backends.cpp, "ERROR", ImportError("libfoo.so missing"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

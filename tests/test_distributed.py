@@ -63,9 +63,14 @@ def _worker(rank, world, init_file, cases):
                 ring.backward()
                 torch.testing.assert_close(ring, want.detach(), rtol=1e-10, atol=1e-12)
                 torch.testing.assert_close(ring_in.grad, whole.grad[start:stop], rtol=1e-10, atol=1e-12)
-                ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", **kw)
-                torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
-                                           want.detach(), rtol=1e-10, atol=1e-12)
+                for chosen in ("auto", "cpp"):
+                    ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", backend=chosen, **kw)
+                    torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
+                                               want.detach(), rtol=1e-10, atol=1e-12)
+            else:  # an explicit backend without fused label ops is refused, never replaced by the C++ kernels
+                ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", backend=backend, **kw)
+                with pytest.raises(ValueError, match=f"backend='{backend}' does not have"):
+                    ring_module.embeddings(emb[start:stop], labels[start:stop])
             _check_score_mode(start, stop, backend, reduction, kw)
         for backend in dict.fromkeys(c[0] for c in cases):
             _check_info_nce(emb, labels, start, stop, backend)
@@ -215,6 +220,11 @@ def _bank_worker(rank, world, init_file, forms):
         torch.testing.assert_close(bank.full(0), ref.features[0], rtol=1e-12, atol=1e-12)
         with pytest.raises(ValueError, match="bank_labels"):
             bank.score_all(0, mine, labels[start:stop], bank_labels[:-1])
+        # The caller's backend scores the shards: the C++ kernels when named, refused when it has none.
+        torch.testing.assert_close(bank.score_all(1, emb[start:stop], labels[start:stop], bank_labels, backend="cpp"),
+                                   R.oucl_embeddings(emb, labels, full, bank_labels), rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="backend='reference' does not have"):
+            bank.score_all(1, emb[start:stop], labels[start:stop], bank_labels, backend="reference")
         with pytest.raises(ValueError, match="shard"):
             bank.load_state_dict(dict(bank.state_dict(), start=bank.start + 1))
     finally:

@@ -123,9 +123,11 @@ def _merge_stats(stats: Tensor, valid: Tensor, params: OpArgs) -> tuple:
     return torch.where(valid, rows, torch.zeros_like(rows)), merged
 
 
-def _fused_op_args(what: str, device: torch.device, similarity: str, checked: dict) -> tuple:
-    """(the fused label ops of ``device`` from the backend registry, similarity id, op arguments)."""
-    return _backend.fused_label_ops(what, device), SIMILARITIES[similarity], LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
+def _fused_op_args(what: str, device: torch.device, similarity: str, checked: dict, backend: str) -> tuple:
+    """(the fused label ops of ``backend`` on ``device`` from the backend registry, similarity id, op
+    arguments)."""
+    params = LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
+    return _backend.fused_label_ops(what, device, backend), SIMILARITIES[similarity], params
 
 
 def _normalized(x: Tensor) -> Tensor:

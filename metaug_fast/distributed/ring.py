@@ -84,12 +84,14 @@ def oucl_embeddings_ring(
     group: Optional[dist.ProcessGroup] = None,
     reduction: str = "mean",
     similarity: str = "shifted_cosine",
+    backend: str = "auto",
     **params,
 ) -> Tensor:
     """Label-mode OUCL over the global batch like :func:`oucl_embeddings_all_gather`, but the other ranks'
     embeddings visit one at a time around the ring instead of being gathered: per-rank memory
     O((b + largest rank's b)·D) instead of O(Σ b · D). Same loss and gradients; first derivatives only.
-    Needs the fused label op of the tensors' device (cpp on CPU). ``emb [b, D]`` and ``labels [b]`` as
+    Needs the fused label op of the tensors' device: ``backend`` names whose ("auto": the first that has
+    them there, cpp on CPU); one without them is refused. ``emb [b, D]`` and ``labels [b]`` as
     :func:`oucl_embeddings_all_gather`.
 
     Example:
@@ -102,7 +104,7 @@ def oucl_embeddings_ring(
     """
     similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
                                           dict(params, similarity=similarity))
-    ops, sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked)
+    ops, sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked, backend)
     zn = _normalized(emb)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)

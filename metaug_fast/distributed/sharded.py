@@ -48,6 +48,7 @@ def oucl_embeddings_sharded(
     reduction: str = "mean",
     similarity: str = "shifted_cosine",
     shard_unit: bool = False,
+    backend: str = "auto",
     **params,
 ) -> Tensor:
     """Label-mode OUCL of every rank's rows against a reference set (a memory bank) split across ranks.
@@ -66,6 +67,8 @@ def oucl_embeddings_sharded(
             shard_labels: ``[m]`` integers.
         shard_unit: the shard's rows are unit vectors already (a memory bank keeps them so): they are used as
             they are instead of through a normalized m×D copy.
+        backend: whose fused label ops score the shard ("auto": the first that has them on the device); one
+            without them (reference, triton) is refused rather than replaced.
         params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
 
     Example:
@@ -79,7 +82,7 @@ def oucl_embeddings_sharded(
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
                                           dict(params, similarity=similarity), ref=(shard, shard_labels))
-    ops, sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked)
+    ops, sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked, backend)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     zq = _GatherRows.apply(_normalized(emb), sizes, rank, group)

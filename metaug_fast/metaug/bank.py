@@ -179,16 +179,19 @@ class ShardedMemoryBank:
         _momentum_update(self.features[view], all_index[mine] - self.start, all_z[mine], self.momentum)
 
     def score_all(self, view: int, z: Tensor, labels: Tensor, bank_labels: Tensor, *,
-                  similarity: str = "shifted_cosine", reduction: str = "mean", **form_params) -> Tensor:
+                  similarity: str = "shifted_cosine", reduction: str = "mean", backend: str = "auto",
+                  **form_params) -> Tensor:
         """Label-mode OUCL of every rank's ``z [b, dim]`` (``labels [b]``) against the whole bank of ``view``,
         whose labels are ``bank_labels [n_data]`` (every row's, the same on every rank). Returns the global
-        loss on every rank; gradients reach each rank's ``z``. ``form_params`` as :meth:`MemoryBank.score_all`."""
+        loss on every rank; gradients reach each rank's ``z``. ``backend``: whose fused label ops score each
+        shard (:func:`metaug_fast.distributed.oucl_embeddings_sharded`). ``form_params`` as
+        :meth:`MemoryBank.score_all`."""
         if bank_labels.shape != (self.n_data,):
             raise ValueError(f"bank_labels must have one label per bank row ({self.n_data}), "
                              f"got shape {tuple(bank_labels.shape)}")
         return D.oucl_embeddings_sharded(z, labels, self.features[view], bank_labels[self.start:self.stop],
                                          group=self.group, similarity=similarity, reduction=reduction,
-                                         shard_unit=True, **form_params)
+                                         shard_unit=True, backend=backend, **form_params)
 
     def full(self, view: int) -> Tensor:
         """The whole bank of ``view``, ``[n_data, dim]``, on every rank (for checkpoints and checks)."""
