@@ -19,14 +19,15 @@ from helpers import hvp, label_data
 
 
 def _cases():
-    """(device, backend) pairs, each skipped where it cannot run (the ids exist everywhere: the GPU check
-    selects them by name)."""
+    """(device, backend) pairs, each skipped where it cannot run; the CUDA ones marked ``gpu``. The ids
+    exist everywhere: the GPU check selects them by name and marker."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     gpu = torch.cuda.is_available() and not interpreting
     runs = {("cpu", "cpp"): "cpp" in metaug_fast.available_backends(), ("cpu", "triton"): interpreting,
             ("cuda", "triton"): gpu and "triton" in metaug_fast.available_backends(),
             ("cuda", "cuda"): gpu and "cuda" in metaug_fast.available_backends()}
-    return [pytest.param(*case, marks=pytest.mark.skipif(not ok, reason=f"{case[1]} on {case[0]} is not here"))
+    return [pytest.param(*case, marks=[pytest.mark.skipif(not ok, reason=f"{case[1]} on {case[0]} is not here")]
+                         + ([pytest.mark.gpu] if case[0] == "cuda" else []))
             for case, ok in runs.items()]
 
 
