@@ -148,6 +148,8 @@ def _exponents(
         return beta * (p - 1.0) ** 2, beta * (n * n - 2.0 * margin * margin)
     if form == "weighted":
         return -beta * (p - gamma_pos), beta * (n - gamma_neg)
+    if form != "circle":  # hinge has no exponents; anything else is not a form
+        raise ValueError(f"form must be one of {tuple(f for f in OUCL_FORMS if f != 'hinge')} here, got {form!r}")
     # circle: Γ⁺ and Γ⁻ are constants for autograd, at every order.
     gp = torch.relu(1.0 + margin - p).detach()
     gn = torch.relu(n + margin).detach()

@@ -91,3 +91,18 @@ def test_the_bare_slot_pattern_finds_what_it_should():
         assert _BARE_SLOT.search(line), line
     for line in ("stats[:, Stat.VALID]", "st[kValid] = v;", "s[k] = e;", "stats[i]"):
         assert not _BARE_SLOT.search(line), line
+
+
+def test_the_test_grid_takes_every_form_and_unknown_forms_are_refused():
+    # tests/helpers.FORMS is the contract grid's own list (kept independent of the library on purpose): a form
+    # added to the library and not to the grid fails here instead of going untested. An id or name that is
+    # not a form raises instead of running as another form (reference.py fell through to circle, the Triton
+    # kernels to the weighted form).
+    import torch
+
+    from helpers import FORMS
+    from metaug_fast import reference
+
+    assert set(FORMS) == set(contract.OUCL_FORMS)
+    with pytest.raises(ValueError, match="form must be one of"):
+        reference._exponents(torch.zeros(2, 3), torch.zeros(2, 3), "circles", 8.0, 0.1, -0.1, 0.3)

@@ -539,3 +539,13 @@ def test_ieee_gemm_is_differentiable_at_every_order():
     sim = lambda x, y: F.pairwise_similarity(x, y, similarity="cosine", backend="triton")  # noqa: E731
     x, y = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     torch.autograd.gradgradcheck(sim, (x, y))
+
+
+def test_a_kernel_refuses_a_form_id_it_does_not_know():
+    # An id that is not a form fell through to the weighted form's exponents; it is refused when the kernel
+    # is specialized (tl.static_assert: a compile error on a GPU, an interpreter error here).
+    from metaug_fast.kernels import score
+
+    p, n = torch.rand(3, 4), torch.rand(3, 5)
+    with pytest.raises(Exception, match="not a smooth OUCL form id"):
+        score.oucl_score_fwd(p, n, None, None, 7, 8.0, 0.1, -0.1, 0.3, 0.2)

@@ -156,7 +156,8 @@ def side_terms(x, FORM: tl.constexpr, POS: tl.constexpr, beta, gamma_pos, gamma_
             e = beta * g * (x - margin)
             d1 = beta * g
         d2 = zero
-    else:  # weighted (and InfoNCE's negatives, with γ⁻ = 0)
+    else:  # weighted (and InfoNCE's negatives, with γ⁻ = 0); any other id is refused when compiled
+        tl.static_assert(FORM == WEIGHTED or FORM == INFONCE, "side_terms: not a smooth OUCL form id")
         if POS:
             e = -beta * (x - gamma_pos)
             d1 = zero - beta
