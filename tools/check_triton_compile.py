@@ -15,9 +15,9 @@ rounded even when compiled with fusion on (PINNED: torch.compile before torch 2.
 kernel spills registers (a spill in the tile loop costs local-memory traffic per score); no label kernel
 sits at the register cap or uses more shared memory than the target has (SHARED_BUDGET). The tiles are
 tuned for sm_90 (TUNED_ARCH); for sm_80/86/89 the label and similarity kernels must compile within the
-target's shared memory (spills there cost speed, and are not failures). The half dtypes'
-label kernels are compiled at every width whose tiles differ (WIDTHS). Exits 1 and names the kernel and specialization that failed. Runs with TRITON_INTERPRET
-unset (the interpreter replaces the compiler).
+target's shared memory (spills there cost speed, and are not failures). The half dtypes' label kernels are
+compiled at every width whose tiles differ (WIDTHS). Exits 1 and names the kernel and specialization that
+failed. Runs with TRITON_INTERPRET unset (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
@@ -256,7 +256,8 @@ PINNED = ("_score_bwd_bwd_kernel",)
 
 def pinned(ptx: str) -> int:
     """How many products of ``ptx`` are rounded on their own whatever the compile options (``mul.rn``, as
-    libdevice's mul_rn gives them): with contraction on, every other product is a ``mul.f32`` or an ``fma``."""
+    kernels/_common.mul_rn's inline PTX gives them): with contraction on, every other product is a ``mul.f32``
+    or an ``fma``."""
     import re
 
     return len(re.findall(r"^\s*mul\.rn\.f(?:32|64)\b", ptx, flags=re.M))

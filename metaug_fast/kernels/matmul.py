@@ -1,5 +1,5 @@
 """``offset + α·A·B (+ C)`` in Triton with IEEE fp32/fp64 products: the GEMMs of the label-mode second
-derivative on CUDA (metaug_fast/_ops/label.py, ``pinned_mm``). ``torch.mm`` on CUDA fp32 tensors follows
+derivative on CUDA (metaug_fast/_ops/label.py, ``_gemm``). ``torch.mm`` on CUDA fp32 tensors follows
 ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.set_float32_matmul_precision("high")``, which training
 scripts commonly set: TF32 keeps 10 mantissa bits, about 1e-3 relative, the whole tolerance of an fp32
 Hessian-vector product. These dots say ``input_precision="ieee"``, so no global setting changes them (and
@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import launch, op
+from .label import _raw_dot
 
 
 @triton.jit
@@ -28,14 +29,9 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, out_ptr, alpha: tl.float64, offset: tl.float
     rows = (pid // col_blocks) * BM + tl.arange(0, BM)
     cols = (pid % col_blocks) * BN + tl.arange(0, BN)
     rmask, cmask = rows < M, cols < N
-    acc = tl.zeros((BM, BN), acc_ty)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * s_am + k[None, :].to(tl.int64) * s_ak,
-                    mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + k[:, None].to(tl.int64) * s_bk + cols[None, :].to(tl.int64) * s_bn,
-                    mask=(k[:, None] < K) & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc=acc, input_precision="ieee", out_dtype=acc_ty)
+    # label.py's product loop, read with b's strides transposed: its [BN, BK] blocks of b are bᵀ's rows.
+    acc = _raw_dot(None, None, a_ptr, b_ptr, rows, cols, rmask, cmask, K, s_am, s_ak, s_bn, s_bk, acc_ty, BM, BN, BK,
+                   "ieee", False, False)
     out = offset + alpha * acc
     inside = rmask[:, None] & cmask[None, :]
     if HAS_C:
