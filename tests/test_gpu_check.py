@@ -119,6 +119,21 @@ def test_the_plan_fits_the_gpu_machine_by_construction():
                 assert limit - gpu_check.PER_TEST_S - gpu_check.PYTEST_OVERHEAD_S >= 15, (mode, step)
 
 
+def test_a_dry_run_keeps_the_plan_on_a_slower_clock(tmp_path):
+    # Interpreting on a busy CPU is no measure of the GPU: the dry run's limits and budget scale together.
+    real, dry = gpu_check.Check(tmp_path / "real", "quick", False), gpu_check.Check(tmp_path / "dry", "quick", True)
+    for c in (real, dry):
+        c.t0 -= 40
+    slowdown = gpu_check.DRY_RUN_SLOWDOWN
+    assert slowdown > 1
+    assert real.left() == pytest.approx(gpu_check.BUDGET_S["quick"] - 40, abs=1)
+    assert dry.left() == pytest.approx(gpu_check.BUDGET_S["quick"] - 40 / slowdown, abs=1)
+    sleep = [sys.executable, "-c", "import time; time.sleep(6)"]
+    assert real.run("step", sleep, 5, "real.log") == 124  # a 5 s limit is 5 s on the GPU machine
+    assert dry.run("step", sleep, 5, "dry.log") == 0  # and 5 x slowdown s in a dry run
+    assert [r["value"] for r in real.rows] == ["5"] and not dry.rows
+
+
 def test_a_pytest_run_past_its_deadline_ends_with_a_junit_file(tmp_path):
     junit = tmp_path / "junit.xml"
     # Two xdist workers, as the check runs them: each reads the deadline from its environment.
