@@ -30,6 +30,7 @@ install: $(VENV)/.install-stamp
 # Two pytest workers (pytest-xdist): the suite is mostly single-threaded Python and runs in three quarters
 # of the time on 2 cores (tests that compare thread counts set them themselves).
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 tests
 
 train: install

@@ -61,7 +61,8 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
             CppExtension(
                 "metaug_fast._C",
                 sources=["csrc/module.cpp", "csrc/cpu/score.cpp", "csrc/cpu/label.cpp"],
-                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", "csrc/build_info.h", *glob.glob("csrc/cpu/*.[hi]*")],
+                depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/op_schemas.h", "csrc/build_info.h",
+                         *glob.glob("csrc/cpu/*.[hi]*")],
                 extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *torch_version],
                 extra_link_args=["-fopenmp"],
             )

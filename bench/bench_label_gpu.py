@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             flops = 3 * 2 * n * n * D  # self mode: the work the kernels do (module docstring)
             rate = "" if ms == "OOM" else flops / (ms * 1e-3) / 1e12
             rows.append(row(op="oucl_weighted", mode="label", backend=backend, dtype=args.dtype, size=f"N={n},D={D}",
-                            time_ms=ms if ms == "OOM" else round(ms, 3), peak_mem_mb=mem if mem == "OOM" else round(mem, 1),
+                            time_ms=ms if ms == "OOM" else round(ms, 3), peak_mem_mb=mem if mem == "OOM" else round(
+                                mem, 1),
                             **{"pass": "forward+backward"}))
             print(f"{n:>9} {backend:>10} " + (f"{'OOM':>10} {'OOM':>10}" if ms == "OOM" else
                   f"{ms:>10.2f} {mem:>10.1f} {rate:>9.0f} {rate / peak:>8.2f}"), flush=True)

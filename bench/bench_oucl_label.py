@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/oucl_label_cpu.csv"))
     args = ap.parse_args(argv)
     set_command("bench.bench_oucl_label", argv)
-    n_main, n_pml, n_big, n_hvp, n_hvp_big = (512, 256, 2048, 256, 512) if args.quick else (8192, 4096, 65536, 2048, 16384)
+    n_main, n_pml, n_big, n_hvp, n_hvp_big = (512, 256, 2048, 256, 512) if args.quick else (8192, 4096, 65536, 2048,
+                                                                                            16384)
     rows, lines = [], []
 
     def record(op, backend, n, name, result, note=""):
@@ -132,12 +133,17 @@ def main(argv=None) -> int:
         emb.grad = None
         compiled(emb, labels).backward()
 
-    comp = record("oucl_weighted", "compile(reference)", n_main, "forward+backward", _measure(compiled_run, args.repeats))
-    cpp = record("oucl_weighted", "cpp", n_main, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels), args.repeats))
+    comp = record("oucl_weighted", "compile(reference)", n_main, "forward+backward", _measure(compiled_run,
+                                                                                              args.repeats))
+    cpp = record("oucl_weighted", "cpp", n_main, "forward+backward", _measure(_fwd_bwd("cpp", emb, labels),
+                                                                              args.repeats))
     z = emb.detach()
-    floor = record("gemm_floor", "torch.mm", n_main, "one [N,D]x[D,N]", _measure(lambda: torch.mm(z, z.T), args.repeats))
-    ratios = [f"N={n_main}: cpp {ref[0] / cpp[0]:.1f}x faster, {ref[1] / max(cpp[1], 0.1):.0f}x less peak memory than reference",
-              f"N={n_main}: cpp {comp[0] / cpp[0]:.2f}x faster than torch.compile(reference); cpp = {cpp[0] / floor[0]:.1f} "
+    floor = record("gemm_floor", "torch.mm", n_main, "one [N,D]x[D,N]", _measure(lambda: torch.mm(z, z.T),
+                                                                                 args.repeats))
+    ratios = [f"N={n_main}: cpp {ref[0] / cpp[0]:.1f}x faster, {ref[1] / max(cpp[1], 0.1):.0f}x less peak memory "
+              "than reference",
+              f"N={n_main}: cpp {comp[0] / cpp[0]:.2f}x faster than torch.compile(reference); "
+              f"cpp = {cpp[0] / floor[0]:.1f} "
               f"one-GEMM times (reference {ref[0] / floor[0]:.1f}, compile {comp[0] / floor[0]:.1f})"]
 
     # 1b. Two views scored against each other (a reference set that needs a gradient), N/2 each.
@@ -151,7 +157,8 @@ def main(argv=None) -> int:
 
     tv = record("oucl_weighted_two_views", "cpp", half, "forward+backward", _measure(two_views, args.repeats))
     za, zb = view_a.detach(), view_b.detach()
-    tv_floor = record("gemm_floor", "torch.mm", half, "one [N,D]x[D,N]", _measure(lambda: torch.mm(za, zb.T), args.repeats))
+    tv_floor = record("gemm_floor", "torch.mm", half, "one [N,D]x[D,N]", _measure(lambda: torch.mm(za, zb.T),
+                                                                                  args.repeats))
     ratios.append(f"two views of {half}: cpp = {tv[0] / tv_floor[0]:.1f} one-GEMM times")
 
     # 1c. InfoNCE: NT-Xent on the two views (one positive per anchor: its terms by dot products, no second
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
     p = record("circle_cosine", "pml.CircleLoss", n_pml, "forward+backward", _measure(pml, args.repeats))
     c = record("circle_cosine", "cpp", n_pml, "forward+backward",
                _measure(_fwd_bwd("cpp", emb, labels, form="circle", similarity="cosine", beta=80.0), args.repeats))
-    ratios.append(f"N={n_pml}: cpp {p[0] / c[0]:.1f}x faster, {p[1] / max(c[1], 0.1):.0f}x less peak memory than PML CircleLoss")
+    ratios.append(f"N={n_pml}: cpp {p[0] / c[0]:.1f}x faster, {p[1] / max(c[1], 0.1):.0f}x less peak memory than "
+                  "PML CircleLoss")
 
     # 3. N = 65536: cpp completes; reference is tried in a memory-limited subprocess.
     emb, labels = _inputs(n_big)

@@ -434,7 +434,8 @@ def run_steps(c: Check) -> None:
         if full:
             step_tests(c, "triton_ops", ["tests/test_triton_ops.py"], OPS_TESTS_S, TRITON_ENV)
             deselect = [arg for node in SMOKE for arg in ("--deselect", node)]
-            step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py", "tests/test_precision_flags.py",
+            step_tests(c, "triton", ["tests/test_contract.py", "tests/test_triton_gpu.py",
+                                     "tests/test_precision_flags.py",
                                      "-k", "triton", *deselect], c.budget, TRITON_ENV)
     finally:
         if build is not None and build.poll() is None:

@@ -163,7 +163,7 @@ def ceilings(b: Bench) -> dict:
                               ("fp32", torch.float32, False)):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         x, y = torch.randn(n, n, device=b.device, dtype=dtype), torch.randn(n, n, device=b.device, dtype=dtype)
-        rates[name] = 2 * n**3 / b.timed(lambda: x @ y) / 1e12  # noqa: B023
+        rates[name] = 2 * n**3 / b.timed(lambda: x @ y) / 1e12
         b.sink("ceilings", f"GEMM {name} {n}^3", rates[name], "TFLOP/s")
     torch.backends.cuda.matmul.allow_tf32 = False
     x = torch.empty(b.sizes.copy, device=b.device, dtype=torch.float32)
@@ -203,13 +203,13 @@ def label(b: Bench, n: int, bf16_rate: float) -> None:
     b.sink("label", f"N={n} similarity GEMM only", gemm * 1e3, "ms")
     for form in ("weighted", "hinge"):
         checked = check_label(b, form)
-        loss = lambda: F.oucl_embeddings(emb, labels, form=form, backend="triton")  # noqa: E731,B023
+        loss = lambda: F.oucl_embeddings(emb, labels, form=form, backend="triton")
         fwd = b.timed(loss)
         emb.grad = None
         value = loss()
         value.backward()
         status = _status(checked, _finite(value, emb.grad))
-        fwd_bwd = b.timed(lambda: loss().backward())  # noqa: B023
+        fwd_bwd = b.timed(lambda: loss().backward())
         b.sink("label", f"N={n} {form} forward", fwd * 1e3, "ms", status=status)
         b.sink("label", f"N={n} {form} forward+backward", fwd_bwd * 1e3, "ms", status=status)
         if form == "weighted":
@@ -233,13 +233,13 @@ def hvp(b: Bench) -> None:
     from metaug_fast._selfcheck import HVP_TOL, outputs
 
     emb, labels = _views(b, b.sizes.check, torch.float32, seed=1)
-    fn = lambda backend: lambda e: F.oucl_embeddings(e, labels, backend=backend)  # noqa: E731
+    fn = lambda backend: lambda e: F.oucl_embeddings(e, labels, backend=backend)
     checked = b.check(f"N={b.sizes.check} weighted fp32 loss+grad+HVP", outputs(fn("triton"), (emb,), 2),
                       outputs(fn("reference"), (emb.double(),), 2), tol=HVP_TOL[torch.float32])
     n = b.sizes.hvp
     emb, labels = _views(b, n, torch.bfloat16)
     v = torch.randn_like(emb)
-    step = lambda: _hvp(lambda e: F.oucl_embeddings(e, labels, backend="triton"), emb, v)  # noqa: E731
+    step = lambda: _hvp(lambda e: F.oucl_embeddings(e, labels, backend="triton"), emb, v)
     t = b.timed(step, reps=1)
     b.sink("label", f"N={n} HVP", t * 1e3, "ms", status=_status(checked, _finite(*step())))
 
@@ -255,13 +255,13 @@ def bank(b: Bench) -> None:
                 ref.to(b.device, torch.bfloat16), torch.randint(0, 1000, (m,), generator=gen).to(b.device))
 
     z, labels, ref, ref_labels = data(*b.sizes.bank_check)
-    fn = lambda backend, r: lambda q: F.oucl_embeddings(q, labels, r, ref_labels, backend=backend)  # noqa: E731
+    fn = lambda backend, r: lambda q: F.oucl_embeddings(q, labels, r, ref_labels, backend=backend)
     checked = b.check(f"B={len(z)} M={len(ref)} loss+grad", _loss_and_grads(fn("triton", ref), z),
                       _loss_and_grads(fn("reference", ref.double()), z.double()),
                       _loss_and_grads(fn("reference", ref), z))
     z, labels, ref, ref_labels = data(*b.sizes.bank)
     z.requires_grad_()
-    run = lambda: F.oucl_embeddings(z, labels, ref, ref_labels, backend="triton").backward()  # noqa: E731
+    run = lambda: F.oucl_embeddings(z, labels, ref, ref_labels, backend="triton").backward()
     t = b.timed(run)
     b.sink("bank", f"B={len(z)} M={len(ref)} fwd+bwd (constant bank)", t * 1e3, "ms",
            status=_status(checked, _finite(z.grad)))
@@ -299,19 +299,19 @@ def score(b: Bench) -> None:
         if backend not in metaug_fast.available_backends():
             continue
         pos_c, neg_c = data(*b.sizes.score_check)
-        fn = lambda be: lambda p, n: F.oucl(p, n, form="circle", backend=be)  # noqa: E731
+        fn = lambda be: lambda p, n: F.oucl(p, n, form="circle", backend=be)
         checked = b.check(f"B={len(pos_c)} circle {backend} loss+grads",
                           _loss_and_grads(fn(backend), pos_c, neg_c),
                           _loss_and_grads(fn("reference"), pos_c.double(), neg_c.double()),
                           _loss_and_grads(fn("reference"), pos_c, neg_c))
         pos, neg = (x.requires_grad_() for x in data(rows, kp, kn))
-        loss = lambda: F.oucl(pos, neg, form="circle", backend=backend)  # noqa: E731,B023
+        loss = lambda: F.oucl(pos, neg, form="circle", backend=backend)
         value = loss()
         value.backward()
         status = _status(checked, _finite(value, pos.grad, neg.grad))
         b.sink("score", f"B={rows} K={kp}/{kn} circle {backend} forward", b.timed(loss) * 1e3, "ms", status=status)
         b.sink("score", f"B={rows} K={kp}/{kn} circle {backend} fwd+bwd",
-               b.timed(lambda: loss().backward()) * 1e3, "ms", status=status)  # noqa: B023
+               b.timed(lambda: loss().backward()) * 1e3, "ms", status=status)
 
 
 def compiled_kernels(b: Bench) -> None:

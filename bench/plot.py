@@ -43,7 +43,8 @@ def plot_csv(path: Path, out: Path) -> Path:
     labels = [f"{op}\n{size}\n{name}" for op, size, name in groups]
     fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(groups)), 7), sharex=True)
     width = 0.8 / len(backends)
-    for ax, key, unit in ((axes[0], "time_ms", "time (ms, log)"), (axes[1], "peak_mem_mb", "peak extra memory (MiB, log)")):
+    for ax, key, unit in ((axes[0], "time_ms", "time (ms, log)"), (axes[1], "peak_mem_mb",
+                                                                   "peak extra memory (MiB, log)")):
         values = [float(r[key]) for g in groups.values() for r in g.values() if r[key] not in ("", "OOM")]
         top = max(values) * 3 if values else 1.0
         for b, backend in enumerate(backends):

@@ -78,13 +78,14 @@ def sweep_rows(rows: List[Dict[str, str]]) -> List[str]:
         head += (f" | HVP, {top}" if has_hvp else "") + f" | memory fwd+bwd, {top} | vs {base}, {top} (time, memory) |"
         out += [head, "|---" * (len(sizes) + (4 if has_hvp else 3)) + "|"]
         for backend in OrderedDict.fromkeys(r["backend"] for r in sub):
-            get = lambda s, p, k: cell.get((backend, str(s), p), {}).get(k, "")  # noqa: E731
+            get = lambda s, p, k: cell.get((backend, str(s), p), {}).get(k, "")
             line = f"| {backend} | " + " | ".join(_fmt(get(s, "forward+backward", "time_ms"), "ms") for s in sizes)
             if has_hvp:
                 line += f" | {_fmt(get(top, 'hvp', 'time_ms'), 'ms')}"
             ref = cell.get((base, top, "forward+backward"), {})
-            vs = "–" if backend == base else (f"{_ratio(ref.get('time_ms', ''), get(top, 'forward+backward', 'time_ms'))}, "
-                                              f"{_ratio(ref.get('peak_mem_mb', ''), get(top, 'forward+backward', 'peak_mem_mb'))}")
+            top_time, top_mem = (get(top, "forward+backward", key) for key in ("time_ms", "peak_mem_mb"))
+            vs = "–" if backend == base else (f"{_ratio(ref.get('time_ms', ''), top_time)}, "
+                                              f"{_ratio(ref.get('peak_mem_mb', ''), top_mem)}")
             line += f" | {_fmt(get(top, 'forward+backward', 'peak_mem_mb'), 'MiB')} | {vs} |"
             out.append(line)
         out.append("")

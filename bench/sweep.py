@@ -358,13 +358,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--suite", default="kernels", choices=tuple(SUITES),
-                    help="kernels: every op x backend (default); drop_ins: each metaug_fast.losses class against its peer")
+                    help="kernels: every op x backend (default); drop_ins: each metaug_fast.losses class against "
+                         "its peer")
     ap.add_argument("--dtypes", nargs="+", default=None, help="default: float32 (CPU), bfloat16 float16 float32 (GPU)")
     ap.add_argument("--ops", nargs="+", default=None, help="default: all")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="default: each op's sweep for the device")
     ap.add_argument("--backends", nargs="+", default=None, help="default: all that apply")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--mem-gib", type=float, default=20.0, help="CPU address-space limit (OOM instead of the OOM killer)")
+    ap.add_argument("--mem-gib", type=float, default=20.0,
+                    help="CPU address-space limit (OOM instead of the OOM killer)")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/sweep_<cpu|gpu>.csv")
     args = ap.parse_args(argv)
     set_command("bench.sweep", argv)

@@ -1,8 +1,8 @@
 """Public functions of metaug_fast: validate the inputs, pick a backend, run it.
 
 Every function has the meaning given in docs/mathematics.md#mathematics and the design in
-docs/design.md#backends; the pure-PyTorch versions in :mod:`metaug_fast.reference` define the results. Bad input raises a
-``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
+docs/design.md#backends; the pure-PyTorch versions in :mod:`metaug_fast.reference` define the results. Bad input
+raises a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or value) naming the argument.
 
 Shapes: score mode takes ``pos [B,K⁺]`` and ``neg [B,K⁻]`` (float16/bfloat16/float32/float64) with
 optional bool masks of the same shapes; label mode takes ``emb [B,D]``, integer ``labels [B]`` and an
@@ -75,7 +75,8 @@ def _scores(pos, neg, pos_mask, neg_mask, pos_name="pos", neg_name="neg"):
     _float_tensor(neg, neg_name, 2)
     _same(neg, pos, neg_name, pos_name)
     if neg.shape[0] != pos.shape[0]:
-        raise ValueError(f"{pos_name} and {neg_name} must have the same number of rows, got {pos.shape[0]} and {neg.shape[0]}")
+        raise ValueError(f"{pos_name} and {neg_name} must have the same number of rows, got {pos.shape[0]} and "
+                         f"{neg.shape[0]}")
     return _mask(pos_mask, pos, "pos_mask", pos_name), _mask(neg_mask, neg, "neg_mask", neg_name)
 
 
@@ -339,7 +340,8 @@ def margin_injection_loss(
         _float_tensor(sigma, name, 1)
         _same(sigma, pos_aug, name, "pos_aug")
         if sigma.shape[0] != pos_aug.shape[0]:
-            raise ValueError(f"{name} must have one value per row of pos_aug ({pos_aug.shape[0]}), got {sigma.shape[0]}")
+            raise ValueError(f"{name} must have one value per row of pos_aug ({pos_aug.shape[0]}), got "
+                             f"{sigma.shape[0]}")
     if not isinstance(detach_margin, bool):
         raise TypeError(f"detach_margin must be a bool, got {type(detach_margin).__name__}")
     reduction = _choice(reduction, "reduction", reference.REDUCTIONS)

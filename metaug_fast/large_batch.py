@@ -130,7 +130,8 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
         ...         return self.enc(v1), self.enc(v2)
         >>> model, labels = TwoViews(), torch.arange(64).repeat(2)
         >>> loss_fn = lambda z1, z2: F.info_nce_embeddings(torch.cat([z1, z2]), labels, temperature=0.1)
-        >>> loss = large_batch.cached_backward(model, (torch.randn(64, 10), torch.randn(64, 10)), loss_fn, chunk_size=16)
+        >>> loss = large_batch.cached_backward(model, (torch.randn(64, 10), torch.randn(64, 10)), loss_fn,
+        ...                                    chunk_size=16)
         >>> model.enc.weight.grad.shape   # the gradient of the whole batch, 16 rows of activations at a time
         torch.Size([8, 10])
     """

@@ -2,8 +2,8 @@
 
 This module is the oracle every fused backend is tested against and the portable fallback that works on
 any device. It is written for clarity and exactness, not speed, but it is not deliberately slow: it uses
-the factorization of docs/mathematics.md#factorization (two row-wise log-sum-exps instead of the K⁺×K⁻ pair matrix), so a
-row costs O(K⁺ + K⁻). Everything here is differentiable to second order with plain autograd.
+the factorization of docs/mathematics.md#factorization (two row-wise log-sum-exps instead of the K⁺×K⁻ pair
+matrix), so a row costs O(K⁺ + K⁻). Everything here is differentiable to second order with plain autograd.
 
 Conventions shared by every function:
 
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import OUCL_FORMS
+from .contract import OUCL_FORMS, LossParams, normalizes, slope
 from .contract import SIMILARITIES as _SIMILARITY_IDS
-from .contract import LossParams, normalizes, slope
 
 __all__ = [
     "FORMS",
@@ -121,7 +120,8 @@ def _masked(x: Tensor, mask: Optional[Tensor], fill: float) -> Tensor:
 
 def _score_rows(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor]):
     """(valid ``[B]``, pos, neg) of a score-mode loss: the scores in the accumulation dtype, masked entries 0."""
-    return valid_rows(pos, neg, pos_mask, neg_mask), _masked(_acc(pos), pos_mask, 0.0), _masked(_acc(neg), neg_mask, 0.0)
+    return valid_rows(pos, neg, pos_mask, neg_mask), _masked(_acc(pos), pos_mask, 0.0), _masked(_acc(neg), neg_mask,
+                                                                                                0.0)
 
 
 def _row_lse(x: Tensor, mask: Optional[Tensor], valid: Tensor) -> Tensor:

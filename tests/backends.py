@@ -93,10 +93,14 @@ def _registered(name: str) -> Dict[str, Callable]:
 
 
 def _simt_impls() -> Dict[str, Callable]:
+    from metaug_fast._ops.label import (
+        info_nce_embeddings_fused,
+        margin_statistics_embeddings_fused,
+        oucl_embeddings_fused,
+        pairwise_similarity_fused,
+        symmetric_info_nce_fused,
+    )
     from metaug_fast._ops.margins import margin_statistics_fused
-    from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
-                                             oucl_embeddings_fused, pairwise_similarity_fused,
-                                             symmetric_info_nce_fused)
     from metaug_fast._ops.score import info_nce_fused, oucl_fused
 
     ops = simt_ops()

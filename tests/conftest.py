@@ -16,13 +16,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                      // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import pytest  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
+import torch  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
+import torch.distributed as dist  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
 
-import metaug_fast  # noqa: E402
-from bench.gpu_check import DEADLINE_ENV, DEADLINE_REASON  # noqa: E402
-from metaug_fast.distributed import shutdown  # noqa: E402
+import metaug_fast  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
+from bench.gpu_check import DEADLINE_ENV, DEADLINE_REASON  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
+from metaug_fast.distributed import shutdown  # noqa: E402  (after TRITON_INTERPRET and the thread count are set)
 
 # CI must not skip the C++ tests because the build broke: only an explicit METAUG_NO_EXT=1 allows it.
 if os.environ.get("METAUG_NO_EXT", "0") != "1" and "cpp" not in metaug_fast.available_backends():

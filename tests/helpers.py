@@ -9,7 +9,8 @@ ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23
 
 
 def pair_term(form, p, n, beta, gamma_pos=0.0, gamma_neg=0.0, margin=0.25):
-    """exp(β·[...]) of one (positive, negative) pair, written as the paper writes it (docs/mathematics.md#oucl-forms)."""
+    """exp(β·[...]) of one (positive, negative) pair, written as the paper writes it
+    (docs/mathematics.md#oucl-forms)."""
     if form == "squared":
         return math.exp(beta * ((p - 1.0) ** 2 + n**2 - 2 * margin**2))
     if form == "weighted":

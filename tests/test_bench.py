@@ -1,11 +1,12 @@
 """The benchmark script runs at a tiny size and writes a CSV with the shared schema."""
 import csv
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from bench import bench_oucl_score
 from bench.common import FIELDS
+
 from conftest import requires_cpp
 
 
@@ -103,12 +104,11 @@ def test_row_kernels_autotune_over_their_own_space(monkeypatch):
 
 
 def test_sweep_writes_the_schema_plots_and_report(tmp_path):
+    import resource
     import subprocess
     import sys
 
     from bench import plot, report, sweep
-
-    import resource
 
     out = tmp_path / "results" / "sweep_cpu.csv"
     limit = resource.getrlimit(resource.RLIMIT_AS)

@@ -25,7 +25,7 @@ def _op_cases(device, dtype):
     """(op name, arguments) for every kernel op, with the statistics their backward takes from a forward."""
     ops = torch.ops.metaug_fast
     gen = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     p, n = rand(7, 3), rand(7, 11)
     pm, nm = (torch.rand(7, 3, generator=gen) > 0.3).to(device), (torch.rand(7, 11, generator=gen) > 0.2).to(device)
     acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -38,7 +38,8 @@ def _op_cases(device, dtype):
         if params[0] != 0:
             cases.append(("oucl_score_bwd_bwd", (g, rand(7, 3), rand(7, 11), p, n, pm, nm, stats, *params)))
     stats = ops.margin_score_fwd(p, n, pm, nm)
-    cases += [("margin_score_fwd", (p, n, None, nm)), ("margin_score_bwd", (torch.stack([g, g], 1), p, n, pm, nm, stats))]
+    cases += [("margin_score_fwd", (p, n, None, nm)), ("margin_score_bwd", (torch.stack([g, g], 1), p, n, pm, nm,
+                                                                            stats))]
     if dtype not in (torch.float32, torch.float64):
         return cases
     zn = torch.nn.functional.normalize(rand(9, 5), dim=1)

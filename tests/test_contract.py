@@ -73,7 +73,8 @@ def run(fn, inputs, device="cpu", order=2, requires=None):
     w = torch.rand(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=out.dtype) + 0.5
     wrt = [x for x in xs if x.requires_grad]
     target = (out * w).sum()
-    grads = torch.autograd.grad(target, wrt, create_graph=order > 1, allow_unused=True) if target.requires_grad else [None] * len(wrt)
+    grads = torch.autograd.grad(target, wrt, create_graph=order > 1,
+                                allow_unused=True) if target.requires_grad else [None] * len(wrt)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
     result = [out.detach()] + [g.detach() for g in grads]
     if order > 1:
@@ -160,7 +161,8 @@ def test_score_fp64_beta_range(be, op, beta):
 @pytest.mark.parametrize("op", FORMS + ("info_nce",))
 def test_score_low_precision(be, op, beta, dtype):
     gen = torch.Generator().manual_seed(5)
-    for kind, (pos, neg) in (("realistic", realistic_scores(13, 70, gen)), ("uniform", score_data(13, 5, 70, masked=False)[:2])):
+    for kind, (pos, neg) in (("realistic", realistic_scores(13, 70, gen)), ("uniform", score_data(13, 5, 70,
+                                                                                                  masked=False)[:2])):
         pos, neg = pos.to(dtype), neg.to(dtype)
         exact = run(score_fn(reference, op, beta=beta), (pos.double(), neg.double()), order=1)
         low_ref = run(score_fn(reference, op, beta=beta), (pos, neg), order=1)
@@ -269,7 +271,8 @@ def _label_data(B, M, D=5, n_classes=4, seed=0):
     if M is None:
         return emb, labels, None, None
     # Reference labels include a class that no anchor has.
-    return emb, labels, torch.randn(M, D, generator=gen, dtype=torch.float64), torch.randint(0, n_classes + 1, (M,), generator=gen)
+    return emb, labels, torch.randn(M, D, generator=gen, dtype=torch.float64), torch.randint(0, n_classes + 1, (M,),
+                                                                                             generator=gen)
 
 
 def _label_inputs(emb, ref):
@@ -318,7 +321,8 @@ def test_info_nce_temperature_tensor_and_average(be, similarity, average):
         assert_close(got, run(fn(reference), inputs), 1e-10, hv_from=1 + len(inputs))
     if similarity != "shifted_cosine":
         return
-    pos, neg = torch.rand(13, 4, generator=gen, dtype=torch.float64), torch.rand(13, 9, generator=gen, dtype=torch.float64)
+    pos, neg = torch.rand(13, 4, generator=gen, dtype=torch.float64), torch.rand(13, 9, generator=gen,
+                                                                                 dtype=torch.float64)
     pm, nm = torch.rand(13, 4, generator=gen) < 0.6, torch.rand(13, 9, generator=gen) < 0.8
     pos[~pm] = float("nan")  # masked entries give τ no NaN
 
@@ -397,8 +401,10 @@ def test_label_low_precision_interior_tiles(be, op, dtype):
     n, (b, m), d = ((24, (20, 60), 32) if be.interpreted else (1024, (600, 3000), 128) if be.device == "cuda"
                     else (300, (150, 700), 64))
     emb, labels = close_views(n, d, gen)
-    queries, query_labels = torch.randn(b, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (b,), generator=gen)
-    ref, ref_labels = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (m,), generator=gen)
+    queries, query_labels = torch.randn(b, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (b,),
+                                                                                                 generator=gen)
+    ref, ref_labels = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randint(0, b // 2, (m,),
+                                                                                           generator=gen)
     for inputs, lab, rl in (((emb,), labels, None), ((queries, ref), query_labels, ref_labels)):
         low = tuple(x.to(dtype) for x in inputs)
         exact = run(label_fn(reference, op, lab, rl), tuple(x.double() for x in low), order=1)
@@ -567,7 +573,7 @@ def test_symmetric_info_nce_low_precision(be, beta, dtype):
     ref = emb + 0.05 * torch.randn(n, 16, generator=gen, dtype=torch.float64)
     for similarity, scale in (("cosine", 1.0), ("dot", 0.25)):
         low = tuple((scale * x).to(dtype) for x in (emb, ref))
-        fn = lambda impl: symmetric_fn(impl, None, None, similarity, beta=beta)  # noqa: E731
+        fn = lambda impl: symmetric_fn(impl, None, None, similarity, beta=beta)
         exact = run(fn(reference), tuple(x.double() for x in low), order=1)
         low_ref = run(fn(reference), low, order=1)
         got = run(fn(be), low, be.device, order=1)
@@ -610,7 +616,7 @@ def test_label_third_derivative_is_exact_or_raises(be):
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine", "dot"])
 def test_pairwise_similarity(be, dtype, similarity):
     a, b = torch.randn(19, 7, dtype=torch.float64).to(dtype), torch.randn(23, 7, dtype=torch.float64).to(dtype)
-    fn = lambda impl: lambda x, y: impl("pairwise_similarity", x, y, similarity=similarity)  # noqa: E731
+    fn = lambda impl: lambda x, y: impl("pairwise_similarity", x, y, similarity=similarity)
     got = run(fn(be), (a, b), be.device)
     want = run(fn(reference), (a, b))
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4 * ULP[torch.float16]}[dtype]

@@ -100,8 +100,9 @@ def test_the_test_grid_takes_every_form_and_unknown_forms_are_refused():
     # kernels to the weighted form).
     import torch
 
-    from helpers import FORMS
     from metaug_fast import reference
+
+    from helpers import FORMS
 
     assert set(FORMS) == set(contract.OUCL_FORMS)
     with pytest.raises(ValueError, match="form must be one of"):

@@ -9,7 +9,6 @@ import torch
 import metaug_fast
 import metaug_fast.functional as F
 
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif("cuda" not in metaug_fast.available_backends(), reason="needs a GPU and metaug_fast._C_cuda"),

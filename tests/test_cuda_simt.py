@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from metaug_fast import reference as R
+from metaug_fast._ops.label import info_nce_embeddings_fused, margin_statistics_embeddings_fused, oucl_embeddings_fused
 from metaug_fast.contract import Form
-from metaug_fast._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused,
-                                         oucl_embeddings_fused)
 
 from backends import ASAN, asan_preload, simt_ops
 from helpers import FORMS, hvp, label_data
@@ -129,7 +128,7 @@ def test_label_mode_hessian_vector_product(simt, op, monkeypatch):
     for ops in (simt, None):
         fn = _label_fn(op, ops)
         inputs = (emb.clone().requires_grad_(), ref.clone().requires_grad_())
-        out.append(hvp(lambda e, r: fn(e, labels, r, ref_labels)[0].sum(), inputs, vecs))  # noqa: B023
+        out.append(hvp(lambda e, r: fn(e, labels, r, ref_labels)[0].sum(), inputs, vecs))
     (loss, grads, hv), (loss_w, grads_w, hv_w) = out
     torch.testing.assert_close(loss, loss_w, rtol=1e-10, atol=0)
     for g, w in zip(grads + hv, grads_w + hv_w):

@@ -21,7 +21,8 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
     assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.score"
     # An op the C++ backend does not provide runs on reference.
-    assert _backend.resolve("margin_injection_loss", "auto", torch.device("cpu")) is metaug_fast.reference.margin_injection_loss
+    assert _backend.resolve("margin_injection_loss", "auto",
+                            torch.device("cpu")) is metaug_fast.reference.margin_injection_loss
 
 
 def test_env_overrides_auto(monkeypatch):
@@ -92,8 +93,10 @@ def test_auto_takes_a_gpu_backend_only_after_its_self_check(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
     asked = []
     for verdict in (False, True):
-        registry = {name: dataclasses.replace(b, unavailable=lambda: None,
-                                              self_check=lambda b, d, t, op, v=verdict: asked.append((b.name, t, op)) or v)
+        def check(b, d, t, op, v=verdict):
+            return asked.append((b.name, t, op)) or v
+
+        registry = {name: dataclasses.replace(b, unavailable=lambda: None, self_check=check)
                     if name in ("triton", "cuda") else b for name, b in _backend.REGISTRY.items()}
         monkeypatch.setattr(_backend, "REGISTRY", registry)
         chosen = _backend.resolve("oucl", "auto", torch.device("cuda"), torch.bfloat16)

@@ -11,8 +11,12 @@ import torch.multiprocessing as mp
 
 import metaug_fast
 from metaug_fast import reference as R
-from metaug_fast.distributed import (info_nce_embeddings_all_gather, oucl_embeddings_all_gather, oucl_embeddings_ring,
-                                      shutdown)
+from metaug_fast.distributed import (
+    info_nce_embeddings_all_gather,
+    oucl_embeddings_all_gather,
+    oucl_embeddings_ring,
+    shutdown,
+)
 
 from conftest import requires_cpp
 
@@ -96,7 +100,8 @@ def _check_score_mode(start, stop, backend, reduction, kw):
     product of this rank's rows equal one process's on every row."""
     gen = torch.Generator().manual_seed(1)
     n = sum(SIZES)
-    pos, neg = torch.rand(n, 3, dtype=torch.float64, generator=gen), torch.rand(n, 5, dtype=torch.float64, generator=gen)
+    pos, neg = torch.rand(n, 3, dtype=torch.float64, generator=gen), torch.rand(n, 5, dtype=torch.float64,
+                                                                                generator=gen)
     pos_mask, neg_mask = torch.rand(n, 3, generator=gen) > 0.3, torch.rand(n, 5, generator=gen) > 0.2
     pos_mask[3] = False
     vec = torch.randn(n, 3, dtype=torch.float64, generator=gen)

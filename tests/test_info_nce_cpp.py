@@ -2,13 +2,13 @@
 and the equivalence with pytorch-metric-learning's NTXentLoss."""
 import pytest
 import torch
+from test_oucl_cpp import _inputs
 from torch.autograd import gradcheck, gradgradcheck
 
 import metaug_fast.functional as F
 
 from conftest import requires_cpp
 from helpers import hvp, rel_err
-from test_oucl_cpp import _inputs
 
 pytestmark = requires_cpp
 
@@ -17,7 +17,7 @@ def _both(pos, neg, pm, nm, vecs, **kw):
     out = []
     for backend in ("reference", "cpp"):
         p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-        fn = lambda p, n: F.info_nce(p, n, pos_mask=pm, neg_mask=nm, backend=backend, **kw).sum()  # noqa: E731
+        fn = lambda p, n: F.info_nce(p, n, pos_mask=pm, neg_mask=nm, backend=backend, **kw).sum()
         loss, grads, hv = hvp(fn, (p, n), vecs)
         out.append((loss,) + grads + hv)
     return out
@@ -27,7 +27,7 @@ def _both(pos, neg, pm, nm, vecs, **kw):
 def test_gradcheck_and_gradgradcheck(masks):
     pos, neg, pm, nm = _inputs((4, 3, 9), masks)
     pos.requires_grad_(), neg.requires_grad_()
-    fn = lambda p, n: F.info_nce(p, n, temperature=0.3, pos_mask=pm, neg_mask=nm, reduction="none", backend="cpp")  # noqa: E731
+    fn = lambda p, n: F.info_nce(p, n, temperature=0.3, pos_mask=pm, neg_mask=nm, reduction="none", backend="cpp")
     assert gradcheck(fn, (pos, neg), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert gradgradcheck(fn, (pos, neg), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -48,7 +48,7 @@ def test_label_mode_fp32_and_second_order():
         assert g.dtype == torch.float32 and rel_err(g, w) <= 1e-4
     e = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     lab = torch.tensor([0, 1, 0, 1, 2, 2])
-    fn = lambda x: F.info_nce_embeddings(x, lab, temperature=0.5, reduction="none", backend="cpp")  # noqa: E731
+    fn = lambda x: F.info_nce_embeddings(x, lab, temperature=0.5, reduction="none", backend="cpp")
     assert gradcheck(fn, (e,)) and gradgradcheck(fn, (e,))
 
 

@@ -44,7 +44,8 @@ def _simclr(z1, z2):
 
 
 def _oucl(z1, z2):
-    return metaug_fast.OUCLLoss(form="circle", beta=16.0).embeddings(torch.cat([z1, z2]), torch.arange(len(z1)).repeat(2))
+    return metaug_fast.OUCLLoss(form="circle", beta=16.0).embeddings(torch.cat([z1, z2]),
+                                                                     torch.arange(len(z1)).repeat(2))
 
 
 def _grads(model):
@@ -167,8 +168,8 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.mark.timeout(180)
 def test_two_processes_equal_one():
-    # all_gather and ring modes. Both ranks' losses are the global one; under DDP both hold the same (averaged) gradients, which equal
-    # those of one process on the concatenated batch.
+    # all_gather and ring modes. Both ranks' losses are the global one; under DDP both hold the same (averaged)
+    # gradients, which equal those of one process on the concatenated batch.
     with tempfile.TemporaryDirectory() as d:
         for world in (1, 2):
             mp.spawn(_worker, args=(world, os.path.join(d, f"init{world}"), d), nprocs=world, join=True)

@@ -48,7 +48,8 @@ def assert_same(peer, ours, dtype=torch.float64, tol=None):
 
 def _batch(B, D, n_classes, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, n_classes, (B,), generator=gen)
+    return torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, n_classes, (B,),
+                                                                                          generator=gen)
 
 
 # ------------------------------------------------------------------------------------ pytorch-metric-learning

@@ -14,7 +14,7 @@ from metaug_fast.losses import open_clip as our_open_clip
 open_clip_loss = pytest.importorskip("open_clip.loss")
 lightly_loss = pytest.importorskip("lightly.loss")
 
-from conftest import gloo_group  # noqa: E402
+from conftest import gloo_group  # noqa: E402  (after the peers are known to import)
 
 B, D, WORLD = 5, 8, 2
 

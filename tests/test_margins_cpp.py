@@ -3,12 +3,12 @@ second order), for every dtype, masks and empty sides."""
 
 import pytest
 import torch
+from test_oucl_cpp import _inputs
 from torch.autograd import gradcheck, gradgradcheck
 
 import metaug_fast.functional as F
 
 from conftest import requires_cpp
-from test_oucl_cpp import _inputs
 
 pytestmark = requires_cpp
 
@@ -25,7 +25,7 @@ def _run(backend, pos, neg, pm, nm):
 def test_gradcheck_and_gradgradcheck():
     pos, neg, pm, nm = _inputs((4, 3, 6), "both")
     pos.requires_grad_(), neg.requires_grad_()
-    fn = lambda p, n: torch.stack(F.margin_statistics(p, n, pm, nm, backend="cpp")).clamp(-9, 9)  # noqa: E731
+    fn = lambda p, n: torch.stack(F.margin_statistics(p, n, pm, nm, backend="cpp")).clamp(-9, 9)
     assert gradcheck(fn, (pos, neg)) and gradgradcheck(fn, (pos, neg))
 
 

@@ -29,7 +29,7 @@ class _Tiny(nn.Module):
         self.head = nn.Linear(6, 4)
 
     def forward(self, v1, v2):
-        f = lambda v: tF.normalize(self.head(torch.tanh(self.enc(v))), dim=1)  # noqa: E731
+        f = lambda v: tF.normalize(self.head(torch.tanh(self.enc(v))), dim=1)
         return f(v1), f(v2)
 
 

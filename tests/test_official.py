@@ -56,7 +56,7 @@ class Memory:
         self.mem_l, self.mem_ab, self.mem_ori = (b.clone() for b in banks)
         self.gen, self.m = gen, momentum
 
-    def __call__(self, l, ab, ori, y, updatemem=True):
+    def __call__(self, l, ab, ori, y, updatemem=True):  # noqa: E741  (the official code's names)
         negatives = torch.randint(0, N, (B, K), generator=self.gen)
         idx = torch.cat([y[:, None], negatives], 1)
         w_l, w_ab, w_ori = (m[idx.view(-1)].view(B, K + 1, D) for m in (self.mem_l, self.mem_ab, self.mem_ori))
@@ -83,7 +83,7 @@ def criterion(*outs, gamma=16.0):
 
 def margin_injection(mt_outs, outs, pos_weight):
     """util.py's margin_injection_loss_calc, margin type "large"."""
-    split = lambda o: ((o[:, :1, 0] + 1) / 2, (o[:, 1:, 0] + 1) / 2)  # noqa: E731
+    split = lambda o: ((o[:, :1, 0] + 1) / 2, (o[:, 1:, 0] + 1) / 2)
     mt_pos = torch.cat([split(o)[0] for o in mt_outs], 1)
     mt_neg = torch.cat([split(o)[1] for o in mt_outs], 1)
     pos = torch.cat([split(o)[0] for o in outs], 1)
@@ -233,7 +233,8 @@ def test_the_official_margin_is_in_every_loss_and_its_positive_half_weighted():
     params = []
     for cfg in cfgs:
         model, mags, bank, batches = _setup(cfg)
-        MetAugStep(model, mags, bank, dataclasses.replace(cfg, mag_lr=1e-12))(*batches[0], torch.Generator().manual_seed(3))
+        MetAugStep(model, mags, bank, dataclasses.replace(cfg, mag_lr=1e-12))(*batches[0],
+                                                                              torch.Generator().manual_seed(3))
         params.append([p.detach().clone() for p in model.parameters()])
     assert any((a - b).abs().max() > 1e-9 for a, b in zip(*params))
 

@@ -41,7 +41,7 @@ def _both(pos, neg, pm, nm, vecs, reduction="sum", **kw):
     out = []
     for backend in ("reference", "cpp"):
         p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-        fn = lambda p, n: F.oucl(p, n, pos_mask=pm, neg_mask=nm, reduction=reduction, backend=backend, **kw)  # noqa: E731
+        fn = lambda p, n: F.oucl(p, n, pos_mask=pm, neg_mask=nm, reduction=reduction, backend=backend, **kw)
         out.append(hvp(fn, (p, n), vecs))
     return out
 
@@ -65,7 +65,9 @@ def test_gradcheck_and_gradgradcheck(form, masks):
     # test_reference.py.
     pos, neg, pm, nm = _inputs((4, 3, 9), masks)
     pos.requires_grad_(), neg.requires_grad_()
-    fn = lambda p, n: F.oucl(p, n, form=form, beta=4.0, pos_mask=pm, neg_mask=nm, reduction="none", backend="cpp", **PARAMS)  # noqa: E731
+    def fn(p, n):
+        return F.oucl(p, n, form=form, beta=4.0, pos_mask=pm, neg_mask=nm, reduction="none", backend="cpp", **PARAMS)
+
     assert gradcheck(fn, (pos, neg), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert gradgradcheck(fn, (pos, neg), eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -81,7 +81,8 @@ def _cross_case(n_classes):
     rn = torch.nn.functional.normalize(torch.randn(530, 8, generator=gen, dtype=torch.float64), dim=1)
     if n_classes is None:
         return zn, rn, torch.arange(600), torch.arange(530)
-    return zn, rn, torch.randint(0, n_classes, (600,), generator=gen), torch.randint(0, n_classes + 1, (530,), generator=gen)
+    return zn, rn, torch.randint(0, n_classes, (600,), generator=gen), torch.randint(0, n_classes + 1, (530,),
+                                                                                     generator=gen)
 
 
 @pytest.mark.parametrize("n_classes", [None, 7])
@@ -190,7 +191,7 @@ def test_margin_statistics_ties_share_the_gradient():
 def test_margin_statistics_second_order_and_gradcheck():
     emb, labels, ref, ref_labels = label_data(6, 7, D=3, n_classes=3)
     emb.requires_grad_()
-    fn = lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, ref, ref_labels, backend="cpp")).clamp(-9, 9)  # noqa: E731
+    fn = lambda e: torch.stack(F.margin_statistics_embeddings(e, labels, ref, ref_labels, backend="cpp")).clamp(-9, 9)
     assert gradcheck(fn, (emb,)) and gradgradcheck(fn, (emb,))
 
 
@@ -250,7 +251,7 @@ def test_second_order_in_row_chunks_gradgradcheck_and_third_order_raises(monkeyp
     e, r = emb.requires_grad_(), ref.requires_grad_()
     for op in ("squared", "info_nce", "margins"):  # not circle: its Γ weights are constants, not differentiated
         fn = _label_op(op, "cpp")
-        assert gradgradcheck(lambda e, r: fn(e, labels, r, ref_labels), (e, r), eps=1e-6, atol=1e-7, rtol=1e-5)  # noqa: B023
+        assert gradgradcheck(lambda e, r: fn(e, labels, r, ref_labels), (e, r), eps=1e-6, atol=1e-7, rtol=1e-5)
     (g,) = torch.autograd.grad(_label_op("squared", "cpp")(e, labels, r, ref_labels), e, create_graph=True)
     (h,) = torch.autograd.grad(g.square().sum(), e, create_graph=True)
     with pytest.raises(RuntimeError, match="first and second derivatives only"):
@@ -304,7 +305,7 @@ def test_self_mode_hvp_crosses_blocks(op):
     emb, labels, _, _ = label_data(SELF_N, None, D=8, n_classes=40)
     labels[5] = 1000
     vec, w = torch.randn_like(emb), torch.linspace(0.5, 1.5, SELF_N, dtype=emb.dtype)
-    got, want = (hvp(lambda e: (_self_fn(op, labels, b)(e) * w).sum(), (emb.clone().requires_grad_(),), (vec,))  # noqa: B023
+    got, want = (hvp(lambda e: (_self_fn(op, labels, b)(e) * w).sum(), (emb.clone().requires_grad_(),), (vec,))
                  for b in ("cpp", "reference"))
     for a, b in zip((got[0], *got[1], *got[2]), (want[0], *want[1], *want[2])):
         assert rel_err(a, b) <= 1e-10, rel_err(a, b)

@@ -15,6 +15,7 @@ import torch
 
 import metaug_fast
 import metaug_fast.functional as F
+
 from helpers import hvp, label_data
 
 

@@ -254,7 +254,8 @@ def _check(fn, *inputs):
 def test_gradcheck_oucl_score(form, masked):
     pos, neg, pm, nm = _scores(4, 3, 5, masked)
     pos.requires_grad_(), neg.requires_grad_()
-    _check(lambda p, n: R.oucl(p, n, form=form, beta=4.0, lam=0.5, pos_mask=pm, neg_mask=nm, reduction="none"), pos, neg)
+    _check(lambda p, n: R.oucl(p, n, form=form, beta=4.0, lam=0.5, pos_mask=pm, neg_mask=nm, reduction="none"), pos,
+           neg)
 
 
 @pytest.mark.parametrize("form", ["hinge", "squared", "weighted"])

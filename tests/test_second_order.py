@@ -36,7 +36,8 @@ def _meta_gradient(backend, form, loss_fn, second_order=True):
     def total_loss(params):
         z1, z2 = functional_call(encoder, params, (v1,)), functional_call(encoder, params, (v2,))
         a1, a2 = augmenter(z1), augmenter(z2)
-        return loss_fn(z1, z2, backend, form) + 0.5 * loss_fn(a1, z2, backend, form) + 0.5 * loss_fn(z1, a2, backend, form)
+        return (loss_fn(z1, z2, backend, form) + 0.5 * loss_fn(a1, z2, backend, form)
+                + 0.5 * loss_fn(z1, a2, backend, form))
 
     # Inner step with the graph kept, so θ̂ depends on the augmenter's weights ω.
     grads = torch.autograd.grad(total_loss(theta), list(theta.values()), create_graph=second_order)
@@ -71,8 +72,8 @@ def test_torch_func_grad_and_nested_grad(form):
     for order in (1, 2):
         out = {}
         for backend in ("reference", "cpp"):
-            g = torch.func.grad(lambda n: loss(n, backend))  # noqa: B023
+            g = torch.func.grad(lambda n: loss(n, backend))
             if order == 2:
-                g = torch.func.grad(lambda n: (torch.func.grad(lambda m: loss(m, backend))(n) * v).sum())  # noqa: B023
+                g = torch.func.grad(lambda n: (torch.func.grad(lambda m: loss(m, backend))(n) * v).sum())
             out[backend] = g(neg)
         torch.testing.assert_close(out["cpp"], out["reference"], rtol=1e-9, atol=1e-12)

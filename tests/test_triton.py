@@ -143,8 +143,8 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
 @pytest.mark.parametrize("D,tiles", [(200, (64, 16, 256, 128, True)), (300, (64, 32, 64, 256, False))])
 def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch, D, tiles):
     # D in (128, 256] on a GPU: 64 × 16 tiles in fp16, the row block resident at 256 features, and the
-    # outputs in two chunks of 128; D > 256: the scores in 64-feature steps, the outputs in chunks of 256 (the second one
-    # ragged here) (kernels/label.config). Run by the interpreter (whose fp16 dot is right) against the
+    # outputs in two chunks of 128; D > 256: the scores in 64-feature steps, the outputs in chunks of 256 (the
+    # second one ragged here) (kernels/label.config). Run by the interpreter (whose fp16 dot is right) against the
     # reference, loss and gradients, self mode and a reference set.
     from metaug_fast.kernels import label as K
 
@@ -343,7 +343,8 @@ def test_memory_bank_scores_with_triton():
     bank_labels = torch.randint(0, 4, (40,))
     kw = dict(form="circle", beta=32.0, similarity="cosine")
     torch.testing.assert_close(bank.score_all(0, z, labels, bank_labels, backend="triton", **kw),
-                               bank.score_all(0, z, labels, bank_labels, backend="reference", **kw), rtol=1e-5, atol=1e-6)
+                               bank.score_all(0, z, labels, bank_labels, backend="reference", **kw),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _compiled(code: str) -> dict:
@@ -442,7 +443,8 @@ def test_backward_kernels_take_fewer_columns_where_they_ran_out_of_registers():
     from metaug_fast.kernels import label as K
 
     fp32 = K.Config(32, 32, 16, 32, "ieee", "ieee", False, False)
-    assert (K.rows_meta(fp32, Form.WEIGHTED, True)["BN"], K.rows_meta(fp32, Form.WEIGHTED, True)["num_warps"]) == (16, 8)
+    meta = K.rows_meta(fp32, Form.WEIGHTED, True)
+    assert (meta["BN"], meta["num_warps"]) == (16, 8)
     assert K.rows_meta(fp32, Form.WEIGHTED)["BN"] == 32
     half = K.Config(128, 64, 128, 128, "tf32", "input", False, True, num_warps=8)
     assert K.cols_meta(half, Form.WEIGHTED)["BN"] == 64 and K.cols_meta(half, Form.INFONCE, True)["BN"] == 32
@@ -536,7 +538,7 @@ def test_ieee_gemm_is_differentiable_at_every_order():
     a, b, c = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((7, 5), (5, 9), (7, 9)))
     torch.autograd.gradcheck(lambda a, b, c: mm(a, b, c, 0.5, 0.25), (a, b, c))
     torch.autograd.gradgradcheck(lambda a, b, c: mm(a, b, c, 0.5, 0.25), (a, b, c))
-    sim = lambda x, y: F.pairwise_similarity(x, y, similarity="cosine", backend="triton")  # noqa: E731
+    sim = lambda x, y: F.pairwise_similarity(x, y, similarity="cosine", backend="triton")
     x, y = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     torch.autograd.gradgradcheck(sim, (x, y))
 

@@ -11,7 +11,6 @@ import torch
 import metaug_fast
 import metaug_fast.functional as F
 
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -73,7 +72,8 @@ def test_tensors_on_the_second_gpu_without_set_device():
     pos, neg = torch.rand(33, 4, device="cuda:1"), torch.rand(33, 70, device="cuda:1")
     emb = torch.randn(40, 16, device="cuda:1")
     labels = torch.arange(40, device="cuda:1") % 20
-    torch.testing.assert_close(F.oucl(pos, neg, backend="triton").cpu(), F.oucl(pos.cpu(), neg.cpu(), backend="reference"))
+    torch.testing.assert_close(F.oucl(pos, neg, backend="triton").cpu(), F.oucl(pos.cpu(), neg.cpu(),
+                                                                                backend="reference"))
     torch.testing.assert_close(F.oucl_embeddings(emb, labels, backend="triton").cpu(),
                                F.oucl_embeddings(emb.cpu(), labels.cpu(), backend="reference"), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(F.pairwise_similarity(emb, emb, backend="triton").cpu(),

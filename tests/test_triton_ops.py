@@ -19,6 +19,7 @@ import torch
 from filelock import FileLock
 
 import metaug_fast
+
 from triton_cases import N_OP_CASES, N_PUBLIC_CASES, op_cases, public_cases
 
 DTYPES = ("bfloat16", "float32")

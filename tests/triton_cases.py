@@ -23,7 +23,7 @@ def op_cases(device, dtype: torch.dtype) -> List[Case]:
     from metaug_fast.kernels import label, margins, matmul, score, similarity
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    rand = lambda *s, dt=dtype: torch.rand(*s, device=device, dtype=dt)  # noqa: E731
+    rand = lambda *s, dt=dtype: torch.rand(*s, device=device, dtype=dt)
     p, n = rand(7, 3), rand(7, 11)
     pm, nm = rand(7, 3, dt=torch.float32) > 0.3, rand(7, 11, dt=torch.float32) > 0.2
     g, sp, sn = rand(7, dt=acc), rand(7, dt=acc), rand(7, dt=acc)
@@ -68,7 +68,7 @@ def op_cases(device, dtype: torch.dtype) -> List[Case]:
 
 def public_cases(device, dtype: torch.dtype) -> List[Case]:
     """(name, function, arguments) for each public function on ``backend="triton"``, forward only."""
-    rand = lambda *s: torch.rand(*s, device=device, dtype=dtype)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, device=device, dtype=dtype)
     p, n = rand(7, 3), rand(7, 11)
     nm = torch.rand(7, 11, device=device) > 0.2
     e, r = rand(37, 70), rand(53, 70)

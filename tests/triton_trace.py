@@ -18,11 +18,11 @@ import sys
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("run without TRITON_INTERPRET: the kernels must be Triton's JIT functions to be traced")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from functorch.compile import aot_function, make_boxed_func  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import torch  # noqa: E402  (after the TRITON_INTERPRET check)
+import triton  # noqa: E402  (after the TRITON_INTERPRET check)
+from functorch.compile import aot_function, make_boxed_func  # noqa: E402  (after the TRITON_INTERPRET check)
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402  (after the TRITON_INTERPRET check)
+from triton.backends.compiler import GPUTarget  # noqa: E402  (after the TRITON_INTERPRET check)
 
 
 class _Hopper:
@@ -77,6 +77,7 @@ def main() -> None:
     triton.runtime.driver.set_active(_Hopper())
     sys.path.insert(0, os.path.dirname(__file__))
     import metaug_fast.backends.triton as triton_backend
+
     from triton_cases import op_cases, public_cases
 
     triton_backend.BACKEND.unavailable = lambda: None  # the tensors are CUDA tensors, only fake

@@ -68,7 +68,9 @@ def _types(dtype: str) -> Dict[str, str]:
     return dict(pos_ptr=x, neg_ptr=x, pm_ptr="*u8", nm_ptr="*u8", rows_ptr=acc, stats_ptr=acc, g_ptr=acc, gp_ptr=x,
                 gn_ptr=x, tp_ptr=x, tn_ptr=x, ggo_ptr=acc, hp_ptr=x, hn_ptr=x, sp_ptr=x, sn_ptr=x, gsp_ptr=acc,
                 gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
-                part_ptr=acc, q_ptr=acc, a_ptr=acc, b_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32", softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x, **LOSS)
+                part_ptr=acc, q_ptr=acc, a_ptr=acc, b_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32",
+                softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x,
+                **LOSS)
 
 
 def _label_config(dtype: str, D: int = 128) -> dict:

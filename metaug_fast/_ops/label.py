@@ -24,8 +24,6 @@ from ..contract import SIMILARITIES, Form, LossParams, Stat, normalizes, slope
 from .margins import sigmas
 from .score import CPP_OPS, hinge_grad_grad_rows, third_order_error
 
-
-
 # The forms of torch.ops.metaug_fast.oucl_label_rows_bwd_bwd (the hinge's Hessian is zero, margins are
 # piecewise linear: both keep the score-mode path).
 _ROW_HVP_FORMS = (Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE)
@@ -414,7 +412,7 @@ def margin_statistics_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Opt
 
 
 def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:
-    """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization (but for "dot"), then one ATen GEMM with the similarity's affine
-    map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine). Differentiable to
-    any order by autograd."""
+    """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization (but for "dot"), then one ATen GEMM with the
+    similarity's affine map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine).
+    Differentiable to any order by autograd."""
     return _similarities(reference._rows(a, similarity), reference._rows(b, similarity), similarity).to(a.dtype)

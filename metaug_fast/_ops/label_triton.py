@@ -18,8 +18,8 @@ from torch import Tensor
 from .. import reference
 from ..chunked import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Part, normalizes, stats_of
-from .margins import sigmas
 from .label import _LabelBackward, info_nce_setup, reduce_both, symmetric_setup, with_valid, with_valids
+from .margins import sigmas
 from .score import TRITON_OPS
 
 _EPS = 1e-12  # F.normalize's
@@ -34,7 +34,8 @@ def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
     value = best.amin(0) if minimum else best.amax(0)
     count = torch.where(best == value, ties, torch.zeros_like(ties)).sum(0)
     has_nan = nan.sum(0) > 0
-    return torch.where(has_nan, torch.full_like(value, float("nan")), value), torch.where(has_nan, torch.ones_like(count), count)
+    nan = torch.full_like(value, float("nan"))
+    return torch.where(has_nan, nan, value), torch.where(has_nan, torch.ones_like(count), count)
 
 
 def dense_labels(labels: Tensor, ref_labels: Tensor):

@@ -17,7 +17,6 @@ from ..contract import Stat
 from .score import CPP_OPS
 
 
-
 def sigmas(p_min: Tensor, n_max: Tensor, valid: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(σ⁺, σ⁻) from row extrema; rows without a positive or a negative get (+inf, -inf)."""
     inf = torch.full_like(p_min, float("inf"))

@@ -1,6 +1,7 @@
 """Score-mode OUCL on the fused backends: autograd Functions around the ``oucl_score_*`` ops, which
 ``ops`` provides: ``torch.ops.metaug_fast`` (the C++ kernels of csrc/cpu/score.cpp and, for CUDA tensors,
-csrc/cuda/score.cu) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels.score and .margins, same signatures and stats).
+csrc/cuda/score.cu) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels.score and .margins,
+same signatures and stats).
 
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not

@@ -5,9 +5,14 @@ from typing import Optional
 
 from .. import _extension
 from .._backend import Backend, add
+from .._ops.label import (
+    info_nce_embeddings_fused,
+    margin_statistics_embeddings_fused,
+    oucl_embeddings_fused,
+    pairwise_similarity_fused,
+    symmetric_info_nce_fused,
+)
 from .._ops.margins import margin_statistics_fused
-from .._ops.label import (info_nce_embeddings_fused, margin_statistics_embeddings_fused, oucl_embeddings_fused,
-                          pairwise_similarity_fused, symmetric_info_nce_fused)
 from .._ops.score import CPP_OPS, info_nce_fused, oucl_fused
 
 try:

@@ -11,13 +11,18 @@ import torch
 
 from .. import _selfcheck
 from .._backend import Backend, add
+from .._ops.label_triton import (
+    info_nce_embeddings_triton,
+    margin_statistics_embeddings_triton,
+    oucl_embeddings_triton,
+    pairwise_similarity_triton,
+    symmetric_info_nce_triton,
+)
 from .._ops.margins import margin_injection_loss_triton, margin_statistics_fused
 from .._ops.score import TRITON_OPS, info_nce_fused, oucl_fused
-from .._ops.label_triton import (info_nce_embeddings_triton, margin_statistics_embeddings_triton,
-                                 oucl_embeddings_triton, pairwise_similarity_triton, symmetric_info_nce_triton)
 
 try:
-    import triton  # noqa: F401
+    import triton  # noqa: F401  (the import is the availability probe)
 
     ERROR: Optional[Exception] = None
 except ImportError as exc:

@@ -31,10 +31,9 @@ from typing import List, Optional
 import torch
 
 from .._backend import REGISTRY
-from ..metaug.data import DATASETS, DatasetNotFoundError
-from ..metaug.models import ARCHS
 from ..metaug.bank import BANK_INITS
-from ..metaug.data import VIEWS
+from ..metaug.data import DATASETS, VIEWS, DatasetNotFoundError
+from ..metaug.models import ARCHS
 from ..metaug.probe import PROTOCOLS
 from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, VARIANTS, MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
@@ -69,7 +68,8 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     """The command line, its defaults those of ``preset``."""
     d = TrainConfig.official() if preset == "official" else TrainConfig()
     m = d.metaug
-    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.train", description="MetAug training (OUCL + MAG + meta step)")
+    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.train",
+                                 description="MetAug training (OUCL + MAG + meta step)")
     ap.add_argument("--preset", choices=PRESETS, default=preset,
                     help="official: every default from the official code (TrainConfig.official())")
     g = ap.add_argument_group("data and model")
@@ -163,7 +163,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, epochs=args.epochs, lr_decay_epochs=tuple(args.lr_decay_epochs),
         lr_decay_rate=args.lr_decay_rate, seed=args.seed, deterministic=not args.no_deterministic,
         out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
-        probe_every=args.probe_every, probe_protocol=args.probe_protocol, max_steps=args.max_steps, progress=not args.quiet, device=args.device,
+        probe_every=args.probe_every, probe_protocol=args.probe_protocol, max_steps=args.max_steps,
+        progress=not args.quiet, device=args.device,
         metaug=metaug,
     )
 

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from .. import _backend
 from .. import functional as F
-from ._common import (_check_call, _checked_params, _gather_padded, _gather_sizes, _global_loss,
-                      _GatherRows, _valid_rows)
+from ._common import _check_call, _checked_params, _gather_padded, _gather_sizes, _GatherRows, _global_loss, _valid_rows
 
 
 def oucl_embeddings_all_gather(
@@ -28,7 +27,8 @@ def oucl_embeddings_all_gather(
         emb: this rank's ``[b, D]`` embeddings (b may differ between ranks); labels: ``[b]`` integers.
         reduction: ``"mean"`` (over all valid rows of all ranks) or ``"sum"``; both return the global value
             on every rank.
-        params: similarity, form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
+        params: similarity, form, beta, gamma_pos, gamma_neg, margin, lam, as
+            :func:`metaug_fast.functional.oucl_embeddings`.
 
     Example:
         >>> import torch

@@ -8,8 +8,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import (_checked_params, _fused_op_args, _gather_padded, _gather_sizes, _global_loss, _merge_stats,
-                      _normalized, _valid_rows)
+from ._common import (
+    _checked_params,
+    _fused_op_args,
+    _gather_padded,
+    _gather_sizes,
+    _global_loss,
+    _merge_stats,
+    _normalized,
+    _valid_rows,
+)
 
 
 def _shift(tensors: List[Tensor], recv_shapes: List[torch.Size], rank: int, world: int, group) -> List[Tensor]:

@@ -8,8 +8,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._common import (_checked_params, _fused_op_args, _gather_padded, _gather_sizes, _GatherRows, _merge_stats,
-                      _normalized)
+from ._common import (
+    _checked_params,
+    _fused_op_args,
+    _gather_padded,
+    _gather_sizes,
+    _GatherRows,
+    _merge_stats,
+    _normalized,
+)
 
 
 class _ShardOUCL(torch.autograd.Function):

@@ -76,7 +76,7 @@ def launch(kernel, grid: Union[Sequence[int], Callable], device: torch.device, *
     through ``wrap_triton`` and becomes a node of the graph; nothing runs, so no device is made current."""
     if callable(grid):
         make = grid
-        grid = lambda meta: check_grid(make(meta))  # noqa: E731
+        grid = lambda meta: check_grid(make(meta))
     else:
         grid = check_grid(grid)
     traced = is_wrap_triton_enabled()
@@ -135,7 +135,8 @@ def load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, acc_ty: tl.const
 @triton.jit
 def side_terms(x, FORM: tl.constexpr, POS: tl.constexpr, beta, gamma_pos, gamma_neg, margin):
     """(e, e', e'') of one side at scores ``x``: e = u(x) for positives, v(x) for negatives. The circle
-    form's Γ weights are constants for differentiation (docs/mathematics.md#circle-weights), so its e'' is 0 like the weighted form's."""
+    form's Γ weights are constants for differentiation (docs/mathematics.md#circle-weights), so its e'' is 0 like
+    the weighted form's."""
     zero = tl.zeros_like(x)
     if FORM == SQUARED:
         if POS:

@@ -43,8 +43,29 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contract import Form, Stat
-from ._common import (HINGE, INFONCE, LN2, LOG2E, MARGIN, N_PARTS, PT_0, PT_1, PT_2, PT_3, PT_4, PT_5, WEIGHTED,
-                      launch, load_cfg, loss_args, lse_pair_update, lse_update, op, side_terms, softplus_sigmoid)
+from ._common import (
+    HINGE,
+    INFONCE,
+    LN2,
+    LOG2E,
+    MARGIN,
+    N_PARTS,
+    PT_0,
+    PT_1,
+    PT_2,
+    PT_3,
+    PT_4,
+    PT_5,
+    WEIGHTED,
+    launch,
+    load_cfg,
+    loss_args,
+    lse_pair_update,
+    lse_update,
+    op,
+    side_terms,
+    softplus_sigmoid,
+)
 
 
 @triton.jit
@@ -873,7 +894,7 @@ def _grads(q, qc, e, iz, r, ir, labels, ref_labels, params, self_offset: int, si
     M = r.shape[0]
     cfg = config(e, D)
     acc = iz.dtype
-    zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(*shape, dtype=acc, device=e.device)
     if q is None:  # nothing to launch: every gradient is zero
         return zeros(B, D), zeros(B), *((zeros(M, D), zeros(M)) if columns else (zeros(0, D), zeros(0)))
     args = (q, qc, e, iz, r, ir, labels, ref_labels, *loss_args(params))

@@ -13,8 +13,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import COMPILE_OPTIONS  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
-from ._common import acc_dtype, load_rows, load_stats, mask_flags, op, run_rows, score_args, store_stats, tuned
+from ._common import (
+    COMPILE_OPTIONS,  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
+    acc_dtype,
+    load_rows,
+    load_stats,
+    mask_flags,
+    op,
+    run_rows,
+    score_args,
+    store_stats,
+    tuned,
+)
+
 
 # ------------------------------------------------------------------------------------ margin statistics
 @triton.jit
@@ -65,7 +76,8 @@ def _side_extremum_grad(x_ptr, m_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb,
         x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
         cols = k0 + tl.arange(0, BLOCK_K)
         grad = tl.where(nan[:, None], float("nan"), tl.where(x == best[:, None], share[:, None], 0.0))
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, grad, 0.0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                 tl.where(keep, grad, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
@@ -167,7 +179,8 @@ def margin_score_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_m
     """stats [B, 5] = (p_min, n_max, ties_p, ties_n, valid) in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     stats = torch.empty(B, 5, dtype=acc_dtype(pos), device=pos.device)
-    run_rows(_margin_fwd_kernel, B, pos.device, pos, neg, pm, nm, stats, B, KP, KN, *strides, **mask_flags(pos_mask, neg_mask))
+    run_rows(_margin_fwd_kernel, B, pos.device, pos, neg, pm, nm, stats, B, KP, KN, *strides,
+             **mask_flags(pos_mask, neg_mask))
     return stats
 
 
@@ -176,8 +189,10 @@ def margin_score_bwd(grad: Tensor, pos: Tensor, neg: Tensor, pos_mask: Optional[
                      stats: Tensor) -> Tuple[Tensor, Tensor]:
     """(grad_pos, grad_neg) from ``grad [B, 2]`` = (∂/∂p_min, ∂/∂n_max) per row."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
-    gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    run_rows(_margin_bwd_kernel, B, pos.device, grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP, KN,
+    gp = torch.empty(B, KP, dtype=pos.dtype, device=pos.device)
+    gn = torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
+    run_rows(_margin_bwd_kernel, B, pos.device, grad.contiguous(), pos, neg, pm, nm, stats.contiguous(), gp, gn, B, KP,
+             KN,
          *strides, **mask_flags(pos_mask, neg_mask))
     return gp, gn
 
@@ -188,7 +203,8 @@ def margin_injection_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], n
     """Per-row R_σ ``[B]`` in the accumulation dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     rows = torch.empty(B, dtype=acc_dtype(pos), device=pos.device)
-    run_rows(_margin_injection_fwd_kernel, B, pos.device, pos, neg, pm, nm, sigma_pos.contiguous(), sigma_neg.contiguous(),
+    run_rows(_margin_injection_fwd_kernel, B, pos.device, pos, neg, pm, nm, sigma_pos.contiguous(),
+             sigma_neg.contiguous(),
          rows, B, KP, KN, *strides, **mask_flags(pos_mask, neg_mask))
     return rows
 
@@ -199,8 +215,10 @@ def margin_injection_bwd(grad_rows: Tensor, pos: Tensor, neg: Tensor, pos_mask: 
                          sigma_neg: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(∂pos [B, K̂⁺], ∂neg [B, K̂⁻] in the input dtype, ∂σ⁺ [B], ∂σ⁻ [B] in the accumulation dtype)."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
-    gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
+    gp = torch.empty(B, KP, dtype=pos.dtype, device=pos.device)
+    gn = torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     gsp, gsn = (torch.empty(B, dtype=acc_dtype(pos), device=pos.device) for _ in range(2))
-    run_rows(_margin_injection_bwd_kernel, B, pos.device, grad_rows.contiguous(), pos, neg, pm, nm, sigma_pos.contiguous(),
+    run_rows(_margin_injection_bwd_kernel, B, pos.device, grad_rows.contiguous(), pos, neg, pm, nm,
+             sigma_pos.contiguous(),
          sigma_neg.contiguous(), gp, gn, gsp, gsn, B, KP, KN, *strides, **mask_flags(pos_mask, neg_mask))
     return gp, gn, gsp, gsn

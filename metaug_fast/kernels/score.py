@@ -19,10 +19,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import COMPILE_OPTIONS  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
-from ._common import (HINGE, INFONCE, WEIGHTED, acc_dtype, finite_or_zero, load_cfg, load_rows, load_stats, loss_args,
-                      lse_update, mask_flags, mul_rn, op, run_rows, score_args, side_terms, sigmoid, softplus, store_stats,
-                      tuned)
+from ._common import (
+    COMPILE_OPTIONS,  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
+    HINGE,
+    INFONCE,
+    WEIGHTED,
+    acc_dtype,
+    finite_or_zero,
+    load_cfg,
+    load_rows,
+    load_stats,
+    loss_args,
+    lse_update,
+    mask_flags,
+    mul_rn,
+    op,
+    run_rows,
+    score_args,
+    side_terms,
+    sigmoid,
+    softplus,
+    store_stats,
+    tuned,
+)
 
 
 @triton.jit
@@ -56,7 +75,8 @@ def _side_sum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, HAS_M: tl.co
 
 @tuned((4, 256, 4), (4, 128, 8), (8, 128, 8), (2, 512, 4), fp64=((2, 256, 4),))
 @triton.jit
-def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64,
+                      gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, rows_ptr, stats_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                       FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
@@ -109,7 +129,8 @@ def _score_fwd_kernel(pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_be
 
 @tuned((4, 256, 4), (4, 512, 8), (16, 128, 8), (8, 256, 8))
 @triton.jit
-def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+def _score_bwd_kernel(g_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64,
+                      gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, stats_ptr, gp_ptr, gn_ptr, B, KP, KN,
                       s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                       FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
@@ -188,13 +209,15 @@ def _side_hvp(x_ptr, m_ptr, t_ptr, out_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_
         e, d1, d2 = side_terms(x, FORM, POS, beta, gamma_pos, gamma_neg, margin)
         w = tl.exp(e - shift[:, None] - log_sum[:, None])
         h = w * d1 * c1[:, None] + c2[:, None] * w * (d1 * (mul_rn(d1, t) - t_side[:, None]) + d2 * t)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.where(keep, h, 0.0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                 tl.where(keep, h, 0.0).to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols[None, :] < K))
 
 
 @tuned((4, 256, 8), (8, 256, 8), (4, 128, 8), fp64=((4, 256, 8), (8, 128, 8), (2, 512, 4)))
 @triton.jit
-def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64, inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_ptr, beta: tl.float64,
+                          inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                       lam: tl.float64, stats_ptr,
                           ggo_ptr, hp_ptr, hn_ptr, B, KP, KN, s_pb, s_pk, s_nb, s_nk, s_pmb, s_pmk, s_nmb, s_nmk,
                           FORM: tl.constexpr, HAS_PM: tl.constexpr, HAS_NM: tl.constexpr,
@@ -239,7 +262,8 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
             t = tl.load(tp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             xs = c[:, None] - beta * x
             h = coef[:, None] * sigmoid(xs) * sigmoid(-xs) * (t - wt[:, None])
-            tl.store(hp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :], tl.where(keep, h, 0.0).to(hp_ptr.dtype.element_ty),
+            tl.store(hp_ptr + rows[:, None].to(tl.int64) * KP + cols[None, :],
+                     tl.where(keep, h, 0.0).to(hp_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KP))
         k_0 = mul_rn(wt, dsig) - dsig_t - mul_rn(st2, wt)
         for k0 in range(0, KN, BLOCK_K):
@@ -249,7 +273,8 @@ def _score_bwd_bwd_kernel(g_ptr, tp_ptr, tn_ptr, pos_ptr, neg_ptr, pm_ptr, nm_pt
             t = tl.load(tn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], mask=keep, other=0.0).to(acc_ty)
             w = tl.exp(beta * x - st0[:, None] - st1[:, None])
             h = coef[:, None] * w * (mul_rn(st2[:, None] + tl.zeros_like(t), t) + k_0[:, None])
-            tl.store(hn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :], tl.where(keep, h, 0.0).to(hn_ptr.dtype.element_ty),
+            tl.store(hn_ptr + rows[:, None].to(tl.int64) * KN + cols[None, :],
+                     tl.where(keep, h, 0.0).to(hn_ptr.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < KN))
     else:
         total = st0 + st1 + st2 + st3
@@ -279,7 +304,8 @@ def oucl_score_fwd(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mas
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     rows = torch.empty(B, dtype=acc, device=pos.device)
     stats = torch.empty(B, 5, dtype=acc, device=pos.device)
-    run_rows(_score_fwd_kernel, B, pos.device, pos, neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)),
+    run_rows(_score_fwd_kernel, B, pos.device, pos, neg, pm, nm,
+             *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)),
          rows, stats, B, KP, KN, *strides, FORM=form, **mask_flags(pos_mask, neg_mask))
     return rows, stats
 
@@ -290,7 +316,8 @@ def oucl_score_bwd(grad_rows: Tensor, pos: Tensor, neg: Tensor, pos_mask: Option
                    lam: float) -> Tuple[Tensor, Tensor]:
     """(grad_pos [B, K⁺], grad_neg [B, K⁻]) in the input dtype."""
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
-    gp, gn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
+    gp = torch.empty(B, KP, dtype=pos.dtype, device=pos.device)
+    gn = torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     run_rows(_score_bwd_kernel, B, pos.device, grad_rows.contiguous(), pos, neg, pm, nm,
          *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), gp, gn, B, KP, KN, *strides,
          FORM=form, **mask_flags(pos_mask, neg_mask))
@@ -306,8 +333,10 @@ def oucl_score_bwd_bwd(grad_rows: Tensor, gg_pos: Tensor, gg_neg: Tensor, pos: T
         raise ValueError("the hinge form has a zero Hessian: its double backward needs no kernel")
     pm, nm, B, KP, KN, strides = score_args(pos, neg, pos_mask, neg_mask)
     ggo = torch.empty(B, dtype=stats.dtype, device=pos.device)
-    hp, hn = torch.empty(B, KP, dtype=pos.dtype, device=pos.device), torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
-    run_rows(_score_bwd_bwd_kernel, B, pos.device, grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(), pos,
+    hp = torch.empty(B, KP, dtype=pos.dtype, device=pos.device)
+    hn = torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
+    run_rows(_score_bwd_bwd_kernel, B, pos.device, grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(),
+             pos,
          neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), ggo, hp, hn, B,
          KP, KN, *strides, FORM=form, **mask_flags(pos_mask, neg_mask))
     return ggo, hp, hn

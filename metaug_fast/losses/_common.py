@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..distributed._common import _GatherRows, _gather_padded, _gather_sizes
+from ..distributed._common import _gather_padded, _gather_sizes, _GatherRows
 
 
 def unsupported(cls: str, argument: str, value, instead: str) -> ValueError:

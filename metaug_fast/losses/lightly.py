@@ -112,7 +112,8 @@ class NTXentLoss(nn.Module):
         all_rows, sizes = gather_rows(both, with_grad=True)
         rank = dist.get_rank()
         starts = [sum(sizes[:r]) // 2 for r in range(len(sizes))]
-        all_labels = torch.cat([torch.arange(s, s + n // 2, device=out0.device).repeat(2) for s, n in zip(starts, sizes)])
+        all_labels = torch.cat([torch.arange(s, s + n // 2, device=out0.device).repeat(2) for s, n in zip(starts,
+                                                                                                          sizes)])
         offset = sum(sizes[:rank])
         return F.info_nce_embeddings(both, all_labels[offset:offset + 2 * b], all_rows, all_labels,
                                      temperature=self.temperature, similarity="cosine", self_offset=offset,

@@ -14,9 +14,9 @@ six positives into ``p [B, 6]`` and the negatives into ``n [B, 6K]``, and return
 (its ``circle_loss_ite_de_to_softmax``), with δ⁺ = 1 − δ_m and δ⁻ = δ_m when ``delta_enable_gh == "yes"``,
 else 0. That is 16 times the library's weighted OUCL form at β = γ, γ⁺ = δ⁺, γ⁻ = δ⁻ on the mapped scores ("mean"
 reduction), or, with the map folded into the parameters, 8 times the weighted form at β = γ/2, γ± = 2δ± − 1 on
-the scores as given: what this class computes, on the fused score-mode op. The official Γ weights are 1 whether ``alpha_enable_gh`` is
-"yes" or "no" (its "yes" branch computes the circle weights and then sets them to 1), so the α options change
-nothing there and change nothing here; they are checked as the official code checks them.
+the scores as given: what this class computes, on the fused score-mode op. The official Γ weights are 1 whether
+``alpha_enable_gh`` is "yes" or "no" (its "yes" branch computes the circle weights and then sets them to 1), so
+the α options change nothing there and change nothing here; they are checked as the official code checks them.
 """
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ when ``local_loss=False``. Values and gradients are open_clip's in all four sett
   this rank's own features, with their gradient, in their slot of the global logits: the gradient is the
   global loss's, which the gather's backward gives here).
 
-An empty batch gives NaN, as open_clip's mean over no rows does. ``logit_bias`` adds the same constant to every logit, which the cross-entropy cancels: accepted, with a zero
-gradient. ``use_horovod=True`` raises (use torch.distributed).
+An empty batch gives NaN, as open_clip's mean over no rows does. ``logit_bias`` adds the same constant to every
+logit, which the cross-entropy cancels: accepted, with a zero gradient. ``use_horovod=True`` raises (use
+torch.distributed).
 """
 from __future__ import annotations
 

@@ -4,4 +4,5 @@ from .bank import MemoryBank, ShardedMemoryBank
 from .mag import MetaFeatureAugmenter
 from .step import MetAugConfig, MetAugStep, margin_terms, objective
 
-__all__ = ["MemoryBank", "ShardedMemoryBank", "MetaFeatureAugmenter", "MetAugConfig", "MetAugStep", "objective", "margin_terms"]
+__all__ = ["MemoryBank", "ShardedMemoryBank", "MetaFeatureAugmenter", "MetAugConfig", "MetAugStep", "objective",
+           "margin_terms"]

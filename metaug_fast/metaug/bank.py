@@ -11,8 +11,8 @@ from torch.nn import functional as F
 
 import metaug_fast.functional as MF
 from metaug_fast import distributed as D
-from metaug_fast.chunked import oucl_embeddings_chunked
 from metaug_fast import reference as R
+from metaug_fast.chunked import oucl_embeddings_chunked
 from metaug_fast.contract import LossParams
 from metaug_fast.reference import SIMILARITIES
 

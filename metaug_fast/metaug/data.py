@@ -64,7 +64,8 @@ def _unpickle(path: str) -> dict:
 
 def _cifar(root: str, n_classes: int, train: bool) -> Split:
     if n_classes == 10:
-        folder, files, key = "cifar-10-batches-py", ["data_batch_%d" % i for i in range(1, 6)] if train else ["test_batch"], "labels"
+        batches = ["data_batch_%d" % i for i in range(1, 6)] if train else ["test_batch"]
+        folder, files, key = "cifar-10-batches-py", batches, "labels"
         name = "CIFAR-10"
     else:
         folder, files, key = "cifar-100-python", ["train" if train else "test"], "fine_labels"
@@ -113,7 +114,7 @@ def _tiny_imagenet(root: str, train: bool) -> Split:
         raise _missing("Tiny ImageNet", train_dir, "ImageFolder layout: tiny-imagenet-200/train/<class>/..., "
                        "tiny-imagenet-200/val/<class>/... or val/images with val_annotations.txt",
                        "http://cs231n.stanford.edu/tiny-imagenet-200.zip")
-    to_tensor = lambda img: pil_to_tensor(img.convert("RGB")).float() / 255.0  # noqa: E731
+    to_tensor = lambda img: pil_to_tensor(img.convert("RGB")).float() / 255.0
     ds = torchvision.datasets.ImageFolder(train_dir, transform=to_tensor)
     if not train:
         val_dir = os.path.join(base, "val")

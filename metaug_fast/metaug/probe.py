@@ -150,6 +150,7 @@ def linear_probe(model: nn.Module, train: Views, test: Views, n_classes: int, *,
                                             protocol=protocol, train_features=epoch_feats)
             if layer == "fc":  # on the encoder's features alone (the official ones add the MAGs')
                 plain = (xtr, ytr, xte, yte) if not official else \
-                    (*extract(model, train, layer="fc", device=device), *extract(model, test, layer="fc", device=device))
+                    (*extract(model, train, layer="fc", device=device), *extract(model, test, layer="fc",
+                                                                                 device=device))
                 out["knn"] = 100.0 * knn_accuracy(*plain)
     return out

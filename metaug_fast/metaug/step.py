@@ -34,7 +34,6 @@ from torch.func import functional_call
 import metaug_fast.functional as MF
 from metaug_fast import distributed as D
 from metaug_fast import large_batch
-
 from metaug_fast.contract import LossParams
 
 from .bank import BANK_INITS, MemoryBank
@@ -281,7 +280,8 @@ def _virtual(model: nn.Module, params: Dict[str, Tensor], views: Sequence[Tensor
 
 
 def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], inner: Callable, outer: Callable,
-                       inner_lr: float, wrt: Sequence[Tensor], create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
+                       inner_lr: float, wrt: Sequence[Tensor],
+                       create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
     """∇_wrt L̂ with L̂ = ``outer(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``inner(model(views))`` (graph kept when
     ``create_graph``: second order). ``inner(zs)`` and ``outer(zs)`` map the features to a scalar loss (the
     meta objective is ``outer``). Returns the gradients, ``None`` for a tensor of ``wrt`` that L̂ does not
@@ -423,7 +423,7 @@ class MetAugStep:
         # 3. The variants' look-ahead encoder update.
         if cfg.variant in ("lookahead", "metaug2"):
             params = list(self.model.parameters())
-            loss_of = lambda zs: loss_fn(zs, writer(index))[0]  # noqa: E731
+            loss_of = lambda zs: loss_fn(zs, writer(index))[0]
             grads, _ = lookahead_gradient(self.model, views, loss_of, loss_of, cfg.inner_lr, params)
             self._apply(self.opt, params, grads)
         # 4. Memory bank: momentum update with this step's (pre-update) features, after scoring.
