@@ -23,20 +23,24 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def(
       "margin_score_bwd(Tensor grad, Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor stats) "
       "-> (Tensor, Tensor)");
+  // Label mode takes raw rows e [B,D], r [M,D] and their inverse norms iz [B], ir [M] (the similarity's rows
+  // are e·iz and r·ir); the backward gives the gradients of both (oucl_host.h, LabelOps).
   m.def(
-      "oucl_label_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, int similarity, "
-      "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
+      "oucl_label_fwd(Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, int self_offset, "
+      "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "oucl_label_bwd(Tensor grad_rows, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, Tensor stats, "
-      "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
-      "float lam, bool ref_grad=True) -> (Tensor, Tensor)");
+      "oucl_label_bwd(Tensor grad_rows, Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
+      "Tensor stats, int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
+      "float margin, float lam, bool ref_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "oucl_label_cross_fwd(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int similarity, int form, "
-      "float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor, Tensor)");
+      "oucl_label_cross_fwd(Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
+      "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "oucl_label_cross_bwd(Tensor grad_z, Tensor grad_r, Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, "
-      "Tensor stats_z, Tensor stats_r, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
-      "float margin, float lam) -> (Tensor, Tensor)");
+      "oucl_label_cross_bwd(Tensor grad_z, Tensor grad_r, Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, "
+      "Tensor ref_labels, Tensor stats_z, Tensor stats_r, int similarity, int form, float beta, float gamma_pos, "
+      "float gamma_neg, float margin, float lam) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace metaug_fast

@@ -39,6 +39,16 @@ constexpr bool is_form(int64_t form) {
 #undef METAUG_IS_FORM
 }
 
+// The forms with a label-aware second derivative (the hinge's Hessian is zero; margins are piecewise linear),
+// as metaug_fast/contract.py's HVP_FORMS lists them (tests/test_contract_names.py compares the two).
+#define METAUG_HVP_FORMS(X) X(kSquared) X(kWeighted) X(kCircle) X(kInfoNCE)
+
+constexpr bool is_hvp_form(int64_t form) {
+#define METAUG_IS_HVP_FORM(ID) form == ID ||
+  return METAUG_HVP_FORMS(METAUG_IS_HVP_FORM) false;
+#undef METAUG_IS_HVP_FORM
+}
+
 // Calls f(std::integral_constant<int, FORM>{}) for the run-time form id, so kernels are templated on it; the
 // one dispatch idiom of the CPU and CUDA hosts. Callers check is_form first.
 template <typename F>

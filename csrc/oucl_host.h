@@ -228,8 +228,8 @@ struct ScoreOps {
   }
 };
 
-// Label-mode inputs: zn [B,D], rn [M,D] normalized, fp32 or fp64; labels [B], ref_labels [M] int64; all on
-// one device, which the backend's check_device accepts. ``who``: e.g. "oucl_label (cpp)".
+// Label-mode rows as the backends' kernels take them: zn [B,D], rn [M,D] normalized, fp32 or fp64; labels
+// [B], ref_labels [M] int64; all on one device, which the backend's check_device accepts.
 template <typename Backend>
 void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
                         const at::Tensor& ref_labels, int64_t form, int64_t similarity) {
@@ -248,9 +248,32 @@ void check_label_inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Te
   TORCH_CHECK(similarity == kShiftedCosine || similarity == kCosine, who, ": unknown similarity id ", similarity);
 }
 
+// The label ops' interface, shared with the Triton backend: raw rows e [B,D], r [M,D] in any floating dtype
+// and their inverse norms iz [B], ir [M] in the accumulation dtype (fp32, or fp64 for fp64 rows): the rows the
+// similarity takes are e·iz and r·ir.
+template <typename Backend>
+void check_raw_rows(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir) {
+  const std::string who = std::string("oucl_label (") + Backend::kName + ")";
+  TORCH_CHECK(e.dim() == 2 && r.dim() == 2 && e.size(1) == r.size(1) && iz.dim() == 1 && ir.dim() == 1 &&
+                  iz.size(0) == e.size(0) && ir.size(0) == r.size(0),
+              who, ": rows e [B,D], r [M,D] and inverse norms iz [B], ir [M]");
+  TORCH_CHECK(at::isFloatingType(e.scalar_type()) && at::isFloatingType(r.scalar_type()) &&
+                  iz.scalar_type() == ir.scalar_type() &&
+                  iz.scalar_type() == (e.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+              who, ": e and r floating point, iz and ir in their accumulation dtype (float64 for float64 rows, "
+              "float32 otherwise)");
+}
+
+// zn = e·iz in the accumulation dtype, contiguous: the rows the kernels take.
+inline at::Tensor scaled_rows(const at::Tensor& e, const at::Tensor& inv) {
+  return (e.detach().to(inv.scalar_type()) * inv.detach().unsqueeze(1)).contiguous();
+}
+
 // The label ops' common prologue, alive for the op's whole body: inputs checked, the device guard, autograd
 // off for the internal GEMMs (it would keep every tile alive), and detached contiguous inputs (detached:
-// gradient buffers allocated with zn.options() would otherwise carry requires_grad).
+// gradient buffers allocated with zn.options() would otherwise carry requires_grad). From raw rows and inverse
+// norms the normalized rows are formed once (O((B + M)·D), against the B·M·D of the tiles); the same e and iz
+// as r and ir give one tensor for both, which is how self mode is recognized (is_self).
 template <typename Backend>
 struct LabelInputs {
   LabelInputs(const at::Tensor& zn_in, const at::Tensor& rn_in, const at::Tensor& labels_in,
@@ -260,10 +283,28 @@ struct LabelInputs {
         rn(rn_in.detach().contiguous()),
         labels(labels_in.contiguous()),
         ref_labels(ref_labels_in.contiguous()) {}
+  LabelInputs(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir,
+              const at::Tensor& labels_in, const at::Tensor& ref_labels_in, int64_t form, int64_t similarity)
+      : guard((check_raw_rows<Backend>(e, iz, r, ir), e.device())),
+        zn(scaled_rows(e, iz)),
+        rn(same_rows(e, iz, r, ir) ? zn : scaled_rows(r, ir)),
+        labels(labels_in.contiguous()),
+        ref_labels(ref_labels_in.contiguous()) {
+    check_label_inputs<Backend>(zn, rn, labels, ref_labels, form, similarity);
+  }
+  static bool same_rows(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir) {
+    return e.data_ptr() == r.data_ptr() && e.sizes() == r.sizes() && e.strides() == r.strides() &&
+           iz.data_ptr() == ir.data_ptr() && iz.sizes() == ir.sizes();
+  }
   const typename Backend::Guard guard;
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor zn, rn, labels, ref_labels;
 };
+
+// (∂/∂x at fixed inverse norms [n,D], ∂/∂inv [n]) from ∂/∂(x·inv) [n,D], in the accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor> raw_grads(const at::Tensor& g, const at::Tensor& x, const at::Tensor& inv) {
+  return {g * inv.detach().unsqueeze(1), (g * x.detach().to(g.scalar_type())).sum(1)};
+}
 
 // The label backward's saved stats [B,kStats] and incoming grad_rows [B] ([B,2] for margins), contiguous.
 template <typename Backend>
@@ -309,10 +350,11 @@ bool is_self(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a) 
 //   forward<T>(zn, rn, args, form, rows, stats)   rows [B] and stats [B,kStats] of every row (B > 0);
 //   backward<T>(zn, rn, args, form, stats, grad_rows, gz, gr)   accumulates ∂/∂zn into gz [B,D] and, when gr
 //                                                 is not empty, ∂/∂rn into gr [M,D] (B > 0, M > 0);
-// zn, rn as LabelInputs makes them: checked, detached, contiguous.
+// zn, rn as LabelInputs makes them from the raw rows: normalized, detached, contiguous.
 template <typename Backend>
 struct LabelOps {
   using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+  using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
   template <typename T>
   static LabelArgs<T> args(const LabelInputs<Backend>& in, int64_t self_offset, int64_t similarity, double beta,
@@ -321,11 +363,11 @@ struct LabelOps {
                               lam);
   }
 
-  // -> (rows [B], stats [B,kStats]) in the dtype of zn.
-  static Tensors2 fwd(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
-                      const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity, int64_t form, double beta,
-                      double gamma_pos, double gamma_neg, double margin, double lam) {
-    const LabelInputs<Backend> in(zn, rn, labels, ref_labels, form, similarity);
+  // -> (rows [B], stats [B,kStats]) in the accumulation dtype.
+  static Tensors2 fwd(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir,
+                      const at::Tensor& labels, const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity,
+                      int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+    const LabelInputs<Backend> in(e, iz, r, ir, labels, ref_labels, form, similarity);
     const int64_t B = in.zn.size(0);
     at::Tensor rows = at::empty({B}, in.zn.options()), stats = at::empty({B, kStats}, in.zn.options());
     if (B == 0) return {rows, stats};
@@ -336,23 +378,34 @@ struct LabelOps {
     return {rows, stats};
   }
 
-  // -> (∂/∂zn [B,D], ∂/∂rn [M,D]); ref_grad = false (a constant reference set such as a memory bank): ∂/∂rn
-  // is a [0,D] tensor and its GEMMs are skipped.
-  static Tensors2 bwd(const at::Tensor& grad_rows, const at::Tensor& zn, const at::Tensor& rn,
-                      const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats,
-                      int64_t self_offset, int64_t similarity, int64_t form, double beta, double gamma_pos,
-                      double gamma_neg, double margin, double lam, bool ref_grad) {
-    const LabelInputs<Backend> in(zn, rn, labels, ref_labels, form, similarity);
+  // -> (∂e [B,D] at fixed inverse norms, ∂iz [B], ∂r [M,D], ∂ir [M]) in the accumulation dtype. Self mode
+  // (the same rows and inverse norms as both sets, self_offset 0): the whole gradient is in (∂e, ∂iz) and the
+  // reference's parts are empty ([0,D], [0]); so they are with ref_grad = false (a constant reference set such
+  // as a memory bank), whose GEMMs are then skipped.
+  static Tensors4 bwd(const at::Tensor& grad_rows, const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r,
+                      const at::Tensor& ir, const at::Tensor& labels, const at::Tensor& ref_labels,
+                      const at::Tensor& stats, int64_t self_offset, int64_t similarity, int64_t form, double beta,
+                      double gamma_pos, double gamma_neg, double margin, double lam, bool ref_grad) {
+    const LabelInputs<Backend> in(e, iz, r, ir, labels, ref_labels, form, similarity);
     const auto checked = label_backward_inputs<Backend>(stats, grad_rows, in.zn, form);
     const at::Tensor &st = std::get<0>(checked), &g = std::get<1>(checked);
     const int64_t B = in.zn.size(0), M = in.rn.size(0), D = in.zn.size(1);
+    const bool self = in.zn.data_ptr() == in.rn.data_ptr() && self_offset == 0;
+    const bool reference_parts = ref_grad && !self;
     at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros({ref_grad ? M : 0, D}, in.zn.options());
-    if (B == 0 || M == 0) return {gz, gr};
-    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_bwd", [&] {
-      const auto a = args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam);
-      Backend::template backward<scalar_t>(in.zn, in.rn, a, form, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gz, gr);
-    });
-    return {gz, gr};
+    if (B > 0 && M > 0) {
+      AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_bwd", [&] {
+        const auto a = args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam);
+        Backend::template backward<scalar_t>(in.zn, in.rn, a, form, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), gz,
+                                             gr);
+      });
+    }
+    if (self && ref_grad) gz.add_(gr);  // both sets are e: its gradient is the sum of both parts
+    const auto d_e = raw_grads(gz, e, iz);
+    if (!reference_parts)
+      return {std::get<0>(d_e), std::get<1>(d_e), at::zeros({0, D}, gz.options()), at::zeros({0}, gz.options())};
+    const auto d_r = raw_grads(gr, r, ir);
+    return {std::get<0>(d_e), std::get<1>(d_e), std::get<0>(d_r), std::get<1>(d_r)};
   }
 
   static void impl(torch::Library& m) {
@@ -369,13 +422,12 @@ struct LabelOps {
 // with a the label arguments of zn's rows and a_t those of rn's (the labels swapped).
 template <typename Backend>
 struct CrossOps {
-  using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
   using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
   struct Inputs : LabelInputs<Backend> {
-    Inputs(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels, const at::Tensor& ref_labels,
-           int64_t similarity, int64_t form)
-        : LabelInputs<Backend>(zn, rn, labels, ref_labels, form, similarity) {
+    Inputs(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir,
+           const at::Tensor& labels, const at::Tensor& ref_labels, int64_t similarity, int64_t form)
+        : LabelInputs<Backend>(e, iz, r, ir, labels, ref_labels, form, similarity) {
       TORCH_CHECK(form == kInfoNCE, "oucl_label_cross (", Backend::kName, "): cross mode runs InfoNCE (form ",
                   int64_t(kInfoNCE), "), got form ", form);
     }
@@ -386,11 +438,11 @@ struct CrossOps {
     }
   };
 
-  // -> (rows_z [B], stats_z [B,kStats], rows_r [M], stats_r [M,kStats]) in the dtype of zn.
-  static Tensors4 fwd(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& labels,
-                      const at::Tensor& ref_labels, int64_t similarity, int64_t form, double beta, double,
-                      double, double, double) {
-    const Inputs in(zn, rn, labels, ref_labels, similarity, form);
+  // -> (rows_z [B], stats_z [B,kStats], rows_r [M], stats_r [M,kStats]) in the accumulation dtype.
+  static Tensors4 fwd(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir,
+                      const at::Tensor& labels, const at::Tensor& ref_labels, int64_t similarity, int64_t form,
+                      double beta, double, double, double, double) {
+    const Inputs in(e, iz, r, ir, labels, ref_labels, similarity, form);
     const int64_t B = in.zn.size(0), M = in.rn.size(0);
     at::Tensor rows_z = at::empty({B}, in.zn.options()), stats_z = at::empty({B, kStats}, in.zn.options());
     at::Tensor rows_r = at::empty({M}, in.zn.options()), stats_r = at::empty({M, kStats}, in.zn.options());
@@ -403,24 +455,24 @@ struct CrossOps {
     return {rows_z, stats_z, rows_r, stats_r};
   }
 
-  // -> (∂/∂zn [B,D], ∂/∂rn [M,D]) of Σ_i grad_z[i]·ℓ_i + Σ_j grad_r[j]·ℓ'_j.
-  static Tensors2 bwd(const at::Tensor& grad_z, const at::Tensor& grad_r, const at::Tensor& zn, const at::Tensor& rn,
-                      const at::Tensor& labels, const at::Tensor& ref_labels, const at::Tensor& stats_z,
-                      const at::Tensor& stats_r, int64_t similarity, int64_t form, double beta, double, double, double,
-                      double) {
-    const Inputs in(zn, rn, labels, ref_labels, similarity, form);
+  // -> (∂e [B,D], ∂iz [B], ∂r [M,D], ∂ir [M]) of Σ_i grad_z[i]·ℓ_i + Σ_j grad_r[j]·ℓ'_j, as LabelOps::bwd.
+  static Tensors4 bwd(const at::Tensor& grad_z, const at::Tensor& grad_r, const at::Tensor& e, const at::Tensor& iz,
+                      const at::Tensor& r, const at::Tensor& ir, const at::Tensor& labels,
+                      const at::Tensor& ref_labels, const at::Tensor& stats_z, const at::Tensor& stats_r,
+                      int64_t similarity, int64_t form, double beta, double, double, double, double) {
+    const Inputs in(e, iz, r, ir, labels, ref_labels, similarity, form);
     const auto z_side = label_backward_inputs<Backend>(stats_z, grad_z, in.zn, form);
     const auto r_side = label_backward_inputs<Backend>(stats_r, grad_r, in.rn, form);
     at::Tensor gz = at::zeros_like(in.zn), gr = at::zeros_like(in.rn);
-    if (in.zn.size(0) == 0 || in.rn.size(0) == 0) return {gz, gr};
-    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
+    if (in.zn.size(0) > 0 && in.rn.size(0) > 0) AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_cross_bwd", [&] {
       const auto a = in.template args<scalar_t>(similarity, beta);
       Backend::template cross_backward<scalar_t>(
           in.zn, in.rn, a.first, a.second, std::get<0>(z_side).template data_ptr<scalar_t>(),
           std::get<1>(z_side).template data_ptr<scalar_t>(), std::get<0>(r_side).template data_ptr<scalar_t>(),
           std::get<1>(r_side).template data_ptr<scalar_t>(), gz, gr);
     });
-    return {gz, gr};
+    const auto d_e = raw_grads(gz, e, iz), d_r = raw_grads(gr, r, ir);
+    return {std::get<0>(d_e), std::get<1>(d_e), std::get<0>(d_r), std::get<1>(d_r)};
   }
 
   static void impl(torch::Library& m) {

@@ -2,9 +2,10 @@
 
 A backend is one module of :mod:`metaug_fast.backends` that builds a :class:`Backend` record and adds it
 to :data:`REGISTRY`: its name, which tensors it runs, a probe that says why it is unavailable in this
-process (and how to get it), the device types ``backend="auto"`` picks it for, the fused label ops the
-distributed modes and memory banks need (if it has them), and its implementation of each op under the
-signature every backend shares (arguments validated by :mod:`metaug_fast.functional`, every parameter
+process (and how to get it), the device types ``backend="auto"`` picks it for, its kernels (a fused backend:
+the namespace of its ops, which every fused backend shares the interface of, and what else they can do,
+:class:`metaug_fast._ops.label.LabelKernels`), and its implementation of each op under the signature every
+backend shares (arguments validated by :mod:`metaug_fast.functional`, every parameter
 given). Dispatch, ``available_backends``, the distributed modes and the tests read this registry; a new
 backend is a new module.
 
@@ -22,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Backend", "REGISTRY", "BackendUnavailableError", "add", "available_backends", "fused_label_ops",
-           "resolve"]
+__all__ = ["Backend", "LABEL_KERNELS", "REGISTRY", "BackendUnavailableError", "add", "available_backends",
+           "label_kernels", "resolve", "select"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -34,7 +35,8 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """One backend. ``runs_on(device)``: whether it runs tensors on ``device`` (``where`` says it in words);
     ``unavailable()``: None when usable in this process, else why not and how to get it;
-    ``self_check(backend, device, dtype, op)``: whether ``auto`` may pick it there (None: always)."""
+    ``self_check(backend, device, dtype, op)``: whether ``auto`` may pick it there (None: always);
+    ``kernels``: a fused backend's ops and capabilities (None for the reference)."""
 
     name: str
     where: str
@@ -42,7 +44,7 @@ class Backend:
     unavailable: Callable[[], Optional[str]]
     impls: Dict[str, Callable] = field(default_factory=dict)
     auto_on: Tuple[str, ...] = ()
-    label_ops: Optional[object] = None
+    kernels: Optional[object] = None
     self_check: Optional[Callable[["Backend", torch.device, Optional[torch.dtype], str], bool]] = None
 
     def available(self) -> bool:
@@ -73,7 +75,16 @@ def _check_name(name: str, argument: str) -> None:
         raise ValueError(f"{argument} must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
 
 
-def _auto(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Callable:
+# The requirement of the callers that run a backend's label ops themselves (ring mode, sharded scoring, the
+# benches) instead of one of its ``impls``: the backend must have ``kernels``.
+LABEL_KERNELS = "label_kernels"
+
+
+def _provides(b: Backend, op: str) -> bool:
+    return b.kernels is not None if op == LABEL_KERNELS else op in b.impls
+
+
+def _auto(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Backend:
     preferred = os.environ.get("METAUG_BACKEND", "").strip()
     if preferred and preferred != "auto":
         _check_name(preferred, "METAUG_BACKEND")
@@ -81,16 +92,27 @@ def _auto(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Callab
         if reason:
             raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {reason}")
         chosen = REGISTRY[preferred]
-        return chosen.impls[op] if op in chosen.impls and chosen.runs_on(device) else REGISTRY["reference"].impls[op]
-    for b in REGISTRY.values():
-        if device.type in b.auto_on and op in b.impls and b.runs_on(device) and b.available() and (
-                b.self_check is None or b.self_check(b, device, dtype, op)):
-            return b.impls[op]
-    return REGISTRY["reference"].impls[op]
+        if _provides(chosen, op) and chosen.runs_on(device):
+            return chosen
+    else:
+        for b in REGISTRY.values():
+            if device.type in b.auto_on and _provides(b, op) and b.runs_on(device) and b.available() and (
+                    b.self_check is None or b.self_check(b, device, dtype, op)):
+                return b
+    if not _provides(REGISTRY["reference"], op):
+        having = [b for b in REGISTRY.values() if _provides(b, op) and b.runs_on(device)]
+        reasons = "; ".join(f"{b.name}: {b.unavailable() or 'not picked by auto here'}" for b in having)
+        raise BackendUnavailableError(f"no backend runs the fused label kernels on {device.type} in this process "
+                                      f"({reasons or 'none has them there'})")
+    return REGISTRY["reference"]
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
-    """The implementation of ``op`` that ``backend`` selects for tensors of ``dtype`` on ``device``."""
+def select(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The record of the backend that runs ``op`` for tensors of ``dtype`` on ``device`` when ``backend`` is
+    asked for: ``op`` is one of the backends' ``impls`` names, or :data:`LABEL_KERNELS` for a caller that
+    runs the label ops itself. An explicit backend that cannot is refused (``BackendUnavailableError`` when
+    this process cannot run it or it lacks ``op``, ``ValueError`` for tensors on a device it does not run),
+    never replaced by another; ``"auto"`` as the module says."""
     _check_name(backend, "backend")
     if backend == "auto":
         return _auto(op, device, dtype)
@@ -98,35 +120,22 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
     reason = chosen.unavailable()
     if reason:
         raise BackendUnavailableError(f"backend={backend!r}: {reason}")
-    if op not in chosen.impls:
-        doing = sorted(name for name, b in REGISTRY.items() if op in b.impls)
-        raise BackendUnavailableError(f"backend={backend!r} does not implement {op} in this version; backends "
-                                      f"that do: {doing}")
+    if not _provides(chosen, op):
+        doing = sorted(name for name, b in REGISTRY.items() if _provides(b, op))
+        lacks = "has no fused label kernels" if op == LABEL_KERNELS else f"does not implement {op} in this version"
+        raise BackendUnavailableError(f"backend={backend!r} {lacks}; backends that do: {doing}")
     if not chosen.runs_on(device):
         raise ValueError(f"backend={backend!r} runs on {chosen.where} only, got tensors on {device}")
-    return chosen.impls[op]
+    return chosen
 
 
-def fused_label_ops(what: str, device: torch.device, backend: str = "auto"):
-    """The fused label ops (``oucl_label_fwd``/``_bwd``) for tensors on ``device``: the named ``backend``'s,
-    or with ``"auto"`` the first available backend's that has them there; ``what`` names the caller in the
-    errors. An explicit backend without them is refused, never replaced by another."""
-    _check_name(backend, "backend")
-    if backend != "auto":
-        chosen = REGISTRY[backend]
-        if chosen.label_ops is None:
-            having = sorted(name for name, b in REGISTRY.items() if b.label_ops is not None)
-            raise ValueError(f"{what} runs the fused label ops, which backend={backend!r} does not have; backends "
-                             f"that do: {having} (or backend='auto')")
-        reason = chosen.unavailable()
-        if reason:
-            raise BackendUnavailableError(f"backend={backend!r}: {reason}")
-        if not chosen.runs_on(device):
-            raise ValueError(f"backend={backend!r} runs on {chosen.where} only, got tensors on {device}")
-        return chosen.label_ops
-    candidates = [b for b in REGISTRY.values() if b.label_ops is not None and b.runs_on(device)]
-    for b in candidates:
-        if b.available():
-            return b.label_ops
-    reasons = "; ".join(f"{b.name}: {b.unavailable()}" for b in candidates) or "no backend has them"
-    raise BackendUnavailableError(f"{what} needs the fused label ops on {device.type}: {reasons}")
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The implementation of ``op`` that ``backend`` selects for tensors of ``dtype`` on ``device``."""
+    return select(op, backend, device, dtype).impls[op]
+
+
+def label_kernels(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """The label kernels (:class:`metaug_fast._ops.label.LabelKernels`) that ``backend`` selects for tensors of
+    ``dtype`` on ``device``, for a caller that runs the label ops itself; with ``"auto"`` the backend that
+    ``auto`` picks there, and an error where it would pick the reference (which has none)."""
+    return select(LABEL_KERNELS, backend, device, dtype).kernels

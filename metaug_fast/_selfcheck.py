@@ -30,7 +30,7 @@ CACHE_ENV = "METAUG_SELF_CHECK_CACHE"
 MODES = ("run", "skip", "force")
 FAMILIES = {"oucl": "score", "info_nce": "score", "margin_statistics": "score", "margin_injection_loss": "score",
             "oucl_embeddings": "label", "info_nce_embeddings": "label", "margin_statistics_embeddings": "label",
-            "symmetric_info_nce": "label", "pairwise_similarity": "label"}
+            "symmetric_info_nce": "label", "pairwise_similarity": "label", "label_kernels": "label"}
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 # fp32/fp64 bounds of the contract suite (relative to each output's largest entry); half dtypes are held to
 # twice the reference's own error in that dtype plus one ulp.

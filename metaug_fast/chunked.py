@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import reference as R
+from ._numerics import combine, finite_or_zero
 from .contract import LossParams
 
 DEFAULTS = LossParams()
@@ -39,31 +40,11 @@ def _chunk_partials(z: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, 
     out = []
     for x, mask in ((u, pm), (v, nm)):
         x = R._masked(x, mask, float("-inf"))
-        m = _finite_or_zero(x.amax(1, keepdim=True).detach())
+        m = finite_or_zero(x.amax(1, keepdim=True).detach())
         s = torch.exp(x - m).sum(1)
-        # A chunk with no entry for the row reports m = -inf so that it cannot win the max in _combine.
+        # A chunk with no entry for the row reports m = -inf so that it cannot win the max in combine.
         out += [torch.where(s > 0, m[:, 0], torch.full_like(s, float("-inf"))), s]
     return (*out, *counts)
-
-
-def _finite_or_zero(m: Tensor) -> Tensor:
-    # The shift only needs to be finite: exp(-inf - 0) = 0, where exp(-inf - (-inf)) would be NaN.
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-
-def merge_lse(shift: Tensor, log_sum: Tensor) -> Tuple[Tensor, Tensor]:
-    """Exact merge of log-sum-exps given as (shift, log_sum), ``[B, n]`` each (an empty part has log_sum =
-    -inf), into one (shift, log_sum) ``[B]``: :func:`_combine` on (shift, exp(log_sum)), which cannot
-    overflow (exp(log_sum) is at most the number of terms). The one merge of the chunked path, the Triton
-    label partials and the distributed modes."""
-    m, s = _combine(shift, torch.exp(log_sum))
-    return m, torch.log(s)
-
-
-def _combine(ms: Tensor, ss: Tensor) -> Tuple[Tensor, Tensor]:
-    """Exact combination of per-chunk (m_c, s_c), ``[B, n_chunks]`` each, into one (m, s)."""
-    m = _finite_or_zero(ms.amax(1, keepdim=True).detach())
-    return m[:, 0], (ss * torch.exp(ms - m)).sum(1)
 
 
 def oucl_embeddings_chunked(
@@ -100,7 +81,7 @@ def oucl_embeddings_chunked(
     if form == "hinge":
         rows = torch.relu(s_neg.sum(1) - s_pos.sum(1) + params.lam)
     else:
-        (mp, sp), (mn, sn) = _combine(m_pos, s_pos), _combine(m_neg, s_neg)
+        (mp, sp), (mn, sn) = combine(m_pos, s_pos), combine(m_neg, s_neg)
         one = torch.ones((), dtype=z.dtype, device=z.device)
         lse_pos = mp + torch.log(torch.where(valid, sp, one))  # invalid rows are dropped by reduce_rows
         lse_neg = mn + torch.log(torch.where(valid, sn, one))

@@ -24,7 +24,7 @@ from numbers import Real
 from typing import NamedTuple
 
 __all__ = ["Form", "Similarity", "Stat", "N_STATS", "stats_of", "Part", "N_PARTS", "LossParams", "OpArgs", "OUCL_FORMS",
-           "SIMILARITIES", "normalizes", "slope"]
+           "HVP_FORMS", "SIMILARITIES", "normalizes", "slope"]
 
 
 class Form(IntEnum):
@@ -37,6 +37,11 @@ class Form(IntEnum):
 
 
 OUCL_FORMS = {"hinge": Form.HINGE, "squared": Form.SQUARED, "weighted": Form.WEIGHTED, "circle": Form.CIRCLE}
+
+# The forms whose rows have a smooth Hessian in the scores, which label-aware second-derivative kernels take
+# (the hinge's Hessian is zero and margins are piecewise linear: both keep the score-mode path). The C++
+# header lists them as METAUG_HVP_FORMS (tests/test_contract_names.py compares the two).
+HVP_FORMS = (Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE)
 
 
 class Similarity(IntEnum):

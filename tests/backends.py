@@ -93,25 +93,11 @@ def _registered(name: str) -> Dict[str, Callable]:
 
 
 def _simt_impls() -> Dict[str, Callable]:
-    from metaug_fast._ops.label import (
-        info_nce_embeddings_fused,
-        margin_statistics_embeddings_fused,
-        oucl_embeddings_fused,
-        pairwise_similarity_fused,
-        symmetric_info_nce_fused,
-    )
-    from metaug_fast._ops.margins import margin_statistics_fused
-    from metaug_fast._ops.score import info_nce_fused, oucl_fused
+    from metaug_fast._ops import fused_impls
+    from metaug_fast._ops.label import LabelKernels, pairwise_similarity_fused
 
-    ops = simt_ops()
-    impls = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
-             "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
-             "margin_statistics_embeddings": margin_statistics_embeddings_fused,
-             "symmetric_info_nce": symmetric_info_nce_fused}
-    out = {op: functools.partial(fn, ops=ops) for op, fn in impls.items()}
     # The CUDA backend's similarity is ATen (cuBLAS on a GPU): no kernel of its own to emulate.
-    out["pairwise_similarity"] = pairwise_similarity_fused
-    return out
+    return fused_impls(LabelKernels(simt_ops()), pairwise_similarity=pairwise_similarity_fused)
 
 
 # (name, device, interpreted, GPU only)

@@ -42,31 +42,34 @@ def _op_cases(device, dtype):
                                                                             stats))]
     if dtype not in (torch.float32, torch.float64):
         return cases
-    zn = torch.nn.functional.normalize(rand(9, 5), dim=1)
-    rn = torch.nn.functional.normalize(rand(13, 5), dim=1)
+    # Label mode takes raw rows and their inverse norms.
+    ze, re_ = rand(9, 5), rand(13, 5)
+    iz, ir = 1 / ze.norm(dim=1), 1 / re_.norm(dim=1)
     labels = (torch.arange(9) % 3).to(device)
     ref_labels = (torch.arange(13) % 4).to(device)
     for params in (LossParams("weighted").op_args(), LossParams.info_nce(0.2)):
-        for z, r, lab, rlab, offset in ((zn, zn, labels, labels, 0), (zn, rn, labels, ref_labels, -1)):
-            args = (z, r, lab, rlab, offset, 0, *params)
+        for rows, lab, rlab, offset in (((ze, iz, ze, iz), labels, labels, 0),
+                                        ((ze, iz, re_, ir), labels, ref_labels, -1)):
+            args = (*rows, lab, rlab, offset, 0, *params)
             _, stats = ops.oucl_label_fwd(*args)
             cases += [("oucl_label_fwd", args)]
             for ref_grad in (True, False):
-                cases.append(("oucl_label_bwd", (g_label, z, r, lab, rlab, stats, offset, 0, *params, ref_grad)))
+                cases.append(("oucl_label_bwd", (g_label, *rows, lab, rlab, stats, offset, 0, *params, ref_grad)))
             if device == "cpu":
                 cases.append(("oucl_label_fwd_grad", args))
+                z, r = rows[0] * rows[1][:, None], rows[2] * rows[3][:, None]
                 s = z @ r.T * 0.5 + 0.5
                 cases.append(("oucl_label_rows_bwd_bwd", (g_label, torch.rand_like(s), s, lab, rlab, stats, 0,
                                                           offset, *params)))
                 if offset == 0:
                     cases.append(("oucl_label_self_bwd_bwd", (g_label, z, torch.randn_like(z), lab, stats, 0, *params)))
         if params[0] == Form.INFONCE:  # cross mode runs InfoNCE
-            args = (zn, rn, labels, ref_labels, 0, *params)
+            args = (ze, iz, re_, ir, labels, ref_labels, 0, *params)
             _, stats_z, _, stats_r = ops.oucl_label_cross_fwd(*args)
             g_ref = torch.rand(13, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
             cases += [("oucl_label_cross_fwd", args),
-                      ("oucl_label_cross_bwd", (g_label, g_ref, zn, rn, labels, ref_labels, stats_z, stats_r, 0,
-                                                *params))]
+                      ("oucl_label_cross_bwd", (g_label, g_ref, ze, iz, re_, ir, labels, ref_labels, stats_z, stats_r,
+                                                0, *params))]
     return cases
 
 

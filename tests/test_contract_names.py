@@ -32,6 +32,13 @@ def test_cpp_enums_equal_the_python_ones(cpp, py):
     assert _cpp_enum(cpp) == _py(py)
 
 
+def test_the_hvp_forms_are_one_list():
+    listed = re.search(r"#define METAUG_HVP_FORMS\(X\) (.*)", HEADER.read_text())
+    assert listed, f"METAUG_HVP_FORMS not found in {HEADER.name}"
+    forms = _cpp_enum("FormId")
+    assert [forms[_key(k)] for k in re.findall(r"X\((k\w+)\)", listed.group(1))] == list(contract.HVP_FORMS)
+
+
 def test_cpp_sizes_equal_the_python_ones():
     assert int(re.search(r"constexpr int64_t kStats = (\d+);", HEADER.read_text()).group(1)) == contract.N_STATS
 

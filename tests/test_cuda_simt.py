@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from metaug_fast import reference as R
-from metaug_fast._ops.label import info_nce_embeddings_fused, margin_statistics_embeddings_fused, oucl_embeddings_fused
+from metaug_fast._ops.label import (
+    LabelKernels,
+    info_nce_embeddings_fused,
+    margin_statistics_embeddings_fused,
+    oucl_embeddings_fused,
+)
 from metaug_fast.contract import Form
 
 from backends import ASAN, asan_preload, simt_ops
@@ -60,15 +65,18 @@ def test_emulator_runs_warp_collectives_and_rejects_broken_ones(simt):
 # ------------------------------------------------------------------------------------------ label mode
 def _label_fn(op, ops, **extra):
     """The op as (emb, labels, ref, ref_labels) -> tuple of outputs, on ``ops`` or reference.py (None)."""
+
+    def pick(reference, fused):
+        return reference if ops is None else functools.partial(fused, kernels=LabelKernels(ops))
+
     if op == "margins":
-        fn = R.margin_statistics_embeddings if ops is None else functools.partial(margin_statistics_embeddings_fused,
-                                                                                  ops=ops)
+        fn = pick(R.margin_statistics_embeddings, margin_statistics_embeddings_fused)
         return lambda *a: fn(*a, similarity="cosine", **extra)
     if op == "info_nce":
-        fn = R.info_nce_embeddings if ops is None else functools.partial(info_nce_embeddings_fused, ops=ops)
+        fn = pick(R.info_nce_embeddings, info_nce_embeddings_fused)
         kw = dict(temperature=0.1, similarity="shifted_cosine", reduction="none")
     else:
-        fn = R.oucl_embeddings if ops is None else functools.partial(oucl_embeddings_fused, ops=ops)
+        fn = pick(R.oucl_embeddings, oucl_embeddings_fused)
         kw = dict(form=op, beta=32.0, similarity="shifted_cosine", reduction="none", **PARAMS)
     return lambda *a: (fn(*a, **kw, **extra),)
 
@@ -104,14 +112,15 @@ def test_self_mode_square_tiles_equal_the_rectangular_path(simt, form):
     zn = torch.nn.functional.normalize(torch.randn(40, 7, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (40,))
     args = (0, 0, form, 16.0, 0.1, -0.05, 0.25, 0.2)
-    rows_s, stats_s = simt.oucl_label_fwd(zn, zn, labels, labels, *args)
-    rows_r, stats_r = simt.oucl_label_fwd(zn, zn.clone(), labels, labels.clone(), *args)
+    one = torch.ones(40, dtype=torch.float64)
+    rows_s, stats_s = simt.oucl_label_fwd(zn, one, zn, one, labels, labels, *args)
+    rows_r, stats_r = simt.oucl_label_fwd(zn, one, zn.clone(), one.clone(), labels, labels.clone(), *args)
     torch.testing.assert_close(rows_s, rows_r, rtol=1e-12, atol=0, equal_nan=True)
     torch.testing.assert_close(stats_s, stats_r, rtol=1e-12, atol=1e-300, equal_nan=True)
     g = torch.rand((40, 2) if form == Form.MARGIN else (40,), dtype=torch.float64)
-    gz_s, gr_s = simt.oucl_label_bwd(g, zn, zn, labels, labels, stats_s, *args)
-    gz_r, gr_r = simt.oucl_label_bwd(g, zn, zn.clone(), labels, labels.clone(), stats_r, *args)
-    assert gr_s.abs().max() == 0
+    gz_s, _, gr_s, _ = simt.oucl_label_bwd(g, zn, one, zn, one, labels, labels, stats_s, *args)
+    gz_r, _, gr_r, _ = simt.oucl_label_bwd(g, zn, one, zn.clone(), one.clone(), labels, labels.clone(), stats_r, *args)
+    assert gr_s.shape == (0, 7)
     torch.testing.assert_close(gz_s, gz_r + gr_r, rtol=1e-11, atol=1e-14)
 
 

@@ -1,4 +1,6 @@
 """Backend selection: available_backends, auto, METAUG_BACKEND, and clear errors."""
+import re
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def test_available_backends_lists_reference_first():
 @requires_cpp
 def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("METAUG_BACKEND", raising=False)
-    assert _backend.resolve("oucl", "auto", torch.device("cpu")).__module__ == "metaug_fast._ops.score"
+    assert _backend.resolve("oucl", "auto", torch.device("cpu")) is _backend.REGISTRY["cpp"].impls["oucl"]
     # An op the C++ backend does not provide runs on reference.
     assert _backend.resolve("margin_injection_loss", "auto",
                             torch.device("cpu")) is metaug_fast.reference.margin_injection_loss
@@ -57,21 +59,32 @@ def test_explicit_backend_never_falls_back(monkeypatch):
             F.oucl(P.to("meta"), N.to("meta"), backend="cpp")
 
 
-def test_fused_label_ops_honour_an_explicit_backend():
-    # Ring mode and sharded scoring take the fused label ops: an explicit backend is used or refused, never
-    # replaced by another's (OUCLLoss(backend="reference", distributed="ring") used to run the C++ kernels).
+def test_label_kernels_honour_an_explicit_backend(monkeypatch):
+    # Ring mode, sharded scoring and the benches run a backend's label ops themselves: they take them through
+    # the same selection as every op, so an explicit backend is used or refused, never replaced by another's
+    # (OUCLLoss(backend="reference", distributed="ring") once ran the C++ kernels).
+    monkeypatch.delenv("METAUG_BACKEND", raising=False)
     cpu = torch.device("cpu")
-    for name in ("reference", "triton"):
-        with pytest.raises(ValueError, match=f"ring mode runs the fused label ops, which backend='{name}' does not"):
-            _backend.fused_label_ops("ring mode", cpu, name)
+    having = sorted(name for name, b in _backend.REGISTRY.items() if b.kernels is not None)
+    with pytest.raises(metaug_fast.BackendUnavailableError,
+                       match=re.escape(f"backend='reference' has no fused label kernels; backends that do: {having}")):
+        _backend.label_kernels("reference", cpu)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
-        _backend.fused_label_ops("ring mode", cpu, "bogus")
+        _backend.label_kernels("bogus", cpu)
+    for name in metaug_fast.available_backends():
+        b = _backend.REGISTRY[name]
+        if b.kernels is not None and b.runs_on(cpu):
+            assert _backend.label_kernels(name, cpu) is b.kernels
     if "cpp" in metaug_fast.available_backends():
-        assert _backend.fused_label_ops("ring mode", cpu, "cpp") is _backend.REGISTRY["cpp"].label_ops
-        assert _backend.fused_label_ops("ring mode", cpu) is _backend.REGISTRY["cpp"].label_ops
+        assert _backend.label_kernels("auto", cpu) is _backend.REGISTRY["cpp"].kernels
+        monkeypatch.setenv("METAUG_BACKEND", "triton")
+        assert _backend.label_kernels("auto", cpu) is _backend.REGISTRY["triton"].kernels
+        monkeypatch.setenv("METAUG_BACKEND", "reference")
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="no backend runs the fused label kernels"):
+            _backend.label_kernels("auto", cpu)
     if "cuda" not in metaug_fast.available_backends():
         with pytest.raises(metaug_fast.BackendUnavailableError, match="backend='cuda'"):
-            _backend.fused_label_ops("ring mode", cpu, "cuda")
+            _backend.label_kernels("cuda", cpu)
 
 
 def test_missing_extension_explains_how_to_build(monkeypatch):
@@ -104,3 +117,12 @@ def test_auto_takes_a_gpu_backend_only_after_its_self_check(monkeypatch):
         assert chosen is want
     assert asked == [("triton", torch.bfloat16, "oucl"), ("cuda", torch.bfloat16, "oucl"),
                      ("triton", torch.bfloat16, "oucl")]
+
+
+def test_every_registered_backend_has_a_contract_entry():
+    # A new backend is its kernels, its record and one entry in tests/backends.py: without the entry the
+    # contract grid would never run it.
+    from backends import ENTRIES
+
+    missing = set(_backend.REGISTRY) - {name for name, *_ in ENTRIES}
+    assert not missing, f"backends without an entry in tests/backends.py: {sorted(missing)}"

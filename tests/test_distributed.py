@@ -71,9 +71,10 @@ def _worker(rank, world, init_file, cases):
                     ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", backend=chosen, **kw)
                     torch.testing.assert_close(ring_module.embeddings(emb[start:stop], labels[start:stop]),
                                                want.detach(), rtol=1e-10, atol=1e-12)
-            else:  # an explicit backend without fused label ops is refused, never replaced by the C++ kernels
+            else:  # an explicit backend without fused label kernels is refused, never replaced by the C++ ones
                 ring_module = metaug_fast.OUCLLoss(reduction=reduction, distributed="ring", backend=backend, **kw)
-                with pytest.raises(ValueError, match=f"backend='{backend}' does not have"):
+                with pytest.raises(metaug_fast.BackendUnavailableError,
+                                   match=f"backend='{backend}' has no fused label kernels"):
                     ring_module.embeddings(emb[start:stop], labels[start:stop])
             _check_score_mode(start, stop, backend, reduction, kw)
         for backend in dict.fromkeys(c[0] for c in cases):
@@ -177,6 +178,73 @@ def test_module_checks_distributed_arguments():
                                                                  torch.randn(2, 3), torch.arange(2))
 
 
+# ------------------------------------------------------------------ every distributed mode, every backend
+class _OpNamespaces(torch.utils._python_dispatch.TorchDispatchMode):
+    """The namespaces of the library's ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace = func.name().split("::")[0]
+        if namespace.startswith("metaug_fast"):
+            self.seen.add(namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def _modes_worker(rank, world, init_file, backends):
+    from metaug_fast.distributed import oucl_embeddings_sharded
+
+    _init(rank, world, init_file)
+    try:
+        emb, labels = _global_batch()
+        start, stop = _rows_of(rank, world)
+        bank, bank_labels = emb[:-1].flip(0).contiguous(), labels[:-1] + 1
+        shard = slice(0, 6) if rank == 0 else slice(6, 11)
+        shard = slice(0, 11) if world == 1 else shard
+        kw = dict(form="weighted", beta=8.0, margin=0.3)
+        want = {}
+        for target, ref in (("gather", ()), ("sharded", (bank, bank_labels))):
+            whole = emb.clone().requires_grad_()
+            loss = R.oucl_embeddings(whole, labels, *ref, **kw)
+            want[target] = loss.detach(), torch.autograd.grad(loss, whole)[0][start:stop]
+        modes = {
+            "all_gather": ("gather", lambda x, b: oucl_embeddings_all_gather(x, labels[start:stop], backend=b, **kw)),
+            "ring": ("gather", lambda x, b: oucl_embeddings_ring(x, labels[start:stop], backend=b, **kw)),
+            "sharded": ("sharded", lambda x, b: oucl_embeddings_sharded(x, labels[start:stop], bank[shard],
+                                                                        bank_labels[shard], backend=b, **kw)),
+        }
+        for backend in backends:
+            # The op namespace of the backend's kernels (None: the reference runs torch ops only).
+            kernels = metaug_fast._backend.REGISTRY[backend].kernels
+            namespace = None if kernels is None else kernels.ops.name
+            for mode, (target, fn) in modes.items():
+                x = emb[start:stop].clone().requires_grad_()
+                if namespace is None and mode != "all_gather":  # refused: no label kernels to run
+                    with pytest.raises(metaug_fast.BackendUnavailableError, match="has no fused label kernels"):
+                        fn(x, backend)
+                    continue
+                with _OpNamespaces() as ops:
+                    loss = fn(x, backend)
+                    loss.backward()
+                assert ops.seen == ({namespace} if namespace else set()), (mode, backend, ops.seen)
+                torch.testing.assert_close((loss, x.grad), want[target], rtol=1e-10, atol=1e-12)
+            scores = metaug_fast.OUCLLoss(backend=backend, distributed="ring", **kw)
+            with _OpNamespaces() as ops:
+                scores(torch.rand(3, 2, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64))
+            assert ops.seen == ({namespace} if namespace else set()), ("score", backend, ops.seen)
+    finally:
+        shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_every_distributed_mode_runs_the_kernels_of_the_backend_asked_for():
+    backends = metaug_fast.available_backends()
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_modes_worker, args=(2, os.path.join(d, "init"), backends), nprocs=2, join=True)
+
+
 # --------------------------------------------------------------------------------- sharded memory bank
 BANK_ROWS = 11  # 6 + 5 rows on two ranks: unequal shards
 
@@ -228,7 +296,7 @@ def _bank_worker(rank, world, init_file, forms):
         # The caller's backend scores the shards: the C++ kernels when named, refused when it has none.
         torch.testing.assert_close(bank.score_all(1, emb[start:stop], labels[start:stop], bank_labels, backend="cpp"),
                                    R.oucl_embeddings(emb, labels, full, bank_labels), rtol=1e-10, atol=1e-12)
-        with pytest.raises(ValueError, match="backend='reference' does not have"):
+        with pytest.raises(metaug_fast.BackendUnavailableError, match="backend='reference' has no fused label kernels"):
             bank.score_all(1, emb[start:stop], labels[start:stop], bank_labels, backend="reference")
         with pytest.raises(ValueError, match="shard"):
             bank.load_state_dict(dict(bank.state_dict(), start=bank.start + 1))

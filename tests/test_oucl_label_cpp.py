@@ -8,6 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import metaug_fast.functional as F
 from metaug_fast import OUCLLoss
 from metaug_fast import reference as R
+from metaug_fast.backends.cpp import KERNELS
 from metaug_fast.contract import Form, Stat
 
 from conftest import requires_cpp
@@ -15,6 +16,11 @@ from helpers import FORMS, LargestAllocation, hvp, label_data, rel_err
 
 pytestmark = requires_cpp
 PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
+
+
+def _unit(x):
+    """Unit inverse norms of rows that are normalized already, as the label ops take them."""
+    return torch.ones(x.shape[0], dtype=x.dtype)
 
 
 def _run(backend, emb, labels, ref, ref_labels, reduction="none", **kw):
@@ -96,23 +102,25 @@ def test_cross_ops_equal_two_label_calls(n_classes, tau):
     zn, rn, lab, rlab = _cross_case(n_classes)
     gen = torch.Generator().manual_seed(1)
     g_z, g_r = torch.rand(600, generator=gen, dtype=torch.float64), torch.rand(530, generator=gen, dtype=torch.float64)
-    rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, lab, rlab, 1, *params)
-    want_z, want_sz = ops.oucl_label_fwd(zn, rn, lab, rlab, -1, 1, *params)
-    want_r, want_sr = ops.oucl_label_fwd(rn, zn, rlab, lab, -1, 1, *params)
+    iz, ir = _unit(zn), _unit(rn)  # normalized rows: unit inverse norms
+    rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, iz, rn, ir, lab, rlab, 1, *params)
+    want_z, want_sz = ops.oucl_label_fwd(zn, iz, rn, ir, lab, rlab, -1, 1, *params)
+    want_r, want_sr = ops.oucl_label_fwd(rn, ir, zn, iz, rlab, lab, -1, 1, *params)
     assert not (torch.cat([stats_z, stats_r])[:, Stat.VALID] > 0).all()
     for got, want in ((rows_z, want_z), (stats_z, want_sz), (rows_r, want_r), (stats_r, want_sr)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    gz, gr = ops.oucl_label_cross_bwd(g_z, g_r, zn, rn, lab, rlab, stats_z, stats_r, 1, *params)
-    a_z, a_r = ops.oucl_label_bwd(g_z, zn, rn, lab, rlab, stats_z, -1, 1, *params)
-    b_r, b_z = ops.oucl_label_bwd(g_r, rn, zn, rlab, lab, stats_r, -1, 1, *params)
-    torch.testing.assert_close(gz, a_z + b_z, rtol=1e-11, atol=1e-12)
-    torch.testing.assert_close(gr, a_r + b_r, rtol=1e-11, atol=1e-12)
+    cross = ops.oucl_label_cross_bwd(g_z, g_r, zn, iz, rn, ir, lab, rlab, stats_z, stats_r, 1, *params)
+    a_z, a_iz, a_r, a_ir = ops.oucl_label_bwd(g_z, zn, iz, rn, ir, lab, rlab, stats_z, -1, 1, *params)
+    b_r, b_ir, b_z, b_iz = ops.oucl_label_bwd(g_r, rn, ir, zn, iz, rlab, lab, stats_r, -1, 1, *params)
+    for got, want in zip(cross, (a_z + b_z, a_iz + b_iz, a_r + b_r, a_ir + b_ir)):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
 def test_cross_ops_run_infonce_only():
     zn, rn, lab, rlab = _cross_case(None)
     with pytest.raises(RuntimeError, match="cross mode runs InfoNCE"):
-        torch.ops.metaug_fast.oucl_label_cross_fwd(zn, rn, lab, rlab, 0, int(Form.CIRCLE), 16.0, 0.0, 0.0, 0.2, 0.0)
+        torch.ops.metaug_fast.oucl_label_cross_fwd(zn, _unit(zn), rn, _unit(rn), lab, rlab, 0, int(Form.CIRCLE), 16.0,
+                                                   0.0, 0.0, 0.2, 0.0)
 
 
 def _clip(B, M, D):
@@ -181,8 +189,10 @@ def _margins(backend, emb, labels, ref, ref_labels, similarity="shifted_cosine")
 
 
 def test_margin_statistics_ties_share_the_gradient():
-    base = torch.randn(3, 4, dtype=torch.float64)
-    emb = torch.cat([base, base[:1], base[:1]])  # rows 3 and 4 duplicate row 0: exact ties
+    # Integer rows of norm 4 (scaled by powers of two): every score is a multiple of 1/16, so the ties are
+    # exact whatever order a kernel or a BLAS sums in. Rows 3 and 4 duplicate row 0.
+    base = torch.tensor([[3, 1, 1, 1, 1, 1, 1, 1], [2, 2, 2, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 2, 3]])
+    emb = torch.cat([base, base[:1], base[:1]]).double() * torch.tensor([[1.0], [0.5], [2.0], [4.0], [0.25]])
     labels = torch.tensor([0, 1, 1, 2, 2])
     for g, w in zip(_margins("cpp", emb, labels, None, None), _margins("reference", emb, labels, None, None)):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
@@ -199,16 +209,21 @@ def test_margin_statistics_second_order_and_gradcheck():
 def _label_op(op, backend, **extra):
     """op(emb, labels, ref, ref_labels) -> a scalar mixing every output, on ``backend`` ("reference" or "cpp",
     whose label functions also take the distributed callers' ``self_offset``)."""
+    from functools import partial
+
     from metaug_fast._ops import label as C
 
+    def fused(f):
+        return partial(f, kernels=KERNELS)
+
     if op == "margins":
-        fn = R.margin_statistics_embeddings if backend == "reference" else C.margin_statistics_embeddings_fused
+        fn = R.margin_statistics_embeddings if backend == "reference" else fused(C.margin_statistics_embeddings_fused)
         return lambda *a: sum((k + 1.5) * s.clamp(-9, 9).square().sum() for k, s in
                               enumerate(fn(*a, similarity="shifted_cosine")))
     if op == "info_nce":
-        fn = R.info_nce_embeddings if backend == "reference" else C.info_nce_embeddings_fused
+        fn = R.info_nce_embeddings if backend == "reference" else fused(C.info_nce_embeddings_fused)
         return lambda *a: fn(*a, temperature=0.2, similarity="shifted_cosine", reduction="sum", **extra)
-    fn = R.oucl_embeddings if backend == "reference" else C.oucl_embeddings_fused
+    fn = R.oucl_embeddings if backend == "reference" else fused(C.oucl_embeddings_fused)
     return lambda *a: fn(*a, form=op, beta=16.0, similarity="shifted_cosine", reduction="sum", **PARAMS, **extra)
 
 
@@ -325,14 +340,15 @@ def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
     labels[7] = 1000  # no positive: an invalid row
     params = (int(form), 20.0, 0.1 if form != Form.INFONCE else 0.0, -0.05 if form != Form.INFONCE else 0.0, 0.3, 0.2)
     ops = torch.ops.metaug_fast
-    _, stats = ops.oucl_label_fwd(zn, zn, labels, labels, 0, SIMILARITIES[similarity], *params)
+    one = _unit(zn)
+    _, stats = ops.oucl_label_fwd(zn, one, zn, one, labels, labels, 0, SIMILARITIES[similarity], *params)
     g, v = torch.rand(SELF_N, dtype=torch.float64), torch.randn_like(zn)
     with _OpNames() as calls:
         d_g, d_z, d_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn, v, v, labels, labels, stats, similarity, params,
-                                                            0, ops)
+                                                            0, KERNELS)
     assert "metaug_fast::oucl_label_self_bwd_bwd" in calls.names and d_r.abs().max() == 0
     want_g, want_z, want_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn.clone(), v, v, labels, labels.clone(), stats,
-                                                                 similarity, params, 0, ops)
+                                                                 similarity, params, 0, KERNELS)
     assert d_g[7] == 0
     torch.testing.assert_close(d_g, want_g, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(d_z, want_z + want_r, rtol=1e-11, atol=1e-13)
@@ -383,7 +399,8 @@ def test_self_mode_second_derivative_checks_its_arguments():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     params = (int(Form.WEIGHTED), 16.0, 0.0, 0.0, 0.25, 0.0)
     ops = torch.ops.metaug_fast
-    _, stats = ops.oucl_label_fwd(zn, zn, labels, labels, 0, 0, *params)
+    one = _unit(zn)
+    _, stats = ops.oucl_label_fwd(zn, one, zn, one, labels, labels, 0, 0, *params)
     g = torch.ones(6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
         ops.oucl_label_self_bwd_bwd(g, zn, zn, labels, stats, 0, int(Form.HINGE), *params[1:])
@@ -400,14 +417,17 @@ def test_self_mode_gradient_equals_the_rectangular_path():
     labels = torch.randint(0, 40, (SELF_N,))
     args = (0, 0, 2, 16.0, 0.0, 0.0, 0.25, 0.0)
     ops = torch.ops.metaug_fast
-    rows_s, stats_s = ops.oucl_label_fwd(zn, zn, labels, labels, *args)
-    rows_r, stats_r = ops.oucl_label_fwd(zn, zn.clone(), labels, labels.clone(), *args)
+    one = _unit(zn)
+    rows_s, stats_s = ops.oucl_label_fwd(zn, one, zn, one, labels, labels, *args)
+    rows_r, stats_r = ops.oucl_label_fwd(zn, one, zn.clone(), one.clone(), labels, labels.clone(), *args)
     torch.testing.assert_close(rows_s, rows_r, rtol=1e-12, atol=0)
     g = torch.rand(SELF_N, dtype=torch.float64)
-    gz_s, gr_s = ops.oucl_label_bwd(g, zn, zn, labels, labels, stats_s, *args)
-    gz_r, gr_r = ops.oucl_label_bwd(g, zn, zn.clone(), labels, labels.clone(), stats_r, *args)
-    assert gr_s.abs().max() == 0
+    gz_s, giz_s, gr_s, _ = ops.oucl_label_bwd(g, zn, one, zn, one, labels, labels, stats_s, *args)
+    gz_r, giz_r, gr_r, gir_r = ops.oucl_label_bwd(g, zn, one, zn.clone(), one.clone(), labels, labels.clone(), stats_r,
+                                                  *args)
+    assert gr_s.shape == (0, 16)  # self mode: the whole gradient comes first
     torch.testing.assert_close(gz_s, gz_r + gr_r, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(giz_s, giz_r + gir_r, rtol=1e-12, atol=1e-15)
 
 
 def test_self_mode_thread_count_independent():
@@ -490,17 +510,22 @@ def test_constant_reference_takes_the_gradient_with_the_forward(op, M):
     rn = torch.nn.functional.normalize(torch.randn(M, 16, dtype=torch.float64), dim=1)
     labels, ref_labels = torch.randint(0, 30, (600,)), torch.randint(0, 30, (M,))
     form = Form.INFONCE if op == "info_nce" else Form[op.upper()]
-    args = (zn, rn, labels, ref_labels, 4, 0, int(form), 16.0, 0.1, -0.05, 0.3, 0.2)
+    # Raw rows and their inverse norms, as the Functions pass them.
+    zr, rr = zn * torch.rand(600, 1, dtype=torch.float64).add(0.5), rn * 2.0
+    args = (zr, 1 / zr.norm(dim=1), rr, 1 / rr.norm(dim=1), labels, ref_labels, 4, 0, int(form), 16.0, 0.1, -0.05,
+            0.3, 0.2)
     ops = torch.ops.metaug_fast
     with pytest.raises(RuntimeError, match="margin statistics have two outputs per row"):
-        ops.oucl_label_fwd_grad(*args[:6], int(Form.MARGIN), *args[7:])
-    rows, stats, dz = ops.oucl_label_fwd_grad(*args)
+        ops.oucl_label_fwd_grad(*args[:8], int(Form.MARGIN), *args[9:])
+    rows, stats, de, diz = ops.oucl_label_fwd_grad(*args)
     rows_w, stats_w = ops.oucl_label_fwd(*args)
     torch.testing.assert_close(rows, rows_w, rtol=1e-12, atol=1e-14, equal_nan=True)
     torch.testing.assert_close(stats, stats_w, rtol=1e-12, atol=1e-14, equal_nan=True)
-    dz_w, _ = ops.oucl_label_bwd(torch.ones(600, dtype=torch.float64), zn, rn, labels, ref_labels, stats_w, *args[4:],
-                                 False)
-    torch.testing.assert_close(dz, dz_w, rtol=1e-11, atol=1e-13)
+    de_w, diz_w, dr_w, _ = ops.oucl_label_bwd(torch.ones(600, dtype=torch.float64), *args[:6], stats_w, *args[6:],
+                                              False)
+    assert dr_w.shape == (0, 16)  # a constant reference set: no gradient of its own
+    torch.testing.assert_close(de, de_w, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(diz, diz_w, rtol=1e-11, atol=1e-13)
     emb, ref = torch.randn(600, 16, dtype=torch.float64), torch.randn(M, 16, dtype=torch.float64)
     got, want = [], []
     for backend, out in (("cpp", got), ("reference", want)):

@@ -62,11 +62,13 @@ def test_a_broken_kernel_is_caught_and_auto_falls_back_with_one_warning(triton_f
     if broken == "gradient":
         real = K.grad_factors
         monkeypatch.setattr(K, "grad_factors", lambda *a, **k: real(*a, **k) * (1 + 1e-3))
-    else:
-        from metaug_fast.kernels import score as S
+    else:  # the backend's ops namespace hands out a broken op
+        from metaug_fast._ops.score import TRITON_OPS
 
-        real = S.oucl_score_bwd_bwd
-        monkeypatch.setattr(S, "oucl_score_bwd_bwd", lambda *a, **k: tuple(x * (1 + 1e-2) for x in real(*a, **k)))
+        real, lookup = TRITON_OPS.oucl_score_bwd_bwd, type(TRITON_OPS).__getattr__
+        broken_op = lambda *a, **k: tuple(x * (1 + 1e-2) for x in real(*a, **k))
+        monkeypatch.setattr(type(TRITON_OPS), "__getattr__",
+                            lambda self, name: broken_op if name == "oucl_score_bwd_bwd" else lookup(self, name))
     emb, labels = _data()
     with pytest.warns(RuntimeWarning, match="self-check failed") as caught:
         value = F.oucl_embeddings(emb, labels)

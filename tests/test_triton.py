@@ -174,7 +174,7 @@ def test_fp16_backward_keeps_g_within_fp16_range(case):
     # gradient of 2^-40 per row stands in for them here. A row of norm 2^-14 makes G·ir overflow instead.
     # Scaled per row by a power of two, the kernels' fp32 gradient matches the same kernels on the same
     # values in fp32 to fp16's rounding of G (2^-11).
-    from metaug_fast._ops import label_triton as LT
+    from metaug_fast._ops.label import inverse_norm
     from metaug_fast.contract import LossParams
     from metaug_fast.kernels import label as K
 
@@ -184,14 +184,16 @@ def test_fp16_backward_keeps_g_within_fp16_range(case):
     if case == "tiny-norm row":
         e[3] *= 2.0**-14
     e16 = e.half()
-    labels, _ = LT.dense_labels(torch.arange(20).repeat(2), torch.arange(20).repeat(2))
+    labels = torch.arange(20).repeat(2)
     params = LossParams("weighted", 16.0, 0.0, 0.0, 0.25, 0.0).op_args()
-    iz = LT._inverse_norms(e16, None, False, False)[0]
-    _, stats = LT._forward(e16, iz, e16, iz, labels, labels, params, 0, 0)
+    iz = inverse_norm(e16, False)
+    _, stats = K.oucl_label_fwd(e16, iz, e16, iz, labels, labels, 0, 0, *params)
     g = torch.full((40,), 2.0**-40 if case == "tiny gradient" else 1.0, dtype=iz.dtype)
     assert K.config(e16, 16).GPREC == "input"
-    de = {dtype: K.label_bwd(g, stats, e16.to(dtype), iz, e16.to(dtype), iz, labels, labels, params, 0, 0, params[0],
-                             True, True)[0] for dtype in (torch.float16, torch.float32)}
+    de = {}
+    for dtype in (torch.float16, torch.float32):
+        x = e16.to(dtype)  # self mode: the same rows and norms on both sides
+        de[dtype] = K.oucl_label_bwd(g, x, iz, x, iz, labels, labels, stats, 0, 0, *params)[0]
     assert torch.isfinite(de[torch.float16]).all() and (de[torch.float16] != 0).all()
     assert rel_err(de[torch.float16], de[torch.float32]) <= 2.0**-10
 
@@ -491,11 +493,10 @@ def test_self_mode_backward_is_one_kernel_of_g_plus_g_transposed(monkeypatch):
 def test_info_nce_positive_sweep_visits_the_tiles_of_its_classes_only():
     # Single-positive batches (two views): each block of class-sorted rows meets its positives in at most
     # two column tiles of the class-sorted reference rows, against all of them before.
-    from metaug_fast._ops.label_triton import dense_labels
     from metaug_fast.kernels import label as K
 
     labels = torch.randperm(200)[:100].repeat(2)
-    lab, rlab = dense_labels(labels, labels)
+    lab, rlab = K.dense_labels(labels, labels)
     lab_s, rlab_s = lab.sort().values, rlab.sort().values
     tiles = K.positive_tiles(lab_s, rlab_s, 16, 16)
     assert tiles.shape == (13, 2) and tiles.dtype == torch.int32
@@ -512,7 +513,8 @@ def test_ieee_gemm_of_the_second_derivative(dtype):
     # rnᵀ as views), ragged tiles, an empty K; what _ops/label.py's second derivative takes on CUDA for every
     # backend and for the Triton ops everywhere, and torch's GEMM for the C++ ops on the CPU.
     from metaug_fast._ops import label as label_ops
-    from metaug_fast._ops.score import CPP_OPS, TRITON_OPS
+    from metaug_fast.backends import cpp as cpp_backend
+    from metaug_fast.backends import triton as triton_backend
     from metaug_fast.kernels.matmul import mm
 
     a, b, c = torch.randn(37, 50, dtype=dtype), torch.randn(29, 50, dtype=dtype).T, torch.randn(29, 37, dtype=dtype).T
@@ -525,9 +527,9 @@ def test_ieee_gemm_of_the_second_derivative(dtype):
         mm(a.bfloat16(), b.bfloat16(), None, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"a \[M, K\] and b \[K, N\]"):
         mm(a, a, None, 1.0, 0.0)
-    assert label_ops._gemm(TRITON_OPS, torch.device("cpu")) is mm
-    assert label_ops._gemm(CPP_OPS, torch.device("cuda")) is mm
-    assert label_ops._gemm(CPP_OPS, torch.device("cpu")) is label_ops._torch_mm
+    assert label_ops._gemm(triton_backend.KERNELS, torch.device("cpu")) is mm
+    assert label_ops._gemm(cpp_backend.KERNELS, torch.device("cuda")) is mm
+    assert label_ops._gemm(cpp_backend.KERNELS, torch.device("cpu")) is label_ops._torch_mm
     torch.testing.assert_close(label_ops._torch_mm(a, b, c, 0.5, 0.25), got, rtol=1e-5, atol=1e-5)
 
 

@@ -90,7 +90,7 @@ def test_every_launcher_is_an_operator_with_cases():
 
     launchers = {value._qualname for module in (label, margins, matmul, score, similarity)
                  for value in vars(module).values() if isinstance(value, CustomOpDef)}
-    assert len(launchers) == 13 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
+    assert len(launchers) == 17 and all(name.startswith(f"{_common.NAMESPACE}::") for name in launchers)
     cases = op_cases("cpu", torch.float32)
     assert launchers == {fn._qualname for _, fn, _ in cases}
     assert (len(cases), len(public_cases("cpu", torch.float32))) == (N_OP_CASES, N_PUBLIC_CASES)

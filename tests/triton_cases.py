@@ -14,7 +14,7 @@ from metaug_fast.contract import N_STATS, SIMILARITIES, LossParams
 Case = Tuple[str, Callable, tuple]
 # How many cases each list holds, so that GPU tests can be parametrized by index without building them
 # (building op_cases runs forwards).
-N_OP_CASES, N_PUBLIC_CASES = 19, 11
+N_OP_CASES, N_PUBLIC_CASES = 25, 11
 
 
 def op_cases(device, dtype: torch.dtype) -> List[Case]:
@@ -63,6 +63,22 @@ def op_cases(device, dtype: torch.dtype) -> List[Case]:
               ("pairwise_similarity", similarity.pairwise_similarity, (e, iz, r, ir, cos, dtype)),
               ("mm", matmul.mm, (rand(37, 53, dt=acc), rand(70, 53, dt=acc).T, rand(37, 70, dt=acc), 0.5, 0.25)),
               ("mm (no c)", matmul.mm, (rand(37, 53, dt=acc), rand(53, 70, dt=acc), None, 1.0, 0.0))]
+
+    # The label interface every backend shares: any integer labels, self mode by identity (r is e, ir is iz).
+    labels, ref_labels = lab.long(), rlab.long()
+    _, self_stats = label.oucl_label_fwd(e, iz, e, iz, labels, labels, 0, cos, *weighted)
+    _, ref_stats = label.oucl_label_fwd(e, iz, r, ir, labels, ref_labels, -1, cos, *weighted)
+    _, s_z, _, s_r = label.oucl_label_cross_fwd(e, iz, r, ir, labels, ref_labels, cos, *nce)
+    cases += [("oucl_label_fwd (self)", label.oucl_label_fwd, (e, iz, e, iz, labels, labels, 0, cos, *weighted)),
+              ("oucl_label_fwd (margins)", label.oucl_label_fwd,
+               (e, iz, r, ir, labels, ref_labels, -1, cos, *LossParams.margins())),
+              ("oucl_label_bwd (self)", label.oucl_label_bwd,
+               (g_rows, e, iz, e, iz, labels, labels, self_stats, 0, cos, *weighted, True)),
+              ("oucl_label_bwd", label.oucl_label_bwd,
+               (g_rows, e, iz, r, ir, labels, ref_labels, ref_stats, -1, cos, *weighted, True)),
+              ("oucl_label_cross_fwd", label.oucl_label_cross_fwd, (e, iz, r, ir, labels, ref_labels, cos, *nce)),
+              ("oucl_label_cross_bwd", label.oucl_label_cross_bwd,
+               (g_rows, rand(53, dt=acc), e, iz, r, ir, labels, ref_labels, s_z, s_r, cos, *nce))]
     return cases
 
 

@@ -38,19 +38,23 @@ def _outputs(out):
 
 
 def _tensors(args):
-    return [a for a in args if isinstance(a, torch.Tensor)]
+    """The distinct tensors among ``args``, in order (one passed twice is one input: the label ops' self mode
+    is the same tensor on both sides, as the autograd Functions pass it)."""
+    unique = {}
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            unique.setdefault(id(a), a)
+    return list(unique.values())
 
 
 def _with_constants(fn, args):
-    """``fn`` as a function of the tensors among ``args`` only (AOT dispatch takes tensors), the other
-    arguments bound."""
-    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    """``fn`` as a function of the distinct tensors among ``args`` only (AOT dispatch takes tensors), the
+    other arguments bound."""
+    order = [id(t) for t in _tensors(args)]
 
     def call(*tensors):
-        full = list(args)
-        for i, t in zip(where, tensors):
-            full[i] = t
-        return fn(*full)
+        by_id = dict(zip(order, tensors))
+        return fn(*(by_id[id(a)] if isinstance(a, torch.Tensor) else a for a in args))
     return call
 
 

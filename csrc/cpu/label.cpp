@@ -1,6 +1,7 @@
 // Label-mode ops on the CPU (oucl_label_fwd, oucl_label_bwd): OUCL, InfoNCE and margin statistics on
-// normalized features zn [B,D] and rn [M,D] (zn itself without a reference set), both fp32 or fp64 (Python
-// normalizes, in fp32 for half inputs, so autograd differentiates the normalization). self_offset >= 0:
+// normalized features zn [B,D] and rn [M,D] (zn itself without a reference set), both fp32 or fp64, formed
+// from the ops' raw rows and inverse norms by oucl_host.h (LabelInputs), which also turns the gradients of zn
+// and rn into those of the raw rows and inverse norms (Python differentiates the norms). self_offset >= 0:
 // anchor i is reference row i + self_offset and that pair is excluded; -1: no exclusion.
 //
 // Work items are (block of kRowBlock rows) × (range of kColTile-column tiles): each takes an ATen GEMM
@@ -196,11 +197,6 @@ CrossPlan cross_plan(int64_t B, int64_t M, int64_t row_bytes) {
     if (best >= 0 && (best * row_bytes <= kPartialBytes || items == 1)) return p;
   }
   return p;
-}
-
-// The forms with a label-aware second derivative (the hinge's Hessian is zero; margins are piecewise linear).
-constexpr bool is_hvp_form(int64_t form) {
-  return form == kSquared || form == kWeighted || form == kCircle || form == kInfoNCE;
 }
 
 // The Lanes of n anchors: the first pass's from their stats, the second's by second() once their sums are
@@ -792,25 +788,27 @@ struct CpuLabel : CpuDevice {
 }  // namespace
 
 // torch.ops.metaug_fast.oucl_label_fwd_grad: oucl_label_fwd's (rows, stats) and, for a constant reference
-// set, dz [B, D] = ∂(Σ_i ℓ_i)/∂zn, so that the backward is dz scaled by grad_rows (CpuLabel::forward_with_grad).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> label_fwd_grad(const at::Tensor& zn, const at::Tensor& rn,
-                                                              const at::Tensor& labels, const at::Tensor& ref_labels,
-                                                              int64_t self_offset, int64_t similarity, int64_t form,
-                                                              double beta, double gamma_pos, double gamma_neg,
-                                                              double margin, double lam) {
-  const LabelInputs<CpuLabel> in(zn, rn, labels, ref_labels, form, similarity);
+// set, (∂e [B, D], ∂iz [B]) of Σ_i ℓ_i, so that the backward is those scaled by grad_rows
+// (CpuLabel::forward_with_grad).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_fwd_grad(
+    const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir, const at::Tensor& labels,
+    const at::Tensor& ref_labels, int64_t self_offset, int64_t similarity, int64_t form, double beta,
+    double gamma_pos, double gamma_neg, double margin, double lam) {
+  const LabelInputs<CpuLabel> in(e, iz, r, ir, labels, ref_labels, form, similarity);
   TORCH_CHECK(form != kMargin, "oucl_label_fwd_grad: margin statistics have two outputs per row, not one loss");
   const int64_t B = in.zn.size(0);
   at::Tensor rows = at::empty({B}, in.zn.options()), stats = at::empty({B, kStats}, in.zn.options());
   at::Tensor dz = at::zeros_like(in.zn);
-  if (B == 0) return {rows, stats, dz};
-  AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_fwd_grad", [&] {
-    const auto a = LabelOps<CpuLabel>::args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin,
-                                                      lam);
-    CpuLabel::forward_with_grad<scalar_t>(in.zn, in.rn, a, form, rows.data_ptr<scalar_t>(),
-                                          stats.data_ptr<scalar_t>(), dz);
-  });
-  return {rows, stats, dz};
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_fwd_grad", [&] {
+      const auto a = LabelOps<CpuLabel>::args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg,
+                                                        margin, lam);
+      CpuLabel::forward_with_grad<scalar_t>(in.zn, in.rn, a, form, rows.data_ptr<scalar_t>(),
+                                            stats.data_ptr<scalar_t>(), dz);
+    });
+  }
+  const auto d_e = raw_grads(dz, e, iz);
+  return {rows, stats, std::get<0>(d_e), std::get<1>(d_e)};
 }
 
 // torch.ops.metaug_fast.oucl_label_self_bwd_bwd: the second derivative of self mode (no reference set: the
@@ -848,9 +846,9 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
         "float margin, float lam) -> (Tensor, Tensor, Tensor)");
   m.def("oucl_label_self_bwd_bwd(Tensor grad_rows, Tensor zn, Tensor v, Tensor labels, Tensor stats, int similarity, "
         "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
-  m.def("oucl_label_fwd_grad(Tensor zn, Tensor rn, Tensor labels, Tensor ref_labels, int self_offset, "
-        "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("oucl_label_fwd_grad(Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
+        "int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, "
+        "float lam) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {

@@ -49,19 +49,31 @@ def margin_score_bwd(grad, pos, neg, pos_mask, neg_mask, stats):
     return _like(pos), _like(neg)
 
 
-def oucl_label_fwd(zn, rn, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg, margin,
-                   lam):
-    return _rows_and_stats(zn, zn.dtype)
+def _raw_grads(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, reference_parts: bool):
+    """(∂e, ∂iz, ∂r, ∂ir) of the label backward ops, in the inverse norms' dtype; ∂r and ∂ir are empty when the
+    reference's parts are not returned (self mode, or no gradient for the reference set)."""
+    M = r.shape[0] if reference_parts else 0
+    return (e.new_empty(e.shape, dtype=iz.dtype), iz.new_empty(iz.shape), r.new_empty((M, r.shape[1]), dtype=ir.dtype),
+            ir.new_empty((M,)))
 
 
-def oucl_label_bwd(grad_rows, zn, rn, labels, ref_labels, stats, self_offset, similarity, form, beta, gamma_pos,
-                   gamma_neg, margin, lam, ref_grad=True):
-    return _like(zn), zn.new_empty((rn.shape[0] if ref_grad else 0, zn.shape[1]))
+def _is_self(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, self_offset: int) -> bool:
+    return self_offset == 0 and e is r and iz is ir
 
 
-def oucl_label_fwd_grad(zn, rn, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
+def oucl_label_fwd(e, iz, r, ir, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
+                   margin, lam):
+    return _rows_and_stats(e, iz.dtype)
+
+
+def oucl_label_bwd(grad_rows, e, iz, r, ir, labels, ref_labels, stats, self_offset, similarity, form, beta,
+                   gamma_pos, gamma_neg, margin, lam, ref_grad=True):
+    return _raw_grads(e, iz, r, ir, ref_grad and not _is_self(e, iz, r, ir, self_offset))
+
+
+def oucl_label_fwd_grad(e, iz, r, ir, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
                         margin, lam):
-    return (*_rows_and_stats(zn, zn.dtype), _like(zn))
+    return (*_rows_and_stats(e, iz.dtype), *_raw_grads(e, iz, r, ir, False)[:2])
 
 
 def oucl_label_rows_bwd_bwd(grad_rows, t, s, labels, ref_labels, stats, row0, self_offset, form, beta, gamma_pos,
@@ -74,13 +86,14 @@ def oucl_label_self_bwd_bwd(grad_rows, zn, v, labels, stats, similarity, form, b
     return _like(grad_rows), _like(zn)
 
 
-def oucl_label_cross_fwd(zn, rn, labels, ref_labels, similarity, form, beta, gamma_pos, gamma_neg, margin, lam):
-    return (*_rows_and_stats(zn, zn.dtype), *_rows_and_stats(rn, rn.dtype))
+def oucl_label_cross_fwd(e, iz, r, ir, labels, ref_labels, similarity, form, beta, gamma_pos, gamma_neg, margin,
+                         lam):
+    return (*_rows_and_stats(e, iz.dtype), *_rows_and_stats(r, ir.dtype))
 
 
-def oucl_label_cross_bwd(grad_z, grad_r, zn, rn, labels, ref_labels, stats_z, stats_r, similarity, form, beta,
+def oucl_label_cross_bwd(grad_z, grad_r, e, iz, r, ir, labels, ref_labels, stats_z, stats_r, similarity, form, beta,
                          gamma_pos, gamma_neg, margin, lam):
-    return _like(zn), _like(rn)
+    return _raw_grads(e, iz, r, ir, True)
 
 
 OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,

@@ -1,32 +1,54 @@
-"""Label-mode OUCL and InfoNCE on the C++ and CUDA backends, fused: ``torch.ops.metaug_fast.oucl_label_{fwd,bwd}``
-(csrc/cpu/label.cpp, csrc/cuda/label.cu) tile the similarity matrix through ATen GEMMs and never store
-B×M. The Functions take the ops' namespace as ``ops``, so the same code also drives the CUDA kernels under
-the SIMT emulator (``torch.ops.metaug_fast_simt``, tests/test_cuda_simt.py).
+"""Label mode on the fused backends, one design for all of them: OUCL, InfoNCE (one way, or both ways between
+two sets: cross mode) and margin statistics, as autograd Functions over a backend's :class:`LabelKernels`.
 
-The L2 normalization stays in PyTorch (so autograd handles its Jacobian at every order); the fused
-Function maps normalized ``zn [B,D]`` and ``rn [M,D]`` (or ``zn`` itself) to per-row losses. Its
-backward runs the fused backward op; when a graph of the backward is requested (``create_graph=True``, the
-MetAug meta step), that op is wrapped in a Function of its own whose backward, the second derivative, runs
-the score-mode backward and double-backward ops over row chunks of the scores: exact, and B×M is never
-stored (one chunk of about a million scores at a time). The C++ backend takes one label-aware kernel over
-the chunks instead, and in self mode the symmetric tiles (oucl_label_self_bwd_bwd).
+Every backend's label ops share one interface (the schemas of csrc/op_schemas.h; Triton registers the same
+names in ``torch.ops.metaug_fast_triton``): raw rows ``e [B,D]``, ``r [M,D]`` in any floating dtype and
+their inverse norms ``iz = 1/max(‖e‖, ε)`` in the accumulation dtype, so nothing is rounded twice and no
+normalized copy is made where a kernel can scale its tiles instead. The norms are taken here with PyTorch
+ops; the ops' backward returns the gradients of the rows at fixed norms and of the norms, and
+:func:`through_norm` joins them in the accumulation dtype (the two nearly cancel, so they are added before
+the one cast to the input dtype).
+
+When a graph of the backward is requested (``create_graph=True``, the MetAug meta step), the backward op runs
+on the normalized rows (inverse norms 1) inside :class:`_LabelBackward`, differentiable once more through
+:class:`_LabelDoubleBackward`: the score-mode backward and double-backward ops over row chunks of the scores,
+exact, and B×M never stored (or, where a backend has them, its label-aware second-derivative kernels).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import FrozenSet, Mapping, Optional
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from .. import reference
-from ..contract import SIMILARITIES, Form, LossParams, Stat, normalizes, slope
+from ..contract import HVP_FORMS, SIMILARITIES, Form, LossParams, Stat, normalizes, slope
 from .margins import sigmas
-from .score import CPP_OPS, hinge_grad_grad_rows, third_order_error
+from .score import hinge_grad_grad_rows, third_order_error
 
-# The forms of torch.ops.metaug_fast.oucl_label_rows_bwd_bwd (the hinge's Hessian is zero, margins are
-# piecewise linear: both keep the score-mode path).
-_ROW_HVP_FORMS = (Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE)
+_EPS = 1e-12  # F.normalize's
+
+# What a backend's label kernels may do beyond the shared ops, per device type (LabelKernels.capabilities):
+FWD_GRAD = "fwd_grad"  # oucl_label_fwd_grad: the gradient with the forward, for a constant reference set
+ROWS_HVP = "rows_hvp"  # oucl_label_rows_bwd_bwd: the second derivative's row chunks by labels, no masks
+SELF_HVP = "self_hvp"  # oucl_label_self_bwd_bwd: self mode's second derivative over the symmetric tiles
+CAPABILITIES = (FWD_GRAD, ROWS_HVP, SELF_HVP)
+
+
+@dataclass(frozen=True)
+class LabelKernels:
+    """A backend's label kernels: ``ops``, the namespace of its label ops (``oucl_label_fwd``,
+    ``oucl_label_bwd``, ``oucl_label_cross_fwd``, ``oucl_label_cross_bwd``) and score ops (the second
+    derivative's chunks); ``capabilities``, per device type, which of :data:`CAPABILITIES` it has there;
+    ``triton_gemm``: the second derivative's GEMMs are Triton's on every device (else on CUDA only)."""
+
+    ops: object
+    capabilities: Mapping[str, FrozenSet[str]] = field(default_factory=dict)
+    triton_gemm: bool = False
+
+    def can(self, what: str, device: torch.device) -> bool:
+        return what in self.capabilities.get(device.type, ())
 
 
 def _label_masks(labels, ref_labels, self_offset, row0):
@@ -65,9 +87,8 @@ def _is_self(zn, rn, labels, ref_labels, self_offset) -> bool:
 def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True, mm=None):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
     chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
-    and only one chunk of the B×M scores exists at a time. ``rn``/``ref_labels`` are the op inputs (zn and
-    labels themselves without a reference set, with ``self_offset`` 0); ``masks`` False: the masks are None;
-    ``mm``: the GEMM (:func:`_gemm`). Nothing here waits for the device: the chunks are cut from the shapes."""
+    and only one chunk of the B×M scores exists at a time. ``masks`` False: the masks are None; ``mm``: the
+    GEMM (:func:`_gemm`). Nothing here waits for the device: the chunks are cut from the shapes."""
     B, M = zn.shape[0], rn.shape[0]
     step = max(1, chunk_scores(zn.device) // max(M, 1))
     for r0 in range(0, B, step):
@@ -93,39 +114,41 @@ def _torch_mm(a: Tensor, b: Tensor, c: Optional[Tensor] = None, alpha: float = 1
     return torch.addmm(base, a, b, alpha=alpha)
 
 
-def _gemm(ops, device: torch.device):
+def _gemm(kernels: LabelKernels, device: torch.device):
     """The GEMM of the second derivative's chunks, as ``mm(a, b, c, alpha, offset)``: in IEEE fp32/fp64
     whatever torch's global flags say. On CUDA, for every backend, Triton's (kernels/matmul.py): torch.mm
     there follows allow_tf32 / set_float32_matmul_precision("high"), whose TF32 error (1e-3 relative) is the
-    whole tolerance of an fp32 Hessian-vector product. The Triton ops take it on the CPU too (the
+    whole tolerance of an fp32 Hessian-vector product. Triton's kernels take it on the CPU too (the
     interpreter's tests); the C++ ops there take torch's."""
-    if device.type == "cuda" or getattr(ops, "triton_gemm", False):
+    if device.type == "cuda" or kernels.triton_gemm:
         from ..kernels.matmul import mm
 
         return mm
     return _torch_mm
 
 
-def _op_inputs(zn, rn, labels, ref_labels):
-    """(zn, reference rows, labels, reference labels) as the label ops take them: without a reference set
-    the reference is zn itself."""
-    return (zn, zn, labels, labels) if rn is None else (zn, rn, labels, ref_labels)
+def inverse_norm(x: Tensor, unit: bool) -> Tensor:
+    """1/max(‖x_i‖, ε) per row in the accumulation dtype, or ones for rows taken as they are (``unit``).
+    Torch ops: differentiable when grad mode is on."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if unit:
+        return x.new_ones(x.shape[0], dtype=acc)
+    return 1.0 / torch.linalg.vector_norm(x.to(acc), dim=1).clamp(min=_EPS)
 
 
-def _normalized(emb, labels, ref_emb, ref_labels, similarity, ref_unit=False, scale=None):
-    """The rows the similarity takes (L2-normalized, or as given for "dot") in the accumulation dtype (fp32
-    for fp16/bf16), times ``scale`` when given, and int64 labels; ``ref_unit``: the reference rows are unit
-    vectors already and are used as they are (no M×D copy)."""
-    acc = torch.float64 if emb.dtype == torch.float64 else torch.float32
-    unit = not normalizes(similarity)
-    zn = emb.to(acc) if unit else F.normalize(emb.to(acc), dim=1)
-    rn = None if ref_emb is None else ref_emb.to(acc) if ref_unit or unit else F.normalize(ref_emb.to(acc), dim=1)
-    if scale is not None:
-        zn, rn = zn * scale, None if rn is None else rn * scale
-    return zn, rn, labels.long(), None if ref_labels is None else ref_labels.long()
+def through_norm(x: Tensor, inv: Tensor, d_direct: Tensor, d_inv: Tensor, unit: bool) -> Tensor:
+    """∂L/∂x in the accumulation dtype from ∂L/∂x at fixed ``inv`` and ∂L/∂inv, ``inv = 1/max(‖x‖, ε)``:
+    ∂inv/∂x = -inv³·x where the norm exceeds ε, 0 where the clamp holds it; ``unit``: inv is the constant 1
+    (rows taken as they are). Differentiable (torch ops)."""
+    if unit:
+        return d_direct
+    radial = torch.where(inv < 1.0 / _EPS, d_inv * inv**3, torch.zeros_like(inv))
+    return d_direct - radial[:, None] * x.to(inv.dtype)
 
 
-MARGIN_PARAMS = LossParams.margins()
+def _scaled(x: Tensor, inv: Tensor) -> Tensor:
+    """The rows the similarity takes, x·inv, in the accumulation dtype."""
+    return x.to(inv.dtype) * inv[:, None]
 
 
 class _LabelDoubleBackward(torch.autograd.Function):
@@ -134,29 +157,31 @@ class _LabelDoubleBackward(torch.autograd.Function):
     vector-Jacobian product for cotangents (v_z, v_r). With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change of S along
     the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian applied to
     its row of U, the score-mode double-backward op) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z).
-    Computed over row chunks of S and U, or, in self mode on the C++ backend, over the symmetric tiles of
-    both (oucl_label_self_bwd_bwd): never B×M. A third derivative raises."""
+    Computed over row chunks of S and U, or, where the kernels can (ROWS_HVP, SELF_HVP), by label-aware ops
+    over the same chunks or, in self mode, the symmetric tiles: never B×M. A third derivative raises."""
 
     @staticmethod
-    def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
+    def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset,
+                kernels):
         with torch.autocast(zn.device.type, enabled=False):  # the chunks' GEMMs in the rows' fp32/fp64
             return _LabelDoubleBackward._vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity,
-                                             params, self_offset, ops)
+                                             params, self_offset, kernels)
 
     @staticmethod
-    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, ops):
-        # The C++ backend's label-aware kernels: G, W and d_g in one op, no masks.
-        by_labels = ops is CPP_OPS and zn.device.type == "cpu" and params[0] in _ROW_HVP_FORMS
-        if by_labels and _is_self(zn, rn, labels, ref_labels, self_offset):
-            # The backward op returned the whole gradient a·(G + Gᵀ)·zn as ∂/∂zn and zeros as ∂/∂rn, so v_r
-            # meets nothing; the symmetric tiles take five GEMM-equivalents where the row chunks below take seven.
+    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels):
+        ops = kernels.ops
+        by_labels = params[0] in HVP_FORMS and kernels.can(ROWS_HVP, zn.device)
+        if (params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device)
+                and _is_self(zn, rn, labels, ref_labels, self_offset)):
+            # In self mode the two halves of the backward's output are summed, so v_r is v_z; the symmetric
+            # tiles take five GEMM-equivalents where the row chunks below take seven.
             d_g, d_z = ops.oucl_label_self_bwd_bwd(grad_rows, zn, v_z, labels, stats, SIMILARITIES[similarity],
                                                    *params)
             return d_g, d_z, torch.zeros_like(rn)
         a = slope(similarity)
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
-        mm = _gemm(ops, zn.device)
+        mm = _gemm(kernels, zn.device)
         # U = v_z·rnᵀ + zn·v_rᵀ as one GEMM over 2D features ([v_z | zn]·[rn | v_r]ᵀ): no second [c, M] pass.
         right = torch.cat([rn, v_r], 1).T if with_r else rn.T
         # U is taken without its factor a: d_g and W are linear in it, so a scales them afterwards instead of
@@ -201,16 +226,28 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
 
 class _LabelBackward(torch.autograd.Function):
-    """(grad_rows, zn, rn) -> (∂/∂zn, ∂/∂rn) of Σ_i grad_i ℓ_i by the fused backward op, differentiable once
-    more through _LabelDoubleBackward: the path of a gradient taken with ``create_graph=True`` (the MetAug
-    meta step), O(chunk·M + (B + M)·D) memory."""
+    """(grad_rows, zn, rn) -> (∂/∂zn, ∂/∂rn) of Σ_i grad_i ℓ_i by the backward op on normalized rows (inverse
+    norms 1), differentiable once more through _LabelDoubleBackward: the path of a gradient taken with
+    ``create_graph=True`` (the MetAug meta step), O(chunk·M + (B + M)·D) memory. ∂/∂rn is [0, D] without
+    ``ref_grad``; in self mode (rn is zn) the whole gradient is ∂/∂zn and ∂/∂rn is zero."""
 
     @staticmethod
-    def forward(ctx, grad_rows, zn, rn, labels, ref_labels, stats, similarity, params, self_offset, ops, ref_grad):
+    def forward(ctx, grad_rows, zn, rn, labels, ref_labels, stats, similarity, params, self_offset, kernels,
+                ref_grad):
+        ops, sim = kernels.ops, SIMILARITIES[similarity]
+        ones_z = zn.new_ones(zn.shape[0])
+        ones_r = ones_z if rn is zn else rn.new_ones(rn.shape[0])
+        inputs = (zn, ones_z, rn, ones_r, labels, ref_labels)
+        if params[0] == Form.MARGIN:
+            # The backward finds each extremum's ties by equality with the forward's tiles, which a kernel may
+            # have computed from the raw rows: the extrema are found again from these inputs.
+            stats = ops.oucl_label_fwd(*inputs, self_offset, sim, *params)[1]
         ctx.save_for_backward(grad_rows, zn, rn, labels, ref_labels, stats)
-        ctx.args = (similarity, params, self_offset, ops)
-        return ops.oucl_label_bwd(grad_rows, zn, rn, labels, ref_labels, stats, self_offset,
-                                  SIMILARITIES[similarity], *params, ref_grad)
+        ctx.args = (similarity, params, self_offset, kernels)
+        d_z, _, d_r, _ = ops.oucl_label_bwd(grad_rows, *inputs, stats, self_offset, sim, *params, ref_grad)
+        if ref_grad and d_r.shape[0] == 0:  # self mode
+            d_r = torch.zeros_like(rn)
+        return d_z, d_r
 
     @staticmethod
     def backward(ctx, v_z, v_r):
@@ -219,46 +256,97 @@ class _LabelBackward(torch.autograd.Function):
         return (d_g, d_z, d_r) + (None,) * 8
 
 
-def _label_grads(ctx, grad_rows, params, self_offset):
-    """(∂/∂zn, ∂/∂rn or None) from the label backward op: differentiable when a graph is being built."""
-    zn, rn, labels, ref_labels, stats = ctx.saved_tensors[:5]
-    args = (grad_rows.contiguous(), *_op_inputs(zn, rn, labels, ref_labels), stats)
-    if torch.is_grad_enabled():
-        g_z, g_r = _LabelBackward.apply(*args, ctx.similarity, params, self_offset, ctx.ops, _ref_grad(ctx, rn))
-    else:
-        g_z, g_r = ctx.ops.oucl_label_bwd(*args, self_offset, SIMILARITIES[ctx.similarity], *params,
-                                          _ref_grad(ctx, rn))
-    if rn is None:
-        return g_z + g_r, None
-    return g_z, g_r if ctx.needs_input_grad[1] else None
+@dataclass
+class _Side:
+    """What a label Function saved of one direction: the rows ``e`` against ``r`` (None: against themselves),
+    their labels, the forward's ``stats``, and how the rows are taken (``unit``: as they are)."""
+
+    e: Tensor
+    r: Optional[Tensor]
+    labels: Tensor
+    ref_labels: Tensor
+    stats: Tensor
+    unit: bool
+    ref_unit: bool
+    self_offset: int
+
+
+def _differentiable_grads(side: _Side, grad_rows: Tensor, similarity: str, params, kernels: LabelKernels,
+                          ref_grad: bool):
+    """(∂e, ∂r or None) as a function that can be differentiated again (the MetAug meta step): the backward
+    op on the normalized rows inside :class:`_LabelBackward`, then the normalization's chain in torch ops (the
+    inverse norms recomputed from the rows here, in grad mode, so that every order reaches them)."""
+    self_mode = side.r is None
+    iz = inverse_norm(side.e, side.unit)
+    en = _scaled(side.e, iz)
+    ir = iz if self_mode else inverse_norm(side.r, side.ref_unit)
+    rn = en if self_mode else _scaled(side.r, ir)
+    ref_labels = side.labels if self_mode else side.ref_labels
+    g_en, g_rn = _LabelBackward.apply(grad_rows.contiguous(), en, rn, side.labels, ref_labels, side.stats,
+                                      similarity, params, side.self_offset, kernels, self_mode or ref_grad)
+    if self_mode:
+        g_en = g_en + g_rn
+    g_e = through_norm(side.e, iz, g_en * iz[:, None], (g_en * side.e.to(iz.dtype)).sum(1), side.unit)
+    if self_mode or not ref_grad:
+        return g_e.to(side.e.dtype), None
+    g_r = through_norm(side.r, ir, g_rn * ir[:, None], (g_rn * side.r.to(ir.dtype)).sum(1), side.ref_unit)
+    return g_e.to(side.e.dtype), g_r.to(side.r.dtype)
+
+
+def _raw_grads(side: _Side, iz: Tensor, ir: Tensor, de: Tensor, diz: Tensor, dr: Tensor, dir_: Tensor):
+    """(∂e, ∂r or None) in the inputs' dtypes from the backward op's four outputs (∂r empty: not returned)."""
+    if side.r is None and dr.shape[0]:  # self mode an op took as two sets (the rows traced apart): both are e
+        de, diz = de + dr, diz + dir_
+    g_e = through_norm(side.e, iz, de, diz, side.unit).to(side.e.dtype)
+    if side.r is None or dr.shape[0] == 0:
+        return g_e, None
+    return g_e, through_norm(side.r, ir, dr, dir_, side.ref_unit).to(side.r.dtype)
 
 
 class _LabelLoss(torch.autograd.Function):
-    """(zn [B,D], rn [M,D] or None) -> (per-row losses [B], valid rows [B]); ``params`` = (form id, β, γ⁺,
-    γ⁻, m, λ) as the C++ ops take them (InfoNCE: id 4, β = 1/τ); ``ops``: the namespace of the label ops."""
+    """(e [B,D], r [M,D] or None) -> (output, valid [B]): per-row losses [B], or for margin statistics
+    (``params[0] == Form.MARGIN``) the row extrema (p_min, n_max) [B, 2]. Without a reference set (r None)
+    the rows score against themselves with ``self_offset`` 0. ``params`` = (form id, β, γ⁺, γ⁻, m, λ) as the
+    ops take them (InfoNCE: id 4, β = 1/τ); labels int64; ``unit``/``ref_unit``: the rows / reference rows
+    are taken as they are (unit vectors already, or the "dot" similarity)."""
 
     @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, self_offset, ops):
-        offset = 0 if rn is None else self_offset
-        args = (*_op_inputs(zn, rn, labels, ref_labels), offset, SIMILARITIES[similarity], *params)
-        # A constant reference set on the CPU: the gradient comes with the forward (in one sweep while the
-        # score rows fit the caches, see oucl_label_fwd_grad), and the backward only scales it.
-        grad_with_forward = (rn is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-                             and ops is CPP_OPS and zn.device.type == "cpu")
-        if grad_with_forward:
-            rows, stats, dz = ops.oucl_label_fwd_grad(*args)
+    def forward(ctx, e, r, labels, ref_labels, similarity, params, self_offset, kernels, unit, ref_unit):
+        iz = inverse_norm(e, unit)
+        ir = iz if r is None else inverse_norm(r, ref_unit)
+        offset = 0 if r is None else self_offset
+        args = (e, iz, e if r is None else r, ir, labels, labels if r is None else ref_labels, offset,
+                SIMILARITIES[similarity], *params)
+        # A constant reference set: where the kernels can, the gradient comes with the forward (in one sweep
+        # while the score rows fit the caches), and the backward only scales it.
+        with_forward = (r is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+                        and params[0] != Form.MARGIN and kernels.can(FWD_GRAD, e.device))
+        if with_forward:
+            rows, stats, de, diz = kernels.ops.oucl_label_fwd_grad(*args)
         else:
-            (rows, stats), dz = ops.oucl_label_fwd(*args), None
-        ctx.save_for_backward(zn, rn, labels, ref_labels, stats, dz)
-        ctx.similarity, ctx.params, ctx.self_offset, ctx.ops = similarity, params, offset, ops
+            (rows, stats), de, diz = kernels.ops.oucl_label_fwd(*args), None, None
+        ctx.save_for_backward(e, r, labels, ref_labels, stats, iz, ir, de, diz)
+        ctx.similarity, ctx.params, ctx.kernels = similarity, params, kernels
+        ctx.unit, ctx.ref_unit, ctx.self_offset = unit, ref_unit, offset
+        if params[0] == Form.MARGIN:
+            rows = stats[:, [Stat.P_MIN, Stat.N_MAX]]
         return with_valid(ctx, rows, stats)
 
     @staticmethod
-    def backward(ctx, grad_rows, _grad_valid):
-        dz = ctx.saved_tensors[5]
-        if dz is not None and not torch.is_grad_enabled():  # a graph of the backward takes the exact op path
-            return (grad_rows[:, None] * dz, None) + (None,) * 6
-        return _label_grads(ctx, grad_rows, ctx.params, ctx.self_offset) + (None,) * 6
+    def backward(ctx, grad_out, _grad_valid):
+        e, r, labels, ref_labels, stats, iz, ir, de, diz = ctx.saved_tensors
+        side = _Side(e, r, labels, ref_labels, stats, ctx.unit, ctx.ref_unit, ctx.self_offset)
+        ref_grad = r is not None and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(side, grad_out, ctx.similarity, ctx.params, ctx.kernels, ref_grad)
+        elif de is not None:
+            grads = through_norm(e, iz, grad_out[:, None] * de, grad_out * diz, ctx.unit).to(e.dtype), None
+        else:
+            outs = ctx.kernels.ops.oucl_label_bwd(
+                grad_out.contiguous(), e, iz, e if r is None else r, ir, labels, labels if r is None else ref_labels,
+                stats, ctx.self_offset, SIMILARITIES[ctx.similarity], *ctx.params, r is None or ref_grad)
+            grads = _raw_grads(side, iz, ir, *outs)
+        return grads + (None,) * 8
 
 
 def with_valid(ctx, rows: Tensor, stats: Tensor):
@@ -277,31 +365,41 @@ def with_valids(ctx, rows_z: Tensor, stats_z: Tensor, rows_r: Tensor, stats_r: T
     return rows_z, valid_z, rows_r, valid_r
 
 
-def _ref_grad(ctx, rn) -> bool:
-    """Whether the backward needs ∂/∂(reference rows): without a reference set they are zn itself; a
-    constant reference set (a memory bank) skips that half of the backward's GEMMs."""
-    return rn is None or ctx.needs_input_grad[1]
+def _rows_as_taken(emb: Tensor, ref_emb: Optional[Tensor], similarity: str, scale: Optional[Tensor],
+                   ref_unit: bool = False):
+    """(rows, reference rows, similarity, unit, ref_unit) as the label Functions take them: with a row
+    ``scale`` (a temperature tensor, :func:`metaug_fast.reference.temperature_scale`), the rows as the
+    similarity takes them times it, under "dot" and taken as they are; without, the inputs as they are, taken
+    as they are for "dot" only (``ref_unit``: the reference rows are unit vectors already)."""
+    if scale is None:
+        unit = not normalizes(similarity)
+        return emb, ref_emb, similarity, unit, ref_unit or unit
+    emb = reference._rows(emb, similarity) * scale
+    if ref_emb is not None:
+        ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference._rows(ref_emb, similarity)) * scale
+    return emb, ref_emb, "dot", True, True
 
 
-def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, self_offset, ref_unit, ops,
-                scale=None, weights=None):
-    """The reduced loss; ``scale``: the rows are multiplied by it after the normalization and the op sees
-    their plain inner products (a temperature tensor, :func:`metaug_fast.reference.temperature_scale`)."""
-    inputs = _normalized(emb, labels, ref_emb, ref_labels, similarity, ref_unit, scale)
-    rows, valid = _LabelLoss.apply(*inputs, "dot" if scale is not None else similarity, params, self_offset, ops)
-    return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
+def _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, self_offset, kernels, ref_unit=False,
+                scale=None):
+    """(output, valid) of :class:`_LabelLoss` for the public contract's arguments."""
+    emb, ref_emb, similarity, unit, ref_unit = _rows_as_taken(emb, ref_emb, similarity, scale, ref_unit)
+    offset = -1 if self_offset is None else int(self_offset)
+    ref_labels = None if ref_labels is None else ref_labels.long()
+    return _LabelLoss.apply(emb, ref_emb, labels.long(), ref_labels, similarity, params, offset, kernels, unit,
+                            ref_unit)
 
 
 def oucl_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                        ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
-                        beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
-                        self_offset: Optional[int] = None, ref_unit: bool = False, ops=CPP_OPS) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, on the fused label ops of ``ops``
-    (the C++ kernels, or the CUDA ones for CUDA tensors). ``ref_unit``: the rows of ``ref_emb`` are unit
-    vectors already (a memory bank keeps them so) and are not copied normalized."""
+                          ref_labels: Optional[Tensor] = None, *, similarity: str, reduction: str, form: str,
+                          beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
+                          self_offset: Optional[int] = None, ref_unit: bool = False,
+                          kernels: LabelKernels) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.oucl_embeddings`, on ``kernels``. ``ref_unit``: the rows
+    of ``ref_emb`` are unit vectors already (a memory bank keeps them so) and are taken as they are."""
     params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).op_args()
-    offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, ref_unit, ops)
+    rows, valid = _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, self_offset, kernels, ref_unit)
+    return reference.reduce_rows(rows, valid, reduction, emb.dtype)
 
 
 def info_nce_setup(temperature, similarity: str, average: str, labels: Tensor, ref_labels: Optional[Tensor],
@@ -317,98 +415,67 @@ def info_nce_setup(temperature, similarity: str, average: str, labels: Tensor, r
 
 
 def info_nce_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                            ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
-                            reduction: str, average: str = "anchor", self_offset: Optional[int] = None,
-                            ops=CPP_OPS) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on the fused label ops of ``ops``."""
+                              ref_labels: Optional[Tensor] = None, *, temperature, similarity: str,
+                              reduction: str, average: str = "anchor", self_offset: Optional[int] = None,
+                              kernels: LabelKernels) -> Tensor:
+    """Same contract as :func:`metaug_fast.reference.info_nce_embeddings`, on ``kernels``."""
     params, scale, weights = info_nce_setup(temperature, similarity, average, labels, ref_labels, self_offset)
-    offset = -1 if self_offset is None else int(self_offset)
-    return _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, reduction, offset, False, ops, scale,
-                       weights)
+    rows, valid = _label_loss(emb, labels, ref_emb, ref_labels, similarity, params, self_offset, kernels,
+                              scale=scale)
+    return reference.reduce_rows(rows, valid, reduction, emb.dtype, weights)
 
 
 class _CrossLoss(torch.autograd.Function):
-    """(zn [B,D], rn [M,D]) -> (rows [B], valid [B]) of each row of zn against rn, then (rows [M], valid [M])
-    of each row of rn against zn, by the cross-mode ops (one tile sweep for both directions). Under
-    ``create_graph`` the backward is each direction's differentiable label backward (_LabelBackward), so
-    second derivatives stay exact."""
+    """(e [B,D], r [M,D]) -> (rows [B], valid [B], rows' [M], valid' [M]): InfoNCE of each row of e against r
+    and of each row of r against e (cross mode), by the cross-mode ops (one tile sweep for both directions).
+    Under ``create_graph`` each direction takes its differentiable path, so second derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity, params, ops):
-        rows_z, stats_z, rows_r, stats_r = ops.oucl_label_cross_fwd(zn, rn, labels, ref_labels,
-                                                                    SIMILARITIES[similarity], *params)
-        ctx.save_for_backward(zn, rn, labels, ref_labels, stats_z, stats_r)
-        ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
-        return with_valids(ctx, rows_z, stats_z, rows_r, stats_r)
+    def forward(ctx, e, r, labels, ref_labels, similarity, params, kernels, unit):
+        iz, ir = inverse_norm(e, unit), inverse_norm(r, unit)
+        outs = kernels.ops.oucl_label_cross_fwd(e, iz, r, ir, labels, ref_labels, SIMILARITIES[similarity], *params)
+        ctx.save_for_backward(e, r, labels, ref_labels, outs[1], outs[3], iz, ir)
+        ctx.similarity, ctx.params, ctx.kernels, ctx.unit = similarity, params, kernels, unit
+        return with_valids(ctx, *outs)
 
     @staticmethod
     def backward(ctx, grad_z, _gvz, grad_r, _gvr):
-        zn, rn, labels, ref_labels, stats_z, stats_r = ctx.saved_tensors
-        grad_z, grad_r = grad_z.contiguous(), grad_r.contiguous()
+        e, r, labels, ref_labels, stats_z, stats_r, iz, ir = ctx.saved_tensors
+        args = (ctx.similarity, ctx.params, ctx.kernels, True)
+        z_side = _Side(e, r, labels, ref_labels, stats_z, ctx.unit, ctx.unit, -1)
         if torch.is_grad_enabled():
-            args = (ctx.similarity, ctx.params, -1, ctx.ops, True)
-            gz, gr = _LabelBackward.apply(grad_z, zn, rn, labels, ref_labels, stats_z, *args)
-            gr_t, gz_t = _LabelBackward.apply(grad_r, rn, zn, ref_labels, labels, stats_r, *args)
-            gz, gr = gz + gz_t, gr + gr_t
-        else:
-            gz, gr = ctx.ops.oucl_label_cross_bwd(grad_z, grad_r, zn, rn, labels, ref_labels, stats_z, stats_r,
-                                                  SIMILARITIES[ctx.similarity], *ctx.params)
-        return gz, gr if ctx.needs_input_grad[1] else None, None, None, None, None, None
+            g_e, g_r = _differentiable_grads(z_side, grad_z, *args)
+            r_side = _Side(r, e, ref_labels, labels, stats_r, ctx.unit, ctx.unit, -1)
+            g_r2, g_e2 = _differentiable_grads(r_side, grad_r, *args)
+            return (g_e + g_e2, g_r + g_r2) + (None,) * 6
+        outs = ctx.kernels.ops.oucl_label_cross_bwd(grad_z.contiguous(), grad_r.contiguous(), e, iz, r, ir, labels,
+                                                    ref_labels, stats_z, stats_r, SIMILARITIES[ctx.similarity],
+                                                    *ctx.params)
+        return _raw_grads(z_side, iz, ir, *outs) + (None,) * 6
 
 
 def symmetric_info_nce_fused(emb: Tensor, ref_emb: Tensor, labels: Tensor, ref_labels: Tensor, *, temperature,
-                             similarity: str, reduction: str, average: str = "anchor", ops=CPP_OPS) -> Tensor:
+                             similarity: str, reduction: str, average: str = "anchor",
+                             kernels: LabelKernels) -> Tensor:
     """Same contract as :func:`metaug_fast.reference.symmetric_info_nce`, both directions in one sweep of the
-    cross-mode ops of ``ops``."""
-    params, scale, w_z, w_r = symmetric_setup(temperature, similarity, average, labels, ref_labels)
-    zn, rn, lab, rlab = _normalized(emb, labels, ref_emb, ref_labels, similarity, scale=scale)
-    outputs = _CrossLoss.apply(zn, rn, lab, rlab, "dot" if scale is not None else similarity, params, ops)
-    return reduce_both(*outputs, reduction, emb.dtype, w_z, w_r)
-
-
-def symmetric_setup(temperature, similarity: str, average: str, labels: Tensor, ref_labels: Tensor):
-    """:func:`info_nce_setup` for both directions of cross mode: (op arguments, row scale or None, weights of
-    the rows of emb, weights of the rows of ref_emb), the weights None but for ``average="pair"``."""
+    cross-mode ops of ``kernels``."""
     params, scale, w_z = info_nce_setup(temperature, similarity, average, labels, ref_labels, None)
-    return params, scale, w_z, None if w_z is None else reference.positive_counts(ref_labels, labels)
-
-
-def reduce_both(rows_z: Tensor, valid_z: Tensor, rows_r: Tensor, valid_r: Tensor, reduction: str,
-                dtype: torch.dtype, w_z: Optional[Tensor], w_r: Optional[Tensor]) -> Tensor:
-    """The mean of the two directions' reduced losses (:func:`metaug_fast.reference.reduce_rows` each)."""
+    w_r = None if w_z is None else reference.positive_counts(ref_labels, labels)
+    dtype = emb.dtype
+    emb, ref_emb, similarity, unit, _ = _rows_as_taken(emb, ref_emb, similarity, scale)
+    rows_z, valid_z, rows_r, valid_r = _CrossLoss.apply(emb, ref_emb, labels.long(), ref_labels.long(), similarity,
+                                                        params, kernels, unit)
     return (reference.reduce_rows(rows_z, valid_z, reduction, dtype, w_z)
             + reference.reduce_rows(rows_r, valid_r, reduction, dtype, w_r)) / 2
 
 
-class _MarginLabel(torch.autograd.Function):
-    """(zn [B,D], rn [M,D] or None) -> (p_min [B], n_max [B], valid [B]) over label-mode scores; the gradient
-    goes to the entries attaining the extremum, shared equally among ties (as torch.amin/amax share it)."""
-
-    @staticmethod
-    def forward(ctx, zn, rn, labels, ref_labels, similarity, ops):
-        _, stats = ops.oucl_label_fwd(
-            *_op_inputs(zn, rn, labels, ref_labels), 0 if rn is None else -1, SIMILARITIES[similarity],
-            *MARGIN_PARAMS,
-        )
-        ctx.save_for_backward(zn, rn, labels, ref_labels, stats)
-        ctx.similarity, ctx.ops = similarity, ops
-        valid = stats[:, Stat.VALID] > 0
-        ctx.mark_non_differentiable(valid)
-        return stats[:, Stat.P_MIN].clone(), stats[:, Stat.N_MAX].clone(), valid
-
-    @staticmethod
-    def backward(ctx, g_min, g_max, _g_valid):
-        offset = 0 if ctx.saved_tensors[1] is None else -1
-        return _label_grads(ctx, torch.stack([g_min, g_max], 1), MARGIN_PARAMS, offset) + (None,) * 4
-
-
 def margin_statistics_embeddings_fused(emb: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                                     ref_labels: Optional[Tensor] = None, *, similarity: str, ops=CPP_OPS):
-    """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, on the fused label ops
-    of ``ops``."""
-    p_min, n_max, valid = _MarginLabel.apply(*_normalized(emb, labels, ref_emb, ref_labels, similarity), similarity,
-                                             ops)
-    return sigmas(p_min, n_max, valid, emb.dtype)
+                                       ref_labels: Optional[Tensor] = None, *, similarity: str,
+                                       kernels: LabelKernels):
+    """Same contract as :func:`metaug_fast.reference.margin_statistics_embeddings`, on ``kernels``; the
+    gradient goes to the entries attaining each extremum, shared equally among ties (as torch.amin/amax)."""
+    extrema, valid = _label_loss(emb, labels, ref_emb, ref_labels, similarity, LossParams.margins(), None, kernels)
+    return sigmas(extrema[:, 0], extrema[:, 1], valid, emb.dtype)
 
 
 def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tensor:

@@ -1,7 +1,7 @@
 """Score-mode OUCL on the fused backends: autograd Functions around the ``oucl_score_*`` ops, which
 ``ops`` provides: ``torch.ops.metaug_fast`` (the C++ kernels of csrc/cpu/score.cpp and, for CUDA tensors,
-csrc/cuda/score.cu) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels.score and .margins,
-same signatures and stats).
+csrc/cuda/score.cu) or :data:`TRITON_OPS` (the Triton kernels of metaug_fast.kernels, same signatures and
+stats).
 
 The backward is itself an autograd Function whose backward runs the fused double-backward kernel, so
 the MetAug meta step (a gradient of a gradient) stays on the fused path. A third derivative is not
@@ -23,16 +23,21 @@ CPP_OPS = torch.ops.metaug_fast
 
 
 class _TritonOps:
-    """The Triton launchers under the C++ ops' names. The kernels are imported on first use: importing them
-    needs Triton, and TRITON_INTERPRET is read when they are defined. ``triton_gemm``: the label-mode second
-    derivative takes Triton's GEMM with these ops on any device (_ops/label.py, _gemm)."""
+    """``torch.ops.metaug_fast_triton``, the Triton kernels' ops under the C++ ops' names, once the kernel
+    modules that register them are imported: on first use, because importing them needs Triton and
+    TRITON_INTERPRET is read when they are defined."""
 
-    triton_gemm = True
+    @property
+    def name(self) -> str:
+        """The namespace's name, as ``torch.ops.metaug_fast.name`` is the C++ ops'."""
+        from ..kernels import _common
+
+        return _common.NAMESPACE
 
     def __getattr__(self, name):
-        from ..kernels import margins, score
+        from ..kernels import label, margins, score  # noqa: F401  (importing registers the ops)
 
-        return getattr(margins if name.startswith("margin_") else score, name)
+        return getattr(getattr(torch.ops, self.name), name)
 
 
 TRITON_OPS = _TritonOps()

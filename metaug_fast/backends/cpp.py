@@ -5,15 +5,9 @@ from typing import Optional
 
 from .. import _extension
 from .._backend import Backend, add
-from .._ops.label import (
-    info_nce_embeddings_fused,
-    margin_statistics_embeddings_fused,
-    oucl_embeddings_fused,
-    pairwise_similarity_fused,
-    symmetric_info_nce_fused,
-)
-from .._ops.margins import margin_statistics_fused
-from .._ops.score import CPP_OPS, info_nce_fused, oucl_fused
+from .._ops import fused_impls
+from .._ops.label import FWD_GRAD, ROWS_HVP, SELF_HVP, LabelKernels, pairwise_similarity_fused
+from .._ops.score import CPP_OPS
 
 try:
     _extension.load("_C")  # loading the library registers torch.ops.metaug_fast.*
@@ -29,11 +23,9 @@ else:
 
     fake.register()
 
-# The label and score ops dispatch on the tensors' device: the CUDA backend registers the same functions.
-IMPLS = {"oucl": oucl_fused, "info_nce": info_nce_fused, "margin_statistics": margin_statistics_fused,
-         "oucl_embeddings": oucl_embeddings_fused, "info_nce_embeddings": info_nce_embeddings_fused,
-         "margin_statistics_embeddings": margin_statistics_embeddings_fused,
-         "pairwise_similarity": pairwise_similarity_fused, "symmetric_info_nce": symmetric_info_nce_fused}
+# The ops dispatch on the tensors' device: the CUDA backend registers its kernels for the same ops, and the
+# label-aware extras are CPU kernels.
+KERNELS = LabelKernels(CPP_OPS, {"cpu": frozenset({FWD_GRAD, ROWS_HVP, SELF_HVP})})
 
 
 def unavailable() -> Optional[str]:
@@ -47,4 +39,5 @@ def unavailable() -> Optional[str]:
 
 
 BACKEND = add(Backend("cpp", where="CPU tensors", runs_on=lambda device: device.type == "cpu",
-                      unavailable=unavailable, impls=dict(IMPLS), auto_on=("cpu",), label_ops=CPP_OPS))
+                      unavailable=unavailable, auto_on=("cpu",), kernels=KERNELS,
+                      impls=fused_impls(KERNELS, pairwise_similarity=pairwise_similarity_fused)))

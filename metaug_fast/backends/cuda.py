@@ -9,7 +9,6 @@ import torch
 
 from .. import _extension, _selfcheck
 from .._backend import Backend, add
-from .._ops.score import CPP_OPS
 from . import cpp
 
 ERROR: Optional[Exception]
@@ -35,6 +34,7 @@ def unavailable() -> Optional[str]:
     return None
 
 
+# The C++ backend's record: the same ops, and capabilities by device type (none of them on CUDA).
 BACKEND = add(Backend("cuda", where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
-                      unavailable=unavailable, impls=dict(cpp.IMPLS), label_ops=CPP_OPS, auto_on=("cuda",),
-                      self_check=_selfcheck.passes))
+                      unavailable=unavailable, impls=dict(cpp.BACKEND.impls), kernels=cpp.KERNELS,
+                      auto_on=("cuda",), self_check=_selfcheck.passes))

@@ -3,7 +3,6 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the import (the 
 ``backend="auto"`` picks it first for CUDA tensors once its self-check has passed on that device, dtype and
 mode family (:mod:`metaug_fast._selfcheck`); never for CPU tensors (the interpreter is for tests, not
 speed)."""
-import functools
 import os
 from typing import Optional
 
@@ -11,15 +10,11 @@ import torch
 
 from .. import _selfcheck
 from .._backend import Backend, add
-from .._ops.label_triton import (
-    info_nce_embeddings_triton,
-    margin_statistics_embeddings_triton,
-    oucl_embeddings_triton,
-    pairwise_similarity_triton,
-    symmetric_info_nce_triton,
-)
-from .._ops.margins import margin_injection_loss_triton, margin_statistics_fused
-from .._ops.score import TRITON_OPS, info_nce_fused, oucl_fused
+from .._ops import fused_impls
+from .._ops.label import LabelKernels
+from .._ops.margins import margin_injection_loss_triton
+from .._ops.score import TRITON_OPS
+from .._ops.similarity import pairwise_similarity_triton
 
 try:
     import triton  # noqa: F401  (the import is the availability probe)
@@ -42,15 +37,12 @@ def unavailable() -> Optional[str]:
     return None
 
 
+# The GEMMs of the second derivative are Triton's here on every device (the interpreter's tests included).
+KERNELS = LabelKernels(TRITON_OPS, triton_gemm=True)
+
 BACKEND = add(Backend(
     "triton", where="CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
     runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and interpreting()),
-    unavailable=unavailable, auto_on=("cuda",), self_check=_selfcheck.passes,
-    impls={"oucl": functools.partial(oucl_fused, ops=TRITON_OPS),
-           "info_nce": functools.partial(info_nce_fused, ops=TRITON_OPS),
-           "margin_statistics": functools.partial(margin_statistics_fused, ops=TRITON_OPS),
-           "margin_injection_loss": margin_injection_loss_triton,
-           "oucl_embeddings": oucl_embeddings_triton, "info_nce_embeddings": info_nce_embeddings_triton,
-           "symmetric_info_nce": symmetric_info_nce_triton,
-           "margin_statistics_embeddings": margin_statistics_embeddings_triton,
-           "pairwise_similarity": pairwise_similarity_triton}))
+    unavailable=unavailable, auto_on=("cuda",), self_check=_selfcheck.passes, kernels=KERNELS,
+    impls=fused_impls(KERNELS, margin_injection_loss=margin_injection_loss_triton,
+                      pairwise_similarity=pairwise_similarity_triton)))

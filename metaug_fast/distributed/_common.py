@@ -1,6 +1,6 @@
 """What every distributed strategy shares: gathers of variable-size row blocks (with and without gradients),
 the checks of a call, the global reduction of per-row losses, and the merge of per-part row statistics
-into the label ops' saved statistics (one log-sum-exp merge, :func:`metaug_fast.chunked.merge_lse`)."""
+into the label ops' saved statistics (one log-sum-exp merge, :func:`metaug_fast._numerics.merge_lse`)."""
 from __future__ import annotations
 
 from typing import List
@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _backend
 from .. import functional as F
 from .. import reference as R
-from ..chunked import merge_lse
+from .._numerics import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Stat
 
 
@@ -123,11 +123,10 @@ def _merge_stats(stats: Tensor, valid: Tensor, params: OpArgs) -> tuple:
     return torch.where(valid, rows, torch.zeros_like(rows)), merged
 
 
-def _fused_op_args(what: str, device: torch.device, similarity: str, checked: dict, backend: str) -> tuple:
-    """(the fused label ops of ``backend`` on ``device`` from the backend registry, similarity id, op
-    arguments)."""
+def _fused_op_args(emb: Tensor, similarity: str, checked: dict, backend: str) -> tuple:
+    """(the label kernels that ``backend`` selects for ``emb``, similarity id, op arguments)."""
     params = LossParams(**{k: v for k, v in checked.items() if k != "reduction"}).op_args()
-    return _backend.fused_label_ops(what, device, backend), SIMILARITIES[similarity], params
+    return _backend.label_kernels(backend, emb.device, emb.dtype), SIMILARITIES[similarity], params
 
 
 def _normalized(x: Tensor) -> Tensor:

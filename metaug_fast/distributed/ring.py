@@ -41,11 +41,13 @@ class _RingOUCL(torch.autograd.Function):
     def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params, ops):
         world = len(sizes)
         chunk, chunk_labels = zn, labels
+        ones = zn.new_ones(zn.shape[0])  # the rows are normalized: unit inverse norms
         parts = []
         for step in range(world):
             owner = (rank - step) % world
-            _, stats = ops.oucl_label_fwd(zn, chunk, labels, chunk_labels, 0 if owner == rank else -1, similarity,
-                                          *params)
+            chunk_ones = ones if chunk is zn else chunk.new_ones(chunk.shape[0])
+            _, stats = ops.oucl_label_fwd(zn, ones, chunk, chunk_ones, labels, chunk_labels,
+                                          0 if owner == rank else -1, similarity, *params)
             parts.append(stats)
             if step < world - 1:
                 nxt = sizes[(owner - 1) % world]
@@ -68,13 +70,18 @@ class _RingOUCL(torch.autograd.Function):
         ops = ctx.ops
         grad_rows = grad_rows.contiguous()
         own = torch.zeros_like(zn)
+        ones = zn.new_ones(zn.shape[0])
         chunk, chunk_labels, chunk_grad = zn, labels, torch.zeros_like(zn)
         for step in range(world):
             owner = (rank - step) % world
-            g_z, g_c = ops.oucl_label_bwd(grad_rows, zn, chunk, labels, chunk_labels, merged,
-                                          0 if owner == rank else -1, ctx.similarity, *ctx.params)
+            chunk_ones = ones if chunk is zn else chunk.new_ones(chunk.shape[0])
+            # With unit inverse norms the op's row gradients are those of the normalized rows; our own chunk
+            # (self mode) has the whole gradient in the first.
+            g_z, _, g_c, _ = ops.oucl_label_bwd(grad_rows, zn, ones, chunk, chunk_ones, labels, chunk_labels, merged,
+                                                0 if owner == rank else -1, ctx.similarity, *ctx.params)
             own += g_z
-            chunk_grad = chunk_grad + g_c
+            if g_c.shape[0]:
+                chunk_grad = chunk_grad + g_c
             nxt = sizes[(owner - 1) % world]
             shapes = [(nxt, zn.shape[1]), (nxt,), (nxt, zn.shape[1])]
             if step < world - 1:
@@ -112,10 +119,11 @@ def oucl_embeddings_ring(
     """
     similarity, checked = _checked_params("oucl_embeddings_ring", emb, labels, reduction,
                                           dict(params, similarity=similarity))
-    ops, sim_id, op_params = _fused_op_args("ring mode", emb.device, similarity, checked, backend)
+    kernels, sim_id, op_params = _fused_op_args(emb, similarity, checked, backend)
     zn = _normalized(emb)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     all_labels = _gather_padded(labels.long(), sizes, group)
-    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params, ops)
+    rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params,
+                                  kernels.ops)
     return _global_loss(rows, valid, reduction, group).to(emb.dtype)

@@ -27,7 +27,9 @@ class _ShardOUCL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zq, q_labels, shard, shard_labels, valid, group, similarity, params, ops):
-        _, stats = ops.oucl_label_fwd(zq, shard, q_labels, shard_labels, -1, similarity, *params)
+        # The rows are normalized: unit inverse norms.
+        _, stats = ops.oucl_label_fwd(zq, zq.new_ones(zq.shape[0]), shard, shard.new_ones(shard.shape[0]), q_labels,
+                                      shard_labels, -1, similarity, *params)
         parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, stats.contiguous(), group=group)
         rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
@@ -40,8 +42,9 @@ class _ShardOUCL(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("sharded OUCL provides first derivatives only")
         zq, q_labels, shard, shard_labels, merged = ctx.saved_tensors
-        g_q, _ = ctx.ops.oucl_label_bwd(grad_rows.contiguous(), zq, shard, q_labels, shard_labels, merged, -1,
-                                        ctx.similarity, *ctx.params, False)
+        g_q = ctx.ops.oucl_label_bwd(grad_rows.contiguous(), zq, zq.new_ones(zq.shape[0]), shard,
+                                     shard.new_ones(shard.shape[0]), q_labels, shard_labels, merged, -1,
+                                     ctx.similarity, *ctx.params, False)[0]
         return g_q, None, None, None, None, None, None, None, None
 
 
@@ -75,7 +78,7 @@ def oucl_embeddings_sharded(
         shard_unit: the shard's rows are unit vectors already (a memory bank keeps them so): they are used as
             they are instead of through a normalized m×D copy.
         backend: whose fused label ops score the shard ("auto": the first that has them on the device); one
-            without them (reference, triton) is refused rather than replaced.
+            without them (reference) is refused rather than replaced.
         params: form, beta, gamma_pos, gamma_neg, margin, lam, as :func:`metaug_fast.functional.oucl_embeddings`.
 
     Example:
@@ -89,7 +92,7 @@ def oucl_embeddings_sharded(
     """
     similarity, checked = _checked_params("oucl_embeddings_sharded", emb, labels, reduction,
                                           dict(params, similarity=similarity), ref=(shard, shard_labels))
-    ops, sim_id, op_params = _fused_op_args("sharded scoring", emb.device, similarity, checked, backend)
+    kernels, sim_id, op_params = _fused_op_args(emb, similarity, checked, backend)
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     zq = _GatherRows.apply(_normalized(emb), sizes, rank, group)
@@ -103,7 +106,7 @@ def oucl_embeddings_sharded(
     dist.all_reduce(n_ref, group=group)
     valid = (n_pos > 0) & (n_ref - n_pos > 0)
     rn = shard.detach().to(zq.dtype) if shard_unit else _normalized(shard.detach()).to(zq.dtype)
-    rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params, ops)
+    rows = _ShardOUCL.apply(zq, q_labels, rn, shard_labels, valid, group, sim_id, op_params, kernels.ops)
     # Every rank holds all rows, so the loss is computed whole (no all-reduce) and its gradient reaches
     # every query; the gather's backward sums the shards' parts and keeps this rank's rows.
     total = rows.sum()

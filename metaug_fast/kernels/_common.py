@@ -104,6 +104,22 @@ def loss_args(params) -> Tuple[float, ...]:
 
 
 @triton.jit
+def extremum_update(best, ties, nan, s, keep, MIN: tl.constexpr):
+    """One more block of scores ``s [rows, cols]`` (``keep``: the entries that count) into each row's running
+    extremum (min with ``MIN``, else max), its number of ``ties`` and its count of kept NaNs ``nan`` (int32):
+    (best, ties, nan) updated. Ties restart when the extremum moves."""
+    limit = float("inf") if MIN else float("-inf")
+    nan += tl.sum((keep & (s != s)).to(tl.int32), axis=1)
+    ok = keep & (s == s)
+    if MIN:
+        new = tl.minimum(best, tl.min(tl.where(ok, s, limit), axis=1))
+    else:
+        new = tl.maximum(best, tl.max(tl.where(ok, s, limit), axis=1))
+    ties = tl.where(best == new, ties, 0.0) + tl.sum((ok & (s == new[:, None])).to(ties.dtype), axis=1)
+    return new, ties, nan
+
+
+@triton.jit
 def store_stats(stats_ptr, rows, rmask, s0, s1, s2, s3, valid):
     """A block of rows' state: the four per-form slots (``Stat``: for the log-sum-exp forms A's and C's
     (shift, log_sum); the other forms' aliases name the same slots) and the valid flag."""

@@ -5,8 +5,10 @@ Inputs are the raw embeddings ``e [B, D]``, ``r [M, D]`` (fp16/bf16/fp32/fp64) w
 on the tensor cores in the inputs' own dtype and cos = P·iz·ir is exact up to summation order; the
 normalization's Jacobian reaches the embeddings through the gradients of iz and ir, which the backward
 returns (autograd then differentiates iz = 1/max(‖e‖, ε)). Labels are int32 class ids (one compare per pair;
-:func:`metaug_fast._ops.label_triton.dense_labels`), and the positive and negative counts come from class
-counts, not from the tiles.
+:func:`dense_labels`), and the positive and negative counts come from class
+counts, not from the tiles. The label ops at the end of the module (``oucl_label_fwd``, ``oucl_label_bwd``,
+``oucl_label_cross_fwd``, ``oucl_label_cross_bwd``) have the C++ ops' names and schemas: the one label
+interface of every backend (metaug_fast/_ops/label.py).
 
 What keeps the loop short (flash-attention's structure): for D <= 256 (RESIDENT) a program loads its own
 block once (rows of e; in the column kernel, columns of r) and streams the other side, one tl.dot per tile;
@@ -17,7 +19,7 @@ folded into the scale, so each entry costs one exp2.
 Forward: grid (row blocks, column splits). A program walks its column tiles, computes S = a·cos + b
 (a, b: the similarity's affine map), splits positives and negatives by comparing labels, and keeps per-row
 running statistics, written as a partial state ``part [splits, B, 6]`` that
-:mod:`metaug_fast._ops.label_triton` merges per row: OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻) with Σ = Σ exp(e - max)
+:func:`oucl_label_fwd` merges per row: OUCL forms (max⁺, Σ⁺, max⁻, Σ⁻) with Σ = Σ exp(e - max)
 (the online log-sum-exp; maxima stored in natural units); hinge (0, Σs⁺, 0, Σs⁻); InfoNCE like the OUCL
 forms on the negatives only, then a second sweep given C (Σ⁺ softplus(C - βs), Σ⁺ σ(C - βs)) over the tiles
 that hold positives only, rows and reference rows taken in class order (:func:`label_positive_sums`); margins
@@ -42,7 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contract import Form, Stat
+from .._numerics import merge_lse
+from ..contract import N_STATS, Form, Part, Stat, stats_of
 from ._common import (
     HINGE,
     INFONCE,
@@ -57,6 +60,7 @@ from ._common import (
     PT_4,
     PT_5,
     WEIGHTED,
+    extremum_update,
     launch,
     load_cfg,
     loss_args,
@@ -173,19 +177,6 @@ def _edge(k, band_lo, band_hi, last):
 
 
 @triton.jit
-def _extremum_update(best, ties, nan, s, keep, MIN: tl.constexpr):
-    limit = float("inf") if MIN else float("-inf")
-    nan += tl.sum((keep & (s != s)).to(tl.int32), axis=1)
-    ok = keep & (s == s)
-    if MIN:
-        new = tl.minimum(best, tl.min(tl.where(ok, s, limit), axis=1))
-    else:
-        new = tl.maximum(best, tl.max(tl.where(ok, s, limit), axis=1))
-    ties = tl.where(best == new, ties, 0.0) + tl.sum((ok & (s == new[:, None])).to(ties.dtype), axis=1)
-    return new, ties, nan
-
-
-@triton.jit
 def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, last, a_res, e_ptr, iz, r_ptr, ir_ptr,
                lab_r, rlab_ptr, rows, rmask, M, D, self_offset, s_eb, s_ed, s_rb, s_rd, beta, beta2, gamma_pos,
                gamma_neg, margin, FORM: tl.constexpr, SIM: tl.constexpr, acc_ty: tl.constexpr,
@@ -198,8 +189,8 @@ def _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_tiles, t_begin, band_lo, band_hi, las
                                    self_offset, s_eb, s_ed, s_rb, s_rd, SIM, acc_ty, BM, BN, BD, PREC, UPCAST,
                                    RESIDENT, EDGE)
         if FORM == MARGIN:
-            a0, a1, n_p = _extremum_update(a0, a1, n_p, s, pos, True)
-            a2, a3, n_n = _extremum_update(a2, a3, n_n, s, neg, False)
+            a0, a1, n_p = extremum_update(a0, a1, n_p, s, pos, True)
+            a2, a3, n_n = extremum_update(a2, a3, n_n, s, neg, False)
         elif FORM == HINGE:
             a1 += tl.sum(tl.where(pos, s, 0.0), axis=1)
             a3 += tl.sum(tl.where(neg, s, 0.0), axis=1)
@@ -831,17 +822,6 @@ def grad_factors(stats: torch.Tensor, grad_rows: torch.Tensor, form: int, beta: 
     return torch.stack(q, 1).contiguous()
 
 
-def label_bwd(grad_rows, stats, e, iz, r, ir, labels, ref_labels, params, self_offset, similarity, form, ref_grad,
-              self_mode=False):
-    """(∂e [B, D], ∂iz [B], ∂r [M, D] or None, ∂ir [M] or None) in the accumulation dtype of ``iz``, by
-    :func:`label_grads`; ``params`` = the ops' (form, β, γ⁺, γ⁻, m, λ)."""
-    de, diz, dr, dir_ = label_grads(grad_rows, stats, e, iz, r, ir, labels, ref_labels, *params, self_offset,
-                                    similarity, ref_grad, self_mode)
-    if not _reference_parts(form, ref_grad, self_mode):
-        return de, diz, None, None
-    return de, diz, dr, dir_
-
-
 def _reference_parts(form: int, ref_grad: bool, self_mode: bool) -> bool:
     """Whether the backward computes the reference rows' parts (the column kernel): only with ``ref_grad``,
     and in self mode only for the margins (the other forms take the whole gradient in the row kernel)."""
@@ -915,3 +895,145 @@ def _grads(q, qc, e, iz, r, ir, labels, ref_labels, params, self_offset: int, si
     launch(_label_bwd_cols_kernel, (max(triton.cdiv(M, meta["BN"]), 1), d_chunks), e.device, *args, dr, dir_, B, M,
            D, self_offset, *_args(e, r), SIM=similarity, **meta)
     return de, diz, dr, dir_.sum(0)
+
+
+def dense_labels(labels: Tensor, ref_labels: Tensor):
+    """(labels [B], ref_labels [M]) as int32 class ids in [0, B + M) (equal ids exactly where the labels are
+    equal: the kernels compare one 32-bit word per pair). A sort and a scan: nothing is read back to the host
+    (torch.unique would synchronize)."""
+    B = labels.shape[0]
+    both = torch.cat([labels.long(), ref_labels.long()])
+    values, order = torch.sort(both)
+    starts = (torch.diff(values, prepend=values[:1]) != 0).to(torch.int32)  # 1 where a new label begins
+    ids = torch.empty_like(starts).scatter_(0, order, torch.cumsum(starts, 0, dtype=torch.int32))
+    return ids[:B].contiguous(), ids[B:].contiguous()
+
+
+def _pair_counts(labels: Tensor, ref_labels: Tensor, self_offset: int, acc: torch.dtype):
+    """(positives [B], negatives [B]) per row of :func:`dense_labels` ids, from the reference rows of each class:
+    a row's positives are those of its class less the excluded pair j = i + self_offset when it shares the
+    label (the reference's rule: the excluded pair leaves the positives only), its negatives the others."""
+    B, M = labels.shape[0], ref_labels.shape[0]
+    counts = torch.zeros(B + M, dtype=torch.int32, device=labels.device)
+    counts.scatter_add_(0, ref_labels.long(), torch.ones_like(ref_labels))
+    same = counts[labels.long()]
+    n_neg = M - same
+    if self_offset >= 0 and B:
+        same = same - (ref_labels[self_offset:self_offset + B] == labels).to(same.dtype)
+    return same.to(acc), n_neg.to(acc)
+
+
+def _merge_partials(run_max: Tensor, total: Tensor):
+    """(shift, log_sum) ``[B]`` from the column splits' running maxima and sums ``[splits, B]``."""
+    return merge_lse(run_max.T, torch.log(total.T))
+
+
+def _merge_extremum(best: Tensor, ties: Tensor, nan: Tensor, minimum: bool):
+    """(extremum, ties) ``[B]`` from the column splits' ``[splits, B]``; a NaN in any split makes the row's
+    extremum NaN with one tie."""
+    value = best.amin(0) if minimum else best.amax(0)
+    count = torch.where(best == value, ties, torch.zeros_like(ties)).sum(0)
+    has_nan = nan.sum(0) > 0
+    nan_value = torch.full_like(value, float("nan"))
+    return torch.where(has_nan, nan_value, value), torch.where(has_nan, torch.ones_like(count), count)
+
+
+def _forward(e, iz, r, ir, labels, ref_labels, params, similarity: int, self_offset: int):
+    """(rows [B], stats [B, N_STATS]) in the accumulation dtype, the stats in the C++ ops' layout (margins:
+    rows are zeros, the extrema are in the stats). ``labels``, ``ref_labels``: :func:`dense_labels` ids."""
+    form = params[0]
+    B = e.shape[0]
+    stats = torch.zeros(B, N_STATS, dtype=iz.dtype, device=e.device)
+    zero = torch.zeros(B, dtype=iz.dtype, device=e.device)
+    if B == 0:
+        return zero, stats
+    part = label_partials(e, iz, r, ir, labels, ref_labels, *params, self_offset, similarity)
+    if form == Form.MARGIN:
+        p_min, ties_p = _merge_extremum(part[..., Part.P_MIN], part[..., Part.TIES_POS], part[..., Part.NAN_POS], True)
+        n_max, ties_n = _merge_extremum(part[..., Part.N_MAX], part[..., Part.TIES_NEG], part[..., Part.NAN_NEG], False)
+        return zero, stats_of(p_min=p_min, n_max=n_max, ties_pos=ties_p, ties_neg=ties_n,
+                              valid=((ties_p > 0) & (ties_n > 0)).to(p_min))
+    n_pos, n_neg = _pair_counts(labels, ref_labels, self_offset, iz.dtype)
+    valid = (n_pos > 0) & (n_neg > 0)
+    if form == Form.HINGE:
+        arg = part[..., Part.NEG_SUM].sum(0) - part[..., Part.POS_SUM].sum(0) + params[5]
+        rows = torch.where(torch.isnan(arg) | (arg > 0), arg, zero)
+        stats = stats_of(hinge_arg=arg, valid=valid.to(arg))
+    elif form == Form.INFONCE:
+        c_shift, c_log = _merge_partials(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
+        softplus_sum, sigmoid_sum = label_positive_sums(e, iz, r, ir, labels, ref_labels, *params, self_offset,
+                                                        similarity, (c_shift + c_log).contiguous()).unbind(0)
+        rows = softplus_sum / n_pos.clamp(min=1)
+        stats = stats_of(nce_shift=c_shift, nce_log_sum=c_log, nce_sigmoid_sum=sigmoid_sum, nce_n_pos=n_pos,
+                         valid=valid.to(n_pos))
+    else:
+        a_shift, a_log = _merge_partials(part[..., Part.POS_MAX], part[..., Part.POS_SUM])
+        c_shift, c_log = _merge_partials(part[..., Part.NEG_MAX], part[..., Part.NEG_SUM])
+        total = a_shift + a_log + c_shift + c_log
+        rows = torch.logaddexp(total, torch.zeros_like(total)) / params[1]
+        stats = stats_of(pos_shift=a_shift, pos_log_sum=a_log, neg_shift=c_shift, neg_log_sum=c_log,
+                         valid=valid.to(n_pos))
+    return torch.where(valid, rows, zero), stats
+
+
+# The label ops, under the names and schemas of the C++ and CUDA backends' (csrc/op_schemas.h): the one label
+# interface every backend implements (metaug_fast/_ops/label.py). Labels are any integers; the kernels take
+# them as dense int32 class ids.
+
+
+def _is_self(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, self_offset: int) -> bool:
+    return self_offset == 0 and e is r and iz is ir
+
+
+@op
+def oucl_label_fwd(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor,
+                   self_offset: int, similarity: int, form: int, beta: float, gamma_pos: float, gamma_neg: float,
+                   margin: float, lam: float) -> Tuple[Tensor, Tensor]:
+    """(rows [B], stats [B, N_STATS]) in the accumulation dtype of ``iz``, as the C++ op."""
+    lab, rlab = dense_labels(labels, ref_labels)
+    return _forward(e, iz, r, ir, lab, rlab, (form, beta, gamma_pos, gamma_neg, margin, lam), similarity,
+                    self_offset)
+
+
+@op
+def oucl_label_bwd(grad_rows: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor,
+                   ref_labels: Tensor, stats: Tensor, self_offset: int, similarity: int, form: int, beta: float,
+                   gamma_pos: float, gamma_neg: float, margin: float, lam: float,
+                   ref_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(∂e [B, D], ∂iz [B], ∂r [M, D], ∂ir [M]) in the accumulation dtype of ``iz``, as the C++ op: in self
+    mode (e is r, iz is ir, self_offset 0) the whole gradient is in (∂e, ∂iz) and the reference's parts are
+    empty, as they are without ``ref_grad``."""
+    lab, rlab = dense_labels(labels, ref_labels)
+    self_mode = _is_self(e, iz, r, ir, self_offset)
+    de, diz, dr, dir_ = label_grads(grad_rows, stats, e, iz, r, ir, lab, rlab, form, beta, gamma_pos, gamma_neg,
+                                    margin, lam, self_offset, similarity, ref_grad or self_mode, self_mode)
+    if self_mode and dr.shape[0]:  # margins: the columns' part is computed apart
+        de, diz = de + dr, diz + dir_
+    if self_mode or not ref_grad:
+        return de, diz, dr.new_zeros(0, e.shape[1]), dir_.new_zeros(0)
+    return de, diz, dr, dir_
+
+
+@op
+def oucl_label_cross_fwd(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor,
+                         similarity: int, form: int, beta: float, gamma_pos: float, gamma_neg: float, margin: float,
+                         lam: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rows [B], stats [B, N_STATS], rows' [M], stats' [M, N_STATS]): InfoNCE of each row of e against r
+    and of each row of r against e, as the C++ op (one label-mode sweep per direction)."""
+    if form != Form.INFONCE:
+        raise ValueError(f"oucl_label_cross (triton): cross mode runs InfoNCE (form {int(Form.INFONCE)}), got {form}")
+    params = (form, beta, gamma_pos, gamma_neg, margin, lam)
+    lab, rlab = dense_labels(labels, ref_labels)
+    return (*_forward(e, iz, r, ir, lab, rlab, params, similarity, -1),
+            *_forward(r, ir, e, iz, rlab, lab, params, similarity, -1))
+
+
+@op
+def oucl_label_cross_bwd(grad_z: Tensor, grad_r: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tensor,
+                         labels: Tensor, ref_labels: Tensor, stats_z: Tensor, stats_r: Tensor, similarity: int,
+                         form: int, beta: float, gamma_pos: float, gamma_neg: float, margin: float,
+                         lam: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(∂e, ∂iz, ∂r, ∂ir) of both directions at once (:func:`label_cross_grads`), as the C++ op."""
+    lab, rlab = dense_labels(labels, ref_labels)
+    return label_cross_grads(grad_z.contiguous(), stats_z, grad_r.contiguous(), stats_r, e, iz, r, ir, lab, rlab,
+                             form, beta, gamma_pos, gamma_neg, margin, lam, similarity)

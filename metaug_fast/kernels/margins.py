@@ -16,6 +16,7 @@ from torch import Tensor
 from ._common import (
     COMPILE_OPTIONS,  # noqa: F401  (how run_rows compiles them; tools/ reads it here)
     acc_dtype,
+    extremum_update,
     load_rows,
     load_stats,
     mask_flags,
@@ -39,14 +40,7 @@ def _side_extremum(x_ptr, m_ptr, rows, rmask, K, s_xb, s_xk, s_mb, s_mk, MIN: tl
     has_nan = tl.zeros((BLOCK_B,), tl.int32)
     for k0 in range(0, K, BLOCK_K):
         x, keep = load_rows(x_ptr, m_ptr, rows, rmask, k0, K, s_xb, s_xk, s_mb, s_mk, HAS_M, BLOCK_K, acc_ty)
-        has_nan += tl.sum((keep & (x != x)).to(tl.int32), axis=1)
-        ok = keep & (x == x)
-        if MIN:
-            new = tl.minimum(best, tl.min(tl.where(ok, x, limit), axis=1))
-        else:
-            new = tl.maximum(best, tl.max(tl.where(ok, x, limit), axis=1))
-        ties = tl.where(best == new, ties, 0.0) + tl.sum((ok & (x == new[:, None])).to(acc_ty), axis=1)
-        best = new
+        best, ties, has_nan = extremum_update(best, ties, has_nan, x, keep, MIN)
     nan = has_nan > 0
     return tl.where(nan, float("nan"), best), tl.where(nan, 1.0, ties)
 

@@ -336,7 +336,6 @@ def oucl_score_bwd_bwd(grad_rows: Tensor, gg_pos: Tensor, gg_neg: Tensor, pos: T
     hp = torch.empty(B, KP, dtype=pos.dtype, device=pos.device)
     hn = torch.empty(B, KN, dtype=neg.dtype, device=neg.device)
     run_rows(_score_bwd_bwd_kernel, B, pos.device, grad_rows.contiguous(), gg_pos.contiguous(), gg_neg.contiguous(),
-             pos,
-         neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), ggo, hp, hn, B,
-         KP, KN, *strides, FORM=form, **mask_flags(pos_mask, neg_mask))
+             pos, neg, pm, nm, *loss_args((form, beta, gamma_pos, gamma_neg, margin, lam)), stats.contiguous(), ggo,
+             hp, hn, B, KP, KN, *strides, FORM=form, **mask_flags(pos_mask, neg_mask))
     return ggo, hp, hn

@@ -97,11 +97,11 @@ class MemoryBank:
         similarity = MF._choice(similarity, "similarity", SIMILARITIES)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        fused = MF._backend.resolve("oucl_embeddings", backend, z.device, z.dtype)
-        if fused is not R.oucl_embeddings:  # with unit rows, no normalized copy of the bank
-            return fused(z, labels, ref, bank_labels, similarity=similarity, ref_unit=self.unit_rows,
-                         reduction=reduction,
-                         **loss_params.kwargs())
+        chosen = MF._backend.select("oucl_embeddings", backend, z.device, z.dtype)
+        if chosen.kernels is not None:  # with unit rows, no normalized copy of the bank
+            return chosen.impls["oucl_embeddings"](z, labels, ref, bank_labels, similarity=similarity,
+                                                   ref_unit=self.unit_rows, reduction=reduction,
+                                                   **loss_params.kwargs())
         return oucl_embeddings_chunked(z, labels, ref, bank_labels, chunk_size=chunk_size, similarity=similarity,
                                        params=loss_params, reduction=reduction)
 
