@@ -8,7 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import metaug_fast.functional as F
 
 from conftest import requires_cpp
-from helpers import hvp, rel_err
+from helpers import assert_equals_pml_ntxent, hvp, rel_err
 
 pytestmark = requires_cpp
 
@@ -53,13 +53,5 @@ def test_label_mode_fp32_and_second_order():
 
 
 def test_label_mode_two_views_equals_pml_ntxent_at_512():
-    pml = pytest.importorskip("pytorch_metric_learning.losses")
-    emb = torch.randn(512, 16, dtype=torch.float64)
-    labels = torch.arange(256).repeat(2)
-    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-    want = pml.NTXentLoss(temperature=0.1)(e1, labels)
-    got = F.info_nce_embeddings(e2, labels, temperature=0.1, backend="cpp")
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(e2.grad, e1.grad, rtol=1e-8, atol=1e-13)
+    assert_equals_pml_ntxent(lambda e, lab: F.info_nce_embeddings(e, lab, temperature=0.1, backend="cpp"), 256, 16,
+                             1e-10, 1e-8)

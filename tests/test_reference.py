@@ -8,7 +8,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from metaug_fast import reference as R
 
-from helpers import FORMS, explicit_label_scores, explicit_rows, hvp, reduce_rows
+from helpers import FORMS, assert_equals_pml_ntxent, explicit_label_scores, explicit_rows, hvp, reduce_rows
 
 f64 = torch.float64
 
@@ -330,16 +330,8 @@ def test_circle_cosine_equals_pml_circle_loss():
 
 
 def test_info_nce_two_views_equals_pml_ntxent():
-    pml = pytest.importorskip("pytorch_metric_learning.losses")
-    emb = torch.randn(16, 5, dtype=f64)
-    labels = torch.arange(8).repeat(2)
-    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-    want = pml.NTXentLoss(temperature=0.1)(e1, labels)
-    got = R.info_nce_embeddings(e2, labels, temperature=0.1, similarity="cosine")
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(e2.grad, e1.grad, rtol=1e-8, atol=1e-12)
+    assert_equals_pml_ntxent(lambda e, lab: R.info_nce_embeddings(e, lab, temperature=0.1, similarity="cosine"), 8, 5,
+                             1e-10, 1e-8)
 
 
 def test_margin_statistics_embeddings_explicit():
