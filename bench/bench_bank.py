@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     print(f"(one B×M fp32 score matrix would be {args.b * args.m * 4 / 2**20:.0f} MiB)")
     print(f"cpp = {rows[0]['time_ms'] / max(rows[-1]['time_ms'], 0.1):.2f} one-GEMM times")
     write_csv(rows, args.out)
-    print(f"wrote {args.out}")
     return 0
 
 

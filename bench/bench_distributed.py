@@ -69,7 +69,6 @@ def main(argv=None) -> int:
                             **{"pass": "forward+backward"}))
             print(f"{world:>5} {mode:>11} {args.n // world:>10} {mem:>10.1f} {ms:>10.1f}")
     write_csv(rows, args.out)
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-import metaug_fast
 import metaug_fast.functional as F
 
-from .common import median_ms, row, set_command, write_csv
+from .common import backends_on, median_ms, row, set_command, write_csv
 
 D = 128
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     print(f"{'N':>9} {'backend':>10} {'ms':>10} {'peak MiB':>10} {'TFLOP/s':>9} {'of GEMM':>8}")
     rows = [row(op="gemm_8192", mode="plain", backend="torch.mm", dtype=args.dtype, size="8192^3",
                 time_ms=round(2 * 8192**3 / (peak * 1e12) * 1e3, 3), peak_mem_mb="", **{"pass": "forward"})]
-    backends = [b for b in ("triton", "cuda", "reference") if b in metaug_fast.available_backends()]
+    backends = backends_on("cuda", ["triton", "cuda", "reference"])
     for n in args.sizes:
         emb = torch.randn(n, D, device="cuda", dtype=dtype, requires_grad=True)
         labels = torch.arange(n, device="cuda") % (n // 2)
@@ -116,7 +115,6 @@ def main(argv=None) -> int:
                         **{"pass": pass_name}))
         print(f"N=8192 triton {pass_name}: {ms} ms, {mem} MiB")
     write_csv(rows, args.out)
-    print(f"wrote {args.out}")
     return 0
 
 

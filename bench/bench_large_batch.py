@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     finally:
         resource.setrlimit(resource.RLIMIT_AS, saved)
     write_csv(rows, args.out)
-    print(f"\nwrote {args.out} ({len(rows)} rows) in {time.perf_counter() - t0:.0f} s")
+    print(f"in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

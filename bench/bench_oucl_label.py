@@ -251,7 +251,6 @@ def main(argv=None) -> int:
     print(f"{'op':<22}{'backend':<16}{'N':>7}  {'pass':<17}{'time':>14} {'peak extra':>14}")
     print("\n".join(lines))
     print("\n".join(ratios))
-    print(f"wrote {args.out}")
     return 0
 
 

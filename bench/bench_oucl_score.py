@@ -43,7 +43,6 @@ def main(argv=None) -> int:
     for form in forms:
         rows += run_form(form, args)
     write_csv(rows, args.out)
-    print(f"wrote {args.out}")
     return 0
 
 

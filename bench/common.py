@@ -30,6 +30,17 @@ def benchmark_csvs(results: Path) -> List[Path]:
     return sorted(p for p in results.glob("*.csv") if p.name not in OTHER_CSVS)
 
 
+def backends_on(device: str, names: List[str]) -> List[str]:
+    """Those of ``names``, in their order, that this process can run on tensors of ``device``, as the backend
+    registry says (each backend's availability and device rule; metaug_fast is imported here, not at the
+    top: the GPU check's dry run sets TRITON_INTERPRET first)."""
+    from metaug_fast import _backend
+
+    where = torch.device(device)
+    return [name for name in names if name in _backend.REGISTRY and _backend.REGISTRY[name].available()
+            and _backend.REGISTRY[name].runs_on(where)]
+
+
 def set_command(module: str, argv) -> None:
     """Records the command line that produced the rows (written in every row, for traceability)."""
     _COMMAND[0] = " ".join(["python -m", module] + list(argv if argv is not None else sys.argv[1:]))
@@ -120,11 +131,13 @@ def row(**values) -> Dict[str, object]:
 
 
 def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
+    """Writes ``rows`` (schema :data:`FIELDS`) to ``path`` and says so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
+    print(f"wrote {path} ({len(rows)} rows)", flush=True)
 
 
 def spawn_ranks(worker: Callable, world: int, *args) -> List[tuple]:

@@ -286,8 +286,9 @@ def tile_sweep(b: Bench) -> None:
 
 
 def score(b: Bench) -> None:
-    import metaug_fast
     import metaug_fast.functional as F
+
+    from .common import backends_on
 
     def data(rows, kp, kn):
         gen = torch.Generator().manual_seed(3)
@@ -295,9 +296,7 @@ def score(b: Bench) -> None:
                 torch.rand(rows, kn, generator=gen).to(b.device, torch.bfloat16))
 
     rows, kp, kn = b.sizes.score
-    for backend in ("reference", "triton", "cuda"):
-        if backend not in metaug_fast.available_backends():
-            continue
+    for backend in backends_on(b.device, ["reference", "triton", "cuda"]):
         pos_c, neg_c = data(*b.sizes.score_check)
         fn = lambda be: lambda p, n: F.oucl(p, n, form="circle", backend=be)
         checked = b.check(f"B={len(pos_c)} circle {backend} loss+grads",

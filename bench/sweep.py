@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,7 +41,7 @@ import metaug_fast
 import metaug_fast.functional as F
 from metaug_fast import reference as R
 
-from .common import median_ms, peak_extra_mb, row, set_command, write_csv
+from .common import backends_on, median_ms, peak_extra_mb, row, set_command, write_csv
 
 KP, KN, D = 6, 1536, 128
 BANK_BATCH = 256
@@ -56,7 +56,6 @@ class Op:
     impls: Dict[str, Callable]
     sizes: Dict[str, Tuple[int, ...]]
     hvp: bool = True
-    fused: List[str] = field(default_factory=lambda: ["cpp", "triton", "cuda"])
 
 
 def _scores(size, dtype, device):
@@ -141,7 +140,7 @@ def _ops(device: str) -> Dict[str, Op]:
     label = dict(form="circle", similarity="cosine", beta=BETA_CIRCLE)
 
     def by_backend(fn):
-        return {b: (lambda *xs, b=b: fn(*xs, backend=b)) for b in ["reference", "cpp", "triton", "cuda"]}
+        return {b: (lambda *xs, b=b: fn(*xs, backend=b)) for b in metaug_fast._backend.REGISTRY}
 
     ops = {
         "oucl_score": Op("score", _scores, {**by_backend(lambda p, n, backend: F.oucl(p, n, backend=backend)),
@@ -310,14 +309,13 @@ def _measure(fn: Callable, device: str, repeats: int, inputs: Tuple[torch.Tensor
 
 def run(ops: Dict[str, Op], device: str, dtypes: List[str], repeats: int, sizes: Optional[List[int]] = None,
         backends: Optional[List[str]] = None) -> List[dict]:
-    available = set(metaug_fast.available_backends())
     rows = []
     for op_name, op in ops.items():
+        runnable = set(backends_on(device, list(op.impls)))
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             impls = {b: f for b, f in op.impls.items()
-                     if (b not in ("cpp", "triton", "cuda") or b in available)
-                     and (b != "cpp" or device == "cpu") and (b not in ("triton", "cuda") or device == "cuda")
+                     if (b in runnable or b not in metaug_fast._backend.REGISTRY)
                      and (backends is None or b in backends)}
             out_of_memory = set()
             print(f"\n{op_name} ({op.mode} mode), {dtype_name}, {device}")
@@ -389,7 +387,6 @@ def main(argv=None) -> int:
     finally:  # the limit is for the sweep only, not for whoever called main() in this process
         resource.setrlimit(resource.RLIMIT_AS, saved)
     write_csv(rows, out)
-    print(f"\nwrote {out} ({len(rows)} rows)")
     return 0
 
 
