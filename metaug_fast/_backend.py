@@ -70,7 +70,7 @@ def available_backends() -> List[str]:
     return [name for name, b in REGISTRY.items() if b.available()]
 
 
-def _check_name(name: str, argument: str) -> None:
+def check_name(name: str, argument: str) -> None:
     if not isinstance(name, str) or (name not in REGISTRY and name != "auto"):
         raise ValueError(f"{argument} must be 'auto' or one of {tuple(REGISTRY)}, got {name!r}")
 
@@ -87,7 +87,7 @@ def _provides(b: Backend, op: str) -> bool:
 def _auto(op: str, device: torch.device, dtype: Optional[torch.dtype]) -> Backend:
     preferred = os.environ.get("METAUG_BACKEND", "").strip()
     if preferred and preferred != "auto":
-        _check_name(preferred, "METAUG_BACKEND")
+        check_name(preferred, "METAUG_BACKEND")
         reason = REGISTRY[preferred].unavailable()
         if reason:
             raise BackendUnavailableError(f"METAUG_BACKEND={preferred!r}: {reason}")
@@ -113,7 +113,7 @@ def select(op: str, backend: str, device: torch.device, dtype: Optional[torch.dt
     runs the label ops itself. An explicit backend that cannot is refused (``BackendUnavailableError`` when
     this process cannot run it or it lacks ``op``, ``ValueError`` for tensors on a device it does not run),
     never replaced by another; ``"auto"`` as the module says."""
-    _check_name(backend, "backend")
+    check_name(backend, "backend")
     if backend == "auto":
         return _auto(op, device, dtype)
     chosen = REGISTRY[backend]

@@ -29,17 +29,17 @@ def _chunk_partials(z: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, 
                     beta: float, gamma_pos: float, gamma_neg: float, margin: float) -> Tuple[Tensor, ...]:
     """Per row of ``z [B,D]`` against one chunk ``ref [c,D]``: (m_pos, s_pos, m_neg, s_neg, n_pos, n_neg),
     with LSE = m + log s; for the hinge form s holds plain sums and m is zero."""
-    scores = R._apply_similarity(z @ F.normalize(R._acc(ref), dim=1).T, similarity)
+    scores = R.apply_similarity(z @ F.normalize(R.acc(ref), dim=1).T, similarity)
     pm = labels[:, None] == ref_labels[None, :]
     nm = ~pm
     counts = (pm.sum(1), nm.sum(1))
     if form == "hinge":
         zero = torch.zeros(z.shape[0], dtype=scores.dtype, device=z.device)
-        return zero, R._masked(scores, pm, 0.0).sum(1), zero, R._masked(scores, nm, 0.0).sum(1), *counts
-    u, v = R._exponents(scores, scores, form, beta, gamma_pos, gamma_neg, margin)
+        return zero, R.masked(scores, pm, 0.0).sum(1), zero, R.masked(scores, nm, 0.0).sum(1), *counts
+    u, v = R.exponents(scores, scores, form, beta, gamma_pos, gamma_neg, margin)
     out = []
     for x, mask in ((u, pm), (v, nm)):
-        x = R._masked(x, mask, float("-inf"))
+        x = R.masked(x, mask, float("-inf"))
         m = finite_or_zero(x.amax(1, keepdim=True).detach())
         s = torch.exp(x - m).sum(1)
         # A chunk with no entry for the row reports m = -inf so that it cannot win the max in combine.
@@ -64,7 +64,7 @@ def oucl_embeddings_chunked(
     tensors are not repeated here (``MemoryBank.score_all`` makes them)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    z = F.normalize(R._acc(emb), dim=1)
+    z = F.normalize(R.acc(emb), dim=1)
     form, beta = params.form, params.beta
     args = (similarity, form, beta, params.gamma_pos, params.gamma_neg, params.margin)
     parts = []
@@ -85,5 +85,5 @@ def oucl_embeddings_chunked(
         one = torch.ones((), dtype=z.dtype, device=z.device)
         lse_pos = mp + torch.log(torch.where(valid, sp, one))  # invalid rows are dropped by reduce_rows
         lse_neg = mn + torch.log(torch.where(valid, sn, one))
-        rows = R._softplus(lse_pos + lse_neg) / beta
+        rows = R.softplus(lse_pos + lse_neg) / beta
     return R.reduce_rows(rows, valid, reduction, emb.dtype)

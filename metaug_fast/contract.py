@@ -114,7 +114,7 @@ class Part(IntEnum):
 N_PARTS = 6
 
 
-def _real(value, name: str, *, positive: bool = False) -> float:
+def real(value, name: str, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -152,9 +152,9 @@ class LossParams:
     def __post_init__(self):
         if not isinstance(self.form, str) or self.form not in OUCL_FORMS:
             raise ValueError(f"form must be one of {tuple(OUCL_FORMS)}, got {self.form!r}")
-        object.__setattr__(self, "beta", _real(self.beta, "beta", positive=True))
+        object.__setattr__(self, "beta", real(self.beta, "beta", positive=True))
         for name in ("gamma_pos", "gamma_neg", "margin", "lam"):
-            object.__setattr__(self, name, _real(getattr(self, name), name))
+            object.__setattr__(self, name, real(getattr(self, name), name))
 
     @classmethod
     def from_kwargs(cls, caller: str, kwargs: dict) -> "LossParams":
@@ -177,7 +177,7 @@ class LossParams:
     @staticmethod
     def info_nce(temperature: float) -> OpArgs:
         """The op arguments of InfoNCE at temperature τ: the weighted machinery with β = 1/τ."""
-        return OpArgs(int(Form.INFONCE), 1.0 / _real(temperature, "temperature", positive=True), 0.0, 0.0, 0.0, 0.0)
+        return OpArgs(int(Form.INFONCE), 1.0 / real(temperature, "temperature", positive=True), 0.0, 0.0, 0.0, 0.0)
 
     @staticmethod
     def margins() -> OpArgs:

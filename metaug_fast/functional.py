@@ -10,13 +10,14 @@ optional reference set ``ref_emb [M,D]``, ``ref_labels [M]``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend, backends, reference  # noqa: F401  (importing backends registers them)
-from .contract import LossParams, _real
+from . import _validate as V
+from .contract import LossParams
 
 DEFAULTS = LossParams()
 
@@ -31,121 +32,6 @@ __all__ = [
     "info_nce_embeddings",
     "symmetric_info_nce",
 ]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ----------------------------------------------------------------------------------------- validation
-def _tensor(x, name: str, ndim: int) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    return x
-
-
-def _float_tensor(x, name: str, ndim: int) -> Tensor:
-    _tensor(x, name, ndim)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    return x
-
-
-def _same(x: Tensor, first: Tensor, name: str, first_name: str, dtype: bool = True) -> None:
-    if x.device != first.device:
-        raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
-    if dtype and x.dtype != first.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}")
-
-
-def _mask(mask, like: Tensor, name: str, like_name: str) -> Optional[Tensor]:
-    if mask is None:
-        return None
-    _tensor(mask, name, 2)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
-    if mask.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(mask.shape)}")
-    _same(mask, like, name, like_name, dtype=False)
-    return mask
-
-
-def _scores(pos, neg, pos_mask, neg_mask, pos_name="pos", neg_name="neg"):
-    _float_tensor(pos, pos_name, 2)
-    _float_tensor(neg, neg_name, 2)
-    _same(neg, pos, neg_name, pos_name)
-    if neg.shape[0] != pos.shape[0]:
-        raise ValueError(f"{pos_name} and {neg_name} must have the same number of rows, got {pos.shape[0]} and "
-                         f"{neg.shape[0]}")
-    return _mask(pos_mask, pos, "pos_mask", pos_name), _mask(neg_mask, neg, "neg_mask", neg_name)
-
-
-def _choice(value, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def _labels(labels, name: str, n: int, n_name: str, like: Tensor) -> Tensor:
-    _tensor(labels, name, 1)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if labels.shape[0] != n:
-        raise ValueError(f"{name} must have one label per row of {n_name} ({n}), got {labels.shape[0]}")
-    _same(labels, like, name, n_name, dtype=False)
-    return labels
-
-
-def _label_inputs(emb, labels, ref_emb, ref_labels) -> None:
-    _float_tensor(emb, "emb", 2)
-    _labels(labels, "labels", emb.shape[0], "emb", emb)
-    if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("ref_emb and ref_labels must be given together (or both left None)")
-    if ref_emb is not None:
-        _float_tensor(ref_emb, "ref_emb", 2)
-        _same(ref_emb, emb, "ref_emb", "emb")
-        if ref_emb.shape[1] != emb.shape[1]:
-            raise ValueError(f"ref_emb must have the feature size of emb ({emb.shape[1]}), got {ref_emb.shape[1]}")
-        _labels(ref_labels, "ref_labels", ref_emb.shape[0], "ref_emb", ref_emb)
-
-
-def _temperature(temperature, like: Tensor, like_name: str):
-    """A positive finite float, or a 0-d float tensor on ``like``'s device (its value is not read: that
-    would wait for the device; it is the caller's to keep positive, as CLIP's exp(logit_scale) is)."""
-    if not isinstance(temperature, Tensor):
-        return _real(temperature, "temperature", positive=True)
-    if temperature.dim() != 0:
-        raise ValueError(f"temperature must be a 0-d tensor (or a float), got shape {tuple(temperature.shape)}")
-    if not temperature.dtype.is_floating_point:
-        raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
-    _same(temperature, like, "temperature", like_name, dtype=False)
-    return temperature
-
-
-def _info_nce_args(temperature, like: Tensor, like_name: str, reduction: str, average: str) -> dict:
-    return dict(temperature=_temperature(temperature, like, like_name),
-                reduction=_choice(reduction, "reduction", reference.REDUCTIONS),
-                average=_choice(average, "average", reference.AVERAGES))
-
-
-def _self_offset(self_offset, emb: Tensor, ref_emb: Optional[Tensor]) -> Optional[int]:
-    if self_offset is None:
-        return None
-    if isinstance(self_offset, bool) or not isinstance(self_offset, int):
-        raise TypeError(f"self_offset must be an int or None, got {type(self_offset).__name__}")
-    if ref_emb is None:
-        raise ValueError("self_offset needs ref_emb: without a reference set each row's own pair is excluded already")
-    if self_offset < 0 or self_offset + emb.shape[0] > ref_emb.shape[0]:
-        raise ValueError(f"self_offset must be in [0, {ref_emb.shape[0] - emb.shape[0]}] (anchor i is reference row "
-                         f"i + self_offset), got {self_offset}")
-    return self_offset
-
-
-def _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction) -> dict:
-    """The validated keyword arguments of the backends' OUCL implementations."""
-    params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).kwargs()
-    return dict(params, reduction=_choice(reduction, "reduction", reference.REDUCTIONS))
-
 
 # -------------------------------------------------------------------------------------------- public
 def oucl(
@@ -189,8 +75,8 @@ def oucl(
         >>> F.oucl(pos, neg, form="circle", beta=80.0, reduction="none").shape
         torch.Size([8])
     """
-    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
-    params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+    pos_mask, neg_mask = V.check_scores(pos, neg, pos_mask, neg_mask)
+    params = V.oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
     fn = _backend.resolve("oucl", backend, pos.device, pos.dtype)
     return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **params)
 
@@ -237,10 +123,10 @@ def oucl_embeddings(
         >>> F.oucl_embeddings(emb, labels, bank, bank_labels, reduction="none").shape
         torch.Size([16])
     """
-    _label_inputs(emb, labels, ref_emb, ref_labels)
-    self_offset = _self_offset(self_offset, emb, ref_emb)
-    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
-    params = _oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+    V.check_label_inputs(emb, labels, ref_emb, ref_labels)
+    self_offset = V.check_self_offset(self_offset, emb, ref_emb)
+    similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
+    params = V.oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
     fn = _backend.resolve("oucl_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **params)
 
@@ -254,12 +140,12 @@ def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosi
         >>> F.pairwise_similarity(torch.randn(4, 8), torch.randn(5, 8)).shape
         torch.Size([4, 5])
     """
-    _float_tensor(a, "a", 2)
-    _float_tensor(b, "b", 2)
-    _same(b, a, "b", "a")
+    V.check_float_tensor(a, "a", 2)
+    V.check_float_tensor(b, "b", 2)
+    V.check_same(b, a, "b", "a")
     if b.shape[1] != a.shape[1]:
         raise ValueError(f"b must have the feature size of a ({a.shape[1]}), got {b.shape[1]}")
-    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
     return _backend.resolve("pairwise_similarity", backend, a.device, a.dtype)(a, b, similarity=similarity)
 
 
@@ -282,7 +168,7 @@ def margin_statistics(
         >>> sigma_pos.shape, bool((sigma_pos <= sigma_neg).all())
         (torch.Size([8]), True)
     """
-    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
+    pos_mask, neg_mask = V.check_scores(pos, neg, pos_mask, neg_mask)
     return _backend.resolve("margin_statistics", backend, pos.device, pos.dtype)(pos, neg, pos_mask, neg_mask)
 
 
@@ -306,8 +192,8 @@ def margin_statistics_embeddings(
         >>> sigma_pos.shape
         torch.Size([16])
     """
-    _label_inputs(emb, labels, ref_emb, ref_labels)
-    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    V.check_label_inputs(emb, labels, ref_emb, ref_labels)
+    similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("margin_statistics_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity)
 
@@ -335,16 +221,16 @@ def margin_injection_loss(
         >>> F.margin_injection_loss(torch.rand(8, 36), torch.rand(8, 360), sigma_pos, sigma_neg).shape
         torch.Size([])
     """
-    pos_mask, neg_mask = _scores(pos_aug, neg_aug, pos_mask, neg_mask, "pos_aug", "neg_aug")
+    pos_mask, neg_mask = V.check_scores(pos_aug, neg_aug, pos_mask, neg_mask, "pos_aug", "neg_aug")
     for name, sigma in (("sigma_pos", sigma_pos), ("sigma_neg", sigma_neg)):
-        _float_tensor(sigma, name, 1)
-        _same(sigma, pos_aug, name, "pos_aug")
+        V.check_float_tensor(sigma, name, 1)
+        V.check_same(sigma, pos_aug, name, "pos_aug")
         if sigma.shape[0] != pos_aug.shape[0]:
             raise ValueError(f"{name} must have one value per row of pos_aug ({pos_aug.shape[0]}), got "
                              f"{sigma.shape[0]}")
     if not isinstance(detach_margin, bool):
         raise TypeError(f"detach_margin must be a bool, got {type(detach_margin).__name__}")
-    reduction = _choice(reduction, "reduction", reference.REDUCTIONS)
+    reduction = V.check_choice(reduction, "reduction", reference.REDUCTIONS)
     fn = _backend.resolve("margin_injection_loss", backend, pos_aug.device, pos_aug.dtype)
     return fn(
         pos_aug, neg_aug, sigma_pos, sigma_neg, detach_margin=detach_margin, reduction=reduction,
@@ -389,8 +275,8 @@ def info_nce(
         >>> tau.grad.shape
         torch.Size([])
     """
-    pos_mask, neg_mask = _scores(pos, neg, pos_mask, neg_mask)
-    args = _info_nce_args(temperature, pos, "pos", reduction, average)
+    pos_mask, neg_mask = V.check_scores(pos, neg, pos_mask, neg_mask)
+    args = V.info_nce_args(temperature, pos, "pos", reduction, average)
     fn = _backend.resolve("info_nce", backend, pos.device, pos.dtype)
     return fn(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, **args)
 
@@ -432,10 +318,10 @@ def info_nce_embeddings(
         >>> F.info_nce_embeddings(torch.cat([z1, z2]), torch.arange(8).repeat(2), temperature=0.1).shape
         torch.Size([])
     """
-    _label_inputs(emb, labels, ref_emb, ref_labels)
-    self_offset = _self_offset(self_offset, emb, ref_emb)
-    args = _info_nce_args(temperature, emb, "emb", reduction, average)
-    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    V.check_label_inputs(emb, labels, ref_emb, ref_labels)
+    self_offset = V.check_self_offset(self_offset, emb, ref_emb)
+    args = V.info_nce_args(temperature, emb, "emb", reduction, average)
+    similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("info_nce_embeddings", backend, emb.device, emb.dtype)
     return fn(emb, labels, ref_emb, ref_labels, similarity=similarity, self_offset=self_offset, **args)
 
@@ -476,18 +362,18 @@ def symmetric_info_nce(
         >>> F.symmetric_info_nce(image, text, temperature=0.07, similarity="dot").shape
         torch.Size([])
     """
-    _float_tensor(emb, "emb", 2)
-    _float_tensor(ref_emb, "ref_emb", 2)
+    V.check_float_tensor(emb, "emb", 2)
+    V.check_float_tensor(ref_emb, "ref_emb", 2)
     if (labels is None) != (ref_labels is None):
         raise ValueError("labels and ref_labels must be given together (or both left None: pairs i <-> i)")
     if labels is None:
         labels = torch.arange(emb.shape[0], device=emb.device)
         ref_labels = torch.arange(ref_emb.shape[0], device=emb.device)
-    _label_inputs(emb, labels, ref_emb, ref_labels)
-    args = _info_nce_args(temperature, emb, "emb", reduction, average)
+    V.check_label_inputs(emb, labels, ref_emb, ref_labels)
+    args = V.info_nce_args(temperature, emb, "emb", reduction, average)
     if args["reduction"] == "none":
         raise ValueError("reduction must be 'mean' or 'sum' (the two directions have B and M rows); for per-row "
                          "losses call info_nce_embeddings once per direction")
-    similarity = _choice(similarity, "similarity", reference.SIMILARITIES)
+    similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
     fn = _backend.resolve("symmetric_info_nce", backend, emb.device, emb.dtype)
     return fn(emb, ref_emb, labels, ref_labels, similarity=similarity, **args)

@@ -5,8 +5,9 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from . import _backend, reference
+from . import _validate as V
 from . import functional as F
-from . import reference
 from .contract import LossParams
 
 DEFAULTS = LossParams()
@@ -59,12 +60,12 @@ class OUCLLoss(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        self.params = F._oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
-        self.similarity = F._choice(similarity, "similarity", reference.SIMILARITIES)
-        F._backend._check_name(backend, "backend")
+        self.params = V.oucl_params(form, beta, gamma_pos, gamma_neg, margin, lam, reduction)
+        self.similarity = V.check_choice(similarity, "similarity", reference.SIMILARITIES)
+        _backend.check_name(backend, "backend")
         self.backend = backend
         if distributed is not None:
-            F._choice(distributed, "distributed", ("all_gather", "ring"))
+            V.check_choice(distributed, "distributed", ("all_gather", "ring"))
             if reduction == "none":
                 raise ValueError("reduction='none' has no distributed meaning: use 'mean' or 'sum' with distributed")
         self.distributed, self.process_group = distributed, process_group

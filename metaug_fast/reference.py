@@ -49,18 +49,18 @@ REDUCTIONS = ("mean", "sum", "none")
 AVERAGES = ("anchor", "pair")
 
 
-def _acc(x: Tensor) -> Tensor:
+def acc(x: Tensor) -> Tensor:
     """Upcast half precision to fp32 so that every sum and exp accumulates in fp32."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _apply_similarity(cos: Tensor, similarity: str) -> Tensor:
+def apply_similarity(cos: Tensor, similarity: str) -> Tensor:
     return (1.0 + cos) * 0.5 if similarity == "shifted_cosine" else cos
 
 
-def _rows(x: Tensor, similarity: str) -> Tensor:
+def similarity_rows(x: Tensor, similarity: str) -> Tensor:
     """The rows whose inner products the similarity takes: L2-normalized, or as given for "dot"."""
-    return F.normalize(_acc(x), dim=1) if normalizes(similarity) else _acc(x)
+    return F.normalize(acc(x), dim=1) if normalizes(similarity) else acc(x)
 
 
 def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosine") -> Tensor:
@@ -69,9 +69,9 @@ def pairwise_similarity(a: Tensor, b: Tensor, *, similarity: str = "shifted_cosi
     Rows are L2-normalized first (gradients include the normalization; a zero row has similarity
     cos = 0 with everything), except for ``"dot"``, the inner product of the rows as given.
     """
-    a_n = _rows(a, similarity)
-    b_n = _rows(b, similarity)
-    return _apply_similarity(a_n @ b_n.T, similarity).to(a.dtype)
+    a_n = similarity_rows(a, similarity)
+    b_n = similarity_rows(b, similarity)
+    return apply_similarity(a_n @ b_n.T, similarity).to(a.dtype)
 
 
 def label_scores(
@@ -90,12 +90,12 @@ def label_scores(
     ``self_offset`` says that anchor i is reference row i + self_offset (a rank's rows inside a gathered
     batch), and that pair is excluded too.
     """
-    z = _rows(emb, similarity)
+    z = similarity_rows(emb, similarity)
     if ref_emb is None:
         r, ref_labels = z, labels
     else:
-        r = _rows(ref_emb, similarity)
-    scores = _apply_similarity(z @ r.T, similarity)
+        r = similarity_rows(ref_emb, similarity)
+    scores = apply_similarity(z @ r.T, similarity)
     same = labels[:, None] == ref_labels[None, :]
     neg_mask = ~same
     offset = 0 if ref_emb is None else self_offset
@@ -114,13 +114,13 @@ def valid_rows(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: O
     return has_pos & has_neg
 
 
-def _masked(x: Tensor, mask: Optional[Tensor], fill: float) -> Tensor:
+def masked(x: Tensor, mask: Optional[Tensor], fill: float) -> Tensor:
     return x if mask is None else torch.where(mask, x, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
 def _score_rows(pos: Tensor, neg: Tensor, pos_mask: Optional[Tensor], neg_mask: Optional[Tensor]):
     """(valid ``[B]``, pos, neg) of a score-mode loss: the scores in the accumulation dtype, masked entries 0."""
-    return valid_rows(pos, neg, pos_mask, neg_mask), _masked(_acc(pos), pos_mask, 0.0), _masked(_acc(neg), neg_mask,
+    return valid_rows(pos, neg, pos_mask, neg_mask), masked(acc(pos), pos_mask, 0.0), masked(acc(neg), neg_mask,
                                                                                                 0.0)
 
 
@@ -130,17 +130,17 @@ def _row_lse(x: Tensor, mask: Optional[Tensor], valid: Tensor) -> Tensor:
     Invalid rows are replaced by zeros before the reduction: their result is discarded by the caller,
     and an all -inf row would give NaN gradients through torch.logsumexp.
     """
-    x = _masked(x, mask, float("-inf"))
+    x = masked(x, mask, float("-inf"))
     x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.logsumexp(x, dim=1)
 
 
-def _softplus(x: Tensor) -> Tensor:
+def softplus(x: Tensor) -> Tensor:
     # log(1 + e^x) without F.softplus's linear cut-off at x > 20, so fp64 results are exact.
     return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _exponents(
+def exponents(
     p: Tensor, n: Tensor, form: str, beta: float, gamma_pos: float, gamma_neg: float, margin: float
 ) -> Tuple[Tensor, Tensor]:
     """u(p) and v(n) of docs/mathematics.md#factorization: the pair term is exp(u(p) + v(n))."""
@@ -164,10 +164,10 @@ def reduce_rows(rows: Tensor, valid: Tensor, reduction: str, dtype: torch.dtype,
     rows and "mean" divides by the sum of every row's weight."""
     rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if weights is not None:
-        rows = _acc(rows) * weights.to(_acc(rows).dtype)
+        rows = acc(rows) * weights.to(acc(rows).dtype)
     if reduction == "none":
         return rows.to(dtype)
-    rows = _acc(rows)
+    rows = acc(rows)
     total = rows.sum()
     if reduction == "mean":
         total = total / (valid.sum() if weights is None else weights.sum()).clamp(min=1)
@@ -187,7 +187,7 @@ def positive_counts(labels: Tensor, ref_labels: Optional[Tensor] = None, self_of
     return counts
 
 
-def _pair_weights(average: str, pos: Tensor, pos_mask: Optional[Tensor]) -> Optional[Tensor]:
+def pair_weights(average: str, pos: Tensor, pos_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The weights of :func:`reduce_rows` for InfoNCE's ``average``: None per anchor, positive counts per pair."""
     if average == "anchor":
         return None
@@ -232,8 +232,8 @@ def oucl(
     if form == "hinge":
         rows = torch.relu(n.sum(1) - p.sum(1) + lam)
     else:
-        u, v = _exponents(p, n, form, beta, gamma_pos, gamma_neg, margin)
-        rows = _softplus(_row_lse(u, pos_mask, valid) + _row_lse(v, neg_mask, valid)) / beta
+        u, v = exponents(p, n, form, beta, gamma_pos, gamma_neg, margin)
+        rows = softplus(_row_lse(u, pos_mask, valid) + _row_lse(v, neg_mask, valid)) / beta
     return reduce_rows(rows, valid, reduction, pos.dtype)
 
 
@@ -286,12 +286,12 @@ def info_nce(
     """
     valid, p, n = _score_rows(pos, neg, pos_mask, neg_mask)
     lse_neg = _row_lse(n / temperature, neg_mask, valid)
-    per_pos = _masked(_softplus(lse_neg[:, None] - p / temperature), pos_mask, 0.0)
+    per_pos = masked(softplus(lse_neg[:, None] - p / temperature), pos_mask, 0.0)
     if pos_mask is None:
         rows = per_pos.mean(1) if pos.shape[1] > 0 else per_pos.sum(1)
     else:
         rows = per_pos.sum(1) / pos_mask.sum(1).clamp(min=1)
-    return reduce_rows(rows, valid, reduction, pos.dtype, _pair_weights(average, pos, pos_mask))
+    return reduce_rows(rows, valid, reduction, pos.dtype, pair_weights(average, pos, pos_mask))
 
 
 def info_nce_embeddings(
@@ -349,8 +349,8 @@ def margin_statistics(
     augmented scores in :func:`margin_injection_loss`.
     """
     valid = valid_rows(pos, neg, pos_mask, neg_mask)
-    p = _masked(_acc(pos), pos_mask, float("inf"))
-    n = _masked(_acc(neg), neg_mask, float("-inf"))
+    p = masked(acc(pos), pos_mask, float("inf"))
+    n = masked(acc(neg), neg_mask, float("-inf"))
     B = pos.shape[0]
     inf = torch.full((B,), float("inf"), dtype=p.dtype, device=p.device)
     p_min = p.amin(1) if pos.shape[1] > 0 else inf
@@ -378,7 +378,7 @@ def margin_statistics_embeddings(
 def _masked_row_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     if mask is None:
         return x.mean(1) if x.shape[1] > 0 else x.sum(1)
-    return _masked(x, mask, 0.0).sum(1) / mask.sum(1).clamp(min=1)
+    return masked(x, mask, 0.0).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def margin_injection_loss(
@@ -406,11 +406,11 @@ def margin_injection_loss(
         ``mean_i(mean_k [P̂_ik - σ⁺_i]_+ + mean_k [σ⁻_i - N̂_ik]_+)`` over all B rows for ``"mean"``,
         the sum for ``"sum"``, ``[B]`` for ``"none"``; in ``pos_aug.dtype``.
     """
-    sp, sn = _acc(sigma_pos), _acc(sigma_neg)
+    sp, sn = acc(sigma_pos), acc(sigma_neg)
     if detach_margin:
         sp, sn = sp.detach(), sn.detach()
-    p = _masked(_acc(pos_aug), pos_mask, 0.0)
-    n = _masked(_acc(neg_aug), neg_mask, 0.0)
+    p = masked(acc(pos_aug), pos_mask, 0.0)
+    n = masked(acc(neg_aug), neg_mask, 0.0)
     rows = _masked_row_mean(torch.relu(p - sp[:, None]), pos_mask) + _masked_row_mean(
         torch.relu(sn[:, None] - n), neg_mask
     )

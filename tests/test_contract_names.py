@@ -113,4 +113,4 @@ def test_the_test_grid_takes_every_form_and_unknown_forms_are_refused():
 
     assert set(FORMS) == set(contract.OUCL_FORMS)
     with pytest.raises(ValueError, match="form must be one of"):
-        reference._exponents(torch.zeros(2, 3), torch.zeros(2, 3), "circles", 8.0, 0.1, -0.1, 0.3)
+        reference.exponents(torch.zeros(2, 3), torch.zeros(2, 3), "circles", 8.0, 0.1, -0.1, 0.3)

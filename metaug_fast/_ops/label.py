@@ -374,9 +374,9 @@ def _rows_as_taken(emb: Tensor, ref_emb: Optional[Tensor], similarity: str, scal
     if scale is None:
         unit = not normalizes(similarity)
         return emb, ref_emb, similarity, unit, ref_unit or unit
-    emb = reference._rows(emb, similarity) * scale
+    emb = reference.similarity_rows(emb, similarity) * scale
     if ref_emb is not None:
-        ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference._rows(ref_emb, similarity)) * scale
+        ref_emb = (ref_emb.to(emb.dtype) if ref_unit else reference.similarity_rows(ref_emb, similarity)) * scale
     return emb, ref_emb, "dot", True, True
 
 
@@ -482,4 +482,5 @@ def pairwise_similarity_fused(a: Tensor, b: Tensor, *, similarity: str) -> Tenso
     """d(a_i, b_j) ``[B,M]`` in ``a.dtype``: normalization (but for "dot"), then one ATen GEMM with the
     similarity's affine map folded in (``addmm`` with α = 1/2 and a broadcast 1/2 for the shifted cosine).
     Differentiable to any order by autograd."""
-    return _similarities(reference._rows(a, similarity), reference._rows(b, similarity), similarity).to(a.dtype)
+    rows = (reference.similarity_rows(x, similarity) for x in (a, b))
+    return _similarities(*rows, similarity).to(a.dtype)

@@ -57,7 +57,7 @@ class _MarginScore(torch.autograd.Function):
 
 def _share(x: Tensor, mask: Optional[Tensor], value: Tensor, ties: Tensor, g: Tensor) -> Tensor:
     """g/ties on the kept entries equal to the row's extremum (NaN on every kept entry of a NaN row)."""
-    dtype, x = x.dtype, reference._acc(x)
+    dtype, x = x.dtype, reference.acc(x)
     kept = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
     share = (g / ties.clamp(min=1))[:, None]
     nan_row = torch.isnan(value)[:, None]
@@ -102,9 +102,9 @@ class _MarginInjection(torch.autograd.Function):
 
 def _hinge_share(x: Tensor, mask: Optional[Tensor], sigma: Tensor, g: Tensor, sign: float):
     """∂/∂x and ∂/∂σ of mean_k [sign·(x_k - σ)]_+ times g, per row, in PyTorch ops."""
-    x_acc = reference._acc(x)
+    x_acc = reference.acc(x)
     kept = torch.ones_like(x_acc, dtype=torch.bool) if mask is None else mask
-    on = kept & (sign * (x_acc - reference._acc(sigma)[:, None]) > 0)
+    on = kept & (sign * (x_acc - reference.acc(sigma)[:, None]) > 0)
     share = (sign * g / kept.sum(1).clamp(min=1))[:, None]
     grad = torch.where(on, share, torch.zeros_like(share))
     return grad.to(x.dtype), -grad.sum(1)

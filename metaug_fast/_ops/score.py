@@ -171,9 +171,9 @@ def info_nce_fused(
     tensor divides the scores in torch (so that it gets its gradient) and the kernels run at τ = 1."""
     if isinstance(temperature, Tensor):
         # Masked entries may hold inf or NaN: zeroed first, they give τ no 0·inf term.
-        pos = reference._masked(pos, pos_mask, 0.0) / temperature
-        neg = reference._masked(neg, neg_mask, 0.0) / temperature
+        pos = reference.masked(pos, pos_mask, 0.0) / temperature
+        neg = reference.masked(neg, neg_mask, 0.0) / temperature
         temperature = 1.0
     rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, LossParams.info_nce(temperature), ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
-    return reference.reduce_rows(rows, valid, reduction, pos.dtype, reference._pair_weights(average, pos, pos_mask))
+    return reference.reduce_rows(rows, valid, reduction, pos.dtype, reference.pair_weights(average, pos, pos_mask))

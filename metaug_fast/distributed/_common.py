@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _backend
-from .. import functional as F
+from .. import _validate as V
 from .. import reference as R
 from .._numerics import merge_lse
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Stat
@@ -87,8 +87,8 @@ def _checked_params(name: str, emb: Tensor, labels: Tensor, reduction: str, para
     """Validates a distributed label-mode OUCL call (``ref``: an optional reference set and its labels);
     returns (similarity, the oucl params with reduction "none")."""
     _check_call(name, reduction)
-    F._label_inputs(emb, labels, *ref)
-    similarity = F._choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
+    V.check_label_inputs(emb, labels, *ref)
+    similarity = V.check_choice(params.pop("similarity", "shifted_cosine"), "similarity", ("shifted_cosine", "cosine"))
     return similarity, {**LossParams.from_kwargs(name, params).kwargs(), "reduction": "none"}
 
 
@@ -131,7 +131,7 @@ def _fused_op_args(emb: Tensor, similarity: str, checked: dict, backend: str) ->
 
 def _normalized(x: Tensor) -> Tensor:
     """L2-normalized rows in the accumulation dtype (fp32 for fp16/bf16)."""
-    return torch.nn.functional.normalize(R._acc(x), dim=1)
+    return torch.nn.functional.normalize(R.acc(x), dim=1)
 
 
 def shutdown(group=None) -> None:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _backend
-from .. import functional as F
+from .. import _validate as V
 from ._common import _check_call, _checked_params, _gather_padded, _gather_sizes, _GatherRows, _global_loss, _valid_rows
 
 
@@ -67,9 +67,9 @@ def info_nce_embeddings_all_gather(
         torch.Size([])
     """
     _check_call("info_nce_embeddings_all_gather", reduction)
-    F._label_inputs(emb, labels, None, None)
-    temperature = F._real(temperature, "temperature", positive=True)
-    similarity = F._choice(similarity, "similarity", ("shifted_cosine", "cosine"))
+    V.check_label_inputs(emb, labels, None, None)
+    temperature = V.check_real(temperature, "temperature", positive=True)
+    similarity = V.check_choice(similarity, "similarity", ("shifted_cosine", "cosine"))
     return _all_gather_loss("info_nce_embeddings", emb, labels, group, reduction, backend, temperature=temperature,
                             similarity=similarity, reduction="none")
 

@@ -40,4 +40,4 @@ def oucl_global(
     _check_call("oucl_global", reduction)
     rows = F.oucl(pos, neg, pos_mask=pos_mask, neg_mask=neg_mask, reduction="none", backend=backend, **params)
     valid = R.valid_rows(pos, neg, pos_mask, neg_mask)
-    return _global_loss(R._acc(rows), valid, reduction, group).to(pos.dtype)
+    return _global_loss(R.acc(rows), valid, reduction, group).to(pos.dtype)

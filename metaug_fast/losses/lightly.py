@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
+from .. import _backend
+from .. import _validate as V
 from .. import functional as F
 from ._common import gather_rows
 
@@ -77,7 +79,7 @@ class NTXentLoss(nn.Module):
         if gather_distributed and not dist.is_available():
             raise ValueError("gather_distributed is True but torch.distributed is not available. Please set "
                              "gather_distributed=False or install a torch version with distributed support.")
-        F._backend._check_name(backend, "backend")
+        _backend.check_name(backend, "backend")
         self.temperature, self.gather_distributed, self.backend = temperature, gather_distributed, backend
         self.size = shape
         self.register_buffer("bank", torch.empty(shape, dtype=torch.float), persistent=False)
@@ -87,9 +89,9 @@ class NTXentLoss(nn.Module):
             self.bank = TF.normalize(torch.randn(shape).type_as(self.bank), dim=-1)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        F._float_tensor(out0, "out0", 2)
-        F._float_tensor(out1, "out1", 2)
-        F._same(out1, out0, "out1", "out0")
+        V.check_float_tensor(out0, "out0", 2)
+        V.check_float_tensor(out1, "out1", 2)
+        V.check_same(out1, out0, "out1", "out0")
         if out1.shape != out0.shape:
             raise ValueError(f"out1 must have the shape of out0 {tuple(out0.shape)}, got {tuple(out1.shape)}")
         if self.size[0] == 0:

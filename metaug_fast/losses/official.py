@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+from .. import _validate as V
 from .. import functional as F
 
 __all__ = ["CircleLoss"]
@@ -73,12 +75,13 @@ class CircleLoss(nn.Module):
         given = dict(gama_gh=gamma, delta_m_gh=delta_m, delta_enable_gh=delta_enable, alpha_m_gh=alpha_m,
                      alpha_de_gh=alpha_de, alpha_enable_gh=alpha_enable)
         opts = {k: given[k] if given[k] is not None else getattr(args, k, default) for k, default in _OPTIONS.items()}
-        self.gamma = F._real(opts["gama_gh"], "gamma", positive=True)
-        self.delta_m = F._real(opts["delta_m_gh"], "delta_m")
+        self.gamma = V.check_real(opts["gama_gh"], "gamma", positive=True)
+        self.delta_m = V.check_real(opts["delta_m_gh"], "delta_m")
         self.delta_enable = _yes_no(opts["delta_enable_gh"], "delta_enable")
         self.alpha_enable = _yes_no(opts["alpha_enable_gh"], "alpha_enable")
-        self.alpha_m, self.alpha_de = F._real(opts["alpha_m_gh"], "alpha_m"), F._real(opts["alpha_de_gh"], "alpha_de")
-        F._backend._check_name(backend, "backend")
+        self.alpha_m = V.check_real(opts["alpha_m_gh"], "alpha_m")
+        self.alpha_de = V.check_real(opts["alpha_de_gh"], "alpha_de")
+        _backend.check_name(backend, "backend")
         self.backend = backend
 
     def forward(self, out_ab2l: Tensor, out_l2ab: Tensor, out_ori2l: Tensor, out_l2ori: Tensor,
@@ -90,8 +93,8 @@ class CircleLoss(nn.Module):
         for name, x in outs.items():
             if isinstance(x, Tensor) and x.dim() == 3 and x.shape[2] == 1:
                 x = x[..., 0]
-            F._float_tensor(x, name, 2)
-            F._same(x, first, name, "out_ab2l")
+            V.check_float_tensor(x, name, 2)
+            V.check_same(x, first, name, "out_ab2l")
             if x.shape[0] != first.shape[0] or x.shape[1] < 1:
                 raise ValueError(f"{name} must be [B, K+1(, 1)] with B = {first.shape[0]} and the positive in column "
                                  f"0, got {tuple(x.shape)}")

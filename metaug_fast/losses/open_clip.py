@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import _backend
+from .. import _validate as V
 from .. import functional as F
 from ._common import all_reduce_grad, check_world, gather_rows, scale_grad, unsupported
 
@@ -70,7 +72,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         if use_horovod:
             raise unsupported("ClipLoss", "use_horovod", use_horovod, "run under torch.distributed")
-        F._backend._check_name(backend, "backend")
+        _backend.check_name(backend, "backend")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.backend = rank, world_size, backend
 
@@ -84,9 +86,9 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
-        F._float_tensor(image_features, "image_features", 2)
-        F._float_tensor(text_features, "text_features", 2)
-        F._same(text_features, image_features, "text_features", "image_features")
+        V.check_float_tensor(image_features, "image_features", 2)
+        V.check_float_tensor(text_features, "text_features", 2)
+        V.check_same(text_features, image_features, "text_features", "image_features")
         if text_features.shape != image_features.shape:
             raise ValueError(f"text_features must have the shape of image_features {tuple(image_features.shape)}, "
                              f"got {tuple(text_features.shape)}")

@@ -31,6 +31,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
+from .. import _validate as V
 from .. import functional as F
 from .. import reference as R
 from ._common import unsupported
@@ -82,7 +84,7 @@ class _PairLoss(nn.Module):
                               "add the regularizer's term to the loss yourself")
         if collect_stats:
             raise unsupported(cls, "collect_stats", collect_stats, "the fused ops record no statistics")
-        F._backend._check_name(backend, "backend")
+        _backend.check_name(backend, "backend")
         self.backend = backend
 
     def _inputs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -140,7 +142,7 @@ class CircleLoss(_PairLoss):
 
     def __init__(self, m: float = 0.4, gamma: float = 80, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.m, self.gamma = F._real(m, "m"), F._real(gamma, "gamma", positive=True)
+        self.m, self.gamma = V.check_real(m, "m"), V.check_real(gamma, "gamma", positive=True)
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
@@ -180,7 +182,7 @@ class NTXentLoss(_PairLoss):
 
     def __init__(self, temperature=0.07, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.temperature = temperature if isinstance(temperature, Tensor) else F._real(temperature, "temperature",
+        self.temperature = temperature if isinstance(temperature, Tensor) else V.check_real(temperature, "temperature",
                                                                                        positive=True)
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,

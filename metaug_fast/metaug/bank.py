@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
-import metaug_fast.functional as MF
+from metaug_fast import _backend
+from metaug_fast import _validate as V
 from metaug_fast import distributed as D
 from metaug_fast import reference as R
 from metaug_fast.chunked import oucl_embeddings_chunked
@@ -91,13 +92,13 @@ class MemoryBank:
         Arguments are validated as by ``oucl_embeddings``.
         """
         ref = self.features[view]
-        MF._label_inputs(z, labels, ref, bank_labels)
+        V.check_label_inputs(z, labels, ref, bank_labels)
         loss_params = LossParams.from_kwargs("score_all", form_params)
-        reduction = MF._choice(reduction, "reduction", R.REDUCTIONS)
-        similarity = MF._choice(similarity, "similarity", SIMILARITIES)
+        reduction = V.check_choice(reduction, "reduction", R.REDUCTIONS)
+        similarity = V.check_choice(similarity, "similarity", SIMILARITIES)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        chosen = MF._backend.select("oucl_embeddings", backend, z.device, z.dtype)
+        chosen = _backend.select("oucl_embeddings", backend, z.device, z.dtype)
         if chosen.kernels is not None:  # with unit rows, no normalized copy of the bank
             return chosen.impls["oucl_embeddings"](z, labels, ref, bank_labels, similarity=similarity,
                                                    ref_unit=self.unit_rows, reduction=reduction,
