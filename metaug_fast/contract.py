@@ -24,7 +24,7 @@ from numbers import Real
 from typing import NamedTuple
 
 __all__ = ["Form", "Similarity", "Stat", "N_STATS", "stats_of", "Part", "N_PARTS", "LossParams", "OpArgs", "OUCL_FORMS",
-           "HVP_FORMS", "SIMILARITIES", "normalizes", "slope"]
+           "HVP_FORMS", "SIMILARITIES", "normalizes", "slope", "label_self_mode"]
 
 
 class Form(IntEnum):
@@ -183,3 +183,10 @@ class LossParams:
     def margins() -> OpArgs:
         """The op arguments of margin statistics (no loss parameters)."""
         return OpArgs(int(Form.MARGIN), 1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def label_self_mode(e, iz, r, ir, self_offset: int) -> bool:
+    """Whether a label op's call is self mode: the reference rows and their inverse norms are the anchors'
+    own tensors (``r is e``, ``ir is iz``) with ``self_offset`` 0, as csrc/oucl_host.h's ``same_rows`` tells
+    it; the op then returns the whole gradient in its first two outputs."""
+    return self_offset == 0 and r is e and ir is iz

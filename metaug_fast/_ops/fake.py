@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..contract import N_STATS
+from ..contract import N_STATS, label_self_mode
 
 _NAMESPACE = "metaug_fast"
 
@@ -57,10 +57,6 @@ def _raw_grads(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, reference_parts: bo
             ir.new_empty((M,)))
 
 
-def _is_self(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, self_offset: int) -> bool:
-    return self_offset == 0 and e is r and iz is ir
-
-
 def oucl_label_fwd(e, iz, r, ir, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
                    margin, lam):
     return _rows_and_stats(e, iz.dtype)
@@ -68,7 +64,7 @@ def oucl_label_fwd(e, iz, r, ir, labels, ref_labels, self_offset, similarity, fo
 
 def oucl_label_bwd(grad_rows, e, iz, r, ir, labels, ref_labels, stats, self_offset, similarity, form, beta,
                    gamma_pos, gamma_neg, margin, lam, ref_grad=True):
-    return _raw_grads(e, iz, r, ir, ref_grad and not _is_self(e, iz, r, ir, self_offset))
+    return _raw_grads(e, iz, r, ir, ref_grad and not label_self_mode(e, iz, r, ir, self_offset))
 
 
 def oucl_label_fwd_grad(e, iz, r, ir, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,

@@ -33,14 +33,13 @@ _EPS = 1e-12  # F.normalize's
 FWD_GRAD = "fwd_grad"  # oucl_label_fwd_grad: the gradient with the forward, for a constant reference set
 ROWS_HVP = "rows_hvp"  # oucl_label_rows_bwd_bwd: the second derivative's row chunks by labels, no masks
 SELF_HVP = "self_hvp"  # oucl_label_self_bwd_bwd: self mode's second derivative over the symmetric tiles
-CAPABILITIES = (FWD_GRAD, ROWS_HVP, SELF_HVP)
 
 
 @dataclass(frozen=True)
 class LabelKernels:
     """A backend's label kernels: ``ops``, the namespace of its label ops (``oucl_label_fwd``,
     ``oucl_label_bwd``, ``oucl_label_cross_fwd``, ``oucl_label_cross_bwd``) and score ops (the second
-    derivative's chunks); ``capabilities``, per device type, which of :data:`CAPABILITIES` it has there;
+    derivative's chunks); ``capabilities``, per device type, which of FWD_GRAD, ROWS_HVP and SELF_HVP it has there;
     ``triton_gemm``: the second derivative's GEMMs are Triton's on every device (else on CUDA only)."""
 
     ops: object

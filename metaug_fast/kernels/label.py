@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._numerics import merge_lse
-from ..contract import N_STATS, Form, Part, Stat, stats_of
+from ..contract import N_STATS, Form, Part, Stat, label_self_mode, stats_of
 from ._common import (
     HINGE,
     INFONCE,
@@ -981,10 +981,6 @@ def _forward(e, iz, r, ir, labels, ref_labels, params, similarity: int, self_off
 # them as dense int32 class ids.
 
 
-def _is_self(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, self_offset: int) -> bool:
-    return self_offset == 0 and e is r and iz is ir
-
-
 @op
 def oucl_label_fwd(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, labels: Tensor, ref_labels: Tensor,
                    self_offset: int, similarity: int, form: int, beta: float, gamma_pos: float, gamma_neg: float,
@@ -1004,7 +1000,7 @@ def oucl_label_bwd(grad_rows: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tens
     mode (e is r, iz is ir, self_offset 0) the whole gradient is in (∂e, ∂iz) and the reference's parts are
     empty, as they are without ``ref_grad``."""
     lab, rlab = dense_labels(labels, ref_labels)
-    self_mode = _is_self(e, iz, r, ir, self_offset)
+    self_mode = label_self_mode(e, iz, r, ir, self_offset)
     de, diz, dr, dir_ = label_grads(grad_rows, stats, e, iz, r, ir, lab, rlab, form, beta, gamma_pos, gamma_neg,
                                     margin, lam, self_offset, similarity, ref_grad or self_mode, self_mode)
     if self_mode and dr.shape[0]:  # margins: the columns' part is computed apart
