@@ -36,9 +36,11 @@ class Backend:
     """One backend. ``runs_on(device)``: whether it runs tensors on ``device`` (``where`` says it in words);
     ``unavailable()``: None when usable in this process, else why not and how to get it;
     ``self_check(backend, device, dtype, op)``: whether ``auto`` may pick it there (None: always);
-    ``kernels``: a fused backend's ops and capabilities (None for the reference)."""
+    ``kernels``: a fused backend's ops and capabilities (None for the reference); ``rank``: where it stands in
+    :data:`REGISTRY`, lowest first, which is the order ``auto`` tries backends in for a device type."""
 
     name: str
+    rank: int
     where: str
     runs_on: Callable[[torch.device], bool]
     unavailable: Callable[[], Optional[str]]
@@ -55,7 +57,13 @@ REGISTRY: Dict[str, Backend] = {}
 
 
 def add(backend: Backend) -> Backend:
-    REGISTRY[backend.name] = backend
+    """Register ``backend`` in :data:`REGISTRY`, kept in ``rank`` order (in place: modules hold the dict)."""
+    ranks = {b.rank: name for name, b in REGISTRY.items() if name != backend.name}
+    if backend.rank in ranks:
+        raise ValueError(f"backend {backend.name!r} has rank {backend.rank}, already {ranks[backend.rank]!r}'s")
+    entries = sorted({**REGISTRY, backend.name: backend}.items(), key=lambda item: item[1].rank)
+    REGISTRY.clear()
+    REGISTRY.update(entries)
     return backend
 
 

@@ -126,3 +126,32 @@ def test_every_registered_backend_has_a_contract_entry():
 
     missing = set(_backend.REGISTRY) - {name for name, *_ in ENTRIES}
     assert not missing, f"backends without an entry in tests/backends.py: {sorted(missing)}"
+
+
+def test_a_backend_module_is_found_and_ranked_without_being_listed(monkeypatch, tmp_path):
+    # A new backend is a new module in metaug_fast/backends: the package imports whatever modules it holds,
+    # and the record's rank, not the order of discovery, says where auto tries it.
+    import sys
+
+    import metaug_fast.backends as package
+
+    (tmp_path / "zz_stand_in.py").write_text(
+        "from metaug_fast._backend import Backend, add\n"
+        "BACKEND = add(Backend('stand_in', rank=15, where='nowhere', runs_on=lambda device: False,\n"
+        "                      unavailable=lambda: 'a test stand-in'))\n")
+    monkeypatch.setattr(_backend, "REGISTRY", dict(_backend.REGISTRY))
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "metaug_fast.backends.zz_stand_in", raising=False)
+    try:
+        package.import_all()
+        assert list(_backend.REGISTRY) == ["reference", "cpp", "stand_in", "triton", "cuda"]
+        assert "stand_in" not in metaug_fast.available_backends()
+    finally:
+        sys.modules.pop("metaug_fast.backends.zz_stand_in", None)
+
+
+def test_two_backends_cannot_share_a_rank(monkeypatch):
+    monkeypatch.setattr(_backend, "REGISTRY", dict(_backend.REGISTRY))
+    with pytest.raises(ValueError, match="'other' has rank 10, already 'cpp'"):
+        _backend.add(_backend.Backend("other", rank=10, where="nowhere", runs_on=lambda device: False,
+                                      unavailable=lambda: None))

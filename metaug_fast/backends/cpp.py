@@ -38,6 +38,6 @@ def unavailable() -> Optional[str]:
             "must not be set)")
 
 
-BACKEND = add(Backend("cpp", where="CPU tensors", runs_on=lambda device: device.type == "cpu",
+BACKEND = add(Backend("cpp", rank=10, where="CPU tensors", runs_on=lambda device: device.type == "cpu",
                       unavailable=unavailable, auto_on=("cpu",), kernels=KERNELS,
                       impls=fused_impls(KERNELS, pairwise_similarity=pairwise_similarity_fused)))

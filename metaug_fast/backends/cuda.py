@@ -35,6 +35,6 @@ def unavailable() -> Optional[str]:
 
 
 # The C++ backend's record: the same ops, and capabilities by device type (none of them on CUDA).
-BACKEND = add(Backend("cuda", where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
+BACKEND = add(Backend("cuda", rank=30, where="CUDA tensors", runs_on=lambda device: device.type == "cuda",
                       unavailable=unavailable, impls=dict(cpp.BACKEND.impls), kernels=cpp.KERNELS,
                       auto_on=("cuda",), self_check=_selfcheck.passes))

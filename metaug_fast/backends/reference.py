@@ -6,5 +6,5 @@ from .._backend import Backend, add
 OPS = ("oucl", "oucl_embeddings", "pairwise_similarity", "margin_statistics", "margin_statistics_embeddings",
        "margin_injection_loss", "info_nce", "info_nce_embeddings", "symmetric_info_nce")
 
-BACKEND = add(Backend("reference", where="tensors on any device", runs_on=lambda device: True,
+BACKEND = add(Backend("reference", rank=0, where="tensors on any device", runs_on=lambda device: True,
                       unavailable=lambda: None, impls={op: getattr(reference, op) for op in OPS}))

@@ -41,7 +41,7 @@ def unavailable() -> Optional[str]:
 KERNELS = LabelKernels(TRITON_OPS, triton_gemm=True)
 
 BACKEND = add(Backend(
-    "triton", where="CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
+    "triton", rank=20, where="CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",
     runs_on=lambda device: device.type == "cuda" or (device.type == "cpu" and interpreting()),
     unavailable=unavailable, auto_on=("cuda",), self_check=_selfcheck.passes, kernels=KERNELS,
     impls=fused_impls(KERNELS, margin_injection_loss=margin_injection_loss_triton,
