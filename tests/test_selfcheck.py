@@ -56,7 +56,7 @@ def test_auto_uses_the_fused_backend_after_its_check_passes(triton_first):
 @pytest.mark.parametrize("broken", ["gradient", "hvp"])
 def test_a_broken_kernel_is_caught_and_auto_falls_back_with_one_warning(triton_first, monkeypatch, broken):
     # Broken where a kernel is: the backward kernels' per-row factors are scaled by 1 + 1e-3 (first-order
-    # break), or the second derivative's score kernels return a product off by the same factor.
+    # break), or the fused second-derivative op returns a product off by 1 + 1e-2.
     from metaug_fast.kernels import label as K
 
     if broken == "gradient":
@@ -65,10 +65,10 @@ def test_a_broken_kernel_is_caught_and_auto_falls_back_with_one_warning(triton_f
     else:  # the backend's ops namespace hands out a broken op
         from metaug_fast._ops.score import TRITON_OPS
 
-        real, lookup = TRITON_OPS.oucl_score_bwd_bwd, type(TRITON_OPS).__getattr__
+        real, lookup = TRITON_OPS.oucl_label_hvp, type(TRITON_OPS).__getattr__
         broken_op = lambda *a, **k: tuple(x * (1 + 1e-2) for x in real(*a, **k))
         monkeypatch.setattr(type(TRITON_OPS), "__getattr__",
-                            lambda self, name: broken_op if name == "oucl_score_bwd_bwd" else lookup(self, name))
+                            lambda self, name: broken_op if name == "oucl_label_hvp" else lookup(self, name))
     emb, labels = _data()
     with pytest.warns(RuntimeWarning, match="self-check failed") as caught:
         value = F.oucl_embeddings(emb, labels)

@@ -2,7 +2,8 @@
 set in conftest.py); the values, gradients and HVPs of every op are in the contract suite (test_contract.py).
 Here: the launchers (grid limits, the tensors' device, int64 offsets, no tensor built from the host per
 call, no fused multiply-adds where exactness needs them), label mode allocating nothing of B×M, its second
-derivative in row chunks, and the GPU block sizes run by the interpreter. Shapes are small: the interpreter
+derivative fused (and in row chunks for the forms without a Hessian kernel), and the GPU block sizes run by
+the interpreter. Shapes are small: the interpreter
 runs kernels in NumPy."""
 import ast
 import inspect
@@ -94,11 +95,12 @@ def test_label_mode_allocates_nothing_of_b_by_m(op):
     assert mode.largest <= M * D < B * M
 
 
-@pytest.mark.parametrize("op", ["squared", "hinge", "info_nce", "margins"])
+@pytest.mark.parametrize("op", ["hinge", "margins"])
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_label_mode_second_order_in_row_chunks(monkeypatch, op, with_ref):
-    # The meta step's path: the second derivative runs the Triton score-mode kernels over row chunks of the
-    # scores (60 scores here: 1 row against 60 references, 4 rows without them), never B×M.
+    # The forms without a Hessian kernel (the hinge's is zero, the margins' piecewise linear): the second
+    # derivative runs the Triton score-mode kernels over row chunks of the scores (60 scores here: 1 row
+    # against 60 references, 4 rows without them), never B×M.
     from metaug_fast._ops import label as label_ops
 
     monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 60)
@@ -112,6 +114,111 @@ def test_label_mode_second_order_in_row_chunks(monkeypatch, op, with_ref):
     _close(got, want, 1e-10)
     # The rows' gradients and the [M, 2D] operand of U = [v_z | zn]·[rn | v_r]ᵀ, never the scores.
     assert mode.largest <= 2 * max(B, M) * 6 < B * M
+
+
+# ------------------------------------------------------------------------- the fused second derivative
+HVP_OPS = ["weighted", "squared", "circle", "info_nce"]
+# (B, M or None, self_offset): self mode; a reference set; a reference set with excluded pairs j = i + 3. 37
+# rows and 45 columns end in ragged 16-tiles; D = 70 takes two 64-feature steps and two output chunks.
+HVP_MODES = {"self": (37, None, None), "reference": (37, 45, None), "offset": (37, 45, 3)}
+
+
+def _hvp_fn(op, impl, labels, ref_labels, self_offset, similarity):
+    """``op`` on ``impl`` (a backend name, or the oracle of tests/helpers.py) as a function of the rows."""
+    def fn(e, r=None):
+        if op == "info_nce":
+            return impl("info_nce_embeddings", e, labels, r, ref_labels, temperature=0.2, similarity=similarity,
+                        reduction="sum", self_offset=self_offset)
+        return impl("oucl_embeddings", e, labels, r, ref_labels, form=op, beta=6.0, similarity=similarity,
+                    reduction="sum", self_offset=self_offset, **PARAMS)
+    return fn
+
+
+def _on(backend):
+    return lambda name, *args, **kwargs: getattr(F, name)(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("op", HVP_OPS)
+@pytest.mark.parametrize("mode", list(HVP_MODES))
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+def test_fused_hvp_matches_the_oracle_across_tile_edges(op, mode, similarity):
+    # Every form with a Hessian, self mode and a reference set (with excluded pairs), in fp64 against the
+    # pair-explicit oracle: the loss, both gradients and both Hessian-vector products.
+    from helpers import oracle
+
+    B, M, offset = HVP_MODES[mode]
+    torch.manual_seed(3)
+    emb, labels, ref, ref_labels = label_data(B, M, D=70)
+    torch.manual_seed(4)
+    want = _label_run(_hvp_fn(op, oracle, labels, ref_labels, offset, similarity), emb, ref)
+    torch.manual_seed(4)
+    got = _label_run(_hvp_fn(op, _on("triton"), labels, ref_labels, offset, similarity), emb, ref)
+    _close(got, want, 1e-11)
+
+
+@pytest.mark.parametrize("op", ["circle", "info_nce"])
+def test_fused_hvp_in_fp32_and_against_a_constant_reference_set(op):
+    # fp32 rows (a memory bank's constant reference set: no gradient and no cotangent for it, and no column
+    # kernel) within fp32's error of the fp64 oracle.
+    from helpers import oracle
+
+    torch.manual_seed(5)
+    emb, labels, ref, ref_labels = label_data(29, 40, D=24)
+    vec = torch.randn(29, 24, dtype=torch.float64)
+
+    def hv(impl, dtype):
+        e = emb.to(dtype).requires_grad_()
+        loss = _hvp_fn(op, impl, labels, ref_labels, None, "cosine")(e, ref.to(dtype))
+        (g,) = torch.autograd.grad(loss, e, create_graph=True)
+        return torch.autograd.grad((g * vec.to(dtype)).sum(), e)[0]
+
+    want = hv(oracle, torch.float64)
+    assert rel_err(hv(_on("triton"), torch.float32), want) < 2e-5
+
+
+@pytest.mark.parametrize("op", ["weighted", "info_nce"])
+def test_fused_hvp_runs_its_kernels_and_no_product_of_b_by_m(monkeypatch, op):
+    # The second backward launches the three fused kernels and nothing of the row-chunk path: no aten matrix
+    # product, and no tensor of B×M (or of a row chunk of it) is allocated.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from metaug_fast.kernels import label_hvp
+
+    B, M, D = 64, 72, 8
+    emb, labels, ref, ref_labels = label_data(B, M, D)
+    e, r = emb.requires_grad_(), ref.requires_grad_()
+    loss = _hvp_fn(op, _on("triton"), labels, ref_labels, None, "cosine")(e, r)
+    grads = torch.autograd.grad(loss, (e, r), create_graph=True)
+    dot = sum((g * torch.ones_like(g)).sum() for g in grads)
+    launched = []
+    real_launch = label_hvp.launch
+    monkeypatch.setattr(label_hvp, "launch", lambda kernel, *a, **k: launched.append(kernel.fn.__name__)
+                        or real_launch(kernel, *a, **k))
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with LargestAllocation() as mode, Ops() as ops:
+        torch.autograd.grad(dot, (e, r))
+    assert launched == ["_hvp_sums_kernel", "_hvp_rows_kernel", "_hvp_cols_kernel"]
+    assert not ops.seen & {"mm", "addmm", "bmm", "matmul", "baddbmm"}, ops.seen
+    assert mode.largest <= M * D < B * M
+
+
+def test_fused_hvp_op_refuses_what_it_cannot_take():
+    ops = metaug_fast._backend.REGISTRY["triton"].kernels.ops
+    z, lab = torch.randn(4, 3, dtype=torch.float64), torch.arange(4)
+    stats = torch.zeros(4, 5, dtype=torch.float64)
+    args = (torch.ones(4, dtype=torch.float64), z, z, z, z, lab, lab, stats, 0, 1)
+    with pytest.raises(ValueError, match="form 0 has no fused second derivative"):
+        ops.oucl_label_hvp(*args, 0, 8.0, 0.0, 0.0, 0.25, 0.0, True)
+    half = (args[0], z.half(), z.half(), z, z, *args[5:])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.oucl_label_hvp(*half, 2, 8.0, 0.0, 0.0, 0.25, 0.0, True)
 
 
 def test_backend_rules():
@@ -129,7 +236,7 @@ def test_label_mode_with_the_gpu_block_sizes(monkeypatch, dtype):
     # interpreter: masks at blocks larger than the data, several chunks of D, splits merged per row.
     from metaug_fast.kernels import label as K
 
-    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    monkeypatch.setattr(K, "interpreting", lambda: False)
     assert K.config(torch.empty(1, 70, dtype=dtype), 70)[0] in (32, 64)
     emb, labels, ref, ref_labels = label_data(37, 150, D=70, dtype=dtype)
     for op in ("weighted", "info_nce", "margins"):
@@ -148,7 +255,7 @@ def test_fp16_wide_rows_with_the_gpu_configuration(monkeypatch, D, tiles):
     # reference, loss and gradients, self mode and a reference set.
     from metaug_fast.kernels import label as K
 
-    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    monkeypatch.setattr(K, "interpreting", lambda: False)
     cfg = K.config(torch.empty(1, D, dtype=torch.float16), D)
     assert (cfg.BM, cfg.BN, cfg.BD, cfg.BDO, cfg.RESIDENT) == tiles
     emb, labels, ref, ref_labels = label_data(70, 90, D=D, dtype=torch.float64)

@@ -33,7 +33,8 @@ from typing import Dict, List, NamedTuple
 PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
 ACC = {"bfloat16": "*fp32", "float16": "*fp32", "float32": "*fp32", "float64": "*fp64"}
 # The loss parameters are fp64 scalars (annotated so in the kernels).
-LOSS = {name: "fp64" for name in ("beta", "inv_beta", "gamma_pos", "gamma_neg", "margin", "lam", "alpha", "offset")}
+LOSS = {name: "fp64" for name in ("beta", "inv_beta", "gamma_pos", "gamma_neg", "margin", "lam", "alpha", "offset",
+                                  "sim_a", "sim_b")}
 # Launch options that are not constexpr arguments of the kernel.
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -61,6 +62,8 @@ SHARED_BUDGET = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
 # The label kernels' widths beyond D = 128 whose configurations differ (kernels/label.config): resident row
 # blocks of 32, 64 and 256 features, and D = 512 in 64-feature chunks.
 WIDTHS = (32, 64, 256, 512)
+# The modules of label-mode kernels, held to the register cap and the shared-memory budget.
+LABEL_MODULES = ("label", "label_hvp")
 
 
 def _types(dtype: str) -> Dict[str, str]:
@@ -70,7 +73,7 @@ def _types(dtype: str) -> Dict[str, str]:
                 gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
                 part_ptr=acc, q_ptr=acc, a_ptr=acc, b_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32",
                 softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x,
-                **LOSS)
+                zn_ptr=acc, rn_ptr=acc, vz_ptr=acc, vr_ptr=acc, lanes_ptr=acc, sums_ptr=acc, dz_ptr=acc, **LOSS)
 
 
 def _label_config(dtype: str, D: int = 128) -> dict:
@@ -156,9 +159,23 @@ def jobs() -> List[Job]:
         for two_way in (False, True) if form == int(INFONCE) else (False,):
             out.append(Job("label", "_label_bwd_cols_kernel", "float16", dict(SIM=0, **label.cols_meta(cfg, form,
                                                                                                      two_way))))
-    # The second derivative's IEEE GEMM on CUDA (kernels/matmul.py), in its fp32 and fp64 tiles.
+    # The fused second derivative (kernels/label_hvp.py) in its fp32 and fp64 tiles, every form with a Hessian
+    # in fp32, with and without a cotangent on the reference rows.
     import torch
 
+    from metaug_fast.contract import HVP_FORMS
+    from metaug_fast.kernels import label_hvp
+
+    for dtype in ("float32", "float64"):
+        tiles = label_hvp.tiles(getattr(torch, dtype), 128)
+        rows = {k: v for k, v in tiles.items() if k != "BDO"}
+        for form in HVP_FORMS if dtype == "float32" else (WEIGHTED, INFONCE):
+            for with_r in (False, True):
+                flags = dict(FORM=int(form), WITH_R=with_r)
+                out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **rows}),
+                        Job("label_hvp", "_hvp_rows_kernel", dtype, {**flags, **tiles}),
+                        Job("label_hvp", "_hvp_cols_kernel", dtype, {**flags, **tiles})]
+    # The second derivative's IEEE GEMM on CUDA (kernels/matmul.py), in its fp32 and fp64 tiles.
     from metaug_fast.kernels import matmul
 
     for dtype in ("float32", "float64"):
@@ -192,10 +209,10 @@ def compile_job(job: Job, arch: int = 90, **options):
     params = list(inspect.signature(jit.fn).parameters)
     constexprs = {k: v for k, v in job.constexprs.items() if k not in LAUNCH_OPTIONS}
     attrs = {}
-    if job.module in ("label", "similarity"):
+    if job.module in LABEL_MODULES + ("similarity",):
         # As a launch on contiguous [N, 128] rows specializes them: unit feature strides become constexpr 1,
         # and pointers, D and the row strides are known multiples of 16 (vectorized loads).
-        constexprs = {"s_ed": 1, "s_rd": 1, **constexprs}
+        constexprs = {**{k: 1 for k in ("s_ed", "s_rd") if k in params}, **constexprs}
         attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
                  if p not in constexprs and (p.endswith("_ptr") or p in ("D", "s_eb", "s_rb"))}
     types = _types(job.dtype)
@@ -288,7 +305,7 @@ def check(job: Job, arch: int) -> List[str]:
     tuned_for = arch == TUNED_ARCH
     if used["spill_stores"] and tuned_for:
         failures.append(f"{job.label()}: {used['spill_stores']} bytes of registers spilled per thread")
-    if job.module == "label":
+    if job.module in LABEL_MODULES:
         threads = 32 * job.constexprs.get("num_warps", 4)
         cap = min(255, 65536 // threads)  # registers a thread may hold at this block size
         if used["registers"] >= cap and tuned_for:

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from tools.check_triton_compile import compile_job, jobs, resources, toolkit_binary
+from tools.check_triton_compile import LABEL_MODULES, compile_job, jobs, resources, toolkit_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("mma", "ffma", "fmul_fadd", "fp64", "mufu", "int", "load", "store", "local", "other")
@@ -142,7 +142,8 @@ def _triton_row(job) -> dict:
     c = job.constexprs
     threads = 32 * c.get("num_warps", compiled.metadata.num_warps)
     tile = c["BM"] * c["BN"] if "BM" in c else c["BLOCK_B"] * c["BLOCK_K"]
-    spec = ",".join(f"{k}={v}" for k, v in ({"D": job.D, **c} if job.module in ("label", "similarity") else c).items())
+    widths = job.module in LABEL_MODULES + ("similarity",)
+    spec = ",".join(f"{k}={v}" for k, v in ({"D": job.D, **c} if widths else c).items())
     return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label")
 
 

@@ -33,13 +33,15 @@ _EPS = 1e-12  # F.normalize's
 FWD_GRAD = "fwd_grad"  # oucl_label_fwd_grad: the gradient with the forward, for a constant reference set
 ROWS_HVP = "rows_hvp"  # oucl_label_rows_bwd_bwd: the second derivative's row chunks by labels, no masks
 SELF_HVP = "self_hvp"  # oucl_label_self_bwd_bwd: self mode's second derivative over the symmetric tiles
+FUSED_HVP = "fused_hvp"  # oucl_label_hvp: the whole second derivative in tiles recomputed, never stored
 
 
 @dataclass(frozen=True)
 class LabelKernels:
     """A backend's label kernels: ``ops``, the namespace of its label ops (``oucl_label_fwd``,
     ``oucl_label_bwd``, ``oucl_label_cross_fwd``, ``oucl_label_cross_bwd``) and score ops (the second
-    derivative's chunks); ``capabilities``, per device type, which of FWD_GRAD, ROWS_HVP and SELF_HVP it has there;
+    derivative's chunks); ``capabilities``, per device type, which of FWD_GRAD, ROWS_HVP, SELF_HVP and FUSED_HVP
+    it has there;
     ``triton_gemm``: the second derivative's GEMMs are Triton's on every device (else on CUDA only)."""
 
     ops: object
@@ -156,19 +158,25 @@ class _LabelDoubleBackward(torch.autograd.Function):
     vector-Jacobian product for cotangents (v_z, v_r). With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change of S along
     the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian applied to
     its row of U, the score-mode double-backward op) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z).
-    Computed over row chunks of S and U, or, where the kernels can (ROWS_HVP, SELF_HVP), by label-aware ops
-    over the same chunks or, in self mode, the symmetric tiles: never B×M. A third derivative raises."""
+    Computed over row chunks of S and U, or, where the kernels can, by label-aware ops: over the same chunks
+    (ROWS_HVP), over the symmetric tiles in self mode (SELF_HVP), or fused over tiles that are never stored
+    (FUSED_HVP): never B×M. A third derivative raises."""
 
     @staticmethod
     def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset,
                 kernels):
         with torch.autocast(zn.device.type, enabled=False):  # the chunks' GEMMs in the rows' fp32/fp64
             return _LabelDoubleBackward._vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity,
-                                             params, self_offset, kernels)
+                                             params, self_offset, kernels, ctx.needs_input_grad[2])
 
     @staticmethod
-    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels):
+    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels,
+             ref_grad):
         ops = kernels.ops
+        if params[0] in HVP_FORMS and kernels.can(FUSED_HVP, zn.device):
+            d_g, d_z, d_r = ops.oucl_label_hvp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, self_offset,
+                                               SIMILARITIES[similarity], *params, ref_grad)
+            return d_g, d_z, d_r if ref_grad else torch.zeros_like(rn)
         by_labels = params[0] in HVP_FORMS and kernels.can(ROWS_HVP, zn.device)
         if (params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device)
                 and _is_self(zn, rn, labels, ref_labels, self_offset)):

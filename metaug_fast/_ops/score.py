@@ -35,7 +35,7 @@ class _TritonOps:
         return _common.NAMESPACE
 
     def __getattr__(self, name):
-        from ..kernels import label, margins, score  # noqa: F401  (importing registers the ops)
+        from ..kernels import label, label_hvp, margins, score  # noqa: F401  (importing registers the ops)
 
         return getattr(getattr(torch.ops, self.name), name)
 

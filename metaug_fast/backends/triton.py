@@ -11,7 +11,7 @@ import torch
 from .. import _selfcheck
 from .._backend import Backend, add
 from .._ops import fused_impls
-from .._ops.label import LabelKernels
+from .._ops.label import FUSED_HVP, LabelKernels
 from .._ops.margins import margin_injection_loss_triton
 from .._ops.score import TRITON_OPS
 from .._ops.similarity import pairwise_similarity_triton
@@ -37,8 +37,9 @@ def unavailable() -> Optional[str]:
     return None
 
 
-# The GEMMs of the second derivative are Triton's here on every device (the interpreter's tests included).
-KERNELS = LabelKernels(TRITON_OPS, triton_gemm=True)
+# The second derivative's own kernels on every device Triton runs on (CPU tensors: under the interpreter), and
+# for the forms they do not take, the chunks' GEMMs are Triton's there too.
+KERNELS = LabelKernels(TRITON_OPS, {"cuda": frozenset({FUSED_HVP}), "cpu": frozenset({FUSED_HVP})}, triton_gemm=True)
 
 BACKEND = add(Backend(
     "triton", rank=20, where="CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)",

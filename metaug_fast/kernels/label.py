@@ -586,7 +586,7 @@ def _label_bwd_cols_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -655,10 +655,10 @@ def config(e: torch.Tensor, D: int) -> Config:
     on the CPU."""
     half = e.dtype in (torch.float16, torch.bfloat16)
     prec = "tf32" if half else "ieee"  # fp16/bf16 dots ignore it; fp32 must not silently become TF32
-    upcast = e.dtype == torch.bfloat16 and _interpreting()
+    upcast = e.dtype == torch.bfloat16 and interpreting()
     resident = D <= _RESIDENT_D
     bd = max(16, triton.next_power_of_2(D)) if resident else 64
-    if _interpreting():  # the GPU's precisions, G rounded to half inputs included (bf16 through UPCAST)
+    if interpreting():  # the GPU's precisions, G rounded to half inputs included (bf16 through UPCAST)
         cfg = Config(16, 16, bd, bd, "ieee", "input" if half else "ieee", upcast, resident)
     elif half:
         # D in (128, 256]: a resident row block and a [BM, D] accumulator; 128-row blocks spill there (76-172
@@ -719,7 +719,7 @@ def _args(e, r):
 def _column_splits(tiles: int, programs: int, cap: int = 1 << 30):
     """(splits, tiles per split): enough programs to fill the device when the other grid axes give few (a
     small batch against a large bank), at most ``cap`` splits."""
-    want = 4 if _interpreting() else 264
+    want = 4 if interpreting() else 264
     splits = max(1, min(tiles, want // max(programs, 1), cap))
     per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per_split), per_split
