@@ -10,7 +10,8 @@ a check of the same kernel against the reference, and a row whose check failed s
 - label mode, self mode, D = 128, bf16, N = 16k and 64k (16k with ``--quick``): forward, forward+backward,
   with the work the kernels really do as a fraction of the bf16 GEMM rate (self mode: forward 2N²D, the
   TWO_WAY backward 4N²D, so 6N²D); controls: the similarity GEMM alone and the exp-free hinge form; the HVP
-  at N = 16k;
+  at N = 16k and 64k (16k with ``--quick``); beside each timed forward, forward+backward and HVP, the static
+  model's prediction for this GPU (bench/perf_model.py) and the limit it names;
 - the memory bank: B = 1024 queries against M = 1M constant rows, forward+backward;
 - a sweep of label tile configurations (kernels.label.override) at N = 16k;
 - score mode B = 4096, K⁺ = 6, K⁻ = 6144 bf16 (the paper's shape) on every GPU backend;
@@ -50,7 +51,7 @@ class Sizes:
     gemm: int
     copy: int
     label: Tuple[int, ...]
-    hvp: int
+    hvp: Tuple[int, ...]
     check: int
     bank: Tuple[int, int]
     bank_check: Tuple[int, int]
@@ -61,10 +62,10 @@ class Sizes:
     reps: int
 
 
-GPU = Sizes(gemm=8192, copy=2**29, label=(16384, 65536), hvp=16384, check=2048, bank=(1024, 1_000_000),
+GPU = Sizes(gemm=8192, copy=2**29, label=(16384, 65536), hvp=(16384, 65536), check=2048, bank=(1024, 1_000_000),
             bank_check=(256, 4096), score=(4096, 6, 6144), score_check=(512, 6, 1024), tiles=16384, profile=8192,
             reps=3)
-DRY = Sizes(gemm=64, copy=2**12, label=(48,), hvp=40, check=40, bank=(16, 96), bank_check=(8, 40),
+DRY = Sizes(gemm=64, copy=2**12, label=(48,), hvp=(40,), check=40, bank=(16, 96), bank_check=(8, 40),
             score=(16, 3, 80), score_check=(8, 3, 40), tiles=40, profile=32, reps=1)
 
 
@@ -213,6 +214,8 @@ def label(b: Bench, n: int, bf16_rate: float) -> None:
         b.sink("label", f"N={n} {form} forward", fwd * 1e3, "ms", status=status)
         b.sink("label", f"N={n} {form} forward+backward", fwd_bwd * 1e3, "ms", status=status)
         if form == "weighted":
+            predicted(b, n, "forward")
+            predicted(b, n, "forward+backward")
             work = 6 * n * n * D  # self mode: forward 2N²D; TWO_WAY backward: recompute 2N²D + one product 2N²D
             b.sink("label", f"N={n} fwd+bwd rate (6N²D) / bf16 GEMM rate", work / fwd_bwd / 1e12 / bf16_rate,
                    status=status)
@@ -227,8 +230,21 @@ def _hvp(fn: Callable, x, v):
     return g.detach(), h
 
 
-def hvp(b: Bench) -> None:
-    """The label HVP, checked in fp32 against fp64 at the check size, timed in bf16."""
+def predicted(b: Bench, n: int, op: str) -> None:
+    """The static model's time of the weighted form's ``op`` in bf16 self mode at N = n on this GPU (the dry
+    run: the H100's), beside the measured row."""
+    from bench.perf_model import device_key, predict
+
+    key = "H100" if b.dry else device_key(torch.cuda.get_device_name())
+    if key is None:
+        b.sink("label", f"N={n} weighted {op} predicted", f"no model of {torch.cuda.get_device_name()}")
+        return
+    p = predict(n, D, "bfloat16", key)[op]
+    b.sink("label", f"N={n} weighted {op} predicted ({key} model, {p.limit}-bound)", p.seconds * 1e3, "ms")
+
+
+def hvp(b: Bench, n: int) -> None:
+    """The label HVP, checked in fp32 against fp64 at the check size, timed in bf16 at N = n."""
     import metaug_fast.functional as F
     from metaug_fast._selfcheck import HVP_TOL, outputs
 
@@ -236,12 +252,12 @@ def hvp(b: Bench) -> None:
     fn = lambda backend: lambda e: F.oucl_embeddings(e, labels, backend=backend)
     checked = b.check(f"N={b.sizes.check} weighted fp32 loss+grad+HVP", outputs(fn("triton"), (emb,), 2),
                       outputs(fn("reference"), (emb.double(),), 2), tol=HVP_TOL[torch.float32])
-    n = b.sizes.hvp
     emb, labels = _views(b, n, torch.bfloat16)
     v = torch.randn_like(emb)
     step = lambda: _hvp(lambda e: F.oucl_embeddings(e, labels, backend="triton"), emb, v)
     t = b.timed(step, reps=1)
     b.sink("label", f"N={n} HVP", t * 1e3, "ms", status=_status(checked, _finite(*step())))
+    predicted(b, n, "HVP")
 
 
 def bank(b: Bench) -> None:
@@ -379,9 +395,10 @@ def main(argv=None) -> int:
     if args.ceilings_only:
         return 0
     t0 = time.monotonic()
-    steps = [lambda: label(b, b.sizes.label[0], rates["bf16"]), lambda: hvp(b), lambda: score(b)]
+    steps = [lambda: label(b, b.sizes.label[0], rates["bf16"]), lambda: hvp(b, b.sizes.hvp[0]), lambda: score(b)]
     if not args.quick:
         steps += [lambda n=n: label(b, n, rates["bf16"]) for n in b.sizes.label[1:]]
+        steps += [lambda n=n: hvp(b, n) for n in b.sizes.hvp[1:]]
         steps += [lambda: bank(b), lambda: tile_sweep(b)]
     steps.append(lambda: compiled_kernels(b))
     if args.profile:

@@ -70,7 +70,7 @@ def test_triton_compile_check_covers_every_kernel():
 
     checked = {(job.module, job.kernel) for job in jobs()}
     modules = [m.name for m in pkgutil.iter_modules(metaug_fast.kernels.__path__) if not m.name.startswith("_")]
-    assert sorted(modules) == ["label", "margins", "matmul", "score", "similarity"]
+    assert sorted(modules) == ["label", "label_hvp", "margins", "matmul", "score", "similarity"]
     for module in modules:
         mod = importlib.import_module(f"metaug_fast.kernels.{module}")
         kernels = {name for name in vars(mod) if name.startswith("_") and name.endswith("_kernel")}
@@ -82,6 +82,53 @@ def test_triton_compile_check_covers_every_kernel():
                             for j in jobs() if j.kernel == name and j.dtype == dtype}
                 want = tuner.space_fp64 if dtype == "float64" else tuner.space
                 assert compiled == set(want), (name, dtype, compiled, want)
+
+
+def test_perf_model_finds_every_kernel_it_models_in_the_static_csv():
+    # Every kernel each label op launches, at the configuration it launches with, has its row in the committed
+    # bench/results/gpu_static.csv: a kernel or tile change without `make gpu-static` fails here.
+    from bench import perf_model
+
+    rows = perf_model._rows(perf_model.STATIC)
+    for dtype in ("bfloat16", "float16", "float32"):
+        for kernels in perf_model.label_ops(dtype, 128).values():
+            for kernel in kernels:
+                row = perf_model.find(rows, kernel, 128)
+                assert row["spill_stores"] in ("0", ""), (kernel, row["spill_stores"])
+
+
+def test_perf_model_times_a_kernel_by_its_binding_unit():
+    # A kernel whose loop issues 2 MUFU and 6 other instructions per score: MUFU (16 lanes per clock) binds
+    # before issue (128 lanes), and the time is scores·2/(16·SMs·clock) plus a launch.
+    from bench import perf_model
+
+    dev = perf_model.DEVICES["H100"]
+    row = {f"{c}_per_score": "0" for c in ("mma", "ffma", "fmul_fadd", "fp64", "mufu", "int", "load", "store",
+                                           "local", "other")}
+    row.update(mufu_per_score="2", ffma_per_score="6")
+    kernel = perf_model.Kernel("_k", "float32", dict(BM=4096), 0, 1)  # a large block: L2 traffic negligible
+    n = 65536
+    p = perf_model.kernel_time(row, kernel, float(n) * n, 128, dev)
+    assert p.limit == "mufu"
+    assert p.seconds == pytest.approx(n * n * 2 / (16 * 132 * dev.clock_ghz * 1e9) + perf_model.LAUNCH_S)
+    assert p.terms["issue"] == pytest.approx(p.terms["mufu"] * 8 * 16 / 128 / 2)
+    # Twice the passes over the scores, twice every term.
+    twice = perf_model.kernel_time(row, kernel._replace(passes=2), float(n) * n, 128, dev)
+    assert twice.terms["mufu"] == pytest.approx(2 * p.terms["mufu"])
+
+
+def test_perf_model_predicts_every_op_on_both_devices():
+    from bench import perf_model
+
+    rows = perf_model.table()
+    assert {(r["device"], r["N"], r["op"]) for r in rows} == {
+        (d, n, op) for d in perf_model.DEVICES for n in perf_model.SIZES
+        for op in ("forward", "backward", "forward+backward", "HVP")}
+    assert all(r["limit"] in perf_model.LIMITS and r["ms"] > 0 for r in rows)
+    by = {(r["device"], r["N"], r["op"]): r["ms"] for r in rows}
+    for d in perf_model.DEVICES:  # quadratic in N once launches are negligible
+        assert by[(d, 1 << 20, "HVP")] / by[(d, 65536, "HVP")] == pytest.approx(256, rel=0.01)
+    assert "| H200 | 1048576 |" in perf_model.markdown(rows)
 
 
 def test_row_kernels_autotune_over_their_own_space(monkeypatch):

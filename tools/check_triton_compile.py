@@ -22,6 +22,7 @@ failed. Runs with TRITON_INTERPRET unset (the interpreter replaces the compiler)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import os
@@ -76,18 +77,26 @@ def _types(dtype: str) -> Dict[str, str]:
                 zn_ptr=acc, rn_ptr=acc, vz_ptr=acc, vr_ptr=acc, lanes_ptr=acc, sums_ptr=acc, dz_ptr=acc, **LOSS)
 
 
-def _label_config(dtype: str, D: int = 128) -> dict:
+@contextlib.contextmanager
+def gpu_configs():
+    """Within the block, the kernels' configuration functions answer for a GPU even in a process that runs
+    them interpreted (TRITON_INTERPRET=1, which they read at each call)."""
+    interpreting = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if interpreting is not None:
+            os.environ["TRITON_INTERPRET"] = interpreting
+
+
+def label_config(dtype: str, D: int = 128) -> dict:
     """The label kernels' default GPU configuration for width D (metaug_fast/kernels/label.config)."""
     import torch
 
     from metaug_fast.kernels import label
 
-    interpreting = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    with gpu_configs():
         return label.config(torch.empty(0, D, dtype=getattr(torch, dtype)), D).meta()
-    finally:
-        if interpreting is not None:
-            os.environ["TRITON_INTERPRET"] = interpreting
 
 
 def _row_space(module: str, kernel: str, dtype: str) -> List[dict]:
@@ -118,7 +127,7 @@ def jobs() -> List[Job]:
                      "_margin_injection_bwd_kernel"):
             out += [Job("margins", name, dtype, dict(HAS_PM=True, HAS_NM=False, **blocks))
                     for blocks in _row_space("margins", name, dtype)]
-        cfg = _label_config(dtype)
+        cfg = label_config(dtype)
         fwd = label.Config(**cfg).forward_meta()
         for form in (ids + [int(MARGIN)]) if dtype == "bfloat16" else (int(WEIGHTED), int(MARGIN)):
             out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **fwd)))
@@ -150,7 +159,7 @@ def jobs() -> List[Job]:
         out.append(Job("similarity", "_similarity_kernel", dtype, dict(SIM=1, **sim)))
     # fp16's label kernels, every form: its backward scales G per row before the cast (kernels/label.py,
     # _grad_dot), in tiles of its own. Its score kernels are bf16's with another load type.
-    cfg = label.Config(**_label_config("float16"))
+    cfg = label.Config(**label_config("float16"))
     for form in ids + [int(MARGIN)]:
         out.append(Job("label", "_label_fwd_kernel", "float16", dict(FORM=form, SIM=0, **cfg.forward_meta())))
         for two_way in (False, True) if form != int(MARGIN) else (False,):
@@ -167,7 +176,8 @@ def jobs() -> List[Job]:
     from metaug_fast.kernels import label_hvp
 
     for dtype in ("float32", "float64"):
-        tiles = label_hvp.tiles(getattr(torch, dtype), 128)
+        with gpu_configs():
+            tiles = label_hvp.tiles(getattr(torch, dtype), 128)
         rows = {k: v for k, v in tiles.items() if k != "BDO"}
         for form in HVP_FORMS if dtype == "float32" else (WEIGHTED, INFONCE):
             for with_r in (False, True):
@@ -184,7 +194,7 @@ def jobs() -> List[Job]:
     # Every other width's configuration, in the half dtypes whose tiles depend on it.
     for dtype in ("bfloat16", "float16"):
         for D in WIDTHS:
-            cfg = label.Config(**_label_config(dtype, D))
+            cfg = label.Config(**label_config(dtype, D))
             for form in (int(WEIGHTED), int(MARGIN)):
                 out.append(Job("label", "_label_fwd_kernel", dtype, dict(FORM=form, SIM=0, **cfg.forward_meta()), D))
             for form, two_way in ((int(WEIGHTED), False), (int(WEIGHTED), True), (int(MARGIN), False)):

@@ -38,7 +38,8 @@ from tools.check_triton_compile import LABEL_MODULES, compile_job, jobs, resourc
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("mma", "ffma", "fmul_fadd", "fp64", "mufu", "int", "load", "store", "local", "other")
 FIELDS = ("source", "kernel", "dtype", "spec", "registers", "stack", "spill_stores", "shared", "instructions",
-          "loops", "scores_per_iter") + tuple(f"{c}_total" for c in CLASSES) + tuple(f"{c}_per_score" for c in CLASSES)
+          "loops", "scores_per_iter", "inner_trips") + tuple(f"{c}_total" for c in CLASSES) + tuple(
+              f"{c}_per_score" for c in CLASSES)
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*(.*?);")
 _TARGET = re.compile(r"`?\(?(\.L_x_\d+|0x[0-9a-f]+)\)?`?")
 
@@ -91,8 +92,8 @@ def parse_sass(text: str) -> Dict[str, List[tuple]]:
     return functions
 
 
-def loops(insns: List[tuple]) -> List[tuple]:
-    """Outermost loops as (start, end) address ranges: a branch to an earlier address closes a loop."""
+def loop_ranges(insns: List[tuple]) -> List[tuple]:
+    """Every loop as a (start, end) address range: a branch to an earlier address closes a loop."""
     labels = {name: address for address, op, name in insns if op == ":label"}
     ranges = []
     for address, op, operands in insns:
@@ -105,25 +106,37 @@ def loops(insns: List[tuple]) -> List[tuple]:
         start = labels.get(t) if t.startswith(".L") else int(t, 16)
         if start is not None and start <= address:
             ranges.append((start, address))
-    outer = [r for r in ranges if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in ranges)]
-    return sorted(set(outer))
+    return sorted(set(ranges))
+
+
+def loops(insns: List[tuple]) -> List[tuple]:
+    """Outermost loops as (start, end) address ranges."""
+    ranges = loop_ranges(insns)
+    return [r for r in ranges if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in ranges)]
 
 
 def row(source: str, kernel: str, dtype: str, spec: str, res: dict, insns: List[tuple], scores_per_iter: float,
-        leanest: bool = False) -> dict:
+        leanest: bool = False, inner_trips: int = 1) -> dict:
     """One CSV row. ``leanest``: per score over the outermost loop with the fewest instructions only (of
     those with ten or more: a one-instruction loop is the kernel's final trap), for kernels that run every
-    tile through one of two copies of the same loop, an interior one and a masked one for edge tiles."""
+    tile through one of two copies of the same loop, an interior one and a masked one for edge tiles.
+    ``inner_trips``: how many times a loop nested in an outermost one runs per iteration of it (a tile's
+    products over chunks of the features: D/BD), its instructions counted that many times (an upper bound
+    by the iterations a pipelined loop peels into its prologue, each counted once)."""
     real = [(a, op) for a, op, _ in insns if op != ":label"]
     outer = loops(insns)
     if leanest:
         size = {r: sum(r[0] <= a <= r[1] for a, _ in real) for r in outer}
         bodies = [r for r in outer if size[r] >= 10]
         outer = [min(bodies, key=size.get)] if bodies else outer
+    inner = [r for r in loop_ranges(insns) if r not in outer and any(o[0] <= r[0] and r[1] <= o[1] for o in outer)]
     total = collections.Counter(classify(op) for _, op in real)
-    in_loops = collections.Counter(classify(op) for a, op in real if any(s <= a <= e for s, e in outer))
+    in_loops = collections.Counter()
+    for a, op in real:
+        if any(s <= a <= e for s, e in outer):
+            in_loops[classify(op)] += inner_trips if any(s <= a <= e for s, e in inner) else 1
     out = dict(source=source, kernel=kernel, dtype=dtype, spec=spec, instructions=len(real), loops=len(outer),
-               scores_per_iter=f"{scores_per_iter:g}", **res)
+               scores_per_iter=f"{scores_per_iter:g}", inner_trips=inner_trips, **res)
     for c in CLASSES:
         out[f"{c}_total"] = total.get(c, 0)
         out[f"{c}_per_score"] = f"{in_loops.get(c, 0) / scores_per_iter:.3g}" if outer else ""
@@ -144,7 +157,10 @@ def _triton_row(job) -> dict:
     tile = c["BM"] * c["BN"] if "BM" in c else c["BLOCK_B"] * c["BLOCK_K"]
     widths = job.module in LABEL_MODULES + ("similarity",)
     spec = ",".join(f"{k}={v}" for k, v in ({"D": job.D, **c} if widths else c).items())
-    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label")
+    # The label kernels loop over chunks of BD features inside their tile loop unless a block is RESIDENT.
+    trips = -(-job.D // c["BD"]) if job.module in LABEL_MODULES and not c.get("RESIDENT", False) else 1
+    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label",
+               inner_trips=trips)
 
 
 _CPP_TYPES = {"c10::Half": "float16", "c10::BFloat16": "bfloat16", "float": "float32", "double": "float64"}
