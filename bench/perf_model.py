@@ -136,9 +136,10 @@ def kernel_time(row: dict, kernel: Kernel, n_scores: float, D: int, dev: Device)
 
 def label_ops(dtype: str, D: int) -> Dict[str, List[Kernel]]:
     """The Triton backend's kernels of each label-mode op in self mode (the weighted form: MetAug's label
-    mode), as they launch today at width D: ``forward``, ``backward`` (self mode's single TWO_WAY row
-    kernel), and ``HVP``, the meta step's second-order part: the first derivative taken with a graph (the
-    backward on the normalized rows, in their fp32) and the fused second derivative's three kernels."""
+    mode), as they launch at width D: ``forward``, ``backward`` (self mode's single TWO_WAY row kernel), and
+    ``HVP``, the meta step's second-order part: the first derivative taken with a graph (the backward's own
+    op on the raw rows) and the fused second derivative's three kernels, in the rows' dtype (fp16's in
+    fp32: kernels/label_hvp.ROW_DTYPES)."""
     import torch
 
     from metaug_fast.contract import Form
@@ -146,28 +147,22 @@ def label_ops(dtype: str, D: int) -> Dict[str, List[Kernel]]:
     from tools.check_triton_compile import gpu_configs, label_config
 
     weighted = int(Form.WEIGHTED)
-
-    def tiles(dt):
-        cfg = label.Config(**label_config(dt, D))
-        return cfg, math.ceil(D / cfg.BDO)
-
-    cfg, chunks = tiles(dtype)
+    cfg = label.Config(**label_config(dtype, D))
+    chunks = math.ceil(D / cfg.BDO)
     fwd = Kernel("_label_fwd_kernel", dtype, dict(FORM=weighted, SIM=0, **cfg.forward_meta()), 1, 1)
     rows = label.rows_meta(cfg, weighted, True)
     bwd = Kernel("_label_bwd_rows_kernel", dtype, dict(SIM=0, **rows), 2, 1 if cfg.RESIDENT else 2, chunks)
-    acc = "float64" if dtype == "float64" else "float32"
-    cfg32, chunks32 = tiles(acc)
-    first = Kernel("_label_bwd_rows_kernel", acc, dict(SIM=0, **label.rows_meta(cfg32, weighted, True)), 2, 2,
-                   chunks32)
+    hvp_dtype = dtype if getattr(torch, dtype) in label_hvp.ROW_DTYPES else "float32"
     with gpu_configs():
-        t = label_hvp.tiles(getattr(torch, acc), D)
+        t = label_hvp.tiles(getattr(torch, hvp_dtype), D)
     out_chunks = math.ceil(D / t["BDO"])
-    sums = {k: v for k, v in t.items() if k != "BDO"}
-    flags = dict(FORM=weighted, WITH_R=True)
-    hvp = [first,
-           Kernel("_hvp_sums_kernel", acc, {**flags, **sums}, 3, 2),
-           Kernel("_hvp_rows_kernel", acc, {**flags, **t}, 5, 4, out_chunks),
-           Kernel("_hvp_cols_kernel", acc, {**flags, **t}, 5, 4, out_chunks)]
+    sums = dict(BM=t["BM"], BN=t["BN"], BD=t["BD"], num_warps=t["sums_warps"])
+    t = {k: v for k, v in t.items() if k != "sums_warps"}
+    flags = dict(FORM=weighted, WITH_R=True, PREC="tf32" if hvp_dtype == "bfloat16" else "ieee", UPCAST=False)
+    hvp = [bwd,
+           Kernel("_hvp_sums_kernel", hvp_dtype, {**flags, **sums}, 3, 3),
+           Kernel("_hvp_rows_kernel", hvp_dtype, {**flags, **t}, 5, 5, out_chunks),
+           Kernel("_hvp_cols_kernel", hvp_dtype, {**flags, **t}, 5, 5, out_chunks)]
     return {"forward": [fwd], "backward": [bwd], "HVP": hvp}
 
 

@@ -554,3 +554,24 @@ class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.name())
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", ["weighted", "margins"])
+def test_gradient_with_a_graph_equals_the_gradient_without(dtype, op):
+    # The meta step's first derivative is the first-order op itself on the same raw rows and inverse norms:
+    # taking it with create_graph=True changes no bit of it (self mode, and a reference set with a gradient).
+    emb, labels, ref, ref_labels = label_data(23, 31, D=7, dtype=dtype)
+    for r, rl in ((None, None), (ref, ref_labels)):
+        xs = [emb.clone().requires_grad_()] + ([] if r is None else [r.clone().requires_grad_()])
+
+        def loss():
+            if op == "margins":
+                return sum(s.clamp(-10, 10).square().sum() for s in F.margin_statistics_embeddings(
+                    xs[0], labels, xs[1] if r is not None else None, rl, backend="cpp"))
+            return F.oucl_embeddings(xs[0], labels, xs[1] if r is not None else None, rl, backend="cpp")
+
+        with_graph = torch.autograd.grad(loss(), xs, create_graph=True)
+        without = torch.autograd.grad(loss(), xs)
+        for a, b in zip(with_graph, without):
+            assert torch.equal(a.detach(), b)

@@ -114,3 +114,20 @@ def test_the_cpu_path_runs_no_check():
     # The C++ backend, auto's choice for CPU tensors, has no self-check: nothing changes for CPU users.
     assert _backend.REGISTRY["cpp"].self_check is None
     assert _backend.REGISTRY["triton"].auto_on == ("cuda",) and _backend.REGISTRY["cuda"].auto_on == ("cuda",)
+
+
+def test_the_bf16_label_check_holds_the_tensor_core_hvp_to_its_bound(monkeypatch):
+    # In bf16 the label family's second derivative is checked in bf16 itself (the fused kernels keep bf16
+    # rows), against twice the reference's own bf16 error plus one ulp: the real kernels pass, and a product
+    # off by 5% is caught.
+    from metaug_fast._ops.score import TRITON_OPS
+
+    triton = _backend.REGISTRY["triton"]
+    cpu = torch.device("cpu")
+    assert _selfcheck.run_check(triton, cpu, torch.bfloat16, "label") is None
+    real, lookup = TRITON_OPS.oucl_label_hvp, type(TRITON_OPS).__getattr__
+    broken = lambda *a, **k: tuple(x * 1.05 for x in real(*a, **k))
+    monkeypatch.setattr(type(TRITON_OPS), "__getattr__",
+                        lambda self, name: broken if name == "oucl_label_hvp" else lookup(self, name))
+    verdict = _selfcheck.run_check(triton, cpu, torch.bfloat16, "label")
+    assert verdict is not None and "Hessian-vector product" in verdict and "bfloat16" in verdict, verdict

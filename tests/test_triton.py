@@ -211,14 +211,53 @@ def test_fused_hvp_runs_its_kernels_and_no_product_of_b_by_m(monkeypatch, op):
 
 def test_fused_hvp_op_refuses_what_it_cannot_take():
     ops = metaug_fast._backend.REGISTRY["triton"].kernels.ops
-    z, lab = torch.randn(4, 3, dtype=torch.float64), torch.arange(4)
+    z, lab, inv = torch.randn(4, 3, dtype=torch.float64), torch.arange(4), torch.ones(4, dtype=torch.float64)
     stats = torch.zeros(4, 5, dtype=torch.float64)
-    args = (torch.ones(4, dtype=torch.float64), z, z, z, z, lab, lab, stats, 0, 1)
+    args = (torch.ones(4, dtype=torch.float64), z, inv, z, inv, z, z, lab, lab, stats, 0, 1)
     with pytest.raises(ValueError, match="form 0 has no fused second derivative"):
         ops.oucl_label_hvp(*args, 0, 8.0, 0.0, 0.0, 0.25, 0.0, True)
-    half = (args[0], z.half(), z.half(), z, z, *args[5:])
-    with pytest.raises(TypeError, match="float32 or float64"):
-        ops.oucl_label_hvp(*half, 2, 8.0, 0.0, 0.0, 0.25, 0.0, True)
+    mixed = (args[0], z, inv, z.float(), *args[4:])
+    with pytest.raises(TypeError, match="one floating dtype"):
+        ops.oucl_label_hvp(*mixed, 2, 8.0, 0.0, 0.0, 0.25, 0.0, True)
+
+
+@pytest.mark.parametrize("op", HVP_OPS)
+@pytest.mark.parametrize("mode", ["self", "reference"])
+def test_fused_hvp_in_bf16_on_the_tensor_core_path(monkeypatch, op, mode):
+    # bf16 rows stay bf16 through the meta step's path: the first derivative is the first-order op on the
+    # raw rows (equal to the gradient taken without a graph), and the fused kernels take bf16 operands with
+    # fp32 accumulation. Each output within twice reference.py's own bf16 error plus one bf16 ulp of the fp64
+    # oracle on the same rounded inputs (docs/accuracy.md).
+    from helpers import ULP, oracle
+
+    B, M, _ = HVP_MODES[mode]
+    torch.manual_seed(6)
+    emb, labels, ref, ref_labels = label_data(B, M, D=24, dtype=torch.bfloat16)
+    vecs = [torch.randn(x.shape, dtype=torch.float64) for x in (emb,) + (() if ref is None else (ref,))]
+
+    def run_on(impl, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (emb,) + (() if ref is None else (ref,))]
+        loss = _hvp_fn(op, impl, labels, ref_labels, None, "cosine")(*xs)
+        grads = torch.autograd.grad(loss, xs, create_graph=True)
+        hv = torch.autograd.grad(sum((g * v.to(dtype)).sum() for g, v in zip(grads, vecs)), xs)
+        plain = torch.autograd.grad(_hvp_fn(op, impl, labels, ref_labels, None, "cosine")(*xs), xs)
+        return [loss.detach(), *[g.detach() for g in grads], *hv], plain
+
+    from metaug_fast.kernels import label_hvp
+
+    exact, _ = run_on(oracle, torch.float64)
+    own, _ = run_on(_on("reference"), torch.bfloat16)
+    rows = []
+    real_launch = label_hvp.launch
+    monkeypatch.setattr(label_hvp, "launch", lambda kernel, grid, device, e, *a, **k: rows.append(e.dtype)
+                        or real_launch(kernel, grid, device, e, *a, **k))
+    got, plain = run_on(_on("triton"), torch.bfloat16)
+    assert rows and set(rows) == {torch.bfloat16}  # the fused kernels took the rows as bf16
+    for i, (g, r, w) in enumerate(zip(got, own, exact)):
+        assert g.dtype == torch.bfloat16
+        assert rel_err(g, w) <= 2 * rel_err(r, w) + ULP[torch.bfloat16], (i, rel_err(g, w), rel_err(r, w))
+    for with_graph, without in zip(got[1:1 + len(plain)], plain):
+        assert torch.equal(with_graph, without)
 
 
 def test_backend_rules():

@@ -74,7 +74,7 @@ def _types(dtype: str) -> Dict[str, str]:
                 gsn_ptr=acc, e_ptr=x, r_ptr=x, iz_ptr=acc, ir_ptr=acc, lab_ptr="*i32", rlab_ptr="*i32", c_ptr=acc,
                 part_ptr=acc, q_ptr=acc, a_ptr=acc, b_ptr=acc, qc_ptr=acc, tiles_ptr="*i32", excl_ptr="*i32",
                 softplus_ptr=acc, sigmoid_ptr=acc, de_ptr=acc, diz_ptr=acc, dr_ptr=acc, dir_ptr=acc, out_ptr=x,
-                zn_ptr=acc, rn_ptr=acc, vz_ptr=acc, vr_ptr=acc, lanes_ptr=acc, sums_ptr=acc, dz_ptr=acc, **LOSS)
+                vz_ptr=x, vr_ptr=x, lanes_ptr=acc, sums_ptr=acc, dz_ptr=acc, **LOSS)
 
 
 @contextlib.contextmanager
@@ -168,23 +168,26 @@ def jobs() -> List[Job]:
         for two_way in (False, True) if form == int(INFONCE) else (False,):
             out.append(Job("label", "_label_bwd_cols_kernel", "float16", dict(SIM=0, **label.cols_meta(cfg, form,
                                                                                                      two_way))))
-    # The fused second derivative (kernels/label_hvp.py) in its fp32 and fp64 tiles, every form with a Hessian
-    # in fp32, with and without a cotangent on the reference rows.
+    # The fused second derivative (kernels/label_hvp.py) in its bf16 (tensor-core), fp32 and fp64 tiles, every
+    # form with a Hessian in bf16 and fp32, with and without a cotangent on the reference rows.
     import torch
 
     from metaug_fast.contract import HVP_FORMS
     from metaug_fast.kernels import label_hvp
 
-    for dtype in ("float32", "float64"):
+    # bf16 also at D = 256, where its row blocks stop being resident.
+    for dtype, D in (("bfloat16", 128), ("bfloat16", 256), ("float32", 128), ("float64", 128)):
         with gpu_configs():
-            tiles = label_hvp.tiles(getattr(torch, dtype), 128)
-        rows = {k: v for k, v in tiles.items() if k != "BDO"}
-        for form in HVP_FORMS if dtype == "float32" else (WEIGHTED, INFONCE):
+            tiles = label_hvp.tiles(getattr(torch, dtype), D)
+        prec = dict(PREC="tf32" if dtype == "bfloat16" else "ieee", UPCAST=False)
+        sums = dict(BM=tiles["BM"], BN=tiles["BN"], BD=tiles["BD"], num_warps=tiles["sums_warps"])
+        tiles = {k: v for k, v in tiles.items() if k != "sums_warps"}
+        for form in HVP_FORMS if dtype != "float64" else (WEIGHTED, INFONCE):
             for with_r in (False, True):
-                flags = dict(FORM=int(form), WITH_R=with_r)
-                out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **rows}),
-                        Job("label_hvp", "_hvp_rows_kernel", dtype, {**flags, **tiles}),
-                        Job("label_hvp", "_hvp_cols_kernel", dtype, {**flags, **tiles})]
+                flags = dict(FORM=int(form), WITH_R=with_r, **prec)
+                out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **sums}, D),
+                        Job("label_hvp", "_hvp_rows_kernel", dtype, {**flags, **tiles}, D),
+                        Job("label_hvp", "_hvp_cols_kernel", dtype, {**flags, **tiles}, D)]
     # The second derivative's IEEE GEMM on CUDA (kernels/matmul.py), in its fp32 and fp64 tiles.
     from metaug_fast.kernels import matmul
 
@@ -311,6 +314,11 @@ def check(job: Job, arch: int) -> List[str]:
         if not pinned(fused.asm["ptx"]):
             failures.append(f"{job.label()}: no product stays rounded on its own (mul.rn) when compiled with "
                             "enable_fp_fusion=True, as torch.compile before torch 2.14 does")
+    from metaug_fast.contract import Form
+
+    # The fused HVP compiles with contraction on: its cancelling products must be mul.rn of their own.
+    if job.module == "label_hvp" and job.constexprs["FORM"] != int(Form.INFONCE) and not pinned(compiled.asm["ptx"]):
+        failures.append(f"{job.label()}: the Hessian's cancelling products are not mul.rn")
     used = resources(compiled, arch)
     tuned_for = arch == TUNED_ARCH
     if used["spill_stores"] and tuned_for:
@@ -334,7 +342,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    todo = [job for job in jobs() if args.arch == TUNED_ARCH or job.module in ("label", "similarity", "matmul")]
+    todo = [job for job in jobs() if args.arch == TUNED_ARCH or job.module in LABEL_MODULES + ("similarity", "matmul")]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         failures = [f for fs in pool.map(check, todo, [args.arch] * len(todo)) for f in fs]

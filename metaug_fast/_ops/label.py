@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..contract import HVP_FORMS, SIMILARITIES, Form, LossParams, Stat, normalizes, slope
+from ..contract import HVP_FORMS, SIMILARITIES, Form, LossParams, Stat, label_self_mode, normalizes, slope
 from .margins import sigmas
 from .score import hinge_grad_grad_rows, third_order_error
 
@@ -33,7 +33,7 @@ _EPS = 1e-12  # F.normalize's
 FWD_GRAD = "fwd_grad"  # oucl_label_fwd_grad: the gradient with the forward, for a constant reference set
 ROWS_HVP = "rows_hvp"  # oucl_label_rows_bwd_bwd: the second derivative's row chunks by labels, no masks
 SELF_HVP = "self_hvp"  # oucl_label_self_bwd_bwd: self mode's second derivative over the symmetric tiles
-FUSED_HVP = "fused_hvp"  # oucl_label_hvp: the whole second derivative in tiles recomputed, never stored
+FUSED_HVP = "fused_hvp"  # oucl_label_hvp: the whole second derivative on the raw rows, tiles never stored
 
 
 @dataclass(frozen=True)
@@ -153,30 +153,31 @@ def _scaled(x: Tensor, inv: Tensor) -> Tensor:
 
 
 class _LabelDoubleBackward(torch.autograd.Function):
-    """The second derivative of label mode. The backward maps (grad_rows, zn, rn) to g_z = a·G·rn and
-    g_r = a·Gᵀ·zn, where G = ∂(Σ_i grad_i ℓ_i)/∂S and a is the similarity's slope; this is its
-    vector-Jacobian product for cotangents (v_z, v_r). With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change of S along
-    the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian applied to
-    its row of U, the score-mode double-backward op) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z).
-    Computed over row chunks of S and U, or, where the kernels can, by label-aware ops: over the same chunks
-    (ROWS_HVP), over the symmetric tiles in self mode (SELF_HVP), or fused over tiles that are never stored
-    (FUSED_HVP): never B×M. A third derivative raises."""
+    """The second derivative of label mode. On the raw rows and inverse norms of the label ops (zn = e·iz,
+    rn = r·ir), the backward's A = ∂L/∂zn = a·G·rn and B = ∂L/∂rn = a·Gᵀ·zn, where G = ∂(Σ_i grad_i ℓ_i)/∂S
+    and a is the similarity's slope; this is their vector-Jacobian product for cotangents (v_z on A, v_r on
+    B), as (∂/∂grad_rows, ∂/∂zn, ∂/∂rn) in the accumulation dtype. With U = a·(v_z·rnᵀ + zn·v_rᵀ), the change
+    of S along the cotangents: ∂/∂grad_i = Σ_j ∂ℓ_i/∂S_ij · U_ij, and with W = ∂⟨G, U⟩/∂S (each row's Hessian
+    applied to its row of U) ∂/∂zn = a·(W·rn + G·v_r), ∂/∂rn = a·(Wᵀ·zn + Gᵀ·v_z). Fused where the kernels
+    can (FUSED_HVP: tiles recomputed from the raw rows, never stored); otherwise on the normalized rows, over
+    row chunks of S and U, or by label-aware ops over the same chunks (ROWS_HVP) or, in self mode, over the
+    symmetric tiles (SELF_HVP): never B×M. A third derivative raises."""
 
     @staticmethod
-    def forward(ctx, grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset,
-                kernels):
-        with torch.autocast(zn.device.type, enabled=False):  # the chunks' GEMMs in the rows' fp32/fp64
+    def forward(ctx, grad_rows, e, iz, r, ir, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset,
+                kernels, ref_grad):
+        with torch.autocast(e.device.type, enabled=False):  # the chunks' GEMMs in the rows' fp32/fp64
+            if params[0] in HVP_FORMS and kernels.can(FUSED_HVP, e.device):
+                return kernels.ops.oucl_label_hvp(grad_rows, e, iz, r, ir, v_z, v_r, labels, ref_labels, stats,
+                                                  self_offset, SIMILARITIES[similarity], *params, ref_grad)
+            zn = _scaled(e, iz)
+            rn = zn if label_self_mode(e, iz, r, ir, self_offset) else _scaled(r, ir)
             return _LabelDoubleBackward._vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity,
-                                             params, self_offset, kernels, ctx.needs_input_grad[2])
+                                             params, self_offset, kernels)
 
     @staticmethod
-    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels,
-             ref_grad):
+    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels):
         ops = kernels.ops
-        if params[0] in HVP_FORMS and kernels.can(FUSED_HVP, zn.device):
-            d_g, d_z, d_r = ops.oucl_label_hvp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, self_offset,
-                                               SIMILARITIES[similarity], *params, ref_grad)
-            return d_g, d_z, d_r if ref_grad else torch.zeros_like(rn)
         by_labels = params[0] in HVP_FORMS and kernels.can(ROWS_HVP, zn.device)
         if (params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device)
                 and _is_self(zn, rn, labels, ref_labels, self_offset)):
@@ -233,34 +234,51 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
 
 class _LabelBackward(torch.autograd.Function):
-    """(grad_rows, zn, rn) -> (∂/∂zn, ∂/∂rn) of Σ_i grad_i ℓ_i by the backward op on normalized rows (inverse
-    norms 1), differentiable once more through _LabelDoubleBackward: the path of a gradient taken with
-    ``create_graph=True`` (the MetAug meta step), O(chunk·M + (B + M)·D) memory. ∂/∂rn is [0, D] without
-    ``ref_grad``; in self mode (rn is zn) the whole gradient is ∂/∂zn and ∂/∂rn is zero."""
+    """(grad_rows, e, iz, r, ir) -> the label backward op's (∂e, ∂iz, ∂r, ∂ir) at fixed inverse norms: the same
+    op on the same raw rows as the first-order path (a gradient taken with ``create_graph=True`` equals the
+    one taken without), differentiable once more through :class:`_LabelDoubleBackward`: the path of the
+    MetAug meta step, O(chunk·M + (B + M)·D) memory, or O((B + M)·D) where the kernels fuse it. With
+    A = ∂L/∂zn (zn = e·iz), the op returns ∂e = iz·A and ∂iz = ⟨e, A⟩ (likewise the reference rows with B);
+    in self mode (r is e, ir is iz, self_offset 0) A is the whole gradient and the reference's parts are
+    empty ([0, D]), as they are without ``ref_grad``."""
 
     @staticmethod
-    def forward(ctx, grad_rows, zn, rn, labels, ref_labels, stats, similarity, params, self_offset, kernels,
+    def forward(ctx, grad_rows, e, iz, r, ir, labels, ref_labels, stats, similarity, params, self_offset, kernels,
                 ref_grad):
-        ops, sim = kernels.ops, SIMILARITIES[similarity]
-        ones_z = zn.new_ones(zn.shape[0])
-        ones_r = ones_z if rn is zn else rn.new_ones(rn.shape[0])
-        inputs = (zn, ones_z, rn, ones_r, labels, ref_labels)
-        if params[0] == Form.MARGIN:
-            # The backward finds each extremum's ties by equality with the forward's tiles, which a kernel may
-            # have computed from the raw rows: the extrema are found again from these inputs.
-            stats = ops.oucl_label_fwd(*inputs, self_offset, sim, *params)[1]
-        ctx.save_for_backward(grad_rows, zn, rn, labels, ref_labels, stats)
+        de, diz, dr, dir_ = kernels.ops.oucl_label_bwd(grad_rows, e, iz, r, ir, labels, ref_labels, stats,
+                                                       self_offset, SIMILARITIES[similarity], *params, ref_grad)
+        ctx.save_for_backward(grad_rows, e, iz, r, ir, labels, ref_labels, stats, de, dr)
         ctx.args = (similarity, params, self_offset, kernels)
-        d_z, _, d_r, _ = ops.oucl_label_bwd(grad_rows, *inputs, stats, self_offset, sim, *params, ref_grad)
-        if ref_grad and d_r.shape[0] == 0:  # self mode
-            d_r = torch.zeros_like(rn)
-        return d_z, d_r
+        ctx.self_mode = label_self_mode(e, iz, r, ir, self_offset)
+        return de, diz, dr, dir_
 
     @staticmethod
-    def backward(ctx, v_z, v_r):
-        grad_rows, zn, rn, labels, ref_labels, stats = ctx.saved_tensors
-        d_g, d_z, d_r = _LabelDoubleBackward.apply(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, *ctx.args)
-        return (d_g, d_z, d_r) + (None,) * 8
+    def backward(ctx, c_de, c_diz, c_dr, c_dir):
+        grad_rows, e, iz, r, ir, labels, ref_labels, stats, de, dr = ctx.saved_tensors
+        # The cotangent on A is what reaches it through ∂e = iz·A and ∂iz = ⟨e, A⟩; at fixed A those give e
+        # and iz direct terms of their own, with A = ∂e/iz.
+        a_z = de / iz[:, None]
+        v_z = iz[:, None] * c_de + c_diz[:, None] * e.to(iz.dtype)
+        with_r = dr.shape[0] > 0
+        if with_r:
+            a_r = dr / ir[:, None]
+            v_r = ir[:, None] * c_dr + c_dir[:, None] * r.to(ir.dtype)
+        else:  # self mode: A is the rows' and the columns' parts at once, so both take its cotangent
+            v_r = v_z if ctx.self_mode else dr
+        ref_grad = ctx.self_mode or with_r
+        d_g, d_zn, d_rn = _LabelDoubleBackward.apply(grad_rows, e, iz, r, ir, v_z, v_r, labels, ref_labels, stats,
+                                                     *ctx.args, ref_grad)
+        d_e = iz[:, None] * d_zn + c_diz[:, None] * a_z
+        d_iz = (e.to(iz.dtype) * d_zn).sum(1) + (c_de * a_z).sum(1)
+        d_r = d_ir = None
+        if ref_grad:
+            d_r = ir[:, None] * d_rn
+            d_ir = (r.to(ir.dtype) * d_rn).sum(1)
+            if with_r:
+                d_r = d_r + c_dir[:, None] * a_r
+                d_ir = d_ir + (c_dr * a_r).sum(1)
+            d_r = d_r.to(r.dtype)
+        return (d_g, d_e.to(e.dtype), d_iz, d_r, d_ir) + (None,) * 8
 
 
 @dataclass
@@ -281,23 +299,15 @@ class _Side:
 def _differentiable_grads(side: _Side, grad_rows: Tensor, similarity: str, params, kernels: LabelKernels,
                           ref_grad: bool):
     """(∂e, ∂r or None) as a function that can be differentiated again (the MetAug meta step): the backward
-    op on the normalized rows inside :class:`_LabelBackward`, then the normalization's chain in torch ops (the
-    inverse norms recomputed from the rows here, in grad mode, so that every order reaches them)."""
+    op inside :class:`_LabelBackward`, then the normalization's chain in torch ops (the inverse norms
+    recomputed from the rows here, in grad mode, so that every order reaches them)."""
     self_mode = side.r is None
     iz = inverse_norm(side.e, side.unit)
-    en = _scaled(side.e, iz)
     ir = iz if self_mode else inverse_norm(side.r, side.ref_unit)
-    rn = en if self_mode else _scaled(side.r, ir)
-    ref_labels = side.labels if self_mode else side.ref_labels
-    g_en, g_rn = _LabelBackward.apply(grad_rows.contiguous(), en, rn, side.labels, ref_labels, side.stats,
-                                      similarity, params, side.self_offset, kernels, self_mode or ref_grad)
-    if self_mode:
-        g_en = g_en + g_rn
-    g_e = through_norm(side.e, iz, g_en * iz[:, None], (g_en * side.e.to(iz.dtype)).sum(1), side.unit)
-    if self_mode or not ref_grad:
-        return g_e.to(side.e.dtype), None
-    g_r = through_norm(side.r, ir, g_rn * ir[:, None], (g_rn * side.r.to(ir.dtype)).sum(1), side.ref_unit)
-    return g_e.to(side.e.dtype), g_r.to(side.r.dtype)
+    outs = _LabelBackward.apply(grad_rows.contiguous(), side.e, iz, side.e if self_mode else side.r, ir,
+                                side.labels, side.labels if self_mode else side.ref_labels, side.stats, similarity,
+                                params, side.self_offset, kernels, self_mode or ref_grad)
+    return _raw_grads(side, iz, ir, *outs)
 
 
 def _raw_grads(side: _Side, iz: Tensor, ir: Tensor, de: Tensor, diz: Tensor, dr: Tensor, dir_: Tensor):

@@ -1,8 +1,11 @@
 """The label-mode second derivative in Triton, fused: the Hessian-vector product of the MetAug meta step with
 no B×M tensor and no row chunk of scores.
 
-The backward of label mode maps (g [B], zn [B, D], rn [M, D]) to a·G·rn and a·Gᵀ·zn, G = ∂(Σ_i g_i ℓ_i)/∂S on
-the scores S = a·zn·rnᵀ + b. Its vector-Jacobian product for cotangents (v_z, v_r) puts U = v_z·rnᵀ + zn·v_rᵀ
+Like every label op it takes the raw rows ``e [B, D]``, ``r [M, D]`` and their inverse norms ``iz``, ``ir``
+(the rows the similarity takes are zn = e·iz, rn = r·ir, never formed: a tile scales its raw products by
+iz_i·ir_j, so nothing is rounded twice and bf16 rows feed the tensor cores as they are). The backward of
+label mode maps (g [B], zn, rn) to A = a·G·rn and B = a·Gᵀ·zn, G = ∂(Σ_i g_i ℓ_i)/∂S on the scores
+S = a·zn·rnᵀ + b. Its vector-Jacobian product for cotangents (v_z on A, v_r on B) puts U = v_z·rnᵀ + zn·v_rᵀ
 on the scores (U without its factor a, which scales the results instead) and asks, per row, for
 d_g = ∂ℓ/∂S·U and W = g·H·U, H the row's Hessian; then ∂zn = a·(G·v_r + a·W·rn), ∂rn = a·(Gᵀ·v_z + a·Wᵀ·zn).
 A row's H·U needs sums of U over its whole row, weighted by the row's softmax, before any entry of W: two
@@ -10,20 +13,22 @@ rounds, as the C++ CPU kernel takes them (csrc/cpu/label_hvp.h), here over tiles
 stored:
 
 1. :func:`_hvp_sums_kernel`, a program per block of rows, walks the column tiles, recomputes S and U
-   (``tl.dot``) and adds each row's four sums (the OUCL forms: Σ⁺ w·u'·U and Σ⁻ w·v'·U, w the side's
-   softmax; InfoNCE: Σ⁻ w·U, Σ⁺ σ·U, Σ⁺ σ', Σ⁺ σ'·U);
+   (three ``tl.dot``: e·rᵀ, v_z·rᵀ, e·v_rᵀ) and adds each row's four sums (the OUCL forms: Σ⁺ w·u'·U and
+   Σ⁻ w·v'·U, w the side's softmax; InfoNCE: Σ⁻ w·U, Σ⁺ σ·U, Σ⁺ σ', Σ⁺ σ'·U);
 2. from those sums and the forward's stats, each row's constants (:func:`_row_lanes`, O(B) torch ops), and
    d_g;
 3. :func:`_hvp_rows_kernel` recomputes each tile of a row block into G and W and accumulates
-   G·v_r + a·W·rn; :func:`_hvp_cols_kernel` does the same by column blocks for Gᵀ·v_z + a·Wᵀ·zn (only when
-   the reference rows need a gradient). Each output row belongs to one program: no atomics, a fixed order
-   of summation, deterministic.
+   G·v_r + a·(W·ir)·r; :func:`_hvp_cols_kernel` does the same by column blocks for Gᵀ·v_z + a·(W·iz)ᵀ·e
+   (only when the reference rows need a gradient). Each output row belongs to one program: no atomics, a
+   fixed order of summation, deterministic.
 
 One exp per entry and pass (the entry's own side: a softmax weight, or InfoNCE's sigmoid from e^-|x|).
 The forms are those with a Hessian (contract.HVP_FORMS); the hinge's is zero and the margins' are piecewise
-linear, and _ops/label.py takes them apart. Rows are the normalized rows in their accumulation dtype, fp32 or
-fp64; ``tl.dot`` runs at ``ieee`` precision (no TF32: its 1e-3 relative error would be the whole tolerance
-of an fp32 Hessian-vector product).
+linear, and _ops/label.py takes them apart. fp32 and fp64 rows take ``tl.dot`` at ``ieee`` precision (no
+TF32: its 1e-3 relative error would be the whole tolerance of an fp32 Hessian-vector product); bf16 rows
+(the meta step on bf16 embeddings) take every product on the tensor cores with fp32 accumulation, the
+cotangents and each tile's G and W rounded to bf16 as operands, as the first-order backward rounds its G;
+fp16 rows are taken in fp32 (their per-pair terms, about 1/N², would leave fp16's range).
 """
 from typing import Tuple
 
@@ -34,7 +39,11 @@ from torch import Tensor
 
 from ..contract import HVP_FORMS, Form, Stat
 from . import label
-from ._common import INFONCE, WEIGHTED, launch, load_cfg, loss_args, op, side_terms
+from ._common import INFONCE, WEIGHTED, launch, load_cfg, loss_args, mul_rn, op, side_terms
+
+# The rows' dtypes the kernels take: fp32 and fp64, and bf16 (fp32's exponent range: the per-pair terms of a
+# large batch, about 1/N², stay normal, where fp16 would need the first-order backward's per-row scaling).
+ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 # Per-row constants, the columns of ``lanes [B, N_LANES]`` (:func:`_row_lanes`), in this order: the forward's
 # positive shift and log-sum (InfoNCE: Σσ and 0), its negative shift and log-sum, then round 2's coef, c1, sa,
@@ -53,26 +62,44 @@ def _lane(lanes_ptr, rows, rmask, k: tl.constexpr):
 
 
 @triton.jit
-def _tile(zn_ptr, rn_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty: tl.constexpr, BM: tl.constexpr,
-          BN: tl.constexpr, BD: tl.constexpr, WITH_R: tl.constexpr):
-    """(zn·rnᵀ, U) of the tile ``[BM, BN]``: U = v_z·rnᵀ (+ zn·v_rᵀ WITH_R), over the features in chunks of BD.
-    Rows are contiguous [n, D]."""
+def _mm(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b, ``a`` and ``b`` in the rows' dtype (bf16: tensor cores with fp32 accumulation; fp32 and fp64
+    at PREC "ieee"); UPCAST: bf16 operands multiplied in fp32 (the interpreter's bf16 dot is wrong), the
+    same rounded values."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc=acc, input_precision=PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, WITH_R: tl.constexpr, PREC: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """(zn·rnᵀ, U, iz [BM], ir [BN]) of the tile ``[BM, BN]`` in the accumulation dtype, from the raw products
+    e·rᵀ, v_z·rᵀ and (WITH_R) e·v_rᵀ over the features in chunks of BD: zn·rnᵀ = iz_i·ir_j·(e·rᵀ),
+    U = ir_j·(v_z·rᵀ) + iz_i·(e·v_rᵀ). Rows and cotangents are contiguous [n, D] in the rows' dtype."""
     p = tl.zeros((BM, BN), acc_ty)
     u = tl.zeros((BM, BN), acc_ty)
+    w = tl.zeros((BM, BN), acc_ty)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         dm = d[None, :] < D
         at_r = rows[:, None].to(tl.int64) * D + d[None, :]
         at_c = cols[:, None].to(tl.int64) * D + d[None, :]
-        z = tl.load(zn_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
+        e = tl.load(e_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
         vz = tl.load(vz_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        r = tl.load(rn_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-        p = tl.dot(z, tl.trans(r), acc=p, input_precision="ieee", out_dtype=acc_ty)
-        u = tl.dot(vz, tl.trans(r), acc=u, input_precision="ieee", out_dtype=acc_ty)
+        r = tl.load(r_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
+        p = _mm(e, tl.trans(r), p, PREC, UPCAST)
+        u = _mm(vz, tl.trans(r), u, PREC, UPCAST)
         if WITH_R:
             vr = tl.load(vr_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-            u = tl.dot(z, tl.trans(vr), acc=u, input_precision="ieee", out_dtype=acc_ty)
-    return p, u
+            w = _mm(e, tl.trans(vr), w, PREC, UPCAST)
+    iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
+    ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
+    u = u * ir[None, :]
+    if WITH_R:
+        u += w * iz[:, None]
+    return p * iz[:, None] * ir[None, :], u, iz, ir
 
 
 @triton.jit
@@ -113,13 +140,13 @@ def _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FO
 
 
 @triton.jit
-def _hvp_sums_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
+def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
                      inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                      lam: tl.float64, sums_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
                      FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr):
+                     BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Round 1: ``sums [B, 4]`` of each row over every column tile (zero for invalid rows)."""
-    acc_ty = zn_ptr.dtype.element_ty
+    acc_ty = lanes_ptr.dtype.element_ty
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
                                                                  acc_ty)
     a = tl.full((), sim_a, acc_ty)
@@ -138,7 +165,8 @@ def _hvp_sums_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_pt
     for c0 in range(0, M, BN):
         cols = c0 + tl.arange(0, BN)
         cmask = cols < M
-        p, t = _tile(zn_ptr, rn_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM, BN, BD, WITH_R)
+        p, t, _, _ = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM,
+                           BN, BD, WITH_R, PREC, UPCAST)
         s = a * p + b
         pos, neg = _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset)
         if FORM == INFONCE:
@@ -150,7 +178,7 @@ def _hvp_sums_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_pt
             s3 += tl.sum(tl.where(pos, ds * t, 0.0), axis=1)
         else:
             w, d1, _, _ = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
-            wd = w * d1 * t
+            wd = mul_rn(w * d1, t)  # rounded as round 2's d1·t, with which it cancels (see _second)
             s0 += tl.sum(tl.where(pos, wd, 0.0), axis=1)
             s1 += tl.sum(tl.where(neg, wd, 0.0), axis=1)
     out = sums_ptr + rows.to(tl.int64) * 4
@@ -161,12 +189,14 @@ def _hvp_sums_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_pt
 
 
 @triton.jit
-def _second(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, rmask, cols, cmask, D, self_offset,
-            a, b, beta, gamma_pos, gamma_neg, margin, acc_ty: tl.constexpr, FORM: tl.constexpr,
-            WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Round 2 on one tile: (G, a·W) ``[BM, BN]`` from the rows' whole sums in their lanes, zero off the pairs
-    and on invalid rows (whose exponents may overflow)."""
-    p, t = _tile(zn_ptr, rn_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM, BN, BD, WITH_R)
+def _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, rmask, cols, cmask,
+            D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty: tl.constexpr, FORM: tl.constexpr,
+            WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Round 2 on one tile: (G, a·W, iz, ir), G and W ``[BM, BN]`` from the rows' whole sums in their lanes,
+    zero off the pairs and on invalid rows (whose exponents may overflow)."""
+    p, t, iz, ir = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM, BN,
+                         BD, WITH_R, PREC, UPCAST)
     s = a * p + b
     pos, neg = _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset)
     ps = _lane(lanes_ptr, rows, rmask, PS)[:, None]
@@ -186,19 +216,23 @@ def _second(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, 
     else:
         w, d1, d2, _ = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
         g = coef * w * d1
-        h = w * d1 * c1 + coef * w * (d1 * (d1 * t - tl.where(pos, sa, sb)) + d2 * t)
+        # d1·t - Σ w·d1·t cancels exactly for a row dominated by one entry only when both products round
+        # alike: mul_rn keeps them out of fused multiply-adds (as the score-mode double backward, _common.mul_rn)
+        h = w * d1 * c1 + coef * w * (d1 * (mul_rn(d1, t) - tl.where(pos, sa, sb)) + d2 * t)
     keep = on & (pos | neg)
-    return tl.where(keep, g, 0.0), tl.where(keep, a * h, 0.0)
+    return tl.where(keep, g, 0.0), tl.where(keep, a * h, 0.0), iz, ir
 
 
 @triton.jit
-def _hvp_rows_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
+def _hvp_rows_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
                      inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                      lam: tl.float64, dz_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
                      FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, BDO: tl.constexpr):
-    """Round 2 by rows: ``dz [B, D]`` = a·Σ_j (G·v_r + a·W·rn) for a row block and a chunk of BDO features."""
-    acc_ty = zn_ptr.dtype.element_ty
+                     BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Round 2 by rows: ``dz [B, D]`` = a·Σ_j (G·v_r + a·(W·ir)·r) for a row block and a chunk of BDO
+    features, G and W·ir rounded to the rows' dtype as the products' operands."""
+    x_ty = e_ptr.dtype.element_ty
+    acc_ty = lanes_ptr.dtype.element_ty
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
                                                                  acc_ty)
     a = tl.full((), sim_a, acc_ty)
@@ -211,26 +245,28 @@ def _hvp_rows_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_pt
     for c0 in range(0, M, BN):
         cols = c0 + tl.arange(0, BN)
         cmask = cols < M
-        g, aw = _second(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, rmask, cols, cmask, D,
-                        self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD)
+        g, aw, _, ir = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows,
+                               rmask, cols, cmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty,
+                               FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
         at_c = cols[:, None].to(tl.int64) * D + d[None, :]
-        rn = tl.load(rn_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-        acc = tl.dot(aw, rn, acc=acc, input_precision="ieee", out_dtype=acc_ty)
+        r = tl.load(r_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
+        acc = _mm((aw * ir[None, :]).to(x_ty), r, acc, PREC, UPCAST)
         if WITH_R:
             vr = tl.load(vr_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-            acc = tl.dot(g, vr, acc=acc, input_precision="ieee", out_dtype=acc_ty)
+            acc = _mm(g.to(x_ty), vr, acc, PREC, UPCAST)
     tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=rmask[:, None] & dm)
 
 
 @triton.jit
-def _hvp_cols_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
+def _hvp_cols_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
                      inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                      lam: tl.float64, dr_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
                      FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, BDO: tl.constexpr):
-    """Round 2 by columns: ``dr [M, D]`` = a·Σ_i (Gᵀ·v_z + a·Wᵀ·zn) for a column block and a chunk of BDO
-    features, over the same tiles as the row kernel (each recomputed from its row block's lanes)."""
-    acc_ty = zn_ptr.dtype.element_ty
+                     BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Round 2 by columns: ``dr [M, D]`` = a·Σ_i (Gᵀ·v_z + a·(W·iz)ᵀ·e) for a column block and a chunk of
+    BDO features, over the same tiles as the row kernel (each recomputed from its row block's lanes)."""
+    x_ty = e_ptr.dtype.element_ty
+    acc_ty = lanes_ptr.dtype.element_ty
     beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
                                                                  acc_ty)
     a = tl.full((), sim_a, acc_ty)
@@ -243,30 +279,37 @@ def _hvp_cols_kernel(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_pt
     for r0 in range(0, B, BM):
         rows = r0 + tl.arange(0, BM)
         rmask = rows < B
-        g, aw = _second(zn_ptr, rn_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, rmask, cols, cmask, D,
-                        self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD)
+        g, aw, iz, _ = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows,
+                               rmask, cols, cmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty,
+                               FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
         at_r = rows[:, None].to(tl.int64) * D + d[None, :]
-        z = tl.load(zn_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
+        e = tl.load(e_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
         vz = tl.load(vz_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        acc = tl.dot(tl.trans(aw), z, acc=acc, input_precision="ieee", out_dtype=acc_ty)
-        acc = tl.dot(tl.trans(g), vz, acc=acc, input_precision="ieee", out_dtype=acc_ty)
+        acc = _mm(tl.trans((aw * iz[:, None]).to(x_ty)), e, acc, PREC, UPCAST)
+        acc = _mm(tl.trans(g.to(x_ty)), vz, acc, PREC, UPCAST)
     tl.store(dr_ptr + cols[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=cmask[:, None] & dm)
 
 
 def tiles(dtype: torch.dtype, D: int) -> dict:
     """The kernels' tile shape (BM × BN scores, BD features per step of the score products, BDO output
     features per program: the whole width up to 128, so that a tile is recomputed once per 128 features)
-    and warps. fp32 and fp64 products run on FMA units from registers: 32 × 32 tiles with 8 warps (16 × 16
-    with 4 in fp64) hold a tile of S, one of U and the [BM, 128] accumulator without spilling (fp32's row
-    kernel took 180-214 registers; with 4 warps it sat at 255 and spilled; ``make check-triton`` checks
-    every form). Small blocks under the interpreter."""
+    and warps. bf16 products run on the tensor cores: 64 × 64 tiles in 32-feature steps with 8 warps (4
+    warps spilled 52-320 bytes; a resident 64 × 128 row block spilled at 64 × 64 and, at 64 × 32, issued
+    1.7× the instructions per score: bench/perf_model.py). fp32 and fp64 products run on FMA units from
+    registers, in 16-feature steps: 32 × 32 tiles with 8 warps (16 × 16 in fp64) hold a tile of S, two of
+    U's products and the [BM, 128] accumulator without spilling (with 4 warps fp32's row kernel sat at 255
+    registers, fp64's spilled), fp32's sums kernel with 4 (with 8, Triton 3.6 held it to 128 registers and
+    it spilled 4-8 bytes). ``make check-triton`` checks every form, under this venv's Triton and the GPU
+    machine's. Small blocks under the interpreter."""
     out = min(128, max(16, triton.next_power_of_2(D)))
     if label.interpreting():
         bd = min(64, max(16, triton.next_power_of_2(D)))
-        return dict(BM=16, BN=16, BD=bd, BDO=bd, num_warps=4)
+        return dict(BM=16, BN=16, BD=bd, BDO=bd, num_warps=4, sums_warps=4)
+    if dtype == torch.bfloat16:
+        return dict(BM=64, BN=64, BD=32, BDO=out, num_warps=8, sums_warps=8)
     if dtype == torch.float64:
-        return dict(BM=16, BN=16, BD=16, BDO=out, num_warps=4)
-    return dict(BM=32, BN=32, BD=16, BDO=out, num_warps=8)
+        return dict(BM=16, BN=16, BD=16, BDO=out, num_warps=8, sums_warps=8)
+    return dict(BM=32, BN=32, BD=16, BDO=out, num_warps=8, sums_warps=4)
 
 
 def _row_lanes(stats: Tensor, grad_rows: Tensor, sums: Tensor, form: int, beta: float) -> Tuple[Tensor, Tensor]:
@@ -293,46 +336,54 @@ def _row_lanes(stats: Tensor, grad_rows: Tensor, sums: Tensor, form: int, beta: 
 
 
 @op
-def oucl_label_hvp(grad_rows: Tensor, zn: Tensor, rn: Tensor, v_z: Tensor, v_r: Tensor, labels: Tensor,
-                   ref_labels: Tensor, stats: Tensor, self_offset: int, similarity: int, form: int, beta: float,
-                   gamma_pos: float, gamma_neg: float, margin: float, lam: float,
+def oucl_label_hvp(grad_rows: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, v_z: Tensor, v_r: Tensor,
+                   labels: Tensor, ref_labels: Tensor, stats: Tensor, self_offset: int, similarity: int, form: int,
+                   beta: float, gamma_pos: float, gamma_neg: float, margin: float, lam: float,
                    ref_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """The label-mode second derivative, fused: (d_g [B], d_z [B, D], d_r [M, D], or [0, D] without
-    ``ref_grad``) for the normalized rows ``zn [B, D]``, ``rn [M, D]`` (fp32 or fp64, one dtype), the
-    cotangents ``v_z [B, D]``, ``v_r [M, D]`` (``[0, D]``: the reference rows had no gradient), the forward's
-    ``stats [B, N_STATS]`` and ``grad_rows [B]``; labels any integers. The similarity's slope is in all
-    three. Forms with a Hessian only (contract.HVP_FORMS)."""
+    """The label-mode second derivative, fused: (d_g [B], ∂zn [B, D], ∂rn [M, D], or [0, D] without
+    ``ref_grad``) in the accumulation dtype of ``iz``, for the raw rows ``e [B, D]``, ``r [M, D]`` (one
+    floating dtype; bf16 runs every product on the tensor cores) with their inverse norms ``iz [B]``, ``ir [M]``
+    (the label ops' interface: zn = e·iz, rn = r·ir), the cotangents ``v_z [B, D]`` on ∂L/∂zn and ``v_r [M, D]``
+    on ∂L/∂rn (``[0, D]``: the reference rows had no gradient), the forward's ``stats [B, N_STATS]`` and
+    ``grad_rows [B]``; labels any integers. The similarity's slope is in all three. Forms with a Hessian
+    only (contract.HVP_FORMS)."""
     if form not in HVP_FORMS:
         raise ValueError(f"oucl_label_hvp (triton): form {form} has no fused second derivative; "
                          f"forms: {[int(f) for f in HVP_FORMS]}")
-    if zn.dtype not in (torch.float32, torch.float64) or rn.dtype != zn.dtype:
-        raise TypeError(f"oucl_label_hvp (triton): zn and rn must be float32 or float64 of one dtype, got "
-                        f"{zn.dtype} and {rn.dtype}")
-    B, D = zn.shape
-    M = rn.shape[0]
+    if not (e.is_floating_point() and r.dtype == e.dtype):
+        raise TypeError(f"oucl_label_hvp (triton): e and r must be of one floating dtype, got {e.dtype} and {r.dtype}")
+    acc = iz.dtype
+    B, D = e.shape
+    M = r.shape[0]
     with_r = v_r.shape[0] > 0
-    d_r = zn.new_zeros(M if ref_grad else 0, D)
+    d_r = e.new_zeros(M if ref_grad else 0, D, dtype=acc)
     if B == 0 or M == 0 or D == 0:
-        return zn.new_zeros(B), zn.new_zeros(B, D), d_r
-    zn, rn, v_z = zn.contiguous(), rn.contiguous(), v_z.to(zn.dtype).contiguous()
-    v_r = v_r.to(zn.dtype).contiguous() if with_r else v_z
+        return e.new_zeros(B, dtype=acc), e.new_zeros(B, D, dtype=acc), d_r
+    rows = e.dtype if e.dtype in ROW_DTYPES else acc
+    # The rows and the cotangents in the kernels' dtype: bf16 rounds the cotangents once here, as the tensor
+    # cores take them; fp16 rows are taken in fp32 (ROW_DTYPES).
+    e, r = e.to(rows).contiguous(), r.to(rows).contiguous()
+    v_z = v_z.to(rows).contiguous()
+    v_r = v_r.to(rows).contiguous() if with_r else v_z
     lab, rlab = label.dense_labels(labels, ref_labels)
-    stats = stats.to(zn.dtype)
-    t = tiles(zn.dtype, D)
+    stats = stats.to(acc)
+    t = tiles(rows, D)
     sim_a, sim_b = (0.5, 0.5) if similarity == 0 else (1.0, 0.0)
-    args = (zn, rn, v_z, v_r, lab, rlab)
-    tail = dict(FORM=form, WITH_R=with_r, BM=t["BM"], BN=t["BN"], BD=t["BD"], num_warps=t["num_warps"])
+    args = (e, iz.contiguous(), r, ir.contiguous(), v_z, v_r, lab, rlab)
+    half = rows == torch.bfloat16
+    tail = dict(FORM=form, WITH_R=with_r, BM=t["BM"], BN=t["BN"], BD=t["BD"], PREC="tf32" if half else "ieee",
+                UPCAST=half and label.interpreting())
     loss = loss_args((form, beta, gamma_pos, gamma_neg, margin, lam))
     blank, _ = _row_lanes(stats, grad_rows, stats.new_zeros(B, 4), form, beta)
-    sums = torch.empty(B, 4, dtype=zn.dtype, device=zn.device)
-    launch(_hvp_sums_kernel, (triton.cdiv(B, t["BM"]),), zn.device, *args, blank, *loss, sums, B, M, D, self_offset,
-           sim_a, sim_b, **tail)
+    sums = torch.empty(B, 4, dtype=acc, device=e.device)
+    launch(_hvp_sums_kernel, (triton.cdiv(B, t["BM"]),), e.device, *args, blank, *loss, sums, B, M, D, self_offset,
+           sim_a, sim_b, num_warps=t["sums_warps"], **tail)
     lanes, d_g = _row_lanes(stats, grad_rows, sums, form, beta)
-    d_z = torch.empty_like(zn)
+    d_z = torch.empty(B, D, dtype=acc, device=e.device)
     chunks = triton.cdiv(D, t["BDO"])
-    launch(_hvp_rows_kernel, (triton.cdiv(B, t["BM"]), chunks), zn.device, *args, lanes, *loss, d_z, B, M, D,
-           self_offset, sim_a, sim_b, BDO=t["BDO"], **tail)
+    launch(_hvp_rows_kernel, (triton.cdiv(B, t["BM"]), chunks), e.device, *args, lanes, *loss, d_z, B, M, D,
+           self_offset, sim_a, sim_b, BDO=t["BDO"], num_warps=t["num_warps"], **tail)
     if ref_grad:
-        launch(_hvp_cols_kernel, (triton.cdiv(M, t["BN"]), chunks), zn.device, *args, lanes, *loss, d_r, B, M, D,
-               self_offset, sim_a, sim_b, BDO=t["BDO"], **tail)
+        launch(_hvp_cols_kernel, (triton.cdiv(M, t["BN"]), chunks), e.device, *args, lanes, *loss, d_r, B, M, D,
+               self_offset, sim_a, sim_b, BDO=t["BDO"], num_warps=t["num_warps"], **tail)
     return sim_a * d_g, d_z, d_r
