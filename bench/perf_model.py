@@ -161,8 +161,8 @@ def label_ops(dtype: str, D: int) -> Dict[str, List[Kernel]]:
     flags = dict(FORM=weighted, WITH_R=True, PREC="tf32" if hvp_dtype == "bfloat16" else "ieee", UPCAST=False)
     hvp = [bwd,
            Kernel("_hvp_sums_kernel", hvp_dtype, {**flags, **sums}, 3, 3),
-           Kernel("_hvp_rows_kernel", hvp_dtype, {**flags, **t}, 5, 5, out_chunks),
-           Kernel("_hvp_cols_kernel", hvp_dtype, {**flags, **t}, 5, 5, out_chunks)]
+           Kernel("_hvp_out_kernel", hvp_dtype, {**flags, **t, "BY_COLS": False}, 5, 5, out_chunks),
+           Kernel("_hvp_out_kernel", hvp_dtype, {**flags, **t, "BY_COLS": True}, 5, 5, out_chunks)]
     return {"forward": [fwd], "backward": [bwd], "HVP": hvp}
 
 

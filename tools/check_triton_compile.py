@@ -186,8 +186,8 @@ def jobs() -> List[Job]:
             for with_r in (False, True):
                 flags = dict(FORM=int(form), WITH_R=with_r, **prec)
                 out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **sums}, D),
-                        Job("label_hvp", "_hvp_rows_kernel", dtype, {**flags, **tiles}, D),
-                        Job("label_hvp", "_hvp_cols_kernel", dtype, {**flags, **tiles}, D)]
+                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": False}, D),
+                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": True}, D)]
     # The second derivative's IEEE GEMM on CUDA (kernels/matmul.py), in its fp32 and fp64 tiles.
     from metaug_fast.kernels import matmul
 

@@ -17,9 +17,9 @@ stored:
    Σ⁻ w·v'·U, w the side's softmax; InfoNCE: Σ⁻ w·U, Σ⁺ σ·U, Σ⁺ σ', Σ⁺ σ'·U);
 2. from those sums and the forward's stats, each row's constants (:func:`_row_lanes`, O(B) torch ops), and
    d_g;
-3. :func:`_hvp_rows_kernel` recomputes each tile of a row block into G and W and accumulates
-   G·v_r + a·(W·ir)·r; :func:`_hvp_cols_kernel` does the same by column blocks for Gᵀ·v_z + a·(W·iz)ᵀ·e
-   (only when the reference rows need a gradient). Each output row belongs to one program: no atomics, a
+3. :func:`_hvp_out_kernel` recomputes each tile of a row block into G and W and accumulates
+   G·v_r + a·(W·ir)·r, and (BY_COLS) does the same by column blocks for Gᵀ·v_z + a·(W·iz)ᵀ·e (only when the
+   reference rows need a gradient). Each output row belongs to one program: no atomics, a
    fixed order of summation, deterministic.
 
 One exp per entry and pass (the entry's own side: a softmax weight, or InfoNCE's sigmoid from e^-|x|).
@@ -140,6 +140,13 @@ def _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FO
 
 
 @triton.jit
+def _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a, sim_b, acc_ty: tl.constexpr):
+    """(β, γ⁺, γ⁻, m, a, b) in the accumulation dtype: the loss's and the similarity's (d = a·cos + b)."""
+    beta, _, gamma_pos, gamma_neg, margin, _ = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, acc_ty)
+    return beta, gamma_pos, gamma_neg, margin, tl.full((), sim_a, acc_ty), tl.full((), sim_b, acc_ty)
+
+
+@triton.jit
 def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
                      inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                      lam: tl.float64, sums_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
@@ -147,10 +154,8 @@ def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab
                      BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Round 1: ``sums [B, 4]`` of each row over every column tile (zero for invalid rows)."""
     acc_ty = lanes_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
-                                                                 acc_ty)
-    a = tl.full((), sim_a, acc_ty)
-    b = tl.full((), sim_b, acc_ty)
+    beta, gamma_pos, gamma_neg, margin, a, b = _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a,
+                                                       sim_b, acc_ty)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < B
     ps = _lane(lanes_ptr, rows, rmask, PS)[:, None]
@@ -224,70 +229,50 @@ def _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lan
 
 
 @triton.jit
-def _hvp_rows_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
-                     inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
-                     lam: tl.float64, dz_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
-                     FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Round 2 by rows: ``dz [B, D]`` = a·Σ_j (G·v_r + a·(W·ir)·r) for a row block and a chunk of BDO
-    features, G and W·ir rounded to the rows' dtype as the products' operands."""
+def _hvp_out_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
+                    inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                    lam: tl.float64, out_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
+                    FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                    BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BY_COLS: tl.constexpr):
+    """Round 2 for a block of rows and a chunk of BDO features, ``∂zn [B, D]`` = a·Σ_j (G·v_r + a·(W·ir)·r);
+    BY_COLS, for a block of columns, ``∂rn [M, D]`` = a·Σ_i (Gᵀ·v_z + a·(W·iz)ᵀ·e), over the same tiles (each
+    recomputed from its row block's lanes). G and W·ir (W·iz) are rounded to the rows' dtype as the
+    products' operands."""
     x_ty = e_ptr.dtype.element_ty
     acc_ty = lanes_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
-                                                                 acc_ty)
-    a = tl.full((), sim_a, acc_ty)
-    b = tl.full((), sim_b, acc_ty)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < B
+    beta, gamma_pos, gamma_neg, margin, a, b = _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a,
+                                                       sim_b, acc_ty)
+    OWN: tl.constexpr = BN if BY_COLS else BM
+    STEP: tl.constexpr = BM if BY_COLS else BN
+    n_own = M if BY_COLS else B
+    n_other = B if BY_COLS else M
+    own = tl.program_id(0) * OWN + tl.arange(0, OWN)
+    omask = own < n_own
     d = tl.program_id(1) * BDO + tl.arange(0, BDO)
     dm = d[None, :] < D
-    acc = tl.zeros((BM, BDO), acc_ty)
-    for c0 in range(0, M, BN):
-        cols = c0 + tl.arange(0, BN)
-        cmask = cols < M
-        g, aw, _, ir = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows,
-                               rmask, cols, cmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty,
-                               FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
-        at_c = cols[:, None].to(tl.int64) * D + d[None, :]
-        r = tl.load(r_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-        acc = _mm((aw * ir[None, :]).to(x_ty), r, acc, PREC, UPCAST)
-        if WITH_R:
-            vr = tl.load(vr_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
-            acc = _mm(g.to(x_ty), vr, acc, PREC, UPCAST)
-    tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=rmask[:, None] & dm)
-
-
-@triton.jit
-def _hvp_cols_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
-                     inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
-                     lam: tl.float64, dr_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
-                     FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Round 2 by columns: ``dr [M, D]`` = a·Σ_i (Gᵀ·v_z + a·(W·iz)ᵀ·e) for a column block and a chunk of
-    BDO features, over the same tiles as the row kernel (each recomputed from its row block's lanes)."""
-    x_ty = e_ptr.dtype.element_ty
-    acc_ty = lanes_ptr.dtype.element_ty
-    beta, inv_beta, gamma_pos, gamma_neg, margin, lam = load_cfg(beta, inv_beta, gamma_pos, gamma_neg, margin, lam,
-                                                                 acc_ty)
-    a = tl.full((), sim_a, acc_ty)
-    b = tl.full((), sim_b, acc_ty)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < M
-    d = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    dm = d[None, :] < D
-    acc = tl.zeros((BN, BDO), acc_ty)
-    for r0 in range(0, B, BM):
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < B
-        g, aw, iz, _ = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows,
-                               rmask, cols, cmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty,
-                               FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
-        at_r = rows[:, None].to(tl.int64) * D + d[None, :]
-        e = tl.load(e_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        vz = tl.load(vz_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        acc = _mm(tl.trans((aw * iz[:, None]).to(x_ty)), e, acc, PREC, UPCAST)
-        acc = _mm(tl.trans(g.to(x_ty)), vz, acc, PREC, UPCAST)
-    tl.store(dr_ptr + cols[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=cmask[:, None] & dm)
+    acc = tl.zeros((OWN, BDO), acc_ty)
+    for o0 in range(0, n_other, STEP):
+        other = o0 + tl.arange(0, STEP)
+        xmask = other < n_other
+        at = other[:, None].to(tl.int64) * D + d[None, :]
+        if BY_COLS:
+            g, aw, iz, _ = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, other,
+                                   xmask, own, omask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin,
+                                   acc_ty, FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
+            e = tl.load(e_ptr + at, mask=xmask[:, None] & dm, other=0.0)
+            vz = tl.load(vz_ptr + at, mask=xmask[:, None] & dm, other=0.0)
+            acc = _mm(tl.trans((aw * iz[:, None]).to(x_ty)), e, acc, PREC, UPCAST)
+            acc = _mm(tl.trans(g.to(x_ty)), vz, acc, PREC, UPCAST)
+        else:
+            g, aw, _, ir = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, own,
+                                   omask, other, xmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin,
+                                   acc_ty, FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
+            r = tl.load(r_ptr + at, mask=xmask[:, None] & dm, other=0.0)
+            acc = _mm((aw * ir[None, :]).to(x_ty), r, acc, PREC, UPCAST)
+            if WITH_R:
+                vr = tl.load(vr_ptr + at, mask=xmask[:, None] & dm, other=0.0)
+                acc = _mm(g.to(x_ty), vr, acc, PREC, UPCAST)
+    tl.store(out_ptr + own[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=omask[:, None] & dm)
 
 
 def tiles(dtype: torch.dtype, D: int) -> dict:
@@ -298,7 +283,8 @@ def tiles(dtype: torch.dtype, D: int) -> dict:
     1.7× the instructions per score: bench/perf_model.py). fp32 and fp64 products run on FMA units from
     registers, in 16-feature steps: 32 × 32 tiles with 8 warps (16 × 16 in fp64) hold a tile of S, two of
     U's products and the [BM, 128] accumulator without spilling (with 4 warps fp32's row kernel sat at 255
-    registers, fp64's spilled), fp32's sums kernel with 4 (with 8, Triton 3.6 held it to 128 registers and
+    registers, fp64's spilled; fp64 takes 64 output features per program: at 128, Triton 3.6 sat at 255),
+    fp32's sums kernel with 4 (with 8, Triton 3.6 held it to 128 registers and
     it spilled 4-8 bytes). ``make check-triton`` checks every form, under this venv's Triton and the GPU
     machine's. Small blocks under the interpreter."""
     out = min(128, max(16, triton.next_power_of_2(D)))
@@ -308,7 +294,7 @@ def tiles(dtype: torch.dtype, D: int) -> dict:
     if dtype == torch.bfloat16:
         return dict(BM=64, BN=64, BD=32, BDO=out, num_warps=8, sums_warps=8)
     if dtype == torch.float64:
-        return dict(BM=16, BN=16, BD=16, BDO=out, num_warps=8, sums_warps=8)
+        return dict(BM=16, BN=16, BD=16, BDO=min(64, out), num_warps=8, sums_warps=8)
     return dict(BM=32, BN=32, BD=16, BDO=out, num_warps=8, sums_warps=4)
 
 
@@ -381,9 +367,9 @@ def oucl_label_hvp(grad_rows: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tens
     lanes, d_g = _row_lanes(stats, grad_rows, sums, form, beta)
     d_z = torch.empty(B, D, dtype=acc, device=e.device)
     chunks = triton.cdiv(D, t["BDO"])
-    launch(_hvp_rows_kernel, (triton.cdiv(B, t["BM"]), chunks), e.device, *args, lanes, *loss, d_z, B, M, D,
-           self_offset, sim_a, sim_b, BDO=t["BDO"], num_warps=t["num_warps"], **tail)
+    launch(_hvp_out_kernel, (triton.cdiv(B, t["BM"]), chunks), e.device, *args, lanes, *loss, d_z, B, M, D,
+           self_offset, sim_a, sim_b, BDO=t["BDO"], BY_COLS=False, num_warps=t["num_warps"], **tail)
     if ref_grad:
-        launch(_hvp_cols_kernel, (triton.cdiv(M, t["BN"]), chunks), e.device, *args, lanes, *loss, d_r, B, M, D,
-               self_offset, sim_a, sim_b, BDO=t["BDO"], num_warps=t["num_warps"], **tail)
+        launch(_hvp_out_kernel, (triton.cdiv(M, t["BN"]), chunks), e.device, *args, lanes, *loss, d_r, B, M, D,
+               self_offset, sim_a, sim_b, BDO=t["BDO"], BY_COLS=True, num_warps=t["num_warps"], **tail)
     return sim_a * d_g, d_z, d_r
