@@ -329,8 +329,8 @@ def test_self_mode_hvp_crosses_blocks(op):
 @pytest.mark.parametrize("form", [Form.SQUARED, Form.WEIGHTED, Form.CIRCLE, Form.INFONCE])
 @pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
 def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
-    # The symmetric op against the row-chunk path on the same inputs (the reference rows a copy of zn, so
-    # that the chunks run): d_g, and ∂/∂zn as the sum of the chunks' two outputs.
+    # The symmetric op against the row-chunk path on the same inputs (self mode not declared, so that the
+    # chunks run): d_g, and ∂/∂zn as the sum of the chunks' two outputs.
     from metaug_fast._ops import label as label_ops
     from metaug_fast.contract import SIMILARITIES
 
@@ -345,10 +345,10 @@ def test_self_mode_second_derivative_equals_the_row_chunks(form, similarity):
     g, v = torch.rand(SELF_N, dtype=torch.float64), torch.randn_like(zn)
     with _OpNames() as calls:
         d_g, d_z, d_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn, v, v, labels, labels, stats, similarity, params,
-                                                            0, KERNELS)
+                                                            0, KERNELS, True)
     assert "metaug_fast::oucl_label_self_bwd_bwd" in calls.names and d_r.abs().max() == 0
     want_g, want_z, want_r = label_ops._LabelDoubleBackward._vjp(g, zn, zn.clone(), v, v, labels, labels.clone(), stats,
-                                                                 similarity, params, 0, KERNELS)
+                                                                 similarity, params, 0, KERNELS, False)
     assert d_g[7] == 0
     torch.testing.assert_close(d_g, want_g, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(d_z, want_z + want_r, rtol=1e-11, atol=1e-13)

@@ -49,17 +49,21 @@ def _score_fn(form, backend, pm, nm, beta=16.0, reduction="none"):
 
 
 # ------------------------------------------------------------------------------------------- label mode
-def _label_fn(op, backend, labels, ref_labels, similarity="shifted_cosine", beta=16.0, reduction="none"):
+def _label_fn(op, backend, labels, ref_labels, similarity="shifted_cosine", beta=16.0, reduction="none",
+              self_offset=None):
+    """``op`` as a function of the rows on ``backend``: a backend's name, or a callable taking the op's name
+    and arguments as metaug_fast.functional does (the oracle of tests/helpers.py)."""
+    call = backend if callable(backend) else lambda name, *a, **k: getattr(F, name)(*a, backend=backend, **k)
+
     def fn(e, r=None):
         if op == "info_nce":
-            return F.info_nce_embeddings(e, labels, r, ref_labels, temperature=1.0 / beta, similarity=similarity,
-                                         reduction=reduction, backend=backend)
+            return call("info_nce_embeddings", e, labels, r, ref_labels, temperature=1.0 / beta,
+                        similarity=similarity, reduction=reduction, self_offset=self_offset)
         if op == "margins":
             return sum(s.clamp(-10, 10).square().sum()
-                       for s in F.margin_statistics_embeddings(e, labels, r, ref_labels, similarity=similarity,
-                                                               backend=backend))
-        return F.oucl_embeddings(e, labels, r, ref_labels, form=op, beta=beta, similarity=similarity,
-                                 reduction=reduction, backend=backend, **PARAMS)
+                       for s in call("margin_statistics_embeddings", e, labels, r, ref_labels, similarity=similarity))
+        return call("oucl_embeddings", e, labels, r, ref_labels, form=op, beta=beta, similarity=similarity,
+                    reduction=reduction, self_offset=self_offset, **PARAMS)
     return fn
 
 
@@ -123,19 +127,10 @@ HVP_OPS = ["weighted", "squared", "circle", "info_nce"]
 HVP_MODES = {"self": (37, None, None), "reference": (37, 45, None), "offset": (37, 45, 3)}
 
 
-def _hvp_fn(op, impl, labels, ref_labels, self_offset, similarity):
-    """``op`` on ``impl`` (a backend name, or the oracle of tests/helpers.py) as a function of the rows."""
-    def fn(e, r=None):
-        if op == "info_nce":
-            return impl("info_nce_embeddings", e, labels, r, ref_labels, temperature=0.2, similarity=similarity,
-                        reduction="sum", self_offset=self_offset)
-        return impl("oucl_embeddings", e, labels, r, ref_labels, form=op, beta=6.0, similarity=similarity,
-                    reduction="sum", self_offset=self_offset, **PARAMS)
-    return fn
-
-
-def _on(backend):
-    return lambda name, *args, **kwargs: getattr(F, name)(*args, backend=backend, **kwargs)
+def _hvp_fn(op, backend, labels, ref_labels, self_offset, similarity):
+    """``op`` summed over rows on ``backend`` (a name or the oracle), at β = 6 (InfoNCE: τ = 0.2)."""
+    return _label_fn(op, backend, labels, ref_labels, similarity, beta=5.0 if op == "info_nce" else 6.0,
+                     reduction="sum", self_offset=self_offset)
 
 
 @pytest.mark.parametrize("op", HVP_OPS)
@@ -152,7 +147,7 @@ def test_fused_hvp_matches_the_oracle_across_tile_edges(op, mode, similarity):
     torch.manual_seed(4)
     want = _label_run(_hvp_fn(op, oracle, labels, ref_labels, offset, similarity), emb, ref)
     torch.manual_seed(4)
-    got = _label_run(_hvp_fn(op, _on("triton"), labels, ref_labels, offset, similarity), emb, ref)
+    got = _label_run(_hvp_fn(op, "triton", labels, ref_labels, offset, similarity), emb, ref)
     _close(got, want, 1e-11)
 
 
@@ -173,7 +168,7 @@ def test_fused_hvp_in_fp32_and_against_a_constant_reference_set(op):
         return torch.autograd.grad((g * vec.to(dtype)).sum(), e)[0]
 
     want = hv(oracle, torch.float64)
-    assert rel_err(hv(_on("triton"), torch.float32), want) < 2e-5
+    assert rel_err(hv("triton", torch.float32), want) < 2e-5
 
 
 @pytest.mark.parametrize("op", ["weighted", "info_nce"])
@@ -187,7 +182,7 @@ def test_fused_hvp_runs_its_kernels_and_no_product_of_b_by_m(monkeypatch, op):
     B, M, D = 64, 72, 8
     emb, labels, ref, ref_labels = label_data(B, M, D)
     e, r = emb.requires_grad_(), ref.requires_grad_()
-    loss = _hvp_fn(op, _on("triton"), labels, ref_labels, None, "cosine")(e, r)
+    loss = _hvp_fn(op, "triton", labels, ref_labels, None, "cosine")(e, r)
     grads = torch.autograd.grad(loss, (e, r), create_graph=True)
     dot = sum((g * torch.ones_like(g)).sum() for g in grads)
     launched = []
@@ -246,12 +241,12 @@ def test_fused_hvp_in_bf16_on_the_tensor_core_path(monkeypatch, op, mode):
     from metaug_fast.kernels import label_hvp
 
     exact, _ = run_on(oracle, torch.float64)
-    own, _ = run_on(_on("reference"), torch.bfloat16)
+    own, _ = run_on("reference", torch.bfloat16)
     rows = []
     real_launch = label_hvp.launch
     monkeypatch.setattr(label_hvp, "launch", lambda kernel, grid, device, e, *a, **k: rows.append(e.dtype)
                         or real_launch(kernel, grid, device, e, *a, **k))
-    got, plain = run_on(_on("triton"), torch.bfloat16)
+    got, plain = run_on("triton", torch.bfloat16)
     assert rows and set(rows) == {torch.bfloat16}  # the fused kernels took the rows as bf16
     for i, (g, r, w) in enumerate(zip(got, own, exact)):
         assert g.dtype == torch.bfloat16

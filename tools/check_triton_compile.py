@@ -175,19 +175,19 @@ def jobs() -> List[Job]:
     from metaug_fast.contract import HVP_FORMS
     from metaug_fast.kernels import label_hvp
 
-    # bf16 also at D = 256, where its row blocks stop being resident.
-    for dtype, D in (("bfloat16", 128), ("bfloat16", 256), ("float32", 128), ("float64", 128)):
+    # Their tiles do not depend on D beyond 128 (wider rows take more feature steps and output chunks).
+    for dtype in ("bfloat16", "float32", "float64"):
         with gpu_configs():
-            tiles = label_hvp.tiles(getattr(torch, dtype), D)
+            tiles = label_hvp.tiles(getattr(torch, dtype), 128)
         prec = dict(PREC="tf32" if dtype == "bfloat16" else "ieee", UPCAST=False)
         sums = dict(BM=tiles["BM"], BN=tiles["BN"], BD=tiles["BD"], num_warps=tiles["sums_warps"])
         tiles = {k: v for k, v in tiles.items() if k != "sums_warps"}
         for form in HVP_FORMS if dtype != "float64" else (WEIGHTED, INFONCE):
             for with_r in (False, True):
                 flags = dict(FORM=int(form), WITH_R=with_r, **prec)
-                out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **sums}, D),
-                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": False}, D),
-                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": True}, D)]
+                out += [Job("label_hvp", "_hvp_sums_kernel", dtype, {**flags, **sums}),
+                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": False}),
+                        Job("label_hvp", "_hvp_out_kernel", dtype, {**flags, **tiles, "BY_COLS": True})]
     # The second derivative's IEEE GEMM on CUDA (kernels/matmul.py), in its fp32 and fp64 tiles.
     from metaug_fast.kernels import matmul
 

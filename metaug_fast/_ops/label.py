@@ -78,13 +78,6 @@ def chunk_scores(device: torch.device) -> int:
     return max(_CHUNK_SCORES, min(_GPU_CHUNK_SCORES, total // 512))
 
 
-def _is_self(zn, rn, labels, ref_labels, self_offset) -> bool:
-    """Whether the label ops see self mode (as csrc/oucl_host.h's is_self): the reference rows and labels are
-    the anchors' own tensors and each anchor's own pair is excluded."""
-    return (self_offset == 0 and zn.data_ptr() == rn.data_ptr() and zn.shape == rn.shape
-            and labels.data_ptr() == ref_labels.data_ptr())
-
-
 def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=True, mm=None):
     """(rows, S [c,M], pos mask, neg mask) for consecutive chunks of rows of the label-mode scores, about
     chunk_scores(device) at a time: a row's loss depends on its own row of S only, so row chunks are exact
@@ -170,17 +163,18 @@ class _LabelDoubleBackward(torch.autograd.Function):
             if params[0] in HVP_FORMS and kernels.can(FUSED_HVP, e.device):
                 return kernels.ops.oucl_label_hvp(grad_rows, e, iz, r, ir, v_z, v_r, labels, ref_labels, stats,
                                                   self_offset, SIMILARITIES[similarity], *params, ref_grad)
+            self_mode = label_self_mode(e, iz, r, ir, self_offset)
             zn = _scaled(e, iz)
-            rn = zn if label_self_mode(e, iz, r, ir, self_offset) else _scaled(r, ir)
+            rn = zn if self_mode else _scaled(r, ir)
             return _LabelDoubleBackward._vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity,
-                                             params, self_offset, kernels)
+                                             params, self_offset, kernels, self_mode)
 
     @staticmethod
-    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels):
+    def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels,
+             self_mode):
         ops = kernels.ops
         by_labels = params[0] in HVP_FORMS and kernels.can(ROWS_HVP, zn.device)
-        if (params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device)
-                and _is_self(zn, rn, labels, ref_labels, self_offset)):
+        if params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device) and self_mode:
             # In self mode the two halves of the backward's output are summed, so v_r is v_z; the symmetric
             # tiles take five GEMM-equivalents where the row chunks below take seven.
             d_g, d_z = ops.oucl_label_self_bwd_bwd(grad_rows, zn, v_z, labels, stats, SIMILARITIES[similarity],

@@ -52,7 +52,6 @@ ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # sb = Σ⁻ w·U·Σσ' - Σσ'·U - Σσ·Σ⁻ w·U (csrc/cpu/label_hvp.h's HvpLanes, whose notation this follows).
 N_LANES = tl.constexpr(9)
 PS, PL, NS, NL, COEF, C1, SA, SB, VALID = (tl.constexpr(k) for k in range(9))
-SIG_SUM = PS
 
 
 @triton.jit
@@ -215,7 +214,7 @@ def _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lan
     on = (_lane(lanes_ptr, rows, rmask, VALID) != 0)[:, None]
     if FORM == INFONCE:
         sg, sg_neg, w, dv = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
-        sig_sum = _lane(lanes_ptr, rows, rmask, SIG_SUM)[:, None]
+        sig_sum = ps  # InfoNCE keeps Σσ in lane PS
         g = tl.where(pos, -coef * beta * sg, coef * sig_sum * w * dv)
         h = tl.where(pos, c1 * sg * sg_neg * (t - sa), c1 * w * (sig_sum * t + sb))
     else:
