@@ -73,7 +73,7 @@ if os.environ.get("METAUG_NO_EXT", "0") != "1":
                 "metaug_fast._C_cuda",
                 sources=["csrc/cuda/module_cuda.cpp", "csrc/cuda/score.cu", "csrc/cuda/label.cu"],
                 depends=["csrc/oucl_common.h", "csrc/oucl_host.h", "csrc/build_info.h", "csrc/cuda/device.h",
-                         "csrc/cuda/warp.cuh"],
+                         "csrc/cuda/warp.cuh", "csrc/cuda/gemm.h", "csrc/cuda/label_hvp.cuh"],
                 include_dirs=_cuda_include_dirs(),
                 extra_compile_args={"cxx": ["-O3", *torch_version], "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
             )

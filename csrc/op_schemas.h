@@ -33,6 +33,13 @@ inline void define_kernel_ops(torch::Library& m) {
       "oucl_label_bwd(Tensor grad_rows, Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
       "Tensor stats, int self_offset, int similarity, int form, float beta, float gamma_pos, float gamma_neg, "
       "float margin, float lam, bool ref_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The second derivative (the forms with a Hessian): the backward's vector-Jacobian product for cotangents
+  // v_z [B,D] on its ∂/∂zn and v_r [M,D] on its ∂/∂rn ([0,D]: none) -> (d_g [B], ∂zn [B,D], ∂rn [M,D], or
+  // [0,D] without ref_grad). The Triton backend defines the same op (metaug_fast/kernels/label_hvp.py).
+  m.def(
+      "oucl_label_hvp(Tensor grad_rows, Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor v_z, Tensor v_r, "
+      "Tensor labels, Tensor ref_labels, Tensor stats, int self_offset, int similarity, int form, float beta, "
+      "float gamma_pos, float gamma_neg, float margin, float lam, bool ref_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "oucl_label_cross_fwd(Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
       "int similarity, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "

@@ -354,6 +354,7 @@ bool is_self(const at::Tensor& zn, const at::Tensor& rn, const LabelArgs<T>& a) 
 template <typename Backend>
 struct LabelOps {
   using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+  using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
   template <typename T>
@@ -408,10 +409,52 @@ struct LabelOps {
     return {std::get<0>(d_e), std::get<1>(d_e), std::get<0>(d_r), std::get<1>(d_r)};
   }
 
+  // -> (d_g [B], ∂zn [B,D], ∂rn [M,D], or [0,D] without ref_grad) in the accumulation dtype: the second
+  // derivative of the label ops (the forms with a Hessian), for the cotangents v_z [B,D] on the backward's
+  // ∂/∂zn and v_r [M,D] on its ∂/∂rn ([0,D]: none), as the Triton op of the same name defines it
+  // (metaug_fast/kernels/label_hvp.py). In self mode with v_r the very tensor v_z (the backward's two halves
+  // summed) the backend may take the symmetric tiles and return the whole ∂ in ∂zn, ∂rn zero. The backend
+  // gives hvp<T>(zn, rn, v_z, v_r, self, args, form, stats, grad_rows, d_g, dz, dr) (B > 0, M > 0), only
+  // the backends that register impl_hvp.
+  static Tensors3 hvp(const at::Tensor& grad_rows, const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r,
+                      const at::Tensor& ir, const at::Tensor& v_z, const at::Tensor& v_r, const at::Tensor& labels,
+                      const at::Tensor& ref_labels, const at::Tensor& stats, int64_t self_offset, int64_t similarity,
+                      int64_t form, double beta, double gamma_pos, double gamma_neg, double margin, double lam,
+                      bool ref_grad) {
+    const std::string who = std::string("oucl_label_hvp (") + Backend::kName + ")";
+    TORCH_CHECK_VALUE(is_hvp_form(form), who, ": form ", form, " has no fused second derivative; forms: squared (",
+                      int64_t(kSquared), "), weighted (", int64_t(kWeighted), "), circle (", int64_t(kCircle),
+                      "), InfoNCE (", int64_t(kInfoNCE), ")");
+    const LabelInputs<Backend> in(e, iz, r, ir, labels, ref_labels, form, similarity);
+    const auto checked = label_backward_inputs<Backend>(stats, grad_rows, in.zn, form);
+    const int64_t B = in.zn.size(0), M = in.rn.size(0), D = in.zn.size(1);
+    TORCH_CHECK(v_z.dim() == 2 && v_z.size(0) == B && v_z.size(1) == D && v_r.dim() == 2 &&
+                    (v_r.size(0) == M || v_r.size(0) == 0) && v_r.size(1) == D &&
+                    at::isFloatingType(v_z.scalar_type()) && at::isFloatingType(v_r.scalar_type()) &&
+                    v_z.device() == in.zn.device() && v_r.device() == in.zn.device(),
+                who, ": cotangents v_z [B,D] and v_r [M,D] or [0,D], floating point, on the rows' device");
+    // Decided on the tensors as given: converting them may copy one but not the other.
+    const bool same_v = v_z.data_ptr() == v_r.data_ptr() && v_z.sizes() == v_r.sizes() && v_z.strides() == v_r.strides();
+    const at::Tensor vz = v_z.detach().to(in.zn.scalar_type()).contiguous();
+    const at::Tensor vr = same_v ? vz : v_r.detach().to(in.zn.scalar_type()).contiguous();
+    at::Tensor d_g = at::zeros({B}, in.zn.options()), dz = at::zeros_like(in.zn);
+    at::Tensor dr = at::zeros({ref_grad ? M : 0, D}, in.zn.options());
+    if (B == 0 || M == 0 || D == 0) return {d_g, dz, dr};
+    AT_DISPATCH_FLOATING_TYPES(in.zn.scalar_type(), "oucl_label_hvp", [&] {
+      const auto a = args<scalar_t>(in, self_offset, similarity, beta, gamma_pos, gamma_neg, margin, lam);
+      const bool self = same_v && is_self(in.zn, in.rn, a);
+      Backend::template hvp<scalar_t>(in.zn, in.rn, vz, vr, self, a, form, std::get<0>(checked).template data_ptr<scalar_t>(),
+                                      std::get<1>(checked).template data_ptr<scalar_t>(), d_g.data_ptr<scalar_t>(), dz, dr);
+    });
+    return {d_g, dz, dr};
+  }
+
   static void impl(torch::Library& m) {
     m.impl("oucl_label_fwd", &fwd);
     m.impl("oucl_label_bwd", &bwd);
   }
+
+  static void impl_hvp(torch::Library& m) { m.impl("oucl_label_hvp", &hvp); }
 };
 
 // Cross mode (torch.ops.metaug_fast.oucl_label_cross_fwd, oucl_label_cross_bwd; InfoNCE): each row of zn

@@ -88,16 +88,25 @@ def simt_ops():
     return torch.ops.metaug_fast_simt
 
 
+def simt_kernels():
+    """The emulated CUDA ops as the CUDA backend's LabelKernels: the fused second derivative (oucl_label_hvp)
+    declared on the emulator's CPU tensors as the backend declares it on CUDA."""
+    from metaug_fast._ops.label import LabelKernels
+    from metaug_fast.backends import cpp
+
+    return LabelKernels(simt_ops(), {"cpu": cpp.KERNELS.capabilities["cuda"]})
+
+
 def _registered(name: str) -> Dict[str, Callable]:
     return dict(_backend.REGISTRY[name].impls)
 
 
 def _simt_impls() -> Dict[str, Callable]:
     from metaug_fast._ops import fused_impls
-    from metaug_fast._ops.label import LabelKernels, pairwise_similarity_fused
+    from metaug_fast._ops.label import pairwise_similarity_fused
 
     # The CUDA backend's similarity is ATen (cuBLAS on a GPU): no kernel of its own to emulate.
-    return fused_impls(LabelKernels(simt_ops()), pairwise_similarity=pairwise_similarity_fused)
+    return fused_impls(simt_kernels(), pairwise_similarity=pairwise_similarity_fused)
 
 
 # (name, device, interpreted, GPU only)

@@ -6,7 +6,7 @@ import torch
 
 import metaug_fast
 import metaug_fast.functional as F
-from metaug_fast.contract import Form, LossParams
+from metaug_fast.contract import HVP_FORMS, Form, LossParams
 
 from conftest import requires_cpp
 
@@ -55,6 +55,9 @@ def _op_cases(device, dtype):
             cases += [("oucl_label_fwd", args)]
             for ref_grad in (True, False):
                 cases.append(("oucl_label_bwd", (g_label, *rows, lab, rlab, stats, offset, 0, *params, ref_grad)))
+            if params[0] in HVP_FORMS:
+                hvp_cases = _hvp_cases(g_label, rows, lab, rlab, stats, offset, params)
+                cases += [("oucl_label_hvp", a) for a in hvp_cases] if device == "cuda" else []
             if device == "cpu":
                 cases.append(("oucl_label_fwd_grad", args))
                 z, r = rows[0] * rows[1][:, None], rows[2] * rows[3][:, None]
@@ -73,6 +76,22 @@ def _op_cases(device, dtype):
     return cases
 
 
+def _hvp_cases(g, rows, labels, ref_labels, stats, offset, params):
+    """oucl_label_hvp's arguments with and without the reference rows' cotangent and gradient (in self mode
+    v_r is v_z itself, as the backward passes it)."""
+    e, r = rows[0], rows[2]
+    v_z = torch.randn_like(e)
+    v_r = v_z if offset == 0 else torch.randn_like(r)
+    head = (g, *rows)
+    tail = (labels, ref_labels, stats, offset, 0, *params)
+    return [(*head, v_z, v_r, *tail, True), (*head, v_z, v_r[:0], *tail, False)]
+
+
+# Ops with kernels on CUDA only: opcheck takes them on a GPU; here their fake is checked against the kernel
+# under the SIMT emulator.
+CUDA_ONLY = {"oucl_label_hvp"}
+
+
 @requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,7 +105,36 @@ def test_every_op_passes_opcheck(device, dtype):
     if dtype == torch.float64 and device == "cpu":
         from metaug_fast._ops import fake
 
-        assert seen == {fn.__name__ for fn in fake.OPS}  # every op with a fake implementation is checked
+        assert seen == {fn.__name__ for fn in fake.OPS} - CUDA_ONLY  # every op with a fake implementation
+
+    if dtype == torch.float64 and device == "cuda":
+        assert CUDA_ONLY <= seen
+
+
+@requires_cpp
+def test_cuda_only_ops_fakes_match_their_emulated_kernels():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from metaug_fast._ops import fake
+
+    from backends import simt_ops
+
+    simt = simt_ops()
+    cases = [(name, a) for name, a in _op_cases("cpu", torch.float64) if name == "oucl_label_fwd"]
+    checked = 0
+    for _, args in cases:
+        rows, (lab, rlab, offset), params = args[:4], args[4:7], args[8:]
+        _, stats = simt.oucl_label_fwd(*args)
+        g = torch.rand(rows[0].shape[0], dtype=torch.float64)
+        if params[0] not in HVP_FORMS:
+            continue
+        for hvp_args in _hvp_cases(g, rows, lab, rlab, stats, offset, params):
+            real = simt.oucl_label_hvp(*hvp_args)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                shaped = fake.oucl_label_hvp(*hvp_args)
+            assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in shaped]
+            checked += 1
+    assert checked == 8
 
 
 def _compare(fn, inputs, rtol=1e-5, atol=1e-6):

@@ -24,8 +24,8 @@ from metaug_fast._ops.label import (
 )
 from metaug_fast.contract import Form
 
-from backends import ASAN, asan_preload, simt_ops
-from helpers import FORMS, hvp, label_data
+from backends import ASAN, asan_preload, simt_kernels, simt_ops
+from helpers import FORMS, LargestAllocation, hvp, label_data, rel_err
 
 PARAMS = dict(gamma_pos=0.1, gamma_neg=-0.05, margin=0.3, lam=0.2)
 
@@ -64,10 +64,12 @@ def test_emulator_runs_warp_collectives_and_rejects_broken_ones(simt):
 
 # ------------------------------------------------------------------------------------------ label mode
 def _label_fn(op, ops, **extra):
-    """The op as (emb, labels, ref, ref_labels) -> tuple of outputs, on ``ops`` or reference.py (None)."""
+    """The op as (emb, labels, ref, ref_labels) -> tuple of outputs, on ``ops`` (an op namespace, or
+    LabelKernels with their capabilities) or reference.py (None)."""
+    kernels = ops if isinstance(ops, LabelKernels) else LabelKernels(ops)
 
     def pick(reference, fused):
-        return reference if ops is None else functools.partial(fused, kernels=LabelKernels(ops))
+        return reference if ops is None else functools.partial(fused, kernels=kernels)
 
     if op == "margins":
         fn = pick(R.margin_statistics_embeddings, margin_statistics_embeddings_fused)
@@ -78,7 +80,8 @@ def _label_fn(op, ops, **extra):
     else:
         fn = pick(R.oucl_embeddings, oucl_embeddings_fused)
         kw = dict(form=op, beta=32.0, similarity="shifted_cosine", reduction="none", **PARAMS)
-    return lambda *a: (fn(*a, **kw, **extra),)
+    kw.update(extra)
+    return lambda *a: (fn(*a, **kw),)
 
 
 def _label_run(fn, emb, labels, ref, ref_labels, ref_grad=True):
@@ -125,9 +128,9 @@ def test_self_mode_square_tiles_equal_the_rectangular_path(simt, form):
 
 
 @pytest.mark.parametrize("op", ("squared", "info_nce"))
-def test_label_mode_hessian_vector_product(simt, op, monkeypatch):
-    # The meta step's path: the second derivative runs row chunks of the scores (here 2 rows of 30) through
-    # the emulated score-mode backward and double-backward kernels.
+def test_label_mode_hessian_vector_product_in_row_chunks(simt, op, monkeypatch):
+    # Ops without the fused second derivative (the bare op namespace, no capabilities) run it in row chunks
+    # of the scores (here 2 rows of 30) through the emulated score-mode backward and double-backward kernels.
     from metaug_fast._ops import label as label_ops
 
     monkeypatch.setattr(label_ops, "_CHUNK_SCORES", 60)
@@ -142,3 +145,101 @@ def test_label_mode_hessian_vector_product(simt, op, monkeypatch):
     torch.testing.assert_close(loss, loss_w, rtol=1e-10, atol=0)
     for g, w in zip(grads + hv, grads_w + hv_w):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- the fused second derivative
+HVP_OPS = FORMS[1:] + ("info_nce",)  # the forms with a Hessian (contract.HVP_FORMS)
+# (B, M or None, self_offset, reference rows differentiated): self mode over square tiles of 32 (40 rows: a
+# full block and a ragged diagonal one); 21 rows against 100 references in column tiles of 48 + 48 + 4; a
+# rank's rows inside a gathered batch (anchor i is reference row i + 13); a constant reference set.
+HVP_MODES = {"self": (40, None, None, True), "reference": (21, 100, None, True), "offset": (10, 45, 13, True),
+             "constant": (21, 100, None, False)}
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return simt_kernels()
+
+
+def _hvp_run(op, kernels, mode, dtype=torch.float64, similarity="shifted_cosine"):
+    """(loss, gradients, Hessian-vector products) of ``op`` summed over rows in HVP_MODES[mode]."""
+    B, M, offset, ref_grad = HVP_MODES[mode]
+    torch.manual_seed(7)
+    emb, labels, ref, ref_labels = label_data(B, M, D=9)
+    if offset is not None:
+        ref[offset:offset + B], ref_labels[offset:offset + B] = emb, labels
+    extra = {} if offset is None else dict(self_offset=offset)
+    fn = _label_fn(op, kernels, similarity=similarity, **extra)
+    inputs = [emb.to(dtype).requires_grad_()]
+    if ref is not None and ref_grad:
+        inputs.append(ref.to(dtype).requires_grad_())
+    const = None if ref is None or ref_grad else ref.to(dtype)
+    vecs = [torch.randn(x.shape, dtype=torch.float64).to(dtype) for x in inputs]
+
+    def loss(*xs):
+        r = xs[1] if len(xs) > 1 else const
+        return fn(xs[0], labels, r, ref_labels)[0].sum()
+
+    return hvp(loss, inputs, vecs)
+
+
+@pytest.mark.parametrize("op", HVP_OPS)
+@pytest.mark.parametrize("mode", list(HVP_MODES))
+@pytest.mark.parametrize("similarity", ["shifted_cosine", "cosine"])
+def test_fused_hvp_matches_the_oracle_across_tile_edges(fused, op, mode, similarity):
+    # The CUDA backend's oucl_label_hvp (cuBLAS tiles of S and U, the sums, rows and apply kernels) for every
+    # form with a Hessian, in fp64 against reference.py: loss, gradients and Hessian-vector products.
+    (loss, grads, hv), (loss_w, grads_w, hv_w) = (_hvp_run(op, k, mode, similarity=similarity) for k in (fused, None))
+    torch.testing.assert_close(loss, loss_w, rtol=1e-11, atol=0)
+    for g, w in zip(grads + hv, grads_w + hv_w):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11 * max(1.0, w.abs().max().item()))
+
+
+@pytest.mark.parametrize("op", ("circle", "info_nce"))
+def test_fused_hvp_in_fp32(fused, op):
+    # fp32 rows: the tiles, the kernels and the GEMMs in fp32, within fp32's error of the fp64 oracle.
+    _, _, hv = _hvp_run(op, fused, "reference", torch.float32)
+    _, _, hv_w = _hvp_run(op, None, "reference")
+    for h, w in zip(hv, hv_w):
+        assert rel_err(h.double(), w) < 2e-5
+
+
+@pytest.mark.parametrize("mode", ("self", "reference"))
+def test_fused_hvp_runs_one_op_and_no_product_of_b_by_m(fused, mode):
+    # The second backward calls the fused op and nothing of the row-chunk path: no aten matrix product, no
+    # score-mode op and no tensor of B×M (or of a row chunk of it) outside the op, whose own tiles hold
+    # 1024 scores here (32 × 32 in self mode), under B×M.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, M, _, _ = HVP_MODES[mode]
+    emb, labels, ref, ref_labels = label_data(B, M, D=9)
+    xs = [emb.requires_grad_()] + ([] if ref is None else [ref.requires_grad_()])
+    loss = _label_fn("weighted", fused)(xs[0], labels, ref, ref_labels)[0].sum()
+    grads = torch.autograd.grad(loss, xs, create_graph=True)
+    dot = sum(g.sum() for g in grads)
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with LargestAllocation() as mode_, Ops() as ops:
+        torch.autograd.grad(dot, xs)
+    assert "oucl_label_hvp" in ops.seen, ops.seen
+    assert not ops.seen & {"mm", "addmm", "bmm", "matmul", "oucl_score_bwd", "oucl_score_bwd_bwd"}, ops.seen
+    assert mode_.largest <= (B if ref is None else M) * 9 < B * (M or B)
+
+
+def test_fused_hvp_op_refuses_what_it_cannot_take(simt):
+    emb, labels, ref, ref_labels = label_data(6, 8, D=4)
+    one_b, one_m = torch.ones(6, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    stats = torch.zeros(6, 5, dtype=torch.float64)
+    g = torch.ones(6, dtype=torch.float64)
+    args = (g, emb, one_b, ref, one_m, emb, ref, labels, ref_labels, stats, -1, 0)
+    with pytest.raises(ValueError, match="form 0 has no fused second derivative"):
+        simt.oucl_label_hvp(*args, 0, 8.0, 0.0, 0.0, 0.25, 0.0, True)
+    with pytest.raises(RuntimeError, match="cotangents v_z"):
+        simt.oucl_label_hvp(g, emb, one_b, ref, one_m, ref, ref, labels, ref_labels, stats, -1, 0, 2, 8.0, 0.0, 0.0,
+                            0.25, 0.0, True)

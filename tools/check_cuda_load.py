@@ -9,7 +9,7 @@ import torch
 import metaug_fast  # noqa: F401  (defines the ops' schemas)
 
 OPS = ("oucl_score_fwd", "oucl_score_bwd", "oucl_score_bwd_bwd", "margin_score_fwd", "margin_score_bwd",
-       "oucl_label_fwd", "oucl_label_bwd", "oucl_label_cross_fwd", "oucl_label_cross_bwd")
+       "oucl_label_fwd", "oucl_label_bwd", "oucl_label_hvp", "oucl_label_cross_fwd", "oucl_label_cross_bwd")
 
 
 def main() -> int:

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -140,6 +141,8 @@ __global__ void label_tile_backward_kernel(LabelTileArgs<T> a) {
   a.tile[idx] = a.sim_a * g;
 }
 
+#include "label_hvp.cuh"
+
 // Columns per tile: B × tile stays under kTileElems elements. The SIMT emulation sets a small value so that
 // its small tests cross several tiles and a ragged last one.
 #ifndef METAUG_LABEL_TILE_ELEMS
@@ -174,17 +177,23 @@ struct CudaLabel : device::Backend {
     a.tile = tile.data_ptr<T>();
   }
 
-  // `visit(r0, nr, c0, tile)` for every tile of S = zn·rnᵀ, the tile [nr, L] contiguous and the visitor's to
-  // overwrite. Self mode: the square tiles (I, J ≥ I) and, off the diagonal, their transposed copies as
-  // tile (J, I); otherwise row-wide tiles of tile_columns(B, M) columns.
-  template <typename Visit>
-  static void sweep(const at::Tensor& zn, const at::Tensor& rn, bool self, Visit&& visit) {
-    const int64_t B = zn.size(0), M = rn.size(0);
+  // `visit(r0, nr, c0, tiles)` for every tile of the products x_k·y_kᵀ of `xy` (K pairs of row-major [B, D_k]
+  // and [M, D_k] operands, tiles[k] the tile of product k, [nr, L] contiguous and the visitor's to
+  // overwrite). Self mode (x_k·y_kᵀ symmetric, B = M): the square tiles (I, J ≥ I) and, off the diagonal,
+  // their transposed copies as tile (J, I); otherwise row-wide tiles of tile_columns(B, M) columns.
+  template <size_t K, typename Visit>
+  static void sweep_products(const std::array<std::pair<at::Tensor, at::Tensor>, K>& xy, bool self, Visit&& visit) {
+    const int64_t B = xy[0].first.size(0), M = xy[0].second.size(0);
+    std::array<at::Tensor, K> tiles, tiles_t;
+    auto products = [&](int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+      for (size_t k = 0; k < K; ++k)
+        tiles[k] = device::mm(xy[k].first.narrow(0, i0, ni), xy[k].second.narrow(0, j0, nj).t());
+    };
     if (!self) {
       const int64_t cols = tile_columns(B, M);
       for (int64_t c0 = 0; c0 < M; c0 += cols) {
-        at::Tensor tile = device::mm(zn, rn.narrow(0, c0, std::min(cols, M - c0)).t());
-        visit(0, B, c0, tile);
+        products(0, B, c0, std::min(cols, M - c0));
+        visit(int64_t(0), B, c0, tiles);
       }
       return;
     }
@@ -192,12 +201,19 @@ struct CudaLabel : device::Backend {
       const int64_t ni = std::min(kSelfTile, B - i0);
       for (int64_t j0 = i0; j0 < B; j0 += kSelfTile) {
         const int64_t nj = std::min(kSelfTile, B - j0);
-        at::Tensor tile = device::mm(zn.narrow(0, i0, ni), zn.narrow(0, j0, nj).t());
-        at::Tensor tile_t = j0 > i0 ? tile.t().contiguous() : at::Tensor();
-        visit(i0, ni, j0, tile);
-        if (tile_t.defined()) visit(j0, nj, i0, tile_t);
+        products(i0, ni, j0, nj);
+        for (size_t k = 0; k < K; ++k) tiles_t[k] = j0 > i0 ? tiles[k].t().contiguous() : at::Tensor();
+        visit(i0, ni, j0, tiles);
+        if (j0 > i0) visit(j0, nj, i0, tiles_t);
       }
     }
+  }
+
+  // sweep_products of S = zn·rnᵀ alone, as `visit(r0, nr, c0, tile)`.
+  template <typename Visit>
+  static void sweep(const at::Tensor& zn, const at::Tensor& rn, bool self, Visit&& visit) {
+    sweep_products<1>({{{zn, rn}}}, self,
+                      [&](int64_t r0, int64_t nr, int64_t c0, std::array<at::Tensor, 1>& t) { visit(r0, nr, c0, t[0]); });
   }
 
   template <typename T>
@@ -251,6 +267,75 @@ struct CudaLabel : device::Backend {
         held = at::Tensor();
       }
     });
+  }
+
+  // The second derivative (LabelOps::hvp): round 1 over the tiles of S and U adds each row's sums, the
+  // rows kernel makes its constants and d_g, round 2 recomputes the tiles into G and a·W and takes
+  // ∂zn += G·v_r + aW·rn and ∂rn += Gᵀ·v_z + aWᵀ·zn (dr empty: not wanted), all times a at the end. U in
+  // one GEMM over 2D features ([v_z | zn]·[rn | v_r]ᵀ). Self mode (v_r is v_z, U symmetric like S): the
+  // symmetric tiles, H_G = G_IJ + G_JIᵀ and H_W likewise, ∂Z_I += H_G·v_J + H_W·Z_J and
+  // ∂Z_J += H_Gᵀ·v_I + H_Wᵀ·Z_I, the whole gradient in dz.
+  template <typename T>
+  static void hvp(const at::Tensor& zn, const at::Tensor& rn, const at::Tensor& v_z, const at::Tensor& v_r, bool self,
+                  const LabelArgs<T>& args, int64_t form, const T* stats, const T* grad_rows, T* d_g, at::Tensor& dz,
+                  at::Tensor& dr) {
+    const int64_t B = zn.size(0);
+    const cudaStream_t stream = device::current_stream();
+    const bool with_r = v_r.size(0) > 0;
+    const std::array<std::pair<at::Tensor, at::Tensor>, 2> xy{
+        {{zn, rn}, {with_r ? at::cat({v_z, zn}, 1) : v_z, with_r ? at::cat({rn, v_r}, 1) : rn}}};
+    const at::Tensor rows = at::empty({B * int64_t(sizeof(HvpRow<T>))}, zn.options().dtype(at::kByte));
+    HvpTileArgs<T> a{};
+    static_cast<LabelArgs<T>&>(a) = args;
+    a.hrow = reinterpret_cast<HvpRow<T>*>(rows.data_ptr());
+    const dim3 per_row((B + 255) / 256), block(256);
+    device::launch(label_hvp_init_kernel<T>, per_row, block, stream, a.hrow, stats, B, form);
+    auto place_both = [&](int64_t r0, int64_t nr, int64_t c0, std::array<at::Tensor, 2>& t) {
+      place(a, r0, nr, c0, t[0]);
+      a.u = t[1].data_ptr<T>();
+    };
+    sweep_products<2>(xy, self, [&](int64_t r0, int64_t nr, int64_t c0, std::array<at::Tensor, 2>& t) {
+      place_both(r0, nr, c0, t);
+      with_form(form, [&](auto f) {
+        if constexpr (is_hvp_form(decltype(f)::value))
+          device::launch(label_hvp_sums_kernel<decltype(f)::value, T>, warp_grid(nr), warp_block(), stream, a);
+      });
+    });
+    device::launch(label_hvp_rows_kernel<T>, per_row, block, stream, a.hrow, stats, grad_rows, B, form, args.cfg,
+                   args.sim_a, d_g);
+    std::array<at::Tensor, 2> held;  // self mode: G_IJ and a·W_IJ, until the transposed tile (J, I) arrives
+    sweep_products<2>(xy, self, [&](int64_t r0, int64_t nr, int64_t c0, std::array<at::Tensor, 2>& t) {
+      place_both(r0, nr, c0, t);
+      const int64_t n = nr * a.L;
+      with_form(form, [&](auto f) {
+        if constexpr (is_hvp_form(decltype(f)::value))
+          device::launch(label_hvp_apply_kernel<decltype(f)::value, T>, dim3((n + 255) / 256), block, stream, a);
+      });
+      const at::Tensor &G = t[0], &W = t[1];
+      if (!self) {
+        if (with_r) device::addmm_(dz, G, v_r.narrow(0, c0, a.L));
+        device::addmm_(dz, W, rn.narrow(0, c0, a.L));
+        if (dr.size(0) > 0) {
+          device::addmm_(dr.narrow(0, c0, a.L), G.t(), v_z);
+          device::addmm_(dr.narrow(0, c0, a.L), W.t(), zn);
+        }
+      } else if (r0 == c0) {  // diagonal: H = G_II + G_IIᵀ
+        device::addmm_(dz.narrow(0, r0, nr), G + G.t(), v_z.narrow(0, r0, nr));
+        device::addmm_(dz.narrow(0, r0, nr), W + W.t(), zn.narrow(0, r0, nr));
+      } else if (r0 < c0) {
+        held = t;
+      } else {  // the transposed tile (J, I) with r0 = J: H = G_IJ + G_JIᵀ, I = c0
+        held[0].add_(G.t());
+        held[1].add_(W.t());
+        device::addmm_(dz.narrow(0, c0, a.L), held[0], v_z.narrow(0, r0, nr));
+        device::addmm_(dz.narrow(0, c0, a.L), held[1], zn.narrow(0, r0, nr));
+        device::addmm_(dz.narrow(0, r0, nr), held[0].t(), v_z.narrow(0, c0, a.L));
+        device::addmm_(dz.narrow(0, r0, nr), held[1].t(), zn.narrow(0, c0, a.L));
+        held = {};
+      }
+    });
+    dz.mul_(args.sim_a);
+    dr.mul_(args.sim_a);
   }
 
   // Cross mode (InfoNCE): `visit(c0, tile, tile_t)` for every column tile of S = zn·rnᵀ (the row-wide tiles
@@ -326,6 +411,7 @@ struct CudaLabel : device::Backend {
 // The CUDA kernels of the label-mode ops whose schemas define_kernel_ops gives.
 void impl_label_ops(torch::Library& m) {
   LabelOps<CudaLabel>::impl(m);
+  LabelOps<CudaLabel>::impl_hvp(m);
   CrossOps<CudaLabel>::impl(m);
 }
 

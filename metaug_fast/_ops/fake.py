@@ -82,6 +82,12 @@ def oucl_label_self_bwd_bwd(grad_rows, zn, v, labels, stats, similarity, form, b
     return _like(grad_rows), _like(zn)
 
 
+def oucl_label_hvp(grad_rows, e, iz, r, ir, v_z, v_r, labels, ref_labels, stats, self_offset, similarity, form, beta,
+                   gamma_pos, gamma_neg, margin, lam, ref_grad):
+    return (iz.new_empty(iz.shape), e.new_empty(e.shape, dtype=iz.dtype),
+            r.new_empty((r.shape[0] if ref_grad else 0, r.shape[1]), dtype=ir.dtype))
+
+
 def oucl_label_cross_fwd(e, iz, r, ir, labels, ref_labels, similarity, form, beta, gamma_pos, gamma_neg, margin,
                          lam):
     return (*_rows_and_stats(e, iz.dtype), *_rows_and_stats(r, ir.dtype))
@@ -93,14 +99,14 @@ def oucl_label_cross_bwd(grad_z, grad_r, e, iz, r, ir, labels, ref_labels, stats
 
 
 OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,
-       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_self_bwd_bwd, oucl_label_cross_fwd,
-       oucl_label_cross_bwd)
+       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_self_bwd_bwd, oucl_label_hvp,
+       oucl_label_cross_fwd, oucl_label_cross_bwd)
 
 
 # The ops that multiply matrices inside (ATen GEMMs), per device type they run on.
 _GEMM_OPS = {"cpu": (oucl_label_fwd, oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd,
                      oucl_label_self_bwd_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd),
-             "cuda": (oucl_label_fwd, oucl_label_bwd, oucl_label_cross_fwd, oucl_label_cross_bwd)}
+             "cuda": (oucl_label_fwd, oucl_label_bwd, oucl_label_hvp, oucl_label_cross_fwd, oucl_label_cross_bwd)}
 
 
 def register() -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 from .. import _extension
 from .._backend import Backend, add
 from .._ops import fused_impls
-from .._ops.label import FWD_GRAD, ROWS_HVP, SELF_HVP, LabelKernels, pairwise_similarity_fused
+from .._ops.label import FUSED_HVP, FWD_GRAD, ROWS_HVP, SELF_HVP, LabelKernels, pairwise_similarity_fused
 from .._ops.score import CPP_OPS
 
 try:
@@ -23,9 +23,10 @@ else:
 
     fake.register()
 
-# The ops dispatch on the tensors' device: the CUDA backend registers its kernels for the same ops, and the
-# label-aware extras are CPU kernels.
-KERNELS = LabelKernels(CPP_OPS, {"cpu": frozenset({FWD_GRAD, ROWS_HVP, SELF_HVP})})
+# The ops dispatch on the tensors' device: the CUDA backend registers its kernels for the same ops. The
+# label-aware extras of the second derivative are CPU kernels over row chunks and symmetric tiles there, and
+# the fused op oucl_label_hvp on CUDA (csrc/cuda/label_hvp.cuh).
+KERNELS = LabelKernels(CPP_OPS, {"cpu": frozenset({FWD_GRAD, ROWS_HVP, SELF_HVP}), "cuda": frozenset({FUSED_HVP})})
 
 
 def unavailable() -> Optional[str]:
