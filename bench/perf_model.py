@@ -156,9 +156,10 @@ def label_ops(dtype: str, D: int) -> Dict[str, List[Kernel]]:
     with gpu_configs():
         t = label_hvp.tiles(getattr(torch, hvp_dtype), D)
     out_chunks = math.ceil(D / t["BDO"])
-    sums = dict(BM=t["BM"], BN=t["BN"], BD=t["BD"], num_warps=t["sums_warps"])
-    t = {k: v for k, v in t.items() if k != "sums_warps"}
-    flags = dict(FORM=weighted, WITH_R=True, PREC="tf32" if hvp_dtype == "bfloat16" else "ieee", UPCAST=False)
+    sums = dict(BM=t["BM"], BN=t["sums_BN"], BD=t["BD"], SPLIT=t["SPLIT"], num_warps=t["sums_warps"])
+    t = {k: v for k, v in t.items() if not k.startswith("sums_")}
+    flags = dict(FORM=weighted, WITH_R=True, PREC="tf32" if hvp_dtype == "bfloat16" else "ieee", UPCAST=False,
+                 EVEN_D=t["SPLIT"] and D % t["BD"] == 0 and D % t["BDO"] == 0)
     hvp = [bwd,
            Kernel("_hvp_sums_kernel", hvp_dtype, {**flags, **sums}, 3, 3),
            Kernel("_hvp_out_kernel", hvp_dtype, {**flags, **t, "BY_COLS": False}, 5, 5, out_chunks),

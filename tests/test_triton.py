@@ -151,6 +151,28 @@ def test_fused_hvp_matches_the_oracle_across_tile_edges(op, mode, similarity):
     _close(got, want, 1e-11)
 
 
+@pytest.mark.parametrize("split, D", [(False, 70), (True, 64)])
+@pytest.mark.parametrize("op", ["squared", "info_nce"])
+def test_fused_hvp_in_one_loop_and_with_unmasked_features(monkeypatch, op, split, D):
+    # The FMA dtypes' kernels take every tile as an edge tile, in one loop (SPLIT False); with D a multiple of
+    # the feature chunks the interior tiles' loads carry no mask at all (EVEN_D). Both as the oracle, with the
+    # excluded pairs crossing tiles and a ragged last tile.
+    from metaug_fast.kernels import label_hvp
+
+    from helpers import oracle
+
+    real = label_hvp.tiles
+    monkeypatch.setattr(label_hvp, "tiles", lambda dtype, width: {**real(dtype, width), "SPLIT": split})
+    B, M, offset = HVP_MODES["offset"]
+    torch.manual_seed(6)
+    emb, labels, ref, ref_labels = label_data(B, M, D=D)
+    out = []
+    for impl in (oracle, "triton"):
+        torch.manual_seed(8)
+        out.append(_label_run(_hvp_fn(op, impl, labels, ref_labels, offset, "cosine"), emb, ref))
+    _close(out[1], out[0], 1e-11)
+
+
 @pytest.mark.parametrize("op", ["circle", "info_nce"])
 def test_fused_hvp_in_fp32_and_against_a_constant_reference_set(op):
     # fp32 rows (a memory bank's constant reference set: no gradient and no cotangent for it, and no column

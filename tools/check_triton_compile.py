@@ -179,9 +179,10 @@ def jobs() -> List[Job]:
     for dtype in ("bfloat16", "float32", "float64"):
         with gpu_configs():
             tiles = label_hvp.tiles(getattr(torch, dtype), 128)
-        prec = dict(PREC="tf32" if dtype == "bfloat16" else "ieee", UPCAST=False)
-        sums = dict(BM=tiles["BM"], BN=tiles["BN"], BD=tiles["BD"], num_warps=tiles["sums_warps"])
-        tiles = {k: v for k, v in tiles.items() if k != "sums_warps"}
+        prec = dict(PREC="tf32" if dtype == "bfloat16" else "ieee", UPCAST=False, EVEN_D=tiles["SPLIT"])
+        sums = dict(BM=tiles["BM"], BN=tiles["sums_BN"], BD=tiles["BD"], SPLIT=tiles["SPLIT"],
+                    num_warps=tiles["sums_warps"])
+        tiles = {k: v for k, v in tiles.items() if not k.startswith("sums_")}
         for form in HVP_FORMS if dtype != "float64" else (WEIGHTED, INFONCE):
             for with_r in (False, True):
                 flags = dict(FORM=int(form), WITH_R=with_r, **prec)

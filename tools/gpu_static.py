@@ -159,7 +159,7 @@ def _triton_row(job) -> dict:
     spec = ",".join(f"{k}={v}" for k, v in ({"D": job.D, **c} if widths else c).items())
     # The label kernels loop over chunks of BD features inside their tile loop unless a block is RESIDENT.
     trips = -(-job.D // c["BD"]) if job.module in LABEL_MODULES and not c.get("RESIDENT", False) else 1
-    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module == "label",
+    return row("triton", job.kernel, job.dtype, spec, res, insns, tile / threads, leanest=job.module in LABEL_MODULES,
                inner_trips=trips)
 
 

@@ -39,19 +39,22 @@ from torch import Tensor
 
 from ..contract import HVP_FORMS, Form, Stat
 from . import label
-from ._common import INFONCE, WEIGHTED, launch, load_cfg, loss_args, mul_rn, op, side_terms
+from ._common import INFONCE, SQUARED, WEIGHTED, launch, load_cfg, loss_args, mul_rn, op, side_terms
+from .label import _nth_tile, _segments
 
 # The rows' dtypes the kernels take: fp32 and fp64, and bf16 (fp32's exponent range: the per-pair terms of a
 # large batch, about 1/N², stay normal, where fp16 would need the first-order backward's per-row scaling).
 ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-# Per-row constants, the columns of ``lanes [B, N_LANES]`` (:func:`_row_lanes`), in this order: the forward's
-# positive shift and log-sum (InfoNCE: Σσ and 0), its negative shift and log-sum, then round 2's coef, c1, sa,
-# sb, and valid (1 or 0). The OUCL forms: coef = g/β·σ(y), c1 = coef·σ(-y)·(sa + sb), y the row's pre-softplus
-# argument, sa and sb round 1's two sums. InfoNCE: coef = g/n⁺, c1 = g·β²/n⁺, sa = Σ⁻ w·U,
-# sb = Σ⁻ w·U·Σσ' - Σσ'·U - Σσ·Σ⁻ w·U (csrc/cpu/label_hvp.h's HvpLanes, whose notation this follows).
-N_LANES = tl.constexpr(9)
-PS, PL, NS, NL, COEF, C1, SA, SB, VALID = (tl.constexpr(k) for k in range(9))
+# Per-row constants, the columns of ``lanes [B, N_LANES]`` (:func:`_row_lanes`), in this order: each side's
+# log-sum-exp K = shift + log-sum of the forward (InfoNCE: Σσ, then the negatives' C), then round 2's coef, c1,
+# sa, sb, and valid (1 or 0). The OUCL forms: coef = g/β·σ(y), c1 = coef·σ(-y)·(sa + sb), y the row's
+# pre-softplus argument, sa and sb round 1's two sums. InfoNCE: coef = g/n⁺, c1 = g·β²/n⁺, sa = Σ⁻ w·U,
+# sb = Σ⁻ w·U·Σσ' - Σσ'·U - Σσ·Σ⁻ w·U (csrc/cpu/label_hvp.h's HvpLanes, whose notation this follows). A weight
+# is exp(e - K) with K rounded once: its error, about ulp(β), is far inside the second derivative's
+# tolerance, and a column's lanes take two registers fewer per entry than the shift and log-sum apart.
+N_LANES = tl.constexpr(7)
+KP, KN, COEF, C1, SA, SB, VALID = (tl.constexpr(k) for k in range(7))
 
 
 @triton.jit
@@ -71,46 +74,64 @@ def _mm(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty: tl.constexpr,
+def _rows_of(ptr, idx, imask, d, D, MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows ``idx`` of a contiguous ``[n, D]`` operand at the features ``d``, masked by ``imask`` where MASK and
+    by D unless EVEN_D (D a multiple of the chunk): an interior tile's loads carry no predicate."""
+    at = ptr + idx[:, None].to(tl.int64) * D + d[None, :]
+    if MASK:
+        if EVEN_D:
+            return tl.load(at, mask=imask[:, None], other=0.0)
+        return tl.load(at, mask=imask[:, None] & (d[None, :] < D), other=0.0)
+    if EVEN_D:
+        return tl.load(at)
+    return tl.load(at, mask=d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, a, b, acc_ty: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, WITH_R: tl.constexpr, PREC: tl.constexpr,
-          UPCAST: tl.constexpr):
-    """(zn·rnᵀ, U, iz [BM], ir [BN]) of the tile ``[BM, BN]`` in the accumulation dtype, from the raw products
-    e·rᵀ, v_z·rᵀ and (WITH_R) e·v_rᵀ over the features in chunks of BD: zn·rnᵀ = iz_i·ir_j·(e·rᵀ),
-    U = ir_j·(v_z·rᵀ) + iz_i·(e·v_rᵀ). Rows and cotangents are contiguous [n, D] in the rows' dtype."""
+          UPCAST: tl.constexpr, MASK_R: tl.constexpr, MASK_C: tl.constexpr, EVEN_D: tl.constexpr):
+    """(S, U, iz [BM], ir [BN]) of the tile ``[BM, BN]`` in the accumulation dtype, from the raw products e·rᵀ,
+    v_z·rᵀ and (WITH_R) e·v_rᵀ over the features in chunks of BD: S = (a·iz_i)·ir_j·(e·rᵀ) + b (the similarity
+    d = a·cos + b; a is 1 or 1/2, exact in iz),
+    U = ir_j·(v_z·rᵀ) + iz_i·(e·v_rᵀ). Rows and cotangents are contiguous [n, D] in the rows' dtype; the rows
+    and columns are masked by ``rmask`` and ``cmask`` where MASK_R and MASK_C (a full block needs none)."""
     p = tl.zeros((BM, BN), acc_ty)
     u = tl.zeros((BM, BN), acc_ty)
     w = tl.zeros((BM, BN), acc_ty)
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
-        dm = d[None, :] < D
-        at_r = rows[:, None].to(tl.int64) * D + d[None, :]
-        at_c = cols[:, None].to(tl.int64) * D + d[None, :]
-        e = tl.load(e_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        vz = tl.load(vz_ptr + at_r, mask=rmask[:, None] & dm, other=0.0)
-        r = tl.load(r_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
+        e = _rows_of(e_ptr, rows, rmask, d, D, MASK_R, EVEN_D)
+        vz = _rows_of(vz_ptr, rows, rmask, d, D, MASK_R, EVEN_D)
+        r = _rows_of(r_ptr, cols, cmask, d, D, MASK_C, EVEN_D)
         p = _mm(e, tl.trans(r), p, PREC, UPCAST)
         u = _mm(vz, tl.trans(r), u, PREC, UPCAST)
         if WITH_R:
-            vr = tl.load(vr_ptr + at_c, mask=cmask[:, None] & dm, other=0.0)
+            vr = _rows_of(vr_ptr, cols, cmask, d, D, MASK_C, EVEN_D)
             w = _mm(e, tl.trans(vr), w, PREC, UPCAST)
     iz = tl.load(iz_ptr + rows, mask=rmask, other=0.0)
     ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
     u = u * ir[None, :]
     if WITH_R:
         u += w * iz[:, None]
-    return p * iz[:, None] * ir[None, :], u, iz, ir
+    return p * (a * iz)[:, None] * ir[None, :] + b, u, iz, ir
 
 
 @triton.jit
-def _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset):
+def _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset, EDGE: tl.constexpr):
     """(positive, negative) masks of the tile: the labels decide, and the excluded pair j = i + self_offset is
-    never a positive (still a negative when the labels differ, as reference.py)."""
+    never a positive (still a negative when the labels differ, as reference.py). Only an EDGE tile (ragged, or
+    crossing the excluded pairs) pays for the bounds and the exclusion: elsewhere every pair is one or the
+    other by its labels alone (the rows or columns of a ragged block of the program's own are computed and
+    never stored)."""
     lab = tl.load(lab_ptr + rows, mask=rmask, other=0)
     rlab = tl.load(rlab_ptr + cols, mask=cmask, other=0)
     same = lab[:, None] == rlab[None, :]
-    inside = rmask[:, None] & cmask[None, :]
-    excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
-    return same & inside & (excluded == 0), (same == 0) & inside
+    if EDGE:
+        inside = rmask[:, None] & cmask[None, :]
+        excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
+        return same & inside & (excluded == 0), (same == 0) & inside
+    return same, same == 0
 
 
 @triton.jit
@@ -123,18 +144,33 @@ def _sig_pair(x):
 
 
 @triton.jit
-def _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM: tl.constexpr):
-    """Per entry of the scores ``s``, with the rows' lanes broadcast ``[BM, 1]``: the OUCL forms' (w, d1, d2),
-    w the softmax weight of the entry within its side and d1, d2 the side's exponent derivatives; InfoNCE's
-    (σ(C - βs), σ(βs - C)) on positives and (w, dv) on negatives, C = ns + nl. One exp per entry."""
+def _lanes(lanes_ptr, idx, imask, ROWS: tl.constexpr):
+    """The lanes of the anchors ``idx`` that a tile's entries take, broadcast over it (``[n, 1]`` for its rows
+    with ROWS, ``[1, n]`` for its columns): (KP, KN, COEF, C1, SA, SB)."""
+    AXIS: tl.constexpr = 1 if ROWS else 0
+    kp = tl.expand_dims(_lane(lanes_ptr, idx, imask, KP), AXIS)
+    kn = tl.expand_dims(_lane(lanes_ptr, idx, imask, KN), AXIS)
+    coef = tl.expand_dims(_lane(lanes_ptr, idx, imask, COEF), AXIS)
+    c1 = tl.expand_dims(_lane(lanes_ptr, idx, imask, C1), AXIS)
+    sa = tl.expand_dims(_lane(lanes_ptr, idx, imask, SA), AXIS)
+    sb = tl.expand_dims(_lane(lanes_ptr, idx, imask, SB), AXIS)
+    return kp, kn, coef, c1, sa, sb
+
+
+@triton.jit
+def _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM: tl.constexpr):
+    """Per entry of the scores ``s``, with an anchor's log-sum-exps broadcast over the tile: the OUCL forms'
+    (w, d1, d2), w = exp(e - K) the softmax weight of the entry within its side and d1, d2 the side's exponent
+    derivatives; InfoNCE's (σ(C - βs), σ(βs - C)) on positives and (w, dv) on negatives, C = kn. One exp per
+    entry."""
     if FORM == INFONCE:
         ev, dv, _ = side_terms(s, WEIGHTED, False, beta, gamma_pos, gamma_neg, margin)
-        sg, sg_neg = _sig_pair((ns + nl) - beta * s)
-        w = tl.exp((ev - ns) - nl)
+        sg, sg_neg = _sig_pair(kn - beta * s)
+        w = tl.exp(ev - kn)
         return sg, sg_neg, w, dv
     u, du, d2u = side_terms(s, FORM, True, beta, gamma_pos, gamma_neg, margin)
     v, dv, d2v = side_terms(s, FORM, False, beta, gamma_pos, gamma_neg, margin)
-    w = tl.exp(tl.where(pos, (u - ps) - pl, (v - ns) - nl))
+    w = tl.exp(tl.where(pos, u - kp, v - kn))
     return w, tl.where(pos, du, dv), tl.where(pos, d2u, d2v), w
 
 
@@ -146,45 +182,63 @@ def _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a, sim_b, acc
 
 
 @triton.jit
-def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
-                     inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
-                     lam: tl.float64, sums_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
-                     FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Round 1: ``sums [B, 4]`` of each row over every column tile (zero for invalid rows)."""
-    acc_ty = lanes_ptr.dtype.element_ty
-    beta, gamma_pos, gamma_neg, margin, a, b = _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a,
-                                                       sim_b, acc_ty)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < B
-    ps = _lane(lanes_ptr, rows, rmask, PS)[:, None]
-    pl = _lane(lanes_ptr, rows, rmask, PL)[:, None]
-    ns = _lane(lanes_ptr, rows, rmask, NS)[:, None]
-    nl = _lane(lanes_ptr, rows, rmask, NL)[:, None]
-    valid = _lane(lanes_ptr, rows, rmask, VALID) != 0
-    s0 = tl.zeros((BM,), acc_ty)
-    s1 = tl.zeros((BM,), acc_ty)
-    s2 = tl.zeros((BM,), acc_ty)
-    s3 = tl.zeros((BM,), acc_ty)
-    for c0 in range(0, M, BN):
-        cols = c0 + tl.arange(0, BN)
+def _sums_tiles(s0, s1, s2, s3, n_tiles, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr,
+                lab_ptr, rlab_ptr, rows, rmask, kp, kn, M, D, self_offset, a, b, beta, gamma_pos, gamma_neg,
+                margin, acc_ty: tl.constexpr, FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+                SPLIT: tl.constexpr, EDGE: tl.constexpr):
+    """Round 1's sums of the row block over ``n_tiles`` column tiles, interior or EDGE ones (label._segments)."""
+    for k in range(0, n_tiles):
+        cols = _which_tile(k, band_lo, band_hi, last, EDGE, SPLIT) * BN + tl.arange(0, BN)
         cmask = cols < M
-        p, t, _, _ = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM,
-                           BN, BD, WITH_R, PREC, UPCAST)
-        s = a * p + b
-        pos, neg = _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset)
+        s, t, _, _ = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, a, b, acc_ty,
+                           BM, BN, BD, WITH_R, PREC, UPCAST, True, EDGE, EVEN_D)
+        pos, neg = _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset, EDGE)
         if FORM == INFONCE:
-            sg, sg_neg, w, _ = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
+            sg, sg_neg, w, _ = _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM)
             ds = sg * sg_neg
             s0 += tl.sum(tl.where(neg, w * t, 0.0), axis=1)
             s1 += tl.sum(tl.where(pos, sg * t, 0.0), axis=1)
             s2 += tl.sum(tl.where(pos, ds, 0.0), axis=1)
             s3 += tl.sum(tl.where(pos, ds * t, 0.0), axis=1)
         else:
-            w, d1, _, _ = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
-            wd = mul_rn(w * d1, t)  # rounded as round 2's d1·t, with which it cancels (see _second)
+            w, d1, _, _ = _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM)
+            wd = mul_rn(w * d1, t)  # rounded as round 2's d1·t, with which it cancels (see _side)
             s0 += tl.sum(tl.where(pos, wd, 0.0), axis=1)
             s1 += tl.sum(tl.where(neg, wd, 0.0), axis=1)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, beta: tl.float64,
+                     inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
+                     lam: tl.float64, sums_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
+                     FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+                     SPLIT: tl.constexpr):
+    """Round 1: ``sums [B, 4]`` of each row over every column tile (zero for invalid rows)."""
+    acc_ty = lanes_ptr.dtype.element_ty
+    beta, gamma_pos, gamma_neg, margin, a, b = _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a,
+                                                       sim_b, acc_ty)
+    r0 = tl.program_id(0) * BM
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < B
+    kp, kn, _, _, _, _ = _lanes(lanes_ptr, rows, rmask, True)
+    s0 = tl.zeros((BM,), acc_ty)
+    s1 = tl.zeros((BM,), acc_ty)
+    s2 = tl.zeros((BM,), acc_ty)
+    s3 = tl.zeros((BM,), acc_ty)
+    band_lo, band_hi, last, n_inner, n_edge = _row_segments(r0, M, self_offset, BM, BN, SPLIT)
+    if SPLIT:
+        s0, s1, s2, s3 = _sums_tiles(s0, s1, s2, s3, n_inner, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr,
+                                     vz_ptr, vr_ptr, lab_ptr, rlab_ptr, rows, rmask, kp, kn, M, D, self_offset, a, b,
+                                     beta, gamma_pos, gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD, PREC,
+                                     UPCAST, EVEN_D, SPLIT, False)
+    s0, s1, s2, s3 = _sums_tiles(s0, s1, s2, s3, n_edge, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr,
+                                 vz_ptr, vr_ptr, lab_ptr, rlab_ptr, rows, rmask, kp, kn, M, D, self_offset, a,
+                                 b, beta, gamma_pos, gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD, PREC, UPCAST,
+                                 EVEN_D, SPLIT, True)
+    valid = _lane(lanes_ptr, rows, rmask, VALID) != 0
     out = sums_ptr + rows.to(tl.int64) * 4
     tl.store(out, tl.where(valid, s0, 0.0), mask=rmask)
     tl.store(out + 1, tl.where(valid, s1, 0.0), mask=rmask)
@@ -193,38 +247,94 @@ def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab
 
 
 @triton.jit
-def _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, rows, rmask, cols, cmask,
-            D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin, acc_ty: tl.constexpr, FORM: tl.constexpr,
-            WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-            UPCAST: tl.constexpr):
-    """Round 2 on one tile: (G, a·W, iz, ir), G and W ``[BM, BN]`` from the rows' whole sums in their lanes,
-    zero off the pairs and on invalid rows (whose exponents may overflow)."""
-    p, t, iz, ir = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, rows, rmask, cols, cmask, D, acc_ty, BM, BN,
-                         BD, WITH_R, PREC, UPCAST)
-    s = a * p + b
-    pos, neg = _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset)
-    ps = _lane(lanes_ptr, rows, rmask, PS)[:, None]
-    pl = _lane(lanes_ptr, rows, rmask, PL)[:, None]
-    ns = _lane(lanes_ptr, rows, rmask, NS)[:, None]
-    nl = _lane(lanes_ptr, rows, rmask, NL)[:, None]
-    coef = _lane(lanes_ptr, rows, rmask, COEF)[:, None]
-    c1 = _lane(lanes_ptr, rows, rmask, C1)[:, None]
-    sa = _lane(lanes_ptr, rows, rmask, SA)[:, None]
-    sb = _lane(lanes_ptr, rows, rmask, SB)[:, None]
-    on = (_lane(lanes_ptr, rows, rmask, VALID) != 0)[:, None]
+def _tile_segments(lo, hi, n_tiles, full, SPLIT: tl.constexpr):
+    """label._segments of a loop over ``n_tiles`` tiles whose band [lo, hi) crosses the excluded pairs and
+    whose tiles from ``full`` on are ragged; without SPLIT every tile is an EDGE one (one loop: the FMA dtypes'
+    kernels spill with two)."""
+    if SPLIT:
+        return _segments(lo, hi, 0, n_tiles, full)
+    return 0, n_tiles, n_tiles, 0, n_tiles
+
+
+@triton.jit
+def _which_tile(k, band_lo, band_hi, last, EDGE: tl.constexpr, SPLIT: tl.constexpr):
+    """The tile of a loop's k-th step: label._nth_tile of the SPLIT loops, or k itself."""
+    if SPLIT:
+        return _nth_tile(k, 0, band_lo, band_hi, last, EDGE)
+    return k
+
+
+@triton.jit
+def _row_segments(r0, M, self_offset, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """_tile_segments of a row block's column tiles: the band holds the tiles whose columns pair with these
+    rows as j = i + self_offset."""
+    n_tiles = tl.cdiv(M, BN)
+    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, n_tiles)
+    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, n_tiles)
+    return _tile_segments(lo, hi, n_tiles, M // BN, SPLIT)
+
+
+@triton.jit
+def _side(s, t, pos, neg, lanes, beta, gamma_pos, gamma_neg, margin, FORM: tl.constexpr, EDGE: tl.constexpr):
+    """(G, W) of the tile's entries as one anchor's (its ``lanes`` broadcast over the tile: a row's, or a
+    column's in self mode, whose scores and U are symmetric); zero on an invalid anchor (its shifts are +∞)
+    and, in an EDGE tile, off the pairs."""
+    kp, kn, coef, c1, sa, sb = lanes
     if FORM == INFONCE:
-        sg, sg_neg, w, dv = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
-        sig_sum = ps  # InfoNCE keeps Σσ in lane PS
+        sg, sg_neg, w, dv = _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM)
+        sig_sum = kp  # InfoNCE keeps Σσ in lane KP
         g = tl.where(pos, -coef * beta * sg, coef * sig_sum * w * dv)
         h = tl.where(pos, c1 * sg * sg_neg * (t - sa), c1 * w * (sig_sum * t + sb))
     else:
-        w, d1, d2, _ = _weights(s, pos, neg, ps, pl, ns, nl, beta, gamma_pos, gamma_neg, margin, FORM)
+        w, d1, d2, _ = _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM)
         g = coef * w * d1
         # d1·t - Σ w·d1·t cancels exactly for a row dominated by one entry only when both products round
         # alike: mul_rn keeps them out of fused multiply-adds (as the score-mode double backward, _common.mul_rn)
-        h = w * d1 * c1 + coef * w * (d1 * (mul_rn(d1, t) - tl.where(pos, sa, sb)) + d2 * t)
-    keep = on & (pos | neg)
-    return tl.where(keep, g, 0.0), tl.where(keep, a * h, 0.0), iz, ir
+        dev = d1 * (mul_rn(d1, t) - tl.where(pos, sa, sb))
+        if FORM == SQUARED:  # the only form whose exponents have a second derivative (side_terms)
+            dev += d2 * t
+        h = w * d1 * c1 + coef * w * dev
+    if EDGE:
+        keep = pos | neg
+        g = tl.where(keep, g, 0.0)
+        h = tl.where(keep, h, 0.0)
+    return g, h
+
+
+@triton.jit
+def _out_tiles(acc, n_tiles, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr,
+               rlab_ptr, lanes_ptr, own, omask, own_lanes, d, n_other, D, self_offset, a, b, beta, gamma_pos,
+               gamma_neg, margin, acc_ty: tl.constexpr, FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               EVEN_D: tl.constexpr, SPLIT: tl.constexpr, BY_COLS: tl.constexpr, EDGE: tl.constexpr):
+    """Round 2's accumulator of the program's own rows (columns: BY_COLS) over ``n_tiles`` tiles of the other
+    side, interior or EDGE ones, each tile's G and W from its rows' lanes."""
+    x_ty = e_ptr.dtype.element_ty
+    STEP: tl.constexpr = BM if BY_COLS else BN
+    for k in range(0, n_tiles):
+        other = _which_tile(k, band_lo, band_hi, last, EDGE, SPLIT) * STEP + tl.arange(0, STEP)
+        xmask = other < n_other
+        if BY_COLS:
+            s, t, iz, _ = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, other, xmask, own, omask, D, a, b,
+                                acc_ty, BM, BN, BD, WITH_R, PREC, UPCAST, EDGE, True, EVEN_D)
+            pos, neg = _pairs(lab_ptr, rlab_ptr, other, xmask, own, omask, self_offset, EDGE)
+            g, h = _side(s, t, pos, neg, _lanes(lanes_ptr, other, xmask, True), beta, gamma_pos, gamma_neg, margin,
+                         FORM, EDGE)
+            e = _rows_of(e_ptr, other, xmask, d, D, EDGE, EVEN_D)
+            vz = _rows_of(vz_ptr, other, xmask, d, D, EDGE, EVEN_D)
+            acc = _mm(tl.trans((h * (a * iz)[:, None]).to(x_ty)), e, acc, PREC, UPCAST)
+            acc = _mm(tl.trans(g.to(x_ty)), vz, acc, PREC, UPCAST)
+        else:
+            s, t, _, ir = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, own, omask, other, xmask, D, a, b,
+                                acc_ty, BM, BN, BD, WITH_R, PREC, UPCAST, True, EDGE, EVEN_D)
+            pos, neg = _pairs(lab_ptr, rlab_ptr, own, omask, other, xmask, self_offset, EDGE)
+            g, h = _side(s, t, pos, neg, own_lanes, beta, gamma_pos, gamma_neg, margin, FORM, EDGE)
+            r = _rows_of(r_ptr, other, xmask, d, D, EDGE, EVEN_D)
+            acc = _mm((h * (a * ir)[None, :]).to(x_ty), r, acc, PREC, UPCAST)
+            if WITH_R:
+                vr = _rows_of(vr_ptr, other, xmask, d, D, EDGE, EVEN_D)
+                acc = _mm(g.to(x_ty), vr, acc, PREC, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -232,45 +342,45 @@ def _hvp_out_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_
                     inv_beta: tl.float64, gamma_pos: tl.float64, gamma_neg: tl.float64, margin: tl.float64,
                     lam: tl.float64, out_ptr, B, M, D, self_offset, sim_a: tl.float64, sim_b: tl.float64,
                     FORM: tl.constexpr, WITH_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                    BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BY_COLS: tl.constexpr):
+                    BDO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+                    SPLIT: tl.constexpr, BY_COLS: tl.constexpr):
     """Round 2 for a block of rows and a chunk of BDO features, ``∂zn [B, D]`` = a·Σ_j (G·v_r + a·(W·ir)·r);
     BY_COLS, for a block of columns, ``∂rn [M, D]`` = a·Σ_i (Gᵀ·v_z + a·(W·iz)ᵀ·e), over the same tiles (each
-    recomputed from its row block's lanes). G and W·ir (W·iz) are rounded to the rows' dtype as the
-    products' operands."""
-    x_ty = e_ptr.dtype.element_ty
+    recomputed from its row block's lanes). G and W·ir (W·iz) are rounded to the rows' dtype as the products'
+    operands."""
     acc_ty = lanes_ptr.dtype.element_ty
     beta, gamma_pos, gamma_neg, margin, a, b = _consts(beta, inv_beta, gamma_pos, gamma_neg, margin, lam, sim_a,
                                                        sim_b, acc_ty)
     OWN: tl.constexpr = BN if BY_COLS else BM
-    STEP: tl.constexpr = BM if BY_COLS else BN
     n_own = M if BY_COLS else B
-    n_other = B if BY_COLS else M
-    own = tl.program_id(0) * OWN + tl.arange(0, OWN)
+    o0 = tl.program_id(0) * OWN
+    own = o0 + tl.arange(0, OWN)
     omask = own < n_own
     d = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    dm = d[None, :] < D
     acc = tl.zeros((OWN, BDO), acc_ty)
-    for o0 in range(0, n_other, STEP):
-        other = o0 + tl.arange(0, STEP)
-        xmask = other < n_other
-        at = other[:, None].to(tl.int64) * D + d[None, :]
-        if BY_COLS:
-            g, aw, iz, _ = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, other,
-                                   xmask, own, omask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin,
-                                   acc_ty, FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
-            e = tl.load(e_ptr + at, mask=xmask[:, None] & dm, other=0.0)
-            vz = tl.load(vz_ptr + at, mask=xmask[:, None] & dm, other=0.0)
-            acc = _mm(tl.trans((aw * iz[:, None]).to(x_ty)), e, acc, PREC, UPCAST)
-            acc = _mm(tl.trans(g.to(x_ty)), vz, acc, PREC, UPCAST)
-        else:
-            g, aw, _, ir = _second(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_ptr, lanes_ptr, own,
-                                   omask, other, xmask, D, self_offset, a, b, beta, gamma_pos, gamma_neg, margin,
-                                   acc_ty, FORM, WITH_R, BM, BN, BD, PREC, UPCAST)
-            r = tl.load(r_ptr + at, mask=xmask[:, None] & dm, other=0.0)
-            acc = _mm((aw * ir[None, :]).to(x_ty), r, acc, PREC, UPCAST)
-            if WITH_R:
-                vr = tl.load(vr_ptr + at, mask=xmask[:, None] & dm, other=0.0)
-                acc = _mm(g.to(x_ty), vr, acc, PREC, UPCAST)
+    if BY_COLS:
+        # Row blocks whose rows i pair with these columns as j = i + self_offset (a negative numerator divides
+        # toward zero here: the band can only grow by a block, never miss one).
+        blocks = tl.cdiv(B, BM)
+        lo = tl.where(self_offset >= 0, (o0 - self_offset) // BM, blocks)
+        hi = tl.where(self_offset >= 0, (o0 + BN - 1 - self_offset) // BM + 1, blocks)
+        band_lo, band_hi, last, n_inner, n_edge = _tile_segments(lo, hi, blocks, B // BM, SPLIT)
+        own_lanes = None
+        n_other = B
+    else:
+        band_lo, band_hi, last, n_inner, n_edge = _row_segments(o0, M, self_offset, BM, BN, SPLIT)
+        own_lanes = _lanes(lanes_ptr, own, omask, True)
+        n_other = M
+    if SPLIT:
+        acc = _out_tiles(acc, n_inner, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr,
+                         rlab_ptr, lanes_ptr, own, omask, own_lanes, d, n_other, D, self_offset, a, b, beta, gamma_pos,
+                         gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD, BDO, PREC, UPCAST, EVEN_D, SPLIT, BY_COLS,
+                         False)
+    acc = _out_tiles(acc, n_edge, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr,
+                     rlab_ptr, lanes_ptr, own, omask, own_lanes, d, n_other, D, self_offset, a, b, beta, gamma_pos,
+                     gamma_neg, margin, acc_ty, FORM, WITH_R, BM, BN, BD, BDO, PREC, UPCAST, EVEN_D, SPLIT, BY_COLS,
+                     True)
+    dm = d[None, :] < D
     tl.store(out_ptr + own[:, None].to(tl.int64) * D + d[None, :], a * acc, mask=omask[:, None] & dm)
 
 
@@ -282,24 +392,28 @@ def tiles(dtype: torch.dtype, D: int) -> dict:
     1.7× the instructions per score: bench/perf_model.py). fp32 and fp64 products run on FMA units from
     registers, in 16-feature steps: 32 × 32 tiles with 8 warps (16 × 16 in fp64) hold a tile of S, two of
     U's products and the [BM, 128] accumulator without spilling (with 4 warps fp32's row kernel sat at 255
-    registers, fp64's spilled; fp64 takes 64 output features per program: at 128, Triton 3.6 sat at 255),
-    fp32's sums kernel with 4 (with 8, Triton 3.6 held it to 128 registers and
-    it spilled 4-8 bytes). ``make check-triton`` checks every form, under this venv's Triton and the GPU
-    machine's. Small blocks under the interpreter."""
+    registers, fp64's spilled; fp64 takes 64 output features per program: at 128, Triton 3.6 sat at 255);
+    their sums kernels run 4 warps over narrower tiles (sums_BN columns: ptxas holds fp32's to 168 registers
+    at 4 warps and 128 at 8, and 32 × 32 spilled 4-24 bytes in one form or another). ``make check-triton``
+    checks every form, under this venv's Triton and the GPU machine's. SPLIT: interior tiles in a loop of
+    their own, without masks, and (D a multiple of the chunks) no feature masks either (bf16; the FMA dtypes'
+    sums kernels spilled 4-48 bytes with two loops or with unmasked loads). Small blocks under the
+    interpreter, with SPLIT."""
     out = min(128, max(16, triton.next_power_of_2(D)))
     if label.interpreting():
         bd = min(64, max(16, triton.next_power_of_2(D)))
-        return dict(BM=16, BN=16, BD=bd, BDO=bd, num_warps=4, sums_warps=4)
+        return dict(BM=16, BN=16, BD=bd, BDO=bd, num_warps=4, sums_warps=4, sums_BN=16, SPLIT=True)
     if dtype == torch.bfloat16:
-        return dict(BM=64, BN=64, BD=32, BDO=out, num_warps=8, sums_warps=8)
+        return dict(BM=64, BN=64, BD=32, BDO=out, num_warps=8, sums_warps=8, sums_BN=64, SPLIT=True)
     if dtype == torch.float64:
-        return dict(BM=16, BN=16, BD=16, BDO=min(64, out), num_warps=8, sums_warps=8)
-    return dict(BM=32, BN=32, BD=16, BDO=out, num_warps=8, sums_warps=4)
+        return dict(BM=16, BN=16, BD=16, BDO=min(64, out), num_warps=8, sums_warps=4, sums_BN=8, SPLIT=False)
+    return dict(BM=32, BN=32, BD=16, BDO=out, num_warps=8, sums_warps=4, sums_BN=16, SPLIT=False)
 
 
 def _row_lanes(stats: Tensor, grad_rows: Tensor, sums: Tensor, form: int, beta: float) -> Tuple[Tensor, Tensor]:
     """(lanes [B, N_LANES] of round 2, d_g [B] = ∂ℓ/∂S·U without the slope) from the forward's ``stats``,
-    the incoming ``grad_rows`` and round 1's ``sums [B, 4]``; every constant zero on invalid rows."""
+    the incoming ``grad_rows`` and round 1's ``sums [B, 4]``; on invalid rows every constant is zero and the
+    shifts of the sides +∞."""
     valid = stats[:, Stat.VALID] != 0
     g = torch.where(valid, grad_rows.to(stats.dtype), 0.0)
     zero = torch.zeros_like(g)
@@ -307,16 +421,21 @@ def _row_lanes(stats: Tensor, grad_rows: Tensor, sums: Tensor, form: int, beta: 
     if form == Form.INFONCE:
         n_pos = stats[:, Stat.NCE_N_POS].clamp(min=1.0)
         s_sig = stats[:, Stat.NCE_SIGMOID_SUM]
-        shifts = (s_sig, zero, stats[:, Stat.NCE_SHIFT], stats[:, Stat.NCE_LOG_SUM])
+        sides = (s_sig, stats[:, Stat.NCE_SHIFT] + stats[:, Stat.NCE_LOG_SUM])
         consts = (g / n_pos, g * beta * beta / n_pos, sa, sa * sc - sd - s_sig * sa)
         d_g = beta / n_pos * (s_sig * sa - sb)
     else:
-        shifts = tuple(stats[:, k] for k in (Stat.POS_SHIFT, Stat.POS_LOG_SUM, Stat.NEG_SHIFT, Stat.NEG_LOG_SUM))
-        y = shifts[0] + shifts[1] + shifts[2] + shifts[3]
+        sides = (stats[:, Stat.POS_SHIFT] + stats[:, Stat.POS_LOG_SUM],
+                 stats[:, Stat.NEG_SHIFT] + stats[:, Stat.NEG_LOG_SUM])
+        y = sides[0] + sides[1]
         coef = g / beta * torch.sigmoid(y)
         consts = (coef, coef * torch.sigmoid(-y) * (sa + sb), sa, sb)
         d_g = torch.sigmoid(y) / beta * (sa + sb)
-    lanes = torch.stack([torch.where(valid, x, zero) for x in (*shifts, *consts)] + [valid.to(g)], 1)
+    # An invalid row's sides are K = +∞: its every weight is exp(-∞) = 0, and its G and W vanish with no
+    # select per entry (its constants are zero; InfoNCE's σ(C - βs) is 1 there, times coef = 0).
+    inf = torch.full_like(g, float("inf"))
+    off = ((zero, inf) if form == Form.INFONCE else (inf, inf)) + (zero,) * 4
+    lanes = torch.stack([torch.where(valid, x, o) for x, o in zip((*sides, *consts), off)] + [valid.to(g)], 1)
     return lanes.contiguous(), torch.where(valid, d_g, zero)
 
 
@@ -357,12 +476,13 @@ def oucl_label_hvp(grad_rows: Tensor, e: Tensor, iz: Tensor, r: Tensor, ir: Tens
     args = (e, iz.contiguous(), r, ir.contiguous(), v_z, v_r, lab, rlab)
     half = rows == torch.bfloat16
     tail = dict(FORM=form, WITH_R=with_r, BM=t["BM"], BN=t["BN"], BD=t["BD"], PREC="tf32" if half else "ieee",
-                UPCAST=half and label.interpreting())
+                UPCAST=half and label.interpreting(), SPLIT=t["SPLIT"],
+                EVEN_D=t["SPLIT"] and D % t["BD"] == 0 and D % t["BDO"] == 0)
     loss = loss_args((form, beta, gamma_pos, gamma_neg, margin, lam))
     blank, _ = _row_lanes(stats, grad_rows, stats.new_zeros(B, 4), form, beta)
     sums = torch.empty(B, 4, dtype=acc, device=e.device)
     launch(_hvp_sums_kernel, (triton.cdiv(B, t["BM"]),), e.device, *args, blank, *loss, sums, B, M, D, self_offset,
-           sim_a, sim_b, num_warps=t["sums_warps"], **tail)
+           sim_a, sim_b, num_warps=t["sums_warps"], **{**tail, "BN": t["sums_BN"]})
     lanes, d_g = _row_lanes(stats, grad_rows, sums, form, beta)
     d_z = torch.empty(B, D, dtype=acc, device=e.device)
     chunks = triton.cdiv(D, t["BDO"])
