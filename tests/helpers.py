@@ -129,13 +129,16 @@ def label_data(B, M, D=5, dtype=torch.float64, n_classes=4):
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any op allocates while active (views of existing storage do not count)."""
+    """Records the largest tensor any op allocates while active (views of existing storage do not count), and
+    the names of the ops called (``seen``: "mm", "oucl_label_hvp", ...)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.seen = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.__name__.split(".")[0])
         out = func(*args, **(kwargs or {}))
         inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor)}

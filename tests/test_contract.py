@@ -462,6 +462,18 @@ def test_label_self_offset_and_constant_reference(be, truth, op):
         assert_close(got, want, 1e-10, hv_from=1 + sum(requires))
 
 
+@pytest.mark.parametrize("op", FORMS + ("info_nce",))
+def test_label_self_offset_pair_of_another_label_stays_a_negative(be, truth, op):
+    # The excluded pair (i, i + self_offset) is never a positive; when its labels differ (anchors 0-2 here) it
+    # is a negative like any pair of different labels, on every backend as in reference.py.
+    emb, labels, ref, ref_labels = _label_data(10, 45, D=6)
+    ref[13:23], ref_labels[13:23] = emb, labels
+    ref_labels[13:16] = labels[:3] + 100
+    got = run(label_fn(be, op, labels, ref_labels, self_offset=13), (emb, ref), be.device)
+    want = run(label_fn(truth, op, labels, ref_labels, self_offset=13), (emb, ref))
+    assert_close(got, want, 1e-10, hv_from=3)
+
+
 def test_label_unit_reference_rows(be, truth):
     # A memory bank keeps unit rows: ref_unit=True skips their normalization and must not change a result.
     if be.name == "reference":

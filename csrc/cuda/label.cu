@@ -44,6 +44,13 @@ struct LabelTileArgs : LabelArgs<T> {
   int sweep;              // InfoNCE: 0 = negatives' LSE and the counts, 1 = positives' terms
 };
 
+// Whether (i, j) is the self-pair j = i + self_offset, which is never a positive and stays a negative when
+// its labels differ (as reference.py defines it).
+template <typename T>
+__device__ inline bool self_pair(const LabelArgs<T>& a, int64_t i, int64_t j) {
+  return a.exclude_self && j == i + a.self_offset;
+}
+
 template <typename T>
 __global__ void label_init_kernel(RowState<T>* state, int64_t B) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -64,9 +71,9 @@ __global__ void label_tile_forward_kernel(LabelTileArgs<T> a) {
   RowState<T> part;
   for (int64_t k = lane; k < a.L; k += kWarp) {
     const int64_t j = a.c0 + k;
-    if (a.exclude_self && j == i + a.self_offset) continue;
-    const T x = a.sim_a * s[k] + a.sim_b;
     const bool pos = a.ref_labels[j] == li;
+    if (pos && self_pair(a, i, j)) continue;
+    const T x = a.sim_a * s[k] + a.sim_b;
     ++(pos ? part.n_pos : part.n_neg);
     if constexpr (FORM == kMargin) {
       if (pos) merge_extremum<true>(part.min_pos, part.ties_pos, x, int64_t(1));
@@ -115,12 +122,12 @@ __global__ void label_tile_backward_kernel(LabelTileArgs<T> a) {
   if (idx >= a.B * a.L) return;
   const int64_t i = a.r0 + idx / a.L, j = a.c0 + idx % a.L;
   const T* st = a.stats + kStats * i;
-  if (st[kValid] == T(0) || (a.exclude_self && j == i + a.self_offset)) {
+  const bool pos = a.ref_labels[j] == a.labels[i];
+  if (st[kValid] == T(0) || (pos && self_pair(a, i, j))) {
     a.tile[idx] = T(0);
     return;
   }
   const T x = a.sim_a * a.tile[idx] + a.sim_b;
-  const bool pos = a.ref_labels[j] == a.labels[i];
   T g;
   if constexpr (FORM == kMargin) {
     g = pos ? (x == st[kPMin] ? a.grad[2 * i] / st[kTiesPos] : T(0)) : (x == st[kNMax] ? a.grad[2 * i + 1] / st[kTiesNeg] : T(0));

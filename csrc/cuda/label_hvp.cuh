@@ -7,8 +7,8 @@
 // entry), which the host multiplies into ∂zn and ∂rn with cuBLAS. Every tile's rows take their side of
 // the tile only (self mode's column side is its transposed copy, as in the first derivative), so each row
 // has one writer per launch and the launches run in one order on one stream: deterministic, no atomics.
-// The pair j = i + self_offset is no pair at all, as in the forward kernels. Included by label.cu only,
-// inside its namespace, after LabelTileArgs.
+// The pair j = i + self_offset is never a positive (self_pair, as in the first-order kernels). Included by
+// label.cu only, inside its namespace, after LabelTileArgs.
 #pragma once
 
 // A row's state across the rounds: the forward's log-sum-exps of its sides (InfoNCE: the negatives' in
@@ -57,9 +57,9 @@ __global__ void label_hvp_sums_kernel(HvpTileArgs<T> a) {
   T p0 = T(0), p1 = T(0), p2 = T(0), p3 = T(0);
   for (int64_t k = lane; k < a.L; k += kWarp) {
     const int64_t j = a.c0 + k;
-    if (a.exclude_self && j == i + a.self_offset) continue;
-    const T x = a.sim_a * s[k] + a.sim_b, tk = t[k];
     const bool pos = a.ref_labels[j] == li;
+    if (pos && self_pair(a, i, j)) continue;
+    const T x = a.sim_a * s[k] + a.sim_b, tk = t[k];
     if constexpr (FORM == kInfoNCE) {
       const T bx = a.cfg.beta * x;
       if (pos) {
@@ -127,9 +127,9 @@ __global__ void label_hvp_apply_kernel(HvpTileArgs<T> a) {
   const int64_t i = a.r0 + idx / a.L, j = a.c0 + idx % a.L;
   const HvpRow<T>& h = a.hrow[i];
   T g = T(0), w = T(0);
-  if (h.valid && !(a.exclude_self && j == i + a.self_offset)) {
+  const bool pos = a.ref_labels[j] == a.labels[i];
+  if (h.valid && !(pos && self_pair(a, i, j))) {
     const T x = a.sim_a * a.tile[idx] + a.sim_b, tk = a.u[idx];
-    const bool pos = a.ref_labels[j] == a.labels[i];
     if constexpr (FORM == kInfoNCE) {
       const T bx = a.cfg.beta * x;
       if (pos) {
