@@ -94,6 +94,29 @@ def test_pml_edge_batches(name):
         assert_same(peer, ours, tol=SOFTPLUS_CUTOFF)
 
 
+@pytest.mark.parametrize("name", ["CircleLoss", "NTXentLoss"])
+@pytest.mark.parametrize("case", ["one_nan", "one_inf", "all_nan", "tiny_nan"])
+def test_pml_non_finite_embeddings_give_a_non_finite_loss(name, case):
+    # As PML: a NaN or infinite embedding spreads to every row, which AvgNonZeroReducer then drops, and PML's
+    # zero loss Σ embeddings·0 is NaN; the tiny batch is NTXent's row without negatives (ours drops the row,
+    # PML scores its pair). A guard on torch.isfinite(loss) fires, as it does with PML. (The gradients are
+    # NaN here and zero in PML, which takes nothing of the NaN rows into its graph.)
+    B = 2 if case == "tiny_nan" else 12
+    emb, _ = _batch(B, 6, 1)
+    labels = torch.zeros(2, dtype=torch.long) if case == "tiny_nan" else torch.arange(B) % 3
+    if case == "all_nan":
+        emb[:] = float("nan")
+    else:
+        emb[1, 2] = float("inf") if case == "one_inf" else float("nan")
+    peer, ours = both(lambda: getattr(pml, name)(), lambda: getattr(our_pml, name)(), [emb],
+                      lambda f, e: f(e, labels))
+    assert torch.isnan(peer[0]) and torch.isnan(ours[0])
+    # Finite inputs keep the exact values (the zero loss adds 0).
+    peer, ours = both(lambda: getattr(pml, name)(), lambda: getattr(our_pml, name)(), [emb.nan_to_num(0, 0, 0)],
+                      lambda f, e: f(e, labels))
+    assert_same(peer, ours, tol=SOFTPLUS_CUTOFF)
+
+
 def test_pml_circle_rows_that_underflow_to_zero():
     # At γ = 2048 a tight class (positives at cos ≈ 1, negatives at cos ≤ 0) has rows of about e^-126: 0 in
     # fp32. AvgNonZeroReducer drops those rows from the mean; the other rows count.

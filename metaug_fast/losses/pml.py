@@ -113,10 +113,16 @@ class _PairLoss(nn.Module):
         positives = R.positive_counts(labels, ref_labels, self_offset).sum()
         return positives, labels.shape[0] * ref.shape[0] - same
 
-    def _no_pairs_rule(self, loss: Tensor, labels, ref_labels, self_offset) -> Tensor:
-        """0 where PML returns its zero loss: at most one positive and at most one negative pair."""
+    @staticmethod
+    def _zero_loss(embeddings: Tensor) -> Tensor:
+        """PML's zero loss, Σ embeddings·0: 0, or NaN when an embedding is NaN or infinite (so a NaN input is
+        never a finite loss)."""
+        return (embeddings * 0).sum()
+
+    def _no_pairs_rule(self, loss: Tensor, embeddings: Tensor, labels, ref_labels, self_offset) -> Tensor:
+        """PML's zero loss where PML returns it: at most one positive and at most one negative pair."""
         positives, negatives = self._pair_counts(labels, ref_labels, self_offset)
-        return torch.where((positives <= 1) & (negatives <= 1), torch.zeros_like(loss), loss)
+        return torch.where((positives <= 1) & (negatives <= 1), self._zero_loss(embeddings), loss)
 
 
 class CircleLoss(_PairLoss):
@@ -151,9 +157,12 @@ class CircleLoss(_PairLoss):
                                  margin=self.m, similarity=self.similarity, reduction="none", self_offset=offset,
                                  backend=self.backend)
         losses = rows * self.gamma
+        # AvgNonZeroReducer: the mean of the positive rows (a NaN row is not one), PML's zero loss if none is.
         kept = losses > 0
-        loss = torch.where(kept, losses, torch.zeros_like(losses)).sum() / kept.sum().clamp(min=1)
-        return self._no_pairs_rule(loss, labels, ref_labels, offset)
+        n_kept = kept.sum()
+        loss = torch.where(kept, losses, torch.zeros_like(losses)).sum() / n_kept.clamp(min=1)
+        loss = torch.where(n_kept > 0, loss, self._zero_loss(embeddings))
+        return self._no_pairs_rule(loss, embeddings, labels, ref_labels, offset)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, gamma={self.gamma}, backend={self.backend!r}"
@@ -191,7 +200,10 @@ class NTXentLoss(_PairLoss):
         loss = F.info_nce_embeddings(embeddings, labels, ref_emb, ref_labels, temperature=self.temperature,
                                      similarity=self.similarity, reduction="mean", average="pair",
                                      self_offset=offset, backend=self.backend)
-        return self._no_pairs_rule(loss, labels, ref_labels, offset)
+        # PML scores every positive pair, even one whose row has no negative (ours drops such rows): a NaN or
+        # infinite embedding makes its loss NaN whatever the batch, as the zero loss added here does.
+        loss = loss + self._zero_loss(embeddings)
+        return self._no_pairs_rule(loss, embeddings, labels, ref_labels, offset)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, backend={self.backend!r}"
