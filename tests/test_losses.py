@@ -1,6 +1,7 @@
 """The drop-in classes of metaug_fast.losses against the libraries they replace, installed here: values and
 gradients in fp64 (1e-10) and fp32, the peers' default hyper-parameters, the edge cases of their semantics,
 and the errors for what they do not support. Distributed open_clip and lightly: test_losses_distributed.py."""
+import math
 import types
 
 import pytest
@@ -190,6 +191,36 @@ def test_open_clip(dtype, B):
     peer, ours = both(open_clip_loss.ClipLoss, our_open_clip.ClipLoss, [image, text, scale],
                       lambda f, i, t, s: f(i, t, s.exp()))
     assert_same(peer, ours, dtype)
+
+
+@pytest.mark.parametrize("scale", ["shape1", "zero", "negative", "zero_float", "negative_float"])
+def test_open_clip_logit_scale_shapes_and_signs(scale):
+    # Checkpoints hold logit_scale as [1]; a zero scale gives log B, a negative one flips the logits: as
+    # open_clip, values and gradients (logit_scale's included).
+    image, text = _batch(7, 5, 1)[0], _batch(7, 5, 1, seed=2)[0]
+    value = {"shape1": torch.tensor([14.3], dtype=torch.float64), "zero": torch.tensor(0.0, dtype=torch.float64),
+             "negative": torch.tensor(-3.5, dtype=torch.float64), "zero_float": 0.0, "negative_float": -3.5}[scale]
+    inputs = [image, text] + ([value] if isinstance(value, torch.Tensor) else [])
+    call = (lambda f, i, t, s: f(i, t, s)) if isinstance(value, torch.Tensor) else (lambda f, i, t: f(i, t, value))
+    peer, ours = both(open_clip_loss.ClipLoss, our_open_clip.ClipLoss, inputs, call)
+    assert_same(peer, ours)
+    if scale.startswith("zero"):
+        assert abs(ours[0].item() - math.log(7)) < 1e-12
+
+
+def test_open_clip_logits_and_ground_truth():
+    image, text = _batch(6, 4, 1)[0], _batch(6, 4, 1, seed=2)[0]
+    scale, bias = torch.tensor([2.5], dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    for got, want in zip(our_open_clip.ClipLoss().get_logits(image, text, scale, bias),
+                         open_clip_loss.ClipLoss().get_logits(image, text, scale, bias)):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    kw = dict(world_size=2, rank=1, local_loss=True)
+    torch.testing.assert_close(our_open_clip.ClipLoss(**kw).get_ground_truth("cpu", 4),
+                               open_clip_loss.ClipLoss(**kw).get_ground_truth("cpu", 4))
+    with pytest.raises(ValueError, match="world_size=2"):
+        our_open_clip.ClipLoss(world_size=2, rank=1).get_logits(image, text, scale)
+    with pytest.raises(ValueError, match="logit_scale must be"):
+        our_open_clip.ClipLoss()(image, text, torch.ones(2))
 
 
 def test_open_clip_raw_features_bias_and_dict():

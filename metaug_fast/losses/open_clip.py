@@ -4,10 +4,13 @@
 >>> loss = ClipLoss()(image_features, text_features, model.logit_scale.exp())
 
 The loss is the symmetric cross-entropy of ``logit_scale · image_features @ text_features.T`` with the
-matching pairs on the diagonal: :func:`metaug_fast.functional.symmetric_info_nce` with the ``"dot"`` similarity
-(the features as given: open_clip does not normalize them here either), pairs i ↔ i, the temperature
-``1/logit_scale``: on the C++ backend one sweep of the similarity tiles feeds both directions.
-``logit_scale`` may be a tensor and gets its gradient. The B×B logits are never formed.
+matching pairs on the diagonal: InfoNCE both ways with the ``"dot"`` similarity (the features as given:
+open_clip does not normalize them here either), pairs i ↔ i, with the features multiplied by ``logit_scale``
+as open_clip multiplies them (temperature 1: one process scales the image features and one sweep of the
+similarity tiles feeds both directions on the C++ backend; several scale each direction's anchors), so a
+zero or negative scale gives open_clip's values too. ``logit_scale`` may be a float, a 0-d tensor or a
+tensor of shape ``[1]`` (as checkpoints hold it) and gets its gradient. The B×B logits are never formed
+(``get_logits`` forms them, as open_clip's does).
 
 Several processes (``world_size > 1``, torch.distributed initialized, any backend): each rank scores only its
 own rows against the gathered features of every rank, where open_clip builds the global logits on every rank
@@ -52,9 +55,10 @@ class ClipLoss(nn.Module):
         world_size: the number of processes.
         use_horovod: must be False.
         backend: metaug_fast's backend choice.
-    Forward: ``image_features [B, D]``, ``text_features [B, D]`` (one float dtype), ``logit_scale`` a float
-    or 0-d tensor (the learned ``exp(logit_scale)``), optional ``logit_bias``; returns a scalar in the
-    features' dtype, or ``{"contrastive_loss": loss}`` with ``output_dict=True``.
+    Forward: ``image_features [B, D]``, ``text_features [B, D]`` (one float dtype), ``logit_scale`` a float,
+    a 0-d tensor or a tensor of shape ``[1]`` (the learned ``exp(logit_scale)``, any sign), optional
+    ``logit_bias``; returns a scalar in the features' dtype, or ``{"contrastive_loss": loss}`` with
+    ``output_dict=True``.
 
     Example:
         >>> import torch
@@ -76,13 +80,36 @@ class ClipLoss(nn.Module):
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.backend = rank, world_size, backend
 
-    def _direction(self, anchors: Tensor, references: Tensor, offset: int, temperature, reduction: str) -> Tensor:
-        """InfoNCE of ``anchors [b, D]`` (global rows offset .. offset + b) against ``references [N, D]``."""
+    def get_ground_truth(self, device, num_logits: int) -> Tensor:
+        """open_clip's: the matching column of each row of the logits, ``arange(num_logits)`` (offset by this
+        rank's rows with ``local_loss`` over several processes)."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        return labels
+
+    def get_logits(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
+                   logit_bias: Optional[Tensor] = None):
+        """open_clip's: ``(logits_per_image, logits_per_text)`` ``[B, B]``, formed (the loss never forms them).
+        One process only: over several, use open_clip's own, whose gather this class does not reproduce."""
+        if self.world_size > 1:
+            raise ValueError(f"ClipLoss.get_logits: world_size={self.world_size} is not supported (one process "
+                             "only); open_clip.loss.ClipLoss(...).get_logits gathers the features")
+        scale = _scale(logit_scale)
+        logits_per_image = scale * image_features @ text_features.T
+        logits_per_text = scale * text_features @ image_features.T
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
+
+    def _direction(self, anchors: Tensor, references: Tensor, offset: int, scale, reduction: str) -> Tensor:
+        """InfoNCE of ``anchors [b, D]`` (global rows offset .. offset + b) against ``references [N, D]``, the
+        anchors multiplied by ``scale`` first, as open_clip's logits are ``logit_scale * anchors @ refs.T``."""
         b, n = anchors.shape[0], references.shape[0]
         labels = torch.arange(offset, offset + b, device=anchors.device)
-        return F.info_nce_embeddings(anchors, labels, references, torch.arange(n, device=anchors.device),
-                                     temperature=temperature, similarity="dot", reduction=reduction,
-                                     backend=self.backend)
+        return F.info_nce_embeddings(scale * anchors, labels, references, torch.arange(n, device=anchors.device),
+                                     temperature=1.0, similarity="dot", reduction=reduction, backend=self.backend)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor],
                 logit_bias: Optional[Tensor] = None, output_dict: bool = False):
@@ -92,11 +119,13 @@ class ClipLoss(nn.Module):
         if text_features.shape != image_features.shape:
             raise ValueError(f"text_features must have the shape of image_features {tuple(image_features.shape)}, "
                              f"got {tuple(text_features.shape)}")
-        temperature = 1.0 / logit_scale
+        scale = _scale(logit_scale)
         if self.world_size > 1:
-            loss = self._distributed(image_features, text_features, temperature)
+            loss = self._distributed(image_features, text_features, scale)
         else:
-            loss = F.symmetric_info_nce(image_features, text_features, temperature=temperature, similarity="dot",
+            # Both directions from one matrix of logits (s·image)·textᵀ: on the C++ backend one sweep of the
+            # similarity tiles feeds both.
+            loss = F.symmetric_info_nce(scale * image_features, text_features, temperature=1.0, similarity="dot",
                                         backend=self.backend)
         if image_features.shape[0] == 0:  # open_clip's cross-entropy means over no rows: NaN
             loss = loss + float("nan")
@@ -104,7 +133,7 @@ class ClipLoss(nn.Module):
             loss = loss + (logit_bias * 0).sum().to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _distributed(self, image: Tensor, text: Tensor, temperature) -> Tensor:
+    def _distributed(self, image: Tensor, text: Tensor, scale) -> Tensor:
         check_world("ClipLoss", self.rank, self.world_size)
         # The global loss's gradient reaches this rank's features from every rank's rows only if the gather's
         # backward sums over ranks: always so for the global loss, which open_clip computes whole on every
@@ -117,14 +146,25 @@ class ClipLoss(nn.Module):
         all_image, sizes = gather_rows(image, with_grad)
         all_text, _ = gather_rows(text, with_grad)
         offset, total = sum(sizes[:self.rank]), sum(sizes)
-        if isinstance(temperature, Tensor) and not self.local_loss:
-            temperature = all_reduce_grad(temperature)  # each rank holds a share of the global loss
+        if isinstance(scale, Tensor) and not self.local_loss:
+            scale = all_reduce_grad(scale)  # each rank holds a share of the global loss
         reduction = "mean" if self.local_loss else "sum"
-        loss = (self._direction(image, all_text, offset, temperature, reduction)
-                + self._direction(text, all_image, offset, temperature, reduction)) / 2
+        loss = (self._direction(image, all_text, offset, scale, reduction)
+                + self._direction(text, all_image, offset, scale, reduction)) / 2
         if self.local_loss:
             return loss
         share = loss / total
         value = share.detach().clone()
         dist.all_reduce(value)
         return share + (value - share).detach()
+
+
+def _scale(logit_scale) -> Union[float, Tensor]:
+    """``logit_scale`` as a float or a 0-d tensor (a one-element ``[1]`` tensor, as checkpoints hold it, is
+    reshaped, keeping its gradient); any other shape is refused by its name."""
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1 or logit_scale.dim() > 1:
+            raise ValueError(f"logit_scale must be a float, a 0-d tensor or a tensor of shape [1], got shape "
+                             f"{tuple(logit_scale.shape)}")
+        return logit_scale.reshape(())
+    return V.check_real(logit_scale, "logit_scale")
