@@ -269,6 +269,11 @@ inline at::Tensor scaled_rows(const at::Tensor& e, const at::Tensor& inv) {
   return (e.detach().to(inv.scalar_type()) * inv.detach().unsqueeze(1)).contiguous();
 }
 
+// Whether two tensors are one view of the same data (the same storage, offset, shape and strides).
+inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
 // The label ops' common prologue, alive for the op's whole body: inputs checked, the device guard, autograd
 // off for the internal GEMMs (it would keep every tile alive), and detached contiguous inputs (detached:
 // gradient buffers allocated with zn.options() would otherwise carry requires_grad). From raw rows and inverse
@@ -293,8 +298,7 @@ struct LabelInputs {
     check_label_inputs<Backend>(zn, rn, labels, ref_labels, form, similarity);
   }
   static bool same_rows(const at::Tensor& e, const at::Tensor& iz, const at::Tensor& r, const at::Tensor& ir) {
-    return e.data_ptr() == r.data_ptr() && e.sizes() == r.sizes() && e.strides() == r.strides() &&
-           iz.data_ptr() == ir.data_ptr() && iz.sizes() == ir.sizes();
+    return same_view(e, r) && iz.data_ptr() == ir.data_ptr() && iz.sizes() == ir.sizes();
   }
   const typename Backend::Guard guard;
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -434,7 +438,7 @@ struct LabelOps {
                     v_z.device() == in.zn.device() && v_r.device() == in.zn.device(),
                 who, ": cotangents v_z [B,D] and v_r [M,D] or [0,D], floating point, on the rows' device");
     // Decided on the tensors as given: converting them may copy one but not the other.
-    const bool same_v = v_z.data_ptr() == v_r.data_ptr() && v_z.sizes() == v_r.sizes() && v_z.strides() == v_r.strides();
+    const bool same_v = same_view(v_z, v_r);
     const at::Tensor vz = v_z.detach().to(in.zn.scalar_type()).contiguous();
     const at::Tensor vr = same_v ? vz : v_r.detach().to(in.zn.scalar_type()).contiguous();
     at::Tensor d_g = at::zeros({B}, in.zn.options()), dz = at::zeros_like(in.zn);

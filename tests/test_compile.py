@@ -55,9 +55,8 @@ def _op_cases(device, dtype):
             cases += [("oucl_label_fwd", args)]
             for ref_grad in (True, False):
                 cases.append(("oucl_label_bwd", (g_label, *rows, lab, rlab, stats, offset, 0, *params, ref_grad)))
-            if params[0] in HVP_FORMS:
-                hvp_cases = _hvp_cases(g_label, rows, lab, rlab, stats, offset, params)
-                cases += [("oucl_label_hvp", a) for a in hvp_cases] if device == "cuda" else []
+            if params[0] in HVP_FORMS and device == "cuda":
+                cases += [("oucl_label_hvp", a) for a in _hvp_cases(g_label, rows, lab, rlab, stats, offset, params)]
             if device == "cpu":
                 cases.append(("oucl_label_fwd_grad", args))
                 z, r = rows[0] * rows[1][:, None], rows[2] * rows[3][:, None]
@@ -124,10 +123,10 @@ def test_cuda_only_ops_fakes_match_their_emulated_kernels():
     checked = 0
     for _, args in cases:
         rows, (lab, rlab, offset), params = args[:4], args[4:7], args[8:]
-        _, stats = simt.oucl_label_fwd(*args)
-        g = torch.rand(rows[0].shape[0], dtype=torch.float64)
         if params[0] not in HVP_FORMS:
             continue
+        _, stats = simt.oucl_label_fwd(*args)
+        g = torch.rand(rows[0].shape[0], dtype=torch.float64)
         for hvp_args in _hvp_cases(g, rows, lab, rlab, stats, offset, params):
             real = simt.oucl_label_hvp(*hvp_args)
             with FakeTensorMode(allow_non_fake_inputs=True):

@@ -144,17 +144,12 @@ def _sig_pair(x):
 
 
 @triton.jit
-def _lanes(lanes_ptr, idx, imask, ROWS: tl.constexpr):
-    """The lanes of the anchors ``idx`` that a tile's entries take, broadcast over it (``[n, 1]`` for its rows
-    with ROWS, ``[1, n]`` for its columns): (KP, KN, COEF, C1, SA, SB)."""
-    AXIS: tl.constexpr = 1 if ROWS else 0
-    kp = tl.expand_dims(_lane(lanes_ptr, idx, imask, KP), AXIS)
-    kn = tl.expand_dims(_lane(lanes_ptr, idx, imask, KN), AXIS)
-    coef = tl.expand_dims(_lane(lanes_ptr, idx, imask, COEF), AXIS)
-    c1 = tl.expand_dims(_lane(lanes_ptr, idx, imask, C1), AXIS)
-    sa = tl.expand_dims(_lane(lanes_ptr, idx, imask, SA), AXIS)
-    sb = tl.expand_dims(_lane(lanes_ptr, idx, imask, SB), AXIS)
-    return kp, kn, coef, c1, sa, sb
+def _lanes(lanes_ptr, rows, rmask):
+    """The lanes of a tile's ``rows`` that its entries take, broadcast over it ``[BM, 1]``: (KP, KN, COEF, C1,
+    SA, SB)."""
+    return (_lane(lanes_ptr, rows, rmask, KP)[:, None], _lane(lanes_ptr, rows, rmask, KN)[:, None],
+            _lane(lanes_ptr, rows, rmask, COEF)[:, None], _lane(lanes_ptr, rows, rmask, C1)[:, None],
+            _lane(lanes_ptr, rows, rmask, SA)[:, None], _lane(lanes_ptr, rows, rmask, SB)[:, None])
 
 
 @triton.jit
@@ -223,7 +218,7 @@ def _hvp_sums_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab
     r0 = tl.program_id(0) * BM
     rows = r0 + tl.arange(0, BM)
     rmask = rows < B
-    kp, kn, _, _, _, _ = _lanes(lanes_ptr, rows, rmask, True)
+    kp, kn, _, _, _, _ = _lanes(lanes_ptr, rows, rmask)
     s0 = tl.zeros((BM,), acc_ty)
     s1 = tl.zeros((BM,), acc_ty)
     s2 = tl.zeros((BM,), acc_ty)
@@ -276,9 +271,8 @@ def _row_segments(r0, M, self_offset, BM: tl.constexpr, BN: tl.constexpr, SPLIT:
 
 @triton.jit
 def _side(s, t, pos, neg, lanes, beta, gamma_pos, gamma_neg, margin, FORM: tl.constexpr, EDGE: tl.constexpr):
-    """(G, W) of the tile's entries as one anchor's (its ``lanes`` broadcast over the tile: a row's, or a
-    column's in self mode, whose scores and U are symmetric); zero on an invalid anchor (its shifts are +∞)
-    and, in an EDGE tile, off the pairs."""
+    """(G, W) of the tile's entries from its rows' ``lanes`` (:func:`_lanes`); zero on an invalid row (its
+    sides are +∞) and, in an EDGE tile, off the pairs."""
     kp, kn, coef, c1, sa, sb = lanes
     if FORM == INFONCE:
         sg, sg_neg, w, dv = _weights(s, pos, neg, kp, kn, beta, gamma_pos, gamma_neg, margin, FORM)
@@ -318,7 +312,7 @@ def _out_tiles(acc, n_tiles, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_pt
             s, t, iz, _ = _tile(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, other, xmask, own, omask, D, a, b,
                                 acc_ty, BM, BN, BD, WITH_R, PREC, UPCAST, EDGE, True, EVEN_D)
             pos, neg = _pairs(lab_ptr, rlab_ptr, other, xmask, own, omask, self_offset, EDGE)
-            g, h = _side(s, t, pos, neg, _lanes(lanes_ptr, other, xmask, True), beta, gamma_pos, gamma_neg, margin,
+            g, h = _side(s, t, pos, neg, _lanes(lanes_ptr, other, xmask), beta, gamma_pos, gamma_neg, margin,
                          FORM, EDGE)
             e = _rows_of(e_ptr, other, xmask, d, D, EDGE, EVEN_D)
             vz = _rows_of(vz_ptr, other, xmask, d, D, EDGE, EVEN_D)
@@ -369,7 +363,7 @@ def _hvp_out_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_
         n_other = B
     else:
         band_lo, band_hi, last, n_inner, n_edge = _row_segments(o0, M, self_offset, BM, BN, SPLIT)
-        own_lanes = _lanes(lanes_ptr, own, omask, True)
+        own_lanes = _lanes(lanes_ptr, own, omask)
         n_other = M
     if SPLIT:
         acc = _out_tiles(acc, n_inner, band_lo, band_hi, last, e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr,
