@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from peers import SOFTPLUS_CUTOFF, assert_same, batch, both
 
 from metaug_fast.losses import lightly as our_lightly
 from metaug_fast.losses import official as our_official
@@ -18,41 +19,6 @@ pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 open_clip_loss = pytest.importorskip("open_clip.loss")
 lightly_loss = pytest.importorskip("lightly.loss")
 
-# Each output within TOL of the peer's largest entry. PML's CircleLoss and the official criterion take
-# torch's Softplus, which returns x itself above x = 20 (an error up to e^-20 ≈ 2e-9 relative; ours is exact).
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-SOFTPLUS_CUTOFF = 5e-9
-
-
-def both(make_peer, make_ours, inputs, call, wrt=None):
-    """(peer's (loss, grads), ours) for ``call(loss_fn, *leaves)`` on fresh leaves of ``inputs``; ``wrt``:
-    indices of the inputs that get gradients (default: every floating one)."""
-    out = []
-    for make in (make_peer, make_ours):
-        leaves = [x.clone().requires_grad_(x.is_floating_point() and (wrt is None or i in wrt))
-                  for i, x in enumerate(inputs)]
-        loss = call(make(), *leaves)
-        wanted = [x for x in leaves if x.requires_grad]
-        grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else [None] * len(wanted)
-        out.append([loss.detach()] + [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)])
-    return out
-
-
-def assert_same(peer, ours, dtype=torch.float64, tol=None):
-    tol = tol or TOL[dtype]
-    for i, (w, g) in enumerate(zip(peer, ours)):
-        assert g.dtype == w.dtype and g.shape == w.shape, (i, g.dtype, w.dtype, g.shape, w.shape)
-        if w.numel():
-            err, scale = (g.double() - w.double()).abs().max().item(), w.double().abs().max().item()
-            assert err <= tol * max(scale, 1e-12), f"output {i}: error {err:.3g} at scale {scale:.3g}"
-
-
-def _batch(B, D, n_classes, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, n_classes, (B,),
-                                                                                          generator=gen)
-
-
 # ------------------------------------------------------------------------------------ pytorch-metric-learning
 PML_CASES = [("CircleLoss", {}), ("CircleLoss", dict(m=0.25, gamma=256)), ("NTXentLoss", {}),
              ("NTXentLoss", dict(temperature=0.5))]
@@ -62,7 +28,7 @@ PML_CASES = [("CircleLoss", {}), ("CircleLoss", dict(m=0.25, gamma=256)), ("NTXe
 @pytest.mark.parametrize("name, kwargs", PML_CASES)
 @pytest.mark.parametrize("n_classes", [3, 40], ids=["several_positives", "singletons"])
 def test_pml_self_batch(name, kwargs, n_classes, dtype):
-    emb, labels = _batch(30, 8, n_classes, dtype)
+    emb, labels = batch(30, 8, n_classes, dtype)
     peer, ours = both(lambda: getattr(pml, name)(**kwargs), lambda: getattr(our_pml, name)(**kwargs), [emb],
                       lambda f, e: f(e, labels))
     assert peer[0] != 0
@@ -71,8 +37,8 @@ def test_pml_self_batch(name, kwargs, n_classes, dtype):
 
 @pytest.mark.parametrize("name, kwargs", PML_CASES)
 def test_pml_reference_set(name, kwargs):
-    emb, labels = _batch(20, 6, 4)
-    ref, ref_labels = _batch(25, 6, 5, seed=1)
+    emb, labels = batch(20, 6, 4)
+    ref, ref_labels = batch(25, 6, 5, seed=1)
     tol = SOFTPLUS_CUTOFF if name == "CircleLoss" else None
     peer, ours = both(lambda: getattr(pml, name)(**kwargs), lambda: getattr(our_pml, name)(**kwargs), [emb, ref],
                       lambda f, e, r: f(e, labels, ref_emb=r, ref_labels=ref_labels))
@@ -88,8 +54,8 @@ def test_pml_edge_batches(name):
     # Empty; one row; two rows of one class (one positive pair, no negative: PML's zero loss); two classes of
     # one row each (no positive pair).
     for emb, labels in [(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long)),
-                        (_batch(1, 4, 1)[0], torch.tensor([3])), (_batch(2, 4, 1)[0], torch.tensor([1, 1])),
-                        (_batch(2, 4, 1)[0], torch.tensor([0, 1])), (_batch(3, 4, 1)[0], torch.tensor([0, 0, 1]))]:
+                        (batch(1, 4, 1)[0], torch.tensor([3])), (batch(2, 4, 1)[0], torch.tensor([1, 1])),
+                        (batch(2, 4, 1)[0], torch.tensor([0, 1])), (batch(3, 4, 1)[0], torch.tensor([0, 0, 1]))]:
         peer, ours = both(lambda: getattr(pml, name)(), lambda: getattr(our_pml, name)(), [emb],
                           lambda f, e: f(e, labels))
         assert_same(peer, ours, tol=SOFTPLUS_CUTOFF)
@@ -103,7 +69,7 @@ def test_pml_non_finite_embeddings_give_a_non_finite_loss(name, case):
     # PML scores its pair). A guard on torch.isfinite(loss) fires, as it does with PML. (The gradients are
     # NaN here and zero in PML, which takes nothing of the NaN rows into its graph.)
     B = 2 if case == "tiny_nan" else 12
-    emb, _ = _batch(B, 6, 1)
+    emb, _ = batch(B, 6, 1)
     labels = torch.zeros(2, dtype=torch.long) if case == "tiny_nan" else torch.arange(B) % 3
     if case == "all_nan":
         emb[:] = float("nan")
@@ -116,6 +82,19 @@ def test_pml_non_finite_embeddings_give_a_non_finite_loss(name, case):
     peer, ours = both(lambda: getattr(pml, name)(), lambda: getattr(our_pml, name)(), [emb.nan_to_num(0, 0, 0)],
                       lambda f, e: f(e, labels))
     assert_same(peer, ours, tol=SOFTPLUS_CUTOFF)
+
+
+@pytest.mark.parametrize("name", ["CircleLoss", "NTXentLoss"])
+def test_pml_nan_in_the_reference_set(name):
+    # Every row meets the NaN reference row: the loss is NaN. (PML's CircleLoss drops every row and returns
+    # its zero loss Σ embeddings·0 = 0, which hides the NaN from a guard; its NTXentLoss is NaN.)
+    emb, labels = batch(10, 6, 3)
+    ref, ref_labels = batch(12, 6, 3, seed=1)
+    ref[4, 2] = float("nan")
+    peer, ours = both(lambda: getattr(pml, name)(), lambda: getattr(our_pml, name)(), [emb],
+                      lambda f, e: f(e, labels, ref_emb=ref, ref_labels=ref_labels))
+    assert torch.isnan(ours[0])
+    assert torch.isnan(peer[0]) or peer[0] == 0
 
 
 def test_pml_circle_rows_that_underflow_to_zero():
@@ -139,7 +118,7 @@ def test_pml_circle_rows_that_underflow_to_zero():
 
 
 def test_pml_distances_and_temperature_tensor():
-    emb, labels = _batch(24, 8, 5)
+    emb, labels = batch(24, 8, 5)
     dot = dict(distance=pml_distances.DotProductSimilarity(normalize_embeddings=False))
     peer, ours = both(lambda: pml.NTXentLoss(0.3, **dot), lambda: our_pml.NTXentLoss(0.3, **dot), [0.3 * emb],
                       lambda f, e: f(e, labels))
@@ -163,13 +142,13 @@ def test_pml_distances_and_temperature_tensor():
     (dict(reducer=pml_reducers.ThresholdReducer(low=0.5)), None, "reducer"),
     (dict(embedding_regularizer=object()), None, "embedding_regularizer"),
     (dict(collect_stats=True), None, "collect_stats"),
-    ({}, dict(indices_tuple=(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))), "indices_tuple"),
+    ({}, dict(indices_tuple=(torch.tensor([0]), torch.tensor([1]))), "indices_tuple"),
     ({}, dict(labels=None), "labels"),
     ({}, dict(ref_emb=torch.randn(3, 4)), "ref_labels"),
 ])
 @pytest.mark.parametrize("name", ["CircleLoss", "NTXentLoss"])
 def test_pml_unsupported_options_raise(name, kwargs, call, match):
-    emb, labels = _batch(6, 4, 2)
+    emb, labels = batch(6, 4, 2)
     with pytest.raises(ValueError, match=match):
         loss_fn = getattr(our_pml, name)(**kwargs)
         loss_fn(emb, **dict(dict(labels=labels), **(call or {})))
@@ -184,8 +163,8 @@ def test_pml_circle_rejects_dot_products():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("B", [1, 2, 33])
 def test_open_clip(dtype, B):
-    image, _ = _batch(B, 16, 1, dtype)
-    text, _ = _batch(B, 16, 1, dtype, seed=1)
+    image, _ = batch(B, 16, 1, dtype)
+    text, _ = batch(B, 16, 1, dtype, seed=1)
     image, text = torch.nn.functional.normalize(image, dim=1), torch.nn.functional.normalize(text + 0.5 * image, dim=1)
     scale = torch.tensor(2.659, dtype=dtype)  # log(1/0.07), CLIP's initial logit_scale
     peer, ours = both(open_clip_loss.ClipLoss, our_open_clip.ClipLoss, [image, text, scale],
@@ -197,7 +176,7 @@ def test_open_clip(dtype, B):
 def test_open_clip_logit_scale_shapes_and_signs(scale):
     # Checkpoints hold logit_scale as [1]; a zero scale gives log B, a negative one flips the logits: as
     # open_clip, values and gradients (logit_scale's included).
-    image, text = _batch(7, 5, 1)[0], _batch(7, 5, 1, seed=2)[0]
+    image, text = batch(7, 5, 1)[0], batch(7, 5, 1, seed=2)[0]
     value = {"shape1": torch.tensor([14.3], dtype=torch.float64), "zero": torch.tensor(0.0, dtype=torch.float64),
              "negative": torch.tensor(-3.5, dtype=torch.float64), "zero_float": 0.0, "negative_float": -3.5}[scale]
     inputs = [image, text] + ([value] if isinstance(value, torch.Tensor) else [])
@@ -209,7 +188,7 @@ def test_open_clip_logit_scale_shapes_and_signs(scale):
 
 
 def test_open_clip_logits_and_ground_truth():
-    image, text = _batch(6, 4, 1)[0], _batch(6, 4, 1, seed=2)[0]
+    image, text = batch(6, 4, 1)[0], batch(6, 4, 1, seed=2)[0]
     scale, bias = torch.tensor([2.5], dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
     for got, want in zip(our_open_clip.ClipLoss().get_logits(image, text, scale, bias),
                          open_clip_loss.ClipLoss().get_logits(image, text, scale, bias)):
@@ -224,7 +203,7 @@ def test_open_clip_logits_and_ground_truth():
 
 
 def test_open_clip_raw_features_bias_and_dict():
-    image, text = _batch(9, 5, 1)[0], _batch(9, 5, 1, seed=2)[0]
+    image, text = batch(9, 5, 1)[0], batch(9, 5, 1, seed=2)[0]
     bias = torch.tensor(-3.0, dtype=torch.float64)
     peer, ours = both(open_clip_loss.ClipLoss, our_open_clip.ClipLoss, [image, text, bias],
                       lambda f, i, t, b: f(i, t, 1.7, logit_bias=b, output_dict=True)["contrastive_loss"])
@@ -247,8 +226,8 @@ def test_open_clip_raw_features_bias_and_dict():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("temperature", [0.5, 0.1])
 def test_lightly_in_batch(dtype, temperature):
-    out0, _ = _batch(17, 12, 1, dtype)
-    out1 = out0 + 0.3 * _batch(17, 12, 1, dtype, seed=1)[0]
+    out0, _ = batch(17, 12, 1, dtype)
+    out1 = out0 + 0.3 * batch(17, 12, 1, dtype, seed=1)[0]
     peer, ours = both(lambda: lightly_loss.NTXentLoss(temperature), lambda: our_lightly.NTXentLoss(temperature),
                       [out0, out1], lambda f, a, b: f(a, b))
     assert_same(peer, ours, dtype)
@@ -265,8 +244,8 @@ def test_lightly_memory_bank_over_several_steps():
         loss_fn = module.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6)).double()
         results = []
         for step in range(5):
-            out0, _ = _batch(5, 6, 1, seed=10 + step)
-            out1 = out0 + 0.2 * _batch(5, 6, 1, seed=20 + step)[0]
+            out0, _ = batch(5, 6, 1, seed=10 + step)
+            out1 = out0 + 0.2 * batch(5, 6, 1, seed=20 + step)[0]
             out0.requires_grad_(step != 3)
             out1.requires_grad_()
             loss = loss_fn(out0, out1)

@@ -1,6 +1,10 @@
-"""open_clip's ClipLoss and lightly's NTXentLoss across 2 gloo processes: on every rank our drop-in gives the
-peer's value and gradients (features and logit_scale) in each of open_clip's local_loss × gather_with_grad
-settings and with lightly's gather_distributed; the global ClipLoss also equals one process on the whole batch."""
+"""The drop-ins across 2 gloo processes: on every rank ours gives the peer's value and gradients.
+
+- open_clip's ClipLoss (features and logit_scale) in each local_loss × gather_with_grad setting; the global
+  loss also equals one process on the whole batch;
+- lightly's NTXentLoss with gather_distributed;
+- PML's CircleLoss and NTXentLoss inside PML's DistributedLossWrapper (efficient or not) and a
+  CrossBatchMemory inside it, against PML's own classes in the same wrapper."""
 import os
 import tempfile
 
@@ -10,9 +14,13 @@ import torch.multiprocessing as mp
 
 from metaug_fast.losses import lightly as our_lightly
 from metaug_fast.losses import open_clip as our_open_clip
+from metaug_fast.losses import pml as our_pml
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 lightly_loss = pytest.importorskip("lightly.loss")
+pml = pytest.importorskip("pytorch_metric_learning.losses")
+pml_distributed = pytest.importorskip("pytorch_metric_learning.utils.distributed")
+
 
 from conftest import gloo_group  # noqa: E402  (after the peers are known to import)
 
@@ -59,6 +67,28 @@ def _worker(rank, init_file):
             loss = module.NTXentLoss(temperature=0.3, gather_distributed=True)(a, b)
             results.append([loss.detach(), *torch.autograd.grad(loss, (a, b))])
         _close(results[1], results[0], "lightly NTXentLoss gather_distributed")
+        _pml_wrappers(rank)
+
+
+def _pml_wrappers(rank):
+    gen = torch.Generator().manual_seed(4)
+    emb = torch.randn(WORLD, 3, B, D, generator=gen, dtype=torch.float64)[rank]
+    labels = torch.randint(0, 3, (WORLD, 3, B), generator=gen)[rank]
+    for name in ("CircleLoss", "NTXentLoss"):
+        for how in ("plain", "efficient", "memory"):
+            results = []
+            for lib in (pml, our_pml):
+                loss_fn = getattr(lib, name)()
+                if how == "memory":
+                    loss_fn = pml.CrossBatchMemory(loss_fn, D, memory_size=3 * B)
+                wrapper = pml_distributed.DistributedLossWrapper(loss_fn, efficient=how == "efficient")
+                out = []
+                for step in range(3):  # the memory fills over the steps
+                    x = emb[step].clone().requires_grad_()
+                    loss = wrapper(x, labels[step])
+                    out += [loss.detach(), *torch.autograd.grad(loss, x)]
+                results.append(out)
+            _close(results[1], results[0], f"PML {name} in DistributedLossWrapper, {how}")
 
 
 @pytest.mark.timeout(180)
