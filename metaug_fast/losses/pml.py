@@ -110,27 +110,29 @@ def _listed_pairs(cls: str, indices_tuple, n_rows: int, n_ref: int, device) -> T
         raise ValueError(f"{cls}: indices_tuple must be a miner's triplets (anchors, positives, negatives) or "
                          f"pairs (anchors, positives, anchors, negatives), got {type(indices_tuple).__name__}"
                          + (f" of length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else ""))
-    parts = []
+    indices = []
     for i, t in enumerate(indices_tuple):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or \
                 t.dtype == torch.bool:
             what = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
             raise TypeError(f"{cls}: indices_tuple[{i}] must be a 1-D integer tensor, got {what}")
-        parts.append(t.to(device=device, dtype=torch.long))
-    if len(parts) == 3:
-        parts = [parts[0], parts[1], parts[0], parts[2]]
-    if parts[0].numel() != parts[1].numel() or parts[2].numel() != parts[3].numel():
+        indices.append(t.to(device=device, dtype=torch.long))
+    if len(indices) == 3:
+        a, p, n = indices
+        indices = [a, p, a, n]
+    a1, p, a2, n = indices
+    if a1.numel() != p.numel() or a2.numel() != n.numel():
         raise ValueError(f"{cls}: indices_tuple's anchors and their positives (or negatives) differ in length: "
-                         f"{[t.numel() for t in parts]}")
+                         f"{[t.numel() for t in indices]}")
     limits = (n_rows, n_ref, n_rows, n_ref)
-    listed = [(i, t) for i, t in enumerate(parts) if t.numel()]
+    listed = [(i, t) for i, t in enumerate(indices) if t.numel()]
     if listed:
         bounds = torch.stack([torch.stack([t.min(), t.max()]) for _, t in listed]).tolist()
         for (i, _), (low, high) in zip(listed, bounds):
             if low < 0 or high >= limits[i]:
                 raise ValueError(f"{cls}: indices_tuple holds indices from {low} to {high}, outside the "
                                  f"{limits[i]} rows they index ({'embeddings' if i % 2 == 0 else 'ref_emb'})")
-    return tuple(parts)
+    return a1, p, a2, n
 
 
 def _pair_scores(x: Tensor, r: Tensor, rows: Tensor, cols: Tensor, cosine: bool) -> Tensor:
