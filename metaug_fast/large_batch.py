@@ -85,6 +85,31 @@ class _Spent(torch.autograd.Function):
                            "for that")
 
 
+@contextlib.contextmanager
+def _buffers_restored(model):
+    """On exit, every module that ran inside (and ``model``, if a module) has its buffers (BatchNorm's running
+    statistics and ``num_batches_tracked``) back as they were when it first ran: a module reached through a
+    plain callable (``lambda a, b: (enc(a), enc(b))``) is found by a global forward pre-hook, which sees it
+    before its forward changes anything."""
+    saved = {}
+
+    def save(module, *_):
+        if id(module) not in saved:
+            saved[id(module)] = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+
+    for module in (model.modules() if isinstance(model, nn.Module) else ()):
+        save(module)
+    handle = nn.modules.module.register_module_forward_pre_hook(save)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for buffers in saved.values():
+                for b, value in buffers:
+                    b.copy_(value)
+
+
 def _check(inputs: Sequence[Tensor], chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -106,7 +131,8 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
     Args:
         model: maps chunks of ``inputs`` (``[c, ...]`` each) to one embedding tensor ``[c, D]`` or a tuple of
             them (e.g. the two views' embeddings); an ``nn.Module`` (a ``DistributedDataParallel`` too) or any
-            callable.
+            callable (the modules it calls, e.g. ``lambda a, b: (enc(a), enc(b))``, get their buffers restored
+            after the first pass just the same).
         inputs: the batch, a tuple of tensors with the same first dimension B (e.g. ``(view1, view2)``).
         loss_fn: maps the full embeddings (each ``[B, D]``, in ``model``'s output order) to a scalar; labels
             and other per-batch data are the caller's to close over.
@@ -141,22 +167,17 @@ def cached_backward(model: Callable[..., Outputs], inputs: Sequence[Tensor], los
         loss = _scalar(loss_fn(*outs))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return _result(loss, outs, return_embeddings)
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    buffers = [b for b in module.buffers()] if isinstance(module, nn.Module) else []
     devices = sorted({x.device for x in inputs if x.device.type == "cuda"}, key=str)
     chunks = [slice(s, min(s + chunk_size, B)) for s in range(0, B, chunk_size)] or [slice(0, 0)]
 
-    # 1. Embeddings without a graph; each chunk's random state kept; buffers (BatchNorm statistics) restored.
-    saved_buffers = [b.detach().clone() for b in buffers]
+    # 1. Embeddings without a graph; each chunk's random state kept; buffers (BatchNorm statistics) restored,
+    # so that pass 3 moves them once per chunk, as the plain step does.
     states, pieces = [], []
-    with torch.no_grad():
+    with torch.no_grad(), _buffers_restored(model):
         for rows in chunks:
             states.append(_rng_state(devices))
             pieces.append(_as_tuple(model(*(x[rows] for x in inputs)), "model"))
     after = _rng_state(devices)
-    with torch.no_grad():
-        for b, saved in zip(buffers, saved_buffers):
-            b.copy_(saved)
     embeddings = [torch.cat([p[k] for p in pieces]).detach().requires_grad_() for k in range(len(pieces[0]))]
 
     # 2. The loss on the whole batch, and its gradient with respect to every embedding.

@@ -109,6 +109,20 @@ def test_batch_norm_statistics_per_chunk():
         torch.testing.assert_close(b, w, rtol=1e-12, atol=0)  # running statistics updated once per chunk
 
 
+def test_batch_norm_through_a_plain_callable():
+    # The model a lambda over a module: the first pass's BatchNorm updates are undone all the same, so the
+    # running statistics move once per chunk (num_batches_tracked 6 after 3 chunks of two views, not 12).
+    enc, reference = TwoViews(batch_norm=True).net, TwoViews(batch_norm=True)
+    inputs = _batch()
+    want = _plain(reference, inputs, _simclr, chunk_size=8)
+    enc.zero_grad()
+    loss = large_batch.cached_backward(lambda a, b: (enc(a), enc(b)), inputs, _simclr, chunk_size=8)
+    _assert_equal((loss.detach(), [p.grad.clone() for p in enc.parameters()]), want)
+    assert int(enc[1].num_batches_tracked) == 6
+    for b, w in zip(enc.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, w, rtol=1e-12, atol=0)
+
+
 def test_memory_bank_and_grad_scaler():
     model, inputs = TwoViews(), _batch()
     bank, bank_labels = torch.randn(50, D, dtype=torch.float64), torch.arange(50) % 7
