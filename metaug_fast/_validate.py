@@ -2,6 +2,7 @@
 distributed modes and the memory bank: each raises a TypeError or ValueError that names the argument."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -76,6 +77,8 @@ def check_labels(labels, name: str, n: int, n_name: str, like: Tensor) -> Tensor
 
 def check_label_inputs(emb, labels, ref_emb, ref_labels) -> None:
     check_float_tensor(emb, "emb", 2)
+    if emb.shape[1] == 0:
+        raise ValueError(f"emb must have at least one feature, got shape {tuple(emb.shape)}")
     check_labels(labels, "labels", emb.shape[0], "emb", emb)
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together (or both left None)")
@@ -88,8 +91,10 @@ def check_label_inputs(emb, labels, ref_emb, ref_labels) -> None:
 
 
 def check_temperature(temperature, like: Tensor, like_name: str):
-    """A positive finite float, or a 0-d float tensor on ``like``'s device (its value is not read: that
-    would wait for the device; it is the caller's to keep positive, as CLIP's exp(logit_scale) is)."""
+    """A positive finite float, or a 0-d float tensor on ``like``'s device. A tensor's value is checked as the
+    float's where reading it is free (a CPU tensor, outside torch.compile's tracing); on an accelerator
+    reading it would wait for the device, so a zero, negative or non-finite one makes the result NaN instead
+    (a ``torch.isfinite(loss)`` guard fires; nothing is silently wrong)."""
     if not isinstance(temperature, Tensor):
         return check_real(temperature, "temperature", positive=True)
     if temperature.dim() != 0:
@@ -97,7 +102,13 @@ def check_temperature(temperature, like: Tensor, like_name: str):
     if not temperature.dtype.is_floating_point:
         raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
     check_same(temperature, like, "temperature", like_name, dtype=False)
-    return temperature
+    if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = float(temperature)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be finite and > 0, got tensor({value})")
+        return temperature
+    valid = (temperature > 0) & temperature.isfinite()
+    return torch.where(valid, temperature, torch.full_like(temperature, float("nan")))
 
 
 def info_nce_args(temperature, like: Tensor, like_name: str, reduction: str, average: str) -> dict:

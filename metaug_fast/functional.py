@@ -255,7 +255,9 @@ def info_nce(
 
     Args:
         temperature: τ > 0, a float or a 0-d float tensor on the scores' device, which then gets its
-            gradient (a learned temperature, CLIP's 1/logit_scale).
+            gradient (a learned temperature, CLIP's 1/logit_scale). A zero, negative or non-finite one raises
+            a ValueError; a tensor's value is read only on the CPU (on an accelerator reading it would wait
+            for the device: there such a tensor makes the loss NaN instead).
         average: ``"anchor"``: a row's loss is the mean over its positives and "mean" averages the valid
             rows; ``"pair"``: a row's loss is the sum over its positives and "mean" divides by the number of
             positive pairs (pytorch-metric-learning's NTXentLoss). The two agree with one positive per row.

@@ -224,7 +224,7 @@ def test_open_clip_raw_features_bias_and_dict():
 
 # -------------------------------------------------------------------------------------------------- lightly
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("temperature", [0.5, 0.1])
+@pytest.mark.parametrize("temperature", [0.5, 0.1, -0.3])  # lightly takes any |τ| >= 1e-8
 def test_lightly_in_batch(dtype, temperature):
     out0, _ = batch(17, 12, 1, dtype)
     out1 = out0 + 0.3 * batch(17, 12, 1, dtype, seed=1)[0]
@@ -235,13 +235,14 @@ def test_lightly_in_batch(dtype, temperature):
     assert_same(peer, ours, dtype)  # one sample: no negative, loss 0
 
 
-def test_lightly_memory_bank_over_several_steps():
+@pytest.mark.parametrize("temperature", [0.2, -0.2])
+def test_lightly_memory_bank_over_several_steps(temperature):
     # Seeded alike, both banks start from the same random rows; 4 steps of 5 rows wrap a 12-row bank (lightly
     # drops the rows that do not fit), and a step whose out0 needs no gradient leaves the bank as it is.
     losses = {}
     for name, module in (("peer", lightly_loss), ("ours", our_lightly)):
         torch.manual_seed(5)
-        loss_fn = module.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6)).double()
+        loss_fn = module.NTXentLoss(temperature=temperature, memory_bank_size=(12, 6)).double()
         results = []
         for step in range(5):
             out0, _ = batch(5, 6, 1, seed=10 + step)

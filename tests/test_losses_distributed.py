@@ -61,12 +61,13 @@ def _worker(rank, init_file):
                     _close(got, [whole[0], factor * whole[1][mine], factor * whole[2][mine], whole[3]],
                            f"ClipLoss {kw} against one process")
         out0, out1 = _features(2)[mine], _features(3)[mine]
-        results = []
-        for module in (lightly_loss, our_lightly):
-            a, b = out0.clone().requires_grad_(), out1.clone().requires_grad_()
-            loss = module.NTXentLoss(temperature=0.3, gather_distributed=True)(a, b)
-            results.append([loss.detach(), *torch.autograd.grad(loss, (a, b))])
-        _close(results[1], results[0], "lightly NTXentLoss gather_distributed")
+        for tau in (0.3, -0.3):
+            results = []
+            for module in (lightly_loss, our_lightly):
+                a, b = out0.clone().requires_grad_(), out1.clone().requires_grad_()
+                loss = module.NTXentLoss(temperature=tau, gather_distributed=True)(a, b)
+                results.append([loss.detach(), *torch.autograd.grad(loss, (a, b))])
+            _close(results[1], results[0], f"lightly NTXentLoss gather_distributed, temperature {tau}")
         _pml_wrappers(rank)
 
 

@@ -58,6 +58,7 @@ def test_oucl_bad_input(kwargs, exc, name):
         ((E, L, torch.randn(3, 8).double(), torch.tensor([0, 1, 2])), {}, TypeError, "ref_emb"),
         ((E, L), dict(similarity="euclidean"), ValueError, "similarity"),
         ((E, L), dict(form="x"), ValueError, "form"),
+        ((E[:, :0], L), {}, ValueError, "emb must have at least one feature"),
     ],
 )
 def test_label_mode_bad_input(args, kwargs, exc, name):
@@ -66,6 +67,20 @@ def test_label_mode_bad_input(args, kwargs, exc, name):
     if "form" not in kwargs:
         with pytest.raises(exc, match=name):
             F.info_nce_embeddings(*args, **{k: v for k, v in kwargs.items() if k == "similarity"})
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("inf"), float("nan")])
+def test_tensor_temperature_is_checked_as_the_float(value):
+    # A CPU tensor's value is read (free) and refused as the float is; where it cannot be read without waiting
+    # (an accelerator; here torch.compile's tracing, which takes the same path) the loss is NaN.
+    for temperature in (value, torch.tensor(value)):
+        with pytest.raises(ValueError, match="temperature must be"):
+            F.info_nce(P, N, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature must be"):
+            F.info_nce_embeddings(E, L, temperature=temperature)
+    traced = torch.compile(lambda t: F.info_nce(P, N, temperature=t), backend="eager", fullgraph=True)
+    assert torch.isnan(traced(torch.tensor(value)))
+    assert torch.isfinite(traced(torch.tensor(0.2)))
 
 
 def test_other_ops_bad_input():

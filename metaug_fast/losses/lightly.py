@@ -55,7 +55,8 @@ class NTXentLoss(nn.Module):
     """lightly's ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)``, fused.
 
     Args:
-        temperature: τ (``abs(τ) < 1e-8`` raises, as in lightly).
+        temperature: τ (``abs(τ) < 1e-8`` raises, as in lightly; a negative τ divides the similarities by it, as
+            lightly's logits do: the fused ops take |τ| and the reference rows negated).
         memory_bank_size: 0 (no bank) or ``(num_features, dim)``.
         gather_distributed: negatives from every rank (and, with a bank, every rank's rows written to it).
         backend: metaug_fast's backend choice.
@@ -81,6 +82,8 @@ class NTXentLoss(nn.Module):
                              "gather_distributed=False or install a torch version with distributed support.")
         _backend.check_name(backend, "backend")
         self.temperature, self.gather_distributed, self.backend = temperature, gather_distributed, backend
+        # s/τ = (-s)/|τ|: the fused ops take a positive temperature, so a negative one flips the references.
+        self._tau, self._sign = abs(temperature), (-1.0 if temperature < 0 else 1.0)
         self.size = shape
         self.register_buffer("bank", torch.empty(shape, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
@@ -107,8 +110,11 @@ class NTXentLoss(nn.Module):
         both = torch.cat([out0, out1])
         if not _distributed(self.gather_distributed):
             labels = torch.arange(b, device=out0.device).repeat(2)
-            return F.info_nce_embeddings(both, labels, temperature=self.temperature, similarity="cosine",
-                                         backend=self.backend)
+            if self._sign > 0:
+                return F.info_nce_embeddings(both, labels, temperature=self._tau, similarity="cosine",
+                                             backend=self.backend)
+            return F.info_nce_embeddings(both, labels, -both, labels, temperature=self._tau, similarity="cosine",
+                                         self_offset=0, backend=self.backend)
         # Rank r's block of the gathered rows is its own cat(out0, out1): anchor i is reference row
         # offset + i, one self offset for both views.
         all_rows, sizes = gather_rows(both, with_grad=True)
@@ -117,8 +123,8 @@ class NTXentLoss(nn.Module):
         all_labels = torch.cat([torch.arange(s, s + n // 2, device=out0.device).repeat(2) for s, n in zip(starts,
                                                                                                           sizes)])
         offset = sum(sizes[:rank])
-        return F.info_nce_embeddings(both, all_labels[offset:offset + 2 * b], all_rows, all_labels,
-                                     temperature=self.temperature, similarity="cosine", self_offset=offset,
+        return F.info_nce_embeddings(both, all_labels[offset:offset + 2 * b], self._sign * all_rows, all_labels,
+                                     temperature=self._tau, similarity="cosine", self_offset=offset,
                                      backend=self.backend)
 
     def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
@@ -135,7 +141,7 @@ class NTXentLoss(nn.Module):
         if out0.requires_grad:
             self._enqueue(z1)
         pos = (z0 * z1).sum(1, keepdim=True)
-        return F.info_nce(pos, z0 @ negatives, temperature=self.temperature, backend=self.backend)
+        return F.info_nce(self._sign * pos, self._sign * (z0 @ negatives), temperature=self._tau, backend=self.backend)
 
     @torch.no_grad()
     def _enqueue(self, rows: Tensor) -> None:
