@@ -22,7 +22,6 @@ this run; results go to ``<out>/results.csv`` and a chart to ``<out>/results.png
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import statistics
@@ -32,6 +31,7 @@ from typing import Dict, List, Optional
 from ..metaug.probe import extract, few_label_accuracy, fit_linear
 from ..metaug.step import MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
+from ._parser import Parser
 
 # (name, MetAugConfig.official overrides); None: a randomly initialized encoder, never trained.
 RUNS = [
@@ -77,16 +77,16 @@ def _fmt(values: List[float]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.compare", description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--mag-hidden", type=int, default=128)
-    ap.add_argument("--k-neg", type=int, default=128)
+    ap = Parser("metaug_fast.cli.compare", description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs of every method")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of every method per seed")
+    ap.add_argument("--mag-hidden", type=int, default=128, help="hidden width of each MAG")
+    ap.add_argument("--k-neg", type=int, default=128, help="negatives drawn from the memory per call")
     ap.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
     ap.add_argument("--probe-epochs", type=int, default=100, help="epochs of each few-label probe")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--backend", default="auto", help="auto or a backend name (metaug_fast.available_backends())")
+    ap.add_argument("--out", default="runs/compare", help="folder for results.csv and results.png")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if min(args.epochs, args.k_neg, args.mag_hidden, args.probe_epochs) < 1 or args.max_steps < 0:
         ap.error("--epochs, --k-neg, --mag-hidden and --probe-epochs must be >= 1, --max-steps >= 0")

@@ -9,7 +9,6 @@ a separate module; this demo exercises the loss and its backends only.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 import metaug_fast
 from metaug_fast import OUCLLoss
+from metaug_fast.cli._parser import Parser
 
 
 def _views(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -47,11 +47,11 @@ def _probe_accuracy(encoder: nn.Module, x_train, y_train, x_test, y_test) -> flo
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="OUCL on sklearn digits: a short, real demo")
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="auto")
+    ap = Parser("metaug_fast.cli.demo", description="OUCL on sklearn digits: a short, real demo")
+    ap.add_argument("--epochs", type=int, default=150, help="training epochs")
+    ap.add_argument("--batch", type=int, default=256, help="images per step (two views of each)")
+    ap.add_argument("--seed", type=int, default=0, help="the random seed of the split, views and initialization")
+    ap.add_argument("--backend", default="auto", help="auto or a backend name (metaug_fast.available_backends())")
     args = ap.parse_args(argv)
     if args.epochs < 1 or args.batch < 2:
         ap.error("--epochs must be >= 1 and --batch >= 2")

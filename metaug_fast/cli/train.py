@@ -38,6 +38,7 @@ from ..metaug.probe import PROTOCOLS
 from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, VARIANTS, MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
 from ..reference import FORMS, SIMILARITIES
+from ._parser import Parser
 
 
 def _positive_int(text: str) -> int:
@@ -68,74 +69,102 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     """The command line, its defaults those of ``preset``."""
     d = TrainConfig.official() if preset == "official" else TrainConfig()
     m = d.metaug
-    ap = argparse.ArgumentParser(prog="python -m metaug_fast.cli.train",
-                                 description="MetAug training (OUCL + MAG + meta step)")
+    ap = Parser("metaug_fast.cli.train", description="MetAug training (OUCL + MAG + meta step)")
     ap.add_argument("--preset", choices=PRESETS, default=preset,
                     help="official: every default from the official code (TrainConfig.official())")
     g = ap.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help='the training images (digits is embedded; the others are read from --data-root)')
     g.add_argument("--data-root", default=None, help="folder holding the dataset's files (never downloaded)")
-    g.add_argument("--arch", choices=ARCHS, default=None, help="default: small_cnn for digits, alexnet_half otherwise")
-    g.add_argument("--views", choices=VIEWS, default=None, help="default: crops for digits, lab otherwise")
+    g.add_argument("--arch", choices=ARCHS, default=None,
+                   help="the encoder; None: small_cnn for digits, alexnet_half otherwise")
+    g.add_argument("--views", choices=VIEWS, default=None,
+                   help="how the views are made; None: crops for digits, lab otherwise")
     g.add_argument("--n-views", type=int, choices=(2, 3), default=d.n_views,
                    help="3: L, ab and Lab (lab), or three crops")
-    g.add_argument("--image-size", type=_positive_int, default=None)
-    g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim)
-    g.add_argument("--mag-hidden", type=_positive_int, default=d.mag_hidden)
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="side of the square crops; None: the dataset's (8 for digits, 32 for CIFAR, ...)")
+    g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim,
+                   help='size of the embeddings the loss compares')
+    g.add_argument("--mag-hidden", type=_positive_int, default=d.mag_hidden,
+                   help='hidden width of each meta feature augmentation generator (MAG)')
     g = ap.add_argument_group("optimization")
-    g.add_argument("--method", choices=METHODS, default=m.method)
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--method", choices=METHODS, default=m.method,
+                   help='metaug: OUCL + MAGs + meta step; oucl: OUCL alone; infonce: the InfoNCE baseline')
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help="training epochs (the paper's schedule is long: set a few for a first run)")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help='samples per step (per process under torchrun)')
     g.add_argument("--chunk-size", type=int, default=m.chunk_size,
                    help="gradient caching: run the encoder on this many samples at a time, so that any batch size "
                         "fits in memory (0: off; MetAug's meta step then uses a sub-batch of this size)")
-    g.add_argument("--lr", type=_positive_float, default=m.lr)
-    g.add_argument("--lr-decay-epochs", type=_positive_int, nargs="*", default=list(d.lr_decay_epochs))
-    g.add_argument("--lr-decay-rate", type=_positive_float, default=d.lr_decay_rate)
-    g.add_argument("--momentum", type=_non_negative_float, default=m.momentum)
-    g.add_argument("--weight-decay", type=_non_negative_float, default=m.weight_decay)
-    g.add_argument("--inner-lr", type=_positive_float, default=m.inner_lr)
-    g.add_argument("--mag-lr", type=_positive_float, default=m.mag_lr)
-    g.add_argument("--mag-momentum", type=_non_negative_float, default=m.mag_momentum)
-    g.add_argument("--mag-weight-decay", type=_non_negative_float, default=m.mag_weight_decay)
+    g.add_argument("--lr", type=_positive_float, default=m.lr, help="the encoder's SGD learning rate")
+    g.add_argument("--lr-decay-epochs", type=_positive_int, nargs="*", default=list(d.lr_decay_epochs),
+                   help='epochs at which the learning rate is multiplied by --lr-decay-rate')
+    g.add_argument("--lr-decay-rate", type=_positive_float, default=d.lr_decay_rate,
+                   help="the learning rate's factor at each of --lr-decay-epochs")
+    g.add_argument("--momentum", type=_non_negative_float, default=m.momentum, help="the encoder's SGD momentum")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=m.weight_decay,
+                   help="the encoder's SGD weight decay")
+    g.add_argument("--inner-lr", type=_positive_float, default=m.inner_lr,
+                   help="the meta step's inner learning rate (its virtual encoder update)")
+    g.add_argument("--mag-lr", type=_positive_float, default=m.mag_lr, help="the MAGs' SGD learning rate")
+    g.add_argument("--mag-momentum", type=_non_negative_float, default=m.mag_momentum, help="the MAGs' SGD momentum")
+    g.add_argument("--mag-weight-decay", type=_non_negative_float, default=m.mag_weight_decay,
+                   help="the MAGs' SGD weight decay")
     g.add_argument("--variant", choices=VARIANTS, default=m.variant,
                    help="lookahead: + a look-ahead encoder update; metaug2: train_MetAug2.py's loop")
     g.add_argument("--matched-side-effects", action="store_true", default=m.matched_side_effects,
                    help="with --method oucl: MetAug's extra forwards and bank writes, without a MAG (a control)")
-    g.add_argument("--eta", type=_non_negative_float, default=m.eta)
-    g.add_argument("--alpha", type=_non_negative_float, default=m.alpha)
+    g.add_argument("--eta", type=_non_negative_float, default=m.eta,
+                   help='weight of the OUCL terms of the augmented features')
+    g.add_argument("--alpha", type=_non_negative_float, default=m.alpha, help='weight of the margin regularizer R_σ')
     g.add_argument("--margin-in", choices=MARGIN_IN, default=m.margin_in,
                    help="meta: R_σ in the meta objective only; all: in the encoder's loss too")
-    g.add_argument("--margin-pos-weight", type=_non_negative_float, default=m.margin_pos_weight)
-    g.add_argument("--k-neg", type=_positive_int, default=m.k_neg)
-    g.add_argument("--bank-momentum", type=_non_negative_float, default=m.bank_momentum)
-    g.add_argument("--bank-init", choices=BANK_INITS, default=m.bank_init)
-    g.add_argument("--bank-writes", choices=BANK_WRITES, default=m.bank_writes)
+    g.add_argument("--margin-pos-weight", type=_non_negative_float, default=m.margin_pos_weight,
+                   help="weight of R_σ's positive half (the official code: 1e-4)")
+    g.add_argument("--k-neg", type=_positive_int, default=m.k_neg,
+                   help='negatives drawn from the memory bank per step (features) or per call (memory)')
+    g.add_argument("--bank-momentum", type=_non_negative_float, default=m.bank_momentum,
+                   help="the memory bank's update momentum")
+    g.add_argument("--bank-init", choices=BANK_INITS, default=m.bank_init,
+                   help="the memory bank's initial rows (uniform: the official code's)")
+    g.add_argument("--bank-writes", choices=BANK_WRITES, default=m.bank_writes,
+                   help="after_step: the bank is written once per step; every_scoring: after every scoring of "
+                        "the original features (the official code's)")
     g.add_argument("--objective", choices=OBJECTIVES, default=m.objective,
                    help="features: the library's pairs; memory: the official CMC-style memory")
     g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
     g = ap.add_argument_group("loss")
-    g.add_argument("--form", choices=FORMS, default=m.form)
-    g.add_argument("--beta", type=_positive_float, default=m.beta)
-    g.add_argument("--gamma-pos", type=float, default=m.gamma_pos)
-    g.add_argument("--gamma-neg", type=float, default=m.gamma_neg)
+    g.add_argument("--form", choices=FORMS, default=m.form, help='the OUCL form')
+    g.add_argument("--beta", type=_positive_float, default=m.beta, help="OUCL's scale β")
+    g.add_argument("--gamma-pos", type=float, default=m.gamma_pos,
+                   help="the weighted and circle forms' positive margin γ⁺")
+    g.add_argument("--gamma-neg", type=float, default=m.gamma_neg,
+                   help="the weighted and circle forms' negative margin γ⁻")
     g.add_argument("--loss-scale", type=_positive_float, default=m.loss_scale,
                    help="multiplies the OUCL terms (the official criterion: 16)")
-    g.add_argument("--margin", type=float, default=m.margin)
-    g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity)
-    g.add_argument("--temperature", type=_positive_float, default=m.temperature)
-    g.add_argument("--detach-margin", action="store_true")
+    g.add_argument("--margin", type=float, default=m.margin, help="the circle form's relaxation margin m")
+    g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity, help='how embeddings become scores')
+    g.add_argument("--temperature", type=_positive_float, default=m.temperature,
+                   help="InfoNCE's temperature (--method infonce)")
+    g.add_argument("--detach-margin", action="store_true",
+                   help="take R_σ's margins as constants (no gradient through them)")
     g.add_argument("--backend", default=m.backend, help="auto or a backend name (metaug_fast.available_backends())")
     g = ap.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--no-deterministic", action="store_true")
-    g.add_argument("--out", default=d.out_dir)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help='the random seed of the data order, views and initialization')
+    g.add_argument("--no-deterministic", action="store_true",
+                   help='allow nondeterministic kernels (faster on a GPU, not bit-reproducible)')
+    g.add_argument("--out", default=d.out_dir, help='folder for metrics.csv, metrics.png and checkpoint.pt')
     g.add_argument("--resume", default=None, help="checkpoint.pt of an earlier run with the same settings")
-    g.add_argument("--probe-epochs", type=_positive_int, default=d.probe_epochs)
-    g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr)
-    g.add_argument("--probe-every", type=int, default=0)
-    g.add_argument("--probe-protocol", choices=PROTOCOLS, default=d.probe_protocol)
-    g.add_argument("--threads", type=_positive_int, default=None)
+    g.add_argument("--probe-epochs", type=_positive_int, default=d.probe_epochs,
+                   help='epochs of the linear probe trained on the frozen encoder')
+    g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr, help="the linear probe's learning rate")
+    g.add_argument("--probe-every", type=int, default=0, help='probe every this many epochs (0: only after the last)')
+    g.add_argument("--probe-protocol", choices=PROTOCOLS, default=d.probe_protocol,
+                   help="standard: a held-out test split; official: the official code's evaluation")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (None: torch's default)")
     g.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
                    help="cuda: this process's GPU (LOCAL_RANK under torchrun)")
     g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
@@ -231,8 +260,9 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not trainer.is_main:
         return 0
     if "probe_conv" in last:
-        print(f"epoch {last['epoch']}: loss {last['loss']:.4f}; linear probe top-1: conv {last['probe_conv']:.2f} %, "
-              f"fc {last['probe_fc']:.2f} %; k-NN on fc {last['probe_knn']:.2f} %")
+        ranks = " of every rank" if trainer.world > 1 else ""
+        print(f"epoch {last['epoch']}: mean loss {last['loss']:.4f} (its steps{ranks}); linear probe top-1: conv "
+              f"{last['probe_conv']:.2f} %, fc {last['probe_fc']:.2f} %; k-NN on fc {last['probe_knn']:.2f} %")
     print(f"metrics: {cfg.out_dir}/metrics.csv, plot: {cfg.out_dir}/metrics.png, checkpoint: {trainer.ckpt_path}")
     return 0
 

@@ -271,7 +271,10 @@ class Trainer:
         steps = 0
         t0 = time.perf_counter()
         n = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
-        bar = tqdm(loader, total=n, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.metaug.method}]",
+        # The bar shows the mean loss of the epoch's steps so far, as the epoch's line does at its end; under
+        # torchrun, of rank 0's steps (the line's is over every rank's: averaging each step would wait for all).
+        rank = f", rank 0 of {self.world}" if self.world > 1 else ""
+        bar = tqdm(loader, total=n, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.metaug.method}{rank}]",
                    disable=not (cfg.progress and self.is_main), leave=False)
         for *views, _, index in bar:
             views, index = [v.to(self.device) for v in views], index.to(self.device)
@@ -279,7 +282,7 @@ class Trainer:
             for k, v in out.items():
                 total[k] += v
             steps += 1
-            bar.set_postfix(loss=f"{out['loss']:.4f}")
+            bar.set_postfix(mean_loss=f"{total['loss'] / steps:.4f}")
             if steps >= n:
                 break
         bar.close()
