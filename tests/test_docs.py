@@ -119,3 +119,36 @@ def test_the_site_builds_strictly(tmp_path):
                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "site" / "reference" / "functional" / "index.html").is_file()
+
+
+# ------------------------------------------------------------------------------ the guides' code and commands
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+BLOCKS = [(page.relative_to(ROOT).as_posix(), n, lang, body) for page in PAGES
+          for n, (lang, body) in enumerate(BLOCK.findall(page.read_text()), 1)]
+PYTHON = [b for b in BLOCKS if b[2] == "python"]
+TRAIN = re.compile(r"(?:python -m|torchrun .*?-m) metaug_fast\.cli\.train\b(?P<args>[^#\n]*)(?P<comment>#.*)?")
+
+
+@pytest.mark.parametrize("page, n, lang, body", PYTHON, ids=[f"{p}#{n}" for p, n, _, _ in PYTHON])
+def test_every_python_block_runs_as_written(page, n, lang, body, tmp_path, monkeypatch):
+    # Each block on its own, in a fresh namespace: whatever it needs, it imports or defines itself.
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(body, f"{page} (block {n})", "exec"), {"__name__": "__docs__"})
+
+
+def test_every_training_command_parses_and_sets_its_epochs():
+    # The trainer's default is the paper's 300 epochs: a command that leaves it says so in its comment.
+    from metaug_fast.cli.train import build_parser
+
+    commands = [(page, line.strip()) for page, _, lang, body in BLOCKS if lang == "bash"
+                for line in body.replace("\\\n", " ").splitlines() if TRAIN.search(line)]
+    assert len(commands) >= 6
+    for page, line in commands:
+        m = TRAIN.search(line)
+        args = m["args"].split()
+        preset = args[args.index("--preset") + 1] if "--preset" in args else "default"
+        build_parser(preset).parse_args(args)  # exits (and fails the test) on an unknown option or value
+        assert "--epochs" in args or "--resume" in args or "300 epochs" in (m["comment"] or ""), (page, line)
+        assert m["comment"], f"{page}: `{line}` does not say how long it runs"
