@@ -35,3 +35,13 @@ def batch(B, D, n_classes, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, n_classes, (B,),
                                                                                           generator=gen)
+
+
+def official_value(outs, gamma, delta_p, delta_n):
+    """The official criterion written out from its definition (NCE/NCECriterion.py, CircleLoss.forward)."""
+    scores = [(o[..., 0] + 1) / 2 for o in outs]
+    p = torch.cat([s[:, :1] for s in scores], 1)
+    n = torch.cat([s[:, 1:] for s in scores], 1)
+    rows = torch.nn.functional.softplus(torch.logsumexp(gamma * (n - delta_n), 1)
+                                        + torch.logsumexp(-gamma * (p - delta_p), 1))
+    return rows.sum() / p.shape[0] / gamma * 16

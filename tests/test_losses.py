@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from peers import SOFTPLUS_CUTOFF, assert_same, batch, both
+from peers import SOFTPLUS_CUTOFF, assert_same, batch, both, official_value
 
 from metaug_fast.losses import lightly as our_lightly
 from metaug_fast.losses import official as our_official
@@ -278,16 +278,6 @@ def test_lightly_errors():
 
 
 # ------------------------------------------------------------------------------------------ official MetAug
-def official_value(outs, gamma, delta_p, delta_n):
-    """The official criterion written out from its definition (NCE/NCECriterion.py, CircleLoss.forward)."""
-    scores = [(o[..., 0] + 1) / 2 for o in outs]
-    p = torch.cat([s[:, :1] for s in scores], 1)
-    n = torch.cat([s[:, 1:] for s in scores], 1)
-    rows = torch.nn.functional.softplus(torch.logsumexp(gamma * (n - delta_n), 1)
-                                        + torch.logsumexp(-gamma * (p - delta_p), 1))
-    return rows.sum() / p.shape[0] / gamma * 16
-
-
 @pytest.mark.parametrize("delta_enable", ["no", "yes"])
 @pytest.mark.parametrize("alpha_enable", ["no", "yes"])
 def test_official_criterion(delta_enable, alpha_enable):

@@ -1,17 +1,20 @@
-"""The NaN grid: every drop-in and the functional API × (one NaN row, one infinite row, all NaN, a NaN in the
-other set of rows, a NaN parameter) against the installed peer (the reference implementation for the
-functional API). The rule: a non-finite input that the peer's loss turns non-finite is non-finite here too
-(or, for a parameter, refused with a ValueError naming it), and a finite loss here is the peer's, with
-finite gradients: never a finite loss whose gradients are NaN."""
+"""The NaN grid: every drop-in (PML, open_clip, lightly, the official criterion) and the functional API ×
+(one NaN row, one infinite row, all NaN, a NaN in the other set of rows, a NaN parameter) against the
+installed peer (the reference implementation for the functional API, the official criterion written out).
+The rule: a non-finite input that the peer's loss turns non-finite is non-finite here too (or, for a
+parameter, refused with a ValueError naming it), and a finite loss here is the peer's, with finite
+gradients: never a finite loss whose gradients are NaN."""
 import math
+import types
 
 import pytest
 import torch
-from peers import SOFTPLUS_CUTOFF, assert_same
+from peers import SOFTPLUS_CUTOFF, assert_same, official_value
 
 import metaug_fast.functional as F
 import metaug_fast.reference as R
 from metaug_fast.losses import lightly as our_lightly
+from metaug_fast.losses import official as our_official
 from metaug_fast.losses import open_clip as our_open_clip
 from metaug_fast.losses import pml as our_pml
 
@@ -50,6 +53,12 @@ DROP_INS = {
                            lambda lib, x, y, p: lib()(x, y, torch.tensor(p, dtype=x.dtype)), 14.0),
     "lightly.NTXentLoss": (lightly_loss.NTXentLoss, our_lightly.NTXentLoss,
                            lambda lib, x, y, p: lib(temperature=p)(x, y), 0.5),
+    "official.CircleLoss": (
+        lambda outs, gamma: official_value(outs, gamma, 0.0, 0.0),
+        lambda outs, gamma: our_official.CircleLoss(types.SimpleNamespace(
+            gama_gh=gamma, delta_m_gh=0.3, delta_enable_gh="no", alpha_m_gh=0.25, alpha_de_gh=1.0,
+            alpha_enable_gh="no"))(*outs),
+        lambda fn, x, y, p: fn([x[:, :, None]] * 3 + [y[:, :, None]] * 3, p), 16.0),
     "functional.oucl_embeddings": (
         R.oucl_embeddings, F.oucl_embeddings,
         lambda fn, x, y, p: fn(x, LABELS, y, LABELS.flip(0), form="circle", beta=p, similarity="cosine"), 16.0),
@@ -74,7 +83,7 @@ def test_non_finite_inputs(name, case):
     try:
         ours = _run(our_make, call, case, param)
     except ValueError as exc:  # a NaN parameter may be refused, naming it
-        assert case == "nan_parameter" and any(word in str(exc) for word in ("gamma", "temperature", "beta")), exc
+        assert case == "nan_parameter" and any(w in str(exc) for w in ("gam", "temperature", "beta")), exc
         return
     if torch.isfinite(ours[0]):
         assert all(torch.isfinite(g).all() for g in ours[1:]), "a finite loss with non-finite gradients"
