@@ -103,7 +103,7 @@ def check_temperature(temperature, like: Tensor, like_name: str):
         raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
     check_same(temperature, like, "temperature", like_name, dtype=False)
     if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
-        value = float(temperature)
+        value = float(temperature.detach())
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"temperature must be finite and > 0, got tensor({value})")
         return temperature
