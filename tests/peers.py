@@ -38,7 +38,7 @@ def batch(B, D, n_classes, dtype=torch.float64, seed=0):
 
 
 def official_value(outs, gamma, delta_p, delta_n):
-    """The official criterion written out from its definition (NCE/NCECriterion.py, CircleLoss.forward)."""
+    """The official criterion written out from its definition (NCE/NCECriterion_MetAug.py, CircleLoss.forward)."""
     scores = [(o[..., 0] + 1) / 2 for o in outs]
     p = torch.cat([s[:, :1] for s in scores], 1)
     n = torch.cat([s[:, 1:] for s in scores], 1)

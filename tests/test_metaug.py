@@ -167,9 +167,9 @@ def test_bank_checkpoint_round_trip_and_full_scoring(tmp_path):
 def _tiny_cfg(tmp_path, name, epochs, preset="default", **kw):
     official = preset == "official"
     metaug = (MetAugConfig.official if official else MetAugConfig)(k_neg=16, method=kw.pop("method", "metaug"))
-    return (TrainConfig.official if official else TrainConfig)(
-        dataset="digits", epochs=epochs, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=2, probe_epochs=1,
-        progress=False, out_dir=str(tmp_path / name), metaug=metaug, **kw)
+    base = dict(dataset="digits", epochs=epochs, batch_size=16, mag_hidden=8, feat_dim=8, max_steps=2,
+                probe_epochs=1, progress=False, out_dir=str(tmp_path / name), metaug=metaug)
+    return (TrainConfig.official if official else TrainConfig)(**{**base, **kw})
 
 
 @pytest.mark.parametrize("preset", ["default", "official"])
@@ -202,9 +202,56 @@ def test_resume_rejects_a_different_run(tmp_path):
         other.resume(t.ckpt_path)
 
 
+def _official_lr(epoch, learning_rate, lr_decay_epochs, lr_decay_rate):
+    """util.py's adjust_learning_rate (jiangmengli/metaug at HEAD), called by train_MetAug.py with the epochs
+    1..epochs: ``steps = np.sum(epoch > np.asarray(opt.lr_decay_epochs))``."""
+    steps = np.sum(epoch > np.asarray(lr_decay_epochs))
+    return learning_rate * (lr_decay_rate ** steps) if steps > 0 else learning_rate
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr_decay_epochs=(3, 5))
-    assert [round(lr_at(cfg, e), 8) for e in (1, 2, 3, 4, 5, 6)] == [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003]
+    assert [round(lr_at(cfg, e), 8) for e in (1, 2, 3, 4, 5, 6)] == [0.03, 0.03, 0.03, 0.003, 0.003, 0.0003]
+    official = TrainConfig.official()
+    assert all(lr_at(official, e) == pytest.approx(_official_lr(e, 0.03, (120, 160, 200), 0.1), rel=1e-12)
+               for e in range(1, 301))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_the_last_partial_batch_is_kept_as_the_official_loader_keeps_it(tmp_path, drop_last, monkeypatch):
+    # train_MetAug.py's DataLoader has no drop_last: digits' 1400 training images in batches of 96 end with
+    # a batch of 56, which trains too; --drop-last drops it. A last batch of one sample is always dropped
+    # (BatchNorm cannot normalize it in training).
+    trainer = Trainer(_tiny_cfg(tmp_path, "run", 1, method="oucl", max_steps=0, batch_size=96,
+                                drop_last=drop_last))
+    sizes, call = [], type(trainer.step).__call__
+
+    def recording(step, views, *args):
+        sizes.append(views[0].shape[0])
+        return call(step, views, *args)
+    monkeypatch.setattr(type(trainer.step), "__call__", recording)
+    trainer.train_epoch()
+    assert sizes == [96] * 14 + ([] if drop_last else [56])
+    from metaug_fast.metaug.trainer import _drop_last
+    assert _drop_last(TrainConfig(batch_size=16), 33) and not _drop_last(TrainConfig(batch_size=16), 34)
+
+
+def test_the_official_probe_runs_the_mags_in_train_mode(tmp_path, monkeypatch):
+    # LinearProbing_MetAug.py never calls .eval() on its MAGs: their BatchNorm uses each batch's statistics.
+    # The probe runs copies, so that the training MAGs' running statistics stay as they were.
+    trainer = Trainer(_tiny_cfg(tmp_path, "run", 1, "official"))
+    seen, hidden = [], MetaFeatureAugmenter.hidden
+
+    def recording(mag, z):
+        seen.append((mag.training, any(mag is m for m in trainer.mags)))
+        return hidden(mag, z)
+    monkeypatch.setattr(MetaFeatureAugmenter, "hidden", recording)
+    buffers = [b.clone() for b in trainer.mags.buffers()]
+    trainer.mags.eval()
+    trainer.probe()
+    assert seen and all(training and not original for training, original in seen)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, trainer.mags.buffers()))
+    assert not any(mag.training for mag in trainer.mags)
 
 
 # -------------------------------------------------------------------------------------------- data

@@ -135,6 +135,8 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=OBJECTIVES, default=m.objective,
                    help="features: the library's pairs; memory: the official CMC-style memory")
     g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
+    g.add_argument("--drop-last", action="store_true", default=d.drop_last,
+                   help="drop each epoch's last partial batch (the official loader keeps it)")
     g = ap.add_argument_group("loss")
     g.add_argument("--form", choices=FORMS, default=m.form, help='the OUCL form')
     g.add_argument("--beta", type=_positive_float, default=m.beta, help="OUCL's scale β")
@@ -193,7 +195,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr_decay_rate=args.lr_decay_rate, seed=args.seed, deterministic=not args.no_deterministic,
         out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
         probe_every=args.probe_every, probe_protocol=args.probe_protocol, max_steps=args.max_steps,
-        progress=not args.quiet, device=args.device,
+        drop_last=args.drop_last, progress=not args.quiet, device=args.device,
         metaug=metaug,
     )
 

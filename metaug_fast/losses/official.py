@@ -1,7 +1,7 @@
-"""The official MetAug code's criterion (github.com/jiangmengli/metaug, ``NCE/NCECriterion.py``,
+"""The official MetAug code's criterion (github.com/jiangmengli/metaug, ``NCE/NCECriterion_MetAug.py``,
 ``CircleLoss.forward``), fused.
 
->>> from metaug_fast.losses.official import CircleLoss          # was: from NCE.NCECriterion import CircleLoss
+>>> from metaug_fast.losses.official import CircleLoss          # was: from NCE.NCECriterion_MetAug import CircleLoss
 >>> criterion = CircleLoss(args)                                # the same argparse options
 >>> loss = criterion(out_ab2l, out_l2ab, out_ori2l, out_l2ori, out_ab2ori, out_ori2ab)
 

@@ -17,6 +17,7 @@ falls to about 64 % and trained ones reach 80-85 %: that is the probe ``make tra
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -32,8 +33,10 @@ PROTOCOLS = ("standard", "official")
 def extract(model: nn.Module, data: Views, layer: str, batch: int = 256, device="cpu",
             mags: Optional[Sequence[nn.Module]] = None) -> Tuple[Tensor, Tensor]:
     """Frozen features ``[N, F]`` (on the CPU) and labels ``[N]`` of ``data``'s views; the model runs on
-    ``device`` in eval mode. With ``mags``, each MAG's second hidden layer on its view's output follows."""
-    modules = [model, *(mags or [])]
+    ``device`` in eval mode. With ``mags``, each MAG's second hidden layer on its view's output follows, the
+    MAGs run in the mode they are in (the official probe leaves them in train mode: BatchNorm on each batch's
+    statistics)."""
+    modules = [model]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -138,6 +141,8 @@ def linear_probe(model: nn.Module, train: Views, test: Views, n_classes: int, *,
     official = protocol == "official"
     if official and (mags is None or augmented_train is None):
         raise ValueError("protocol='official' needs mags and augmented_train")
+    if official:  # the official probe's MAGs stay in train mode; copies, so that training's are untouched
+        mags = [copy.deepcopy(mag).train() for mag in mags]
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

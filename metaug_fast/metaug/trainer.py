@@ -82,6 +82,7 @@ class TrainConfig:
     probe_every: int = 0  # 0: only after the last epoch
     probe_protocol: str = "standard"  # or "official" (see metaug_fast.metaug.probe)
     max_steps: int = 0  # per epoch; 0: the whole training split
+    drop_last: bool = False  # True: drop each epoch's last partial batch (the official loader keeps it)
     progress: bool = True
     device: str = "cpu"  # "cuda": this process's GPU (LOCAL_RANK under torchrun)
     metaug: MetAugConfig = field(default_factory=MetAugConfig)
@@ -145,8 +146,15 @@ def _atomic_save(obj: dict, path: str) -> None:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Step schedule: lr × rate for every decay epoch reached (epochs counted from 1)."""
-    return cfg.metaug.lr * cfg.lr_decay_rate ** sum(epoch >= e for e in cfg.lr_decay_epochs)
+    """Step schedule: lr × rate for every decay epoch passed (epochs counted from 1), the official
+    ``adjust_learning_rate``'s ``epoch > e``: the decay at e = 120 applies from epoch 121."""
+    return cfg.metaug.lr * cfg.lr_decay_rate ** sum(epoch > e for e in cfg.lr_decay_epochs)
+
+
+def _drop_last(cfg: TrainConfig, n: int) -> bool:
+    """Whether the loader of ``n`` samples drops its last partial batch: ``cfg.drop_last``, or a last batch of
+    one sample, which BatchNorm cannot normalize in training (the official loop would fail on it)."""
+    return cfg.drop_last or n % cfg.batch_size == 1
 
 
 class Trainer:
@@ -259,13 +267,14 @@ class Trainer:
         self.mags.train()
         if self.world > 1:  # each rank its own part of the epoch's permutation
             sampler = DistributedSampler(self.train_data, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
+                                         seed=cfg.seed, drop_last=cfg.drop_last)
             sampler.set_epoch(self.epoch)
-            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=0)
+            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, sampler=sampler,
+                                drop_last=_drop_last(cfg, len(sampler)), num_workers=0)
         else:
-            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                generator=self.loader_gen, num_workers=0)
+            loader = DataLoader(self.train_data, batch_size=cfg.batch_size, shuffle=True,
+                                drop_last=_drop_last(cfg, len(self.train_data)), generator=self.loader_gen,
+                                num_workers=0)
         total = {"loss": 0.0, "meta": 0.0}
         mag_start = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach().clone()
         steps = 0
