@@ -144,8 +144,7 @@ def _tile(a_res, b_res, e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, 
     same = lab_r[:, None] == rlab[None, :]
     if EDGE:
         inside = rmask[:, None] & cmask[None, :]
-        excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
-        pos = same & inside & (excluded == 0)
+        pos = same & inside & (_excluded(rows, cols, self_offset) == 0)
         neg = (same == 0) & inside
     else:
         pos = same
@@ -238,8 +237,7 @@ def _label_fwd_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr, rlab_ptr, beta: tl.
     n_p = tl.zeros((BM,), tl.int32)  # margins only: NaN counts (the pair counts come from label counts)
     n_n = tl.zeros((BM,), tl.int32)
     a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
-    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
-    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
+    lo, hi = _row_band(r0, self_offset, t_end, BM, BN)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
     a0, a1, a2, a3, n_p, n_n = _fwd_tiles(a0, a1, a2, a3, n_p, n_n, n_inner, t_begin, band_lo, band_hi, last, a_res,
                                           e_ptr, iz, r_ptr, ir_ptr, lab_r, rlab_ptr, rows, rmask, M, D, self_offset,
@@ -379,6 +377,31 @@ def _unscale(acc, k_run, x_ty: tl.constexpr, GPREC: tl.constexpr):
 
 
 @triton.jit
+def _row_band(r0, self_offset, none, BM: tl.constexpr, BN: tl.constexpr):
+    """[lo, hi): the column tiles that rows r0 .. r0 + BM - 1 reach as their excluded pairs j = i + self_offset
+    (lo = hi = ``none`` without them), the band of :func:`_segments` in a loop over column tiles."""
+    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, none)
+    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, none)
+    return lo, hi
+
+
+@triton.jit
+def _col_band(c0, self_offset, none, BM: tl.constexpr, BN: tl.constexpr):
+    """[lo, hi): the row blocks whose rows i pair with columns c0 .. c0 + BN - 1 as j = i + self_offset (lo = hi
+    = ``none`` without them). A negative numerator divides toward zero here: the band can only grow by a
+    block, never miss one."""
+    lo = tl.where(self_offset >= 0, (c0 - self_offset) // BM, none)
+    hi = tl.where(self_offset >= 0, (c0 + BN - 1 - self_offset) // BM + 1, none)
+    return lo, hi
+
+
+@triton.jit
+def _excluded(rows, cols, self_offset):
+    """``[BM, BN]``: the tile's excluded pairs j = i + self_offset (none when self_offset < 0)."""
+    return (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
+
+
+@triton.jit
 def _segments(lo, hi, t_begin, t_end, full):
     """How a loop over tiles [t_begin, t_end) splits into interior tiles and EDGE ones, for :func:`_interior`
     and :func:`_edge`: (band_lo, band_hi, last, n_inner, n_edge). The band [lo, hi) holds the tiles that
@@ -474,8 +497,7 @@ def _label_bwd_rows_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
     q0, q1, q2, q3 = _load_factors(q_ptr, rows, rmask)
     acc = tl.zeros((BM, BDO), acc_ty)
     a_res = _block(e_ptr, rows, rmask, D, s_eb, s_ed, BD, UPCAST) if RESIDENT else None
-    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, t_end)
-    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, t_end)
+    lo, hi = _row_band(r0, self_offset, t_end, BM, BN)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, t_begin, t_end, M // BN)
     k_run = tl.full((BM,), 253, tl.int32)
     acc, k_run = _rows_tiles(acc, k_run, n_inner, t_begin, band_lo, band_hi, last, qc_ptr, q0, q1, q2, q3, a_res, e_ptr,
@@ -562,10 +584,7 @@ def _label_bwd_cols_kernel(q_ptr, qc_ptr, e_ptr, iz_ptr, r_ptr, ir_ptr, lab_ptr,
         f0 = tl.zeros((BN,), acc_ty)
         f1, f2, f3 = f0, f0, f0
     blocks = tl.cdiv(B, BM)
-    # Row blocks whose rows i pair with these columns as j = i + self_offset (a negative numerator divides
-    # toward zero here: the band can only grow by a block, never miss one).
-    lo = tl.where(self_offset >= 0, (c0 - self_offset) // BM, blocks)
-    hi = tl.where(self_offset >= 0, (c0 + BN - 1 - self_offset) // BM + 1, blocks)
+    lo, hi = _col_band(c0, self_offset, blocks, BM, BN)
     band_lo, band_hi, last, n_inner, n_edge = _segments(lo, hi, 0, blocks, B // BM)
     k_run = tl.full((BN,), 253, tl.int32)
     acc, k_run = _cols_tiles(acc, k_run, n_inner, 0, band_lo, band_hi, last, b_res, e_ptr, iz_ptr, r_ptr, ir_ptr,

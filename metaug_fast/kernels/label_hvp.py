@@ -40,7 +40,7 @@ from torch import Tensor
 from ..contract import HVP_FORMS, Form, Stat
 from . import label
 from ._common import INFONCE, SQUARED, WEIGHTED, launch, load_cfg, loss_args, mul_rn, op, side_terms
-from .label import _nth_tile, _segments
+from .label import _col_band, _excluded, _nth_tile, _row_band, _segments
 
 # The rows' dtypes the kernels take: fp32 and fp64, and bf16 (fp32's exponent range: the per-pair terms of a
 # large batch, about 1/N², stay normal, where fp16 would need the first-order backward's per-row scaling).
@@ -129,8 +129,7 @@ def _pairs(lab_ptr, rlab_ptr, rows, rmask, cols, cmask, self_offset, EDGE: tl.co
     same = lab[:, None] == rlab[None, :]
     if EDGE:
         inside = rmask[:, None] & cmask[None, :]
-        excluded = (self_offset >= 0) & (cols[None, :] == rows[:, None] + self_offset)
-        return same & inside & (excluded == 0), (same == 0) & inside
+        return same & inside & (_excluded(rows, cols, self_offset) == 0), (same == 0) & inside
     return same, same == 0
 
 
@@ -264,8 +263,7 @@ def _row_segments(r0, M, self_offset, BM: tl.constexpr, BN: tl.constexpr, SPLIT:
     """_tile_segments of a row block's column tiles: the band holds the tiles whose columns pair with these
     rows as j = i + self_offset."""
     n_tiles = tl.cdiv(M, BN)
-    lo = tl.where(self_offset >= 0, (r0 + self_offset) // BN, n_tiles)
-    hi = tl.where(self_offset >= 0, (r0 + BM - 1 + self_offset) // BN + 1, n_tiles)
+    lo, hi = _row_band(r0, self_offset, n_tiles, BM, BN)
     return _tile_segments(lo, hi, n_tiles, M // BN, SPLIT)
 
 
@@ -353,11 +351,8 @@ def _hvp_out_kernel(e_ptr, iz_ptr, r_ptr, ir_ptr, vz_ptr, vr_ptr, lab_ptr, rlab_
     d = tl.program_id(1) * BDO + tl.arange(0, BDO)
     acc = tl.zeros((OWN, BDO), acc_ty)
     if BY_COLS:
-        # Row blocks whose rows i pair with these columns as j = i + self_offset (a negative numerator divides
-        # toward zero here: the band can only grow by a block, never miss one).
         blocks = tl.cdiv(B, BM)
-        lo = tl.where(self_offset >= 0, (o0 - self_offset) // BM, blocks)
-        hi = tl.where(self_offset >= 0, (o0 + BN - 1 - self_offset) // BM + 1, blocks)
+        lo, hi = _col_band(o0, self_offset, blocks, BM, BN)
         band_lo, band_hi, last, n_inner, n_edge = _tile_segments(lo, hi, blocks, B // BM, SPLIT)
         own_lanes = None
         n_other = B
