@@ -74,7 +74,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
                     help="official: every default from the official code (TrainConfig.official())")
     g = ap.add_argument_group("data and model")
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help='the training images (digits is embedded; the others are read from --data-root)')
+                   help="the training images (digits is embedded; the others are read from --data-root)")
     g.add_argument("--data-root", default=None, help="folder holding the dataset's files (never downloaded)")
     g.add_argument("--arch", choices=ARCHS, default=None,
                    help="the encoder; None: small_cnn for digits, alexnet_half otherwise")
@@ -85,22 +85,22 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=_positive_int, default=None,
                    help="side of the square crops; None: the dataset's (8 for digits, 32 for CIFAR, ...)")
     g.add_argument("--feat-dim", type=_positive_int, default=d.feat_dim,
-                   help='size of the embeddings the loss compares')
+                   help="size of the embeddings the loss compares")
     g.add_argument("--mag-hidden", type=_positive_int, default=d.mag_hidden,
-                   help='hidden width of each meta feature augmentation generator (MAG)')
+                   help="hidden width of each meta feature augmentation generator (MAG)")
     g = ap.add_argument_group("optimization")
     g.add_argument("--method", choices=METHODS, default=m.method,
-                   help='metaug: OUCL + MAGs + meta step; oucl: OUCL alone; infonce: the InfoNCE baseline')
+                   help="metaug: OUCL + MAGs + meta step; oucl: OUCL alone; infonce: the InfoNCE baseline")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs,
                    help="training epochs (the paper's schedule is long: set a few for a first run)")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                   help='samples per step (per process under torchrun)')
+                   help="samples per step (per process under torchrun)")
     g.add_argument("--chunk-size", type=int, default=m.chunk_size,
                    help="gradient caching: run the encoder on this many samples at a time, so that any batch size "
                         "fits in memory (0: off; MetAug's meta step then uses a sub-batch of this size)")
     g.add_argument("--lr", type=_positive_float, default=m.lr, help="the encoder's SGD learning rate")
     g.add_argument("--lr-decay-epochs", type=_positive_int, nargs="*", default=list(d.lr_decay_epochs),
-                   help='epochs at which the learning rate is multiplied by --lr-decay-rate')
+                   help="epochs at which the learning rate is multiplied by --lr-decay-rate")
     g.add_argument("--lr-decay-rate", type=_positive_float, default=d.lr_decay_rate,
                    help="the learning rate's factor at each of --lr-decay-epochs")
     g.add_argument("--momentum", type=_non_negative_float, default=m.momentum, help="the encoder's SGD momentum")
@@ -117,14 +117,14 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--matched-side-effects", action="store_true", default=m.matched_side_effects,
                    help="with --method oucl: MetAug's extra forwards and bank writes, without a MAG (a control)")
     g.add_argument("--eta", type=_non_negative_float, default=m.eta,
-                   help='weight of the OUCL terms of the augmented features')
-    g.add_argument("--alpha", type=_non_negative_float, default=m.alpha, help='weight of the margin regularizer R_σ')
+                   help="weight of the OUCL terms of the augmented features")
+    g.add_argument("--alpha", type=_non_negative_float, default=m.alpha, help="weight of the margin regularizer R_σ")
     g.add_argument("--margin-in", choices=MARGIN_IN, default=m.margin_in,
                    help="meta: R_σ in the meta objective only; all: in the encoder's loss too")
     g.add_argument("--margin-pos-weight", type=_non_negative_float, default=m.margin_pos_weight,
                    help="weight of R_σ's positive half (the official code: 1e-4)")
     g.add_argument("--k-neg", type=_positive_int, default=m.k_neg,
-                   help='negatives drawn from the memory bank per step (features) or per call (memory)')
+                   help="negatives drawn from the memory bank per step (features) or per call (memory)")
     g.add_argument("--bank-momentum", type=_non_negative_float, default=m.bank_momentum,
                    help="the memory bank's update momentum")
     g.add_argument("--bank-init", choices=BANK_INITS, default=m.bank_init,
@@ -138,7 +138,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--drop-last", action="store_true", default=d.drop_last,
                    help="drop each epoch's last partial batch (the official loader keeps it)")
     g = ap.add_argument_group("loss")
-    g.add_argument("--form", choices=FORMS, default=m.form, help='the OUCL form')
+    g.add_argument("--form", choices=FORMS, default=m.form, help="the OUCL form")
     g.add_argument("--beta", type=_positive_float, default=m.beta, help="OUCL's scale β")
     g.add_argument("--gamma-pos", type=float, default=m.gamma_pos,
                    help="the weighted and circle forms' positive margin γ⁺")
@@ -147,7 +147,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--loss-scale", type=_positive_float, default=m.loss_scale,
                    help="multiplies the OUCL terms (the official criterion: 16)")
     g.add_argument("--margin", type=float, default=m.margin, help="the circle form's relaxation margin m")
-    g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity, help='how embeddings become scores')
+    g.add_argument("--similarity", choices=SIMILARITIES, default=m.similarity, help="how embeddings become scores")
     g.add_argument("--temperature", type=_positive_float, default=m.temperature,
                    help="InfoNCE's temperature (--method infonce)")
     g.add_argument("--detach-margin", action="store_true",
@@ -155,15 +155,15 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--backend", default=m.backend, help="auto or a backend name (metaug_fast.available_backends())")
     g = ap.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed,
-                   help='the random seed of the data order, views and initialization')
+                   help="the random seed of the data order, views and initialization")
     g.add_argument("--no-deterministic", action="store_true",
-                   help='allow nondeterministic kernels (faster on a GPU, not bit-reproducible)')
-    g.add_argument("--out", default=d.out_dir, help='folder for metrics.csv, metrics.png and checkpoint.pt')
+                   help="allow nondeterministic kernels (faster on a GPU, not bit-reproducible)")
+    g.add_argument("--out", default=d.out_dir, help="folder for metrics.csv, metrics.png and checkpoint.pt")
     g.add_argument("--resume", default=None, help="checkpoint.pt of an earlier run with the same settings")
     g.add_argument("--probe-epochs", type=_positive_int, default=d.probe_epochs,
-                   help='epochs of the linear probe trained on the frozen encoder')
+                   help="epochs of the linear probe trained on the frozen encoder")
     g.add_argument("--probe-lr", type=_positive_float, default=d.probe_lr, help="the linear probe's learning rate")
-    g.add_argument("--probe-every", type=int, default=0, help='probe every this many epochs (0: only after the last)')
+    g.add_argument("--probe-every", type=int, default=0, help="probe every this many epochs (0: only after the last)")
     g.add_argument("--probe-protocol", choices=PROTOCOLS, default=d.probe_protocol,
                    help="standard: a held-out test split; official: the official code's evaluation")
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (None: torch's default)")
