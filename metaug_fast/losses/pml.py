@@ -135,16 +135,20 @@ def _listed_pairs(cls: str, indices_tuple, n_rows: int, n_ref: int, device) -> T
     return a1, p, a2, n
 
 
-def _pair_scores(x: Tensor, r: Tensor, rows: Tensor, cols: Tensor, cosine: bool) -> Tensor:
-    """``[P]``: the similarity of ``x[rows[k]]`` and ``r[cols[k]]`` for each listed pair; from the gathered
-    rows, or from the similarity matrix where the pairs are so many that their rows outweigh it (P·D > B·M).
-
-    Rows that no pair lists are zeroed first: the loss does not depend on them, so a NaN there gets a zero
-    gradient (PML's matrix spreads it to every row's gradient, under a finite loss)."""
+def _listed_rows(x: Tensor, r: Tensor, rows: Tensor, cols: Tensor, cosine: bool) -> Tuple[Tensor, Tensor]:
+    """(x, r) as the listed pairs score them: rows that no pair lists zeroed (the loss does not depend on
+    them, so a NaN there gets a zero gradient; PML's matrix spreads it to every row's gradient, under a finite
+    loss), then normalized for the cosine similarity. ``rows`` index ``x``, ``cols`` index ``r``."""
     x = x.where(torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device).index_fill(0, rows, True), 0)
     r = r.where(torch.zeros(r.shape[0], 1, dtype=torch.bool, device=r.device).index_fill(0, cols, True), 0)
     if cosine:
         x, r = nn.functional.normalize(x, dim=1), nn.functional.normalize(r, dim=1)
+    return x, r
+
+
+def _pair_scores(x: Tensor, r: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``[P]``: ⟨x[rows[k]], r[cols[k]]⟩ for each listed pair; from the gathered rows, or from the similarity
+    matrix where the pairs are so many that their rows outweigh it (P·D > B·M)."""
     if rows.numel() * x.shape[1] <= x.shape[0] * r.shape[0]:
         return (x[rows] * r[cols]).sum(1)
     return (x @ r.T)[rows, cols]
@@ -212,7 +216,10 @@ class _PairLoss(nn.Module if _Base is None else _Base):
                               embeddings.device)
         if all(t.numel() <= 1 for t in pairs) or pairs[0].numel() == 0 or pairs[2].numel() == 0:
             return self._zero_loss(embeddings)  # PML's zero loss: too few pairs, or no positive or no negative
-        return self._listed(embeddings, ref.to(embeddings.device), pairs)
+        a1, p, a2, n = pairs
+        x, r = _listed_rows(embeddings, ref.to(embeddings.device), torch.cat([a1, a2]), torch.cat([p, n]),
+                            self.similarity == "cosine")
+        return self._listed(x, r, pairs, embeddings)
 
     def _inputs(self, embeddings, labels, ref_emb, ref_labels):
         """(labels, ref_emb, ref_labels, self_offset) as label mode takes them, PML's rules applied (labels
@@ -238,9 +245,6 @@ class _PairLoss(nn.Module if _Base is None else _Base):
         same = R.positive_counts(labels, ref, None).sum()
         positives = R.positive_counts(labels, ref_labels, self_offset).sum()
         return positives, labels.shape[0] * ref.shape[0] - same
-
-    def _scores(self, x: Tensor, r: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        return _pair_scores(x, r, rows, cols, self.similarity == "cosine")
 
     @staticmethod
     def _zero_loss(embeddings: Tensor) -> Tensor:
@@ -285,16 +289,16 @@ class CircleLoss(_PairLoss):
                                  backend=self.backend)
         return self._avg_non_zero(rows * self.gamma, embeddings)
 
-    def _listed(self, x: Tensor, r: Tensor, pairs) -> Tensor:
+    def _listed(self, x: Tensor, r: Tensor, pairs, embeddings: Tensor) -> Tensor:
         # PML marks the listed pairs in B×M masks: a pair listed twice counts once.
         lists = []
         for anchors, others in (pairs[:2], pairs[2:]):
             keys = torch.unique(anchors * r.shape[0] + others)
             anchors, others = keys // r.shape[0], keys % r.shape[0]
-            lists += _per_anchor(anchors, self._scores(x, r, anchors, others), x.shape[0])
+            lists += _per_anchor(anchors, _pair_scores(x, r, anchors, others), x.shape[0])
         rows = F.oucl(lists[0], lists[2], pos_mask=lists[1], neg_mask=lists[3], form="circle", beta=self.gamma,
                       margin=self.m, reduction="none", backend=self.backend)
-        return self._avg_non_zero(rows * self.gamma, x)
+        return self._avg_non_zero(rows * self.gamma, embeddings)
 
     def _avg_non_zero(self, losses: Tensor, embeddings: Tensor) -> Tensor:
         """PML's AvgNonZeroReducer, the mean of the rows above 0 (its zero loss if none is), except that a NaN
@@ -343,11 +347,11 @@ class NTXentLoss(_PairLoss):
         # infinite embedding makes its loss NaN whatever the batch, as the zero loss added here does.
         return loss + self._zero_loss(embeddings)
 
-    def _listed(self, x: Tensor, r: Tensor, pairs) -> Tensor:
+    def _listed(self, x: Tensor, r: Tensor, pairs, embeddings: Tensor) -> Tensor:
         # PML scores the lists of pairs as they are: a pair listed twice counts twice, as a positive (twice in
         # the mean) or as a negative (twice in its anchor's denominator).
-        pos, pos_mask = _per_anchor(pairs[0], self._scores(x, r, pairs[0], pairs[1]), x.shape[0])
-        neg, neg_mask = _per_anchor(pairs[2], self._scores(x, r, pairs[2], pairs[3]), x.shape[0])
+        pos, pos_mask = _per_anchor(pairs[0], _pair_scores(x, r, pairs[0], pairs[1]), x.shape[0])
+        neg, neg_mask = _per_anchor(pairs[2], _pair_scores(x, r, pairs[2], pairs[3]), x.shape[0])
         loss = F.info_nce(pos, neg, temperature=self.temperature, pos_mask=pos_mask, neg_mask=neg_mask,
                           reduction="mean", average="pair", backend=self.backend)
         # A positive whose anchor has no listed negative scores -log 1 = 0 in both, but NaN in PML if its
