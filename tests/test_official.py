@@ -1,7 +1,7 @@
 """The official preset against a transcription of the official training loop's arithmetic.
 
 The transcription below follows the official code's order of operations (github.com/jiangmengli/metaug:
-train_MetAug.py's loop, train_MetAug2.py's for the variants, NCEAverage's memory, the CircleLoss criterion
+train_MetAug.py's loop and, for the variants, train_MetAug2.py's and the first upload of train_MetAug.py, NCEAverage's memory, the CircleLoss criterion
 and util.py's margin injection), written here from their description: its own memory with six named
 outputs per call, the criterion written out with logsumexp, fast weights applied by an explicit functional
 forward. One or two iterations on a tiny three-view model in fp64 must leave the same encoder, BatchNorm
@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from metaug_fast.cli import train as cli
 from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugConfig, MetAugStep
+from metaug_fast.metaug.step import VARIANTS
 from metaug_fast.metaug.trainer import TrainConfig
 
 f64 = torch.float64
@@ -55,6 +56,7 @@ class Memory:
     def __init__(self, banks, gen, momentum=0.5):
         self.mem_l, self.mem_ab, self.mem_ori = (b.clone() for b in banks)
         self.gen, self.m = gen, momentum
+        self.writes = 0
 
     def __call__(self, l, ab, ori, y, updatemem=True):  # noqa: E741  (the official code's names)
         negatives = torch.randint(0, N, (B, K), generator=self.gen)
@@ -63,6 +65,7 @@ class Memory:
         outs = (torch.bmm(w_l, ab[:, :, None]), torch.bmm(w_ab, l[:, :, None]), torch.bmm(w_l, ori[:, :, None]),
                 torch.bmm(w_ori, l[:, :, None]), torch.bmm(w_ori, ab[:, :, None]), torch.bmm(w_ab, ori[:, :, None]))
         if updatemem:
+            self.writes += 1
             with torch.no_grad():
                 for name, feat in (("mem_l", l), ("mem_ab", ab), ("mem_ori", ori)):
                     mem = getattr(self, name)
@@ -115,8 +118,15 @@ def official_loss(feats, mags, memory, y, opt_: dict):
 
 
 def official_iteration(model, mags, memory, optimizer, mag_opts, views, y, opt_, variant="metaug"):
-    """train_MetAug.py's iteration (variant "metaug"); "lookahead" adds train_MetAug2.py's step 3;
-    "metaug2" is train_MetAug2.py's (its MAG step on ω̂ = ω − ℓ·∇_ω L, then step 3)."""
+    """One iteration of the official loop that ``variant`` names, its steps in the order its file runs them
+    (github.com/jiangmengli/metaug):
+
+    - ``"metaug"``: train_MetAug.py at the head (98acb57): step 1, step 2 through θ̂;
+    - ``"metaug2"``: train_MetAug2.py at the head (33a9fd0): step 1, step 2 through θ̂, step 2 again through
+      ω̂ (its margin condition ``>= 1`` there, ``== 1`` elsewhere: the same at the default 1), step 3;
+    - ``"first_upload"``: train_MetAug.py as first uploaded (3124b2e): step 1, step 2 through ω̂, step 3;
+    - ``"lookahead"``, this library's own: step 1, step 2 through θ̂, step 3.
+    """
     def set_mags(flag):
         for m in mags:
             for p in m.parameters():
@@ -130,15 +140,24 @@ def official_iteration(model, mags, memory, optimizer, mag_opts, views, y, opt_,
         assert list(fast) == names
         return official_loss(model.fast(views, fast), mags, memory, y, opt_)
 
-    set_mags(False)
-    optimizer.zero_grad()
-    official_loss(model(*views), mags, memory, y, opt_).backward()
-    optimizer.step()
+    def encoder_step():  # step 1: "Fix metagen aug, and optimize main_model"
+        set_mags(False)
+        optimizer.zero_grad()
+        official_loss(model(*views), mags, memory, y, opt_).backward()
+        optimizer.step()
 
-    set_mags(True)
-    for o in mag_opts:
-        o.zero_grad()
-    if variant == "metaug2":
+    def mag_step_through_theta_hat():  # step 2: "Fix main_model, and optimize metagen aug"
+        set_mags(True)
+        for o in mag_opts:
+            o.zero_grad()
+        lookahead_loss().backward()
+        for o in mag_opts:
+            o.step()
+
+    def mag_step_through_omega_hat():  # step 2 of 3124b2e: the fast weights are each MAG's
+        set_mags(True)
+        for o in mag_opts:
+            o.zero_grad()
         loss = official_loss(model(*views), mags, memory, y, opt_)
         feats = model(*views)
         fast_mags = []
@@ -147,17 +166,24 @@ def official_iteration(model, mags, memory, optimizer, mag_opts, views, y, opt_,
             w = {n: p - opt_["inner_lr"] * g for (n, p), g in zip(m.named_parameters(), grads)}
             fast_mags.append(lambda z, m=m, w=w: mag_fast(m, z, w))
         official_loss(feats, fast_mags, memory, y, opt_).backward()
-    else:
-        lookahead_loss().backward()
-    for o in mag_opts:
-        o.step()
+        for o in mag_opts:
+            o.step()
 
-    if variant in ("lookahead", "metaug2"):
+    def lookahead_encoder_step():  # step 3: "optimize main_model by using the updated meta feature aug"
         set_mags(False)
         optimizer.zero_grad()
         lookahead_loss().backward()
         optimizer.step()
         set_mags(True)
+
+    steps = {
+        "metaug": (encoder_step, mag_step_through_theta_hat),
+        "metaug2": (encoder_step, mag_step_through_theta_hat, mag_step_through_omega_hat, lookahead_encoder_step),
+        "first_upload": (encoder_step, mag_step_through_omega_hat, lookahead_encoder_step),
+        "lookahead": (encoder_step, mag_step_through_theta_hat, lookahead_encoder_step),
+    }[variant]
+    for step in steps:
+        step()
 
 
 def mag_fast(mag, z, w):
@@ -182,7 +208,7 @@ def _setup(cfg):
     return model, mags, bank, batches
 
 
-@pytest.mark.parametrize("variant", ["metaug", "lookahead", "metaug2"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_official_preset_equals_the_official_loop(variant):
     # η, α, the positive half's weight and the learning rates are raised so that every term moves the
     # parameters by far more than the tolerance; the structure is the official one.
@@ -198,10 +224,14 @@ def test_official_preset_equals_the_official_loop(variant):
     opt_ = {"eta": cfg.eta, "alpha": cfg.alpha, "pos_weight": cfg.margin_pos_weight, "inner_lr": cfg.inner_lr}
 
     step = MetAugStep(model, mags, bank, cfg)
+    writes, update = [], bank.update
+    bank.update = lambda v, i, z: (writes.append(v), update(v, i, z))
     gen = torch.Generator().manual_seed(7)
     for views, y in batches:  # two iterations: the optimizers' momentum buffers take part in the second
         step(views, y, gen)
         official_iteration(o_model, o_mags, memory, optimizer, mag_opts, views, y, opt_, variant)
+    per_iteration = {"metaug": 3, "metaug2": 7, "first_upload": 5, "lookahead": 5}[variant]
+    assert len(writes) == 3 * memory.writes == 3 * 2 * per_iteration  # three views
 
     for ours, theirs in ((model, o_model), (mags, o_mags)):
         for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
@@ -397,7 +427,7 @@ def test_memory_objective_with_two_views():
     assert all(g is not None and g.abs().max() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("variant", ["lookahead", "metaug2"])
+@pytest.mark.parametrize("variant", VARIANTS[1:])
 def test_a_parameter_the_loss_does_not_reach_is_left_alone(variant):
     # As after backward(), a parameter without a gradient is skipped by the optimizer (no weight decay).
     cfg = MetAugConfig.official(k_neg=K, variant=variant, backend="reference")

@@ -113,7 +113,9 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--mag-weight-decay", type=_non_negative_float, default=m.mag_weight_decay,
                    help="the MAGs' SGD weight decay")
     g.add_argument("--variant", choices=VARIANTS, default=m.variant,
-                   help="lookahead: + a look-ahead encoder update; metaug2: train_MetAug2.py's loop")
+                   help="metaug: train_MetAug.py; metaug2: train_MetAug2.py (a second MAG update, then a "
+                        "look-ahead encoder update); first_upload: train_MetAug.py's first upload; lookahead: "
+                        "metaug + the look-ahead encoder update (this library's own)")
     g.add_argument("--matched-side-effects", action="store_true", default=m.matched_side_effects,
                    help="with --method oucl: MetAug's extra forwards and bank writes, without a MAG (a control)")
     g.add_argument("--eta", type=_non_negative_float, default=m.eta,

@@ -44,7 +44,11 @@ METHODS = ("metaug", "oucl", "infonce")
 OBJECTIVES = ("features", "memory")
 BANK_WRITES = ("after_step", "every_scoring")
 MARGIN_IN = ("meta", "all")
-VARIANTS = ("metaug", "lookahead", "metaug2")
+VARIANTS = ("metaug", "metaug2", "first_upload", "lookahead")
+# The variants whose iteration ends with the look-ahead encoder update, and those whose MAGs take the
+# update through ω̂ = ω − ℓ·∇_ω L (train_MetAug2.py's step 2b).
+LOOKAHEAD_VARIANTS = ("metaug2", "first_upload", "lookahead")
+MAG_LOOKAHEAD_VARIANTS = ("metaug2", "first_upload")
 
 # (anchor view, bank view) of a memory call, in the official order: ab→l, l→ab, Lab→l, l→Lab, ab→Lab, Lab→ab.
 MEMORY_PAIRS = ((1, 0), (0, 1), (2, 0), (0, 2), (1, 2), (2, 1))
@@ -81,7 +85,7 @@ class MetAugConfig:
     objective: str = "features"
     bank_writes: str = "after_step"  # or "every_scoring": after every scoring of the original features
     loss_scale: float = 1.0  # s: the official criterion is 16·ℓ (β·ℓ at β = 16)
-    variant: str = "metaug"  # "lookahead": + a look-ahead encoder update; "metaug2": train_MetAug2.py's loop
+    variant: str = "metaug"  # "metaug2", "first_upload", "lookahead": see MetAugStep
     matched_side_effects: bool = False  # "oucl" only: MetAug's extra forwards and bank writes, no MAG
     form: str = DEFAULTS.form
     beta: float = DEFAULTS.beta
@@ -319,12 +323,19 @@ def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank,
 class MetAugStep:
     """One MetAug training iteration: encoder step, meta step, memory-bank update.
 
-    With ``cfg.variant``:
+    With ``cfg.variant`` (the official files are those of github.com/jiangmengli/metaug):
 
-    - ``"metaug"``: (θ, ϑ) ← SGD on L; ω ← SGD on ∇_ω [L(θ̂, ω) + α·R_σ], θ̂ = θ - ℓ·∇_θ L (train_MetAug.py);
-    - ``"lookahead"``: then a second encoder update on ∇_θ L(θ̂(θ), ω) with the new ω;
-    - ``"metaug2"``: (θ, ϑ) ← SGD on L; ω ← SGD on ∇_ω L(θ, ω̂), ω̂ = ω - ℓ·∇_ω L(θ, ω) (each MAG on its own
-      gradient); then the look-ahead encoder update (train_MetAug2.py).
+    - ``"metaug"``: (θ, ϑ) ← SGD on L; ω ← SGD on ∇_ω [L(θ̂, ω) + α·R_σ], θ̂ = θ - ℓ·∇_θ L (train_MetAug.py
+      at the repository's head, 98acb57);
+    - ``"metaug2"``: train_MetAug2.py at the head (33a9fd0). After the same two steps, a second MAG update
+      on ∇_ω L(θ, ω̂), ω̂ = ω - ℓ·∇_ω L(θ, ω) (each MAG on its own gradient, features from a second forward
+      at θ), then a look-ahead encoder update on ∇_θ L(θ̂(θ), ω) with the new ω. Under
+      ``bank_writes="every_scoring"`` the bank is written seven times per iteration;
+    - ``"first_upload"``: train_MetAug.py as first uploaded (3124b2e, renamed train_MetAug2.py by cc56347):
+      the encoder step, the ω̂ MAG update alone (no θ̂ meta step), the look-ahead encoder update; five
+      writes;
+    - ``"lookahead"``: this library's own, in no official file: the ``"metaug"`` iteration followed by the
+      look-ahead encoder update (``"metaug2"`` without its ω̂ update).
 
     ``cfg.matched_side_effects`` (only-OUCL) runs the meta step's forwards and bank writes without a MAG.
 
@@ -413,15 +424,17 @@ class MetAugStep:
             if cached:
                 pick = torch.randperm(B, generator=generator)[:cfg.chunk_size].to(views[0].device)
                 sub_views, sub_index, sub_negs = tuple(v[pick] for v in views), index[pick], neg_index[pick]
-            if cfg.variant == "metaug2":
-                grads, meta = self._mag_lookahead(sub_views, sub_index, loss_fn, writer)
-            else:
+            if cfg.variant != "first_upload":
                 grads, meta = self._meta(sub_views, sub_index, sub_negs, loss_fn, writer)
-            if grads:
+                if grads:
+                    self._apply(self.mag_opt, self.mags.parameters(), grads)
+                out["meta"] = meta.item()
+            if cfg.variant in MAG_LOOKAHEAD_VARIANTS:
+                grads, meta = self._mag_lookahead(sub_views, sub_index, loss_fn, writer)
                 self._apply(self.mag_opt, self.mags.parameters(), grads)
-            out["meta"] = meta.item()
+                out.setdefault("meta", meta.item())
         # 3. The variants' look-ahead encoder update.
-        if cfg.variant in ("lookahead", "metaug2"):
+        if cfg.variant in LOOKAHEAD_VARIANTS:
             params = list(self.model.parameters())
             loss_of = lambda zs: loss_fn(zs, writer(index))[0]
             grads, _ = lookahead_gradient(self.model, views, loss_of, loss_of, cfg.inner_lr, params)
@@ -444,7 +457,7 @@ class MetAugStep:
                                   create_graph=bool(omega))
 
     def _mag_lookahead(self, views, index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
-        """train_MetAug2.py's MAG update: ∇_ω L(θ, ω̂) with ω̂ = ω - ℓ·∇_ω L(θ, ω), features from a second
+        """train_MetAug2.py's step 2b: ∇_ω L(θ, ω̂) with ω̂ = ω - ℓ·∇_ω L(θ, ω), features from a second
         forward at θ."""
         cfg = self.cfg
         loss = loss_fn(self.model(*views), writer(index))[0]
