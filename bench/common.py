@@ -22,7 +22,8 @@ _COMMAND = [""]
 
 
 # CSVs in bench/results that are not benchmark tables, with what draws them instead.
-OTHER_CSVS = {"train_digits_compare.csv": "metaug_fast.cli.compare", "gpu_static.csv": "tools.gpu_static",
+OTHER_CSVS = {"train_digits_compare.csv": "metaug_fast.cli.compare",
+              "train_digits_compare_differences.csv": "metaug_fast.cli.compare", "gpu_static.csv": "tools.gpu_static",
               "perf_model.csv": "bench.perf_model"}
 
 

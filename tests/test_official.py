@@ -1,14 +1,17 @@
 """The official preset against a transcription of the official training loop's arithmetic.
 
 The transcription below follows the official code's order of operations (github.com/jiangmengli/metaug:
-train_MetAug.py's loop and, for the variants, train_MetAug2.py's and the first upload of train_MetAug.py, NCEAverage's memory, the CircleLoss criterion
-and util.py's margin injection), written here from their description: its own memory with six named
+train_MetAug.py's loop and, for the variants, train_MetAug2.py's and the first upload of train_MetAug.py,
+NCEAverage's memory, the CircleLoss criterion and util.py's margin injection), written here from their
+description: its own memory with six named
 outputs per call, the criterion written out with logsumexp, fast weights applied by an explicit functional
 forward. One or two iterations on a tiny three-view model in fp64 must leave the same encoder, BatchNorm
 statistics, MAGs and memory bank as :class:`MetAugStep` under :meth:`MetAugConfig.official`.
 """
 import copy
+import csv
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -270,23 +273,30 @@ def test_the_official_margin_is_in_every_loss_and_its_positive_half_weighted():
 
 
 def test_controls_side_effects_match_metaug():
-    # Only-OUCL with matched side effects writes the bank as often as MetAug (three times, the last from
-    # θ̂) and runs as many BatchNorm-updating forwards, and leaves the MAGs as they were.
+    # Only-OUCL with matched side effects writes the bank as often as MetAug (three times with "metaug",
+    # the last from θ̂) and runs as many BatchNorm-updating forwards, and leaves the MAGs as they were;
+    # "bank_writes" and "batchnorm" keep one of the two.
     outs = {}
-    for name, cfg in (("metaug", MetAugConfig.official(k_neg=K, backend="reference")),
-                      ("matched", MetAugConfig.official(k_neg=K, method="oucl", matched_side_effects=True,
-                                                        backend="reference")),
-                      ("oucl", MetAugConfig.official(k_neg=K, method="oucl", backend="reference"))):
+    configs = {"metaug": MetAugConfig.official(k_neg=K, backend="reference"),
+               "oucl": MetAugConfig.official(k_neg=K, method="oucl", backend="reference")}
+    configs.update({side: MetAugConfig.official(k_neg=K, method="oucl", matched_side_effects=side,
+                                                backend="reference") for side in ("all", "bank_writes", "batchnorm")})
+    for name, cfg in configs.items():
         model, mags, bank, batches = _setup(cfg)
         writes = []
         update = bank.update
         bank.update = lambda v, i, z: (writes.append(v), update(v, i, z))
         mag_before = copy.deepcopy(mags.state_dict())
         MetAugStep(model, mags, bank, cfg)(*batches[0], torch.Generator().manual_seed(3))
-        outs[name] = (len(writes), int(model.enc[0][1].num_batches_tracked), mags.state_dict(), mag_before)
-    assert outs["metaug"][:2] == outs["matched"][:2] == (9, 2)  # 3 writes × 3 views; 2 BN updates
+        outs[name] = (len(writes), int(model.enc[0][1].num_batches_tracked), mags.state_dict(), mag_before,
+                      model.enc[0][1].running_mean.clone())
+    assert outs["metaug"][:2] == outs["all"][:2] == (9, 2)  # 3 writes × 3 views; 2 BN updates
     assert outs["oucl"][:2] == (3, 1)
-    for name in ("matched", "oucl"):
+    assert outs["bank_writes"][:2] == (9, 1) and outs["batchnorm"][:2] == (3, 2)
+    # The statistics restored are the encoder step's: the same as only-OUCL's.
+    assert torch.equal(outs["bank_writes"][4], outs["oucl"][4])
+    assert not torch.equal(outs["batchnorm"][4], outs["oucl"][4])
+    for name in ("all", "bank_writes", "batchnorm", "oucl"):
         after, before = outs[name][2], outs[name][3]
         assert all(torch.equal(after[k], before[k]) for k in before)
 
@@ -308,10 +318,18 @@ def test_official_configs_and_cli_preset(tmp_path):
     assert cfg.metaug.objective == "features" and cfg.n_views == 2
 
 
+@pytest.mark.parametrize("argv, side", [([], "none"), (["--matched-side-effects"], "all"),
+                                         (["--matched-side-effects", "bank_writes"], "bank_writes")])
+def test_cli_matched_side_effects(argv, side, tmp_path):
+    args = cli.build_parser().parse_args(["--method", "oucl", "--out", str(tmp_path), *argv])
+    assert cli.config_from_args(args).metaug.matched_side_effects == side
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(objective="pairs"), "objective must be one of"),
     (dict(variant="lookahead", method="oucl"), "needs method='metaug'"),
-    (dict(matched_side_effects=True), "needs method='oucl'"),
+    (dict(matched_side_effects="all"), "needs method='oucl'"),
+    (dict(method="oucl", matched_side_effects=True), "matched_side_effects must be one of"),
     (dict(chunk_size=4, objective="memory"), "chunk_size"),
     (dict(mag_momentum=-1.0), "mag_momentum must be >= 0"),
     (dict(loss_scale=0.0), "loss_scale must be > 0"),
@@ -348,7 +366,6 @@ def test_probes_separate_structure_from_noise():
 def test_official_run_on_digits_three_views(tmp_path):
     # The whole official preset end to end (scaled down): three views, the official probe protocol with the
     # MAGs' hidden layers and augmented probe images, the MAG change per epoch in the metrics.
-    import csv
 
     from metaug_fast.metaug.trainer import Trainer
 
@@ -365,16 +382,45 @@ def test_compare_reports_every_method(tmp_path, monkeypatch, capsys):
     from metaug_fast.cli import compare
 
     monkeypatch.setattr(compare, "RUNS", [("MetAug (official)", {}), ("only-OUCL, matched",
-                        {"method": "oucl", "matched_side_effects": True}), ("random init", None)])
+                        {"method": "oucl", "matched_side_effects": "all"}), ("only-OUCL", {"method": "oucl"}),
+                        ("random init", None)])
     assert compare.main(["--epochs", "1", "--max-steps", "2", "--probe-epochs", "5", "--seeds", "0", "1", "--k-neg",
                          "8", "--mag-hidden", "8", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| MetAug (official) |" in out and "| random init |" in out and " ± " in out
     with pytest.raises(SystemExit):
         compare.main(["--probe-epochs", "0"])
-    rows = list(__import__("csv").DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) == 6 and all(0 < float(r["fc@3"]) <= 100 for r in rows)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 8 and all(0 < float(r["fc@3"]) <= 100 for r in rows)
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert "Paired difference from only-OUCL (" in out and "Paired difference from random init" in out
+    diffs = list(csv.DictReader(open(tmp_path / "differences.csv")))
+    assert len(diffs) == 3 * 3 * 3  # metrics × references (only-OUCL, matched, random) × the other methods
+    assert all(float(d["ci_low"]) <= float(d["difference"]) <= float(d["ci_high"]) for d in diffs)
+    fc = {r["seed"]: float(r["fc@3"]) for r in rows if r["method"] == "MetAug (official)"}
+    rnd = {r["seed"]: float(r["fc@3"]) for r in rows if r["method"] == "random init"}
+    mine = next(d for d in diffs if d["metric"] == "fc@3" and d["reference"] == "random init"
+                and d["method"] == "MetAug (official)")
+    assert float(mine["difference"]) == pytest.approx((fc["0"] - rnd["0"] + fc["1"] - rnd["1"]) / 2)
+    with pytest.raises(SystemExit):
+        compare.main(["--seeds", "0", "0"])
+
+
+def test_paired_statistics():
+    from scipy import stats
+
+    from metaug_fast.cli.compare import holm, paired_difference
+
+    a, b = [81.0, 83.5, 80.2, 84.0, 82.2], [80.1, 82.0, 80.9, 82.5, 80.0]
+    mean, lo, hi, p = paired_difference(a, b)
+    assert mean == pytest.approx(1.08) and p == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-10)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (lo, hi) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0, 0.0, 1.0)
+    assert paired_difference([1.0], [0.5])[0] == 0.5 and math.isnan(paired_difference([1.0], [0.5])[3])
+    # Holm: sorted p·(m − rank), made monotone; NaN is left out of m.
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
 
 
 def test_official_probe_protocol_reads_mags_and_augmented_images():

@@ -35,7 +35,7 @@ from ..metaug.bank import BANK_INITS
 from ..metaug.data import DATASETS, VIEWS, DatasetNotFoundError
 from ..metaug.models import ARCHS
 from ..metaug.probe import PROTOCOLS
-from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, VARIANTS, MetAugConfig
+from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, SIDE_EFFECTS, VARIANTS, MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
 from ..reference import FORMS, SIMILARITIES
 from ._parser import Parser
@@ -116,8 +116,11 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
                    help="metaug: train_MetAug.py; metaug2: train_MetAug2.py (a second MAG update, then a "
                         "look-ahead encoder update); first_upload: train_MetAug.py's first upload; lookahead: "
                         "metaug + the look-ahead encoder update (this library's own)")
-    g.add_argument("--matched-side-effects", action="store_true", default=m.matched_side_effects,
-                   help="with --method oucl: MetAug's extra forwards and bank writes, without a MAG (a control)")
+    g.add_argument("--matched-side-effects", nargs="?", const="all", choices=SIDE_EFFECTS,
+                   default=m.matched_side_effects,
+                   help="with --method oucl, a control: MetAug's extra forwards without a MAG, keeping their bank "
+                        "writes and BatchNorm statistics (all, the bare flag's), only the writes, or only the "
+                        "statistics")
     g.add_argument("--eta", type=_non_negative_float, default=m.eta,
                    help="weight of the OUCL terms of the augmented features")
     g.add_argument("--alpha", type=_non_negative_float, default=m.alpha, help="weight of the margin regularizer R_σ")

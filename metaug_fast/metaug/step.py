@@ -45,6 +45,7 @@ OBJECTIVES = ("features", "memory")
 BANK_WRITES = ("after_step", "every_scoring")
 MARGIN_IN = ("meta", "all")
 VARIANTS = ("metaug", "metaug2", "first_upload", "lookahead")
+SIDE_EFFECTS = ("none", "all", "bank_writes", "batchnorm")
 # The variants whose iteration ends with the look-ahead encoder update, and those whose MAGs take the
 # update through ω̂ = ω − ℓ·∇_ω L (train_MetAug2.py's step 2b).
 LOOKAHEAD_VARIANTS = ("metaug2", "first_upload", "lookahead")
@@ -86,7 +87,9 @@ class MetAugConfig:
     bank_writes: str = "after_step"  # or "every_scoring": after every scoring of the original features
     loss_scale: float = 1.0  # s: the official criterion is 16·ℓ (β·ℓ at β = 16)
     variant: str = "metaug"  # "metaug2", "first_upload", "lookahead": see MetAugStep
-    matched_side_effects: bool = False  # "oucl" only: MetAug's extra forwards and bank writes, no MAG
+    # "oucl" only, MetAug's side effects without a MAG: "all" (its extra BatchNorm forwards and bank writes),
+    # "bank_writes" (the writes alone) or "batchnorm" (the forwards' running statistics alone)
+    matched_side_effects: str = "none"
     form: str = DEFAULTS.form
     beta: float = DEFAULTS.beta
     gamma_pos: float = DEFAULTS.gamma_pos
@@ -102,7 +105,7 @@ class MetAugConfig:
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("objective", OBJECTIVES), ("bank_writes", BANK_WRITES),
                               ("margin_in", MARGIN_IN), ("variant", VARIANTS),
-                              ("bank_init", BANK_INITS)):
+                              ("bank_init", BANK_INITS), ("matched_side_effects", SIDE_EFFECTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("lr", "inner_lr", "mag_lr", "beta", "temperature", "loss_scale"):
@@ -116,13 +119,13 @@ class MetAugConfig:
             raise ValueError(f"k_neg must be >= 1, got {self.k_neg}")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0: no gradient caching), got {self.chunk_size}")
-        if self.matched_side_effects and self.method != "oucl":
+        if self.matched_side_effects != "none" and self.method != "oucl":
             raise ValueError("matched_side_effects is the only-OUCL control: it needs method='oucl', "
                              f"got {self.method!r}")
         if self.variant != "metaug" and self.method != "metaug":
             raise ValueError(f"variant={self.variant!r} changes the MAG update: it needs method='metaug'")
         if self.chunk_size and (self.objective != "features" or self.bank_writes != "after_step"
-                                or self.variant != "metaug" or self.matched_side_effects):
+                                or self.variant != "metaug" or self.matched_side_effects != "none"):
             raise ValueError("chunk_size (gradient caching) supports objective='features', "
                              "bank_writes='after_step', variant='metaug' without matched_side_effects")
 
@@ -337,7 +340,10 @@ class MetAugStep:
     - ``"lookahead"``: this library's own, in no official file: the ``"metaug"`` iteration followed by the
       look-ahead encoder update (``"metaug2"`` without its ω̂ update).
 
-    ``cfg.matched_side_effects`` (only-OUCL) runs the meta step's forwards and bank writes without a MAG.
+    ``cfg.matched_side_effects`` (only-OUCL) runs the meta step's forwards without a MAG, for what MetAug
+    does besides its MAG step: ``"all"`` keeps their bank writes and BatchNorm running statistics (the forward
+    at θ updates them; the one at θ̂ never does), ``"bank_writes"`` keeps the writes and restores the
+    statistics, ``"batchnorm"`` keeps the statistics and writes nothing.
 
     With ``cfg.chunk_size`` smaller than the batch, the encoder step is gradient-cached
     (:func:`metaug_fast.large_batch.cached_backward`): the encoder runs ``chunk_size`` samples at a time and
@@ -388,6 +394,8 @@ class MetAugStep:
                                    weight_decay=cfg.weight_decay)
         self.mag_opt = torch.optim.SGD(mags.parameters(), lr=cfg.mag_lr, momentum=cfg.mag_momentum,
                                        weight_decay=cfg.mag_weight_decay)
+        self._mag_inputs = torch.zeros(2, sum(p.numel() for p in mags.parameters()),
+                                       device=bank.features.device)
 
     def __call__(self, views: Sequence[Tensor], index: Tensor, generator: torch.Generator) -> Dict[str, float]:
         """One iteration on ``views`` (one ``[B, ...]`` input per view) of the samples ``index [B]``; negatives
@@ -419,7 +427,7 @@ class MetAugStep:
         self.opt.step()
         out = {"loss": loss.item()}
         # 2. Meta step on ω, or the control's forwards.
-        if cfg.method == "metaug" or cfg.matched_side_effects:
+        if cfg.method == "metaug" or cfg.matched_side_effects != "none":
             sub_views, sub_index, sub_negs = views, index, neg_index
             if cached:
                 pick = torch.randperm(B, generator=generator)[:cfg.chunk_size].to(views[0].device)
@@ -447,14 +455,23 @@ class MetAugStep:
     def _meta(self, views, index, neg_index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
         """∇_ω of the meta objective (MetAug), or the control's forwards and writes with no gradient."""
         cfg = self.cfg
+        write = None if cfg.matched_side_effects == "batchnorm" else writer(index)
 
         def scored(zs):
-            return loss_fn(zs, writer(index), index=index, neg_index=neg_index)
+            return loss_fn(zs, write, index=index, neg_index=neg_index)
 
-        omega = list(self.mags.parameters()) if cfg.method == "metaug" else []
-        return lookahead_gradient(self.model, views, lambda zs: scored(zs)[0],
-                                  lambda zs: _with_margin(*scored(zs), cfg, "meta"), cfg.inner_lr, omega,
-                                  create_graph=bool(omega))
+        if cfg.method == "metaug":
+            return lookahead_gradient(self.model, views, lambda zs: scored(zs)[0],
+                                      lambda zs: _with_margin(*scored(zs), cfg, "meta"), cfg.inner_lr,
+                                      list(self.mags.parameters()))
+        kept = {k: b.clone() for k, b in self.model.named_buffers()}  # the "bank_writes" control restores them
+        out = lookahead_gradient(self.model, views, lambda zs: scored(zs)[0], lambda zs: scored(zs)[0],
+                                 cfg.inner_lr, [], create_graph=False)
+        if cfg.matched_side_effects == "bank_writes":
+            with torch.no_grad():
+                for k, b in self.model.named_buffers():
+                    b.copy_(kept[k])
+        return out
 
     def _mag_lookahead(self, views, index, loss_fn, writer) -> Tuple[List[Tensor], Tensor]:
         """train_MetAug2.py's step 2b: ∇_ω L(θ, ω̂) with ω̂ = ω - ℓ·∇_ω L(θ, ω), features from a second
@@ -471,9 +488,28 @@ class MetAugStep:
         loss_hat = _with_margin(*loss_fn(zs, writer(index), mags=virtual), cfg, "meta")
         return list(torch.autograd.grad(loss_hat, list(self.mags.parameters()), allow_unused=True)), loss_hat.detach()
 
+    def take_mag_update_parts(self) -> Tuple[float, float]:
+        """What drove the MAGs since the last call: ‖ℓ′·Σ_t g_t‖ and ‖ℓ′·Σ_t λ·ω_t‖, the meta-gradient and the
+        weight-decay inputs of the MAG optimizer summed over its updates (λ: ``mag_weight_decay``; the steps
+        they would make without momentum, which scales both alike). Resets the sums."""
+        grad, decay = (self.cfg.mag_lr * self._mag_inputs.norm(dim=1)).tolist()
+        self._mag_inputs.zero_()
+        return grad, decay
+
+    @torch.no_grad()
+    def _record_mag_inputs(self, params: List[Tensor], grads: List[Optional[Tensor]]) -> None:
+        # SGD decays only the parameters that have a gradient.
+        for row, parts in enumerate((
+                [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)],
+                [torch.zeros_like(p) if g is None else self.cfg.mag_weight_decay * p for p, g in zip(params, grads)])):
+            self._mag_inputs[row] += torch.cat([t.reshape(-1) for t in parts]).to(self._mag_inputs)
+
     def _apply(self, opt: torch.optim.Optimizer, params, grads: List[Optional[Tensor]]) -> None:
         if self.data_parallel is not None:
             grads = self._average(grads)
+        params = list(params)
+        if opt is self.mag_opt:
+            self._record_mag_inputs(params, grads)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g

@@ -13,6 +13,7 @@ the same number of processes.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -27,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from .bank import MemoryBank
 from .data import DATASETS, VIEWS, Views, load_split
-from .mag import MetaFeatureAugmenter
+from .mag import MetaFeatureAugmenter, output_change
 from .models import ARCHS, MultiViewModel
 from .probe import PROTOCOLS, linear_probe
 from .step import MetAugConfig, MetAugStep
@@ -277,6 +278,8 @@ class Trainer:
                                 num_workers=0)
         total = {"loss": 0.0, "meta": 0.0}
         mag_start = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach().clone()
+        mags_before, mag_inputs = copy.deepcopy(self.mags), self.mag_inputs()
+        self.step.take_mag_update_parts()
         steps = 0
         t0 = time.perf_counter()
         n = min(len(loader), cfg.max_steps) if cfg.max_steps else len(loader)
@@ -299,12 +302,30 @@ class Trainer:
             sums = torch.tensor([total["loss"], total["meta"], steps], dtype=torch.float64, device=self.device)
             dist.all_reduce(sums)
             total["loss"], total["meta"], steps = sums[0].item(), sums[1].item(), int(sums[2].item())
-        # How far the MAGs moved this epoch, relative to where they started (0 without a meta step).
+        # How far the MAGs moved this epoch, relative to where they started (0 without a meta step), what
+        # moved them, and how much their outputs changed.
         mag_end = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach()
-        mag_change = ((mag_end - mag_start).norm() / mag_start.norm().clamp(min=1e-30)).item()
+        scale = mag_start.norm().clamp(min=1e-30).item()
+        mag_change = (mag_end - mag_start).norm().item() / scale
+        grad_part, decay_part = self.step.take_mag_update_parts()
         return {"epoch": self.epoch + 1, "lr": lr, "loss": total["loss"] / max(steps, 1),
                 "meta": total["meta"] / max(steps, 1), "mag_change": mag_change,
+                "mag_grad_part": grad_part / scale, "mag_decay_part": decay_part / scale,
+                "mag_output_change": output_change(mags_before, self.mags, mag_inputs),
                 "seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def mag_inputs(self, n: int = 512) -> List[torch.Tensor]:
+        """The MAGs' inputs on which :func:`output_change` compares them: the encoder's features (eval mode,
+        so no BatchNorm statistic moves) of the first ``n`` training images without augmentation, one
+        ``[n, D]`` tensor per view."""
+        # Indexed directly: a DataLoader would draw its seed from the global stream the training uses.
+        *views, _, _ = default_collate([self.probe_train[i] for i in range(min(n, len(self.probe_train)))])
+        mode = self.model.training
+        self.model.eval()
+        feats = self.model(*[v.to(self.device) for v in views])
+        self.model.train(mode)
+        return list(feats)
 
     def probe(self) -> Dict[str, float]:
         return linear_probe(self.model, self.probe_train, self.probe_test, self.n_classes,
@@ -333,7 +354,8 @@ class Trainer:
         return self.metrics[-1] if self.metrics else {}
 
     def write_metrics(self) -> None:
-        keys = ["epoch", "lr", "loss", "meta", "mag_change", "seconds", "probe_conv", "probe_fc", "probe_knn"]
+        keys = ["epoch", "lr", "loss", "meta", "mag_change", "mag_grad_part", "mag_decay_part", "mag_output_change",
+                "seconds", "probe_conv", "probe_fc", "probe_knn"]
         path = os.path.join(self.cfg.out_dir, "metrics.csv")
         with open(path + ".tmp", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
