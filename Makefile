@@ -34,7 +34,7 @@ test: install
 	$(PY) -m pytest -q -n 2 tests
 
 # MetAug, its controls and baselines on digits with paired statistics: 5 seeds of 2 epochs in about 9 minutes on
-# 2 cores (two runs at a time); train-full runs 10 seeds of 4 epochs, about 35 minutes.
+# 2 cores (two runs at a time); train-full runs 10 seeds of 4 epochs, four times the training (not timed here).
 train: install
 	$(PY) -m metaug_fast.cli.compare --out runs/compare
 
