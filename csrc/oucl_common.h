@@ -181,6 +181,30 @@ METAUG_HD inline Lse<T> stat_lse(const T* st, Stat shift, Stat log_sum) {
   return {st[shift], st[log_sum]};
 }
 
+// A row's constants for round 2 of the label-mode second derivative, from its stats st, its cotangent g and
+// round 1's sums (the OUCL forms: a = Σ⁺ w·u'·U, b = Σ⁻ w·v'·U, w the side's softmax weight; InfoNCE:
+// a = Σ⁻ w·U, b = Σ⁺ σ·U, c = Σ⁺ σ', d = Σ⁺ σ'·U): coef, c1, sa, sb and InfoNCE's s_sig, which the tile
+// passes read, and d_g = ∂ℓ/∂S·U without the similarity's factor. The CPU's lanes and the CUDA rows kernel
+// take them from here.
+template <typename T>
+struct HvpConsts {
+  T coef, c1, sa, sb, s_sig, d_g;
+};
+
+template <typename T>
+METAUG_HD inline HvpConsts<T> hvp_row_consts(bool infonce, const Cfg<T>& cfg, const T* st, T g, T a, T b, T c,
+                                             T d) {
+  if (infonce) {
+    const T n_pos = st[kNceNPos], s_sig = st[kNceSigmoidSum];
+    return {g / n_pos, g * cfg.beta * cfg.beta / n_pos, a, a * c - d - s_sig * a, s_sig,
+            cfg.beta / n_pos * (s_sig * a - b)};
+  }
+  const T y = stat_lse(st, kPosShift, kPosLogSum).value() + stat_lse(st, kNegShift, kNegLogSum).value();
+  const T coef = g * cfg.inv_beta * sigmoid(y);
+  // sigmoid(-y), not 1 - sigmoid(y): no cancellation.
+  return {coef, coef * sigmoid(-y) * (a + b), a, b, T(0), cfg.inv_beta * sigmoid(y) * (a + b)};
+}
+
 // log(e^a + e^b) kept as (shift, log_sum); an empty side has log_sum = -inf.
 template <typename T>
 METAUG_HD inline Lse<T> lse_merge(Lse<T> a, Lse<T> b) {

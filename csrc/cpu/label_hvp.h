@@ -30,16 +30,8 @@ struct HvpLanes {
   // Anchor i's second-pass constants (label_hvp_apply_tile and its InfoNCE twin say which).
   void second(int64_t form, const Cfg<T>& c, int64_t i, const T* st, T g, const HvpSums<T>& s) {
     if (valid[i] == T(0)) return;
-    if (form == kInfoNCE) {
-      const T n_p = st[kNceNPos], S_sig = st[kNceSigmoidSum];
-      coef[i] = g / n_p, c1[i] = g * c.beta * c.beta / n_p, s_sig[i] = S_sig;
-      sa[i] = s.a, sb[i] = s.a * s.c - s.d - S_sig * s.a;
-      return;
-    }
-    const T y = stat_lse(st, kPosShift, kPosLogSum).value() + stat_lse(st, kNegShift, kNegLogSum).value();
-    coef[i] = g * c.inv_beta * sigmoid(y);
-    c1[i] = coef[i] * sigmoid(-y) * (s.a + s.b);  // sigmoid(-y), not 1 - sigmoid(y): no cancellation
-    sa[i] = s.a, sb[i] = s.b;
+    const HvpConsts<T> k = hvp_row_consts(form == kInfoNCE, c, st, g, s.a, s.b, s.c, s.d);
+    coef[i] = k.coef, c1[i] = k.c1, sa[i] = k.sa, sb[i] = k.sb, s_sig[i] = k.s_sig;
   }
 
   Lanes<T> at(int64_t i) const {
@@ -101,22 +93,12 @@ void hvp_pass(int64_t form, const Cfg<T>& cfg, bool two_way, bool apply, const H
 template <typename T>
 void hvp_dg_rows(int64_t form, const Cfg<T>& cfg, int64_t n, const T* stats, const HvpSums<T>* sums, T scale,
                  T* d_g) {
-  METAUG_ISA_SWITCH(
-    with_form(form, [&](auto f) {
-      constexpr int FORM = decltype(f)::value;
-      if constexpr (is_hvp_form(FORM)) {
-        for (int64_t r = 0; r < n; ++r) {
-          const T* st = stats + kStats * r;
-          if (st[kValid] == T(0)) {
-            d_g[r] = T(0);
-          } else if constexpr (FORM == kInfoNCE) {
-            d_g[r] = scale * ns::infonce_label_hvp_dg<T>(cfg, st, sums[r]);
-          } else {
-            d_g[r] = scale * ns::label_hvp_dg<FORM, T>(cfg, st, sums[r]);
-          }
-        }
-      }
-    });)
+  for (int64_t r = 0; r < n; ++r) {
+    const T* st = stats + kStats * r;
+    const HvpSums<T>& s = sums[r];
+    d_g[r] = st[kValid] == T(0) ? T(0)
+                                : scale * hvp_row_consts(form == kInfoNCE, cfg, st, T(0), s.a, s.b, s.c, s.d).d_g;
+  }
 }
 
 // torch.ops.metaug_fast.oucl_label_rows_bwd_bwd: the label-mode HVP's kernel on a chunk of R whole rows of

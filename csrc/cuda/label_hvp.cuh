@@ -99,24 +99,10 @@ __global__ void label_hvp_rows_kernel(HvpRow<T>* hrow, const T* stats, const T* 
     d_g[i] = T(0);
     return;
   }
-  const T* st = stats + kStats * i;
-  const T g = grad_rows[i], sa = h.sum[0], sb = h.sum[1], sc = h.sum[2], sd = h.sum[3];
-  if (form == kInfoNCE) {
-    const T n_pos = st[kNceNPos], s_sig = st[kNceSigmoidSum];
-    h.coef = g / n_pos;
-    h.c1 = g * cfg.beta * cfg.beta / n_pos;
-    h.s_sig = s_sig;
-    h.sa = sa;
-    h.sb = sa * sc - sd - s_sig * sa;
-    d_g[i] = sim_a * cfg.beta / n_pos * (s_sig * sa - sb);
-    return;
-  }
-  const T y = h.pos.value() + h.neg.value();
-  h.coef = g * cfg.inv_beta * sigmoid(y);
-  h.c1 = h.coef * sigmoid(-y) * (sa + sb);  // sigmoid(-y), not 1 - sigmoid(y): no cancellation
-  h.sa = sa;
-  h.sb = sb;
-  d_g[i] = sim_a * cfg.inv_beta * sigmoid(y) * (sa + sb);
+  const HvpConsts<T> k =
+      hvp_row_consts(form == kInfoNCE, cfg, stats + kStats * i, grad_rows[i], h.sum[0], h.sum[1], h.sum[2], h.sum[3]);
+  h.coef = k.coef, h.c1 = k.c1, h.sa = k.sa, h.sb = k.sb, h.s_sig = k.s_sig;
+  d_g[i] = sim_a * k.d_g;
 }
 
 // Round 2, in place: the tile's S becomes G and its U becomes a·W.
