@@ -130,6 +130,42 @@ def test_all_gather_and_ring_equal_one_process(world):
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases), nprocs=world, join=True)
 
 
+def _overlap_worker(rank, world, init_file):
+    _init(rank, world, init_file)
+    try:
+        sizes = (5, 7, 4)[:world]  # unequal chunks: each hop's receive takes the next owner's size
+        gen = torch.Generator().manual_seed(1)
+        emb = torch.randn(sum(sizes), 6, dtype=torch.float64, generator=gen)
+        labels = torch.randint(0, 4, (sum(sizes),), generator=gen)
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        kw = dict(form="weighted", beta=8.0, backend="cpp")
+        outs = []
+        for overlap in (True, False):
+            mine = emb[start:stop].clone().requires_grad_()
+            loss = oucl_embeddings_ring(mine, labels[start:stop], overlap=overlap, **kw)
+            loss.backward()
+            outs.append((loss.detach(), mine.grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        whole = emb.clone().requires_grad_()
+        want = R.oucl_embeddings(whole, labels, form="weighted", beta=8.0)
+        want.backward()
+        torch.testing.assert_close(outs[0][0], want.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(outs[0][1], whole.grad[start:stop], rtol=1e-10, atol=1e-12)
+        with pytest.raises(TypeError, match="overlap must be a bool"):
+            oucl_embeddings_ring(emb[start:stop], labels[start:stop], overlap="yes", **kw)
+        dist.barrier()
+    finally:
+        shutdown()
+
+
+@requires_cpp
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_overlapped_ring_is_bitwise_the_blocking_one(world):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_overlap_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+
+
 def test_requires_an_initialized_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         oucl_embeddings_all_gather(torch.randn(3, 4), torch.arange(3))

@@ -1,8 +1,16 @@
 """Ring strategy: the other ranks' normalized embeddings visit one chunk at a time around the ring instead
-of being gathered: per-rank memory O((b + largest chunk)·D); first derivatives only."""
+of being gathered: per-rank memory O((b + largest chunk)·D); first derivatives only.
+
+Overlapped (the default), each hop is posted before the chunk in hand is scored and waited for after, so
+the transfer runs while the kernels do: the forward sends the chunk it scores and receives the next; the
+backward does the same with the chunk and its labels, and sends each chunk's accumulated gradient as soon
+as its own part is added, one step behind the chunk (the next rank waits for it only once it has scored
+that chunk). Every rank posts its receives on a link in the order the sender posts the sends (gradient of
+the previous chunk, then the next chunk), as NCCL, which matches point-to-point operations by order, needs.
+The sums are those of the blocking ring, in the same order: the results are bitwise equal."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,16 +28,32 @@ from ._common import (
 )
 
 
-def _shift(tensors: List[Tensor], recv_shapes: List[torch.Size], rank: int, world: int, group) -> List[Tensor]:
+class _Hop:
+    """One hop of the ring in flight: posts the receives of ``recv`` (a list of (shape, dtype), on
+    ``device``) from rank - 1 and the sends of ``send`` to rank + 1 as one batch, the receives first;
+    :meth:`wait` completes them and returns what was received. The tensors sent stay alive until then."""
+
+    def __init__(self, send: List[Tensor], recv: List[Tuple[Tuple[int, ...], torch.dtype]], device: torch.device,
+                 rank: int, world: int, group) -> None:
+        dst, src = (rank + 1) % world, (rank - 1) % world
+        peer = lambda r: dist.get_global_rank(group, r) if group else r  # noqa: E731
+        self.received = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in recv]
+        self.sent = [t.contiguous() for t in send]
+        ops = [dist.P2POp(dist.irecv, r, peer(src), group) for r in self.received]
+        ops += [dist.P2POp(dist.isend, t, peer(dst), group) for t in self.sent]
+        self.requests = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self) -> List[Tensor]:
+        for req in self.requests:
+            req.wait()
+        self.requests, self.sent = [], []
+        return self.received
+
+
+def _shift(tensors: List[Tensor], recv_shapes: List[Tuple[int, ...]], rank: int, world: int, group) -> List[Tensor]:
     """Send ``tensors`` to rank + 1 and receive the same kinds of tensors (of ``recv_shapes``) from rank - 1."""
-    dst, src = (rank + 1) % world, (rank - 1) % world
-    received = [torch.empty(shape, dtype=t.dtype, device=t.device) for t, shape in zip(tensors, recv_shapes)]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst) if group else dst, group)
-           for t in tensors]
-    ops += [dist.P2POp(dist.irecv, r, dist.get_global_rank(group, src) if group else src, group) for r in received]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return received
+    recv = [(shape, t.dtype) for t, shape in zip(tensors, recv_shapes)]
+    return _Hop(tensors, recv, tensors[0].device, rank, world, group).wait()
 
 
 class _RingOUCL(torch.autograd.Function):
@@ -38,25 +62,31 @@ class _RingOUCL(torch.autograd.Function):
     carrying the gradient its owner gets). Peak memory O((b + largest chunk)·D)."""
 
     @staticmethod
-    def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params, ops):
+    def forward(ctx, zn, labels, all_labels, sizes, rank, group, similarity, params, ops, overlap):
         world = len(sizes)
         chunk, chunk_labels = zn, labels
         ones = zn.new_ones(zn.shape[0])  # the rows are normalized: unit inverse norms
         parts = []
         for step in range(world):
             owner = (rank - step) % world
+            hop = None
+            if step < world - 1:
+                nxt = sizes[(owner - 1) % world]
+                recv = [((nxt, zn.shape[1]), zn.dtype), ((nxt,), labels.dtype)]
+                hop = _Hop([chunk, chunk_labels], recv, zn.device, rank, world, group)
+                if not overlap:
+                    hop.wait()
             chunk_ones = ones if chunk is zn else chunk.new_ones(chunk.shape[0])
             _, stats = ops.oucl_label_fwd(zn, ones, chunk, chunk_ones, labels, chunk_labels,
                                           0 if owner == rank else -1, similarity, *params)
             parts.append(stats)
-            if step < world - 1:
-                nxt = sizes[(owner - 1) % world]
-                chunk, chunk_labels = _shift([chunk, chunk_labels], [(nxt, zn.shape[1]), (nxt,)], rank, world, group)
+            if hop is not None:
+                chunk, chunk_labels = hop.wait()
         valid = _valid_rows(labels, all_labels)
         rows, merged = _merge_stats(torch.stack(parts, 1), valid, params)
         ctx.save_for_backward(zn, labels, merged)
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        ctx.similarity, ctx.params, ctx.ops = similarity, params, ops
+        ctx.similarity, ctx.params, ctx.ops, ctx.overlap = similarity, params, ops, overlap
         ctx.mark_non_differentiable(valid)
         return rows, valid
 
@@ -71,25 +101,46 @@ class _RingOUCL(torch.autograd.Function):
         grad_rows = grad_rows.contiguous()
         own = torch.zeros_like(zn)
         ones = zn.new_ones(zn.shape[0])
-        chunk, chunk_labels, chunk_grad = zn, labels, torch.zeros_like(zn)
+        chunk, chunk_labels = zn, labels
+        sending = None  # the previous chunk's gradient on its way to rank + 1
         for step in range(world):
             owner = (rank - step) % world
+            # The gradient the chunk gathered on the ranks before us (none on our own chunk), then the next
+            # chunk and its labels: received in the order rank - 1 sent them.
+            recv = [(chunk.shape, zn.dtype)] if step > 0 else []
+            send = []
+            if step < world - 1:
+                nxt = sizes[(owner - 1) % world]
+                recv += [((nxt, zn.shape[1]), zn.dtype), ((nxt,), labels.dtype)]
+                send = [chunk, chunk_labels]
+            hop = _Hop(send, recv, zn.device, rank, world, group)
+            if not ctx.overlap:  # every transfer of the step done before its scoring
+                hop.wait()
+                if sending is not None:
+                    sending.wait()
             chunk_ones = ones if chunk is zn else chunk.new_ones(chunk.shape[0])
             # With unit inverse norms the op's row gradients are those of the normalized rows; our own chunk
             # (self mode) has the whole gradient in the first.
             g_z, _, g_c, _ = ops.oucl_label_bwd(grad_rows, zn, ones, chunk, chunk_ones, labels, chunk_labels, merged,
                                                 0 if owner == rank else -1, ctx.similarity, *ctx.params)
             own += g_z
+            received = hop.wait()
+            # Rank + 1 posted the receive of the previous gradient with this step's hop: the send completes
+            # without waiting for anything of ours, and one gradient at a time is in flight.
+            if sending is not None:
+                sending.wait()
+            chunk_grad = received.pop(0) if step > 0 else torch.zeros_like(zn)
             if g_c.shape[0]:
                 chunk_grad = chunk_grad + g_c
-            nxt = sizes[(owner - 1) % world]
-            shapes = [(nxt, zn.shape[1]), (nxt,), (nxt, zn.shape[1])]
             if step < world - 1:
-                chunk, chunk_labels, chunk_grad = _shift([chunk, chunk_labels, chunk_grad], shapes, rank, world, group)
-        # The last chunk's gradient is one hop from its owner (rank + 1): one more shift brings ours home
+                sending = _Hop([chunk_grad], [], zn.device, rank, world, group)
+                chunk, chunk_labels = received
+        # The last chunk's gradient is one hop from its owner (rank + 1): one more hop brings ours home
         # (with one rank the only chunk is our own).
-        (mine,) = _shift([chunk_grad], [zn.shape], rank, world, group) if world > 1 else (chunk_grad,)
-        return own + mine, None, None, None, None, None, None, None, None
+        mine = chunk_grad
+        if world > 1:
+            (mine,) = _Hop([chunk_grad], [(zn.shape, zn.dtype)], zn.device, rank, world, group).wait()
+        return own + mine, None, None, None, None, None, None, None, None, None
 
 
 def oucl_embeddings_ring(
@@ -100,11 +151,14 @@ def oucl_embeddings_ring(
     reduction: str = "mean",
     similarity: str = "shifted_cosine",
     backend: str = "auto",
+    overlap: bool = True,
     **params,
 ) -> Tensor:
     """Label-mode OUCL over the global batch like :func:`oucl_embeddings_all_gather`, but the other ranks'
     embeddings visit one at a time around the ring instead of being gathered: per-rank memory
     O((b + largest rank's b)·D) instead of O(Σ b · D). Same loss and gradients; first derivatives only.
+    ``overlap``: each hop's transfer runs while the chunk in hand is scored (two chunks in memory instead of
+    one); False waits for each hop first. The results are bitwise the same.
     Needs the fused label op of the tensors' device: ``backend`` names whose ("auto": the first that has
     them there, cpp on CPU); one without them is refused. ``emb [b, D]`` and ``labels [b]`` as
     :func:`oucl_embeddings_all_gather`.
@@ -124,6 +178,8 @@ def oucl_embeddings_ring(
     rank = dist.get_rank(group)
     sizes = _gather_sizes(emb.shape[0], emb.device, group)
     all_labels = _gather_padded(labels.long(), sizes, group)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"oucl_embeddings_ring: overlap must be a bool, got {type(overlap).__name__}")
     rows, valid = _RingOUCL.apply(zn, labels.long(), all_labels, sizes, rank, group, sim_id, op_params,
-                                  kernels.ops)
+                                  kernels.ops, overlap)
     return _global_loss(rows, valid, reduction, group).to(emb.dtype)
