@@ -37,6 +37,12 @@ def _init(rank, world, init_file, seconds=60):
                             timeout=timedelta(seconds=seconds))
 
 
+def _spawn(worker, world, *args):
+    """``worker(rank, world, init_file, *args)`` on ``world`` processes of one gloo group."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(world, os.path.join(d, "init"), *args), nprocs=world, join=True)
+
+
 def _rows_of(rank, world):
     """This rank's rows [start, stop) of the global batch (all of them in a 1-process group)."""
     sizes = SIZES if world == 2 else (sum(SIZES),)
@@ -126,8 +132,7 @@ def _check_score_mode(start, stop, backend, reduction, kw):
 @pytest.mark.parametrize("world", [1, 2])
 def test_all_gather_and_ring_equal_one_process(world):
     cases = [c for c in CASES if c[0] in metaug_fast.available_backends()]
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases), nprocs=world, join=True)
+    _spawn(_worker, world, cases)
 
 
 def _overlap_worker(rank, world, init_file):
@@ -162,8 +167,7 @@ def _overlap_worker(rank, world, init_file):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_overlapped_ring_is_bitwise_the_blocking_one(world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_overlap_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+    _spawn(_overlap_worker, world)
 
 
 def test_requires_an_initialized_process_group():
@@ -182,9 +186,8 @@ def _failing_worker(rank, world, init_file):
 
 @pytest.mark.timeout(120)
 def test_a_failing_rank_brings_the_others_down():
-    with tempfile.TemporaryDirectory() as d:
-        with pytest.raises(Exception, match="rank 1 failed on purpose"):
-            mp.spawn(_failing_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        _spawn(_failing_worker, 2)
 
 
 def _second_order_worker(rank, world, init_file):
@@ -200,8 +203,7 @@ def _second_order_worker(rank, world, init_file):
 
 @pytest.mark.timeout(120)
 def test_second_derivative_through_the_gather_raises():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_second_order_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    _spawn(_second_order_worker, 2)
 
 
 def test_module_checks_distributed_arguments():
@@ -277,8 +279,7 @@ def _modes_worker(rank, world, init_file, backends):
 @pytest.mark.timeout(180)
 def test_every_distributed_mode_runs_the_kernels_of_the_backend_asked_for():
     backends = metaug_fast.available_backends()
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_modes_worker, args=(2, os.path.join(d, "init"), backends), nprocs=2, join=True)
+    _spawn(_modes_worker, 2, backends)
 
 
 # --------------------------------------------------------------------------------- sharded memory bank
@@ -345,8 +346,7 @@ def _bank_worker(rank, world, init_file, forms):
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_bank_equals_one_process(world):
     forms = [("weighted", "mean"), ("circle", "sum"), ("hinge", "mean"), ("squared", "mean")]
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_bank_worker, args=(world, os.path.join(d, "init"), forms), nprocs=world, join=True)
+    _spawn(_bank_worker, world, forms)
 
 
 def test_sharded_bank_requires_an_initialized_process_group():
