@@ -36,7 +36,10 @@ class _Hop:
     def __init__(self, send: List[Tensor], recv: List[Tuple[Tuple[int, ...], torch.dtype]], device: torch.device,
                  rank: int, world: int, group) -> None:
         dst, src = (rank + 1) % world, (rank - 1) % world
-        peer = lambda r: dist.get_global_rank(group, r) if group else r  # noqa: E731
+
+        def peer(r: int) -> int:
+            return dist.get_global_rank(group, r) if group else r
+
         self.received = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in recv]
         self.sent = [t.contiguous() for t in send]
         ops = [dist.P2POp(dist.irecv, r, peer(src), group) for r in self.received]
