@@ -21,9 +21,9 @@ official K = 1024), and MAGs of width 128 (the paper's 2048 is for AlexNet featu
 The probe is the few-label linear probe (3 labels per class, 5 draws; see
 :func:`metaug_fast.metaug.probe.few_label_accuracy`) on the fc and conv features, where a random encoder
 is clearly below a trained one; the full-label linear probe on fc is reported beside it. The tables give
-each method's mean ± std over the seeds and its paired difference (same seed) from only-OUCL and from the
-random encoder: the mean difference, its 95 % t-interval and the paired t-test's p-value, raw and
-Holm-adjusted over the methods of the table. What moved the MAGs is reported per epoch (see
+each method's mean ± std over the seeds and its paired difference (same seed) from only-OUCL, from the
+matched control and from the random encoder: the mean difference, its 95 % t-interval and the paired
+t-test's p-value, raw and Holm-adjusted over the methods of the table. What moved the MAGs is reported per epoch (see
 :class:`metaug_fast.metaug.trainer.Trainer`) and over the run (the output change from the first to the last
 step). Every number is measured in this run; results go to ``<out>/results.csv``,
 ``<out>/differences.csv`` and a chart to ``<out>/results.png``.

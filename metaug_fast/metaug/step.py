@@ -464,10 +464,11 @@ class MetAugStep:
             return lookahead_gradient(self.model, views, lambda zs: scored(zs)[0],
                                       lambda zs: _with_margin(*scored(zs), cfg, "meta"), cfg.inner_lr,
                                       list(self.mags.parameters()))
-        kept = {k: b.clone() for k, b in self.model.named_buffers()}  # the "bank_writes" control restores them
+        restore = cfg.matched_side_effects == "bank_writes"
+        kept = {k: b.clone() for k, b in self.model.named_buffers()} if restore else None
         out = lookahead_gradient(self.model, views, lambda zs: scored(zs)[0], lambda zs: scored(zs)[0],
                                  cfg.inner_lr, [], create_graph=False)
-        if cfg.matched_side_effects == "bank_writes":
+        if restore:
             with torch.no_grad():
                 for k, b in self.model.named_buffers():
                     b.copy_(kept[k])

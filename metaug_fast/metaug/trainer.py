@@ -277,8 +277,8 @@ class Trainer:
                                 drop_last=_drop_last(cfg, len(self.train_data)), generator=self.loader_gen,
                                 num_workers=0)
         total = {"loss": 0.0, "meta": 0.0}
-        mag_start = torch.nn.utils.parameters_to_vector(self.mags.parameters()).detach().clone()
         mags_before, mag_inputs = copy.deepcopy(self.mags), self.mag_inputs()
+        mag_start = torch.nn.utils.parameters_to_vector(mags_before.parameters()).detach()
         self.step.take_mag_update_parts()
         steps = 0
         t0 = time.perf_counter()
