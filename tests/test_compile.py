@@ -61,8 +61,11 @@ def _op_cases(device, dtype):
                 cases.append(("oucl_label_fwd_grad", args))
                 z, r = rows[0] * rows[1][:, None], rows[2] * rows[3][:, None]
                 s = z @ r.T * 0.5 + 0.5
-                cases.append(("oucl_label_rows_bwd_bwd", (g_label, torch.rand_like(s), s, lab, rlab, stats, 0,
-                                                          offset, *params)))
+                t = torch.rand_like(s)
+                sums, _ = ops.oucl_label_rows_hvp_sums(t, s, lab, rlab, stats, 0, offset, *params)
+                cases += [("oucl_label_rows_hvp_sums", (t, s, lab, rlab, stats, 0, offset, *params))]
+                cases += [("oucl_label_rows_bwd_bwd", (g_label, t, s, lab, rlab, stats, 0, offset, *params, given))
+                          for given in (None, sums)]
                 if offset == 0:
                     cases.append(("oucl_label_self_bwd_bwd", (g_label, z, torch.randn_like(z), lab, stats, 0, *params)))
         if params[0] == Form.INFONCE:  # cross mode runs InfoNCE

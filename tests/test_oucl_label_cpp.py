@@ -497,6 +497,36 @@ def test_label_rows_double_backward_equals_the_score_mode_ops(form):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
         ops.oucl_label_rows_bwd_bwd(g, U, S, labels, ref_labels, stats, row0, offset, int(Form.HINGE), *params[1:])
+    # A reference set split in two parts (as across processes; the excluded pairs lie in the first): round 1
+    # alone over each part adds to the whole rows' sums and d_g, and the product over a part from the whole
+    # sums is that part's columns of the whole product.
+    parts = [(slice(0, 120), offset), (slice(120, M), -1)]
+    halves = [ops.oucl_label_rows_hvp_sums(U[:, c], S[:, c], labels, ref_labels[c], stats, row0, o, *params)
+              for c, o in parts]
+    sums = halves[0][0] + halves[1][0]
+    assert halves[0][0].abs().sum() > 0 and halves[1][0].abs().sum() > 0
+    torch.testing.assert_close(halves[0][1] + halves[1][1], d_g, rtol=1e-12, atol=1e-14)
+    for c, o in parts:
+        part = ops.oucl_label_rows_bwd_bwd(g, U[:, c], S[:, c], labels, ref_labels[c], stats, row0, o, *params, sums)
+        for a, b in zip(part, (d_g, (gp + gn)[:, c], (hp + hn)[:, c])):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    if form != Form.INFONCE:  # the same terms in PyTorch ops, for kernels without these row ops (CUDA, Triton)
+        from metaug_fast._ops.label import _split_apply, _split_sums
+
+        for c, o in parts:
+            pmc, nmc = pm[:, c], nm[:, c]
+            got_sums, got_dg = _split_sums(S[:, c], U[:, c], pmc, nmc, stats, params)
+            want_sums, want_dg = ops.oucl_label_rows_hvp_sums(U[:, c], S[:, c], labels, ref_labels[c], stats, row0, o,
+                                                              *params)
+            torch.testing.assert_close(got_sums[:, :2], want_sums[:, :2], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got_dg, want_dg, rtol=1e-12, atol=1e-14)
+            for a, b in zip(_split_apply(g, S[:, c], U[:, c], pmc, nmc, stats, params, sums),
+                            (d_g, (gp + gn)[:, c], (hp + hn)[:, c])):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match=r"sums must be a CPU \[R, 4\] tensor"):
+        ops.oucl_label_rows_bwd_bwd(g, U, S, labels, ref_labels, stats, row0, offset, *params, sums[:, :3])
+    with pytest.raises(RuntimeError, match="form must be squared, weighted, circle or InfoNCE"):
+        ops.oucl_label_rows_hvp_sums(U, S, labels, ref_labels, stats, row0, offset, int(Form.HINGE), *params[1:])
 
 
 @pytest.mark.parametrize("op, M", [(op, 700) for op in FORMS + ("info_nce",)] + [("weighted", 4500)])

@@ -28,7 +28,8 @@
 // label-mode calls took eight.
 //
 // The meta step's second derivative (the Hessian of each row's loss applied to the scores' change along a
-// direction) has its own ops: oucl_label_rows_bwd_bwd on row chunks of the scores that Python cuts, and in
+// direction) has its own ops: oucl_label_rows_bwd_bwd on row chunks of the scores that Python cuts (its round 1
+// alone, oucl_label_rows_hvp_sums, for a reference set split across processes), and in
 // self mode oucl_label_self_bwd_bwd over the symmetric tiles in two rounds (self_hvp, label_hvp.h).
 //
 // InfoNCE's positives' terms need each row's final negative log-sum-exp, so they come after the first
@@ -227,7 +228,10 @@ std::tuple<at::Tensor, at::Tensor> label_self_bwd_bwd(const at::Tensor& grad_row
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("oucl_label_rows_bwd_bwd(Tensor grad_rows, Tensor t, Tensor s, Tensor labels, Tensor ref_labels, "
         "Tensor stats, int row0, int self_offset, int form, float beta, float gamma_pos, float gamma_neg, "
-        "float margin, float lam) -> (Tensor, Tensor, Tensor)");
+        "float margin, float lam, Tensor? sums=None) -> (Tensor, Tensor, Tensor)");
+  m.def("oucl_label_rows_hvp_sums(Tensor t, Tensor s, Tensor labels, Tensor ref_labels, Tensor stats, int row0, "
+        "int self_offset, int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+        "-> (Tensor, Tensor)");
   m.def("oucl_label_self_bwd_bwd(Tensor grad_rows, Tensor zn, Tensor v, Tensor labels, Tensor stats, int similarity, "
         "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) -> (Tensor, Tensor)");
   m.def("oucl_label_fwd_grad(Tensor e, Tensor iz, Tensor r, Tensor ir, Tensor labels, Tensor ref_labels, "
@@ -238,6 +242,7 @@ TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
 TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
   LabelOps<CpuLabel>::impl(m);
   m.impl("oucl_label_rows_bwd_bwd", &label_rows_bwd_bwd);
+  m.impl("oucl_label_rows_hvp_sums", &label_rows_hvp_sums);
   m.impl("oucl_label_self_bwd_bwd", &label_self_bwd_bwd);
   m.impl("oucl_label_fwd_grad", &label_fwd_grad);
   CrossOps<CpuLabel>::impl(m);

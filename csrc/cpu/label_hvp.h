@@ -101,46 +101,107 @@ void hvp_dg_rows(int64_t form, const Cfg<T>& cfg, int64_t n, const T* stats, con
   }
 }
 
-// torch.ops.metaug_fast.oucl_label_rows_bwd_bwd: the label-mode HVP's kernel on a chunk of R whole rows of
+// The checked, contiguous inputs of the row-chunk ops: scores s [R, M] (the similarity applied), the
+// cotangent t [R, M] on them, the rows' stats [R, kStats], labels [R] and ref_labels [M].
+struct RowsHvpInputs {
+  at::Tensor s, t, stats, labels, ref_labels;
+  int64_t R, M;
+
+  RowsHvpInputs(const char* who, const at::Tensor& t_, const at::Tensor& s_, const at::Tensor& labels_,
+                const at::Tensor& ref_labels_, const at::Tensor& stats_, int64_t form) {
+    TORCH_CHECK(s_.dim() == 2 && t_.sizes() == s_.sizes() && s_.device().is_cpu() && t_.device().is_cpu() &&
+                    s_.scalar_type() == t_.scalar_type() &&
+                    (s_.scalar_type() == at::kFloat || s_.scalar_type() == at::kDouble),
+                who, ": s and t must be CPU [R, M] tensors of one dtype, float32 or float64");
+    R = s_.size(0), M = s_.size(1);
+    TORCH_CHECK(stats_.sizes() == at::IntArrayRef({R, kStats}) && stats_.scalar_type() == s_.scalar_type(), who,
+                ": stats must be [R, ", kStats, "] in the dtype of s");
+    TORCH_CHECK(labels_.scalar_type() == at::kLong && ref_labels_.scalar_type() == at::kLong &&
+                    labels_.numel() == R && ref_labels_.numel() == M,
+                who, ": labels [R] and ref_labels [M] must be int64");
+    TORCH_CHECK(is_hvp_form(form), who, ": form must be squared, weighted, circle or InfoNCE, got ", form);
+    s = s_.contiguous(), t = t_.contiguous(), stats = stats_.contiguous();
+    labels = labels_.contiguous(), ref_labels = ref_labels_.contiguous();
+  }
+
+  // Row r as a one-row tile (row r is row row0 + r of the batch, for the excluded pair).
+  template <typename T>
+  HvpTile<T> row(int64_t r, int64_t row0, int64_t self_offset, const HvpLanes<T>& lanes) const {
+    return {labels.data_ptr<int64_t>() + r, ref_labels.data_ptr<int64_t>(), 1, M,
+            self_offset >= 0 ? row0 + self_offset + r : -1, s.data_ptr<T>() + r * M, t.data_ptr<T>() + r * M,
+            lanes.at(r), lanes.at(r)};
+  }
+};
+
+// torch.ops.metaug_fast.oucl_label_rows_hvp_sums: round 1 of the HVP alone, over the columns at hand:
+// (sums [R, 4], d_g [R]) = the rows' sums of t over these columns (HvpSums a, b, c, d) and their part of
+// d_g = ∂ℓ/∂s · t. Both add over disjoint column sets (the stats, and so the softmax weights, are the whole
+// row's): a reference set split across processes sums its parts, then oucl_label_rows_bwd_bwd takes the
+// whole rows' sums.
+inline std::tuple<at::Tensor, at::Tensor> label_rows_hvp_sums(
+    const at::Tensor& t, const at::Tensor& s, const at::Tensor& labels, const at::Tensor& ref_labels,
+    const at::Tensor& stats, int64_t row0, int64_t self_offset, int64_t form, double beta, double gamma_pos,
+    double gamma_neg, double margin, double lam) {
+  const RowsHvpInputs in("oucl_label_rows_hvp_sums", t, s, labels, ref_labels, stats, form);
+  at::Tensor sums = at::zeros({in.R, 4}, in.s.options()), d_g = at::empty({in.R}, in.s.options());
+  AT_DISPATCH_FLOATING_TYPES(in.s.scalar_type(), "oucl_label_rows_hvp_sums", [&] {
+    const Cfg<scalar_t> cfg = make_cfg<scalar_t>(beta, gamma_pos, gamma_neg, margin, lam);
+    const scalar_t* stp = in.stats.data_ptr<scalar_t>();
+    HvpLanes<scalar_t> lanes(form, in.R, stp);
+    scalar_t* out = sums.data_ptr<scalar_t>();
+    at::parallel_for(0, in.R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        HvpSums<scalar_t> part;
+        hvp_pass<scalar_t>(form, cfg, false, false, in.row(r, row0, self_offset, lanes),
+                           {&part, nullptr, nullptr, nullptr});
+        out[4 * r] = part.a, out[4 * r + 1] = part.b, out[4 * r + 2] = part.c, out[4 * r + 3] = part.d;
+        hvp_dg_rows<scalar_t>(form, cfg, 1, stp + kStats * r, &part, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
+      }
+    });
+  });
+  return {sums, d_g};
+}
+
+// torch.ops.metaug_fast.oucl_label_rows_bwd_bwd: the label-mode HVP's kernel on a chunk of R rows of
 // scores s [R, M] (the similarity applied) with the cotangent t [R, M] on them, for the LSE forms and
 // InfoNCE (the hinge's Hessian is zero; margins are piecewise linear): (d_g [R], G [R, M], W [R, M]) =
 // (∂ℓ/∂s · t, ∂(g·ℓ)/∂s, g·H t) per row. Row r is row row0 + r of the batch (for the excluded pair
-// j = i + self_offset when self_offset >= 0). Rows are independent: one thread each.
+// j = i + self_offset when self_offset >= 0). Without `sums` the M columns are the whole rows and round 1
+// runs here; with `sums` [R, 4] (the whole rows' round-1 sums, oucl_label_rows_hvp_sums added over every
+// part of the reference set) the columns may be any part of it, and d_g is that of the given sums. Rows
+// are independent: one thread each.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> label_rows_bwd_bwd(
     const at::Tensor& grad_rows, const at::Tensor& t, const at::Tensor& s, const at::Tensor& labels,
     const at::Tensor& ref_labels, const at::Tensor& stats, int64_t row0, int64_t self_offset, int64_t form,
-    double beta, double gamma_pos, double gamma_neg, double margin, double lam) {
+    double beta, double gamma_pos, double gamma_neg, double margin, double lam,
+    const c10::optional<at::Tensor>& sums) {
   const char* who = "oucl_label_rows_bwd_bwd";
-  TORCH_CHECK(s.dim() == 2 && t.sizes() == s.sizes() && s.device().is_cpu() && t.device().is_cpu() &&
-                  s.scalar_type() == t.scalar_type() &&
-                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-              who, ": s and t must be CPU [R, M] tensors of one dtype, float32 or float64");
-  const int64_t R = s.size(0), M = s.size(1);
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef({R, kStats}) && stats.scalar_type() == s.scalar_type() &&
-                  grad_rows.dim() == 1 && grad_rows.size(0) == R && grad_rows.scalar_type() == s.scalar_type(),
-              who, ": stats must be [R, ", kStats, "] and grad_rows [R], in the dtype of s");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong && labels.numel() == R &&
-                  ref_labels.numel() == M,
-              who, ": labels [R] and ref_labels [M] must be int64");
-  TORCH_CHECK(is_hvp_form(form), who, ": form must be squared, weighted, circle or InfoNCE, got ", form);
-  const at::Tensor sc = s.contiguous(), tc = t.contiguous(), st = stats.contiguous(), g = grad_rows.contiguous();
-  const at::Tensor lab = labels.contiguous(), rlab = ref_labels.contiguous();
-  at::Tensor d_g = at::empty({R}, s.options()), G = at::empty_like(sc), W = at::empty_like(sc);
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "oucl_label_rows_bwd_bwd", [&] {
+  const RowsHvpInputs in(who, t, s, labels, ref_labels, stats, form);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.R && grad_rows.scalar_type() == in.s.scalar_type(),
+              who, ": grad_rows must be [R] in the dtype of s");
+  TORCH_CHECK(!sums || (sums->sizes() == at::IntArrayRef({in.R, 4}) && sums->scalar_type() == in.s.scalar_type() &&
+                        sums->device().is_cpu()),
+              who, ": sums must be a CPU [R, 4] tensor in the dtype of s");
+  const at::Tensor g = grad_rows.contiguous(), given = sums ? sums->contiguous() : at::Tensor();
+  at::Tensor d_g = at::empty({in.R}, in.s.options()), G = at::empty_like(in.s), W = at::empty_like(in.s);
+  AT_DISPATCH_FLOATING_TYPES(in.s.scalar_type(), "oucl_label_rows_bwd_bwd", [&] {
     const Cfg<scalar_t> cfg = make_cfg<scalar_t>(beta, gamma_pos, gamma_neg, margin, lam);
-    const scalar_t* stp = st.data_ptr<scalar_t>();
-    HvpLanes<scalar_t> lanes(form, R, stp);
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    const scalar_t* stp = in.stats.data_ptr<scalar_t>();
+    HvpLanes<scalar_t> lanes(form, in.R, stp);
+    at::parallel_for(0, in.R, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {  // both passes per row, while the row is in cache
-        const HvpTile<scalar_t> row{lab.data_ptr<int64_t>() + r, rlab.data_ptr<int64_t>(), 1, M,
-                                    self_offset >= 0 ? row0 + self_offset + r : -1, sc.data_ptr<scalar_t>() + r * M,
-                                    tc.data_ptr<scalar_t>() + r * M, lanes.at(r), lanes.at(r)};
-        HvpSums<scalar_t> sums;
-        hvp_pass<scalar_t>(form, cfg, false, false, row, {&sums, nullptr, nullptr, nullptr});
-        lanes.second(form, cfg, r, stp + kStats * r, g.data_ptr<scalar_t>()[r], sums);
+        const HvpTile<scalar_t> row = in.row(r, row0, self_offset, lanes);
+        HvpSums<scalar_t> whole;
+        if (given.defined()) {
+          const scalar_t* gs = given.data_ptr<scalar_t>() + 4 * r;
+          whole = {gs[0], gs[1], gs[2], gs[3]};
+        } else {
+          hvp_pass<scalar_t>(form, cfg, false, false, row, {&whole, nullptr, nullptr, nullptr});
+        }
+        lanes.second(form, cfg, r, stp + kStats * r, g.data_ptr<scalar_t>()[r], whole);
         hvp_pass<scalar_t>(form, cfg, false, true, row,
-                           {nullptr, nullptr, G.data_ptr<scalar_t>() + r * M, W.data_ptr<scalar_t>() + r * M});
-        hvp_dg_rows<scalar_t>(form, cfg, 1, stp + kStats * r, &sums, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
+                           {nullptr, nullptr, G.data_ptr<scalar_t>() + r * in.M, W.data_ptr<scalar_t>() + r * in.M});
+        hvp_dg_rows<scalar_t>(form, cfg, 1, stp + kStats * r, &whole, scalar_t(1), d_g.data_ptr<scalar_t>() + r);
       }
     });
   });

@@ -73,8 +73,13 @@ def oucl_label_fwd_grad(e, iz, r, ir, labels, ref_labels, self_offset, similarit
 
 
 def oucl_label_rows_bwd_bwd(grad_rows, t, s, labels, ref_labels, stats, row0, self_offset, form, beta, gamma_pos,
-                            gamma_neg, margin, lam):
+                            gamma_neg, margin, lam, sums=None):
     return _like(grad_rows), _like(s), _like(s)
+
+
+def oucl_label_rows_hvp_sums(t, s, labels, ref_labels, stats, row0, self_offset, form, beta, gamma_pos, gamma_neg,
+                             margin, lam):
+    return s.new_empty((s.shape[0], 4)), s.new_empty(s.shape[0])
 
 
 def oucl_label_self_bwd_bwd(grad_rows, zn, v, labels, stats, similarity, form, beta, gamma_pos, gamma_neg, margin,
@@ -99,8 +104,8 @@ def oucl_label_cross_bwd(grad_z, grad_r, e, iz, r, ir, labels, ref_labels, stats
 
 
 OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,
-       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_self_bwd_bwd, oucl_label_hvp,
-       oucl_label_cross_fwd, oucl_label_cross_bwd)
+       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_rows_hvp_sums, oucl_label_self_bwd_bwd,
+       oucl_label_hvp, oucl_label_cross_fwd, oucl_label_cross_bwd)
 
 
 # The ops that multiply matrices inside (ATen GEMMs), per device type they run on.

@@ -92,6 +92,101 @@ def _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks=Tru
         yield rows, S, pm, nm
 
 
+def _cotangent_chunks(zn, rn, v_z, v_r, labels, ref_labels, similarity, self_offset, masks, mm):
+    """_score_chunks's (rows, S, masks) with U, the cotangent's change of S along (v_z, v_r) (``v_r`` [0, D]:
+    none), beside each chunk: (rows, S, U, pm, nm). U = v_z·rnᵀ + zn·v_rᵀ is one GEMM over 2D features
+    ([v_z | zn]·[rn | v_r]ᵀ), no second [c, M] pass; it is taken without the similarity's slope a: d_g and W
+    are linear in it, so a scales them afterwards instead of costing a pass over each chunk."""
+    with_r = v_r.numel() > 0
+    right = torch.cat([rn, v_r], 1).T if with_r else rn.T
+    for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, masks, mm):
+        U = mm(torch.cat([v_z[rows], zn[rows]], 1) if with_r else v_z[rows], right, None, 1.0, 0.0)
+        yield rows, S, U, pm, nm
+
+
+def hvp_row_sums(zn: Tensor, rn: Tensor, v_z: Tensor, v_r: Tensor, labels: Tensor, ref_labels: Tensor, stats: Tensor,
+                 similarity: str, params, self_offset: int, kernels: LabelKernels):
+    """Round 1 of the label HVP over a part of the reference set: the normalized rows ``zn [B, D]`` (labels
+    ``[B]``, whole-row ``stats [B, N_STATS]``) against the part ``rn [M, D]`` (``ref_labels [M]``), with the
+    cotangents ``v_z [B, D]`` and ``v_r [M, D]`` (``[0, D]``: none). Returns (sums ``[B, 4]``, d_g ``[B]``): the
+    rows' sums over this part and its part of ∂/∂grad_rows; both add over disjoint parts, and the whole
+    sums go to :meth:`_LabelDoubleBackward._vjp` for each part (a reference set split across processes).
+    The forms with a Hessian: by the kernels' round 1 where they have ROWS_HVP (the C++ CPU backend), else
+    (the OUCL forms) in PyTorch ops over the same chunks (:func:`_split_sums`)."""
+    by_labels = _split_route(params, kernels, zn.device)
+    sums, d_g = zn.new_empty(zn.shape[0], 4), zn.new_empty(zn.shape[0])
+    for rows, S, U, pm, nm in _cotangent_chunks(zn, rn, v_z, v_r, labels, ref_labels, similarity, self_offset,
+                                                not by_labels, _gemm(kernels, zn.device)):
+        if by_labels:
+            sums[rows], d_g[rows] = kernels.ops.oucl_label_rows_hvp_sums(U, S, labels[rows], ref_labels,
+                                                                         stats[rows], rows.start, self_offset,
+                                                                         *params)
+        else:
+            sums[rows], d_g[rows] = _split_sums(S, U, pm, nm, stats[rows], params)
+    return sums, slope(similarity) * d_g
+
+
+def _split_route(params, kernels: LabelKernels, device: torch.device) -> bool:
+    """Whether a product over a part of the reference set runs on the kernels' label-aware row ops (True) or
+    in PyTorch ops (False: the OUCL forms on kernels without ROWS_HVP); raises for what has neither."""
+    if params[0] in HVP_FORMS and kernels.can(ROWS_HVP, device):
+        return True
+    if params[0] in (Form.SQUARED, Form.WEIGHTED, Form.CIRCLE):
+        return False
+    raise ValueError(f"the second derivative over a part of the reference set takes the forms with a Hessian; "
+                     f"{Form(params[0]).name.lower()} has kernels with ROWS_HVP only or no Hessian")
+
+
+def _split_terms(S: Tensor, pm: Tensor, nm: Tensor, stats: Tensor, params):
+    """Per entry of a chunk of OUCL scores ``S [c, m]`` (``pm``, ``nm``: the pairs' sides) of rows whose
+    ``stats`` are the whole rows': the side's softmax weight w over the whole row and the exponent's first
+    and second derivatives d1, d2 (u on the positives, v on the negatives; the circle form's Γ are
+    constants, as everywhere), zero off the pairs and on invalid rows; and y = LSE⁺ + LSE⁻ per row."""
+    form, beta, gamma_pos, gamma_neg, margin = params[:5]
+    x = S.detach().requires_grad_()
+    with torch.enable_grad():
+        u, v = reference.exponents(x, x, Form(form).name.lower(), beta, gamma_pos, gamma_neg, margin)
+        e = torch.where(pm, u, v)
+        (d1,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+    lse_pos = stats[:, Stat.POS_SHIFT] + stats[:, Stat.POS_LOG_SUM]
+    lse_neg = stats[:, Stat.NEG_SHIFT] + stats[:, Stat.NEG_LOG_SUM]
+    keep = (pm | nm) & (stats[:, Stat.VALID] > 0)[:, None]
+    zero = torch.zeros((), dtype=S.dtype, device=S.device)
+    w = torch.where(keep, torch.exp(e.detach() - torch.where(pm, lse_pos[:, None], lse_neg[:, None])), zero)
+    d1 = torch.where(keep, d1.detach(), zero)
+    d2 = zero.expand_as(S) if d2 is None else torch.where(keep, d2, zero)
+    return w, d1, d2, lse_pos + lse_neg
+
+
+def _split_sums(S: Tensor, U: Tensor, pm: Tensor, nm: Tensor, stats: Tensor, params):
+    """oucl_label_rows_hvp_sums in PyTorch ops, for the OUCL forms: (sums [c, 4], d_g [c]) of a chunk's
+    rows over its columns: a = Σ⁺ w·u'·U, b = Σ⁻ w·v'·U, d_g = σ(y)·(a + b)/β."""
+    w, d1, _, y = _split_terms(S, pm, nm, stats, params)
+    wdu = w * d1 * U
+    zero = torch.zeros((), dtype=S.dtype, device=S.device)
+    a, b = torch.where(pm, wdu, zero).sum(1), torch.where(nm, wdu, zero).sum(1)
+    valid = stats[:, Stat.VALID] > 0
+    d_g = torch.where(valid, torch.sigmoid(y) * (a + b) / params[1], zero)
+    return torch.stack([a, b, torch.zeros_like(a), torch.zeros_like(a)], 1), d_g
+
+
+def _split_apply(g: Tensor, S: Tensor, U: Tensor, pm: Tensor, nm: Tensor, stats: Tensor, params, sums: Tensor):
+    """oucl_label_rows_bwd_bwd with whole-row ``sums`` in PyTorch ops, for the OUCL forms: (d_g, G, W) of a
+    chunk's rows over its columns, G = ∂(g·ℓ)/∂S and W = g·H U (label_rows.inc's second pass, term by term)."""
+    w, d1, d2, y = _split_terms(S, pm, nm, stats, params)
+    A, B = sums[:, 0], sums[:, 1]
+    valid = stats[:, Stat.VALID] > 0
+    zero = torch.zeros((), dtype=S.dtype, device=S.device)
+    coef = torch.where(valid, g * torch.sigmoid(y) / params[1], zero)
+    c1 = torch.where(valid, coef * torch.sigmoid(-y) * (A + B), zero)
+    side = torch.where(pm, A[:, None], B[:, None])
+    G = coef[:, None] * w * d1
+    W = w * d1 * c1[:, None] + coef[:, None] * w * (d1 * (d1 * U - side) + d2 * U)
+    d_g = torch.where(valid, torch.sigmoid(y) * (A + B) / params[1], zero)
+    return d_g, G, W
+
+
 def _similarities(z: Tensor, rn: Tensor, similarity: str, mm=None) -> Tensor:
     """d(z_i, rn_j) ``[c, M]`` of rows as the similarity takes them, its affine map folded into the GEMM
     (no pass of its own over the chunk); ``mm``: the GEMM (:func:`_gemm`), torch's by default."""
@@ -171,9 +266,14 @@ class _LabelDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def _vjp(grad_rows, zn, rn, v_z, v_r, labels, ref_labels, stats, similarity, params, self_offset, kernels,
-             self_mode):
+             self_mode, sums=None):
+        """The product on the normalized rows. ``sums [B, 4]``: the rows' round-1 sums over the whole reference
+        set, of which ``rn`` is then a part (:func:`hvp_row_sums`; the forms with a Hessian); d_g is then that
+        of the given sums, not of this part."""
         ops = kernels.ops
         by_labels = params[0] in HVP_FORMS and kernels.can(ROWS_HVP, zn.device)
+        if sums is not None:
+            by_labels = _split_route(params, kernels, zn.device)
         if params[0] in HVP_FORMS and kernels.can(SELF_HVP, zn.device) and self_mode:
             # In self mode the two halves of the backward's output are summed, so v_r is v_z; the symmetric
             # tiles take five GEMM-equivalents where the row chunks below take seven.
@@ -184,16 +284,13 @@ class _LabelDoubleBackward(torch.autograd.Function):
         with_r = v_r.numel() > 0  # a constant reference set gave no ∂/∂rn, so it has no cotangent
         d_g, d_z, d_r = torch.empty_like(grad_rows), torch.empty_like(zn), torch.zeros_like(rn)
         mm = _gemm(kernels, zn.device)
-        # U = v_z·rnᵀ + zn·v_rᵀ as one GEMM over 2D features ([v_z | zn]·[rn | v_r]ᵀ): no second [c, M] pass.
-        right = torch.cat([rn, v_r], 1).T if with_r else rn.T
-        # U is taken without its factor a: d_g and W are linear in it, so a scales them afterwards instead of
-        # costing a pass over each chunk.
-        for rows, S, pm, nm in _score_chunks(zn, rn, labels, ref_labels, similarity, self_offset, not by_labels, mm):
+        for rows, S, U, pm, nm in _cotangent_chunks(zn, rn, v_z, v_r, labels, ref_labels, similarity, self_offset,
+                                                    not by_labels, mm):
             z, g, st = zn[rows], grad_rows[rows], stats[rows]
-            U = mm(torch.cat([v_z[rows], z], 1) if with_r else v_z[rows], right, None, 1.0, 0.0)
             if by_labels:
                 d_g[rows], G, W = ops.oucl_label_rows_bwd_bwd(g, U, S, labels[rows], ref_labels, st, rows.start,
-                                                              self_offset, *params)
+                                                              self_offset, *params,
+                                                              None if sums is None else sums[rows])
             elif params[0] == Form.MARGIN:
                 # Piecewise linear (no Hessian): G shares grad_rows among each extremum's ties, found again
                 # in this chunk's scores (they may differ from the fused op's tiles in the last bit).
@@ -201,6 +298,8 @@ class _LabelDoubleBackward(torch.autograd.Function):
                 share_p, share_n = ops.margin_score_bwd(torch.ones_like(g), S, S, pm, nm, st)
                 d_g[rows] = torch.stack([(share_p * U).sum(1), (share_n * U).sum(1)], 1)
                 G, W = share_p * g[:, :1] + share_n * g[:, 1:], None
+            elif sums is not None:
+                d_g[rows], G, W = _split_apply(g, S, U, pm, nm, st, params, sums[rows])
             else:
                 gp, gn = ops.oucl_score_bwd(g, S, S, pm, nm, st, *params)
                 G = gp + gn  # the masks are disjoint
