@@ -1,5 +1,7 @@
 """all_gather OUCL on 2 CPU processes (gloo): the loss and every rank's gradient equal those of one process
 holding the concatenated batch (float64, 1e-10), for unequal batch sizes and a class only one rank has."""
+import contextlib
+import dataclasses
 import os
 import tempfile
 from datetime import timedelta
@@ -190,20 +192,100 @@ def test_a_failing_rank_brings_the_others_down():
         _spawn(_failing_worker, 2)
 
 
-def _second_order_worker(rank, world, init_file):
+# ---------------------------------------------------------------------------------------- second order
+def _derivatives(loss_fn, x, v):
+    """(loss, ∂loss/∂x, the Hessian of the global loss applied to v) at x: every rank's gradient taken with
+    create_graph=True, then differentiated along its v (together: the global Hessian times the global v)."""
+    x = x.clone().requires_grad_()
+    loss = loss_fn(x)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (h,) = torch.autograd.grad((g * v).sum(), x)
+    return loss.detach(), g.detach(), h
+
+
+@contextlib.contextmanager
+def _without_row_hvp_ops(hidden):
+    """The label kernels as selected, or (``hidden``) without their label-aware second-derivative row ops."""
+    from metaug_fast import _backend
+    from metaug_fast._ops.label import ROWS_HVP, SELF_HVP
+
+    real = _backend.label_kernels
+
+    def without(*args, **kwargs):
+        kernels = real(*args, **kwargs)
+        return dataclasses.replace(kernels, capabilities={device: caps - {ROWS_HVP, SELF_HVP}
+                                                          for device, caps in kernels.capabilities.items()})
+
+    _backend.label_kernels = without if hidden else real
+    try:
+        yield
+    finally:
+        _backend.label_kernels = real
+
+
+def _second_order_worker(rank, world, init_file, backends):
+    from metaug_fast.distributed import oucl_embeddings_sharded
+
     _init(rank, world, init_file)
     try:
-        emb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-        loss = oucl_embeddings_all_gather(emb, torch.tensor([0, 1, 0, 1]), backend="reference")
-        with pytest.raises(RuntimeError, match="first derivatives only"):
-            torch.autograd.grad(loss, emb, create_graph=True)
+        sizes = (5, 7, 4)[:world]
+        gen = torch.Generator().manual_seed(2)
+        emb = torch.randn(sum(sizes), 6, dtype=torch.float64, generator=gen)
+        labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 4, 4, 1, 5, 0, 5, 2])[:sum(sizes)]
+        vec = torch.randn(emb.shape, dtype=torch.float64, generator=gen)
+        bank = torch.nn.functional.normalize(torch.randn(9, 6, dtype=torch.float64, generator=gen), dim=1)
+        bank_labels = torch.tensor([0, 1, 2, 3, 5, 5, 0, 1, 6])
+        start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        shard = slice(*[(0, 4, 9)[min(k, 2)] for k in (rank, rank + 1)]) if world > 1 else slice(None)
+        mine = slice(start, stop)
+
+        def check(got, want):
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+            for g, w in zip(got[1:], want[1:]):
+                torch.testing.assert_close(g, w[mine], rtol=1e-10, atol=1e-12)
+
+        for form in ("hinge", "squared", "weighted", "circle"):
+            kw = dict(form=form, beta=8.0, margin=0.3, lam=0.2)
+            want = _derivatives(lambda x: R.oucl_embeddings(x, labels, **kw), emb, vec)
+            for backend in backends:
+                check(_derivatives(lambda x: oucl_embeddings_all_gather(x, labels[mine], backend=backend, **kw),
+                                   emb[mine], vec[mine]), want)
+            if "cpp" not in backends:
+                continue
+            # The C++ row ops take the split Hessian sums; hidden, PyTorch ops take them, as on CUDA and Triton.
+            for hidden in (False, True):
+                with _without_row_hvp_ops(hidden):
+                    for overlap in (True, False):
+                        check(_derivatives(lambda x: oucl_embeddings_ring(x, labels[mine], overlap=overlap, **kw),
+                                           emb[mine], vec[mine]), want)
+                    # Against a bank split across the ranks (rank 2 of 3 holds none of it).
+                    want_bank = _derivatives(lambda x: R.oucl_embeddings(x, labels, bank, bank_labels, **kw), emb,
+                                             vec)
+                    check(_derivatives(lambda x: oucl_embeddings_sharded(x, labels[mine], bank[shard],
+                                                                         bank_labels[shard], shard_unit=True, **kw),
+                                       emb[mine], vec[mine]), want_bank)
+        want = _derivatives(lambda x: R.info_nce_embeddings(x, labels, temperature=0.2), emb, vec)
+        for backend in backends:
+            check(_derivatives(lambda x: info_nce_embeddings_all_gather(x, labels[mine], temperature=0.2,
+                                                                        backend=backend), emb[mine], vec[mine]), want)
+        # A third derivative is refused, not wrong.
+        if "cpp" in backends:
+            x = emb[mine].clone().requires_grad_()
+            (g,) = torch.autograd.grad(oucl_embeddings_ring(x, labels[mine]), x, create_graph=True)
+            (h,) = torch.autograd.grad((g * vec[mine]).sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match="first and second derivatives only"):
+                torch.autograd.grad(h.sum(), x)
+            dist.barrier()
     finally:
         shutdown()
 
 
-@pytest.mark.timeout(120)
-def test_second_derivative_through_the_gather_raises():
-    _spawn(_second_order_worker, 2)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3])
+def test_second_order_through_every_mode_equals_one_process(world):
+    """Loss, gradient and Hessian-vector product of every rank's rows equal one process's (fp64, 1e-10), in
+    all_gather, ring (overlapped and blocking) and sharded-bank mode, for every OUCL form and InfoNCE."""
+    _spawn(_second_order_worker, world, [b for b in ("reference", "cpp") if b in metaug_fast.available_backends()])
 
 
 def test_module_checks_distributed_arguments():

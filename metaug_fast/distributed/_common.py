@@ -13,6 +13,7 @@ from .. import _backend
 from .. import _validate as V
 from .. import reference as R
 from .._numerics import merge_lse
+from .._ops.score import third_order_error
 from ..contract import N_STATS, SIMILARITIES, Form, LossParams, OpArgs, Stat
 
 
@@ -49,7 +50,10 @@ def gather_all(tensors: List[Tensor], group) -> List[Tensor]:
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x [b_rank, D]`` -> ``[Σ b, D]``; the backward sums the gradient over ranks and keeps this rank's rows."""
+    """``x [b_rank, D]`` -> ``[Σ b, D]``; the backward sums the gradient over ranks and keeps this rank's rows
+    (:class:`_ReduceScatterRows`). Both are linear and each is the other's adjoint, so a gradient taken with
+    ``create_graph=True`` is differentiable again, to any order, across ranks: the MetAug meta step's HVP over
+    the global batch."""
 
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
@@ -59,13 +63,77 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
-            # The all-reduce is not differentiable: a second derivative would silently lose the terms that
-            # cross ranks, so it is refused.
-            raise RuntimeError("distributed OUCL provides first derivatives only")
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None, None
+            return _ReduceScatterRows.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+        return _reduce_scatter_rows(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+def _reduce_scatter_rows(x: Tensor, sizes: List[int], rank: int, group) -> Tensor:
+    """This rank's rows (``sizes[rank]`` of them) of the sum over ranks of ``x [Σ b, ...]``."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    start = sum(sizes[:rank])
+    return x[start:start + sizes[rank]]
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """``x [Σ b, D]`` -> this rank's rows of the sum over ranks: :class:`_GatherRows`'s backward as a Function,
+    whose own backward is that gather."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _reduce_scatter_rows(x, sizes, rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherRows.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+class _LastDerivative(torch.autograd.Function):
+    """``fn(*inputs)`` (a tuple of tensors) as the last derivative a distributed mode provides: connected to
+    its inputs, so that a gradient taken with ``create_graph=True`` through it exists and a further derivative
+    reaches this backward and raises instead of silently missing terms."""
+
+    @staticmethod
+    def forward(ctx, what, fn, *inputs):
+        ctx.what = what
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise third_order_error(ctx.what)
+
+
+class _MeanOverRanks(torch.autograd.Function):
+    """The mean over the ranks of ``group`` of each of ``xs`` (one all-reduce of their concatenation), on
+    every rank. Its adjoint is itself, so it is differentiable to any order."""
+
+    @staticmethod
+    def forward(ctx, group, *xs):
+        ctx.group = group
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        return tuple(part.view_as(x).clone() for part, x in zip(flat.split([x.numel() for x in xs]), xs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + _MeanOverRanks.apply(ctx.group, *grads)
+
+
+def mean_over_ranks(tensors: List[Tensor], group=None) -> List[Tensor]:
+    """The mean over the ranks of ``group`` of each tensor of ``tensors`` (any shapes, one dtype), on every
+    rank, differentiable to any order (a gradient averaged with it can be differentiated again: the look-ahead
+    parameters θ̂ = θ - ℓ·∇_θ L of a meta step over the global batch).
+
+    Example:
+        >>> import torch
+        >>> from metaug_fast import distributed
+        >>> g = torch.randn(3, requires_grad=True)   # every rank's own, once the process group is initialized
+        >>> distributed.mean_over_ranks([g])[0].shape
+        torch.Size([3])
+    """
+    return list(_MeanOverRanks.apply(group, *tensors)) if tensors else []
 
 
 def _valid_rows(labels: Tensor, all_labels: Tensor) -> Tensor:

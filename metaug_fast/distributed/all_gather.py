@@ -1,5 +1,6 @@
 """All-gather strategy: every rank gathers the global batch (with gradients) and scores its own rows against
-it; exact first derivatives; per-rank memory O(Σ b · D)."""
+it; exact first and second derivatives (the gather and its backward are each other's adjoints); per-rank
+memory O(Σ b · D)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -55,7 +56,7 @@ def info_nce_embeddings_all_gather(
 ) -> Tensor:
     """Label-mode InfoNCE (NT-Xent for two views) over the global batch of all ranks of ``group``, like
     :func:`oucl_embeddings_all_gather`: the global loss on every rank, each rank's gradient that of one
-    process holding the whole batch; first derivatives only. ``emb [b, D]`` and ``labels [b]`` as
+    process holding the whole batch, to the second order. ``emb [b, D]`` and ``labels [b]`` as
     :func:`oucl_embeddings_all_gather`.
 
     Example:
