@@ -11,10 +11,11 @@ from torch.func import functional_call
 from torch.nn import functional as tF
 
 import metaug_fast
+from metaug_fast import reference
 from metaug_fast.cli import train as cli
 from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugConfig
 from metaug_fast.metaug.data import DatasetNotFoundError, Views, load_split, rgb_to_lab
-from metaug_fast.metaug.step import margin_terms, meta_gradient, objective
+from metaug_fast.metaug.step import batch_objective, margin_terms, meta_gradient, objective
 from metaug_fast.metaug.trainer import TrainConfig, Trainer, lr_at
 
 f64 = torch.float64
@@ -121,6 +122,36 @@ def test_meta_gradient_is_second_order():
     loss_hat, scores = objective(*functional_call(model, theta_hat, views), mags, bank, neg_index, cfg)
     first = torch.autograd.grad(loss_hat + cfg.alpha * margin_terms(scores, cfg), list(mags.parameters()))
     assert max((a - b).abs().max().item() for a, b in zip(grads, first)) > 1e-8
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_the_batch_objective_is_label_mode_over_the_batch(backend):
+    # L = C([z1; z2]) + η·C([z1; z2; ẑ1; ẑ2]) with the samples' indices as labels, and R_σ from the same
+    # label-mode scores (σ from the original rows, applied to the augmented anchors' rows of X̂).
+    if backend not in metaug_fast.available_backends():
+        pytest.skip("C++ extension not built")
+    _, mags, _, _, _, _ = _setup(backend, "weighted")
+    gen = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.nn.functional.normalize(torch.randn(5, 4, dtype=f64, generator=gen), dim=1) for _ in range(2))
+    index = torch.arange(5) + 10
+    cfg = MetAugConfig(objective="batch", eta=0.5, alpha=0.3, margin_in="all", beta=4.0, backend=backend)
+    loss, scores = batch_objective(z1, z2, mags, index, cfg)
+    x, y = torch.cat([z1, z2]), torch.cat([index, index])
+    a = torch.cat([mags[0](z1), mags[1](z2)])
+    x_hat, y_hat = torch.cat([x, a]), torch.cat([y, y])
+    kw = dict(form="weighted", beta=4.0)
+    want = reference.oucl_embeddings(x, y, **kw) + 0.5 * reference.oucl_embeddings(x_hat, y_hat, **kw)
+    sigma_pos, sigma_neg = reference.margin_statistics_embeddings(x, y)
+    s, pm, nm = reference.label_scores(a, y, x_hat, y_hat, self_offset=x.shape[0])
+    want = want + 0.3 * reference.margin_injection_loss(s, s, sigma_pos, sigma_neg, pos_mask=pm, neg_mask=nm)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    assert scores["aug_pos"].shape == (10, 3) and scores["aug_neg"].shape == (10, 16)
+    with pytest.raises(ValueError, match="bank_writes must be 'after_step'"):
+        MetAugConfig(objective="batch", bank_writes="every_scoring")
+    with pytest.raises(ValueError, match="InfoNCE baseline takes distributed='all_gather'"):
+        MetAugConfig(method="infonce", distributed="ring")
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        MetAugConfig(distributed="nccl")
 
 
 # ----------------------------------------------------------------------------------------- memory bank

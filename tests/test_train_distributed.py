@@ -1,6 +1,7 @@
 """The MetAug trainer on 2 CPU processes: through torchrun (smoke run, checkpoint, exact resume) and through
 torch.multiprocessing.spawn (every rank ends with the same model, MAGs and bank, with and without gradient
 caching, and under the official preset)."""
+import copy
 import os
 import subprocess
 import sys
@@ -54,6 +55,16 @@ def test_torchrun_trains_writes_one_checkpoint_and_resumes_exactly(tmp_path):
         single.resume(str(tmp_path / "split" / "checkpoint.pt"))
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_trains_the_batch_objective_around_the_ring(tmp_path):
+    run = _torchrun(tmp_path / "ring", "--epochs", "1", "--objective", "batch", "--distributed", "ring")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on 2 processes" in run.stdout
+    saved = torch.load(tmp_path / "ring" / "checkpoint.pt", weights_only=False)
+    assert saved["world_size"] == 2
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in saved["metrics"]])))
+
+
 SETTINGS = {
     "plain": lambda **kw: TrainConfig(metaug=MetAugConfig(k_neg=16), **kw),
     # the encoder step in chunks of 6 under DDP, the meta step on a sub-batch of 6 per rank
@@ -93,3 +104,65 @@ def _sync_worker(rank, world, init_file, out_dir):
 def test_ranks_stay_in_sync():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_sync_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "run")), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------- the batch objective across processes
+def _batch_step_worker(rank, world, init_file):
+    from torch import nn
+
+    from metaug_fast.metaug import MemoryBank, MetaFeatureAugmenter, MetAugStep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+
+    class TwoViews(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(10, 8)
+
+        def forward(self, v1, v2):
+            return tuple(nn.functional.normalize(self.enc(v), dim=1) for v in (v1, v2))
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        views = (torch.randn(12, 10, dtype=torch.float64, generator=gen),
+                 torch.randn(12, 10, dtype=torch.float64, generator=gen))
+        index = torch.arange(12)
+        mine = slice(6 * rank, 6 * rank + 6)
+        torch.manual_seed(0)
+        model0 = TwoViews().double()
+        # In eval mode the MAGs' BatchNorm is a function of each sample alone, as it must be for the ranks'
+        # halves to equal the whole batch (in train mode each rank normalizes with its own batch).
+        mags0 = nn.ModuleList(MetaFeatureAugmenter(8, 16) for _ in range(2)).double().eval()
+        for distributed in ("all_gather", "ring"):
+            for variant in ("metaug", "metaug2"):
+                cfg = MetAugConfig(objective="batch", distributed=distributed, variant=variant, alpha=0.0, eta=0.5,
+                                   form="weighted", beta=8.0, lr=0.5, inner_lr=0.5, mag_lr=0.5, k_neg=4)
+                states = []
+                for parallel in (False, True):
+                    model, mags = copy.deepcopy(model0), copy.deepcopy(mags0)
+                    bank = MemoryBank(12, 8, views=2)
+                    ddp = nn.parallel.DistributedDataParallel(model) if parallel else None
+                    step = MetAugStep(model, mags, bank, cfg, data_parallel=ddp)
+                    rows = mine if parallel else slice(None)
+                    out = step(tuple(v[rows] for v in views), index[rows], torch.Generator().manual_seed(1))
+                    states.append((out, [p.detach().clone() for p in [*model.parameters(), *mags.parameters()]]))
+                (one, whole), (got, split) = states
+                assert got["loss"] == pytest.approx(one["loss"], rel=1e-10)
+                assert got["meta"] == pytest.approx(one["meta"], rel=1e-10)
+                for a, b in zip(split, whole):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+                moved = [(a - b).abs().max() for a, b in zip(whole, [*model0.parameters(), *mags0.parameters()])]
+                assert min(moved[2:]) > 1e-6, (distributed, variant)  # every MAG parameter took a step
+    finally:
+        shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_the_batch_objective_on_two_processes_steps_as_one_process():
+    """objective='batch' under DDP, gathered and around the ring: one MetAug step (and metaug2's, with its ω̂
+    and look-ahead updates) of two processes holding 6 samples each leaves the encoder and MAGs where one
+    process holding all 12 does (fp64, 1e-10): the meta step's second derivative crosses the ranks."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_batch_step_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)

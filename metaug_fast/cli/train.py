@@ -7,6 +7,8 @@ Examples::
     python -m metaug_fast.cli.train --resume runs/digits/checkpoint.pt --epochs 30             # continue a run
     torchrun --standalone --nproc_per_node=2 -m metaug_fast.cli.train --dataset digits --out runs/ddp
     torchrun --nproc_per_node=8 -m metaug_fast.cli.train --dataset cifar10 --data-root /data --device cuda
+    torchrun --standalone --nproc_per_node=2 -m metaug_fast.cli.train --dataset digits --objective batch \
+        --distributed ring --out runs/ring   # in-batch negatives over both processes' rows, the ring's way
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialized here (gloo on CPU, NCCL with
 ``--device cuda``, timeout ``--dist-timeout``) and the model trains in DistributedDataParallel;
@@ -35,7 +37,16 @@ from ..metaug.bank import BANK_INITS
 from ..metaug.data import DATASETS, VIEWS, DatasetNotFoundError
 from ..metaug.models import ARCHS
 from ..metaug.probe import PROTOCOLS
-from ..metaug.step import BANK_WRITES, MARGIN_IN, METHODS, OBJECTIVES, SIDE_EFFECTS, VARIANTS, MetAugConfig
+from ..metaug.step import (
+    BANK_WRITES,
+    DISTRIBUTED,
+    MARGIN_IN,
+    METHODS,
+    OBJECTIVES,
+    SIDE_EFFECTS,
+    VARIANTS,
+    MetAugConfig,
+)
 from ..metaug.trainer import TrainConfig, Trainer
 from ..reference import FORMS, SIMILARITIES
 from ._parser import Parser
@@ -138,7 +149,11 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
                    help="after_step: the bank is written once per step; every_scoring: after every scoring of "
                         "the original features (the official code's)")
     g.add_argument("--objective", choices=OBJECTIVES, default=m.objective,
-                   help="features: the library's pairs; memory: the official CMC-style memory")
+                   help="features: the library's pairs; memory: the official CMC-style memory; batch: in-batch "
+                        "negatives in label mode over the global batch (no memory bank)")
+    g.add_argument("--distributed", choices=DISTRIBUTED, default=m.distributed,
+                   help="under torchrun, how --objective batch reaches every rank's rows: all_gather (the "
+                        "batch gathered on every rank) or ring (one rank's rows at a time)")
     g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
     g.add_argument("--drop-last", action="store_true", default=d.drop_last,
                    help="drop each epoch's last partial batch (the official loader keeps it)")
@@ -191,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         matched_side_effects=args.matched_side_effects, form=args.form, beta=args.beta,
         gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg, margin=args.margin,
         similarity=args.similarity, temperature=args.temperature, detach_margin=args.detach_margin,
-        backend=args.backend,
+        backend=args.backend, distributed=args.distributed,
     )
     return TrainConfig(
         dataset=args.dataset, data_root=args.data_root, arch=args.arch, views=args.views, n_views=args.n_views,

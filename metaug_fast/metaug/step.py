@@ -18,7 +18,15 @@ call. The six pairs of three views, in the official order, are ab→l, l→ab, L
 
 where C is OUCL over the call's rows and s is ``loss_scale``. Augmented features enter only as anchors.
 
-In both, margin statistics σ come from original-feature scores and R_σ from the augmented rows (see
+``objective="batch"`` (this library's, for large batches): in-batch negatives in label mode, no memory
+bank. With X = [z1; z2] and labels the samples' indices twice, each row's positive is its other view and its
+negatives are both views of every other sample of the batch; the augmented term takes X̂ = [z1; z2; ẑ1; ẑ2],
+where each row's positives are its sample's three other views (the six pairs of the features objective and
+the two pairs of a view with its own augmentation). L = C(X) + η·C(X̂), C the label-mode OUCL (or InfoNCE)
+over the **global** batch under torch.distributed (``cfg.distributed``: gathered, or around the ring), so
+the meta step's second derivative crosses the ranks (:func:`batch_objective`).
+
+In all, margin statistics σ come from original-feature scores and R_σ from the augmented rows (see
 :func:`margin_terms`).
 """
 from __future__ import annotations
@@ -41,7 +49,8 @@ from .bank import BANK_INITS, MemoryBank
 DEFAULTS = LossParams()
 
 METHODS = ("metaug", "oucl", "infonce")
-OBJECTIVES = ("features", "memory")
+OBJECTIVES = ("features", "memory", "batch")
+DISTRIBUTED = ("all_gather", "ring")
 BANK_WRITES = ("after_step", "every_scoring")
 MARGIN_IN = ("meta", "all")
 VARIANTS = ("metaug", "metaug2", "first_upload", "lookahead")
@@ -101,11 +110,14 @@ class MetAugConfig:
     detach_margin: bool = False
     backend: str = "auto"
     chunk_size: int = 0  # > 0: the encoder step is gradient-cached in chunks of this many samples
+    # objective="batch" under torch.distributed: the global batch gathered on every rank, or around the ring
+    distributed: str = "all_gather"
 
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("objective", OBJECTIVES), ("bank_writes", BANK_WRITES),
                               ("margin_in", MARGIN_IN), ("variant", VARIANTS),
-                              ("bank_init", BANK_INITS), ("matched_side_effects", SIDE_EFFECTS)):
+                              ("bank_init", BANK_INITS), ("matched_side_effects", SIDE_EFFECTS),
+                              ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("lr", "inner_lr", "mag_lr", "beta", "temperature", "loss_scale"):
@@ -128,6 +140,12 @@ class MetAugConfig:
                                 or self.variant != "metaug" or self.matched_side_effects != "none"):
             raise ValueError("chunk_size (gradient caching) supports objective='features', "
                              "bank_writes='after_step', variant='metaug' without matched_side_effects")
+
+        if self.objective == "batch" and self.bank_writes != "after_step":
+            raise ValueError("objective='batch' takes its negatives from the batch and writes no bank: "
+                             f"bank_writes must be 'after_step', got {self.bank_writes!r}")
+        if self.distributed == "ring" and self.method == "infonce":
+            raise ValueError("distributed='ring' scores OUCL; the InfoNCE baseline takes distributed='all_gather'")
 
     @classmethod
     def official(cls, **overrides) -> "MetAugConfig":
@@ -212,6 +230,63 @@ def objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], bank: MemoryBan
     return _with_margin(loss, scores, cfg, "all"), scores
 
 
+def _in_batch_scores(anchors: Tensor, ref: Tensor, self_start: int, batch: int,
+                     similarity: str) -> Tuple[Tensor, Tensor]:
+    """Score-mode rows of in-batch anchors: ``anchors [Va·B, D]`` and ``ref [Vr·B, D]`` hold views of the
+    same B samples (row v·B + i: sample i), the anchors are ref's rows from ``self_start`` on. Returns each
+    anchor's positives (its sample's other rows of ref, ``[Va·B, Vr - 1]``) and negatives (every other
+    sample's, ``[Va·B, Vr·(B - 1)]``); every row has as many, so they are dense."""
+    rows, cols = torch.arange(anchors.shape[0]), torch.arange(ref.shape[0])
+    same = (rows % batch)[:, None] == (cols % batch)[None, :]
+    own = cols[None, :] == rows[:, None] + self_start
+    scores = anchors @ ref.T
+    if similarity == "shifted_cosine":
+        scores = (1 + scores) / 2
+    n = anchors.shape[0]
+    return scores[same & ~own].view(n, -1), scores[~same].view(n, -1)
+
+
+def _label_criterion(emb: Tensor, labels: Tensor, cfg: MetAugConfig, group, distributed: bool) -> Tensor:
+    """C over the rows ``emb [N, D]`` with labels ``[N]``: label-mode OUCL (or InfoNCE) over this process's
+    rows, or under torch.distributed over every rank's (``cfg.distributed``). Distributed, its value is the
+    global loss and its gradient W times this rank's share of the global gradient: averaged over the W
+    ranks (DistributedDataParallel, the MAG gradients) the shares add up to the global gradient."""
+    if cfg.method == "infonce":
+        if distributed:
+            loss = D.info_nce_embeddings_all_gather(emb, labels, temperature=cfg.temperature, group=group,
+                                                    backend=cfg.backend)
+        else:
+            loss = MF.info_nce_embeddings(emb, labels, temperature=cfg.temperature, backend=cfg.backend)
+    elif distributed:
+        gather = D.oucl_embeddings_ring if cfg.distributed == "ring" else D.oucl_embeddings_all_gather
+        loss = cfg.loss_scale * gather(emb, labels, group=group, similarity=cfg.similarity, **cfg.oucl_kwargs())
+    else:
+        loss = cfg.loss_scale * MF.oucl_embeddings(emb, labels, similarity=cfg.similarity, **cfg.oucl_kwargs())
+    if not distributed:
+        return loss
+    world = dist.get_world_size(group)
+    return world * loss - (world - 1) * loss.detach()
+
+
+def batch_objective(z1: Tensor, z2: Tensor, mags: Sequence[nn.Module], index: Tensor, cfg: MetAugConfig,
+                    group=None, distributed: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """L of the ``"batch"`` formulation for ``z1, z2 [B, D]`` of the samples ``index [B]`` (their labels;
+    distinct over the ranks). C reaches every rank's rows when ``distributed``; R_σ, a regularizer per
+    sample, is taken over this rank's rows (σ from the original rows' in-batch scores). Returns the loss
+    and, for MetAug, the score tensors of :func:`margin_terms`."""
+    x, labels = torch.cat([z1, z2]), torch.cat([index, index])
+    loss = _label_criterion(x, labels, cfg, group, distributed)
+    scores: Dict[str, Tensor] = {}
+    if cfg.method == "metaug":
+        a = torch.cat([mags[0](z1), mags[1](z2)])
+        x_hat = torch.cat([x, a])
+        loss = loss + cfg.eta * _label_criterion(x_hat, torch.cat([labels, labels]), cfg, group, distributed)
+        sim, batch = _similarity(cfg), z1.shape[0]
+        scores["orig_pos"], scores["orig_neg"] = _in_batch_scores(x, x, 0, batch, sim)
+        scores["aug_pos"], scores["aug_neg"] = _in_batch_scores(a, x_hat, x.shape[0], batch, sim)
+    return _with_margin(loss, scores, cfg, "all"), scores
+
+
 def memory_call(anchors: Sequence[Tensor], bank: MemoryBank, index: Tensor, k_neg: int,
                 generator: Optional[torch.Generator], similarity: str) -> Dict[Tuple[int, int], Tuple[Tensor, Tensor]]:
     """One CMC memory call: ``{(a, b): (pos [B,1], neg [B,K])}`` for every pair of :data:`MEMORY_PAIRS`
@@ -287,15 +362,18 @@ def _virtual(model: nn.Module, params: Dict[str, Tensor], views: Sequence[Tensor
 
 
 def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], inner: Callable, outer: Callable,
-                       inner_lr: float, wrt: Sequence[Tensor],
-                       create_graph: bool = True) -> Tuple[List[Tensor], Tensor]:
+                       inner_lr: float, wrt: Sequence[Tensor], create_graph: bool = True,
+                       reduce: Optional[Callable[[List[Tensor]], List[Tensor]]] = None) -> Tuple[List[Tensor], Tensor]:
     """∇_wrt L̂ with L̂ = ``outer(model at θ̂)``, θ̂ = θ - ℓ·∇_θ ``inner(model(views))`` (graph kept when
     ``create_graph``: second order). ``inner(zs)`` and ``outer(zs)`` map the features to a scalar loss (the
-    meta objective is ``outer``). Returns the gradients, ``None`` for a tensor of ``wrt`` that L̂ does not
-    reach (an optimizer then skips it, as after ``backward()``), and L̂'s value."""
+    meta objective is ``outer``); ``reduce`` (differentiable) maps the gradients ∇_θ to the ones θ̂ takes
+    (:func:`metaug_fast.distributed.mean_over_ranks`: every rank's θ̂ that of the global batch). Returns the
+    gradients, ``None`` for a tensor of ``wrt`` that L̂ does not reach (an optimizer then skips it, as after
+    ``backward()``), and L̂'s value."""
     theta = dict(model.named_parameters())
     loss = inner(model(*views))
-    grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph, allow_unused=True)
+    grads = _reduced(torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph, allow_unused=True),
+                     reduce)
     theta_hat = {k: p if g is None else p - inner_lr * g for (k, p), g in zip(theta.items(), grads)}
     if not create_graph:
         theta_hat = {k: p.detach() for k, p in theta_hat.items()}
@@ -303,6 +381,14 @@ def lookahead_gradient(model: nn.Module, views: Sequence[Tensor], inner: Callabl
     if not wrt:
         return [], loss_hat.detach()
     return list(torch.autograd.grad(loss_hat, list(wrt), allow_unused=True)), loss_hat.detach()
+
+
+def _reduced(grads: Sequence[Optional[Tensor]], reduce) -> List[Optional[Tensor]]:
+    """``grads`` through ``reduce`` (None: as they are); ``None`` entries stay ``None``."""
+    if reduce is None:
+        return list(grads)
+    done = iter(reduce([g for g in grads if g is not None]))
+    return [None if g is None else next(done) for g in grads]
 
 
 def meta_gradient(model: nn.Module, mags: Sequence[nn.Module], bank: MemoryBank, views: Tuple[Tensor, Tensor],
@@ -381,8 +467,8 @@ class MetAugStep:
     def __init__(self, model: nn.Module, mags: nn.ModuleList, bank: MemoryBank, cfg: MetAugConfig,
                  data_parallel: Optional[nn.Module] = None, group=None) -> None:
         views = bank.features.shape[0]
-        if cfg.objective == "features" and views != 2:
-            raise ValueError(f"objective='features' is defined for 2 views, the bank has {views}: "
+        if cfg.objective in ("features", "batch") and views != 2:
+            raise ValueError(f"objective={cfg.objective!r} is defined for 2 views, the bank has {views}: "
                              "use objective='memory' for 3")
         if views not in (2, 3):
             raise ValueError(f"MetAugStep takes 2 or 3 views, the bank has {views}")
@@ -390,6 +476,10 @@ class MetAugStep:
             raise ValueError(f"one MAG per view: {views} views, {len(mags)} MAGs")
         self.model, self.mags, self.bank, self.cfg = model, mags, bank, cfg
         self.data_parallel, self.group = data_parallel, group
+        # The batch objective's loss is the global batch's: every rank's θ̂ (and ω̂) takes the gradient of
+        # that loss, the mean over ranks of the shares scaled by W, as one process holding the batch would.
+        in_batch = cfg.objective == "batch" and data_parallel is not None
+        self._reduce = (lambda grads: D.mean_over_ranks(grads, group)) if in_batch else None
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.mag_opt = torch.optim.SGD(mags.parameters(), lr=cfg.mag_lr, momentum=cfg.mag_momentum,
@@ -409,6 +499,8 @@ class MetAugStep:
         def loss_fn(zs, write: Writer = None, index=index, neg_index=neg_index, mags=self.mags):
             if cfg.objective == "features":
                 return objective(*zs, mags, self.bank, neg_index, cfg, write=write)
+            if cfg.objective == "batch":
+                return batch_objective(*zs, mags, index, cfg, self.group, self.data_parallel is not None)
             return memory_objective(zs, mags, self.bank, index, cfg, generator, write=write)
 
         def writer(idx):
@@ -445,10 +537,12 @@ class MetAugStep:
         if cfg.variant in LOOKAHEAD_VARIANTS:
             params = list(self.model.parameters())
             loss_of = lambda zs: loss_fn(zs, writer(index))[0]
-            grads, _ = lookahead_gradient(self.model, views, loss_of, loss_of, cfg.inner_lr, params)
+            grads, _ = lookahead_gradient(self.model, views, loss_of, loss_of, cfg.inner_lr, params,
+                                          reduce=self._reduce)
             self._apply(self.opt, params, grads)
-        # 4. Memory bank: momentum update with this step's (pre-update) features, after scoring.
-        if not writes:
+        # 4. Memory bank: momentum update with this step's (pre-update) features, after scoring (the batch
+        # objective has none to update).
+        if not writes and cfg.objective != "batch":
             self._write(index, zs)
         return out
 
@@ -463,11 +557,11 @@ class MetAugStep:
         if cfg.method == "metaug":
             return lookahead_gradient(self.model, views, lambda zs: scored(zs)[0],
                                       lambda zs: _with_margin(*scored(zs), cfg, "meta"), cfg.inner_lr,
-                                      list(self.mags.parameters()))
+                                      list(self.mags.parameters()), reduce=self._reduce)
         restore = cfg.matched_side_effects == "bank_writes"
         kept = {k: b.clone() for k, b in self.model.named_buffers()} if restore else None
         out = lookahead_gradient(self.model, views, lambda zs: scored(zs)[0], lambda zs: scored(zs)[0],
-                                 cfg.inner_lr, [], create_graph=False)
+                                 cfg.inner_lr, [], create_graph=False, reduce=self._reduce)
         if restore:
             with torch.no_grad():
                 for k, b in self.model.named_buffers():
@@ -483,7 +577,8 @@ class MetAugStep:
         virtual = []
         for mag in self.mags:
             omega = dict(mag.named_parameters())
-            grads = torch.autograd.grad(loss, list(omega.values()), create_graph=True, allow_unused=True)
+            grads = _reduced(torch.autograd.grad(loss, list(omega.values()), create_graph=True, allow_unused=True),
+                             self._reduce)
             omega_hat = {k: p if g is None else p - cfg.inner_lr * g for (k, p), g in zip(omega.items(), grads)}
             virtual.append(lambda z, m=mag, w=omega_hat: _virtual(m, w, (z,)))
         loss_hat = _with_margin(*loss_fn(zs, writer(index), mags=virtual), cfg, "meta")
