@@ -206,3 +206,28 @@ def test_report_and_plots_read_every_committed_result():
     for p in tables:
         plot._read(p)
     assert "oucl_label_cpu" in report.build(results)
+
+
+def test_ring_model_overlaps_each_hop_with_the_step_it_runs_beside():
+    from bench import ring_model
+
+    # Per chunk 1 s forward and 2 s backward on W = 4 (16 and 32 s for all N² scores), hops of whatever the
+    # link makes of the chunk's bytes.
+    n, w, D = 4096, 4, 128
+    chunk = n / w * (D * ring_model.ROW_BYTES + ring_model.LABEL_BYTES)
+    grad = n / w * D * ring_model.ROW_BYTES
+    fast = ring_model.ring_step(n, w, 16.0, 32.0, 1e12, 0.0, D)  # a link that costs nothing
+    assert fast.blocking_ms == pytest.approx(fast.compute_only_ms, rel=1e-6) == pytest.approx(12e3, rel=1e-6)
+    assert fast.overlapped_ms == pytest.approx(12e3, rel=1e-6)
+    # A link on which the forward hop takes exactly the forward step: blocking adds every hop, the overlapped
+    # ring only the backward's excess over its step and the home hop.
+    gbs = chunk / 1e9  # 1 s per forward hop
+    s = ring_model.ring_step(n, w, 16.0, 32.0, gbs, 0.0, D)
+    t_b, t_home = (chunk + grad) / chunk, grad / chunk
+    assert s.blocking_ms == pytest.approx(1e3 * (12 + 3 * (1 + t_b) + t_home))
+    assert s.overlapped_ms == pytest.approx(1e3 * (3 * (1 + max(2, t_b)) + 3 + t_home))
+    assert 0 < s.hidden < 1
+    rows = ring_model.table()
+    assert {(r["N"], r["world"]) for r in rows} == {(n, link.world) for n in ring_model.SIZES
+                                                    for link in ring_model.LINKS}
+    assert all(r["compute_only_ms"] <= r["overlapped_ms"] <= r["blocking_ms"] for r in rows)
