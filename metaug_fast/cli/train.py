@@ -33,6 +33,7 @@ from typing import List, Optional
 import torch
 
 from .._backend import REGISTRY
+from ..metaug.augment import AUGMENTATIONS, PAPER_SETS, paper_set
 from ..metaug.bank import BANK_INITS
 from ..metaug.data import DATASETS, VIEWS, DatasetNotFoundError
 from ..metaug.models import ARCHS
@@ -154,6 +155,13 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--distributed", choices=DISTRIBUTED, default=m.distributed,
                    help="under torchrun, how --objective batch reaches every rank's rows: all_gather (the "
                         "batch gathered on every rank) or ring (one rank's rows at a time)")
+    aug = g.add_mutually_exclusive_group()
+    aug.add_argument("--augment", default=None,
+                     help=f"the training views' augmentations, comma-separated from {','.join(AUGMENTATIONS)} "
+                          "(default: resized crop, flip and colour; shift, dropout and noise for digits)")
+    aug.add_argument("--augment-id", type=int, choices=sorted(PAPER_SETS), default=None,
+                     help="the paper's augmentation set: 1 flip+rotate, 2 crop, 3 grey, 4 jitter, 5 flip+crop, "
+                          "6 rotate+jitter, 7 flip+crop+mixup, 8 all six")
     g.add_argument("--max-steps", type=int, default=0, help="steps per epoch (0: the whole split)")
     g.add_argument("--drop-last", action="store_true", default=d.drop_last,
                    help="drop each epoch's last partial batch (the official loader keeps it)")
@@ -216,7 +224,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out_dir=args.out, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
         probe_every=args.probe_every, probe_protocol=args.probe_protocol, max_steps=args.max_steps,
         drop_last=args.drop_last, progress=not args.quiet, device=args.device,
-        metaug=metaug,
+        augment=paper_set(args.augment_id) if args.augment_id else args.augment, metaug=metaug,
     )
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .augment import per_image
+
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny-imagenet")
 VIEWS = ("lab", "crops")
 
@@ -193,9 +195,12 @@ class Views(Dataset):
 
     ``views="lab"``: L and ab of one augmented image, and with ``n_views=3`` its whole Lab image too (the
     official code's third view); ``views="crops"``: ``n_views`` independent augmentations of the image.
+    ``augmentations``: a set of :data:`metaug_fast.metaug.augment.AUGMENTATIONS` (its per-image part; mixup
+    is the batch's) instead of the defaults (:func:`image_augment`, :func:`digits_augment`).
     """
 
-    def __init__(self, split: Split, views: str, augment: bool, image_size: int, n_views: int = 2) -> None:
+    def __init__(self, split: Split, views: str, augment: bool, image_size: int, n_views: int = 2,
+                 augmentations: Optional[Tuple[str, ...]] = None) -> None:
         if views not in VIEWS:
             raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
         if n_views not in (2, 3):
@@ -203,7 +208,9 @@ class Views(Dataset):
         self.split, self.views, self.augment, self.n_views = split, views, augment, n_views
         self.is_digits = isinstance(split.images, Tensor) and split.images.shape[-1] == 8
         self.transform = None
-        if augment and not self.is_digits:
+        if augment and augmentations is not None:
+            self.transform = per_image(augmentations, image_size, self.is_digits)
+        elif augment and not self.is_digits:
             self.transform = image_augment(image_size, color=views == "crops")
         self.resize = None
         if not self.is_digits:
@@ -217,7 +224,7 @@ class Views(Dataset):
     def _aug(self, x: Tensor) -> Tensor:
         if not self.augment:
             return x if self.resize is None else self.resize(x)
-        return digits_augment(x) if self.is_digits else self.transform(x)
+        return self.transform(x) if self.transform is not None else digits_augment(x)
 
     def channels(self) -> Tuple[int, ...]:
         """Channels of each view."""

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
+from .augment import check_for, mixup, parse_augment
 from .bank import MemoryBank
 from .data import DATASETS, VIEWS, Views, load_split
 from .mag import MetaFeatureAugmenter, output_change
@@ -46,7 +47,8 @@ DEFAULTS = {
     "tiny-imagenet": ("alexnet_half", "lab", 64),
 }
 # Fields that must match between a checkpoint and the run that resumes it.
-_RESUME_KEYS = ("dataset", "arch", "views", "n_views", "image_size", "feat_dim", "mag_hidden", "batch_size", "seed")
+_RESUME_KEYS = ("dataset", "arch", "views", "n_views", "image_size", "feat_dim", "mag_hidden", "batch_size", "seed",
+                "augment")
 
 
 @dataclass
@@ -86,6 +88,9 @@ class TrainConfig:
     drop_last: bool = False  # True: drop each epoch's last partial batch (the official loader keeps it)
     progress: bool = True
     device: str = "cpu"  # "cuda": this process's GPU (LOCAL_RANK under torchrun)
+    # a set of metaug_fast.metaug.augment.AUGMENTATIONS ("flip,crop" or a tuple) for the training views;
+    # None: the defaults (resized crop, flip, colour for RGB; shift, dropout, noise for digits)
+    augment: Optional[Tuple[str, ...]] = None
     metaug: MetAugConfig = field(default_factory=MetAugConfig)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,9 @@ class TrainConfig:
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm needs two samples)")
         self.lr_decay_epochs = tuple(int(e) for e in self.lr_decay_epochs)
+        if self.augment is not None:
+            self.augment = parse_augment(self.augment if isinstance(self.augment, str) else ",".join(self.augment))
+            check_for(self.augment, self.dataset == "digits")
 
     @classmethod
     def official(cls, metaug: Optional[MetAugConfig] = None, **overrides) -> "TrainConfig":
@@ -186,7 +194,7 @@ class Trainer:
             raise ValueError("views='lab' needs RGB images")
         self.n_classes = train_split.n_classes
         views = dict(views=cfg.views, image_size=cfg.image_size, n_views=cfg.n_views)
-        self.train_data = Views(train_split, augment=True, **views)
+        self.train_data = Views(train_split, augment=True, augmentations=cfg.augment, **views)
         self.probe_train = Views(train_split, augment=False, **views)
         self.probe_test = Views(test_split, augment=False, **views)
         self.model = MultiViewModel(cfg.arch, self.train_data.channels(), cfg.feat_dim, shared=cfg.views != "lab",
@@ -229,10 +237,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["config"]
-        diff = [k for k in _RESUME_KEYS if saved[k] != getattr(self.cfg, k)]
+        # A checkpoint from before a key existed holds its default (None).
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(self.cfg, k)]
         if diff:
             raise ValueError("checkpoint does not match this run's " + ", ".join(
-                f"{k} ({saved[k]!r} vs {getattr(self.cfg, k)!r})" for k in diff))
+                f"{k} ({saved.get(k)!r} vs {getattr(self.cfg, k)!r})" for k in diff))
         if state["world_size"] != self.world:
             raise ValueError(f"checkpoint was written by {state['world_size']} process(es): resume it with as many "
                              f"(this run has {self.world}), or the data order and random streams would differ")
@@ -290,6 +299,8 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main), leave=False)
         for *views, _, index in bar:
             views, index = [v.to(self.device) for v in views], index.to(self.device)
+            if cfg.augment and "mixup" in cfg.augment:
+                views = list(mixup(views, self.sample_gen))
             out = self.step(views, index, self.sample_gen)
             for k, v in out.items():
                 total[k] += v
