@@ -24,7 +24,11 @@ _COMMAND = [""]
 # CSVs in bench/results that are not benchmark tables, with what draws them instead.
 OTHER_CSVS = {"train_digits_compare.csv": "metaug_fast.cli.compare",
               "train_digits_compare_differences.csv": "metaug_fast.cli.compare", "gpu_static.csv": "tools.gpu_static",
-              "perf_model.csv": "bench.perf_model"}
+              "perf_model.csv": "bench.perf_model",
+              "train_digits_ablation_augment.csv": "metaug_fast.cli.compare --ablation augment",
+              "train_digits_ablation_augment_differences.csv": "metaug_fast.cli.compare --ablation augment",
+              "train_digits_ablation_batch-size.csv": "metaug_fast.cli.compare --ablation batch-size",
+              "train_digits_ablation_batch-size_differences.csv": "metaug_fast.cli.compare --ablation batch-size"}
 
 
 def benchmark_csvs(results: Path) -> List[Path]:

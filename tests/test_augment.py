@@ -1,9 +1,12 @@
 """The paper's augmentation ablation and batch-size comparison: each augmentation does what its docs say, every
 set of the paper builds (or is refused with its reason on digits), the trainer and CLI take them, and both
 ablation commands run."""
+import csv
+
 import pytest
 import torch
 
+from metaug_fast.cli import compare
 from metaug_fast.cli import train as cli
 from metaug_fast.metaug import augment as A
 from metaug_fast.metaug.trainer import TrainConfig
@@ -121,3 +124,26 @@ def test_the_trainer_and_cli_take_a_set(tmp_path):
     with pytest.raises(ValueError, match="digits cannot take grey"):
         TrainConfig(dataset="digits", augment="grey,flip")
     assert TrainConfig(dataset="digits", augment=["crop", "flip"]).augment == ("flip", "crop")
+
+
+def test_both_ablations_run_print_their_tables_and_write_their_files(tmp_path, capsys):
+    common = ["--epochs", "1", "--max-steps", "1", "--probe-epochs", "1", "--k-neg", "8", "--mag-hidden", "8",
+              "--jobs", "1", "--quiet", "--out", str(tmp_path)]
+    assert compare.main(["--ablation", "augment", "--seeds", "0", *common]) == 0
+    out = capsys.readouterr().out
+    assert "| 3: grey | n/a: digits cannot take grey" in out and "| 7: flip + crop + mixup |" in out
+    rows = list(csv.DictReader(open(tmp_path / "ablation_augment.csv")))
+    assert len(rows) == 6 * 2  # the six sets digits take × two methods, one seed
+    diffs = list(csv.DictReader(open(tmp_path / "ablation_augment_differences.csv")))
+    assert {d["setting"] for d in diffs} == {f"{i}: {' + '.join(A.PAPER_SETS[i])}" for i in (1, 2, 4, 5, 6, 7)}
+    assert (tmp_path / "ablation_augment.png").stat().st_size > 0
+    assert compare.main(["--ablation", "batch-size", "--batch-sizes", "8", "16", "--seeds", "0", "1", *common]) == 0
+    out = capsys.readouterr().out
+    assert "| batch 8 |" in out and "| batch 16 |" in out and "MetAug − only-OUCL" in out
+    assert len(list(csv.DictReader(open(tmp_path / "ablation_batch-size.csv")))) == 2 * 2 * 2
+    # The tables again from the CSV, without training.
+    assert compare.main(["--ablation", "batch-size", "--batch-sizes", "8", "16", "--summarize",
+                         str(tmp_path / "ablation_batch-size.csv"), "--out", str(tmp_path / "again")]) == 0
+    assert "| batch 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        compare.main(["--ablation", "batch-size", "--chunk-size", "4"])  # gradient caching needs features

@@ -2,6 +2,8 @@
 paired statistics.
 
     python -m metaug_fast.cli.compare [--epochs 2] [--seeds 0 1 2 3 4] [--jobs 2] [--out runs/compare]
+    python -m metaug_fast.cli.compare --ablation augment [--epochs 1]        # the paper's augmentation sets
+    python -m metaug_fast.cli.compare --ablation batch-size [--batch-sizes 32 64 128 256]
 
 Every method trains the same encoder (small_cnn, three augmented crops of each 8×8 digit, one shared
 encoder), on the same data, schedule and official memory objective, for the same number of epochs, once per
@@ -38,10 +40,12 @@ import statistics
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..metaug.data import DATASETS
 from ..metaug.mag import output_change
 from ..metaug.probe import extract, few_label_accuracy, fit_linear
 from ..metaug.step import MetAugConfig
 from ..metaug.trainer import TrainConfig, Trainer
+from . import ablation
 from ._parser import Parser
 
 ONLY_OUCL, MATCHED, RANDOM = "only-OUCL", "only-OUCL, matched", "random init"
@@ -63,14 +67,16 @@ METRICS = ("fc@3", "conv@3", "fc (all labels)")
 MAG_METRICS = ("mag_change", "mag_output_change", "mag_grad_part", "mag_decay_part", "mag_run_output_change")
 
 
-def run_one(name: str, overrides: Optional[dict], seed: int, args) -> Dict[str, float]:
+def run_one(name: str, overrides: Optional[dict], seed: int, args, train: Optional[dict] = None) -> Dict[str, float]:
+    """One run: ``overrides`` of :meth:`MetAugConfig.official` (None: a random encoder, never trained) and
+    ``train``, of the run's :class:`TrainConfig` (an ablation's setting)."""
     metaug = MetAugConfig.official(k_neg=args.k_neg, backend=args.backend, **(overrides or {}))
-    cfg = TrainConfig.official(
-        dataset="digits", epochs=args.epochs, seed=seed, mag_hidden=args.mag_hidden, lr_decay_epochs=(),
-        max_steps=args.max_steps,
-        probe_protocol="standard", progress=not args.quiet, metaug=metaug,
-        out_dir=os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name) + f"-seed{seed}"),
-    )
+    cfg = TrainConfig.official(**{
+        **dict(dataset=args.dataset, data_root=args.data_root, epochs=args.epochs, seed=seed,
+               mag_hidden=args.mag_hidden, lr_decay_epochs=(),
+               max_steps=args.max_steps, probe_protocol="standard", progress=not args.quiet, metaug=metaug,
+               out_dir=os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name) + f"-seed{seed}")),
+        **(train or {})})
     trainer = Trainer(cfg)
     rows = []
     out = {k: 0.0 for k in MAG_METRICS}
@@ -91,7 +97,7 @@ def run_one(name: str, overrides: Optional[dict], seed: int, args) -> Dict[str, 
     return out
 
 
-def _timed_run(name: str, overrides: Optional[dict], seed: int, args) -> dict:
+def _timed_run(name: str, overrides: Optional[dict], seed: int, args, train: Optional[dict] = None) -> dict:
     # One thread per run, whatever --jobs is: the numbers then do not depend on it (a reduction split
     # across threads rounds differently, and training amplifies that).
     import torch
@@ -100,15 +106,15 @@ def _timed_run(name: str, overrides: Optional[dict], seed: int, args) -> dict:
     torch.set_num_threads(1)
     try:
         t = time.perf_counter()
-        res = run_one(name, overrides, seed, args)
+        res = run_one(name, overrides, seed, args, train)
         return {"method": name, "seed": seed, **res, "seconds": time.perf_counter() - t}
     finally:
         torch.set_num_threads(threads)
 
 
-def run_all(tasks: List[Tuple[str, Optional[dict], int]], args) -> List[dict]:
-    """Every (method, overrides, seed) of ``tasks``, ``args.jobs`` at a time in as many processes; a line per
-    finished run, and a bar over the runs. Returns the rows in the order of ``tasks``."""
+def run_all(tasks: List[tuple], args) -> List[dict]:
+    """Every (method, overrides, seed[, train]) of ``tasks``, ``args.jobs`` at a time in as many processes; a
+    line per finished run, and a bar over the runs. Returns the rows in the order of ``tasks``."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -123,18 +129,21 @@ def run_all(tasks: List[Tuple[str, Optional[dict], int]], args) -> List[dict]:
         bar.write(f"seed {row['seed']} {row['method']:<22} " + "  ".join(f"{m} {row[m]:6.2f} %" for m in METRICS)
                   + f"  MAG output change {row['mag_run_output_change']:.1e}  ({row['seconds']:.0f} s)")
 
+    def call(task: tuple) -> tuple:
+        name, overrides, seed, *train = task
+        return (name, overrides, seed, args if args.jobs == 1 else quiet, *train)
+
+    quiet = copy.copy(args)
+    quiet.quiet = True  # with several processes the runs print nothing themselves (no bars at once)
     if args.jobs == 1:
         for task in tasks:
-            report(_timed_run(*task, args))
+            report(_timed_run(*call(task)))
     else:
-        # The runs print nothing themselves (no bars from several processes at once).
-        quiet = copy.copy(args)
-        quiet.quiet = True
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_timed_run, *task, quiet) for task in tasks]):
+            for future in as_completed([pool.submit(_timed_run, *call(task)) for task in tasks]):
                 report(future.result())
     bar.close()
-    return [done[name, seed] for name, _, seed in tasks]
+    return [done[name, seed] for name, _, seed, *_ in tasks]
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float, float]:
@@ -168,10 +177,18 @@ def holm(pvalues: Sequence[float]) -> List[float]:
 
 def differences(rows: List[dict], metric: str, reference: str) -> List[dict]:
     """Every method's paired difference from ``reference`` on ``metric``, Holm-adjusted over the methods."""
-    by = {name: {r["seed"]: r[metric] for r in rows if r["method"] == name} for name, _ in RUNS}
+    return paired_differences(rows, metric, [(name, reference) for name, _ in RUNS if name != reference])
+
+
+def paired_differences(rows: List[dict], metric: str, pairs: Sequence[Tuple[str, str]]) -> List[dict]:
+    """For each (method, reference) of ``pairs`` with runs of both, the paired difference method − reference
+    on ``metric`` over their common seeds; the p-values Holm-adjusted over the pairs."""
+    by: Dict[str, Dict[int, float]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r[metric]
     out = []
-    for name, _ in RUNS:
-        if name == reference or not by.get(reference) or not by[name]:
+    for name, reference in pairs:
+        if not by.get(reference) or not by.get(name):
             continue
         seeds = sorted(set(by[name]) & set(by[reference]))
         mean, lo, hi, p = paired_difference([by[name][s] for s in seeds], [by[reference][s] for s in seeds])
@@ -215,22 +232,47 @@ def main(argv=None) -> int:
                     help="train nothing: print the tables of an earlier run's results.csv and write its "
                          "differences.csv and chart to --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = ap.add_argument_group("the paper's ablations (metaug_fast.cli.ablation): MetAug against only-OUCL")
+    g.add_argument("--ablation", choices=ablation.KINDS,
+                   help="augment: the paper's eight augmentation sets; batch-size: a sweep of --batch-sizes")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256],
+                   help="the batch sizes of --ablation batch-size")
+    g.add_argument("--chunk-size", type=int, default=0,
+                   help="gradient caching in chunks of this many samples, for batches beyond memory (needs "
+                        "--objective features)")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="the ablation's data set (digits: embedded; the others from --data-root)")
+    g.add_argument("--data-root", default=None, help="folder holding the data set's files (never downloaded)")
+    g.add_argument("--objective", choices=("memory", "features"), default="memory",
+                   help="the ablation's objective: the official memory (default) or the paper's pairs")
     args = ap.parse_args(argv)
     if min(args.epochs, args.k_neg, args.mag_hidden, args.probe_epochs, args.jobs) < 1 or args.max_steps < 0:
         ap.error("--epochs, --k-neg, --mag-hidden, --probe-epochs and --jobs must be >= 1, --max-steps >= 0")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error("--seeds must be distinct: the differences are paired by seed")
+    if min(args.batch_sizes) < 2 or args.chunk_size < 0:
+        ap.error("--batch-sizes must be >= 2 (BatchNorm needs two samples), --chunk-size >= 0")
+    if not args.ablation and args.dataset != "digits":
+        ap.error("--dataset is for --ablation; the comparison of methods runs on digits")
+    if args.chunk_size and args.objective != "features":
+        ap.error("--chunk-size (gradient caching) needs --objective features")
     t0 = time.perf_counter()
+    results = f"ablation_{args.ablation}.csv" if args.ablation else "results.csv"
     if args.summarize:
         rows = _read_results(args.summarize, ap)
     else:
-        rows = run_all([(name, overrides, seed) for seed in args.seeds for name, overrides in RUNS], args)
+        tasks = (ablation.tasks(args.ablation, args) if args.ablation else
+                 [(name, overrides, seed) for seed in args.seeds for name, overrides in RUNS])
+        rows = run_all(tasks, args)
         for row in rows:
             row["epochs"] = args.epochs
     os.makedirs(args.out, exist_ok=True)
     if not args.summarize:
-        _write_csv(os.path.join(args.out, "results.csv"), rows, RESULT_FIELDS)
-    summarize(rows, args.out)
+        _write_csv(os.path.join(args.out, results), rows, RESULT_FIELDS)
+    if args.ablation:
+        ablation.summarize(args.ablation, rows, args)
+    else:
+        summarize(rows, args.out)
     if not args.summarize:
         print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s, {args.jobs} at a time")
     return 0
