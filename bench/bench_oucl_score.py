@@ -4,7 +4,11 @@
     python -m bench.bench_oucl_score --forms weighted --B 512 --repeats 3
 
 Measures forward, forward+backward and a Hessian-vector product (double backward) per backend, the peak
-extra memory of forward+backward, and writes bench/results/oucl_score_cpu.csv; prints the ratios.
+extra memory of forward+backward, and writes bench/results/oucl_score_cpu.csv; prints the ratios. Beside
+forward+backward, in the same run: ``compile(reference)`` (torch.compile of reference.py) and the **memory
+floor**, one read and one write of the scores into new tensors (``clone``: the gradient is a new tensor too,
+so the floor pays its allocation and first touch as the loss does), which a loss that must read the scores
+and write their gradient cannot beat.
 """
 from __future__ import annotations
 
@@ -96,6 +100,14 @@ def run_form(form: str, args) -> list:
                             time_ms=round(ms, 3), peak_mem_mb=round(mem, 1) if name == "forward+backward" else "",
                             **{"pass": name}))
         results[(backend, "mem")] = mem
+    baselines = {"compile(reference)": _compiled_forward_backward(form, pos, neg),
+                 "memory floor": lambda: (pos.detach().clone(), neg.detach().clone())}
+    for name, fn in baselines.items():
+        fn()
+        ms = median_ms(lambda: (fn(), sync()), args.repeats)
+        results[(name, "forward+backward")] = ms
+        rows.append(row(op=f"oucl_{form}", mode="score", backend=name, dtype="float32", size=size,
+                        time_ms=round(ms, 3), **{"pass": "forward+backward"}))
 
     where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(f"\nscore-mode OUCL ({form}), {size}, fp32, {where}; "
@@ -109,7 +121,25 @@ def run_form(form: str, args) -> list:
     line = f"{'peak extra MiB':<18}" + "".join(f"{results[(b, 'mem')]:>16.1f}" for b in backends)
     line += "".join(f"{results[('reference', 'mem')] / max(results[(b, 'mem')], 1e-9):>17.2f}x" for b in fused)
     print(line)
+    for b in fused:
+        ours = results[(b, "forward+backward")]
+        print(f"forward+backward: {b} {ours:.2f} ms, compile(reference) "
+              f"{results[('compile(reference)', 'forward+backward')]:.2f} ms "
+              f"({results[('compile(reference)', 'forward+backward')] / ours:.2f}x ours), memory floor "
+              f"{results[('memory floor', 'forward+backward')]:.2f} ms (ours "
+              f"{ours / results[('memory floor', 'forward+backward')]:.2f}x it)")
     return rows
+
+
+def _compiled_forward_backward(form: str, pos, neg):
+    """forward+backward of torch.compile(reference.oucl) on ``pos``, ``neg``."""
+    compiled = torch.compile(lambda p, n: metaug_fast.reference.oucl(p, n, form=form), dynamic=True)
+
+    def run():
+        pos.grad = neg.grad = None
+        compiled(pos, neg).backward()
+
+    return run
 
 
 if __name__ == "__main__":

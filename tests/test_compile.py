@@ -37,6 +37,8 @@ def _op_cases(device, dtype):
         cases += [("oucl_score_fwd", (p, n, pm, nm, *params)), ("oucl_score_bwd", (g, p, n, pm, nm, stats, *params))]
         if params[0] != 0:
             cases.append(("oucl_score_bwd_bwd", (g, rand(7, 3), rand(7, 11), p, n, pm, nm, stats, *params)))
+        if device == "cpu":
+            cases.append(("oucl_score_fwd_grad", (p, n, pm, nm, g, *params)))
     stats = ops.margin_score_fwd(p, n, pm, nm)
     cases += [("margin_score_fwd", (p, n, None, nm)), ("margin_score_bwd", (torch.stack([g, g], 1), p, n, pm, nm,
                                                                             stats))]

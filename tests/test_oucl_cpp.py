@@ -103,3 +103,75 @@ def test_op_checks_its_stats():
     with pytest.raises(RuntimeError, match="stats"):
         torch.ops.metaug_fast.oucl_score_bwd(grad_rows, pos, neg, None, None, torch.zeros(3, 2, dtype=torch.float64),
                                              2, 16.0, 0.0, 0.0, 0.25, 0.0)
+
+
+# ------------------------------------------------------------------------- the gradient with the forward
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", list(FORMS) + ["info_nce"])
+def test_forward_with_gradient_is_the_forward_then_the_backward(form, dtype):
+    # oucl_score_fwd_grad runs the same row kernels block by block: bitwise the two ops' results, masks, an
+    # invalid row and a NaN score included.
+    from metaug_fast.contract import LossParams
+
+    ops = torch.ops.metaug_fast
+    gen = torch.Generator().manual_seed(0)
+    pos, neg = torch.rand(37, 5, generator=gen).to(dtype), torch.rand(37, 300, generator=gen).to(dtype)
+    pm, nm = torch.rand(37, 5, generator=gen) > 0.3, torch.rand(37, 300, generator=gen) > 0.2
+    pm[4] = False
+    neg[7, 3], nm[7, 3] = float("nan"), True
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.rand(37, generator=gen, dtype=acc)
+    params = LossParams.info_nce(0.1) if form == "info_nce" else LossParams(form, 16.0, 0.1, -0.05, 0.3, 0.2).op_args()
+    rows, stats, gp, gn = ops.oucl_score_fwd_grad(pos, neg, pm, nm, g, *params)
+    want_rows, want_stats = ops.oucl_score_fwd(pos, neg, pm, nm, *params)
+    want_gp, want_gn = ops.oucl_score_bwd(g, pos, neg, pm, nm, want_stats, *params)
+    for got, want in ((rows, want_rows), (stats, want_stats), (gp, want_gp), (gn, want_gn)):
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert rows[7].isnan() and not rows[8].isnan() and gp[4].abs().max() == 0
+
+
+class _CountBig(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that write a tensor of at least ``size`` elements (views write nothing)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() >= self.size for t in torch.utils._pytree.tree_leaves(out)):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_reduced_loss_writes_its_gradient_in_the_forward(reduction):
+    # With a gradient to come, the forward's sweep writes it: loss.backward() then runs no pass over [B, K⁻]
+    # (the gradient is returned as written), another seed one scaling pass, and a second derivative the fused
+    # HVP; every result equal to reference.py's.
+    gen = torch.Generator().manual_seed(1)
+    pos = torch.rand(33, 4, dtype=torch.float64, generator=gen)
+    neg = torch.rand(33, 200, dtype=torch.float64, generator=gen)
+    nm = torch.rand(33, 200, generator=gen) > 0.2
+    vn = torch.randn(33, 200, dtype=torch.float64, generator=gen)
+    kw = dict(form="squared", beta=8.0, reduction=reduction, neg_mask=nm)
+    want = _derivs(lambda p, n: R.oucl(p, n, **kw), pos, neg, vn)
+    got = _derivs(lambda p, n: F.oucl(p, n, backend="cpp", **kw), pos, neg, vn)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for seed, passes in ((1.0, 0), (3.0, 1)):
+        p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
+        loss = F.oucl(p, n, backend="cpp", **kw) * seed
+        with _CountBig(neg.numel()) as count:
+            loss.backward()
+        assert len(count.ops) == passes, count.ops
+        torch.testing.assert_close(n.grad, seed * want[2], rtol=1e-12, atol=1e-14)
+
+
+def _derivs(fn, pos, neg, vn):
+    """(loss, ∂/∂pos, ∂/∂neg, H·(0, vn) on neg) with a graph for the second derivative."""
+    p, n = pos.clone().requires_grad_(), neg.clone().requires_grad_()
+    loss = fn(p, n)
+    gp, gn = torch.autograd.grad(loss, (p, n), create_graph=True)
+    (h,) = torch.autograd.grad((gn * vn).sum(), n)
+    return loss.detach(), gp.detach(), gn.detach(), h

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "../oucl_common.h"
 #include "../oucl_host.h"
@@ -66,6 +67,61 @@ struct CpuScore : CpuDevice {
   }
 };
 
+// oucl_score_fwd_grad's kernels: each block of rows runs its forward, then at once its backward with the
+// given grad_rows, while the block's scores (about 64 KiB) are still in cache, so the inputs are read from
+// memory once and the gradient written once, where a forward and a later backward read them twice.
+struct CpuScoreWithGrad : CpuDevice {
+  template <typename S, typename T>
+  static void run(Pass, int64_t form, const ScoreArgs<S, T>& a) {
+    const int64_t per_row = std::max<int64_t>(1, a.kp + a.kn);
+    const int64_t block = std::max<int64_t>(1, (int64_t(64) * 1024 / int64_t(sizeof(S))) / per_row);
+    const int64_t grain = std::max<int64_t>(block, 16384 / per_row);
+    const bool pm = a.pos_mask, nm = a.neg_mask;
+    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
+      with_form(form, [&](auto f) {
+        constexpr int FORM = decltype(f)::value;
+        if constexpr (FORM != kMargin) {
+          for (int64_t r0 = b0; r0 < b1; r0 += block) {
+            const int64_t r1 = std::min(b1, r0 + block);
+            for (Pass pass : {Pass::kForward, Pass::kBackward}) {
+              if (pm && nm) run_rows<FORM, T, true, true>(pass, a, r0, r1);
+              else if (pm) run_rows<FORM, T, true, false>(pass, a, r0, r1);
+              else if (nm) run_rows<FORM, T, false, true>(pass, a, r0, r1);
+              else run_rows<FORM, T, false, false>(pass, a, r0, r1);
+            }
+          }
+        }
+      });
+    });
+  }
+};
+
+// torch.ops.metaug_fast.oucl_score_fwd_grad: the forward (rows [B], stats [B,kStats]) and, in the same sweep,
+// the gradient (grad_pos [B,K⁺], grad_neg [B,K⁻], input dtype) for the row weights grad_rows [B] (the
+// reduction's: 1/n_valid for a mean), for OUCL and InfoNCE.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_fwd_grad(
+    const at::Tensor& pos, const at::Tensor& neg, const c10::optional<at::Tensor>& pos_mask,
+    const c10::optional<at::Tensor>& neg_mask, const at::Tensor& grad_rows, int64_t form, double beta,
+    double gamma_pos, double gamma_neg, double margin, double lam) {
+  using Ops = ScoreOps<CpuScoreWithGrad>;
+  TORCH_CHECK(form != kMargin, "oucl_score_fwd_grad: margin statistics have no fused gradient");
+  const ScoreInputs in = Ops::inputs(pos, neg, pos_mask, neg_mask, form);
+  const at::Tensor g = Ops::grad_rows(grad_rows, pos, 1);
+  at::Tensor rows = at::empty({pos.size(0)}, Ops::acc_options(pos));
+  at::Tensor stats = at::empty({pos.size(0), kStats}, Ops::acc_options(pos));
+  at::Tensor gp = at::empty_like(in.pos), gn = at::empty_like(in.neg);
+  Ops::dispatch(Pass::kForward, form, in, beta, gamma_pos, gamma_neg, margin, lam, [&](auto& a) {
+    using T = std::remove_pointer_t<decltype(a.rows)>;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(a.pos)>>;
+    a.rows = rows.data_ptr<T>();
+    a.stats = stats.data_ptr<T>();
+    a.grad_rows = g.data_ptr<T>();
+    a.out_pos = gp.data_ptr<S>();
+    a.out_neg = gn.data_ptr<S>();
+  });
+  return {rows, stats, gp, gn};
+}
+
 std::string cpu_isa() {
   switch (active_isa()) {
     case Isa::kAvx512: return "avx512";
@@ -80,8 +136,14 @@ std::string cpu_isa() {
 TORCH_LIBRARY_FRAGMENT(metaug_fast, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   define_kernel_ops(m);
+  m.def("oucl_score_fwd_grad(Tensor pos, Tensor neg, Tensor? pos_mask, Tensor? neg_mask, Tensor grad_rows, "
+        "int form, float beta, float gamma_pos, float gamma_neg, float margin, float lam) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) { ScoreOps<CpuScore>::impl(m); }
+TORCH_LIBRARY_IMPL(metaug_fast, CPU, m) {
+  ScoreOps<CpuScore>::impl(m);
+  m.impl("oucl_score_fwd_grad", &score_fwd_grad);
+}
 
 }  // namespace metaug_fast

@@ -18,5 +18,6 @@ def fused_impls(kernels, **extra: Callable) -> Dict[str, Callable]:
                   "margin_statistics_embeddings": label.margin_statistics_embeddings_fused,
                   "symmetric_info_nce": label.symmetric_info_nce_fused}
     impls = {name: functools.partial(fn, ops=kernels.ops) for name, fn in by_ops.items()}
+    impls["oucl"] = functools.partial(score.oucl_fused, ops=kernels.ops, kernels=kernels)
     impls.update({name: functools.partial(fn, kernels=kernels) for name, fn in by_kernels.items()})
     return {**impls, **extra}

@@ -57,6 +57,10 @@ def _raw_grads(e: Tensor, iz: Tensor, r: Tensor, ir: Tensor, reference_parts: bo
             ir.new_empty((M,)))
 
 
+def oucl_score_fwd_grad(pos, neg, pos_mask, neg_mask, grad_rows, form, beta, gamma_pos, gamma_neg, margin, lam):
+    return (*_rows_and_stats(pos, _acc(pos)), _like(pos), _like(neg))
+
+
 def oucl_label_fwd(e, iz, r, ir, labels, ref_labels, self_offset, similarity, form, beta, gamma_pos, gamma_neg,
                    margin, lam):
     return _rows_and_stats(e, iz.dtype)
@@ -103,9 +107,9 @@ def oucl_label_cross_bwd(grad_z, grad_r, e, iz, r, ir, labels, ref_labels, stats
     return _raw_grads(e, iz, r, ir, True)
 
 
-OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, margin_score_fwd, margin_score_bwd, oucl_label_fwd,
-       oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_rows_hvp_sums, oucl_label_self_bwd_bwd,
-       oucl_label_hvp, oucl_label_cross_fwd, oucl_label_cross_bwd)
+OPS = (oucl_score_fwd, oucl_score_bwd, oucl_score_bwd_bwd, oucl_score_fwd_grad, margin_score_fwd, margin_score_bwd,
+       oucl_label_fwd, oucl_label_bwd, oucl_label_fwd_grad, oucl_label_rows_bwd_bwd, oucl_label_rows_hvp_sums,
+       oucl_label_self_bwd_bwd, oucl_label_hvp, oucl_label_cross_fwd, oucl_label_cross_bwd)
 
 
 # The ops that multiply matrices inside (ATen GEMMs), per device type they run on.

@@ -134,6 +134,58 @@ class _OUCLScore(torch.autograd.Function):
         return grad_pos, grad_neg, None, None, None, None
 
 
+# A backend's score kernels can write the gradient in the forward's sweep (oucl_score_fwd_grad), per device
+# type (LabelKernels.capabilities).
+SCORE_FWD_GRAD = "score_fwd_grad"
+
+
+def _plain_one(x: Tensor) -> bool:
+    """``x`` is an ordinary tensor equal to 1 (``loss.backward()``'s seed), not one a torch.func transform
+    wraps nor one torch.compile traces; reading it synchronizes, so only CPU tensors are read."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: True)(x)
+    return not wrapped and x.device.type == "cpu" and x.numel() == 1 and bool(x == 1)
+
+
+class _OUCLScoreWithGrad(torch.autograd.Function):
+    """(pos [B,K⁺], neg [B,K⁻]) -> the reduced loss (``reduction`` "mean" over the valid rows, or "sum"), its
+    gradient written by the forward in the same sweep over the scores (``oucl_score_fwd_grad`` with the
+    reduction's row weights): the scores are read from memory once and the gradient written once. The
+    backward returns that gradient as it is for ``loss.backward()``'s seed 1, scaled once for another; a
+    backward with a graph (a second derivative) takes the differentiable route of :class:`_OUCLScore`."""
+
+    @staticmethod
+    def forward(pos, neg, pos_mask, neg_mask, params, ops, reduction):
+        valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
+        acc = torch.float64 if pos.dtype == torch.float64 else torch.float32
+        weight = 1.0 / valid.sum().clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc)
+        grad_rows = weight.to(pos.device).expand(pos.shape[0]).contiguous()
+        rows, stats, grad_pos, grad_neg = ops.oucl_score_fwd_grad(pos, neg, pos_mask, neg_mask, grad_rows, *params)
+        return reference.reduce_rows(rows, valid, reduction, pos.dtype), stats, grad_rows, grad_pos, grad_neg
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pos, neg, pos_mask, neg_mask, params, ops, _ = inputs
+        _, stats, grad_rows, grad_pos, grad_neg = output
+        ctx.save_for_backward(pos, neg, pos_mask, neg_mask, stats, grad_rows, grad_pos, grad_neg)
+        ctx.mark_non_differentiable(stats, grad_rows, grad_pos, grad_neg)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs nothing differentiates
+        ctx.params, ctx.ops = params, ops
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        pos, neg, pos_mask, neg_mask, stats, grad_rows, grad_pos, grad_neg = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            rows = (grad_rows * grad_loss.to(grad_rows.dtype)).contiguous()
+            gp, gn = _OUCLScoreBackward.apply(rows, pos, neg, pos_mask, neg_mask, stats, ctx.params, ctx.ops)
+        elif _plain_one(grad_loss):
+            gp, gn = grad_pos, grad_neg
+        else:
+            gp, gn = grad_pos * grad_loss.to(grad_pos.dtype), grad_neg * grad_loss.to(grad_neg.dtype)
+        return gp, gn, None, None, None, None, None
+
+
 def oucl_fused(
     pos: Tensor,
     neg: Tensor,
@@ -148,9 +200,15 @@ def oucl_fused(
     neg_mask: Optional[Tensor],
     reduction: str,
     ops=CPP_OPS,
+    kernels=None,
 ) -> Tensor:
-    """Same contract as :func:`metaug_fast.reference.oucl`, on the fused kernels of ``ops``."""
+    """Same contract as :func:`metaug_fast.reference.oucl`, on the fused kernels of ``ops``. Where
+    ``kernels`` (the backend's :class:`metaug_fast._ops.label.LabelKernels`) can write the gradient with the
+    forward on the inputs' device and a mean or sum will need one, it does (:class:`_OUCLScoreWithGrad`)."""
     params = LossParams(form, beta, gamma_pos, gamma_neg, margin, lam).op_args()
+    if (reduction != "none" and torch.is_grad_enabled() and (pos.requires_grad or neg.requires_grad)
+            and kernels is not None and kernels.can(SCORE_FWD_GRAD, pos.device)):
+        return _OUCLScoreWithGrad.apply(pos, neg, pos_mask, neg_mask, params, ops, reduction)[0]
     rows, _ = _OUCLScore.apply(pos, neg, pos_mask, neg_mask, params, ops)
     valid = reference.valid_rows(pos, neg, pos_mask, neg_mask)
     return reference.reduce_rows(rows, valid, reduction, pos.dtype)

@@ -7,7 +7,7 @@ from .. import _extension
 from .._backend import Backend, add
 from .._ops import fused_impls
 from .._ops.label import FUSED_HVP, FWD_GRAD, ROWS_HVP, SELF_HVP, LabelKernels, pairwise_similarity_fused
-from .._ops.score import CPP_OPS
+from .._ops.score import CPP_OPS, SCORE_FWD_GRAD
 
 try:
     _extension.load("_C")  # loading the library registers torch.ops.metaug_fast.*
@@ -25,8 +25,10 @@ else:
 
 # The ops dispatch on the tensors' device: the CUDA backend registers its kernels for the same ops. The
 # label-aware extras of the second derivative are CPU kernels over row chunks and symmetric tiles there, and
-# the fused op oucl_label_hvp on CUDA (csrc/cuda/label_hvp.cuh).
-KERNELS = LabelKernels(CPP_OPS, {"cpu": frozenset({FWD_GRAD, ROWS_HVP, SELF_HVP}), "cuda": frozenset({FUSED_HVP})})
+# the fused op oucl_label_hvp on CUDA (csrc/cuda/label_hvp.cuh); score mode's gradient with its forward
+# (oucl_score_fwd_grad) is the CPU's.
+KERNELS = LabelKernels(CPP_OPS, {"cpu": frozenset({FWD_GRAD, ROWS_HVP, SELF_HVP, SCORE_FWD_GRAD}),
+                                 "cuda": frozenset({FUSED_HVP})})
 
 
 def unavailable() -> Optional[str]:
