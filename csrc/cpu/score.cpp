@@ -13,6 +13,8 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../oucl_common.h"
 #include "../oucl_host.h"
@@ -67,9 +69,13 @@ struct CpuScore : CpuDevice {
   }
 };
 
-// oucl_score_fwd_grad's kernels: each block of rows runs its forward, then at once its backward with the
-// given grad_rows, while the block's scores (about 64 KiB) are still in cache, so the inputs are read from
-// memory once and the gradient written once, where a forward and a later backward read them twice.
+// oucl_score_fwd_grad's kernels. The exponential forms on fp32/fp64 scores run forward_grad_rows: the
+// gradient from the forward's own exponentials, one exp per entry. The others (hinge, InfoNCE, fp16/bf16,
+// whose gradient storage cannot hold the exponentials exactly) run each block of rows (about 64 KiB) forward,
+// then at once backward with the given grad_rows, while it is still in cache. Either way the inputs are
+// read from memory once and the gradient written once, where a forward and a later backward read them twice.
+constexpr bool is_exp_form(int64_t form) { return form == kSquared || form == kWeighted || form == kCircle; }
+
 struct CpuScoreWithGrad : CpuDevice {
   template <typename S, typename T>
   static void run(Pass, int64_t form, const ScoreArgs<S, T>& a) {
@@ -80,7 +86,14 @@ struct CpuScoreWithGrad : CpuDevice {
     at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
       with_form(form, [&](auto f) {
         constexpr int FORM = decltype(f)::value;
-        if constexpr (FORM != kMargin) {
+        if constexpr (std::is_same_v<S, T> && is_exp_form(FORM)) {
+          std::vector<T> shifts((a.kp + 255) / 256 + (a.kn + 255) / 256);
+          METAUG_ISA_SWITCH(
+            if (pm && nm) ns::forward_grad_rows<FORM, T, true, true>(a, b0, b1, shifts.data());
+            else if (pm) ns::forward_grad_rows<FORM, T, true, false>(a, b0, b1, shifts.data());
+            else if (nm) ns::forward_grad_rows<FORM, T, false, true>(a, b0, b1, shifts.data());
+            else ns::forward_grad_rows<FORM, T, false, false>(a, b0, b1, shifts.data());)
+        } else if constexpr (FORM != kMargin) {
           for (int64_t r0 = b0; r0 < b1; r0 += block) {
             const int64_t r1 = std::min(b1, r0 + block);
             for (Pass pass : {Pass::kForward, Pass::kBackward}) {
