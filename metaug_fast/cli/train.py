@@ -158,7 +158,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     aug = g.add_mutually_exclusive_group()
     aug.add_argument("--augment", default=None,
                      help=f"the training views' augmentations, comma-separated from {','.join(AUGMENTATIONS)} "
-                          "(default: resized crop, flip and colour; shift, dropout and noise for digits)")
+                          "(none given: resized crop, flip and colour; shift, dropout and noise for digits)")
     aug.add_argument("--augment-id", type=int, choices=sorted(PAPER_SETS), default=None,
                      help="the paper's augmentation set: 1 flip+rotate, 2 crop, 3 grey, 4 jitter, 5 flip+crop, "
                           "6 rotate+jitter, 7 flip+crop+mixup, 8 all six")

@@ -57,12 +57,6 @@ class _Hop:
         return self.received
 
 
-def _shift(tensors: List[Tensor], recv_shapes: List[Tuple[int, ...]], rank: int, world: int, group) -> List[Tensor]:
-    """Send ``tensors`` to rank + 1 and receive the same kinds of tensors (of ``recv_shapes``) from rank - 1."""
-    recv = [(shape, t.dtype) for t, shape in zip(tensors, recv_shapes)]
-    return _Hop(tensors, recv, tensors[0].device, rank, world, group).wait()
-
-
 @dataclass(frozen=True)
 class _Ring:
     """One call's ring: the ranks' row counts, this rank, the group, whether hops overlap the scoring, and

@@ -60,7 +60,8 @@ def check_for(names: Sequence[str], digits: bool) -> None:
         raise ValueError(f"augment: digits cannot take {', '.join(refused)}")
 
 
-def _digits_shift(x: Tensor) -> Tensor:
+def digits_shift(x: Tensor) -> Tensor:
+    """A random shift of up to one pixel of an 8×8 digit ``[1, 8, 8]`` (pad 1, crop 8; global RNG)."""
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     dy, dx = torch.randint(0, 3, (2,)).tolist()
     return padded[:, dy:dy + 8, dx:dx + 8]
@@ -81,7 +82,7 @@ def per_image(names: Sequence[str], size: int, digits: bool) -> Callable[[Tensor
 
     ops = []
     if "crop" in names:
-        ops.append(_digits_shift if digits else v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True))
+        ops.append(digits_shift if digits else v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True))
     elif not digits:
         ops.append(v2.Resize((size, size), antialias=True))
     if "flip" in names:

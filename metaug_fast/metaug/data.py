@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .augment import per_image
+from .augment import digits_shift, per_image
 
 DATASETS = ("digits", "cifar10", "cifar100", "stl10", "tiny-imagenet")
 VIEWS = ("lab", "crops")
@@ -175,9 +175,7 @@ def rgb_to_lab(x: Tensor) -> Tensor:
 
 def digits_augment(x: Tensor) -> Tensor:
     """A random shift of up to one pixel, 20 % pixel dropout and noise on ``[1, 8, 8]`` (global RNG)."""
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    dy, dx = torch.randint(0, 3, (2,)).tolist()
-    x = padded[:, dy:dy + 8, dx:dx + 8]
+    x = digits_shift(x)
     return x * (torch.rand_like(x) > 0.2).to(x.dtype) + 0.1 * torch.randn_like(x)
 
 
