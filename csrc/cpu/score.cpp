@@ -50,20 +50,27 @@ void run_rows(Pass pass, const ScoreArgs<S, T>& a, int64_t b0, int64_t b1) {
     })
 }
 
+// f(PM, NM) with the masks' presence as compile-time constants (std::bool_constant), so that each of the
+// four combinations is a kernel of its own.
+template <typename F>
+void with_masks(bool pm, bool nm, F&& f) {
+  if (pm && nm) f(std::true_type{}, std::true_type{});
+  else if (pm) f(std::true_type{}, std::false_type{});
+  else if (nm) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
 // The kernels of each pass and form, for ScoreOps.
 struct CpuScore : CpuDevice {
   template <typename S, typename T>
   static void run(Pass pass, int64_t form, const ScoreArgs<S, T>& a) {
     // Rows are independent: each is handled by one thread, so results do not depend on the thread count.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.kp + a.kn));
-    const bool pm = a.pos_mask, nm = a.neg_mask;
     at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
       with_form(form, [&](auto f) {
-        constexpr int FORM = decltype(f)::value;
-        if (pm && nm) run_rows<FORM, T, true, true>(pass, a, b0, b1);
-        else if (pm) run_rows<FORM, T, true, false>(pass, a, b0, b1);
-        else if (nm) run_rows<FORM, T, false, true>(pass, a, b0, b1);
-        else run_rows<FORM, T, false, false>(pass, a, b0, b1);
+        with_masks(a.pos_mask, a.neg_mask, [&](auto pm, auto nm) {
+          run_rows<decltype(f)::value, T, decltype(pm)::value, decltype(nm)::value>(pass, a, b0, b1);
+        });
       });
     });
   }
@@ -82,28 +89,21 @@ struct CpuScoreWithGrad : CpuDevice {
     const int64_t per_row = std::max<int64_t>(1, a.kp + a.kn);
     const int64_t block = std::max<int64_t>(1, (int64_t(64) * 1024 / int64_t(sizeof(S))) / per_row);
     const int64_t grain = std::max<int64_t>(block, 16384 / per_row);
-    const bool pm = a.pos_mask, nm = a.neg_mask;
     at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
       with_form(form, [&](auto f) {
-        constexpr int FORM = decltype(f)::value;
-        if constexpr (std::is_same_v<S, T> && is_exp_form(FORM)) {
-          std::vector<T> shifts((a.kp + 255) / 256 + (a.kn + 255) / 256);
-          METAUG_ISA_SWITCH(
-            if (pm && nm) ns::forward_grad_rows<FORM, T, true, true>(a, b0, b1, shifts.data());
-            else if (pm) ns::forward_grad_rows<FORM, T, true, false>(a, b0, b1, shifts.data());
-            else if (nm) ns::forward_grad_rows<FORM, T, false, true>(a, b0, b1, shifts.data());
-            else ns::forward_grad_rows<FORM, T, false, false>(a, b0, b1, shifts.data());)
-        } else if constexpr (FORM != kMargin) {
-          for (int64_t r0 = b0; r0 < b1; r0 += block) {
-            const int64_t r1 = std::min(b1, r0 + block);
-            for (Pass pass : {Pass::kForward, Pass::kBackward}) {
-              if (pm && nm) run_rows<FORM, T, true, true>(pass, a, r0, r1);
-              else if (pm) run_rows<FORM, T, true, false>(pass, a, r0, r1);
-              else if (nm) run_rows<FORM, T, false, true>(pass, a, r0, r1);
-              else run_rows<FORM, T, false, false>(pass, a, r0, r1);
+        with_masks(a.pos_mask, a.neg_mask, [&](auto pm_c, auto nm_c) {
+          constexpr int FORM = decltype(f)::value;
+          constexpr bool PM = decltype(pm_c)::value, NM = decltype(nm_c)::value;
+          if constexpr (std::is_same_v<S, T> && is_exp_form(FORM)) {
+            std::vector<T> shifts((a.kp + 255) / 256 + (a.kn + 255) / 256);
+            METAUG_ISA_SWITCH(ns::forward_grad_rows<FORM, T, PM, NM>(a, b0, b1, shifts.data());)
+          } else if constexpr (FORM != kMargin) {
+            for (int64_t r0 = b0; r0 < b1; r0 += block) {
+              const int64_t r1 = std::min(b1, r0 + block);
+              for (Pass pass : {Pass::kForward, Pass::kBackward}) run_rows<FORM, T, PM, NM>(pass, a, r0, r1);
             }
           }
-        }
+        });
       });
     });
   }

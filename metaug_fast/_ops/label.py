@@ -166,9 +166,13 @@ def _split_sums(S: Tensor, U: Tensor, pm: Tensor, nm: Tensor, stats: Tensor, par
     wdu = w * d1 * U
     zero = torch.zeros((), dtype=S.dtype, device=S.device)
     a, b = torch.where(pm, wdu, zero).sum(1), torch.where(nm, wdu, zero).sum(1)
-    valid = stats[:, Stat.VALID] > 0
-    d_g = torch.where(valid, torch.sigmoid(y) * (a + b) / params[1], zero)
-    return torch.stack([a, b, torch.zeros_like(a), torch.zeros_like(a)], 1), d_g
+    return torch.stack([a, b, torch.zeros_like(a), torch.zeros_like(a)], 1), _split_dg(y, a + b, stats, params)
+
+
+def _split_dg(y: Tensor, sum_ab: Tensor, stats: Tensor, params) -> Tensor:
+    """d_g = ∂ℓ/∂S·U = σ(y)·(a + b)/β per row (hvp_row_consts' d_g), 0 on invalid rows."""
+    zero = torch.zeros((), dtype=sum_ab.dtype, device=sum_ab.device)
+    return torch.where(stats[:, Stat.VALID] > 0, torch.sigmoid(y) * sum_ab / params[1], zero)
 
 
 def _split_apply(g: Tensor, S: Tensor, U: Tensor, pm: Tensor, nm: Tensor, stats: Tensor, params, sums: Tensor):
@@ -183,8 +187,7 @@ def _split_apply(g: Tensor, S: Tensor, U: Tensor, pm: Tensor, nm: Tensor, stats:
     side = torch.where(pm, A[:, None], B[:, None])
     G = coef[:, None] * w * d1
     W = w * d1 * c1[:, None] + coef[:, None] * w * (d1 * (d1 * U - side) + d2 * U)
-    d_g = torch.where(valid, torch.sigmoid(y) * (A + B) / params[1], zero)
-    return d_g, G, W
+    return _split_dg(y, A + B, stats, params), G, W
 
 
 def _similarities(z: Tensor, rn: Tensor, similarity: str, mm=None) -> Tensor:
